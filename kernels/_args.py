@@ -1,0 +1,141 @@
+"""Argument checking and normalisation for ``separable_conv2d``.
+
+Everything a user can get wrong is caught here, before any kernel runs, with a
+message that names the argument and the value. The kernels then receive
+normalised geometry: ``stride`` and ``dilation`` as ``[sh, sw]`` and
+``padding`` as ``[top, bottom, left, right]`` (asymmetric only for
+``padding="same"`` with an even effective kernel, as in PyTorch).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple, Union
+
+import torch
+
+IntOrPair = Union[int, Sequence[int]]
+
+
+@dataclass(frozen=True)
+class Geometry:
+    stride: List[int]  # [sh, sw]
+    padding: List[int]  # [top, bottom, left, right]
+    dilation: List[int]  # [dh, dw]
+    kernel_size: Tuple[int, int]
+    depth_multiplier: int
+    out_size: Tuple[int, int]
+
+
+def _pair(name: str, value, *, minimum: int) -> List[int]:
+    if isinstance(value, bool) or not isinstance(value, (int, tuple, list, torch.Size)):
+        raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
+    if isinstance(value, int):
+        values = [value, value]
+    else:
+        values = list(value)
+        if len(values) == 1:
+            values = values * 2
+        if len(values) != 2 or any(isinstance(v, bool) or not isinstance(v, int) for v in values):
+            raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
+    if any(v < minimum for v in values):
+        raise ValueError(f"{name} must be >= {minimum} in every dimension, got {value!r}")
+    return values
+
+
+def output_size(size: int, pad_before: int, pad_after: int, kernel: int, stride: int, dilation: int) -> int:
+    return (size + pad_before + pad_after - dilation * (kernel - 1) - 1) // stride + 1
+
+
+def check_tensor(name: str, value, ndim: Optional[int] = None) -> None:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if ndim is not None and value.dim() != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(value.shape)}")
+
+
+def normalize(
+    input: torch.Tensor,
+    depthwise_weight: torch.Tensor,
+    pointwise_weight: torch.Tensor,
+    depthwise_bias: Optional[torch.Tensor],
+    pointwise_bias: Optional[torch.Tensor],
+    stride: IntOrPair,
+    padding: Union[IntOrPair, str],
+    dilation: IntOrPair,
+) -> Geometry:
+    """Validate every argument of ``separable_conv2d`` and return the geometry.
+
+    ``input`` must already be batched ``(N, C, H, W)``.
+    """
+    check_tensor("input", input, 4)
+    check_tensor("depthwise_weight", depthwise_weight, 4)
+    check_tensor("pointwise_weight", pointwise_weight, 4)
+    channels = input.shape[1]
+    hidden, one, kh, kw = depthwise_weight.shape
+    if one != 1 or hidden == 0 or channels == 0 or hidden % channels != 0:
+        raise ValueError(
+            f"depthwise_weight must have shape (C*M, 1, kh, kw) with C = input channels = {channels}, "
+            f"got {tuple(depthwise_weight.shape)}"
+        )
+    out_channels = pointwise_weight.shape[0]
+    if tuple(pointwise_weight.shape[1:]) != (hidden, 1, 1) or out_channels == 0:
+        raise ValueError(
+            f"pointwise_weight must have shape (C_out, {hidden}, 1, 1) to follow a depthwise_weight with "
+            f"{hidden} output channels, got {tuple(pointwise_weight.shape)}"
+        )
+    for name, bias, length in (("depthwise_bias", depthwise_bias, hidden), ("pointwise_bias", pointwise_bias, out_channels)):
+        if bias is None:
+            continue
+        check_tensor(name, bias, 1)
+        if bias.shape[0] != length:
+            raise ValueError(f"{name} must have shape ({length},), got {tuple(bias.shape)}")
+
+    tensors = [("depthwise_weight", depthwise_weight), ("pointwise_weight", pointwise_weight),
+               ("depthwise_bias", depthwise_bias), ("pointwise_bias", pointwise_bias)]
+    if not input.is_floating_point():
+        raise TypeError(f"input must be a floating-point tensor, got dtype {input.dtype}")
+    for name, tensor in tensors:
+        if tensor is None:
+            continue
+        if tensor.dtype != input.dtype:
+            raise TypeError(f"{name} has dtype {tensor.dtype} but input has dtype {input.dtype}; they must match")
+        if tensor.device != input.device:
+            raise ValueError(f"{name} is on device {tensor.device} but input is on {input.device}; they must match")
+
+    stride_ = _pair("stride", stride, minimum=1)
+    dilation_ = _pair("dilation", dilation, minimum=1)
+    if isinstance(padding, str):
+        if padding == "valid":
+            padding_ = [0, 0, 0, 0]
+        elif padding == "same":
+            if stride_ != [1, 1]:
+                raise ValueError(f"padding='same' is not supported for strided convolutions, got stride={stride!r}")
+            padding_ = []
+            for d, k in zip(dilation_, (kh, kw)):
+                total = d * (k - 1)
+                padding_ += [total // 2, total - total // 2]
+        else:
+            raise ValueError(f"padding must be an int, a pair of ints, 'same' or 'valid', got {padding!r}")
+    else:
+        ph, pw = _pair("padding", padding, minimum=0)
+        padding_ = [ph, ph, pw, pw]
+
+    out_h = output_size(input.shape[2], padding_[0], padding_[1], kh, stride_[0], dilation_[0])
+    out_w = output_size(input.shape[3], padding_[2], padding_[3], kw, stride_[1], dilation_[1])
+    if out_h < 1 or out_w < 1:
+        raise ValueError(
+            f"output size would be ({out_h}, {out_w}) for input of spatial size {tuple(input.shape[2:])}, "
+            f"kernel ({kh}, {kw}), stride {stride_}, padding {padding!r}, dilation {dilation_}; it must be >= 1"
+        )
+    return Geometry(stride_, padding_, dilation_, (kh, kw), hidden // channels, (out_h, out_w))
+
+
+def memory_format_of(tensor: torch.Tensor) -> torch.memory_format:
+    """The memory format an output should take to follow ``tensor`` (4-D)."""
+    if tensor.is_contiguous():
+        return torch.contiguous_format
+    if tensor.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    # Non-contiguous (e.g. sliced): channels_last when channels vary fastest.
+    return torch.channels_last if tensor.stride(1) < tensor.stride(3) else torch.contiguous_format

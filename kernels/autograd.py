@@ -1,0 +1,53 @@
+"""``SeparableConv2dFunction``: the public autograd face of the separable-conv ops.
+
+Forward and backward each make one call of the chosen backend's
+``torch.library`` op, so ``torch.compile`` sees two opaque, fake-able ops.
+Only the input and weights are saved; the backward op recomputes the
+depthwise intermediate.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+
+from . import ops
+
+_FORWARD = {name: ops.forward_op(name) for name in ops.BACKEND_NAMES}
+_BACKWARD = {name: ops.make_backward(ops.backward_op(name)) for name in ops.BACKEND_NAMES}
+
+
+class SeparableConv2dFunction(torch.autograd.Function):
+    """``apply(input, depthwise_weight, pointwise_weight, depthwise_bias, pointwise_bias,
+    stride, padding, dilation, relu_input, backend)``.
+
+    Arguments are already checked and normalised (see ``kernels.functional``):
+    ``input`` is ``(N, C, H, W)``, ``stride``/``dilation`` are ``[h, w]``,
+    ``padding`` is ``[top, bottom, left, right]``, ``backend`` a resolved name.
+    """
+
+    @staticmethod
+    def forward(
+        input: torch.Tensor,
+        depthwise_weight: torch.Tensor,
+        pointwise_weight: torch.Tensor,
+        depthwise_bias: Optional[torch.Tensor],
+        pointwise_bias: Optional[torch.Tensor],
+        stride: List[int],
+        padding: List[int],
+        dilation: List[int],
+        relu_input: bool,
+        backend: str,
+    ) -> torch.Tensor:
+        return _FORWARD[backend](input, depthwise_weight, pointwise_weight, depthwise_bias, pointwise_bias,
+                                 stride, padding, dilation, relu_input)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ops.setup_context(ctx, inputs[:9], output)
+        ctx.backend = inputs[9]
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        return _BACKWARD[ctx.backend](ctx, grad_output) + (None,)

@@ -1,0 +1,150 @@
+"""Which backend runs a call, and why.
+
+A backend is a name, a loader and a support check. Loaders are lazy: importing
+``kernels`` never imports Triton or builds the C++ extension. A backend that
+cannot load records why, ``available_backends()`` reports it, ``"auto"``
+skips it with a one-time warning, and asking for it by name raises with the
+reason.
+
+To add a backend: define its ops in ``kernels/ops.py`` (``BACKEND_NAMES``),
+register its kernels in its own module, and add a ``Backend`` entry below.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import threading
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Optional
+
+import torch
+
+ENV_VAR = "XCEPTION_SEPCONV_BACKEND"
+
+
+class BackendUnavailableError(RuntimeError):
+    """An explicitly requested backend cannot run here (the message says why)."""
+
+
+@dataclass
+class Backend:
+    name: str
+    # Imports/builds the backend and registers its kernels; raises with the reason when it cannot.
+    loader: Optional[str]
+    # Returns None when the backend can run on tensors of this device and dtype, else the reason.
+    supports: Callable[[torch.device, torch.dtype], Optional[str]]
+    # Order tried by "auto" for each device type (lower first).
+    priority: Dict[str, int] = field(default_factory=dict)
+    _state: Optional[str] = None  # None: not tried yet; "": loaded; otherwise the failure reason
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def load(self) -> Optional[str]:
+        """Load once; return None when usable, else the reason it is not."""
+        with self._lock:
+            if self._state is None:
+                try:
+                    if self.loader is not None:
+                        module_name, _, function = self.loader.partition(":")
+                        getattr(importlib.import_module(module_name), function)()
+                    self._state = ""
+                except Exception as error:  # noqa: BLE001 - any failure makes the backend unavailable
+                    self._state = f"{type(error).__name__}: {error}".strip()
+            return self._state or None
+
+
+def _torch_supports(device: torch.device, dtype: torch.dtype) -> Optional[str]:
+    return None
+
+
+def _cpp_supports(device: torch.device, dtype: torch.dtype) -> Optional[str]:
+    if device.type != "cpu":
+        return f"the cpp backend runs on CPU tensors only, got device {device}"
+    if dtype not in (torch.float32, torch.float64, torch.bfloat16):
+        return f"the cpp backend supports float32, float64 and bfloat16, got {dtype}"
+    return None
+
+
+def _triton_supports(device: torch.device, dtype: torch.dtype) -> Optional[str]:
+    if device.type == "cpu":
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            return "the triton backend runs on CPU tensors only under TRITON_INTERPRET=1"
+    elif device.type != "cuda":
+        return f"the triton backend runs on CUDA tensors, got device {device}"
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return f"the triton backend supports float32, float16 and bfloat16, got {dtype}"
+    return None
+
+
+BACKENDS: Dict[str, Backend] = {
+    "torch": Backend("torch", None, _torch_supports, {"cpu": 2, "cuda": 2}),
+    "cpp": Backend("cpp", "kernels.cpp_backend:load", _cpp_supports, {"cpu": 0}),
+    # Triton on CPU is the interpreter: a correctness tool, never chosen by "auto".
+    "triton": Backend("triton", "kernels.triton:load", _triton_supports, {"cuda": 0}),
+}
+
+
+def available_backends() -> Dict[str, Optional[str]]:
+    """Each backend's name mapped to None when it loads here, or to the reason it does not.
+
+    Loading may build the C++ extension on first call (cached afterwards).
+    """
+    return {name: backend.load() for name, backend in BACKENDS.items()}
+
+
+_warned: set = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=4)
+
+
+_resolved: Dict[tuple, str] = {}
+
+
+def resolve(backend: str, device: torch.device, dtype: torch.dtype) -> str:
+    """The backend that runs a call with ``backend=...`` on tensors of this device and dtype.
+
+    ``"auto"`` (or the ``XCEPTION_SEPCONV_BACKEND`` variable, when ``backend`` is
+    ``"auto"``) picks the fastest backend that loads and supports the tensors,
+    warning once for each faster backend it had to skip. A backend named
+    explicitly raises ``BackendUnavailableError`` when it cannot run.
+    """
+    key = (backend, device.type, dtype, os.environ.get(ENV_VAR), os.environ.get("TRITON_INTERPRET"))
+    name = _resolved.get(key)
+    if name is None:
+        name = _resolve_uncached(backend, device, dtype)
+        _resolved[key] = name
+    return name
+
+
+def _resolve_uncached(backend: str, device: torch.device, dtype: torch.dtype) -> str:
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a string, got {backend!r}")
+    requested = backend
+    if backend == "auto":
+        requested = os.environ.get(ENV_VAR, "auto") or "auto"
+        if requested != "auto" and requested not in BACKENDS:
+            raise ValueError(f"{ENV_VAR}={requested!r} is not a backend; choose one of {['auto', *BACKENDS]}")
+    elif backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {['auto', *BACKENDS]}, got {backend!r}")
+
+    if requested != "auto":
+        chosen = BACKENDS[requested]
+        reason = chosen.load() or chosen.supports(device, dtype)
+        if reason:
+            raise BackendUnavailableError(f"backend {requested!r} cannot run on {device.type} {dtype}: {reason}")
+        return requested
+
+    ranked = sorted((b for b in BACKENDS.values() if device.type in b.priority), key=lambda b: b.priority[device.type])
+    ranked = ranked or [BACKENDS["torch"]]
+    for candidate in ranked:
+        reason = candidate.supports(device, dtype) or candidate.load()
+        if reason is None:
+            return candidate.name
+        if candidate.name != "torch":
+            _warn_once(f"separable_conv2d: backend {candidate.name!r} skipped for {device.type} {dtype}: {reason}")
+    return "torch"

@@ -1,0 +1,66 @@
+"""``separable_conv2d``: check the arguments, pick a backend, run the autograd Function."""
+
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+
+from ._args import IntOrPair, check_tensor, normalize
+from .autograd import SeparableConv2dFunction
+from .dispatch import resolve
+
+
+def separable_conv2d(
+    input: torch.Tensor,
+    depthwise_weight: torch.Tensor,
+    pointwise_weight: torch.Tensor,
+    depthwise_bias: Optional[torch.Tensor] = None,
+    pointwise_bias: Optional[torch.Tensor] = None,
+    stride: IntOrPair = 1,
+    padding: Union[IntOrPair, str] = 0,
+    dilation: IntOrPair = 1,
+    *,
+    backend: str = "auto",
+    relu_input: bool = False,
+) -> torch.Tensor:
+    """Depthwise KxK convolution then pointwise 1x1 convolution, fused.
+
+    Equals ``F.conv2d(F.conv2d(input, depthwise_weight, depthwise_bias, stride,
+    padding, dilation, groups=C), pointwise_weight, pointwise_bias)``.
+
+    Args:
+        input: ``(N, C, H, W)`` or unbatched ``(C, H, W)``; NCHW or channels_last,
+            contiguous or not. The output keeps its memory format.
+        depthwise_weight: ``(C*M, 1, kh, kw)``, M the depth multiplier.
+        pointwise_weight: ``(C_out, C*M, 1, 1)``.
+        depthwise_bias: ``(C*M,)`` or None. pointwise_bias: ``(C_out,)`` or None.
+        stride, dilation: int or pair. padding: int, pair, ``"same"`` or ``"valid"``.
+        backend: ``"auto"``, ``"torch"``, ``"cpp"`` or ``"triton"`` (see
+            ``kernels.available_backends()``).
+        relu_input: apply ReLU to ``input`` first, inside the same kernel.
+
+    Returns:
+        ``(N, C_out, H_out, W_out)`` (or ``(C_out, H_out, W_out)`` for unbatched input).
+    """
+    check_tensor("input", input)
+    if input.dim() not in (3, 4):
+        raise ValueError(f"input must be 3-D (C, H, W) or 4-D (N, C, H, W), got shape {tuple(input.shape)}")
+    unbatched = input.dim() == 3
+    if unbatched:
+        input = input.unsqueeze(0)
+    device_type = input.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        input, depthwise_weight, pointwise_weight, depthwise_bias, pointwise_bias = (
+            t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+            for t in (input, depthwise_weight, pointwise_weight, depthwise_bias, pointwise_bias)
+        )
+    geometry = normalize(input, depthwise_weight, pointwise_weight, depthwise_bias, pointwise_bias,
+                         stride, padding, dilation)
+    name = resolve(backend, input.device, input.dtype)
+    with torch.autocast(device_type, enabled=False):
+        output = SeparableConv2dFunction.apply(
+            input, depthwise_weight, pointwise_weight, depthwise_bias, pointwise_bias,
+            geometry.stride, geometry.padding, geometry.dilation, bool(relu_input), name)
+    return output.squeeze(0) if unbatched else output

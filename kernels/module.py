@@ -1,0 +1,132 @@
+"""``SeparableConv2d``: a drop-in for ``nn.Conv2d(groups=C)`` followed by a 1x1 ``nn.Conv2d``."""
+
+from __future__ import annotations
+
+import copy
+from typing import Optional, Tuple, Union
+
+import torch
+from torch import nn
+
+from .dispatch import BACKENDS
+from .functional import separable_conv2d
+
+_size_2_t = Union[int, Tuple[int, int]]
+
+
+class SeparableConv2d(nn.Module):
+    """Depthwise ``kernel_size`` convolution then pointwise 1x1 convolution, one fused op.
+
+    The parameters live in two ``nn.Conv2d`` children, ``conv1`` (depthwise,
+    ``groups=in_channels``) and ``pointwise`` (1x1), which are never called:
+    they only hold and initialise the weights. So a ``SeparableConv2d`` starts
+    from exactly the weights that the same ``nn.Conv2d`` pair would get under
+    the same seed, and its ``state_dict`` has the layout of timm's
+    ``SeparableConv2d`` (``conv1.weight``, ``pointwise.weight``).
+
+    Args:
+        in_channels, out_channels, kernel_size, stride, padding, dilation: as ``nn.Conv2d``.
+        bias: give both convolutions a bias.
+        depth_multiplier: depthwise output channels per input channel (M).
+        backend: ``"auto"``, ``"torch"``, ``"cpp"`` or ``"triton"``.
+        relu_input: apply ReLU to the input inside the kernel (used by fused inference).
+
+    Shape: ``(N, in_channels, H, W)`` or ``(in_channels, H, W)`` to
+    ``(N, out_channels, H_out, W_out)``, in the input's memory format.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: _size_2_t,
+        stride: _size_2_t = 1,
+        padding: Union[_size_2_t, str] = 0,
+        dilation: _size_2_t = 1,
+        bias: bool = False,
+        depth_multiplier: int = 1,
+        backend: str = "auto",
+        relu_input: bool = False,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        for name, value in (("in_channels", in_channels), ("out_channels", out_channels),
+                            ("depth_multiplier", depth_multiplier)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        factory = {"device": device, "dtype": dtype}
+        self.conv1 = nn.Conv2d(in_channels, in_channels * depth_multiplier, kernel_size, stride, padding,
+                               dilation, groups=in_channels, bias=bias, **factory)
+        self.pointwise = nn.Conv2d(in_channels * depth_multiplier, out_channels, 1, bias=bias, **factory)
+        self.backend = backend
+        self.relu_input = relu_input
+
+    @property
+    def backend(self) -> str:
+        return self._backend
+
+    @backend.setter
+    def backend(self, name: str) -> None:
+        if name != "auto" and name not in BACKENDS:
+            raise ValueError(f"backend must be one of {['auto', *BACKENDS]}, got {name!r}")
+        self._backend = name
+
+    @property
+    def depthwise(self) -> nn.Conv2d:
+        return self.conv1
+
+    @property
+    def in_channels(self) -> int:
+        return self.conv1.in_channels
+
+    @property
+    def out_channels(self) -> int:
+        return self.pointwise.out_channels
+
+    @property
+    def depth_multiplier(self) -> int:
+        return self.conv1.out_channels // self.conv1.in_channels
+
+    def reset_parameters(self) -> None:
+        self.conv1.reset_parameters()
+        self.pointwise.reset_parameters()
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        conv = self.conv1
+        return separable_conv2d(
+            input, conv.weight, self.pointwise.weight, conv.bias, self.pointwise.bias,
+            conv.stride, conv.padding, conv.dilation, backend=self.backend, relu_input=self.relu_input)
+
+    def extra_repr(self) -> str:
+        return f"backend={self.backend!r}" + (", relu_input=True" if self.relu_input else "")
+
+    @classmethod
+    def from_conv2d(cls, depthwise: nn.Conv2d, pointwise: nn.Conv2d, backend: str = "auto") -> "SeparableConv2d":
+        """A ``SeparableConv2d`` computing what ``pointwise(depthwise(x))`` computes.
+
+        The weights are copied (the returned module does not share them).
+        """
+        for name, conv in (("depthwise", depthwise), ("pointwise", pointwise)):
+            if not isinstance(conv, nn.Conv2d):
+                raise TypeError(f"{name} must be an nn.Conv2d, got {type(conv).__name__}")
+            if conv.padding_mode != "zeros":
+                raise ValueError(f"{name}.padding_mode must be 'zeros', got {conv.padding_mode!r}")
+        if depthwise.groups != depthwise.in_channels:
+            raise ValueError(f"depthwise.groups must equal depthwise.in_channels={depthwise.in_channels}, "
+                             f"got {depthwise.groups}")
+        if pointwise.kernel_size != (1, 1) or pointwise.stride != (1, 1) or pointwise.groups != 1 \
+                or pointwise.padding not in ((0, 0), "valid") or pointwise.dilation != (1, 1):
+            raise ValueError("pointwise must be a 1x1 convolution with stride 1, no padding and groups=1, got "
+                             f"{pointwise}")
+        if pointwise.in_channels != depthwise.out_channels:
+            raise ValueError(f"pointwise.in_channels={pointwise.in_channels} must equal "
+                             f"depthwise.out_channels={depthwise.out_channels}")
+        weight = depthwise.weight
+        module = cls(depthwise.in_channels, pointwise.out_channels, depthwise.kernel_size, depthwise.stride,
+                     depthwise.padding, depthwise.dilation, bias=False,
+                     depth_multiplier=depthwise.out_channels // depthwise.in_channels,
+                     backend=backend, device=weight.device, dtype=weight.dtype)
+        module.conv1 = copy.deepcopy(depthwise)
+        module.pointwise = copy.deepcopy(pointwise)
+        return module

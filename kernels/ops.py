@@ -1,0 +1,204 @@
+"""The ``torch.library`` ops that every backend implements.
+
+Each backend owns a namespace with the same two ops (``sepconv_<backend>``):
+
+    forward(input, depthwise_weight, pointwise_weight, depthwise_bias?, pointwise_bias?,
+            stride[2], padding[4], dilation[2], relu_input) -> output
+    backward(grad_output, input, depthwise_weight, pointwise_weight, depthwise_bias?,
+             stride[2], padding[4], dilation[2], relu_input, output_mask[3])
+        -> (grad_input, grad_depthwise_weight, grad_pointwise_weight,
+            grad_depthwise_bias, grad_pointwise_bias)
+
+``padding`` is ``[top, bottom, left, right]``. ``output_mask`` says which of
+(input, depthwise weight+bias, pointwise weight+bias) need a gradient; a
+gradient that is not asked for comes back as an empty ``(0,)`` tensor.
+The backward op recomputes the depthwise intermediate instead of saving it.
+
+The schemas and fake (meta) implementations live here, so ``torch.compile``
+and ``opcheck`` see every backend the same way. The ``torch`` namespace is
+implemented here with ATen; ``cpp`` registers its CPU kernels from C++
+(``TORCH_LIBRARY_IMPL``) and ``triton`` its CUDA kernels from
+``kernels/triton``.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ._args import memory_format_of, output_size
+
+BACKEND_NAMES = ("torch", "cpp", "triton")
+
+FORWARD_SCHEMA = (
+    "forward(Tensor input, Tensor depthwise_weight, Tensor pointwise_weight, Tensor? depthwise_bias, "
+    "Tensor? pointwise_bias, int[2] stride, int[4] padding, int[2] dilation, bool relu_input) -> Tensor"
+)
+BACKWARD_SCHEMA = (
+    "backward(Tensor grad_output, Tensor input, Tensor depthwise_weight, Tensor pointwise_weight, "
+    "Tensor? depthwise_bias, int[2] stride, int[4] padding, int[2] dilation, bool relu_input, "
+    "bool[3] output_mask) -> (Tensor, Tensor, Tensor, Tensor, Tensor)"
+)
+
+
+def namespace(backend: str) -> str:
+    return f"sepconv_{backend}"
+
+
+def output_shape(input: torch.Tensor, depthwise_weight: torch.Tensor, pointwise_weight: torch.Tensor,
+                 stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int]) -> List[int]:
+    kh, kw = depthwise_weight.shape[2], depthwise_weight.shape[3]
+    return [
+        input.shape[0],
+        pointwise_weight.shape[0],
+        output_size(input.shape[2], padding[0], padding[1], kh, stride[0], dilation[0]),
+        output_size(input.shape[3], padding[2], padding[3], kw, stride[1], dilation[1]),
+    ]
+
+
+def empty_output(input: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """The output buffer every backend returns: shaped ``shape``, in ``input``'s memory format."""
+    return torch.empty(shape, dtype=input.dtype, device=input.device, memory_format=memory_format_of(input))
+
+
+def empty_gradients(grad_output, input, depthwise_weight, pointwise_weight, depthwise_bias, output_mask):
+    """The five gradient buffers of ``backward`` (``(0,)`` where ``output_mask`` says no)."""
+    def like(tensor, wanted):
+        return torch.empty_like(tensor, memory_format=torch.contiguous_format) if wanted else input.new_empty(0)
+
+    want_input, want_depthwise, want_pointwise = output_mask
+    return (
+        torch.empty_like(input, memory_format=memory_format_of(input)) if want_input else input.new_empty(0),
+        like(depthwise_weight, want_depthwise),
+        like(pointwise_weight, want_pointwise),
+        input.new_empty(depthwise_weight.shape[0] if want_depthwise else 0),
+        input.new_empty(pointwise_weight.shape[0] if want_pointwise else 0),
+    )
+
+
+def _fake_forward(input, depthwise_weight, pointwise_weight, depthwise_bias, pointwise_bias,
+                  stride, padding, dilation, relu_input):
+    return empty_output(input, output_shape(input, depthwise_weight, pointwise_weight, stride, padding, dilation))
+
+
+def _fake_backward(grad_output, input, depthwise_weight, pointwise_weight, depthwise_bias,
+                   stride, padding, dilation, relu_input, output_mask):
+    return empty_gradients(grad_output, input, depthwise_weight, pointwise_weight, depthwise_bias, output_mask)
+
+
+# --- autograd for the ops themselves (the autograd.Function reuses these two) ---------------
+
+def setup_context(ctx, inputs, output) -> None:
+    input, depthwise_weight, pointwise_weight, depthwise_bias, pointwise_bias, stride, padding, dilation, relu_input = inputs
+    ctx.save_for_backward(input, depthwise_weight, pointwise_weight, depthwise_bias)
+    ctx.geometry = (list(stride), list(padding), list(dilation), bool(relu_input))
+    ctx.has_biases = (depthwise_bias is not None, pointwise_bias is not None)
+
+
+def make_backward(backward_op):
+    """The autograd backward for one backend's ops: one call of its backward op."""
+
+    def backward(ctx, grad_output):
+        input, depthwise_weight, pointwise_weight, depthwise_bias = ctx.saved_tensors
+        stride, padding, dilation, relu_input = ctx.geometry
+        needs = ctx.needs_input_grad
+        mask = [needs[0], needs[1] or needs[3], needs[2] or needs[4]]
+        if not any(mask):
+            return (None,) * 9
+        grads = backward_op(grad_output.contiguous(memory_format=memory_format_of(grad_output)), input,
+                            depthwise_weight, pointwise_weight, depthwise_bias,
+                            stride, padding, dilation, relu_input, mask)
+        has_depthwise_bias, has_pointwise_bias = ctx.has_biases
+        wanted = (needs[0], needs[1], needs[2], needs[3] and has_depthwise_bias, needs[4] and has_pointwise_bias)
+        return tuple(g if w else None for g, w in zip(grads, wanted)) + (None,) * 4
+
+    return backward
+
+
+_libraries = {}
+
+
+def define(backend: str) -> torch.library.Library:
+    """Define (once) the two ops of ``backend``'s namespace with their fake and autograd kernels."""
+    if backend in _libraries:
+        return _libraries[backend]
+    ns = namespace(backend)
+    lib = torch.library.Library(ns, "DEF")
+    lib.define(FORWARD_SCHEMA)
+    lib.define(BACKWARD_SCHEMA)
+    torch.library.register_fake(f"{ns}::forward", _fake_forward, lib=lib)
+    torch.library.register_fake(f"{ns}::backward", _fake_backward, lib=lib)
+    backward_op = getattr(torch.ops, ns).backward.default
+    torch.library.register_autograd(f"{ns}::forward", make_backward(backward_op),
+                                    setup_context=setup_context, lib=lib)
+    _libraries[backend] = lib
+    return lib
+
+
+def forward_op(backend: str):
+    return getattr(torch.ops, namespace(backend)).forward.default
+
+
+def backward_op(backend: str):
+    return getattr(torch.ops, namespace(backend)).backward.default
+
+
+# --- the "torch" backend: the same ops written with ATen, for every device --------------------
+
+def _pad_input(input: torch.Tensor, padding: Sequence[int], relu_input: bool):
+    """Apply the input ReLU and any asymmetric padding; return (tensor, symmetric conv padding)."""
+    if relu_input:
+        input = F.relu(input)
+    top, bottom, left, right = padding
+    if top == bottom and left == right:
+        return input, [top, left]
+    return F.pad(input, [left, right, top, bottom]), [0, 0]
+
+
+def _torch_forward(input, depthwise_weight, pointwise_weight, depthwise_bias, pointwise_bias,
+                   stride, padding, dilation, relu_input):
+    padded, conv_padding = _pad_input(input, padding, relu_input)
+    hidden = F.conv2d(padded, depthwise_weight, depthwise_bias, stride, conv_padding, dilation, groups=input.shape[1])
+    result = F.conv2d(hidden, pointwise_weight, pointwise_bias)
+    out = empty_output(input, result.shape)
+    out.copy_(result)
+    return out
+
+
+def _torch_backward(grad_output, input, depthwise_weight, pointwise_weight, depthwise_bias,
+                    stride, padding, dilation, relu_input, output_mask):
+    out = empty_gradients(grad_output, input, depthwise_weight, pointwise_weight, depthwise_bias, output_mask)
+    want_input, want_depthwise, want_pointwise = output_mask
+    padded, conv_padding = _pad_input(input, padding, relu_input)
+    channels = input.shape[1]
+    hidden = F.conv2d(padded, depthwise_weight, depthwise_bias, stride, conv_padding, dilation, groups=channels)
+    grad_hidden, grad_pw_weight, grad_pw_bias = torch.ops.aten.convolution_backward(
+        grad_output, hidden, pointwise_weight, [pointwise_weight.shape[0]], [1, 1], [0, 0], [1, 1],
+        False, [0, 0], 1, [want_input or want_depthwise, want_pointwise, want_pointwise])
+    if want_pointwise:
+        out[2].copy_(grad_pw_weight)
+        out[4].copy_(grad_pw_bias)
+    if want_input or want_depthwise:
+        grad_padded, grad_dw_weight, grad_dw_bias = torch.ops.aten.convolution_backward(
+            grad_hidden, padded, depthwise_weight, [depthwise_weight.shape[0]], list(stride), conv_padding,
+            list(dilation), False, [0, 0], channels, [want_input, want_depthwise, want_depthwise])
+        if want_depthwise:
+            out[1].copy_(grad_dw_weight)
+            out[3].copy_(grad_dw_bias)
+        if want_input:
+            top, _, left, _ = padding
+            if conv_padding == [0, 0] and grad_padded.shape != input.shape:
+                grad_padded = grad_padded[:, :, top:top + input.shape[2], left:left + input.shape[3]]
+            if relu_input:
+                grad_padded = grad_padded * (input > 0)
+            out[0].copy_(grad_padded)
+    return out
+
+
+_torch_lib = define("torch")
+_torch_lib.impl("forward", _torch_forward, "CompositeExplicitAutograd")
+_torch_lib.impl("backward", _torch_backward, "CompositeExplicitAutograd")
+for _backend in BACKEND_NAMES:
+    define(_backend)

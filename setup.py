@@ -1,0 +1,5 @@
+"""Packaging (metadata lives in pyproject.toml)."""
+
+from setuptools import setup
+
+setup()

@@ -1,0 +1,217 @@
+"""The public API around the op: bad input, backend dispatch, the module."""
+
+import copy
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import kernels
+from kernels import dispatch
+
+
+def tensors(channels=4, hidden=None, out_channels=6, kernel=3, size=8, dtype=torch.float32):
+    hidden = hidden or channels
+    return (torch.randn(2, channels, size, size, dtype=dtype), torch.randn(hidden, 1, kernel, kernel, dtype=dtype),
+            torch.randn(out_channels, hidden, 1, 1, dtype=dtype))
+
+
+BAD_INPUTS = [
+    # (description, kwargs overriding the good call, error type, text the message must contain)
+    ("input 2-D", dict(input=torch.randn(4, 8)), ValueError, "input"),
+    ("input 5-D", dict(input=torch.randn(1, 2, 4, 8, 8)), ValueError, "input"),
+    ("input not a tensor", dict(input=[[1.0]]), TypeError, "input"),
+    ("integer input", dict(input=torch.ones(2, 4, 8, 8, dtype=torch.int64)), TypeError, "int64"),
+    ("channel mismatch", dict(input=torch.randn(2, 5, 8, 8)), ValueError, "depthwise_weight"),
+    ("depthwise not depthwise", dict(depthwise_weight=torch.randn(4, 2, 3, 3)), ValueError, "depthwise_weight"),
+    ("depthwise 3-D", dict(depthwise_weight=torch.randn(4, 3, 3)), ValueError, "depthwise_weight"),
+    ("pointwise not 1x1", dict(pointwise_weight=torch.randn(6, 4, 3, 3)), ValueError, "pointwise_weight"),
+    ("pointwise wrong inputs", dict(pointwise_weight=torch.randn(6, 8, 1, 1)), ValueError, "pointwise_weight"),
+    ("depthwise bias length", dict(depthwise_bias=torch.randn(5)), ValueError, "depthwise_bias"),
+    ("pointwise bias length", dict(pointwise_bias=torch.randn(4)), ValueError, "pointwise_bias"),
+    ("dtype mismatch", dict(pointwise_weight=torch.randn(6, 4, 1, 1, dtype=torch.float64)), TypeError,
+     "pointwise_weight"),
+    ("bias dtype mismatch", dict(depthwise_bias=torch.randn(4, dtype=torch.float64)), TypeError, "depthwise_bias"),
+    ("device mismatch", dict(depthwise_weight=torch.randn(4, 1, 3, 3, device="meta")), ValueError, "meta"),
+    ("output too small", dict(input=torch.randn(2, 4, 2, 2)), ValueError, "output size"),
+    ("same with stride", dict(padding="same", stride=2), ValueError, "stride"),
+    ("negative padding", dict(padding=-1), ValueError, "padding"),
+    ("negative padding pair", dict(padding=(1, -2)), ValueError, "padding"),
+    ("unknown padding string", dict(padding="full"), ValueError, "full"),
+    ("zero stride", dict(stride=0), ValueError, "stride"),
+    ("zero stride pair", dict(stride=(1, 0)), ValueError, "stride"),
+    ("zero dilation", dict(dilation=0), ValueError, "dilation"),
+    ("float stride", dict(stride=1.5), TypeError, "stride"),
+    ("triple padding", dict(padding=(1, 1, 1)), TypeError, "padding"),
+    ("unknown backend", dict(backend="cuda-magic"), ValueError, "cuda-magic"),
+]
+
+
+@pytest.mark.parametrize("description,override,error,text", BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
+def test_bad_input_raises(description, override, error, text):
+    x, dw, pw = tensors()
+    call = dict(input=x, depthwise_weight=dw, pointwise_weight=pw, depthwise_bias=None, pointwise_bias=None,
+                stride=1, padding=0, dilation=1, backend="torch")
+    call.update(override)
+    with pytest.raises(error, match=None) as info:
+        kernels.separable_conv2d(**call)
+    assert text in str(info.value), f"message {str(info.value)!r} does not mention {text!r}"
+
+
+def test_padding_same_and_valid_follow_pytorch():
+    x, dw, pw = tensors(kernel=4, size=9)
+    for padding in ("same", "valid", (2, 1)):
+        out = kernels.separable_conv2d(x, dw, pw, padding=padding, dilation=(1, 2), backend="torch")
+        ref = kernels.separable_conv2d_reference(x, dw, pw, padding=padding, dilation=(1, 2))
+        assert out.shape == ref.shape
+        torch.testing.assert_close(out, ref)
+    assert kernels.separable_conv2d(x, dw, pw, padding="same", backend="torch").shape[-2:] == x.shape[-2:]
+
+
+def test_available_backends_reports_reasons():
+    report = kernels.available_backends()
+    assert set(report) == {"torch", "cpp", "triton"}
+    assert report["torch"] is None
+    for name, reason in report.items():
+        assert reason is None or (isinstance(reason, str) and reason), f"{name} needs a reason"
+
+
+@pytest.fixture
+def broken_backend(monkeypatch):
+    """The cpp backend made to fail loading, with a known reason."""
+    backend = copy.copy(dispatch.BACKENDS["cpp"])
+    backend._state = "RuntimeError: no compiler in this test"
+    monkeypatch.setitem(dispatch.BACKENDS, "cpp", backend)
+    monkeypatch.setattr(dispatch, "_resolved", {})
+    monkeypatch.setattr(dispatch, "_warned", set())
+    return backend
+
+
+def test_auto_falls_back_with_one_warning(broken_backend):
+    x, dw, pw = tensors()
+    with pytest.warns(RuntimeWarning, match="no compiler in this test"):
+        kernels.separable_conv2d(x, dw, pw, backend="auto")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        kernels.separable_conv2d(x, dw, pw, backend="auto")
+    assert dispatch.resolve("auto", x.device, x.dtype) == "torch"
+
+
+def test_explicit_unavailable_backend_raises_with_reason(broken_backend):
+    x, dw, pw = tensors()
+    with pytest.raises(kernels.BackendUnavailableError, match="no compiler in this test"):
+        kernels.separable_conv2d(x, dw, pw, backend="cpp")
+
+
+def test_environment_variable_picks_backend(monkeypatch):
+    monkeypatch.setattr(dispatch, "_resolved", {})
+    monkeypatch.setenv(dispatch.ENV_VAR, "torch")
+    assert dispatch.resolve("auto", torch.device("cpu"), torch.float32) == "torch"
+    monkeypatch.setenv(dispatch.ENV_VAR, "nonsense")
+    with pytest.raises(ValueError, match="nonsense"):
+        dispatch.resolve("auto", torch.device("cpu"), torch.float32)
+
+
+def test_auto_prefers_cpp_on_cpu_when_it_loads():
+    reason = kernels.available_backends()["cpp"]
+    expected = "cpp" if reason is None else "torch"
+    assert dispatch.resolve("auto", torch.device("cpu"), torch.float32) in (expected,)
+
+
+def test_triton_is_never_auto_on_cpu():
+    assert dispatch.resolve("auto", torch.device("cpu"), torch.float32) != "triton"
+
+
+# --- the module ---------------------------------------------------------------------------------
+
+def test_module_initialises_like_the_conv2d_pair():
+    torch.manual_seed(0)
+    module = kernels.SeparableConv2d(8, 16, 3, padding=1, bias=True, depth_multiplier=2)
+    torch.manual_seed(0)
+    depthwise = nn.Conv2d(8, 16, 3, padding=1, groups=8, bias=True)
+    pointwise = nn.Conv2d(16, 16, 1, bias=True)
+    for mine, theirs in ((module.conv1, depthwise), (module.pointwise, pointwise)):
+        assert torch.equal(mine.weight, theirs.weight) and torch.equal(mine.bias, theirs.bias)
+    assert set(module.state_dict()) == {"conv1.weight", "conv1.bias", "pointwise.weight", "pointwise.bias"}
+    module.reset_parameters()
+    assert not torch.equal(module.conv1.weight, depthwise.weight)
+
+
+def test_module_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="depth_multiplier"):
+        kernels.SeparableConv2d(4, 4, 3, depth_multiplier=0)
+    with pytest.raises(ValueError, match="backend"):
+        kernels.SeparableConv2d(4, 4, 3, backend="fast")
+    with pytest.raises(ValueError, match="in_channels"):
+        kernels.SeparableConv2d(0, 4, 3)
+
+
+def test_from_conv2d_converts_a_pair():
+    depthwise = nn.Conv2d(6, 12, (3, 5), stride=2, padding=(1, 2), dilation=1, groups=6, bias=True)
+    pointwise = nn.Conv2d(12, 7, 1, bias=False)
+    module = kernels.SeparableConv2d.from_conv2d(depthwise, pointwise, backend="torch")
+    x = torch.randn(2, 6, 13, 11)
+    torch.testing.assert_close(module(x), pointwise(depthwise(x)))
+    assert module.depth_multiplier == 2 and module.in_channels == 6 and module.out_channels == 7
+    module.conv1.weight.data.zero_()
+    assert depthwise.weight.abs().sum() > 0, "from_conv2d must copy, not share, the weights"
+
+
+@pytest.mark.parametrize("depthwise,pointwise,text", [
+    (nn.Conv2d(6, 6, 3, groups=3), nn.Conv2d(6, 4, 1), "groups"),
+    (nn.Conv2d(6, 6, 3, groups=6), nn.Conv2d(6, 4, 3), "1x1"),
+    (nn.Conv2d(6, 6, 3, groups=6), nn.Conv2d(5, 4, 1), "in_channels"),
+    (nn.Conv2d(6, 6, 3, groups=6, padding=1, padding_mode="reflect"), nn.Conv2d(6, 4, 1), "padding_mode"),
+    (nn.Linear(6, 6), nn.Conv2d(6, 4, 1), "nn.Conv2d"),
+])
+def test_from_conv2d_rejects(depthwise, pointwise, text):
+    with pytest.raises((ValueError, TypeError), match=text):
+        kernels.SeparableConv2d.from_conv2d(depthwise, pointwise)
+
+
+def _small_net(sepconv_factory):
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(),
+        sepconv_factory(8, 16), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 4))
+
+
+def test_module_trains_like_the_conv2d_pair():
+    """Same init, same data, same SGD: the losses of both networks stay equal and go down."""
+    sep = _small_net(lambda c, o: kernels.SeparableConv2d(c, o, 3, padding=1, backend="auto"))
+    pair = _small_net(lambda c, o: nn.Sequential(nn.Conv2d(c, c, 3, padding=1, groups=c, bias=False),
+                                                 nn.Conv2d(c, o, 1, bias=False)))
+    generator = torch.Generator().manual_seed(1)
+    data = torch.randn(16, 3, 12, 12, generator=generator)
+    labels = torch.randint(0, 4, (16,), generator=generator)
+    losses = {}
+    for name, net in (("sep", sep), ("pair", pair)):
+        optimizer = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+        losses[name] = []
+        for _ in range(30):
+            optimizer.zero_grad()
+            loss = nn.functional.cross_entropy(net(data.contiguous(memory_format=torch.channels_last)), labels)
+            loss.backward()
+            optimizer.step()
+            losses[name].append(loss.item())
+    torch.testing.assert_close(torch.tensor(losses["sep"]), torch.tensor(losses["pair"]), atol=1e-4, rtol=1e-4)
+    assert losses["sep"][-1] < 0.6 * losses["sep"][0], losses["sep"]
+
+
+def test_unbatched_and_empty_batch():
+    module = kernels.SeparableConv2d(3, 5, 3, padding=1, backend="torch")
+    assert module(torch.randn(3, 8, 8)).shape == (5, 8, 8)
+    empty = module(torch.randn(0, 3, 8, 8, requires_grad=True))
+    assert empty.shape == (0, 5, 8, 8)
+    empty.sum().backward()
+
+
+def test_autocast_runs_in_the_autocast_dtype():
+    module = kernels.SeparableConv2d(4, 6, 3, padding=1)
+    x = torch.randn(2, 4, 8, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = module(x)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), module(x), atol=0.1, rtol=0.05)

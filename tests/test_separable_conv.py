@@ -1,0 +1,241 @@
+"""Every backend against ``nn.Conv2d(groups=C)`` + 1x1: forward and every gradient."""
+
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import kernels
+from conftest import ALL_BACKENDS, TOLERANCES, require_backend
+
+
+def make_case(batch, channels, height, width, kernel, multiplier, out_channels, bias, dtype, device, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    kh, kw = kernel
+
+    def randn(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=generator, dtype=torch.float64) * scale).to(dtype=dtype, device=device)
+
+    hidden = channels * multiplier
+    x = randn(batch, channels, height, width)
+    dw = randn(hidden, 1, kh, kw, scale=(kh * kw) ** -0.5)
+    pw = randn(out_channels, hidden, 1, 1, scale=hidden ** -0.5)
+    dwb = randn(hidden) if bias else None
+    pwb = randn(out_channels) if bias else None
+    return x, dw, pw, dwb, pwb
+
+
+def to_layout(x, layout):
+    if layout == "channels_last":
+        return x.contiguous(memory_format=torch.channels_last)
+    if layout == "sliced":
+        # Every dimension strided: a view into a larger tensor.
+        big = torch.zeros(x.shape[0], x.shape[1] * 2, x.shape[2] + 3, x.shape[3] * 2, dtype=x.dtype, device=x.device)
+        view = big[:, ::2, 1:1 + x.shape[2], ::2]
+        view.copy_(x)
+        assert x.numel() == 0 or not (view.is_contiguous() or view.is_contiguous(memory_format=torch.channels_last))
+        return view
+    return x.contiguous()
+
+
+def pair_reference(x, dw, pw, dwb, pwb, stride, padding, dilation, relu_input=False):
+    """The nn.Conv2d(groups=C) + 1x1 pair, in float64."""
+    args = [t.detach().double().requires_grad_(t.requires_grad) if t is not None else None for t in (x, dw, pw, dwb, pwb)]
+    out = kernels.separable_conv2d_reference(*args, stride, padding, dilation, relu_input=relu_input)
+    return out, args
+
+
+def check(backend, x, dw, pw, dwb, pwb, stride=1, padding=0, dilation=1, relu_input=False, layout="contiguous"):
+    """Run ``backend`` and the float64 pair; compare output and every gradient."""
+    tol = TOLERANCES[x.dtype]
+    x = to_layout(x, layout) if x.dim() == 4 else x
+    leaves = [t.detach().clone().requires_grad_(True) if t is not None else None for t in (x, dw, pw, dwb, pwb)]
+    if layout == "sliced" and x.dim() == 4:
+        leaves[0] = to_layout(leaves[0].detach(), "sliced").requires_grad_(True)
+    out = kernels.separable_conv2d(*leaves, stride, padding, dilation, backend=backend, relu_input=relu_input)
+    ref, ref_leaves = pair_reference(*leaves, stride, padding, dilation, relu_input)
+
+    assert out.shape == ref.shape
+    assert out.dtype == x.dtype
+    if x.dim() == 4 and out.numel() > 0:
+        expect_cl = layout == "channels_last" or (layout == "sliced" and x.stride(1) < x.stride(3))
+        if expect_cl and out.shape[1] > 1 and out.shape[2] * out.shape[3] > 1:
+            assert out.is_contiguous(memory_format=torch.channels_last), "output must keep channels_last"
+        elif layout == "contiguous":
+            assert out.is_contiguous(), "output must keep NCHW"
+    torch.testing.assert_close(out.double(), ref, **tol)
+
+    grad = torch.randn(out.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    out.backward(grad.to(out.dtype))
+    ref.backward(grad)
+    for name, leaf, ref_leaf in zip(("input", "depthwise_weight", "pointwise_weight", "depthwise_bias",
+                                     "pointwise_bias"), leaves, ref_leaves):
+        if leaf is None:
+            continue
+        assert leaf.grad is not None, f"no gradient for {name}"
+        torch.testing.assert_close(leaf.grad.double(), ref_leaf.grad, **tol, msg=lambda m: f"grad {name}: {m}")
+
+
+GEOMETRIES = [
+    (kernel, stride, dilation, padding)
+    for kernel, stride, dilation, padding in itertools.product(
+        [(1, 1), (3, 3), (5, 5), (7, 7), (3, 5), (2, 4)], [1, 2], [1, 2], [0, 1, "same", "valid"])
+    if not (padding == "same" and stride != 1)
+]
+
+
+@pytest.mark.parametrize("kernel,stride,dilation,padding", GEOMETRIES, ids=str)
+def test_geometry(backend, kernel, stride, dilation, padding):
+    device = require_backend(backend)
+    # Odd sizes, large enough for the widest dilated kernel even without padding.
+    height = max(11, dilation * (kernel[0] - 1) + 2)
+    width = max(9, dilation * (kernel[1] - 1) + 3)
+    case = make_case(2, 3, height, width, kernel, 1, 5, True, torch.float32, device)
+    check(backend, *case, stride, padding, dilation)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "sliced"])
+@pytest.mark.parametrize("batch", [0, 1, 3, "unbatched"])
+@pytest.mark.parametrize("multiplier", [1, 2])
+@pytest.mark.parametrize("bias", [False, True])
+def test_options(backend, layout, batch, multiplier, bias):
+    device = require_backend(backend)
+    if batch == "unbatched" and layout != "contiguous":
+        pytest.skip("layouts apply to 4-D input; unbatched input is tested contiguous")
+    case = make_case(1 if batch == "unbatched" else batch, 6, 7, 10, (3, 3), multiplier, 4, bias, torch.float32, device)
+    if batch == "unbatched":
+        case = (case[0][0],) + case[1:]
+    check(backend, *case, stride=(1, 2), padding=(1, 2), dilation=1, layout=layout)
+
+
+@pytest.mark.parametrize("channels,out_channels,size", [(1, 1, 1), (17, 33, 5), (64, 72, 6), (5, 130, 3)])
+def test_awkward_channels(backend, channels, out_channels, size):
+    device = require_backend(backend)
+    case = make_case(2, channels, size, size + 2, (3, 3), 1, out_channels, True, torch.float32, device)
+    check(backend, *case, padding=1, layout="channels_last")
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_relu_input(backend, layout):
+    device = require_backend(backend)
+    case = make_case(2, 4, 8, 8, (3, 3), 1, 6, True, torch.float32, device)
+    check(backend, *case, padding=1, relu_input=True, layout=layout)
+
+
+def test_float64_matches(backend):
+    device = require_backend(backend, torch.float64)
+    case = make_case(2, 3, 8, 7, (3, 3), 2, 4, True, torch.float64, device)
+    check(backend, *case, stride=2, padding=1, dilation=1)
+
+
+@pytest.mark.parametrize("relu_input", [False, True])
+def test_gradcheck(backend, relu_input):
+    device = require_backend(backend, torch.float64)
+    x, dw, pw, dwb, pwb = make_case(2, 3, 6, 5, (3, 2), 2, 4, True, torch.float64, device)
+    if relu_input:  # keep inputs away from the kink of the ReLU
+        x = x + 0.1 * torch.sign(x)
+    leaves = [t.requires_grad_(True) for t in (x, dw, pw, dwb, pwb)]
+
+    def fn(*tensors):
+        return kernels.separable_conv2d(*tensors, stride=(2, 1), padding="valid", dilation=(1, 2),
+                                        backend=backend, relu_input=relu_input)
+
+    assert torch.autograd.gradcheck(fn, leaves, eps=1e-6, atol=1e-6, rtol=1e-5)
+
+
+def _op_args(device, dtype, padding=(1, 1, 1, 1)):
+    x, dw, pw, dwb, pwb = make_case(2, 3, 7, 6, (3, 3), 2, 5, True, dtype, device)
+    return x, dw, pw, dwb, pwb, [1, 2], list(padding), [1, 1]
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_opcheck(backend, layout):
+    device = require_backend(backend)
+    x, dw, pw, dwb, pwb, stride, padding, dilation = _op_args(device, torch.float32, (1, 2, 0, 1))
+    x = to_layout(x, layout)
+    namespace = getattr(torch.ops, kernels.ops.namespace(backend))
+    out = namespace.forward(x, dw, pw, dwb, pwb, stride, padding, dilation, False)
+    grad = torch.randn_like(out)
+    torch.library.opcheck(namespace.forward.default, (x, dw, pw, dwb, pwb, stride, padding, dilation, False))
+    torch.library.opcheck(namespace.forward.default,
+                          (x.requires_grad_(), dw.requires_grad_(), pw, None, pwb, stride, padding, dilation, True))
+    for mask in ([True, True, True], [False, True, False], [True, False, True]):
+        torch.library.opcheck(namespace.backward.default,
+                              (grad, x.detach(), dw.detach(), pw, dwb, stride, padding, dilation, False, mask))
+
+
+def test_torch_compile_fullgraph(backend):
+    device = require_backend(backend)
+    x, dw, pw, dwb, pwb = make_case(2, 4, 9, 9, (3, 3), 1, 6, True, torch.float32, device)
+    x = x.contiguous(memory_format=torch.channels_last)
+
+    def fn(x, dw, pw, dwb, pwb):
+        return kernels.separable_conv2d(x, dw, pw, dwb, pwb, 1, "same", backend=backend).square().sum()
+
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    leaves = [t.clone().requires_grad_(True) for t in (x, dw, pw, dwb, pwb)]
+    eager_leaves = [t.clone().requires_grad_(True) for t in (x, dw, pw, dwb, pwb)]
+    loss = compiled(*leaves)
+    loss.backward()
+    eager = fn(*eager_leaves)
+    eager.backward()
+    torch.testing.assert_close(loss, eager)
+    for leaf, eager_leaf in zip(leaves, eager_leaves):
+        torch.testing.assert_close(leaf.grad, eager_leaf.grad)
+
+
+def test_torch_compile_inductor():
+    """The default compiler (Inductor) on the auto backend, forward and backward."""
+    x, dw, pw, dwb, pwb = make_case(2, 4, 9, 9, (3, 3), 1, 6, True, torch.float32, torch.device("cpu"))
+    module = kernels.SeparableConv2d(4, 6, 3, padding=1, bias=True)
+    compiled = torch.compile(module, fullgraph=True)
+    out = compiled(x)
+    out.sum().backward()
+    torch.testing.assert_close(out, module(x))
+    assert module.conv1.weight.grad is not None
+
+
+def test_backward_saves_no_intermediate():
+    """Only the input and weights are saved for backward, not the depthwise result."""
+    x, dw, pw, dwb, pwb = make_case(2, 4, 9, 9, (3, 3), 1, 6, True, torch.float32, torch.device("cpu"))
+    leaves = [t.requires_grad_(True) for t in (x, dw, pw, dwb, pwb)]
+    saved = []
+
+    def pack(tensor):
+        saved.append(tensor.shape)
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        kernels.separable_conv2d(*leaves, padding=1, backend="torch")
+    assert sorted(map(tuple, saved)) == sorted([tuple(x.shape), tuple(dw.shape), tuple(pw.shape), tuple(dwb.shape)])
+
+
+@pytest.mark.parametrize("backend_name", ALL_BACKENDS)
+def test_backends_agree_bitwise_with_themselves(backend_name):
+    """Two runs of the same backend give identical gradients (determinism)."""
+    device = require_backend(backend_name)
+    case = make_case(3, 8, 12, 12, (3, 3), 1, 16, True, torch.float32, device)
+    grads = []
+    for _ in range(2):
+        leaves = [t.clone().requires_grad_(True) for t in case]
+        kernels.separable_conv2d(*leaves, padding=1, backend=backend_name).sum().backward()
+        grads.append([leaf.grad for leaf in leaves])
+    for first, second in zip(*grads):
+        assert torch.equal(first, second)
+
+
+def test_input_requires_no_grad(backend):
+    """Gradients only for the weights (frozen input) and only for the input (frozen weights)."""
+    device = require_backend(backend)
+    x, dw, pw, dwb, pwb = make_case(2, 3, 6, 6, (3, 3), 1, 4, True, torch.float32, device)
+    dw.requires_grad_(True)
+    kernels.separable_conv2d(x, dw, pw, dwb, pwb, padding=1, backend=backend).sum().backward()
+    ref_dw = dw.detach().double().requires_grad_(True)
+    F.conv2d(F.conv2d(x.double(), ref_dw, dwb.double(), padding=1, groups=3), pw.double(), pwb.double()).sum().backward()
+    torch.testing.assert_close(dw.grad.double(), ref_dw.grad, **TOLERANCES[torch.float32])
+
+    x.requires_grad_(True)
+    dw = dw.detach()
+    kernels.separable_conv2d(x, dw, pw, dwb, pwb, padding=1, backend=backend).sum().backward()
+    assert x.grad is not None and x.grad.shape == x.shape
