@@ -1,0 +1,236 @@
+"""``python -m benchmarks``: the separable-convolution benchmark suites.
+
+    python -m benchmarks                      # quick on CPU (the default there), full grid on GPU
+    python -m benchmarks --full --threads 2
+    python -m benchmarks --suite layers --providers cpp,eager --batch 8 --modes fwd
+    python -m benchmarks.plot                 # PNG charts of the latest run
+
+Results: ``benchmarks/results/<device-slug>.jsonl`` (appended, one row per case)
+and ``<device-slug>.md`` (the latest run). See ``--help`` for every option.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+import torch
+
+from . import providers
+from .cases import DTYPES, LAYER_MODES, LAYOUTS, MODEL_MODES, SHAPE_SETS, SUITES, build_cases
+from .machine import device_slug, measure_peaks, run_info, set_threads
+from .results import DEFAULT_DIR, JsonlLog, atomic_write_text, check_targets, render_markdown
+from .runner import RunOptions, RunState, run_cases
+from .timing import TimingPolicy
+
+
+def _choices(kind: str, allowed: Sequence[str]):
+    """An argparse type: a comma-separated list, each item in ``allowed``."""
+    def parse(text: str) -> List[str]:
+        items = [item.strip() for item in text.split(",") if item.strip()]
+        if not items:
+            raise argparse.ArgumentTypeError(f"{kind}: empty list {text!r}")
+        for item in items:
+            if item not in allowed:
+                raise argparse.ArgumentTypeError(f"unknown {kind} {item!r}; choose from {', '.join(allowed)}")
+        return list(dict.fromkeys(items))
+    return parse
+
+
+def _positive_ints(text: str) -> List[int]:
+    try:
+        values = [int(item) for item in text.split(",") if item.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"batch sizes must be positive integers, got {text!r}") from None
+    if not values or any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"batch sizes must be positive integers, got {text!r}")
+    return values
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+ALL_PROVIDERS = providers.LAYER_PROVIDERS
+MODEL_PROVIDER_NAMES = tuple(providers.model_providers_for(providers.BACKEND_PROVIDERS))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks",
+        description="Benchmark the fused separable convolution against the eager nn.Conv2d pair and torch.compile.",
+        epilog="Defaults on CPU are --quick; on CUDA the GPU grid (batch 32, bf16/fp16/fp32, both layouts).",
+    )
+    parser.add_argument("--suite", type=_choices("suite", SUITES), help="layers,model (default both)")
+    parser.add_argument("--backends", type=_choices("backend", providers.BACKEND_PROVIDERS),
+                        help=f"project backends to run ({','.join(providers.BACKEND_PROVIDERS)}; default all)")
+    parser.add_argument("--providers", type=_choices("provider", ALL_PROVIDERS + MODEL_PROVIDER_NAMES),
+                        help=f"layer providers ({','.join(ALL_PROVIDERS)}) and model providers "
+                             f"({','.join(MODEL_PROVIDER_NAMES)}); default: every backend plus eager and compile")
+    parser.add_argument("--dtypes", type=_choices("dtype", tuple(DTYPES)), help="fp32,bf16,fp16")
+    parser.add_argument("--batch", type=_positive_ints, help="batch sizes, e.g. 1,8")
+    parser.add_argument("--modes", type=_choices("mode", LAYER_MODES + MODEL_MODES),
+                        help="fwd, bwd (backward only), full (fwd+bwd); the model suite maps fwd to eval, full to train")
+    parser.add_argument("--layout", type=_choices("layout", LAYOUTS), help="channels_last,nchw")
+    parser.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available, else cpu")
+    parser.add_argument("--shapes", type=lambda s: [x.strip() for x in s.split(",") if x.strip()],
+                        help=f"shape sets ({','.join(SHAPE_SETS)}) or parts of shape names, e.g. '@147,@74'")
+    speed = parser.add_mutually_exclusive_group()
+    speed.add_argument("--quick", action="store_true", help="the short grid (default on CPU; < 10 min on 2 cores)")
+    speed.add_argument("--full", action="store_true", help="every shape, mode, layout and provider")
+    parser.add_argument("--threads", type=_positive_int, help="torch.set_num_threads (default: torch's choice)")
+    parser.add_argument("--out", type=Path, default=DEFAULT_DIR, help=f"results folder (default {DEFAULT_DIR})")
+    parser.add_argument("--repeats", type=_positive_int, help="minimum timed repeats per case")
+    parser.add_argument("--min-time", type=float, help="minimum timed seconds per case (default 0.5, quick 0.3)")
+    parser.add_argument("--cuda-graphs", action="store_true", help="GPU: time through CUDA graphs")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    parser.add_argument("--no-peak", action="store_true", help="skip measuring the machine peak (no %% of peak)")
+    # Test hooks, hidden from --help.
+    parser.add_argument("--interrupt-after", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--tiny-model", action="store_true", help=argparse.SUPPRESS)
+    return parser
+
+
+def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill the choices the user left open, by device and quick/full."""
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    gpu = args.device == "cuda"
+    args.quick = args.quick or (not args.full and not gpu)
+    backends = args.backends or list(providers.BACKEND_PROVIDERS)
+    quick_skips: List[str] = []
+    if args.suite is None:
+        args.suite = ["layers", "model"]
+    if args.providers is None:
+        layer = [b for b in backends if not (args.quick and b == "torch")] + ["eager", "compile"]
+        model = providers.model_providers_for([b for b in backends if b != "torch"]) + ["eager"]
+        if not args.quick:
+            model.append("compile")
+        else:
+            quick_skips += ["torch backend (same ATen ops as eager)", "torch.compile of the whole model"]
+        args.providers = layer + model
+    else:
+        args.providers = [p for p in args.providers if p in ALL_PROVIDERS or p in MODEL_PROVIDER_NAMES]
+        if args.backends:
+            args.providers = [p for p in args.providers
+                              if p in ("eager", "compile") or p.split("-")[0] in args.backends]
+    args.providers = list(dict.fromkeys(args.providers))
+    args.layer_providers = [p for p in args.providers if p in ALL_PROVIDERS]
+    args.model_providers = [p for p in args.providers if p in MODEL_PROVIDER_NAMES or p in ("eager", "compile")]
+    args.dtypes = args.dtypes or (["bf16", "fp16", "fp32"] if gpu else ["fp32"])
+    args.eager_both_layouts = args.layout is None
+    args.layout = args.layout or (["channels_last", "nchw"] if (gpu or not args.quick) else ["channels_last"])
+    if args.modes is None:
+        args.modes = ["fwd", "full"] if (gpu or args.quick) else ["fwd", "bwd", "full"]
+        if args.quick:
+            quick_skips.append("bwd-only mode and the model training step")
+    args.layer_batches = args.batch or ([32] if gpu else [1, 8])
+    args.model_batches = args.batch or ([1] if args.quick else [1, 8])
+    args.train_batches = args.batch or [8]
+    if args.quick and args.modes == ["fwd", "full"] and args.batch is None:
+        args.model_modes = ["fwd"]
+    else:
+        args.model_modes = args.modes
+    if args.quick and not args.shapes:
+        quick_skips.append("the channel/size sweep")
+    args.quick_skips = quick_skips
+    return args
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(argv)
+    args.argv = argv
+    if args.min_time is not None and args.min_time < 0:
+        parser.error(f"--min-time must be >= 0, got {args.min_time}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: CUDA is not available on this machine")
+    args = resolve_defaults(args)
+    try:
+        set_threads(args.threads)
+        layer_suites = [s for s in args.suite if s != "model"]
+        cases = build_cases(layer_suites, args.layer_providers, [], args.dtypes, args.layer_batches, args.modes,
+                            args.layout, args.shapes, full=not args.quick, eager_both_layouts=args.eager_both_layouts)
+        if "model" in args.suite:
+            cases += build_cases(["model"], [], args.model_providers, args.dtypes, args.model_batches,
+                                 args.model_modes, args.layout, train_batches=args.train_batches,
+                                 eager_both_layouts=args.eager_both_layouts)
+    except ValueError as error:
+        parser.error(str(error))
+    return run(args, cases)
+
+
+def run(args: argparse.Namespace, cases) -> int:
+    from rich.console import Console
+
+    from . import report
+
+    console = Console()
+    if not console.is_terminal:  # piped or logged: do not squeeze the tables into 80 columns
+        console = Console(width=max(console.width, 180))
+    policy = TimingPolicy(
+        warmup=2, min_repeats=args.repeats or (3 if args.quick else 5),
+        min_seconds=args.min_time if args.min_time is not None else (0.3 if args.quick else 0.5),
+        max_seconds=2.0 if args.quick else 5.0)
+    info = run_info(args.device, argv="python -m benchmarks " + shlex.join(args.argv))
+    console.print(f"[bold]Separable-conv benchmark[/bold] on {info.device_name} ({args.device}), "
+                  f"{info.threads} torch threads, torch {info.torch_version}, run {info.run_id}")
+    if args.quick_skips:
+        console.print(f"--quick leaves out: {'; '.join(args.quick_skips)} (use --full).")
+    options = RunOptions(device=args.device, policy=policy, measure_memory=not args.no_memory,
+                         cuda_graphs=args.cuda_graphs, interrupt_after=args.interrupt_after)
+    if args.tiny_model:
+        options.model_kwargs = dict(middle_blocks=1, width=0.125)
+    if any(case.suite == "model" for case in cases):
+        try:
+            options.model_flops_per_image = providers.count_model_flops(model_kwargs=options.model_kwargs)
+            console.print(f"Xception forward: {options.model_flops_per_image / 1e9:.2f} GFLOP per 299x299 image "
+                          f"(counted from its convs and linear layer, 2 FLOPs per multiply-add)")
+        except ImportError as error:
+            console.print(f"[yellow]model suite: {error}[/yellow]")
+    if not args.no_peak:
+        with console.status("measuring the machine peak (matmul, 1x1 conv, copy)"):
+            peak_policy = TimingPolicy(warmup=1, min_repeats=3, min_seconds=0.3, max_seconds=2.0)
+            measure_peaks(info, {d: DTYPES[d] for d in args.dtypes}, peak_policy, small=args.tiny_model)
+        console.print(f"peak: {info.peak_gflops} GFLOP/s, {info.peak_gbps} GB/s  {info.peak_detail}")
+
+    slug = device_slug(args.device)
+    out = Path(args.out)
+    jsonl_path, md_path = out / f"{slug}.jsonl", out / f"{slug}.md"
+    target_backend = "triton" if args.device == "cuda" else "cpp"
+    state = RunState()
+    exit_code = 0
+    with JsonlLog(jsonl_path) as log, report.make_progress(console) as progress:
+        task = progress.add_task("benchmark", total=len(cases), case="")
+
+        def on_row(case, row) -> None:
+            progress.update(task, advance=1, case=case.label)
+
+        try:
+            run_cases(cases, options, info, log, state, on_row)
+        except KeyboardInterrupt:
+            state.interrupted = True
+            exit_code = 130
+    atomic_write_text(md_path, render_markdown(state.rows, info.as_dict(), state.unavailable, target_backend,
+                                               interrupted=state.interrupted))
+    report.print_tables(console, state.rows, state.unavailable)
+    report.print_targets(console, check_targets(state.rows, target_backend), target_backend)
+    if state.interrupted:
+        console.print(f"[red]Interrupted after {len(state.rows)} of {len(cases)} cases.[/red] Every finished row is "
+                      f"saved.")
+    console.print(f"rows: {jsonl_path}\nsummary: {md_path}\nplots: python -m benchmarks.plot --out {out}")
+    return exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,164 @@
+"""The machine a run measures: its description (run metadata) and its measured peaks.
+
+The peaks are measured, not looked up: compute is the best of a large matmul
+and a large 1x1 convolution (oneDNN on CPU, cuBLAS/cuDNN on GPU) in each
+dtype; bandwidth is a large tensor copy (bytes read + bytes written).
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import re
+import subprocess
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, Optional
+
+import torch
+
+from .timing import TimingPolicy, measure
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+# Datasheet numbers shown next to the measured ones on GPU (dense, no sparsity).
+DATASHEET_TFLOPS = {
+    "H100": {"bf16": 989.0, "fp16": 989.0, "tf32": 495.0, "fp32": 67.0},
+    "H200": {"bf16": 989.0, "fp16": 989.0, "tf32": 495.0, "fp32": 67.0},
+}
+DATASHEET_TBPS = {"H100": 3.35, "H200": 4.8}
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def gpu_model() -> Optional[str]:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    return None
+
+
+def git_commit() -> str:
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True,
+                                timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return commit + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def triton_version() -> Optional[str]:
+    try:
+        import triton
+    except ImportError:
+        return None
+    return triton.__version__
+
+
+def slugify(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "unknown"
+
+
+def device_name(device: str) -> str:
+    return (gpu_model() or "cuda") if device == "cuda" else cpu_model()
+
+
+def device_slug(device: str) -> str:
+    """File-name stem for this machine's results, e.g. ``cpu-amd-epyc`` or ``cuda-nvidia-h100-80gb-hbm3``."""
+    return f"{device}-{slugify(device_name(device))}"
+
+
+@dataclass
+class RunInfo:
+    run_id: str
+    utc_time: str
+    device: str
+    device_name: str
+    cpu_model: str
+    gpu_model: Optional[str]
+    threads: int
+    torch_version: str
+    triton_version: Optional[str]
+    git_commit: str
+    python: str
+    argv: str
+    peak_gflops: Dict[str, float] = field(default_factory=dict)
+    peak_gbps: Optional[float] = None
+    peak_detail: Dict[str, float] = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def run_info(device: str, argv: str = "") -> RunInfo:
+    now = datetime.datetime.now(datetime.timezone.utc)
+    return RunInfo(
+        run_id=now.strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6],
+        utc_time=now.isoformat(timespec="seconds"),
+        device=device,
+        device_name=device_name(device),
+        cpu_model=cpu_model(),
+        gpu_model=gpu_model(),
+        threads=torch.get_num_threads(),
+        torch_version=torch.__version__,
+        triton_version=triton_version(),
+        git_commit=git_commit(),
+        python=platform.python_version(),
+        argv=argv,
+    )
+
+
+def measure_peaks(info: RunInfo, dtypes: Dict[str, torch.dtype], policy: TimingPolicy, small: bool = False) -> None:
+    """Fill ``info.peak_gflops`` (per dtype), ``info.peak_gbps`` and ``info.peak_detail`` by measuring.
+
+    ``small`` uses small problems (tests): the numbers are then only a rough floor.
+    """
+    device = info.device
+    on_gpu = device == "cuda"
+    if on_gpu:
+        n_mm, conv_shape, copy_elems = (1024, (4, 256, 16, 16), 1 << 22) if small else (8192, (64, 1024, 56, 56), 1 << 28)
+    else:
+        n_mm, conv_shape, copy_elems = (256, (2, 128, 16, 16), 1 << 20) if small else (2048, (8, 1024, 28, 28), 1 << 25)
+    generator_device = torch.device(device)
+    for dtype_name, dtype in dtypes.items():
+        a = torch.randn(n_mm, n_mm, device=generator_device, dtype=dtype)
+        b = torch.randn(n_mm, n_mm, device=generator_device, dtype=dtype)
+        mm_ms = measure(lambda: torch.mm(a, b), device, policy).p50_ms
+        mm_gflops = 2.0 * n_mm ** 3 / mm_ms / 1e6
+        n, c, h, w = conv_shape
+        x = torch.randn(n, c, h, w, device=generator_device, dtype=dtype).to(memory_format=torch.channels_last)
+        weight = torch.randn(c, c, 1, 1, device=generator_device, dtype=dtype).to(memory_format=torch.channels_last)
+        conv_ms = measure(lambda: torch.nn.functional.conv2d(x, weight), device, policy).p50_ms
+        conv_gflops = 2.0 * n * h * w * c * c / conv_ms / 1e6
+        info.peak_detail[f"matmul_{dtype_name}_gflops"] = round(mm_gflops, 1)
+        info.peak_detail[f"conv1x1_{dtype_name}_gflops"] = round(conv_gflops, 1)
+        info.peak_gflops[dtype_name] = round(max(mm_gflops, conv_gflops), 1)
+        del a, b, x, weight
+    source = torch.empty(copy_elems, device=generator_device, dtype=torch.float32).fill_(1.0)
+    target = torch.empty_like(source)
+    copy_ms = measure(lambda: target.copy_(source), device, policy).p50_ms
+    info.peak_gbps = round(2.0 * source.numel() * source.element_size() / copy_ms / 1e6, 1)
+    info.peak_detail["copy_gbps"] = info.peak_gbps
+    for key, table in (("H100", DATASHEET_TFLOPS), ("H200", DATASHEET_TFLOPS)):
+        if on_gpu and key in info.device_name:
+            info.peak_detail.update({f"datasheet_{k}_tflops": v for k, v in table[key].items()})
+            info.peak_detail["datasheet_tbps"] = DATASHEET_TBPS[key]
+
+
+def set_threads(threads: Optional[int]) -> None:
+    if threads is not None:
+        if threads < 1:
+            raise ValueError(f"threads must be >= 1, got {threads}")
+        torch.set_num_threads(threads)
+        os.environ["OMP_NUM_THREADS"] = str(threads)

@@ -1,0 +1,254 @@
+"""Result files: the append-only JSONL log and the markdown summary of the latest run.
+
+``benchmarks/results/<device-slug>.jsonl``: one JSON object per line, one line
+per case (measured, unavailable or failed), each carrying the run metadata
+under ``"run"``. Each line is flushed and fsynced as soon as its case finishes,
+so an interrupted run keeps every finished row; ``read_rows`` skips a torn last
+line. ``<device-slug>.md`` is rewritten atomically (temp file + ``os.replace``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Dict, Iterable, Iterator, List, Optional, Sequence
+
+from .cases import BASELINE_LAYOUT, BASELINE_PROVIDER
+from .memory import COLUMN as MEMORY_COLUMN
+from .memory import COLUMN_DOC as MEMORY_DOC
+
+DEFAULT_DIR = Path(__file__).resolve().parent / "results"
+
+# Every row has every one of these keys (None where it does not apply).
+ROW_KEYS = (
+    "suite", "shape", "cin", "cout", "h", "w", "k", "stride", "batch", "dtype", "layout", "mode", "provider",
+    "status", "reason", "p20_ms", "p50_ms", "p80_ms", "repeats", "gflop", "gflop_s", "gb_s", "pct_peak",
+    "speedup_vs_eager_cl", MEMORY_COLUMN, "threads",
+)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temp file in the same folder and ``os.replace``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        if os.path.exists(temp):
+            os.unlink(temp)
+        raise
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        if os.path.exists(temp):
+            os.unlink(temp)
+        raise
+
+
+class JsonlLog:
+    """Appends rows to a JSONL file, each one durable before ``append`` returns."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._repair_torn_tail()
+        self._handle = open(self.path, "a", encoding="utf-8")
+
+    def _repair_torn_tail(self) -> None:
+        """A run killed mid-write can leave a last line without its newline: end it, so new rows start clean."""
+        if self.path.exists() and self.path.stat().st_size:
+            with open(self.path, "rb+") as handle:
+                handle.seek(-1, os.SEEK_END)
+                if handle.read(1) != b"\n":
+                    handle.write(b"\n")
+
+    def append(self, row: dict) -> None:
+        self._handle.write(json.dumps(row, sort_keys=False) + "\n")
+        self._handle.flush()
+        os.fsync(self._handle.fileno())
+
+    def close(self) -> None:
+        self._handle.close()
+
+    def __enter__(self) -> "JsonlLog":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def read_rows(path: Path) -> Iterator[dict]:
+    """Rows of a JSONL log; lines that are not complete JSON objects (a torn write) are skipped."""
+    with open(path, encoding="utf-8") as handle:
+        for line in handle:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(row, dict):
+                yield row
+
+
+def latest_run(rows: Iterable[dict]) -> List[dict]:
+    """The rows of the last run in the log."""
+    rows = list(rows)
+    if not rows:
+        return []
+    run_id = rows[-1].get("run", {}).get("run_id")
+    return [row for row in rows if row.get("run", {}).get("run_id") == run_id]
+
+
+def group_unavailable(unavailable: Dict[str, str]) -> Dict[str, str]:
+    """Merge providers that share a reason: ``{"eager, compile (model, fp32)": reason}``."""
+    by_reason: Dict[tuple, List[str]] = {}
+    for label, reason in unavailable.items():
+        provider, _, where = label.partition(" (")
+        by_reason.setdefault((where, reason), []).append(provider)
+    return {f"{', '.join(names)} ({where}": reason for (where, reason), names in by_reason.items()}
+
+
+# --- markdown ---------------------------------------------------------------------------------------
+
+TARGETS_TEXT = {
+    "layers": "fwd and fwd+bwd >= 1.0x the eager channels_last pair on every shape; >= 2x on the 147x147 and "
+              "74x74 shapes at batch 8; 19x19 and 10x10 shapes at >= 85% of the measured peak",
+    "model": "eval forward >= 1.2x eager channels_last at batch 1 and >= 1.8x at batch 8; training step >= 1.3x "
+             "at batch 8 with peak memory no higher than eager",
+}
+
+
+def _fmt(value: Optional[float], digits: int = 1, suffix: str = "") -> str:
+    if value is None:
+        return "–"
+    return f"{value:,.{digits}f}{suffix}"
+
+
+def _speedup(value: Optional[float]) -> str:
+    if value is None:
+        return "–"
+    mark = " ✅" if value >= 1.0 else " ❌"
+    return f"{value:.2f}x{mark}"
+
+
+def check_targets(rows: Sequence[dict], backend: str) -> List[dict]:
+    """One entry per target and case: ``{target, case, value, goal, ok}`` for the project backend ``backend``."""
+    checks: List[dict] = []
+    ok_rows = [r for r in rows if r.get("status") == "ok"]
+    for row in ok_rows:
+        if row["suite"] == "layers" and row["provider"] == backend and row["layout"] == BASELINE_LAYOUT:
+            case = f"{row['shape']} N={row['batch']} {row['dtype']} {row['mode']}"
+            if row["mode"] in ("fwd", "full") and row["speedup_vs_eager_cl"] is not None:
+                goal = 2.0 if row["h"] in (147, 74) and row["batch"] == 8 else 1.0
+                checks.append(dict(target=f">= {goal:.1f}x eager CL", case=case, value=row["speedup_vs_eager_cl"],
+                                   goal=goal, ok=row["speedup_vs_eager_cl"] >= goal, unit="x"))
+            if row["h"] in (19, 10) and row["pct_peak"] is not None:
+                checks.append(dict(target=">= 85% of peak", case=case, value=row["pct_peak"], goal=85.0,
+                                   ok=row["pct_peak"] >= 85.0, unit="%"))
+        if row["suite"] == "model" and row["speedup_vs_eager_cl"] is not None:
+            case = f"N={row['batch']} {row['dtype']} {row['mode']} {row['provider']}"
+            if row["mode"] == "eval" and row["provider"] == f"{backend}-fused":
+                goal = 1.2 if row["batch"] == 1 else 1.8
+                checks.append(dict(target=f">= {goal:.1f}x eager CL", case=case, value=row["speedup_vs_eager_cl"],
+                                   goal=goal, ok=row["speedup_vs_eager_cl"] >= goal, unit="x"))
+            if row["mode"] == "train" and row["provider"] == f"{backend}-unfused":
+                checks.append(dict(target=">= 1.3x eager CL", case=case, value=row["speedup_vs_eager_cl"], goal=1.3,
+                                   ok=row["speedup_vs_eager_cl"] >= 1.3, unit="x"))
+                base = _baseline_of(ok_rows, row)
+                if base and base.get(MEMORY_COLUMN) is not None and row.get(MEMORY_COLUMN) is not None:
+                    checks.append(dict(target="peak memory <= eager CL", case=case, value=row[MEMORY_COLUMN],
+                                       goal=base[MEMORY_COLUMN], ok=row[MEMORY_COLUMN] <= base[MEMORY_COLUMN],
+                                       unit=" MiB"))
+    return checks
+
+
+def _baseline_of(rows: Sequence[dict], row: dict) -> Optional[dict]:
+    for other in rows:
+        if (other["provider"] == BASELINE_PROVIDER and other["layout"] == BASELINE_LAYOUT
+                and all(other[k] == row[k] for k in ("suite", "shape", "batch", "dtype", "mode"))):
+            return other
+    return None
+
+
+def render_markdown(rows: Sequence[dict], run: Dict, unavailable: Dict[str, str], target_backend: str,
+                    interrupted: bool = False) -> str:
+    lines: List[str] = []
+    lines.append(f"# Benchmark: {run.get('device_name')} ({run.get('device')})")
+    lines.append("")
+    if interrupted:
+        lines += ["**This run was interrupted: the tables hold only the cases that finished.**", ""]
+    peaks = ", ".join(f"{k} {v:,.0f} GFLOP/s" for k, v in (run.get("peak_gflops") or {}).items())
+    lines += [
+        f"- run `{run.get('run_id')}` at {run.get('utc_time')} UTC, commit `{run.get('git_commit')}`",
+        f"- CPU: {run.get('cpu_model')}; GPU: {run.get('gpu_model') or 'none'}; torch threads: {run.get('threads')}",
+        f"- torch {run.get('torch_version')}, triton {run.get('triton_version') or 'not installed'}, "
+        f"python {run.get('python')}",
+        f"- measured peak compute: {peaks or 'not measured'}; memory bandwidth: "
+        f"{_fmt(run.get('peak_gbps'), 0)} GB/s (copy). Detail: {run.get('peak_detail')}",
+        f"- command: `{run.get('argv')}`",
+        "",
+        "Times are p50 over repeats after warm-up (p20–p80 in brackets). GFLOP/s counts 2 FLOPs per "
+        "multiply-add (backward = 2x forward). GB/s uses the minimal traffic (each tensor read or written once). "
+        f"Speedup is against the eager `nn.Conv2d` pair in channels_last. `{MEMORY_COLUMN}`: "
+        f"{MEMORY_DOC.get(run.get('device'), MEMORY_DOC['cpu'])}.",
+        "",
+    ]
+    if unavailable:
+        lines += ["## Providers not run", "", "| provider | reason |", "|---|---|"]
+        lines += [f"| {name} | {reason} |" for name, reason in group_unavailable(unavailable).items()]
+        lines.append("")
+    failed = [r for r in rows if r.get("status") == "error"]
+    for suite in dict.fromkeys(r["suite"] for r in rows if r.get("status") == "ok"):
+        suite_rows = [r for r in rows if r["suite"] == suite and r.get("status") == "ok"]
+        lines += [f"## Suite `{suite}`", ""]
+        if suite in TARGETS_TEXT:
+            lines += [f"Targets for `{target_backend}`: {TARGETS_TEXT[suite]}.", ""]
+        lines += [
+            f"| shape | N | dtype | mode | provider | layout | p50 ms [p20–p80] | GFLOP/s | GB/s | % peak | "
+            f"speedup vs eager CL | {MEMORY_COLUMN} |",
+            "|---|---:|---|---|---|---|---:|---:|---:|---:|---:|---:|",
+        ]
+        for r in suite_rows:
+            lines.append(
+                f"| {r['shape']} | {r['batch']} | {r['dtype']} | {r['mode']} | {r['provider']} | {r['layout']} | "
+                f"{_fmt(r['p50_ms'], 3)} [{_fmt(r['p20_ms'], 3)}–{_fmt(r['p80_ms'], 3)}] | {_fmt(r['gflop_s'])} | "
+                f"{_fmt(r['gb_s'])} | {_fmt(r['pct_peak'], 1, '%')} | {_speedup(r['speedup_vs_eager_cl'])} | "
+                f"{_fmt(r[MEMORY_COLUMN])} |")
+        lines.append("")
+    checks = check_targets(rows, target_backend)
+    if checks:
+        passed = sum(c["ok"] for c in checks)
+        lines += [f"## Targets for `{target_backend}`: {passed}/{len(checks)} met", "",
+                  "| target | case | measured | goal | met |", "|---|---|---:|---:|---|"]
+        for c in checks:
+            lines.append(f"| {c['target']} | {c['case']} | {c['value']:.2f}{c['unit']} | {c['goal']:.2f}{c['unit']} | "
+                         f"{'✅' if c['ok'] else '❌'} |")
+        lines.append("")
+    elif rows:
+        lines += [f"## Targets for `{target_backend}`", "",
+                  f"Not evaluated: no `{target_backend}` rows with an eager channels_last baseline in this run.", ""]
+    if failed:
+        lines += ["## Cases that failed", "", "| case | error |", "|---|---|"]
+        lines += [f"| {r['suite']} {r['shape']} N={r['batch']} {r['dtype']} {r['layout']} {r['mode']} {r['provider']} "
+                  f"| {r['reason']} |" for r in failed]
+        lines.append("")
+    return "\n".join(lines)

@@ -1,0 +1,128 @@
+"""Run a list of cases: check availability, prepare, time, measure memory, write each row as it finishes."""
+
+from __future__ import annotations
+
+import gc
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+
+from . import providers
+from .cases import BASELINE_LAYOUT, BASELINE_PROVIDER, DTYPES, Case, mode_flops, separable_bytes, separable_flops
+from .machine import RunInfo
+from .memory import COLUMN as MEMORY_COLUMN
+from .memory import peak_allocated_mb
+from .results import ROW_KEYS, JsonlLog
+from .timing import TimingPolicy, measure
+
+
+@dataclass
+class RunState:
+    """What a run has produced so far (kept current, so an interrupted run can still be summarized)."""
+
+    rows: List[dict] = field(default_factory=list)
+    # "provider (suite, dtype)" -> why it did not run
+    unavailable: Dict[str, str] = field(default_factory=dict)
+    interrupted: bool = False
+
+
+@dataclass
+class RunOptions:
+    device: str
+    policy: TimingPolicy
+    measure_memory: bool = True
+    cuda_graphs: bool = False
+    model_kwargs: Dict = field(default_factory=dict)
+    model_flops_per_image: Optional[float] = None
+    # Test hook: raise KeyboardInterrupt once this many rows are written.
+    interrupt_after: Optional[int] = None
+
+
+def work(case: Case, options: RunOptions) -> Tuple[float, float]:
+    """(FLOPs, minimal bytes) of one call of ``case``."""
+    element_size = torch.empty((), dtype=DTYPES[case.dtype]).element_size()
+    if case.suite == "model":
+        flops = mode_flops((options.model_flops_per_image or 0.0) * case.batch, case.mode)
+        image_bytes = case.batch * case.shape.cin * case.shape.h * case.shape.w * element_size
+        return flops, float(image_bytes)
+    flops = mode_flops(separable_flops(case.shape, case.batch), case.mode)
+    return flops, separable_bytes(case.shape, case.batch, element_size, case.mode)
+
+
+def base_row(case: Case, run: RunInfo) -> dict:
+    shape = case.shape
+    row = {key: None for key in ROW_KEYS}
+    row.update(suite=case.suite, shape=shape.name, cin=shape.cin, cout=shape.cout, h=shape.h, w=shape.w, k=shape.k,
+               stride=shape.stride, batch=case.batch, dtype=case.dtype, layout=case.layout, mode=case.mode,
+               provider=case.provider, threads=torch.get_num_threads())
+    return row
+
+
+def measure_case(case: Case, options: RunOptions, run: RunInfo, baselines: Dict[tuple, float]) -> dict:
+    row = base_row(case, run)
+    prepared = providers.prepare(case, options.device, options.model_kwargs)
+    cuda_options = {}
+    if options.device == "cuda":
+        cuda_options = dict(use_cuda_graph=options.cuda_graphs, grad_to_none=prepared.grad_to_none or None)
+    timing = measure(prepared.fn, options.device, options.policy, **cuda_options)
+    flops, nbytes = work(case, options)
+    seconds = timing.p50_ms / 1e3
+    row.update(status="ok", p20_ms=timing.p20_ms, p50_ms=timing.p50_ms, p80_ms=timing.p80_ms,
+               repeats=timing.repeats, gflop=flops / 1e9)
+    if flops:
+        row["gflop_s"] = flops / seconds / 1e9
+        peak = run.peak_gflops.get(case.dtype)
+        if peak:
+            row["pct_peak"] = 100.0 * row["gflop_s"] / peak
+    if case.suite != "model":
+        row["gb_s"] = nbytes / seconds / 1e9
+    if case.provider == BASELINE_PROVIDER and case.layout == BASELINE_LAYOUT:
+        baselines[case.group] = timing.p50_ms
+    if case.group in baselines:
+        row["speedup_vs_eager_cl"] = baselines[case.group] / timing.p50_ms
+    if options.measure_memory:
+        row[MEMORY_COLUMN] = peak_allocated_mb(prepared.fn, options.device)
+    del prepared
+    return row
+
+
+def run_cases(cases: List[Case], options: RunOptions, run: RunInfo, log: JsonlLog, state: RunState,
+              on_row: Optional[Callable[[Case, dict], None]] = None) -> RunState:
+    """Measure every case in order; each finished row is appended to ``log`` before the next case starts."""
+    baselines: Dict[tuple, float] = {}
+    reasons: Dict[tuple, Optional[str]] = {}
+    run_dict = run.as_dict()
+    for case in cases:
+        key = (case.suite, case.provider, case.dtype)
+        if key not in reasons:
+            reasons[key] = providers.availability(case.suite, case.provider, options.device, case.dtype)
+        reason = reasons[key]
+        if reason is not None:
+            label = f"{case.provider} ({case.suite}, {case.dtype})"
+            if label in state.unavailable:
+                if on_row:
+                    on_row(case, None)
+                continue
+            state.unavailable[label] = reason
+            row = base_row(case, run)
+            row.update(status="unavailable", reason=reason, layout=None, shape=None, batch=None, mode=None,
+                       cin=None, cout=None, h=None, w=None, k=None, stride=None)
+        else:
+            try:
+                row = measure_case(case, options, run, baselines)
+            except KeyboardInterrupt:
+                raise
+            except Exception as error:  # noqa: BLE001 - one failing case must not end the run; its row says why
+                row = base_row(case, run)
+                row.update(status="error", reason=f"{type(error).__name__}: {error}"[:500])
+            finally:
+                gc.collect()
+        row["run"] = run_dict
+        log.append(row)
+        state.rows.append(row)
+        if on_row:
+            on_row(case, row)
+        if options.interrupt_after is not None and len(state.rows) >= options.interrupt_after:
+            raise KeyboardInterrupt(f"test hook: interrupted after {len(state.rows)} rows")
+    return state

@@ -1,0 +1,146 @@
+"""Timers: a time-budgeted wall-clock timer for CPU, CUDA-event timers for GPU.
+
+Every timer warms up first (so compilation, autotuning and first-touch
+allocation are excluded) and returns the list of per-call times in
+milliseconds; ``summarize`` turns that into p20/p50/p80.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Callable, List, Optional, Sequence
+
+import torch
+
+
+@dataclass(frozen=True)
+class TimingPolicy:
+    """How long to measure one case.
+
+    warmup: calls before timing (at least 1: the first call compiles/autotunes).
+    min_repeats / min_seconds: keep timing until both are reached ...
+    max_repeats / max_seconds: ... or either limit is hit (whichever first).
+    """
+
+    warmup: int = 2
+    min_repeats: int = 5
+    min_seconds: float = 0.5
+    max_repeats: int = 200
+    max_seconds: float = 5.0
+
+    def __post_init__(self) -> None:
+        if self.warmup < 1:
+            raise ValueError(f"warmup must be >= 1, got {self.warmup}")
+        if self.min_repeats < 1 or self.max_repeats < self.min_repeats:
+            raise ValueError(f"need 1 <= min_repeats <= max_repeats, got {self.min_repeats}, {self.max_repeats}")
+
+
+@dataclass(frozen=True)
+class Timing:
+    p20_ms: float
+    p50_ms: float
+    p80_ms: float
+    repeats: int
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """Linear-interpolated percentile, ``q`` in [0, 100]."""
+    if not values:
+        raise ValueError("percentile of an empty list")
+    ordered = sorted(values)
+    position = (len(ordered) - 1) * q / 100.0
+    low = int(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+def summarize(times_ms: Sequence[float]) -> Timing:
+    return Timing(percentile(times_ms, 20), statistics.median(times_ms), percentile(times_ms, 80), len(times_ms))
+
+
+def time_cpu(fn: Callable[[], object], policy: TimingPolicy,
+             clock: Callable[[], float] = time.perf_counter) -> List[float]:
+    """Wall-clock each call of ``fn`` (ms) after ``policy.warmup`` untimed calls.
+
+    Stops once both ``min_repeats`` calls and ``min_seconds`` of timed calls are
+    done, or at ``max_repeats`` calls / ``max_seconds``. ``clock`` is injectable
+    for tests.
+    """
+    for _ in range(policy.warmup):
+        fn()
+    times: List[float] = []
+    spent = 0.0
+    while len(times) < policy.max_repeats:
+        start = clock()
+        fn()
+        elapsed = clock() - start
+        times.append(elapsed * 1e3)
+        spent += elapsed
+        if len(times) >= policy.min_repeats and spent >= policy.min_seconds:
+            break
+        if spent >= policy.max_seconds and len(times) >= 1:
+            break
+    return times
+
+
+def time_cuda(fn: Callable[[], object], policy: TimingPolicy, use_cuda_graph: bool = False,
+              grad_to_none: Optional[Sequence[torch.Tensor]] = None) -> List[float]:
+    """Per-call GPU times (ms) with the L2 cache flushed before each call.
+
+    Uses ``triton.testing.do_bench`` (warm-up and cache flush built in) when
+    Triton is importable, ``do_bench_cudagraph`` when ``use_cuda_graph``, and
+    CUDA events with a manual flush otherwise.
+    """
+    warmup_ms = max(25.0, 1e3 * policy.min_seconds / 10)
+    rep_ms = max(100.0, 1e3 * policy.min_seconds)
+    try:
+        import triton.testing as tt
+    except ImportError:
+        tt = None
+    if tt is not None:
+        try:
+            if use_cuda_graph:
+                result = tt.do_bench_cudagraph(fn, rep=int(rep_ms), grad_to_none=grad_to_none, return_mode="all")
+            else:
+                result = tt.do_bench(fn, warmup=int(warmup_ms), rep=int(rep_ms), grad_to_none=grad_to_none,
+                                     return_mode="all")
+            return [float(t) for t in result]
+        except (AssertionError, TypeError):  # a Triton without return_mode="all"
+            pass
+    return _time_cuda_events(fn, policy, grad_to_none)
+
+
+def _time_cuda_events(fn: Callable[[], object], policy: TimingPolicy,
+                      grad_to_none: Optional[Sequence[torch.Tensor]]) -> List[float]:
+    flush = torch.empty(256 * 1024 * 1024 // 4, dtype=torch.int32, device="cuda")
+    for _ in range(policy.warmup):
+        fn()
+    torch.cuda.synchronize()
+    times: List[float] = []
+    spent = 0.0
+    while len(times) < policy.max_repeats:
+        if grad_to_none:
+            for tensor in grad_to_none:
+                tensor.grad = None
+        flush.zero_()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+        spent += times[-1] / 1e3
+        if len(times) >= policy.min_repeats and spent >= policy.min_seconds:
+            break
+        if spent >= policy.max_seconds:
+            break
+    return times
+
+
+def measure(fn: Callable[[], object], device: str, policy: TimingPolicy, **cuda_options) -> Timing:
+    """Time ``fn`` on ``device`` ("cpu" or "cuda") and summarize."""
+    if device == "cuda":
+        return summarize(time_cuda(fn, policy, **cuda_options))
+    return summarize(time_cpu(fn, policy))
