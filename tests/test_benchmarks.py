@@ -1,0 +1,203 @@
+"""The benchmark pipeline end to end on tiny shapes, plus its pieces (timers, work counts, files, flags)."""
+
+from __future__ import annotations
+
+import json
+import sys
+import types
+
+import pytest
+import torch
+
+from benchmarks import providers, timing
+from benchmarks.__main__ import main
+from benchmarks.cases import XCEPTION_LAYERS, Shape, build_cases, separable_bytes, separable_flops
+from benchmarks.machine import device_slug
+from benchmarks.plot import main as plot_main
+from benchmarks.results import ROW_KEYS, JsonlLog, latest_run, read_rows
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+RUN_KEYS = ("run_id", "utc_time", "device", "device_name", "cpu_model", "gpu_model", "threads", "torch_version",
+            "triton_version", "git_commit", "peak_gflops", "peak_gbps")
+FAST = ["--suite", "smoke", "--batch", "2", "--modes", "fwd,full", "--repeats", "2", "--min-time", "0",
+        "--tiny-model", "--device", "cpu"]
+
+
+def _run(tmp_path, *extra):
+    return main([*FAST, "--out", str(tmp_path), *extra])
+
+
+def _rows(tmp_path):
+    return list(read_rows(tmp_path / f"{device_slug('cpu')}.jsonl"))
+
+
+def test_pipeline_end_to_end(tmp_path, capsys):
+    assert _run(tmp_path, "--providers", "eager,cpp,triton,torch") == 0
+    rows = _rows(tmp_path)
+    measured = [r for r in rows if r["status"] == "ok"]
+    # 2 tiny shapes x 2 modes x (eager in 2 layouts + torch), plus cpp when it builds here.
+    assert len(measured) >= 2 * 2 * 3
+    for row in rows:
+        assert set(ROW_KEYS) <= set(row), set(ROW_KEYS) - set(row)
+        assert set(RUN_KEYS) <= set(row["run"])
+    for row in measured:
+        assert 0 < row["p20_ms"] <= row["p50_ms"] <= row["p80_ms"]
+        assert row["gflop_s"] > 0 and row["gb_s"] > 0 and row["pct_peak"] > 0
+        assert row["speedup_vs_eager_cl"] > 0 and row["peak_alloc_mb"] is not None
+    baselines = [r for r in measured if r["provider"] == "eager" and r["layout"] == "channels_last"]
+    assert baselines and all(r["speedup_vs_eager_cl"] == 1.0 for r in baselines)
+    assert {r["layout"] for r in measured if r["provider"] == "eager"} == {"channels_last", "nchw"}
+
+    # Triton on CPU is the interpreter: listed as not run, with the reason, never timed.
+    triton = [r for r in rows if r["provider"] == "triton"]
+    assert len(triton) == 1 and triton[0]["status"] == "unavailable" and "interpreter" in triton[0]["reason"]
+
+    summary = (tmp_path / f"{device_slug('cpu')}.md").read_text()
+    assert "Providers not run" in summary and "interpreter" in summary
+    assert "speedup vs eager CL" in summary and "tiny 8->16@12" in summary
+    assert "interrupted" not in summary
+    printed = capsys.readouterr().out
+    assert "tiny 8->16@12" in printed and "Providers not run" in printed
+
+    assert plot_main(["--out", str(tmp_path)]) == 0
+    png = tmp_path / f"{device_slug('cpu')}.png"
+    assert png.read_bytes()[:8] == PNG_SIGNATURE
+    import matplotlib.pyplot as plt
+
+    image = plt.imread(png)
+    assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
+
+
+def test_interrupted_run_keeps_finished_rows(tmp_path, capsys):
+    assert _run(tmp_path, "--providers", "eager", "--interrupt-after", "3") == 130
+    rows = _rows(tmp_path)
+    assert len(rows) == 3 and all(r["status"] == "ok" for r in rows)
+    summary = (tmp_path / f"{device_slug('cpu')}.md").read_text()
+    assert "interrupted" in summary
+    assert summary.count("| tiny ") == 3
+    assert "Interrupted after 3" in capsys.readouterr().out
+    # A later run appends, and the summary shows only the latest run.
+    assert _run(tmp_path, "--providers", "eager", "--interrupt-after", "1") == 130
+    rows = _rows(tmp_path)
+    assert len(rows) == 4 and len(latest_run(rows)) == 1
+
+
+def test_model_suite_runs_or_says_why(tmp_path):
+    assert main(["--suite", "model", "--providers", "eager", "--batch", "1", "--modes", "fwd", "--repeats", "1",
+                 "--min-time", "0", "--tiny-model", "--no-memory", "--device", "cpu", "--out", str(tmp_path)]) == 0
+    rows = _rows(tmp_path)
+    assert rows
+    for row in rows:
+        if row["status"] == "unavailable":
+            assert row["reason"].startswith("xception model not importable")
+        else:
+            assert row["status"] == "ok" and row["suite"] == "model" and row["gflop_s"] > 0
+
+
+def test_model_flops_match_paper():
+    try:
+        providers.import_xception()
+    except ImportError as error:
+        pytest.skip(str(error))
+    flops = providers.count_model_flops()
+    assert 16.0e9 < flops < 17.5e9  # ~8.4 GMACs per 299x299 image
+
+
+def test_torn_last_line_is_skipped_and_repaired(tmp_path):
+    path = tmp_path / "log.jsonl"
+    with JsonlLog(path) as log:
+        log.append({"a": 1, "run": {"run_id": "r1"}})
+    with open(path, "a") as handle:
+        handle.write('{"a": 2, "ru')  # a write cut short by a kill
+    assert [r["a"] for r in read_rows(path)] == [1]
+    with JsonlLog(path) as log:
+        log.append({"a": 3, "run": {"run_id": "r2"}})
+    assert [r["a"] for r in read_rows(path)] == [1, 3]
+    assert [r["a"] for r in latest_run(read_rows(path))] == [3]
+
+
+@pytest.mark.parametrize("argv, named", [
+    (["--backends", "cuda_magic"], "'cuda_magic'"),
+    (["--providers", "eager,tensorrt"], "'tensorrt'"),
+    (["--dtypes", "fp64"], "'fp64'"),
+    (["--batch", "0"], "'0'"),
+    (["--batch", "two"], "'two'"),
+    (["--modes", "sideways"], "'sideways'"),
+    (["--layout", "nhwc"], "'nhwc'"),
+    (["--suite", "everything"], "'everything'"),
+    (["--threads", "-1"], "'-1'"),
+    (["--shapes", "no-such-shape"], "'no-such-shape'"),
+    (["--quick", "--full"], "--full"),
+])
+def test_bad_flags_name_the_value(argv, named, capsys, tmp_path):
+    with pytest.raises(SystemExit) as raised:
+        main([*argv, "--out", str(tmp_path)])
+    assert raised.value.code == 2
+    assert named in capsys.readouterr().err
+
+
+def test_cpu_timer_is_time_budgeted():
+    now = [0.0]
+    calls = []
+
+    def clock():
+        return now[0]
+
+    def fn():
+        calls.append(1)
+        now[0] += 0.125  # every call takes 125 ms (exact in binary floating point)
+
+    policy = timing.TimingPolicy(warmup=2, min_repeats=3, min_seconds=0.5, max_repeats=100, max_seconds=5.0)
+    times = timing.time_cpu(fn, policy, clock=clock)
+    assert len(calls) == 2 + 4  # warm-up excluded; stops once 0.5 s of timed calls are done
+    assert times == pytest.approx([125.0] * 4)
+    slow = timing.TimingPolicy(warmup=1, min_repeats=50, min_seconds=0.0, max_repeats=100, max_seconds=1.0)
+    assert len(timing.time_cpu(fn, slow, clock=clock)) == 8  # max_seconds caps the repeats
+
+
+def test_summary_percentiles():
+    summary = timing.summarize([5.0, 1.0, 2.0, 4.0, 3.0])
+    assert (summary.p20_ms, summary.p50_ms, summary.p80_ms, summary.repeats) == (1.8, 3.0, 4.2, 5)
+
+
+def test_gpu_timer_uses_do_bench_with_all_times(monkeypatch):
+    seen = {}
+
+    def do_bench(fn, warmup, rep, grad_to_none=None, quantiles=None, return_mode="mean"):
+        seen.update(warmup=warmup, rep=rep, return_mode=return_mode)
+        fn()
+        return [1.0, 2.0, 3.0]
+
+    fake = types.ModuleType("triton.testing")
+    fake.do_bench = do_bench
+    monkeypatch.setitem(sys.modules, "triton.testing", fake)
+    monkeypatch.setitem(sys.modules, "triton", types.SimpleNamespace(testing=fake))
+    called = []
+    times = timing.time_cuda(lambda: called.append(1), timing.TimingPolicy(min_seconds=0.5))
+    assert times == [1.0, 2.0, 3.0] and called == [1]
+    assert seen["return_mode"] == "all" and seen["rep"] >= 100
+
+
+def test_work_counts():
+    shape = Shape("s", 64, 128, 147, 147)
+    assert separable_flops(shape, 8) == 2 * 8 * 147 * 147 * (64 * 9 + 64 * 128)
+    x, y, weights = 8 * 64 * 147 * 147, 8 * 128 * 147 * 147, 64 * 9 + 64 * 128
+    assert separable_bytes(shape, 8, 4, "fwd") == 4 * (x + weights + y)
+    strided = Shape("s2", 16, 16, 7, 7, stride=2)
+    assert strided.out_hw == (4, 4)
+    assert [s.name for s in XCEPTION_LAYERS][:2] == ["64->128@147", "128->128@147"] and len(XCEPTION_LAYERS) == 10
+
+
+def test_cases_put_the_baseline_first_and_both_eager_layouts():
+    cases = build_cases(["layers"], ["cpp", "eager"], [], ["fp32"], [1], ["fwd"], ["channels_last"], ["@10"])
+    assert [(c.provider, c.layout) for c in cases[:3]] == [("eager", "channels_last"), ("eager", "nchw"),
+                                                          ("cpp", "channels_last")]
+    assert {c.shape.name for c in cases} == {"1024->1536@10", "1536->2048@10"}
+
+
+def test_results_rows_are_json_lines(tmp_path):
+    assert _run(tmp_path, "--providers", "eager", "--interrupt-after", "1") == 130
+    text = (tmp_path / f"{device_slug('cpu')}.jsonl").read_text()
+    assert text.endswith("\n") and len(text.splitlines()) == 1
+    json.loads(text)
+    assert torch.get_num_threads() >= 1
