@@ -79,7 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dtypes", type=_choices("dtype", tuple(DTYPES)), help="fp32,bf16,fp16")
     parser.add_argument("--batch", type=_positive_ints, help="batch sizes, e.g. 1,8")
     parser.add_argument("--modes", type=_choices("mode", LAYER_MODES + MODEL_MODES),
-                        help="fwd, bwd (backward only), full (fwd+bwd); the model suite maps fwd to eval, full to train")
+                        help="fwd, bwd (backward only), full (fwd+bwd); "
+                             "the model suite maps fwd to eval and full to the training step")
     parser.add_argument("--layout", type=_choices("layout", LAYOUTS), help="channels_last,nchw")
     parser.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available, else cpu")
     parser.add_argument("--shapes", type=lambda s: [x.strip() for x in s.split(",") if x.strip()],
@@ -167,7 +168,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                  eager_both_layouts=args.eager_both_layouts)
     except ValueError as error:
         parser.error(str(error))
-    return run(args, cases)
+    try:
+        return run(args, cases)
+    except KeyboardInterrupt:  # before the first case: nothing was written
+        print("\nInterrupted before any case finished; no result files were written.", file=sys.stderr)
+        return 130
 
 
 def run(args: argparse.Namespace, cases) -> int:
@@ -215,6 +220,11 @@ def run(args: argparse.Namespace, cases) -> int:
 
         def on_row(case, row) -> None:
             progress.update(task, advance=1, case=case.label)
+            if row is not None and not console.is_terminal:  # a log gets one line per case instead of a live bar
+                detail = (f"p50 {row['p50_ms']:.3f} ms" if row["status"] == "ok"
+                          else f"{row['status']}: {row['reason']}")
+                console.print(f"[{progress.tasks[0].completed:.0f}/{len(cases)}] {case.label}: {detail}",
+                              highlight=False)
 
         try:
             run_cases(cases, options, info, log, state, on_row)

@@ -27,7 +27,10 @@ BASELINE_LAYOUT = "channels_last"
 
 @dataclass(frozen=True)
 class Shape:
-    """One separable convolution: depthwise ``k x k`` (stride, same padding) on ``(N, cin, h, w)``, then 1x1 to ``cout``."""
+    """One separable convolution.
+
+    Depthwise ``k x k`` (``stride``, padding ``k // 2``) on ``(N, cin, h, w)``, then 1x1 to ``cout`` channels.
+    """
 
     name: str
     cin: int
@@ -170,7 +173,7 @@ def build_cases(
     cases: List[Case] = []
     for suite in suites:
         if suite == "model":
-            # Model providers: "<backend>-fused" (BN and ReLU folded, eval only), "<backend>-unfused", "eager", "compile".
+            # "<backend>-fused" (BN and ReLU folded, eval only), "<backend>-unfused", "eager", "compile".
             def model_layouts(provider: str) -> List[str]:
                 if provider == BASELINE_PROVIDER and eager_both_layouts:
                     return [BASELINE_LAYOUT, "nchw"]

@@ -93,6 +93,8 @@ class RunInfo:
     git_commit: str
     python: str
     argv: str
+    # 1-minute load average when the run started: other work on the machine makes CPU timings noisy.
+    load_average: Optional[float] = None
     peak_gflops: Dict[str, float] = field(default_factory=dict)
     peak_gbps: Optional[float] = None
     peak_detail: Dict[str, float] = field(default_factory=dict)
@@ -116,6 +118,7 @@ def run_info(device: str, argv: str = "") -> RunInfo:
         git_commit=git_commit(),
         python=platform.python_version(),
         argv=argv,
+        load_average=round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
     )
 
 
@@ -127,7 +130,8 @@ def measure_peaks(info: RunInfo, dtypes: Dict[str, torch.dtype], policy: TimingP
     device = info.device
     on_gpu = device == "cuda"
     if on_gpu:
-        n_mm, conv_shape, copy_elems = (1024, (4, 256, 16, 16), 1 << 22) if small else (8192, (64, 1024, 56, 56), 1 << 28)
+        n_mm, conv_shape, copy_elems = ((1024, (4, 256, 16, 16), 1 << 22) if small
+                                        else (8192, (64, 1024, 56, 56), 1 << 28))
     else:
         n_mm, conv_shape, copy_elems = (256, (2, 128, 16, 16), 1 << 20) if small else (2048, (8, 1024, 28, 28), 1 << 25)
     generator_device = torch.device(device)

@@ -9,7 +9,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from .memory import COLUMN as MEMORY_COLUMN
-from .results import group_unavailable
+from .results import group_unavailable, is_noisy
 
 
 def make_progress(console: Console) -> Progress:
@@ -19,6 +19,11 @@ def make_progress(console: Console) -> Progress:
 
 def _num(value: Optional[float], digits: int = 1, suffix: str = "") -> str:
     return "–" if value is None else f"{value:,.{digits}f}{suffix}"
+
+
+def _spread(row: dict) -> str:
+    text = f"{_num(row['p20_ms'], 2)}–{_num(row['p80_ms'], 2)}"
+    return f"[yellow]{text} ⚠[/yellow]" if is_noisy(row) else text
 
 
 def _speedup(value: Optional[float]) -> str:
@@ -52,7 +57,7 @@ def print_tables(console: Console, rows: Sequence[dict], unavailable: Dict[str, 
             previous_group = group
             table.add_row(r["shape"], str(r["batch"]), r["dtype"], r["mode"], r["provider"],
                           "CL" if r["layout"] == "channels_last" else "NCHW", _num(r["p50_ms"], 3),
-                          f"{_num(r['p20_ms'], 2)}–{_num(r['p80_ms'], 2)}", _num(r["gflop_s"]), _num(r["gb_s"]),
+                          _spread(r), _num(r["gflop_s"]), _num(r["gb_s"]),
                           _num(r["pct_peak"], 1, "%"), _speedup(r["speedup_vs_eager_cl"]), _num(r[MEMORY_COLUMN]))
         console.print(table)
     failed: List[dict] = [r for r in rows if r.get("status") == "error"]

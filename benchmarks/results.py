@@ -143,6 +143,18 @@ def _fmt(value: Optional[float], digits: int = 1, suffix: str = "") -> str:
     return f"{value:,.{digits}f}{suffix}"
 
 
+NOISY_SPREAD = 0.25
+
+
+def is_noisy(row: dict) -> bool:
+    """p20..p80 wider than 25% of the median: the machine was busy, treat the number with care."""
+    return bool(row.get("p50_ms")) and (row["p80_ms"] - row["p20_ms"]) > NOISY_SPREAD * row["p50_ms"]
+
+
+def _noise_mark(row: dict) -> str:
+    return " ⚠" if is_noisy(row) else ""
+
+
 def _speedup(value: Optional[float]) -> str:
     if value is None:
         return "–"
@@ -199,7 +211,8 @@ def render_markdown(rows: Sequence[dict], run: Dict, unavailable: Dict[str, str]
     peaks = ", ".join(f"{k} {v:,.0f} GFLOP/s" for k, v in (run.get("peak_gflops") or {}).items())
     lines += [
         f"- run `{run.get('run_id')}` at {run.get('utc_time')} UTC, commit `{run.get('git_commit')}`",
-        f"- CPU: {run.get('cpu_model')}; GPU: {run.get('gpu_model') or 'none'}; torch threads: {run.get('threads')}",
+        f"- CPU: {run.get('cpu_model')}; GPU: {run.get('gpu_model') or 'none'}; torch threads: {run.get('threads')}; "
+        f"load average at start: {run.get('load_average')}",
         f"- torch {run.get('torch_version')}, triton {run.get('triton_version') or 'not installed'}, "
         f"python {run.get('python')}",
         f"- measured peak compute: {peaks or 'not measured'}; memory bandwidth: "
@@ -209,7 +222,8 @@ def render_markdown(rows: Sequence[dict], run: Dict, unavailable: Dict[str, str]
         "Times are p50 over repeats after warm-up (p20–p80 in brackets). GFLOP/s counts 2 FLOPs per "
         "multiply-add (backward = 2x forward). GB/s uses the minimal traffic (each tensor read or written once). "
         f"Speedup is against the eager `nn.Conv2d` pair in channels_last. `{MEMORY_COLUMN}`: "
-        f"{MEMORY_DOC.get(run.get('device'), MEMORY_DOC['cpu'])}.",
+        f"{MEMORY_DOC.get(run.get('device'), MEMORY_DOC['cpu'])}. ⚠ marks a p20–p80 spread wider than "
+        f"{NOISY_SPREAD:.0%} of the median (a busy machine).",
         "",
     ]
     if unavailable:
@@ -230,7 +244,7 @@ def render_markdown(rows: Sequence[dict], run: Dict, unavailable: Dict[str, str]
         for r in suite_rows:
             lines.append(
                 f"| {r['shape']} | {r['batch']} | {r['dtype']} | {r['mode']} | {r['provider']} | {r['layout']} | "
-                f"{_fmt(r['p50_ms'], 3)} [{_fmt(r['p20_ms'], 3)}–{_fmt(r['p80_ms'], 3)}] | {_fmt(r['gflop_s'])} | "
+                f"{_fmt(r['p50_ms'], 3)} [{_fmt(r['p20_ms'], 3)}–{_fmt(r['p80_ms'], 3)}]{_noise_mark(r)} | {_fmt(r['gflop_s'])} | "
                 f"{_fmt(r['gb_s'])} | {_fmt(r['pct_peak'], 1, '%')} | {_speedup(r['speedup_vs_eager_cl'])} | "
                 f"{_fmt(r[MEMORY_COLUMN])} |")
         lines.append("")
