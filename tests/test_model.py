@@ -10,11 +10,11 @@ import os
 
 import pytest
 import torch
+from conftest import require_backend
 from torch import nn
 
 import kernels
 import xception
-from conftest import require_backend
 from xception.layers import Conv2dSeparable
 
 # Tolerance per dtype for whole-model comparisons, relative to the largest magnitude compared.
@@ -165,14 +165,14 @@ def test_defaults_and_classifier():
 
 
 BAD_ARGUMENTS = [
-    (dict(separable="depthwise"), "depthwise"),
-    (dict(width=0), "width"),
-    (dict(middle_blocks=-1), "middle_blocks"),
-    (dict(num_classes=2.5), "num_classes"),
-    (dict(drop_rate=1.5), "drop_rate"),
-    (dict(out_indices=(0, 5)), "out_indices"),
-    (dict(backend="gpu-magic"), "gpu-magic"),
-    (dict(separable="conv2d", backend="torch"), "separable"),
+    ({"separable": "depthwise"}, "depthwise"),
+    ({"width": 0}, "width"),
+    ({"middle_blocks": -1}, "middle_blocks"),
+    ({"num_classes": 2.5}, "num_classes"),
+    ({"drop_rate": 1.5}, "drop_rate"),
+    ({"out_indices": (0, 5)}, "out_indices"),
+    ({"backend": "gpu-magic"}, "gpu-magic"),
+    ({"separable": "conv2d", "backend": "torch"}, "separable"),
 ]
 
 

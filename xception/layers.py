@@ -11,7 +11,6 @@ are identical and weights move freely between them.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -89,7 +88,7 @@ class BlockSpec:
     ``start_with_relu`` False drops the first ReLU (only the first entry block).
     """
 
-    channels: Tuple[int, ...]
+    channels: tuple[int, ...]
     stride: int = 1
     start_with_relu: bool = True
 
@@ -111,7 +110,7 @@ class Block(nn.Module):
             raise ValueError(f"BlockSpec.stride must be 1 or 2, got {spec.stride}")
         if not spec.channels:
             raise ValueError("BlockSpec.channels must name at least one separable convolution")
-        layers: List[nn.Module] = []
+        layers: list[nn.Module] = []
         channels = in_channels
         for index, out_channels in enumerate(spec.channels):
             layers.append(nn.ReLU(inplace=index > 0))
@@ -125,8 +124,8 @@ class Block(nn.Module):
         self.rep = nn.Sequential(*layers)
         self.in_channels = in_channels
         self.out_channels = channels
-        self.skip: Optional[nn.Conv2d] = None
-        self.skipbn: Optional[nn.Module] = None
+        self.skip: nn.Conv2d | None = None
+        self.skipbn: nn.Module | None = None
         if channels != in_channels or spec.stride != 1:
             self.skip = nn.Conv2d(in_channels, channels, 1, stride=spec.stride, bias=False)
             self.skipbn = nn.BatchNorm2d(channels)

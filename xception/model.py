@@ -21,7 +21,8 @@ Modules and keys (``block{i}`` are numbered from 1 across the three flows)::
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List, Sequence, Tuple, Union
+from collections.abc import Sequence
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -31,7 +32,7 @@ import kernels
 from .fuse import fold_batchnorm, fold_batchnorm_into_separable, fuse_sequential
 from .layers import SEPARABLE_KINDS, Block, BlockSpec, is_separable, make_divisible, separable_conv
 
-DEFAULT_CFG: Dict[str, Any] = {
+DEFAULT_CFG: dict[str, Any] = {
     "input_size": (3, 299, 299),
     "pool_size": (10, 10),
     "crop_pct": 0.8975,
@@ -128,7 +129,7 @@ class Xception(nn.Module):
         flows = (list(ENTRY_FLOW), [MIDDLE_BLOCK] * middle_blocks, list(EXIT_FLOW))
         specs = [_scaled(spec, width) for flow in flows for spec in flow]
         channels = stem2
-        self.block_names: Tuple[str, ...] = tuple(f"block{i + 1}" for i in range(len(specs)))
+        self.block_names: tuple[str, ...] = tuple(f"block{i + 1}" for i in range(len(specs)))
         for name, spec in zip(self.block_names, specs):
             block = Block(channels, spec, separable, backend)
             self.add_module(name, block)
@@ -149,13 +150,13 @@ class Xception(nn.Module):
         self._stage_blocks = (
             (), self.block_names[:1], self.block_names[1:2], self.block_names[2:entry + middle_blocks], (last,))
         all_features = [
-            dict(num_chs=stem2, reduction=2, module="act2"),
-            dict(num_chs=specs[0].channels[-1], reduction=4, module="block2.rep.0"),
-            dict(num_chs=specs[1].channels[-1], reduction=8, module="block3.rep.0"),
-            dict(num_chs=specs[entry + middle_blocks - 1].channels[-1], reduction=16, module=f"{last}.rep.0"),
-            dict(num_chs=head2, reduction=32, module="act4"),
+            {"num_chs": stem2, "reduction": 2, "module": "act2"},
+            {"num_chs": specs[0].channels[-1], "reduction": 4, "module": "block2.rep.0"},
+            {"num_chs": specs[1].channels[-1], "reduction": 8, "module": "block3.rep.0"},
+            {"num_chs": specs[entry + middle_blocks - 1].channels[-1], "reduction": 16, "module": f"{last}.rep.0"},
+            {"num_chs": head2, "reduction": 32, "module": "act4"},
         ]
-        self.feature_info: List[Dict[str, Any]] = (
+        self.feature_info: list[dict[str, Any]] = (
             [all_features[i] for i in self.out_indices] if self.features_only else all_features)
 
         self.num_classes = 0 if self.features_only else num_classes
@@ -173,7 +174,7 @@ class Xception(nn.Module):
 
     # --- backends -------------------------------------------------------------------------------
 
-    def separable_convs(self) -> List[nn.Module]:
+    def separable_convs(self) -> list[nn.Module]:
         """Every separable convolution of the network, in forward order."""
         return [module for module in self.modules() if is_separable(module)]
 
@@ -183,7 +184,7 @@ class Xception(nn.Module):
             return "conv2d"
         return self.conv3.backend
 
-    def set_backend(self, name: str) -> "Xception":
+    def set_backend(self, name: str) -> Xception:
         """Run every separable conv on ``kernels`` backend ``name`` (``"auto"``, ``"torch"``, ...)."""
         if self.separable != "fused":
             raise ValueError(f"set_backend({name!r}) needs separable='fused'; this model has separable="
@@ -218,7 +219,7 @@ class Xception(nn.Module):
             x = getattr(self, name)(x)
         return self._exit(x)
 
-    def forward_intermediates(self, x: torch.Tensor) -> List[torch.Tensor]:
+    def forward_intermediates(self, x: torch.Tensor) -> list[torch.Tensor]:
         """The feature maps at strides 2, 4, 8, 16, 32 selected by ``out_indices``.
 
         Map ``i`` has ``feature_info``'s ``num_chs`` channels; maps 1-3 are the
@@ -246,7 +247,7 @@ class Xception(nn.Module):
         x = self.drop(x.mean(dim=(2, 3)))
         return x if pre_logits else self.fc(x)
 
-    def forward(self, x: torch.Tensor) -> Union[torch.Tensor, List[torch.Tensor]]:
+    def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
         if self.features_only:
             return self.forward_intermediates(x)
         return self.forward_head(self.forward_features(x))
@@ -271,7 +272,7 @@ class Xception(nn.Module):
     # --- inference fusion -----------------------------------------------------------------------
 
     @torch.no_grad()
-    def fuse_for_inference(self) -> "Xception":
+    def fuse_for_inference(self) -> Xception:
         """Fold every BatchNorm into the conv before it and every ReLU into the separable conv after it.
 
         Each ``ReLU -> SeparableConv -> BN`` becomes one separable-conv call with
@@ -304,7 +305,7 @@ class Xception(nn.Module):
         self.fused = True
         return self
 
-    def train(self, mode: bool = True) -> "Xception":
+    def train(self, mode: bool = True) -> Xception:
         if mode and getattr(self, "fused", False):
             raise RuntimeError("this model was fused for inference (fuse_for_inference); it cannot train")
         return super().train(mode)
@@ -330,7 +331,7 @@ def xception_tiny(num_classes: int = 1000, in_chans: int = 3, drop_rate: float =
     return Xception(num_classes=num_classes, in_chans=in_chans, drop_rate=drop_rate, backend=backend, **kwargs)
 
 
-MODELS: Dict[str, Callable[..., Xception]] = {"xception": xception, "xception_tiny": xception_tiny}
+MODELS: dict[str, Callable[..., Xception]] = {"xception": xception, "xception_tiny": xception_tiny}
 
 
 def create_model(name: str, **kwargs: Any) -> Xception:

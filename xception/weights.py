@@ -18,14 +18,15 @@ from __future__ import annotations
 
 import os
 import tempfile
-from typing import Dict, List, Mapping, NamedTuple, Union
+from collections.abc import Mapping
+from typing import NamedTuple, Union
 
 import torch
 from torch import nn
 
 from .layers import is_separable
 
-StateDict = Dict[str, torch.Tensor]
+StateDict = dict[str, torch.Tensor]
 PathOrStateDict = Union[str, "os.PathLike[str]", Mapping[str, torch.Tensor]]
 
 _WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "state_dict_ema")
@@ -33,15 +34,15 @@ _PREFIXES = ("module.", "_orig_mod.")
 
 
 class LoadResult(NamedTuple):
-    missing_keys: List[str]
-    unexpected_keys: List[str]
+    missing_keys: list[str]
+    unexpected_keys: list[str]
 
 
 class CheckpointError(ValueError):
     """A checkpoint cannot be read or does not fit the model (the message names the path or keys)."""
 
 
-def read_checkpoint(path: Union[str, "os.PathLike[str]"]) -> StateDict:
+def read_checkpoint(path: str | os.PathLike[str]) -> StateDict:
     """The tensors of a checkpoint file, unwrapped (see the module docstring); nothing else is unpickled."""
     path = os.fspath(path)
     if not os.path.isfile(path):
@@ -54,11 +55,11 @@ def read_checkpoint(path: Union[str, "os.PathLike[str]"]) -> StateDict:
                                   "installed (pip install safetensors)") from error
         try:
             return dict(load_file(path, device="cpu"))
-        except Exception as error:  # noqa: BLE001 - any parse failure means a bad file
+        except Exception as error:
             raise CheckpointError(f"cannot read safetensors checkpoint {path!r}: {error}") from error
     try:
         content = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # noqa: BLE001 - corrupt zip, pickle of forbidden objects, not a checkpoint
+    except Exception as error:
         raise CheckpointError(f"cannot read checkpoint {path!r} with torch.load(weights_only=True): "
                               f"{type(error).__name__}: {error}") from error
     return unwrap(content, source=repr(path))
@@ -83,7 +84,7 @@ def unwrap(content: object, source: str = "the checkpoint") -> StateDict:
     return dict(content)
 
 
-def _separable_weight_names(model: nn.Module) -> Dict[str, str]:
+def _separable_weight_names(model: nn.Module) -> dict[str, str]:
     """``"<prefix>.conv1.weight" -> "depthwise"`` and ``"<prefix>.pointwise.weight" -> "pointwise"``."""
     names = {}
     for prefix, module in model.named_modules():
@@ -159,7 +160,7 @@ def load_weights(model: nn.Module, path_or_state_dict: PathOrStateDict, strict: 
     return LoadResult(missing, unexpected)
 
 
-def save_weights(model: nn.Module, path: Union[str, "os.PathLike[str]"]) -> None:
+def save_weights(model: nn.Module, path: str | os.PathLike[str]) -> None:
     """Write ``model.state_dict()`` to ``path`` atomically (temporary file, then rename)."""
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
