@@ -10,6 +10,7 @@ import os
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import require_backend
 from torch import nn
 
@@ -71,6 +72,41 @@ def timm_legacy_keys(middle_blocks: int = 8) -> set:
     return keys
 
 
+def paper_forward(state: dict, x: torch.Tensor, middle_blocks: int = 8) -> torch.Tensor:
+    """Eval-mode Xception written out op by op from a timm-layout state_dict: the oracle.
+
+    Independent of the model's module structure; follows the paper's figure 5:
+    every separable conv is ReLU -> depthwise 3x3 -> pointwise 1x1 -> BN (no
+    ReLU in between), entry blocks 1-3 and the exit block end in a 3x3/2 max
+    pool with a 1x1/2 conv + BN shortcut, middle blocks add their input, no
+    ReLU after any sum, block1 has no leading ReLU, conv3/conv4 are followed by ReLU.
+    """
+    def bn(prefix, t):
+        return F.batch_norm(t, state[f"{prefix}.running_mean"], state[f"{prefix}.running_var"],
+                            state[f"{prefix}.weight"], state[f"{prefix}.bias"], False, 0.0, 1e-5)
+
+    def sep(prefix, t):
+        t = F.conv2d(t, state[f"{prefix}.conv1.weight"], padding=1, groups=t.shape[1])
+        return F.conv2d(t, state[f"{prefix}.pointwise.weight"])
+
+    x = F.relu(bn("bn1", F.conv2d(x, state["conv1.weight"], stride=2)))
+    x = F.relu(bn("bn2", F.conv2d(x, state["conv2.weight"])))
+    blocks = [(0, 3)] + [(1, 4)] * 2 + [(1, 4, 7)] * middle_blocks + [(1, 4)]
+    for number, separable_indices in enumerate(blocks, start=1):
+        name, y = f"block{number}", x
+        for position, index in enumerate(separable_indices):
+            if number > 1 or position > 0:
+                y = F.relu(y)
+            y = bn(f"{name}.rep.{index + 1}", sep(f"{name}.rep.{index}", y))
+        if len(separable_indices) == 2:
+            y = F.max_pool2d(y, 3, 2, 1)
+            x = bn(f"{name}.skipbn", F.conv2d(x, state[f"{name}.skip.weight"], stride=2))
+        x = y + x
+    x = F.relu(bn("bn3", sep("conv3", x)))
+    x = F.relu(bn("bn4", sep("conv4", x)))
+    return F.linear(x.mean(dim=(2, 3)), state["fc.weight"], state["fc.bias"])
+
+
 # --- architecture ------------------------------------------------------------------------------
 
 
@@ -101,6 +137,18 @@ def test_state_dict_has_timm_legacy_layout(full_model):
     }
     for key, shape in shapes.items():
         assert tuple(state[key].shape) == shape, key
+
+
+@pytest.mark.parametrize("separable", ["fused", "conv2d"])
+def test_full_model_matches_paper_forward(full_model, separable):
+    model = full_model
+    if separable == "conv2d":
+        model = xception.xception(separable="conv2d").eval()
+        model.load_state_dict(full_model.state_dict())
+    x = torch.randn(1, 3, 79, 71)
+    with torch.no_grad():
+        expected = paper_forward(full_model.state_dict(), x)
+        assert_close(model(x), expected, torch.float32, "logits vs the op-by-op paper forward")
 
 
 def test_block_structure_relus_and_pools(full_model):
@@ -482,11 +530,16 @@ def test_compile_aot_eager_matches_eager():
 
 
 @pytest.mark.slow
-def test_compile_full_model_forward(full_model):
-    compiled = torch.compile(full_model, backend="aot_eager", fullgraph=True)
+def test_compile_full_model_fused_for_inference(full_model):
+    """The whole network, BN/ReLU folded (relu_input and pointwise bias in every op), compiled."""
+    torch.manual_seed(0)
+    model = xception.xception(backend="torch").eval()
+    model.load_state_dict(full_model.state_dict())
+    model.fuse_for_inference()
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
     x = torch.randn(1, 3, 71, 71)
     with torch.no_grad():
-        assert_close(compiled(x), full_model(x), torch.float32, "compiled full-model logits")
+        assert_close(compiled(x), full_model(x), torch.float32, "compiled fused full-model logits")
 
 
 def test_channels_last_end_to_end():
