@@ -25,7 +25,7 @@ DEFAULT_DIR = Path(__file__).resolve().parent / "results"
 ROW_KEYS = (
     "suite", "shape", "cin", "cout", "h", "w", "k", "stride", "batch", "dtype", "layout", "mode", "provider",
     "status", "reason", "p20_ms", "p50_ms", "p80_ms", "repeats", "gflop", "gflop_s", "gb_s", "pct_peak",
-    "speedup_vs_eager_cl", MEMORY_COLUMN, "threads",
+    "speedup_vs_eager_cl", MEMORY_COLUMN, "threads", "case_wall_s",
 )
 
 

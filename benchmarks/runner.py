@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -109,6 +110,7 @@ def run_cases(cases: List[Case], options: RunOptions, run: RunInfo, log: JsonlLo
             row.update(status="unavailable", reason=reason, layout=None, shape=None, batch=None, mode=None,
                        cin=None, cout=None, h=None, w=None, k=None, stride=None)
         else:
+            started = time.perf_counter()
             try:
                 row = measure_case(case, options, run, baselines)
             except KeyboardInterrupt:
@@ -118,6 +120,8 @@ def run_cases(cases: List[Case], options: RunOptions, run: RunInfo, log: JsonlLo
                 row.update(status="error", reason=f"{type(error).__name__}: {error}"[:500])
             finally:
                 gc.collect()
+            # Everything the case cost, compile and warm-up included: what it adds to a run's duration.
+            row["case_wall_s"] = round(time.perf_counter() - started, 3)
         row["run"] = run_dict
         log.append(row)
         state.rows.append(row)
