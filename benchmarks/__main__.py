@@ -113,20 +113,19 @@ def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
         args.suite = ["layers", "model"]
     if args.providers is None:
         layer = [b for b in backends if not (args.quick and b == "torch")] + ["eager", "compile"]
-        model = providers.model_providers_for([b for b in backends if b != "torch"]) + ["eager"]
-        if not args.quick:
-            model.append("compile")
-        else:
+        model = providers.model_providers_for([b for b in backends if b != "torch"], compile=not args.quick)
+        if args.quick:
             quick_skips += ["torch backend (same ATen ops as eager)", "torch.compile of the whole model"]
         args.providers = layer + model
+        args.layer_providers, args.model_providers = layer, model
     else:
         args.providers = [p for p in args.providers if p in ALL_PROVIDERS or p in MODEL_PROVIDER_NAMES]
         if args.backends:
             args.providers = [p for p in args.providers
                               if p in ("eager", "compile") or p.split("-")[0] in args.backends]
-    args.providers = list(dict.fromkeys(args.providers))
-    args.layer_providers = [p for p in args.providers if p in ALL_PROVIDERS]
-    args.model_providers = [p for p in args.providers if p in MODEL_PROVIDER_NAMES or p in ("eager", "compile")]
+        args.providers = list(dict.fromkeys(args.providers))
+        args.layer_providers = [p for p in args.providers if p in ALL_PROVIDERS]
+        args.model_providers = [p for p in args.providers if p in MODEL_PROVIDER_NAMES or p in ("eager", "compile")]
     args.dtypes = args.dtypes or (["bf16", "fp16", "fp32"] if gpu else ["fp32"])
     args.eager_both_layouts = args.layout is None
     args.layout = args.layout or (["channels_last", "nchw"] if (gpu or not args.quick) else ["channels_last"])
@@ -185,8 +184,7 @@ def run(args: argparse.Namespace, cases) -> int:
         console = Console(width=max(console.width, 180))
     policy = TimingPolicy(
         warmup=2, min_repeats=args.repeats or (3 if args.quick else 5),
-        min_seconds=args.min_time if args.min_time is not None else (0.3 if args.quick else 0.5),
-        max_seconds=2.0 if args.quick else 5.0)
+        min_seconds=args.min_time if args.min_time is not None else (0.3 if args.quick else 0.5))
     info = run_info(args.device, argv="python -m benchmarks " + shlex.join(args.argv))
     console.print(f"[bold]Separable-conv benchmark[/bold] on {info.device_name} ({args.device}), "
                   f"{info.threads} torch threads, torch {info.torch_version}, run {info.run_id}")
@@ -205,7 +203,7 @@ def run(args: argparse.Namespace, cases) -> int:
             console.print(f"[yellow]model suite: {error}[/yellow]")
     if not args.no_peak:
         with console.status("measuring the machine peak (matmul, 1x1 conv, copy)"):
-            peak_policy = TimingPolicy(warmup=1, min_repeats=3, min_seconds=0.3, max_seconds=2.0)
+            peak_policy = TimingPolicy(warmup=1, min_repeats=3, min_seconds=0.3)
             measure_peaks(info, {d: DTYPES[d] for d in args.dtypes}, peak_policy, small=args.tiny_model)
         console.print(f"peak: {info.peak_gflops} GFLOP/s, {info.peak_gbps} GB/s  {info.peak_detail}")
 

@@ -44,11 +44,12 @@ class Prepared:
     keepalive: list = field(default_factory=list)
 
 
-def model_providers_for(backends: Sequence[str]) -> List[str]:
+def model_providers_for(backends: Sequence[str], compile: bool = True) -> List[str]:
+    """Model providers for these project backends, then the eager model (and its torch.compile)."""
     names: List[str] = []
     for backend in backends:
         names += [f"{backend}-fused", f"{backend}-unfused"]
-    return names + list(MODEL_BASE_PROVIDERS)
+    return names + [p for p in MODEL_BASE_PROVIDERS if compile or p != "compile"]
 
 
 def backend_reason(name: str, device: str, dtype: torch.dtype) -> Optional[str]:

@@ -20,15 +20,15 @@ class TimingPolicy:
     """How long to measure one case.
 
     warmup: calls before timing (at least 1: the first call compiles/autotunes).
-    min_repeats / min_seconds: keep timing until both are reached ...
-    max_repeats / max_seconds: ... or either limit is hit (whichever first).
+    min_repeats: timed calls always made (so p20/p80 mean something even for slow cases).
+    min_seconds: then keep timing until this much time was spent in timed calls ...
+    max_repeats: ... but never more calls than this.
     """
 
     warmup: int = 2
     min_repeats: int = 5
     min_seconds: float = 0.5
     max_repeats: int = 200
-    max_seconds: float = 5.0
 
     def __post_init__(self) -> None:
         if self.warmup < 1:
@@ -65,8 +65,7 @@ def time_cpu(fn: Callable[[], object], policy: TimingPolicy,
     """Wall-clock each call of ``fn`` (ms) after ``policy.warmup`` untimed calls.
 
     Stops once both ``min_repeats`` calls and ``min_seconds`` of timed calls are
-    done, or at ``max_repeats`` calls / ``max_seconds``. ``clock`` is injectable
-    for tests.
+    done, or at ``max_repeats`` calls. ``clock`` is injectable for tests.
     """
     for _ in range(policy.warmup):
         fn()
@@ -79,8 +78,6 @@ def time_cpu(fn: Callable[[], object], policy: TimingPolicy,
         times.append(elapsed * 1e3)
         spent += elapsed
         if len(times) >= policy.min_repeats and spent >= policy.min_seconds:
-            break
-        if spent >= policy.max_seconds and len(times) >= 1:
             break
     return times
 
@@ -133,8 +130,6 @@ def _time_cuda_events(fn: Callable[[], object], policy: TimingPolicy,
         times.append(start.elapsed_time(end))
         spent += times[-1] / 1e3
         if len(times) >= policy.min_repeats and spent >= policy.min_seconds:
-            break
-        if spent >= policy.max_seconds:
             break
     return times
 

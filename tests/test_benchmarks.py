@@ -147,12 +147,14 @@ def test_cpu_timer_is_time_budgeted():
         calls.append(1)
         now[0] += 0.125  # every call takes 125 ms (exact in binary floating point)
 
-    policy = timing.TimingPolicy(warmup=2, min_repeats=3, min_seconds=0.5, max_repeats=100, max_seconds=5.0)
+    policy = timing.TimingPolicy(warmup=2, min_repeats=3, min_seconds=0.5, max_repeats=100)
     times = timing.time_cpu(fn, policy, clock=clock)
     assert len(calls) == 2 + 4  # warm-up excluded; stops once 0.5 s of timed calls are done
     assert times == pytest.approx([125.0] * 4)
-    slow = timing.TimingPolicy(warmup=1, min_repeats=50, min_seconds=0.0, max_repeats=100, max_seconds=1.0)
-    assert len(timing.time_cpu(fn, slow, clock=clock)) == 8  # max_seconds caps the repeats
+    slow = timing.TimingPolicy(warmup=1, min_repeats=3, min_seconds=0.0)
+    assert len(timing.time_cpu(fn, slow, clock=clock)) == 3  # a slow case still gets min_repeats
+    capped = timing.TimingPolicy(warmup=1, min_repeats=2, min_seconds=100.0, max_repeats=6)
+    assert len(timing.time_cpu(fn, capped, clock=clock)) == 6  # max_repeats caps the time budget
 
 
 def test_summary_percentiles():
@@ -201,3 +203,15 @@ def test_results_rows_are_json_lines(tmp_path):
     assert text.endswith("\n") and len(text.splitlines()) == 1
     json.loads(text)
     assert torch.get_num_threads() >= 1
+
+
+def test_quick_defaults_on_cpu():
+    from benchmarks.__main__ import build_parser, resolve_defaults
+
+    quick = resolve_defaults(build_parser().parse_args(["--device", "cpu"]))
+    assert quick.quick and quick.layer_batches == [1, 8] and quick.modes == ["fwd", "full"]
+    assert quick.layout == ["channels_last"] and quick.eager_both_layouts
+    assert "compile" in quick.layer_providers and "compile" not in quick.model_providers
+    assert "cpp-fused" in quick.model_providers and quick.model_batches == [1]
+    full = resolve_defaults(build_parser().parse_args(["--device", "cpu", "--full"]))
+    assert "compile" in full.model_providers and "bwd" in full.modes and full.train_batches == [8]
