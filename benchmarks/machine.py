@@ -154,6 +154,10 @@ def measure_peaks(info: RunInfo, dtypes: Dict[str, torch.dtype], policy: TimingP
     copy_ms = measure(lambda: target.copy_(source), device, policy).p50_ms
     info.peak_gbps = round(2.0 * source.numel() * source.element_size() / copy_ms / 1e6, 1)
     info.peak_detail["copy_gbps"] = info.peak_gbps
+    if on_gpu:
+        # fp32 convs use TF32 tensor cores when cudnn.allow_tf32 (torch's default); fp32 matmuls only when asked.
+        info.peak_detail["cudnn_allow_tf32"] = float(torch.backends.cudnn.allow_tf32)
+        info.peak_detail["matmul_allow_tf32"] = float(torch.backends.cuda.matmul.allow_tf32)
     for key, table in (("H100", DATASHEET_TFLOPS), ("H200", DATASHEET_TFLOPS)):
         if on_gpu and key in info.device_name:
             info.peak_detail.update({f"datasheet_{k}_tflops": v for k, v in table[key].items()})

@@ -201,7 +201,7 @@ def _baseline_of(rows: Sequence[dict], row: dict) -> Optional[dict]:
     return None
 
 
-def render_markdown(rows: Sequence[dict], run: Dict, unavailable: Dict[str, str], target_backend: str,
+def render_markdown(rows: Sequence[dict], run: Dict, unavailable: Dict[str, str], target_backend: Optional[str],
                     interrupted: bool = False) -> str:
     lines: List[str] = []
     lines.append(f"# Benchmark: {run.get('device_name')} ({run.get('device')})")
@@ -234,7 +234,7 @@ def render_markdown(rows: Sequence[dict], run: Dict, unavailable: Dict[str, str]
     for suite in dict.fromkeys(r["suite"] for r in rows if r.get("status") == "ok"):
         suite_rows = [r for r in rows if r["suite"] == suite and r.get("status") == "ok"]
         lines += [f"## Suite `{suite}`", ""]
-        if suite in TARGETS_TEXT:
+        if suite in TARGETS_TEXT and target_backend:
             lines += [f"Targets for `{target_backend}`: {TARGETS_TEXT[suite]}.", ""]
         lines += [
             f"| shape | N | dtype | mode | provider | layout | p50 ms [p20–p80] | GFLOP/s | GB/s | % peak | "
@@ -248,7 +248,7 @@ def render_markdown(rows: Sequence[dict], run: Dict, unavailable: Dict[str, str]
                 f"{_fmt(r['gb_s'])} | {_fmt(r['pct_peak'], 1, '%')} | {_speedup(r['speedup_vs_eager_cl'])} | "
                 f"{_fmt(r[MEMORY_COLUMN])} |")
         lines.append("")
-    checks = check_targets(rows, target_backend)
+    checks = check_targets(rows, target_backend) if target_backend else []
     if checks:
         passed = sum(c["ok"] for c in checks)
         lines += [f"## Targets for `{target_backend}`: {passed}/{len(checks)} met", "",
@@ -257,7 +257,7 @@ def render_markdown(rows: Sequence[dict], run: Dict, unavailable: Dict[str, str]
             lines.append(f"| {c['target']} | {c['case']} | {c['value']:.2f}{c['unit']} | {c['goal']:.2f}{c['unit']} | "
                          f"{'✅' if c['ok'] else '❌'} |")
         lines.append("")
-    elif rows:
+    elif rows and target_backend:
         lines += [f"## Targets for `{target_backend}`", "",
                   f"Not evaluated: no `{target_backend}` rows with an eager channels_last baseline in this run.", ""]
     if failed:
