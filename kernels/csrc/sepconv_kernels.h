@@ -23,6 +23,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "microkernel.h"
@@ -84,18 +85,33 @@ void depthwise_tile(const Geometry& g, const T* x, const T* dw_taps, const T* bi
 template <typename T>
 void pack_pointwise(const T* pw, int64_t Cout, int64_t CM, T* panels) {
   const int64_t npanels = ceil_div(Cout, kCols);
-  at::parallel_for(0, npanels, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t jp = begin; jp < end; ++jp) {
-      T* dst = panels + jp * CM * kCols;
+  constexpr int64_t kStep = 16;  // transpose in (kStep x kCols) blocks that stay in L1
+  const int64_t ksteps = ceil_div(CM, kStep);
+  at::parallel_for(0, npanels * ksteps, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t jp = task / ksteps, k0 = (task % ksteps) * kStep, k1 = std::min(CM, k0 + kStep);
       const int64_t cols = std::min<int64_t>(kCols, Cout - jp * kCols);
-      std::fill(dst, dst + CM * kCols, T(0));
+      T* dst = panels + jp * CM * kCols;
+      T block[kStep][kCols] = {};
       for (int64_t j = 0; j < cols; ++j) {
         const T* src = pw + (jp * kCols + j) * CM;
-        for (int64_t k = 0; k < CM; ++k) dst[k * kCols + j] = src[k];
+        for (int64_t k = k0; k < k1; ++k) block[k - k0][j] = src[k];
       }
+      std::memcpy(dst + k0 * kCols, block, sizeof(T) * (k1 - k0) * kCols);
     }
   });
 }
+
+#ifndef SEPCONV_TILE_BYTES
+#define SEPCONV_TILE_BYTES (512 * 1024)
+#endif
+#ifndef SEPCONV_MAX_ROWS
+#define SEPCONV_MAX_ROWS 96
+#endif
+// Forward tile: a multiple of kRows pixels whose pixels x CM depthwise tile stays in L2, so each
+// pass over the pointwise weight (from L3) serves many pixels.
+constexpr int64_t kTileBytes = SEPCONV_TILE_BYTES;
+constexpr int64_t kMaxRows = SEPCONV_MAX_ROWS;
 
 // out = pointwise(depthwise(x)) + bias; bias (Cout) already includes pw @ dw_bias.
 template <typename T>
@@ -103,9 +119,9 @@ void forward(const Geometry& g, const T* x, const T* dw_taps, const T* pw_panels
   const int64_t npix = g.pixels();
   if (npix == 0) return;
   const int64_t threads = at::get_num_threads();
-  // Tile rows: a multiple of kRows whose pixels x CM tile stays near 192 KiB (L2).
-  const int64_t budget_rows = (192 * 1024) / (g.CM * int64_t(sizeof(T)));
-  int64_t rows = std::clamp<int64_t>(budget_rows / kRows * kRows, kRows, 8 * kRows);
+
+  const int64_t budget_rows = (kTileBytes) / (g.CM * int64_t(sizeof(T)));
+  int64_t rows = std::clamp<int64_t>(budget_rows / kRows * kRows, kRows, kMaxRows);
   int64_t blocks = ceil_div(npix, rows);
   if (blocks < 8 * threads) blocks = round_up(blocks, threads);  // balance the threads
   rows = round_up(ceil_div(npix, blocks), kRows);
@@ -116,20 +132,23 @@ void forward(const Geometry& g, const T* x, const T* dw_taps, const T* pw_panels
   const int64_t splits = std::min<int64_t>(npanels, blocks >= threads ? 1 : ceil_div(threads, blocks));
   const int64_t panels_per_split = ceil_div(npanels, splits);
 
+  // Row stride of the tile: padded by one cache line so the kRows rows the micro-kernel reads
+  // together do not map to the same L1 sets (CM is often a multiple of 512 bytes).
+  const int64_t ld = round_up(g.CM, 16) + 16;
   at::parallel_for(0, blocks * splits, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> tile(rows * g.CM);
+    std::vector<T> tile(rows * ld);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t block = task / splits, split = task % splits;
       const int64_t p0 = block * rows, nrows = std::min(rows, npix - p0);
       const int64_t jp0 = split * panels_per_split, jp1 = std::min(npanels, jp0 + panels_per_split);
       if (jp0 >= jp1) continue;
-      depthwise_tile<T>(g, x, dw_taps, nullptr, relu, p0, nrows, 0, g.CM, tile.data(), g.CM);
+      depthwise_tile<T>(g, x, dw_taps, nullptr, relu, p0, nrows, 0, g.CM, tile.data(), ld);
       for (int64_t jp = jp0; jp < jp1; ++jp) {
-        MicroArgs args{g.CM, g.CM, 1, kCols, g.Cout, int(std::min<int64_t>(kCols, g.Cout - jp * kCols)), false};
+        MicroArgs args{g.CM, ld, 1, kCols, g.Cout, int(std::min<int64_t>(kCols, g.Cout - jp * kCols)), false};
         const T* panel = pw_panels + jp * g.CM * kCols;
         const T* init = bias ? bias + jp * kCols : nullptr;
         for (int64_t r0 = 0; r0 < nrows; r0 += kRows) {
-          micro<T>(int(std::min<int64_t>(kRows, nrows - r0)), tile.data() + r0 * g.CM, panel,
+          micro<T>(int(std::min<int64_t>(kRows, nrows - r0)), tile.data() + r0 * ld, panel,
                    out + (p0 + r0) * g.Cout + jp * kCols, init, args);
         }
       }
@@ -151,7 +170,7 @@ void backward(const Geometry& g, const T* x, const T* dw_taps, const T* dw_bias,
   const int64_t npix = g.pixels();
   const int64_t taps = g.kh * g.kw;
   // Pixel block: fixed, so the summation order never depends on the thread count.
-  constexpr int64_t kBlock = 4 * kRows;
+  constexpr int64_t kBlock = 8 * kRows;
   const int64_t threads = at::get_num_threads();
   const int64_t chunk = std::clamp<int64_t>(round_up(ceil_div(g.CM, 2 * threads), 16), 16, 128);
   const int64_t nchunks = ceil_div(g.CM, chunk);
@@ -173,23 +192,36 @@ void backward(const Geometry& g, const T* x, const T* dw_taps, const T* dw_bias,
   }
   if (npix == 0) return;
 
+  // Padded row strides (see forward): rows read together must not share L1 sets.
+  const int64_t ldg = round_up(g.Cout, 16) + 16, ldh = round_up(chunk, 16) + 16;
+  const int64_t chunk_panels = ceil_div(chunk, kCols);
   at::parallel_for(0, nchunks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> hidden(kBlock * chunk), grad_hidden(kBlock * chunk);
-    std::vector<T> dw_acc(taps * chunk), db_acc(chunk);
+    std::vector<T> hidden(kBlock * ldh), grad_hidden(kBlock * ldh), go(kBlock * ldg);
+    std::vector<T> dw_acc(taps * chunk), db_acc(chunk), pw_panels(chunk_panels * g.Cout * kCols);
     for (int64_t ci = begin; ci < end; ++ci) {
       const int64_t k0 = ci * chunk, kc = std::min(chunk, g.CM - k0);
       std::fill(dw_acc.begin(), dw_acc.end(), T(0));
       std::fill(db_acc.begin(), db_acc.end(), T(0));
+      if (need_hidden_grad) {  // pw[:, k0:k0+kc] as (panel, Cout, kCols), zero-padded
+        std::fill(pw_panels.begin(), pw_panels.end(), T(0));
+        for (int64_t co = 0; co < g.Cout; ++co) {
+          for (int64_t c = 0; c < kc; ++c) {
+            pw_panels[((c / kCols) * g.Cout + co) * kCols + c % kCols] = pw[co * g.CM + k0 + c];
+          }
+        }
+      }
       for (int64_t p0 = 0; p0 < npix; p0 += kBlock) {
         const int64_t nrows = std::min(kBlock, npix - p0);
-        const T* go = grad_out + p0 * g.Cout;
+        for (int64_t r = 0; r < nrows; ++r) {
+          std::memcpy(go.data() + r * ldg, grad_out + (p0 + r) * g.Cout, sizeof(T) * g.Cout);
+        }
         if (want.pointwise) {
           // grad_pw[:, chunk] += grad_out[block]^T @ hidden[block, chunk]
-          depthwise_tile<T>(g, x, dw_taps, dw_bias, relu, p0, nrows, k0, kc, hidden.data(), chunk);
+          depthwise_tile<T>(g, x, dw_taps, dw_bias, relu, p0, nrows, k0, kc, hidden.data(), ldh);
           for (int64_t j0 = 0; j0 < kc; j0 += kCols) {
-            MicroArgs args{nrows, 1, g.Cout, chunk, g.CM, int(std::min<int64_t>(kCols, kc - j0)), true};
+            MicroArgs args{nrows, 1, ldg, ldh, g.CM, int(std::min<int64_t>(kCols, kc - j0)), true};
             for (int64_t co = 0; co < g.Cout; co += kRows) {
-              micro<T>(int(std::min<int64_t>(kRows, g.Cout - co)), go + co, hidden.data() + j0,
+              micro<T>(int(std::min<int64_t>(kRows, g.Cout - co)), go.data() + co, hidden.data() + j0,
                        grad_pw + co * g.CM + k0 + j0, nullptr, args);
             }
           }
@@ -197,17 +229,18 @@ void backward(const Geometry& g, const T* x, const T* dw_taps, const T* dw_bias,
         if (!need_hidden_grad) continue;
         // grad_hidden[block, chunk] = grad_out[block] @ pw[:, chunk]
         for (int64_t j0 = 0; j0 < kc; j0 += kCols) {
-          MicroArgs args{g.Cout, g.Cout, 1, g.CM, chunk, int(std::min<int64_t>(kCols, kc - j0)), false};
+          MicroArgs args{g.Cout, ldg, 1, kCols, ldh, int(std::min<int64_t>(kCols, kc - j0)), false};
+          const T* panel = pw_panels.data() + (j0 / kCols) * g.Cout * kCols;
           for (int64_t r0 = 0; r0 < nrows; r0 += kRows) {
-            micro<T>(int(std::min<int64_t>(kRows, nrows - r0)), go + r0 * g.Cout, pw + k0 + j0,
-                     grad_hidden.data() + r0 * chunk + j0, nullptr, args);
+            micro<T>(int(std::min<int64_t>(kRows, nrows - r0)), go.data() + r0 * ldg, panel,
+                     grad_hidden.data() + r0 * ldh + j0, nullptr, args);
           }
         }
         // Transposed depthwise: scatter into grad_x, and reduce the depthwise weight/bias grads.
         int64_t ow = p0 % g.OW, rest = p0 / g.OW;
         int64_t oh = rest % g.OH, n = rest / g.OH;
         for (int64_t r = 0; r < nrows; ++r) {
-          const T* gh = grad_hidden.data() + r * chunk;
+          const T* gh = grad_hidden.data() + r * ldh;
           if (want.depthwise) {
 #pragma omp simd
             for (int64_t c = 0; c < kc; ++c) db_acc[c] += gh[c];
