@@ -29,7 +29,7 @@ SOURCES = ["sepconv_cpu.cpp"]
 PREBUILT_NAME = "_sepconv_cpp"  # kernels/_sepconv_cpp*.so, built by setup.py
 JIT_NAME = "sepconv_cpp_kernels"
 
-CXX_FLAGS = ["-O3", "-march=native", "-fopenmp", "-std=c++17"] + os.environ.get("SEPCONV_EXTRA_CFLAGS", "").split()
+CXX_FLAGS = ["-O3", "-march=native", "-fopenmp"] + os.environ.get("SEPCONV_EXTRA_CFLAGS", "").split()
 LD_FLAGS = ["-fopenmp"]
 
 _lock = threading.Lock()
