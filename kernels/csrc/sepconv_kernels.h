@@ -40,19 +40,18 @@ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 inline int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
 
 // Depthwise result of output pixels [p0, p0 + rows) for hidden channels [k0, k0 + kc) into
-// tile (rows x ld), plus bias (may be null).
+// tile (rows x ld), plus bias (may be null). Per pixel, the in-bounds taps are listed once; each
+// 64-channel slice then accumulates over them in registers and is stored once.
 template <typename T>
 void depthwise_tile(const Geometry& g, const T* x, const T* dw_taps, const T* bias, bool relu, int64_t p0,
                     int64_t rows, int64_t k0, int64_t kc, T* tile, int64_t ld) {
+  constexpr int64_t kSlice = 64;
+  const int64_t taps = g.kh * g.kw;
+  std::vector<const T*> xs(taps), ws(taps);
   int64_t ow = p0 % g.OW, rest = p0 / g.OW;
   int64_t oh = rest % g.OH, n = rest / g.OH;
   for (int64_t r = 0; r < rows; ++r) {
-    T* t = tile + r * ld;
-    if (bias) {
-      std::memcpy(t, bias + k0, sizeof(T) * kc);
-    } else {
-      std::fill(t, t + kc, T(0));
-    }
+    int64_t valid = 0;
     const T* xn = x + n * g.H * g.W * g.CM + k0;
     for (int64_t i = 0; i < g.kh; ++i) {
       const int64_t ih = oh * g.sh - g.pt + i * g.dh;
@@ -60,14 +59,43 @@ void depthwise_tile(const Geometry& g, const T* x, const T* dw_taps, const T* bi
       for (int64_t j = 0; j < g.kw; ++j) {
         const int64_t iw = ow * g.sw - g.pl + j * g.dw;
         if (iw < 0 || iw >= g.W) continue;
-        const T* xr = xn + (ih * g.W + iw) * g.CM;
-        const T* wr = dw_taps + (i * g.kw + j) * g.CM + k0;
-        if (relu) {
+        xs[valid] = xn + (ih * g.W + iw) * g.CM;
+        ws[valid++] = dw_taps + (i * g.kw + j) * g.CM + k0;
+      }
+    }
+    T* t = tile + r * ld;
+    for (int64_t c0 = 0; c0 < kc; c0 += kSlice) {
+      if (c0 + kSlice <= kc) {
+        T acc[kSlice];
 #pragma omp simd
-          for (int64_t c = 0; c < kc; ++c) t[c] += std::max(xr[c], T(0)) * wr[c];
-        } else {
+        for (int64_t c = 0; c < kSlice; ++c) acc[c] = bias ? bias[k0 + c0 + c] : T(0);
+        for (int64_t v = 0; v < valid; ++v) {
+          const T* xr = xs[v] + c0;
+          const T* wr = ws[v] + c0;
+          if (relu) {
 #pragma omp simd
-          for (int64_t c = 0; c < kc; ++c) t[c] += xr[c] * wr[c];
+            for (int64_t c = 0; c < kSlice; ++c) acc[c] += std::max(xr[c], T(0)) * wr[c];
+          } else {
+#pragma omp simd
+            for (int64_t c = 0; c < kSlice; ++c) acc[c] += xr[c] * wr[c];
+          }
+        }
+#pragma omp simd
+        for (int64_t c = 0; c < kSlice; ++c) t[c0 + c] = acc[c];
+      } else {
+        const int64_t width = kc - c0;
+        for (int64_t c = 0; c < width; ++c) t[c0 + c] = bias ? bias[k0 + c0 + c] : T(0);
+        for (int64_t v = 0; v < valid; ++v) {
+          const T* xr = xs[v] + c0;
+          const T* wr = ws[v] + c0;
+          T* tt = t + c0;
+          if (relu) {
+#pragma omp simd
+            for (int64_t c = 0; c < width; ++c) tt[c] += std::max(xr[c], T(0)) * wr[c];
+          } else {
+#pragma omp simd
+            for (int64_t c = 0; c < width; ++c) tt[c] += xr[c] * wr[c];
+          }
         }
       }
     }
@@ -203,10 +231,12 @@ void backward(const Geometry& g, const T* x, const T* dw_taps, const T* dw_bias,
       std::fill(dw_acc.begin(), dw_acc.end(), T(0));
       std::fill(db_acc.begin(), db_acc.end(), T(0));
       if (need_hidden_grad) {  // pw[:, k0:k0+kc] as (panel, Cout, kCols), zero-padded
-        std::fill(pw_panels.begin(), pw_panels.end(), T(0));
-        for (int64_t co = 0; co < g.Cout; ++co) {
-          for (int64_t c = 0; c < kc; ++c) {
-            pw_panels[((c / kCols) * g.Cout + co) * kCols + c % kCols] = pw[co * g.CM + k0 + c];
+        for (int64_t j0 = 0; j0 < kc; j0 += kCols) {
+          const int64_t cols = std::min<int64_t>(kCols, kc - j0);
+          T* panel = pw_panels.data() + (j0 / kCols) * g.Cout * kCols;
+          for (int64_t co = 0; co < g.Cout; ++co) {
+            std::memcpy(panel + co * kCols, pw + co * g.CM + k0 + j0, sizeof(T) * cols);
+            std::fill(panel + co * kCols + cols, panel + (co + 1) * kCols, T(0));
           }
         }
       }
