@@ -200,7 +200,8 @@ void backward(const Geometry& g, const T* x, const T* dw_taps, const T* dw_bias,
   // Pixel block: fixed, so the summation order never depends on the thread count.
   constexpr int64_t kBlock = 8 * kRows;
   const int64_t threads = at::get_num_threads();
-  const int64_t chunk = std::clamp<int64_t>(round_up(ceil_div(g.CM, 2 * threads), 16), 16, 128);
+  // Channel chunk: whole 32-column panels, about one per thread for narrow layers.
+  const int64_t chunk = std::clamp<int64_t>(round_up(ceil_div(g.CM, threads), kCols), kCols, 4 * kCols);
   const int64_t nchunks = ceil_div(g.CM, chunk);
   const bool need_hidden_grad = want.input || want.depthwise;
 
