@@ -30,11 +30,13 @@ def threads():
 
 
 @pytest.mark.parametrize("relu_input", [False, True])
-def test_gradients_bitwise_deterministic(threads, relu_input):
+@pytest.mark.parametrize("channels", [160, 64], ids=["channel-chunks", "batch-parts"])
+def test_gradients_bitwise_deterministic(threads, relu_input, channels):
     require_backend("cpp")
     torch.set_num_threads(2)
-    # Several channel chunks and pixel blocks, output channels not a multiple of the tile.
-    case = make_case(3, 160, 13, 11, (3, 3), 1, 200, True, torch.float32, torch.device("cpu"))
+    # Several channel chunks (or, for few channels, batch parts summed afterwards) and pixel
+    # blocks; output channels not a multiple of the tile.
+    case = make_case(3, channels, 13, 11, (3, 3), 1, 200, True, torch.float32, torch.device("cpu"))
     first, second = _run(case, relu_input=relu_input), _run(case, relu_input=relu_input)
     for name, a, b in zip(("output", "input", "depthwise_weight", "pointwise_weight", "depthwise_bias",
                            "pointwise_bias"), first, second):

@@ -200,9 +200,25 @@ void backward(const Geometry& g, const T* x, const T* dw_taps, const T* dw_bias,
   // Pixel block: fixed, so the summation order never depends on the thread count.
   constexpr int64_t kBlock = 8 * kRows;
   const int64_t threads = at::get_num_threads();
-  // Channel chunk: whole 32-column panels, about one per thread for narrow layers.
-  const int64_t chunk = std::clamp<int64_t>(round_up(ceil_div(g.CM, threads), kCols), kCols, 4 * kCols);
+  // Channel chunk: whole 32-column panels, about one per thread for narrow layers (at least 64
+  // channels when images can be split instead, since narrow chunks pay per-pixel overheads).
+  const int64_t min_chunk = g.N > 1 ? 2 * kCols : kCols;
+  const int64_t chunk = std::clamp<int64_t>(round_up(ceil_div(g.CM, threads), kCols), min_chunk, 4 * kCols);
   const int64_t nchunks = ceil_div(g.CM, chunk);
+  // Too few chunks for the threads: also split the batch into `parts` groups of whole images
+  // (their grad_x writes never overlap). Each part sums its weight gradients into its own
+  // buffer, and the parts are added in a fixed order afterwards.
+  const int64_t parts =
+      nchunks >= threads ? 1 : std::clamp<int64_t>(ceil_div(threads, nchunks), 1, std::max<int64_t>(g.N, 1));
+  const int64_t images_per_part = ceil_div(g.N, parts);
+  std::vector<T> part_pw, part_dw, part_db;
+  if (parts > 1) {
+    if (want.pointwise) part_pw.assign(parts * g.Cout * g.CM, T(0));
+    if (want.depthwise) {
+      part_dw.assign(parts * taps * g.CM, T(0));
+      part_db.assign(parts * g.CM, T(0));
+    }
+  }
   const bool need_hidden_grad = want.input || want.depthwise;
 
   if (want.pointwise) {  // grad_pw_bias[co] = sum over pixels of grad_out[p][co]
@@ -224,11 +240,19 @@ void backward(const Geometry& g, const T* x, const T* dw_taps, const T* dw_bias,
   // Padded row strides (see forward): rows read together must not share L1 sets.
   const int64_t ldg = round_up(g.Cout, 16) + 16, ldh = round_up(chunk, 16) + 16;
   const int64_t chunk_panels = ceil_div(chunk, kCols);
-  at::parallel_for(0, nchunks, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, nchunks * parts, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> hidden(kBlock * ldh), grad_hidden(kBlock * ldh), go(kBlock * ldg);
     std::vector<T> dw_acc(taps * chunk), db_acc(chunk), pw_panels(chunk_panels * g.Cout * kCols);
-    for (int64_t ci = begin; ci < end; ++ci) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t ci = task / parts, part = task % parts;
       const int64_t k0 = ci * chunk, kc = std::min(chunk, g.CM - k0);
+      const int64_t pixels_per_image = g.OH * g.OW;
+      const int64_t first = std::min(g.N, part * images_per_part) * pixels_per_image;
+      const int64_t last = std::min(g.N, (part + 1) * images_per_part) * pixels_per_image;
+      if (first >= last) continue;
+      T* gpw = parts > 1 ? part_pw.data() + part * g.Cout * g.CM : grad_pw;
+      T* gdw = parts > 1 ? part_dw.data() + part * taps * g.CM : grad_dw_taps;
+      T* gdb = parts > 1 ? part_db.data() + part * g.CM : grad_dw_bias;
       std::fill(dw_acc.begin(), dw_acc.end(), T(0));
       std::fill(db_acc.begin(), db_acc.end(), T(0));
       if (need_hidden_grad) {  // pw[:, k0:k0+kc] as (panel, Cout, kCols), zero-padded
@@ -241,8 +265,8 @@ void backward(const Geometry& g, const T* x, const T* dw_taps, const T* dw_bias,
           }
         }
       }
-      for (int64_t p0 = 0; p0 < npix; p0 += kBlock) {
-        const int64_t nrows = std::min(kBlock, npix - p0);
+      for (int64_t p0 = first; p0 < last; p0 += kBlock) {
+        const int64_t nrows = std::min(kBlock, last - p0);
         for (int64_t r = 0; r < nrows; ++r) {
           std::memcpy(go.data() + r * ldg, grad_out + (p0 + r) * g.Cout, sizeof(T) * g.Cout);
         }
@@ -253,7 +277,7 @@ void backward(const Geometry& g, const T* x, const T* dw_taps, const T* dw_bias,
             MicroArgs args{nrows, 1, ldg, ldh, g.CM, int(std::min<int64_t>(kCols, kc - j0)), true};
             for (int64_t co = 0; co < g.Cout; co += kRows) {
               micro<T>(int(std::min<int64_t>(kRows, g.Cout - co)), go.data() + co, hidden.data() + j0,
-                       grad_pw + co * g.CM + k0 + j0, nullptr, args);
+                       gpw + co * g.CM + k0 + j0, nullptr, args);
             }
           }
         }
@@ -315,12 +339,27 @@ void backward(const Geometry& g, const T* x, const T* dw_taps, const T* dw_bias,
       }
       if (want.depthwise) {
         for (int64_t t = 0; t < taps; ++t) {
-          std::memcpy(grad_dw_taps + t * g.CM + k0, dw_acc.data() + t * chunk, sizeof(T) * kc);
+          std::memcpy(gdw + t * g.CM + k0, dw_acc.data() + t * chunk, sizeof(T) * kc);
         }
-        std::memcpy(grad_dw_bias + k0, db_acc.data(), sizeof(T) * kc);
+        std::memcpy(gdb + k0, db_acc.data(), sizeof(T) * kc);
       }
     }
   });
+  if (parts > 1) {  // fixed-order sum of the per-part weight gradients
+    auto reduce = [&](const std::vector<T>& partial, T* dst, int64_t size) {
+      if (partial.empty()) return;
+      at::parallel_for(0, size, 4096, [&](int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end; ++i) {
+          T sum = partial[i];
+          for (int64_t part = 1; part < parts; ++part) sum += partial[part * size + i];
+          dst[i] = sum;
+        }
+      });
+    };
+    reduce(part_pw, grad_pw, g.Cout * g.CM);
+    reduce(part_dw, grad_dw_taps, taps * g.CM);
+    reduce(part_db, grad_dw_bias, g.CM);
+  }
 }
 
 }  // namespace sepconv
