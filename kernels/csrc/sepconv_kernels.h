@@ -151,7 +151,11 @@ void forward(const Geometry& g, const T* x, const T* dw_taps, const T* pw_panels
   const int64_t budget_rows = (kTileBytes) / (g.CM * int64_t(sizeof(T)));
   int64_t rows = std::clamp<int64_t>(budget_rows / kRows * kRows, kRows, kMaxRows);
   int64_t blocks = ceil_div(npix, rows);
-  if (blocks < 8 * threads) blocks = round_up(blocks, threads);  // balance the threads
+  if (npix * g.CM * int64_t(sizeof(T)) <= 2 * kTileBytes) {
+    blocks = 1;  // few pixels (late layers at batch 1): one pass over the weight, split by channels
+  } else if (blocks < 8 * threads) {
+    blocks = round_up(blocks, threads);  // balance the threads
+  }
   rows = round_up(ceil_div(npix, blocks), kRows);
   blocks = ceil_div(npix, rows);
   const int64_t npanels = ceil_div(g.Cout, kCols);
