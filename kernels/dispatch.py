@@ -61,8 +61,8 @@ def _torch_supports(device: torch.device, dtype: torch.dtype) -> Optional[str]:
 def _cpp_supports(device: torch.device, dtype: torch.dtype) -> Optional[str]:
     if device.type != "cpu":
         return f"the cpp backend runs on CPU tensors only, got device {device}"
-    if dtype not in (torch.float32, torch.float64, torch.bfloat16):
-        return f"the cpp backend supports float32, float64 and bfloat16, got {dtype}"
+    if dtype not in (torch.float32, torch.float64):
+        return f"the cpp backend supports float32 and float64, got {dtype}"
     return None
 
 

@@ -1,0 +1,173 @@
+// CPU implementations of the sepconv_cpp::forward / sepconv_cpp::backward ops.
+//
+// The schemas are defined in Python (kernels/ops.py); this file only registers kernels:
+//   forward(input (N, C, H, W), depthwise_weight (C*M, 1, kh, kw), pointwise_weight (Cout, C*M, 1, 1),
+//           depthwise_bias (C*M)?, pointwise_bias (Cout)?, stride[2], padding[4] (top, bottom, left,
+//           right), dilation[2], relu_input) -> (N, Cout, OH, OW)
+//   backward(grad_output, input, depthwise_weight, pointwise_weight, depthwise_bias?, stride, padding,
+//            dilation, relu_input, output_mask[3]) -> 5 gradients ((0,) where not asked for)
+// Outputs follow the memory format rule of kernels._args.memory_format_of. The kernels run on
+// NHWC buffers; any other input layout is converted once on the way in and out.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include "sepconv_kernels.h"
+
+namespace sepconv {
+namespace {
+
+// Mirrors kernels._args.memory_format_of.
+at::MemoryFormat memory_format_of(const at::Tensor& t) {
+  if (t.is_contiguous()) return at::MemoryFormat::Contiguous;
+  if (t.is_contiguous(at::MemoryFormat::ChannelsLast)) return at::MemoryFormat::ChannelsLast;
+  return t.stride(1) < t.stride(3) ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+}
+
+int64_t out_size(int64_t size, int64_t before, int64_t after, int64_t kernel, int64_t stride, int64_t dilation) {
+  const int64_t span = size + before + after - dilation * (kernel - 1) - 1;
+  return span < 0 ? 0 : span / stride + 1;
+}
+
+void check_args(const at::Tensor& input, const at::Tensor& dw, const at::Tensor& pw, at::IntArrayRef stride,
+                at::IntArrayRef padding, at::IntArrayRef dilation) {
+  TORCH_CHECK(input.dim() == 4, "sepconv_cpp: input must be 4-D (N, C, H, W), got shape ", input.sizes());
+  TORCH_CHECK(input.device().is_cpu(), "sepconv_cpp: input must be a CPU tensor, got device ", input.device());
+  TORCH_CHECK(dw.dim() == 4 && dw.size(1) == 1 && dw.size(0) % std::max<int64_t>(input.size(1), 1) == 0,
+              "sepconv_cpp: depthwise_weight must be (C*M, 1, kh, kw) with C = ", input.size(1), ", got ",
+              dw.sizes());
+  TORCH_CHECK(pw.dim() == 4 && pw.size(1) == dw.size(0) && pw.size(2) == 1 && pw.size(3) == 1,
+              "sepconv_cpp: pointwise_weight must be (Cout, ", dw.size(0), ", 1, 1), got ", pw.sizes());
+  TORCH_CHECK(stride.size() == 2 && padding.size() == 4 && dilation.size() == 2,
+              "sepconv_cpp: expected stride[2], padding[4], dilation[2], got ", stride, ", ", padding, ", ",
+              dilation);
+  TORCH_CHECK(dw.scalar_type() == input.scalar_type() && pw.scalar_type() == input.scalar_type(),
+              "sepconv_cpp: weights must have the input's dtype ", input.scalar_type());
+}
+
+Geometry geometry(const at::Tensor& input, const at::Tensor& dw, const at::Tensor& pw, at::IntArrayRef stride,
+                  at::IntArrayRef padding, at::IntArrayRef dilation) {
+  Geometry g;
+  g.N = input.size(0);
+  g.H = input.size(2);
+  g.W = input.size(3);
+  g.CM = dw.size(0);
+  g.Cout = pw.size(0);
+  g.kh = dw.size(2);
+  g.kw = dw.size(3);
+  g.sh = stride[0];
+  g.sw = stride[1];
+  g.pt = padding[0];
+  g.pl = padding[2];
+  g.dh = dilation[0];
+  g.dw = dilation[1];
+  g.OH = out_size(g.H, padding[0], padding[1], g.kh, g.sh, g.dh);
+  g.OW = out_size(g.W, padding[2], padding[3], g.kw, g.sw, g.dw);
+  return g;
+}
+
+// (N, C, H, W) -> dense (N, H, W, C*M): channel c*M+m is a copy of channel c.
+at::Tensor to_nhwc(const at::Tensor& input, int64_t multiplier) {
+  at::Tensor nhwc = input.permute({0, 2, 3, 1});
+  if (multiplier > 1) {
+    nhwc = nhwc.unsqueeze(4).expand({-1, -1, -1, -1, multiplier}).reshape(
+        {input.size(0), input.size(2), input.size(3), input.size(1) * multiplier});
+  }
+  return nhwc.contiguous();
+}
+
+// Dense (N, H, W, K) buffer -> tensor of logical shape (N, K, H, W) in `format`.
+at::Tensor from_nhwc(const at::Tensor& nhwc, at::MemoryFormat format) {
+  at::Tensor nchw = nhwc.permute({0, 3, 1, 2});
+  return format == at::MemoryFormat::ChannelsLast ? nchw : nchw.contiguous(format);
+}
+
+at::Tensor forward_op(const at::Tensor& input, const at::Tensor& depthwise_weight, const at::Tensor& pointwise_weight,
+                   const std::optional<at::Tensor>& depthwise_bias, const std::optional<at::Tensor>& pointwise_bias,
+                   at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, bool relu_input) {
+  check_args(input, depthwise_weight, pointwise_weight, stride, padding, dilation);
+  const Geometry g = geometry(input, depthwise_weight, pointwise_weight, stride, padding, dilation);
+  const at::MemoryFormat format = memory_format_of(input);
+  at::Tensor out = at::empty({g.N, g.Cout, g.OH, g.OW}, input.options(), format);
+  if (out.numel() == 0) return out;
+
+  const int64_t multiplier = g.CM / input.size(1);
+  const at::Tensor x = to_nhwc(input, multiplier);
+  const at::Tensor pw2d = pointwise_weight.reshape({g.Cout, g.CM}).contiguous();
+  const at::Tensor dw_taps = depthwise_weight.reshape({g.CM, g.kh * g.kw}).t().contiguous();
+  std::optional<at::Tensor> bias;  // pw_bias + pw @ dw_bias
+  if (depthwise_bias.has_value()) bias = at::mv(pw2d, *depthwise_bias);
+  if (pointwise_bias.has_value()) bias = bias.has_value() ? *bias + *pointwise_bias : pointwise_bias->contiguous();
+  const bool direct = format == at::MemoryFormat::ChannelsLast;
+  at::Tensor result = direct ? out : at::empty({g.N, g.OH, g.OW, g.Cout}, input.options());
+
+  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "sepconv_cpp_forward", [&] {
+    at::Tensor panels = at::empty({ceil_div(g.Cout, kCols), g.CM, kCols}, input.options());
+    pack_pointwise<scalar_t>(pw2d.data_ptr<scalar_t>(), g.Cout, g.CM, panels.data_ptr<scalar_t>());
+    sepconv::forward<scalar_t>(g, x.data_ptr<scalar_t>(), dw_taps.data_ptr<scalar_t>(), panels.data_ptr<scalar_t>(),
+                               bias.has_value() ? bias->data_ptr<scalar_t>() : nullptr, relu_input,
+                               result.data_ptr<scalar_t>());
+  });
+  if (!direct) out.copy_(result.permute({0, 3, 1, 2}));
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_op(
+    const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& depthwise_weight,
+    const at::Tensor& pointwise_weight, const std::optional<at::Tensor>& depthwise_bias, at::IntArrayRef stride,
+    at::IntArrayRef padding, at::IntArrayRef dilation, bool relu_input, std::array<bool, 3> output_mask) {
+  check_args(input, depthwise_weight, pointwise_weight, stride, padding, dilation);
+  const Geometry g = geometry(input, depthwise_weight, pointwise_weight, stride, padding, dilation);
+  TORCH_CHECK(grad_output.dim() == 4 && grad_output.size(0) == g.N && grad_output.size(1) == g.Cout &&
+                  grad_output.size(2) == g.OH && grad_output.size(3) == g.OW,
+              "sepconv_cpp: grad_output must have shape (", g.N, ", ", g.Cout, ", ", g.OH, ", ", g.OW, "), got ",
+              grad_output.sizes());
+  const auto [want_input, want_depthwise, want_pointwise] = output_mask;
+  const at::TensorOptions options = input.options();
+  const int64_t taps = g.kh * g.kw;
+  const int64_t channels = input.size(1), multiplier = g.CM / std::max<int64_t>(channels, 1);
+
+  const at::Tensor x = to_nhwc(input, multiplier);
+  const at::Tensor go = grad_output.permute({0, 2, 3, 1}).contiguous();
+  const at::Tensor pw2d = pointwise_weight.reshape({g.Cout, g.CM}).contiguous();
+  const at::Tensor dw_taps = depthwise_weight.reshape({g.CM, taps}).t().contiguous();
+  const at::Tensor dw_bias = depthwise_bias.has_value() ? depthwise_bias->contiguous() : at::Tensor();
+
+  at::Tensor grad_x = want_input ? at::zeros({g.N, g.H, g.W, g.CM}, options) : at::Tensor();
+  at::Tensor grad_dw_taps = want_depthwise ? at::zeros({taps, g.CM}, options) : at::Tensor();
+  at::Tensor grad_dw_bias = want_depthwise ? at::zeros({g.CM}, options) : at::Tensor();
+  at::Tensor grad_pw = want_pointwise ? at::zeros({g.Cout, g.CM}, options) : at::Tensor();
+  at::Tensor grad_pw_bias = want_pointwise ? at::zeros({g.Cout}, options) : at::Tensor();
+
+  if (want_input || want_depthwise || want_pointwise) {
+    AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "sepconv_cpp_backward", [&] {
+      auto ptr = [](const at::Tensor& t) { return t.defined() ? t.data_ptr<scalar_t>() : nullptr; };
+      sepconv::backward<scalar_t>(g, ptr(x), ptr(dw_taps), ptr(dw_bias), ptr(pw2d), ptr(go), relu_input,
+                                  BackwardOutputs{want_input, want_depthwise, want_pointwise}, ptr(grad_x),
+                                  ptr(grad_dw_taps), ptr(grad_dw_bias), ptr(grad_pw), ptr(grad_pw_bias));
+    });
+  }
+
+  // A fresh (0,) tensor for each gradient not asked for (outputs must not alias).
+  auto none = [&] { return at::empty({0}, options); };
+  at::Tensor grad_input = none();
+  if (want_input) {
+    if (multiplier > 1) grad_x = grad_x.view({g.N, g.H, g.W, channels, multiplier}).sum(4);
+    if (relu_input) grad_x.mul_(x.view({g.N, g.H, g.W, channels, multiplier}).select(4, 0) > 0);
+    grad_input = from_nhwc(grad_x, memory_format_of(input));
+  }
+  return {
+      grad_input,
+      want_depthwise ? grad_dw_taps.t().reshape(depthwise_weight.sizes()).contiguous() : none(),
+      want_pointwise ? grad_pw.view(pointwise_weight.sizes()) : none(),
+      want_depthwise ? grad_dw_bias : none(),
+      want_pointwise ? grad_pw_bias : none(),
+  };
+}
+
+}  // namespace
+}  // namespace sepconv
+
+TORCH_LIBRARY_IMPL(sepconv_cpp, CPU, m) {
+  m.impl("forward", &sepconv::forward_op);
+  m.impl("backward", &sepconv::backward_op);
+}

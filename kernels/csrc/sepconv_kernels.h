@@ -1,0 +1,369 @@
+// Fused depthwise -> pointwise kernels on NHWC buffers (channels fastest).
+//
+// Shapes (all buffers dense, channels fastest, 64-bit offsets throughout):
+//   x           (N, H, W, CM)        input, already expanded to the CM = C*M hidden channels
+//   dw_taps     (kh*kw, CM)          depthwise weight, tap-major
+//   pw          (Cout, CM)           pointwise weight, row-major (as given by the caller)
+//   pw_panels   (ceil(Cout/32), CM, 32)  pointwise weight transposed into zero-padded panels
+//   out / grad  (N, OH, OW, Cout)
+//
+// Forward: for a block of output pixels, the depthwise result for every hidden channel is
+// computed into a thread-local tile (pixels x CM, sized for L2) and multiplied at once by the
+// packed pointwise panels; the N*CM*OH*OW intermediate never reaches memory.
+//
+// Backward: each task owns a chunk of hidden channels, so every gradient element is written
+// by exactly one thread and summed in a fixed order (bitwise deterministic, and independent of
+// the thread count). Per block of pixels it recomputes the depthwise tile (for the pointwise
+// weight gradient), forms grad_hidden = grad_out @ pw[:, chunk], and scatters it through the
+// transposed depthwise into grad_input and the depthwise weight and bias gradients.
+#pragma once
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+#include "microkernel.h"
+
+namespace sepconv {
+
+struct Geometry {
+  int64_t N, H, W, CM, Cout, OH, OW;
+  int64_t kh, kw, sh, sw, pt, pl, dh, dw;
+  int64_t pixels() const { return N * OH * OW; }
+};
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+inline int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
+
+// Depthwise result of output pixels [p0, p0 + rows) for hidden channels [k0, k0 + kc) into
+// tile (rows x ld), plus bias (may be null). Per pixel, the in-bounds taps are listed once; each
+// 64-channel slice then accumulates over them in registers and is stored once.
+template <typename T>
+void depthwise_tile(const Geometry& g, const T* x, const T* dw_taps, const T* bias, bool relu, int64_t p0,
+                    int64_t rows, int64_t k0, int64_t kc, T* tile, int64_t ld) {
+  constexpr int64_t kSlice = 64;
+  const int64_t taps = g.kh * g.kw;
+  std::vector<const T*> xs(taps), ws(taps);
+  int64_t ow = p0 % g.OW, rest = p0 / g.OW;
+  int64_t oh = rest % g.OH, n = rest / g.OH;
+  for (int64_t r = 0; r < rows; ++r) {
+    int64_t valid = 0;
+    const T* xn = x + n * g.H * g.W * g.CM + k0;
+    for (int64_t i = 0; i < g.kh; ++i) {
+      const int64_t ih = oh * g.sh - g.pt + i * g.dh;
+      if (ih < 0 || ih >= g.H) continue;
+      for (int64_t j = 0; j < g.kw; ++j) {
+        const int64_t iw = ow * g.sw - g.pl + j * g.dw;
+        if (iw < 0 || iw >= g.W) continue;
+        xs[valid] = xn + (ih * g.W + iw) * g.CM;
+        ws[valid++] = dw_taps + (i * g.kw + j) * g.CM + k0;
+      }
+    }
+    T* t = tile + r * ld;
+    for (int64_t c0 = 0; c0 < kc; c0 += kSlice) {
+      if (c0 + kSlice <= kc) {
+        T acc[kSlice];
+#pragma omp simd
+        for (int64_t c = 0; c < kSlice; ++c) acc[c] = bias ? bias[k0 + c0 + c] : T(0);
+        for (int64_t v = 0; v < valid; ++v) {
+          const T* xr = xs[v] + c0;
+          const T* wr = ws[v] + c0;
+          if (relu) {
+#pragma omp simd
+            for (int64_t c = 0; c < kSlice; ++c) acc[c] += std::max(xr[c], T(0)) * wr[c];
+          } else {
+#pragma omp simd
+            for (int64_t c = 0; c < kSlice; ++c) acc[c] += xr[c] * wr[c];
+          }
+        }
+#pragma omp simd
+        for (int64_t c = 0; c < kSlice; ++c) t[c0 + c] = acc[c];
+      } else {
+        const int64_t width = kc - c0;
+        for (int64_t c = 0; c < width; ++c) t[c0 + c] = bias ? bias[k0 + c0 + c] : T(0);
+        for (int64_t v = 0; v < valid; ++v) {
+          const T* xr = xs[v] + c0;
+          const T* wr = ws[v] + c0;
+          T* tt = t + c0;
+          if (relu) {
+#pragma omp simd
+            for (int64_t c = 0; c < width; ++c) tt[c] += std::max(xr[c], T(0)) * wr[c];
+          } else {
+#pragma omp simd
+            for (int64_t c = 0; c < width; ++c) tt[c] += xr[c] * wr[c];
+          }
+        }
+      }
+    }
+    if (++ow == g.OW) {
+      ow = 0;
+      if (++oh == g.OH) {
+        oh = 0;
+        ++n;
+      }
+    }
+  }
+}
+
+// pw (Cout, CM) -> panels (ceil(Cout/32), CM, 32), zero-padded past Cout.
+template <typename T>
+void pack_pointwise(const T* pw, int64_t Cout, int64_t CM, T* panels) {
+  const int64_t npanels = ceil_div(Cout, kCols);
+  constexpr int64_t kStep = 16;  // transpose in (kStep x kCols) blocks that stay in L1
+  const int64_t ksteps = ceil_div(CM, kStep);
+  at::parallel_for(0, npanels * ksteps, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t jp = task / ksteps, k0 = (task % ksteps) * kStep, k1 = std::min(CM, k0 + kStep);
+      const int64_t cols = std::min<int64_t>(kCols, Cout - jp * kCols);
+      T* dst = panels + jp * CM * kCols;
+      T block[kStep][kCols] = {};
+      for (int64_t j = 0; j < cols; ++j) {
+        const T* src = pw + (jp * kCols + j) * CM;
+        for (int64_t k = k0; k < k1; ++k) block[k - k0][j] = src[k];
+      }
+      std::memcpy(dst + k0 * kCols, block, sizeof(T) * (k1 - k0) * kCols);
+    }
+  });
+}
+
+#ifndef SEPCONV_TILE_BYTES
+#define SEPCONV_TILE_BYTES (512 * 1024)
+#endif
+#ifndef SEPCONV_MAX_ROWS
+#define SEPCONV_MAX_ROWS 96
+#endif
+// Forward tile: a multiple of kRows pixels whose pixels x CM depthwise tile stays in L2, so each
+// pass over the pointwise weight (from L3) serves many pixels.
+constexpr int64_t kTileBytes = SEPCONV_TILE_BYTES;
+constexpr int64_t kMaxRows = SEPCONV_MAX_ROWS;
+
+// out = pointwise(depthwise(x)) + bias; bias (Cout) already includes pw @ dw_bias.
+template <typename T>
+void forward(const Geometry& g, const T* x, const T* dw_taps, const T* pw_panels, const T* bias, bool relu, T* out) {
+  const int64_t npix = g.pixels();
+  if (npix == 0) return;
+  const int64_t threads = at::get_num_threads();
+
+  const int64_t budget_rows = (kTileBytes) / (g.CM * int64_t(sizeof(T)));
+  int64_t rows = std::clamp<int64_t>(budget_rows / kRows * kRows, kRows, kMaxRows);
+  int64_t blocks = ceil_div(npix, rows);
+  if (npix * g.CM * int64_t(sizeof(T)) <= 2 * kTileBytes) {
+    blocks = 1;  // few pixels (late layers at batch 1): one pass over the weight, split by channels
+  } else if (blocks < 8 * threads) {
+    blocks = round_up(blocks, threads);  // balance the threads
+  }
+  rows = round_up(ceil_div(npix, blocks), kRows);
+  blocks = ceil_div(npix, rows);
+  const int64_t npanels = ceil_div(g.Cout, kCols);
+  // Too few pixel blocks for the threads: split the output channels too (recomputing the
+  // cheap depthwise tile once per split).
+  const int64_t splits = std::min<int64_t>(npanels, blocks >= threads ? 1 : ceil_div(threads, blocks));
+  const int64_t panels_per_split = ceil_div(npanels, splits);
+
+  // Row stride of the tile: padded by one cache line so the kRows rows the micro-kernel reads
+  // together do not map to the same L1 sets (CM is often a multiple of 512 bytes).
+  const int64_t ld = round_up(g.CM, 16) + 16;
+  at::parallel_for(0, blocks * splits, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> tile(rows * ld);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t block = task / splits, split = task % splits;
+      const int64_t p0 = block * rows, nrows = std::min(rows, npix - p0);
+      const int64_t jp0 = split * panels_per_split, jp1 = std::min(npanels, jp0 + panels_per_split);
+      if (jp0 >= jp1) continue;
+      depthwise_tile<T>(g, x, dw_taps, nullptr, relu, p0, nrows, 0, g.CM, tile.data(), ld);
+      for (int64_t jp = jp0; jp < jp1; ++jp) {
+        MicroArgs args{g.CM, ld, 1, kCols, g.Cout, int(std::min<int64_t>(kCols, g.Cout - jp * kCols)), false};
+        const T* panel = pw_panels + jp * g.CM * kCols;
+        const T* init = bias ? bias + jp * kCols : nullptr;
+        for (int64_t r0 = 0; r0 < nrows; r0 += kRows) {
+          micro<T>(int(std::min<int64_t>(kRows, nrows - r0)), tile.data() + r0 * ld, panel,
+                   out + (p0 + r0) * g.Cout + jp * kCols, init, args);
+        }
+      }
+    }
+  });
+}
+
+struct BackwardOutputs {
+  bool input, depthwise, pointwise;
+};
+
+// Gradients. Buffers that are asked for must be zero-filled by the caller:
+//   grad_x (N, H, W, CM), grad_dw_taps (kh*kw, CM), grad_dw_bias (CM), grad_pw (Cout, CM),
+//   grad_pw_bias (Cout; overwritten).
+template <typename T>
+void backward(const Geometry& g, const T* x, const T* dw_taps, const T* dw_bias, const T* pw, const T* grad_out,
+              bool relu, BackwardOutputs want, T* grad_x, T* grad_dw_taps, T* grad_dw_bias, T* grad_pw,
+              T* grad_pw_bias) {
+  const int64_t npix = g.pixels();
+  const int64_t taps = g.kh * g.kw;
+  // Pixel block: fixed, so the summation order never depends on the thread count.
+  constexpr int64_t kBlock = 8 * kRows;
+  const int64_t threads = at::get_num_threads();
+  // Channel chunk: whole 32-column panels, about one per thread for narrow layers (at least 64
+  // channels when images can be split instead, since narrow chunks pay per-pixel overheads).
+  const int64_t min_chunk = g.N > 1 ? 2 * kCols : kCols;
+  const int64_t chunk = std::clamp<int64_t>(round_up(ceil_div(g.CM, threads), kCols), min_chunk, 4 * kCols);
+  const int64_t nchunks = ceil_div(g.CM, chunk);
+  // Too few chunks for the threads: also split the batch into `parts` groups of whole images
+  // (their grad_x writes never overlap). Each part sums its weight gradients into its own
+  // buffer, and the parts are added in a fixed order afterwards.
+  const int64_t parts =
+      nchunks >= threads ? 1 : std::clamp<int64_t>(ceil_div(threads, nchunks), 1, std::max<int64_t>(g.N, 1));
+  const int64_t images_per_part = ceil_div(g.N, parts);
+  std::vector<T> part_pw, part_dw, part_db;
+  if (parts > 1) {
+    if (want.pointwise) part_pw.assign(parts * g.Cout * g.CM, T(0));
+    if (want.depthwise) {
+      part_dw.assign(parts * taps * g.CM, T(0));
+      part_db.assign(parts * g.CM, T(0));
+    }
+  }
+  const bool need_hidden_grad = want.input || want.depthwise;
+
+  if (want.pointwise) {  // grad_pw_bias[co] = sum over pixels of grad_out[p][co]
+    at::parallel_for(0, ceil_div(g.Cout, 64), 1, [&](int64_t begin, int64_t end) {
+      for (int64_t cb = begin; cb < end; ++cb) {
+        const int64_t c0 = cb * 64, c1 = std::min(g.Cout, c0 + 64);
+        T* dst = grad_pw_bias + c0;
+        std::fill(dst, dst + (c1 - c0), T(0));
+        for (int64_t p = 0; p < npix; ++p) {
+          const T* src = grad_out + p * g.Cout + c0;
+#pragma omp simd
+          for (int64_t c = 0; c < c1 - c0; ++c) dst[c] += src[c];
+        }
+      }
+    });
+  }
+  if (npix == 0) return;
+
+  // Padded row strides (see forward): rows read together must not share L1 sets.
+  const int64_t ldg = round_up(g.Cout, 16) + 16, ldh = round_up(chunk, 16) + 16;
+  const int64_t chunk_panels = ceil_div(chunk, kCols);
+  at::parallel_for(0, nchunks * parts, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> hidden(kBlock * ldh), grad_hidden(kBlock * ldh), go(kBlock * ldg);
+    std::vector<T> dw_acc(taps * chunk), db_acc(chunk), pw_panels(chunk_panels * g.Cout * kCols);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t ci = task / parts, part = task % parts;
+      const int64_t k0 = ci * chunk, kc = std::min(chunk, g.CM - k0);
+      const int64_t pixels_per_image = g.OH * g.OW;
+      const int64_t first = std::min(g.N, part * images_per_part) * pixels_per_image;
+      const int64_t last = std::min(g.N, (part + 1) * images_per_part) * pixels_per_image;
+      if (first >= last) continue;
+      T* gpw = parts > 1 ? part_pw.data() + part * g.Cout * g.CM : grad_pw;
+      T* gdw = parts > 1 ? part_dw.data() + part * taps * g.CM : grad_dw_taps;
+      T* gdb = parts > 1 ? part_db.data() + part * g.CM : grad_dw_bias;
+      std::fill(dw_acc.begin(), dw_acc.end(), T(0));
+      std::fill(db_acc.begin(), db_acc.end(), T(0));
+      if (need_hidden_grad) {  // pw[:, k0:k0+kc] as (panel, Cout, kCols), zero-padded
+        for (int64_t j0 = 0; j0 < kc; j0 += kCols) {
+          const int64_t cols = std::min<int64_t>(kCols, kc - j0);
+          T* panel = pw_panels.data() + (j0 / kCols) * g.Cout * kCols;
+          for (int64_t co = 0; co < g.Cout; ++co) {
+            std::memcpy(panel + co * kCols, pw + co * g.CM + k0 + j0, sizeof(T) * cols);
+            std::fill(panel + co * kCols + cols, panel + (co + 1) * kCols, T(0));
+          }
+        }
+      }
+      for (int64_t p0 = first; p0 < last; p0 += kBlock) {
+        const int64_t nrows = std::min(kBlock, last - p0);
+        for (int64_t r = 0; r < nrows; ++r) {
+          std::memcpy(go.data() + r * ldg, grad_out + (p0 + r) * g.Cout, sizeof(T) * g.Cout);
+        }
+        if (want.pointwise) {
+          // grad_pw[:, chunk] += grad_out[block]^T @ hidden[block, chunk]
+          depthwise_tile<T>(g, x, dw_taps, dw_bias, relu, p0, nrows, k0, kc, hidden.data(), ldh);
+          for (int64_t j0 = 0; j0 < kc; j0 += kCols) {
+            MicroArgs args{nrows, 1, ldg, ldh, g.CM, int(std::min<int64_t>(kCols, kc - j0)), true};
+            for (int64_t co = 0; co < g.Cout; co += kRows) {
+              micro<T>(int(std::min<int64_t>(kRows, g.Cout - co)), go.data() + co, hidden.data() + j0,
+                       gpw + co * g.CM + k0 + j0, nullptr, args);
+            }
+          }
+        }
+        if (!need_hidden_grad) continue;
+        // grad_hidden[block, chunk] = grad_out[block] @ pw[:, chunk]
+        for (int64_t j0 = 0; j0 < kc; j0 += kCols) {
+          MicroArgs args{g.Cout, ldg, 1, kCols, ldh, int(std::min<int64_t>(kCols, kc - j0)), false};
+          const T* panel = pw_panels.data() + (j0 / kCols) * g.Cout * kCols;
+          for (int64_t r0 = 0; r0 < nrows; r0 += kRows) {
+            micro<T>(int(std::min<int64_t>(kRows, nrows - r0)), go.data() + r0 * ldg, panel,
+                     grad_hidden.data() + r0 * ldh + j0, nullptr, args);
+          }
+        }
+        // Transposed depthwise: scatter into grad_x, and reduce the depthwise weight/bias grads.
+        int64_t ow = p0 % g.OW, rest = p0 / g.OW;
+        int64_t oh = rest % g.OH, n = rest / g.OH;
+        for (int64_t r = 0; r < nrows; ++r) {
+          const T* gh = grad_hidden.data() + r * ldh;
+          if (want.depthwise) {
+#pragma omp simd
+            for (int64_t c = 0; c < kc; ++c) db_acc[c] += gh[c];
+          }
+          const int64_t base = n * g.H * g.W * g.CM + k0;
+          for (int64_t i = 0; i < g.kh; ++i) {
+            const int64_t ih = oh * g.sh - g.pt + i * g.dh;
+            if (ih < 0 || ih >= g.H) continue;
+            for (int64_t j = 0; j < g.kw; ++j) {
+              const int64_t iw = ow * g.sw - g.pl + j * g.dw;
+              if (iw < 0 || iw >= g.W) continue;
+              const int64_t offset = base + (ih * g.W + iw) * g.CM;
+              const int64_t tap = i * g.kw + j;
+              if (want.depthwise) {
+                const T* xr = x + offset;
+                T* acc = dw_acc.data() + tap * chunk;
+                if (relu) {
+#pragma omp simd
+                  for (int64_t c = 0; c < kc; ++c) acc[c] += gh[c] * std::max(xr[c], T(0));
+                } else {
+#pragma omp simd
+                  for (int64_t c = 0; c < kc; ++c) acc[c] += gh[c] * xr[c];
+                }
+              }
+              if (want.input) {
+                T* gx = grad_x + offset;
+                const T* wr = dw_taps + tap * g.CM + k0;
+#pragma omp simd
+                for (int64_t c = 0; c < kc; ++c) gx[c] += gh[c] * wr[c];
+              }
+            }
+          }
+          if (++ow == g.OW) {
+            ow = 0;
+            if (++oh == g.OH) {
+              oh = 0;
+              ++n;
+            }
+          }
+        }
+      }
+      if (want.depthwise) {
+        for (int64_t t = 0; t < taps; ++t) {
+          std::memcpy(gdw + t * g.CM + k0, dw_acc.data() + t * chunk, sizeof(T) * kc);
+        }
+        std::memcpy(gdb + k0, db_acc.data(), sizeof(T) * kc);
+      }
+    }
+  });
+  if (parts > 1) {  // fixed-order sum of the per-part weight gradients
+    auto reduce = [&](const std::vector<T>& partial, T* dst, int64_t size) {
+      if (partial.empty()) return;
+      at::parallel_for(0, size, 4096, [&](int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end; ++i) {
+          T sum = partial[i];
+          for (int64_t part = 1; part < parts; ++part) sum += partial[part * size + i];
+          dst[i] = sum;
+        }
+      });
+    };
+    reduce(part_pw, grad_pw, g.Cout * g.CM);
+    reduce(part_dw, grad_dw_taps, taps * g.CM);
+    reduce(part_db, grad_dw_bias, g.CM);
+  }
+}
+
+}  // namespace sepconv

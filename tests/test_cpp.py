@@ -1,0 +1,109 @@
+"""C++ backend specifics: determinism, thread counts, 64-bit offsets, realistic shapes, loader errors.
+
+The shared grid (test_separable_conv.py) already runs every geometry, layout, opcheck and
+gradcheck through the cpp backend; these tests cover what only the C++ kernels can get wrong.
+"""
+
+import pytest
+import torch
+
+import kernels
+from conftest import TOLERANCES, require_backend
+from test_separable_conv import check, make_case
+
+
+def _run(case, layout=torch.channels_last, **kwargs):
+    leaves = [t.detach().clone().requires_grad_(True) if t is not None else None for t in case]
+    leaves[0] = leaves[0].detach().contiguous(memory_format=layout).requires_grad_(True)
+    out = kernels.separable_conv2d(*leaves, padding=1, backend="cpp", **kwargs)
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(3), dtype=out.dtype)
+    out.backward(grad)
+    return [out.detach()] + [leaf.grad for leaf in leaves]
+
+
+@pytest.fixture
+def threads():
+    """Restore the thread count a test changes."""
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("relu_input", [False, True])
+@pytest.mark.parametrize("channels", [160, 64], ids=["channel-chunks", "batch-parts"])
+def test_gradients_bitwise_deterministic(threads, relu_input, channels):
+    require_backend("cpp")
+    torch.set_num_threads(2)
+    # Several channel chunks (or, for few channels, batch parts summed afterwards) and pixel
+    # blocks; output channels not a multiple of the tile.
+    case = make_case(3, channels, 13, 11, (3, 3), 1, 200, True, torch.float32, torch.device("cpu"))
+    first, second = _run(case, relu_input=relu_input), _run(case, relu_input=relu_input)
+    for name, a, b in zip(("output", "input", "depthwise_weight", "pointwise_weight", "depthwise_bias",
+                           "pointwise_bias"), first, second):
+        assert torch.equal(a, b), f"{name} differs between two identical runs"
+
+
+def test_thread_counts_agree(threads):
+    require_backend("cpp")
+    case = make_case(2, 96, 12, 12, (3, 3), 1, 72, True, torch.float32, torch.device("cpu"))
+    results = {}
+    for count in (1, 2):
+        torch.set_num_threads(count)
+        results[count] = _run(case)
+    for a, b in zip(results[1], results[2]):
+        torch.testing.assert_close(a, b, **TOLERANCES[torch.float32])
+
+
+@pytest.mark.parametrize("batch,channels,out_channels,size", [(2, 64, 128, 37), (1, 728, 728, 10), (1, 256, 100, 19)])
+@pytest.mark.parametrize("layout", ["channels_last", "contiguous"])
+def test_realistic_shapes(batch, channels, out_channels, size, layout):
+    device = require_backend("cpp")
+    case = make_case(batch, channels, size, size, (3, 3), 1, out_channels, True, torch.float32, device)
+    check("cpp", *case, padding=1, layout=layout)
+
+
+def test_strided_depth_multiplier_relu():
+    device = require_backend("cpp")
+    case = make_case(2, 40, 15, 17, (3, 3), 3, 50, True, torch.float32, device)
+    check("cpp", *case, stride=2, padding=1, dilation=1, relu_input=True, layout="channels_last")
+
+
+def _available_memory_bytes() -> int:
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(_available_memory_bytes() < 12 * 2**30, reason="needs ~9 GiB free for a 2**31-element output")
+def test_output_past_2_31_elements():
+    """Offsets past 2**31 elements: a (1, 512, 2049, 2048) channels_last float32 output (8.6 GB)."""
+    require_backend("cpp")
+    generator = torch.Generator().manual_seed(0)
+    height, width, out_channels = 2049, 2048, 512
+    x = torch.randn(1, 2, height, width, generator=generator).contiguous(memory_format=torch.channels_last)
+    dw = torch.randn(2, 1, 1, 1, generator=generator)
+    pw = torch.randn(out_channels, 2, 1, 1, generator=generator)
+    pwb = torch.randn(out_channels, generator=generator)
+    out = kernels.separable_conv2d(x, dw, pw, None, pwb, backend="cpp")
+    assert out.numel() > 2**31 and out.is_contiguous(memory_format=torch.channels_last)
+
+    def expected(row):  # the 1x1 depthwise makes output row `row` depend on input row `row` only
+        hidden = x[0, :, row, :].double() * dw.view(2, 1).double()
+        return pw.view(out_channels, 2).double() @ hidden + pwb.double()[:, None]
+
+    for row in (0, height // 2, height - 1):
+        torch.testing.assert_close(out[0, :, row, :].double(), expected(row), **TOLERANCES[torch.float32])
+
+
+def test_missing_compiler_is_reported(monkeypatch):
+    from kernels import cpp_backend
+
+    monkeypatch.setenv("CXX", "no-such-compiler-xyz")
+    with pytest.raises(RuntimeError, match="no C\\+\\+ compiler"):
+        cpp_backend._jit_build()
