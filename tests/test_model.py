@@ -5,6 +5,8 @@ count, key layout, a few forwards at batch 1); everything else uses
 ``xception_tiny`` on small inputs to keep the file fast on a busy CPU.
 """
 
+from __future__ import annotations
+
 import importlib.util
 import os
 
@@ -20,13 +22,20 @@ from xception.layers import Conv2dSeparable
 
 # Tolerance per dtype for whole-model comparisons, relative to the largest magnitude compared.
 MODEL_TOLERANCE = {torch.float64: 1e-9, torch.float32: 2e-4}
+# Training-mode gradients against a float64 oracle: batch-statistics BN over few values per channel
+# amplifies float32 rounding through the depth of the network; GPU matmuls may use TF32.
+TRAIN_TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-3, "cuda": 1e-2}
 
 
-def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, what: str) -> None:
-    actual, expected = actual.double(), expected.double()
-    scale = expected.abs().max().item() + 1e-12
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, what: str,
+                 tolerance: float | None = None) -> None:
+    actual, expected = actual.double().cpu(), expected.double().cpu()
+    tolerance = MODEL_TOLERANCE[dtype] if tolerance is None else tolerance
+    # The 1e-3 floor: some gradients are exactly zero in exact arithmetic (a per-channel shift
+    # just before a batch-statistics BN), and rounding makes them tiny but not zero.
+    scale = expected.abs().max().item() + 1e-3
     error = (actual - expected).abs().max().item()
-    assert error <= MODEL_TOLERANCE[dtype] * scale, f"{what}: max error {error:.3g} (scale {scale:.3g})"
+    assert error <= tolerance * scale, f"{what}: max error {error:.3g} (scale {scale:.3g}, tolerance {tolerance})"
 
 
 def randomize_batchnorm(model: nn.Module, seed: int = 0) -> None:
@@ -270,21 +279,25 @@ def _logits_and_grads(model, x, forward=None):
 
 
 def test_every_backend_matches_eager_conv2d_model(backend):
-    """Same weights, train mode (batch-stat BN): logits, input gradient and every parameter gradient."""
+    """Same weights, train mode (batch-stat BN): logits, input gradient and every parameter gradient,
+    against the nn.Conv2d model in float64."""
     dtype = torch.float32 if backend == "triton" else torch.float64  # triton has no float64
     device = require_backend(backend, dtype)
-    size, middle = (40, 1) if backend == "triton" else (48, 2)
-    reference = tiny(separable="conv2d", middle_blocks=middle).to(dtype)
+    # Triton on CPU is its interpreter: a narrower network (channels 8..128) keeps it near 20 s.
+    interpreted = device.type == "cpu" and backend == "triton"
+    size, shape = (32, {"width": 0.0625, "middle_blocks": 1}) if interpreted else (48, {"middle_blocks": 2})
+    reference = tiny(separable="conv2d", **shape).double()
     randomize_batchnorm(reference)
-    model = tiny(backend=backend, middle_blocks=middle).to(device, dtype)
+    model = tiny(backend=backend, **shape).to(device, dtype)
     model.load_state_dict(reference.state_dict())
-    x = torch.randn(2, 3, size, size, dtype=dtype)
+    x = torch.randn(4, 3, size, size, dtype=torch.float64)
     expected = _logits_and_grads(reference, x)
-    actual = _logits_and_grads(model, x.to(device))
-    assert_close(actual[0].cpu(), expected[0], dtype, "logits")
-    assert_close(actual[1].cpu(), expected[1], dtype, "input gradient")
+    actual = _logits_and_grads(model, x.to(device, dtype))
+    tolerance = TRAIN_TOLERANCE["cuda" if device.type == "cuda" else dtype]
+    assert_close(actual[0], expected[0], dtype, "logits", tolerance)
+    assert_close(actual[1], expected[1], dtype, "input gradient", tolerance)
     for name, grad in expected[2].items():
-        assert_close(actual[2][name].cpu(), grad, dtype, f"gradient of {name}")
+        assert_close(actual[2][name], grad, dtype, f"gradient of {name}", tolerance)
 
 
 @pytest.mark.parametrize("backend_name", ["torch", "cpp"])
@@ -354,7 +367,7 @@ def test_checkpoint_into_other_kinds(tmp_path):
     xception.load_weights(eager, str(path))
     x = torch.randn(1, 3, 36, 36)
     with torch.no_grad():
-        assert torch.equal(eager.eval()(x), source(x))
+        assert_close(eager.eval()(x), source(x), torch.float32, "eager model from the fused model's file")
         features = tiny(features_only=True)
         xception.load_weights(features, path)
         assert torch.equal(features.eval()(x)[-1], source.forward_features(x))
