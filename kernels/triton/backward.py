@@ -36,36 +36,43 @@ import triton
 import triton.language as tl
 
 from ..ops import empty_gradients
-from .common import INTERPRET, depthwise_tile, split_pixels
-from .forward import device_guard
+from .common import depthwise_tile, row_offsets, split_pixels
+from .forward import check_pixels, configs_for, device_guard, family
 
-GRAD_HIDDEN_CONFIGS_GPU = [
-    triton.Config({"BLOCK_P": 64, "BLOCK_K": 64, "BLOCK_CO": 32}, num_warps=4, num_stages=2),
-    triton.Config({"BLOCK_P": 128, "BLOCK_K": 64, "BLOCK_CO": 32}, num_warps=4, num_stages=2),
-    triton.Config({"BLOCK_P": 64, "BLOCK_K": 128, "BLOCK_CO": 32}, num_warps=8, num_stages=2),
-]
-GRAD_INPUT_CONFIGS_GPU = [
+# Tile configs per dtype family (see forward.py); every GPU config compiles without spills.
+GRAD_HIDDEN_CONFIGS_GPU = {
+    "16bit": [
+        triton.Config({"BLOCK_P": 64, "BLOCK_K": 64, "BLOCK_CO": 32}, num_warps=8, num_stages=2),
+        triton.Config({"BLOCK_P": 32, "BLOCK_K": 128, "BLOCK_CO": 32}, num_warps=8, num_stages=2),
+        triton.Config({"BLOCK_P": 64, "BLOCK_K": 32, "BLOCK_CO": 32}, num_warps=4, num_stages=2),
+    ],
+    "fp32": [
+        triton.Config({"BLOCK_P": 64, "BLOCK_K": 64, "BLOCK_CO": 16}, num_warps=8, num_stages=2),
+        triton.Config({"BLOCK_P": 32, "BLOCK_K": 128, "BLOCK_CO": 16}, num_warps=8, num_stages=2),
+        triton.Config({"BLOCK_P": 64, "BLOCK_K": 32, "BLOCK_CO": 16}, num_warps=4, num_stages=2),
+    ],
+}
+_GRAD_INPUT = [
     triton.Config({"BLOCK_Q": 32, "BLOCK_C": 64}, num_warps=4, num_stages=1),
-    triton.Config({"BLOCK_Q": 64, "BLOCK_C": 64}, num_warps=4, num_stages=1),
-    triton.Config({"BLOCK_Q": 16, "BLOCK_C": 128}, num_warps=4, num_stages=1),
+    triton.Config({"BLOCK_Q": 64, "BLOCK_C": 64}, num_warps=8, num_stages=1),
+    triton.Config({"BLOCK_Q": 32, "BLOCK_C": 128}, num_warps=8, num_stages=1),
 ]
-GRAD_POINTWISE_CONFIGS_GPU = [
-    triton.Config({"BLOCK_P": 32, "BLOCK_CO": 64, "BLOCK_K": 64}, num_warps=4, num_stages=2),
-    triton.Config({"BLOCK_P": 64, "BLOCK_CO": 64, "BLOCK_K": 64}, num_warps=4, num_stages=2),
-    triton.Config({"BLOCK_P": 32, "BLOCK_CO": 128, "BLOCK_K": 64}, num_warps=8, num_stages=2),
-]
+GRAD_INPUT_CONFIGS_GPU = {"16bit": _GRAD_INPUT, "fp32": _GRAD_INPUT}
+GRAD_POINTWISE_CONFIGS_GPU = {
+    "16bit": [
+        triton.Config({"BLOCK_P": 32, "BLOCK_CO": 64, "BLOCK_K": 64}, num_warps=4, num_stages=2),
+        triton.Config({"BLOCK_P": 32, "BLOCK_CO": 128, "BLOCK_K": 64}, num_warps=8, num_stages=2),
+        triton.Config({"BLOCK_P": 64, "BLOCK_CO": 64, "BLOCK_K": 64}, num_warps=8, num_stages=2),
+    ],
+    "fp32": [
+        triton.Config({"BLOCK_P": 32, "BLOCK_CO": 64, "BLOCK_K": 64}, num_warps=8, num_stages=2),
+        triton.Config({"BLOCK_P": 32, "BLOCK_CO": 64, "BLOCK_K": 32}, num_warps=4, num_stages=2),
+        triton.Config({"BLOCK_P": 16, "BLOCK_CO": 128, "BLOCK_K": 64}, num_warps=8, num_stages=2),
+    ],
+}
 GRAD_HIDDEN_CONFIGS_INTERPRET = [triton.Config({"BLOCK_P": 32, "BLOCK_K": 16, "BLOCK_CO": 16}, num_warps=4)]
 GRAD_INPUT_CONFIGS_INTERPRET = [triton.Config({"BLOCK_Q": 32, "BLOCK_C": 16}, num_warps=4)]
 GRAD_POINTWISE_CONFIGS_INTERPRET = [triton.Config({"BLOCK_P": 32, "BLOCK_CO": 16, "BLOCK_K": 16}, num_warps=4)]
-
-if INTERPRET:
-    GRAD_HIDDEN_CONFIGS = GRAD_HIDDEN_CONFIGS_INTERPRET
-    GRAD_INPUT_CONFIGS = GRAD_INPUT_CONFIGS_INTERPRET
-    GRAD_POINTWISE_CONFIGS = GRAD_POINTWISE_CONFIGS_INTERPRET
-else:
-    GRAD_HIDDEN_CONFIGS = GRAD_HIDDEN_CONFIGS_GPU
-    GRAD_INPUT_CONFIGS = GRAD_INPUT_CONFIGS_GPU
-    GRAD_POINTWISE_CONFIGS = GRAD_POINTWISE_CONFIGS_GPU
 
 # Pointwise-weight partials buffer budget (fp32 elements): bounds the pixel splits.
 PARTIAL_BUDGET = 1 << 22
@@ -96,12 +103,12 @@ def grad_hidden_kernel(
     """
     pid_p = tl.program_id(0)
     pid_k = tl.program_id(1)
-    offs_p = pid_p.to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
     p_mask = offs_p < P
     n, oh, ow = split_pixels(offs_p, OH, OW)
     j = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     j_mask = j < C_HID
-    go_base = n * go_sn + oh * go_sh + ow * go_sw
+    go_base = row_offsets(n, oh, ow, go_sn, go_sh, go_sw)
 
     acc = tl.zeros((BLOCK_P, BLOCK_K), dtype=tl.float32)
     for co0 in range(0, C_OUT, BLOCK_CO):
@@ -114,23 +121,21 @@ def grad_hidden_kernel(
         acc = tl.dot(g, w.to(g.dtype), acc, input_precision="ieee")
 
     if STORE_GH:
-        tl.store(gh_ptr + offs_p[:, None] * C_HID + j[None, :], acc, mask=p_mask[:, None] & j_mask[None, :])
+        tl.store(gh_ptr + offs_p.to(tl.int64)[:, None] * C_HID + j[None, :], acc, mask=p_mask[:, None] & j_mask[None, :])
     if NEED_DW:
         # Rows of acc outside the image are zero (go loaded as 0 there).
         part = part_ptr + pid_p.to(tl.int64) * ((KH * KW + 1) * C_HID)
-        c = j // M
-        base = n[:, None] * x_sn + c[None, :].to(tl.int64) * x_sc
-        for i in tl.static_range(KH):
-            ih = oh * stride_h - pad_top + i * dil_h
-            row_ok = p_mask & (ih >= 0) & (ih < H)
-            for jj in tl.static_range(KW):
-                iw = ow * stride_w - pad_left + jj * dil_w
-                ok = row_ok & (iw >= 0) & (iw < W)
-                xv = tl.load(x_ptr + base + (ih * x_sh + iw * x_sw)[:, None],
-                             mask=ok[:, None] & j_mask[None, :], other=0.0).to(tl.float32)
-                if RELU:
-                    xv = tl.maximum(xv, 0.0)
-                tl.store(part + (i * KW + jj) * C_HID + j, tl.sum(acc * xv, axis=0), mask=j_mask)
+        col = (j // M).to(tl.int64) * x_sc
+        for tap in tl.range(0, KH * KW, num_stages=1):
+            ih = oh * stride_h - pad_top + (tap // KW) * dil_h
+            iw = ow * stride_w - pad_left + (tap % KW) * dil_w
+            ok = p_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            row = row_offsets(n, ih, iw, x_sn, x_sh, x_sw)
+            xv = tl.load(x_ptr + row[:, None] + col[None, :], mask=ok[:, None] & j_mask[None, :], other=0.0)
+            xv = xv.to(tl.float32)
+            if RELU:
+                xv = tl.maximum(xv, 0.0)
+            tl.store(part + tap * C_HID + j, tl.sum(acc * xv, axis=0), mask=j_mask)
         tl.store(part + (KH * KW) * C_HID + j, tl.sum(acc, axis=0), mask=j_mask)
 
 
@@ -156,7 +161,7 @@ def grad_input_kernel(
     """
     pid_q = tl.program_id(0)
     pid_c = tl.program_id(1)
-    offs_q = pid_q.to(tl.int64) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    offs_q = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
     q_mask = offs_q < Q
     n, ih, iw = split_pixels(offs_q, H, W)
     c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -165,25 +170,26 @@ def grad_input_kernel(
     acc = tl.zeros((BLOCK_Q, BLOCK_C), dtype=tl.float32)
     for m in range(0, M):
         j = c * M + m
-        for i in tl.static_range(KH):
+        # A runtime loop over the taps keeps one tap's gather live at a time (no spills).
+        for tap in tl.range(0, KH * KW, num_stages=1):
+            i = tap // KW
+            jj = tap % KW
             th = ih + pad_top - i * dil_h
             oh = th // stride_h
-            row_ok = q_mask & (th >= 0) & (th % stride_h == 0) & (oh < OH)
-            for jj in tl.static_range(KW):
-                tw = iw + pad_left - jj * dil_w
-                ow = tw // stride_w
-                ok = row_ok & (tw >= 0) & (tw % stride_w == 0) & (ow < OW)
-                p = (n * OH + oh) * OW + ow
-                g = tl.load(gh_ptr + p[:, None] * C_HID + j[None, :], mask=ok[:, None] & c_mask[None, :], other=0.0)
-                w = tl.load(dw_ptr + j * (KH * KW) + (i * KW + jj), mask=c_mask, other=0.0).to(tl.float32)
-                acc += g * w[None, :]
+            tw = iw + pad_left - jj * dil_w
+            ow = tw // stride_w
+            ok = q_mask & (th >= 0) & (th % stride_h == 0) & (oh < OH) & (tw >= 0) & (tw % stride_w == 0) & (ow < OW)
+            p = ((n * OH + oh) * OW + ow).to(tl.int64)
+            g = tl.load(gh_ptr + p[:, None] * C_HID + j[None, :], mask=ok[:, None] & c_mask[None, :], other=0.0)
+            w = tl.load(dw_ptr + j * (KH * KW) + tap, mask=c_mask, other=0.0).to(tl.float32)
+            acc += g * w[None, :]
 
-    x_offs = (n * x_sn + ih * x_sh + iw * x_sw)[:, None] + c[None, :].to(tl.int64) * x_sc
+    x_offs = row_offsets(n, ih, iw, x_sn, x_sh, x_sw)[:, None] + c[None, :].to(tl.int64) * x_sc
     mask = q_mask[:, None] & c_mask[None, :]
     if RELU:
         xv = tl.load(x_ptr + x_offs, mask=mask, other=0.0)
         acc = tl.where(xv > 0, acc, 0.0)
-    gx_offs = (n * gx_sn + ih * gx_sh + iw * gx_sw)[:, None] + c[None, :].to(tl.int64) * gx_sc
+    gx_offs = row_offsets(n, ih, iw, gx_sn, gx_sh, gx_sw)[:, None] + c[None, :].to(tl.int64) * gx_sc
     tl.store(gx_ptr + gx_offs, acc.to(gx_ptr.dtype.element_ty), mask=mask)
 
 
@@ -215,7 +221,7 @@ def grad_pointwise_kernel(
     j = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     j_mask = j < C_HID
     per_split = tl.cdiv(tl.cdiv(P, SPLITS), BLOCK_P) * BLOCK_P
-    start = pid_s.to(tl.int64) * per_split
+    start = pid_s * per_split
 
     acc = tl.zeros((BLOCK_CO, BLOCK_K), dtype=tl.float32)
     acc_b = tl.zeros((BLOCK_CO,), dtype=tl.float32)
@@ -226,7 +232,7 @@ def grad_pointwise_kernel(
         h = depthwise_tile(x_ptr, dw_ptr, dwb_ptr, n, oh, ow, p_mask, j, j_mask, H, W, M,
                            x_sn, x_sc, x_sh, x_sw, stride_h, stride_w, pad_top, pad_left, dil_h, dil_w,
                            KH, KW, HAS_DW_BIAS, RELU, BLOCK_P, BLOCK_K)
-        go_offs = (n * go_sn + oh * go_sh + ow * go_sw)[:, None] + co[None, :].to(tl.int64) * go_sc
+        go_offs = row_offsets(n, oh, ow, go_sn, go_sh, go_sw)[:, None] + co[None, :].to(tl.int64) * go_sc
         g = tl.load(go_ptr + go_offs, mask=p_mask[:, None] & co_mask[None, :], other=0.0)  # (BLOCK_P, BLOCK_CO)
         acc = tl.dot(tl.trans(g), h.to(g.dtype), acc, input_precision="ieee")
         acc_b += tl.sum(g.to(tl.float32), axis=0)
@@ -237,18 +243,24 @@ def grad_pointwise_kernel(
         tl.store(part_b_ptr + pid_s.to(tl.int64) * C_OUT + co, acc_b, mask=co_mask)
 
 
+def _autotuned(kernel, gpu_configs, interpret_configs, key, **options):
+    return {name: triton.autotune(configs=configs_for(gpu_configs, interpret_configs, name), key=key, **options)(kernel)
+            for name in gpu_configs}
+
+
 # The partials buffer is sized for the smallest BLOCK_P; rows a larger block leaves unwritten must be
 # zero, so the autotuner re-zeroes it between its timing runs.
-grad_hidden_autotuned = triton.autotune(configs=GRAD_HIDDEN_CONFIGS, key=["P", "C_HID", "C_OUT", "KH", "KW"],
-                                        reset_to_zero=["part_ptr"])(grad_hidden_kernel)
-grad_input_autotuned = triton.autotune(configs=GRAD_INPUT_CONFIGS, key=["Q", "C", "M", "KH", "KW"])(
-    grad_input_kernel)
-grad_pointwise_autotuned = triton.autotune(configs=GRAD_POINTWISE_CONFIGS,
-                                           key=["P", "C_HID", "C_OUT", "SPLITS", "KH", "KW"])(grad_pointwise_kernel)
+grad_hidden_autotuned = _autotuned(grad_hidden_kernel, GRAD_HIDDEN_CONFIGS_GPU, GRAD_HIDDEN_CONFIGS_INTERPRET,
+                                   ["P", "C_HID", "C_OUT", "KH", "KW"], reset_to_zero=["part_ptr"])
+grad_input_autotuned = _autotuned(grad_input_kernel, GRAD_INPUT_CONFIGS_GPU, GRAD_INPUT_CONFIGS_INTERPRET,
+                                  ["Q", "C", "M", "KH", "KW"])
+grad_pointwise_autotuned = _autotuned(grad_pointwise_kernel, GRAD_POINTWISE_CONFIGS_GPU,
+                                      GRAD_POINTWISE_CONFIGS_INTERPRET, ["P", "C_HID", "C_OUT", "SPLITS", "KH", "KW"])
 
 
-def _launch(autotuned, kernel, configs, grid, *args, **kwargs):
+def _launch(autotuned, kernel, grid, *args, **kwargs):
     """Autotuned launch, or the first config when deterministic algorithms are requested."""
+    configs = autotuned.configs
     if torch.are_deterministic_algorithms_enabled() and len(configs) > 1:
         config = configs[0]
         meta = dict(config.kwargs)
@@ -280,16 +292,18 @@ def backward(grad_output: torch.Tensor, input: torch.Tensor, depthwise_weight: t
             if wanted:
                 grad.zero_()
         return out
+    check_pixels(pixels, input)
     dw = depthwise_weight.reshape(c_hid, kh * kw).contiguous()
     pw = pointwise_weight.reshape(c_out, c_hid).contiguous()
     dwb = depthwise_bias.contiguous() if depthwise_bias is not None else dw
     geometry = (stride[0], stride[1], padding[0], padding[2], dilation[0], dilation[1])
     relu = bool(relu_input)
     f32 = dict(dtype=torch.float32, device=input.device)
+    kind = family(input.dtype)
 
     with device_guard(input):
         if want_input or want_depthwise:
-            block_p_min = min(c.kwargs["BLOCK_P"] for c in GRAD_HIDDEN_CONFIGS)
+            block_p_min = min(c.kwargs["BLOCK_P"] for c in grad_hidden_autotuned[kind].configs)
             grad_hidden = torch.empty((pixels, c_hid), **f32) if want_input else dw
             partials = (torch.zeros((triton.cdiv(pixels, block_p_min), kh * kw + 1, c_hid), **f32)
                         if want_depthwise else dw)
@@ -297,7 +311,7 @@ def backward(grad_output: torch.Tensor, input: torch.Tensor, depthwise_weight: t
             def grid_hidden(meta):
                 return (triton.cdiv(pixels, meta["BLOCK_P"]), triton.cdiv(c_hid, meta["BLOCK_K"]))
 
-            _launch(grad_hidden_autotuned, grad_hidden_kernel, GRAD_HIDDEN_CONFIGS, grid_hidden,
+            _launch(grad_hidden_autotuned[kind], grad_hidden_kernel, grid_hidden,
                     grad_output, pw, input, grad_hidden, partials,
                     pixels, c_hid, c_out, height, width, oh, ow, multiplier,
                     *grad_output.stride(), *input.stride(), *geometry,
@@ -313,7 +327,7 @@ def backward(grad_output: torch.Tensor, input: torch.Tensor, depthwise_weight: t
                 def grid_input(meta):
                     return (triton.cdiv(q, meta["BLOCK_Q"]), triton.cdiv(channels, meta["BLOCK_C"]))
 
-                _launch(grad_input_autotuned, grad_input_kernel, GRAD_INPUT_CONFIGS, grid_input,
+                _launch(grad_input_autotuned[kind], grad_input_kernel, grid_input,
                         grad_hidden, dw, input, out[0],
                         q, channels, height, width, oh, ow, multiplier, c_hid,
                         *input.stride(), *out[0].stride(), *geometry, KH=kh, KW=kw, RELU=relu)
@@ -326,7 +340,7 @@ def backward(grad_output: torch.Tensor, input: torch.Tensor, depthwise_weight: t
             def grid_pointwise(meta):
                 return (triton.cdiv(c_out, meta["BLOCK_CO"]), triton.cdiv(c_hid, meta["BLOCK_K"]), splits)
 
-            _launch(grad_pointwise_autotuned, grad_pointwise_kernel, GRAD_POINTWISE_CONFIGS, grid_pointwise,
+            _launch(grad_pointwise_autotuned[kind], grad_pointwise_kernel, grid_pointwise,
                     input, dw, dwb, grad_output, part_w, part_b,
                     pixels, c_hid, c_out, height, width, oh, ow, multiplier, splits,
                     *input.stride(), *grad_output.stride(), *geometry,

@@ -4,8 +4,10 @@
 result (pixels x hidden channels) straight from the input, in registers, so
 the fused kernels never write the intermediate to global memory.
 
-Pixels are flattened ``p = (n * OH + oh) * OW + ow``; offsets built from
-``p`` are 64-bit so tensors past ``2**31`` elements index correctly.
+Pixels are flattened ``p = (n * OH + oh) * OW + ow`` and indexed in int32
+(the launchers check ``N * OH * OW < 2**31``: 64-bit division is a slow
+subroutine on GPUs); every memory offset is then built in int64 from the
+per-pixel row terms, so tensors past ``2**31`` elements index correctly.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 @triton.jit
 def split_pixels(offs_p, OH, OW):
-    """Flattened output pixels ``offs_p`` (int64) -> ``(n, oh, ow)``."""
+    """Flattened pixels ``offs_p`` (int32) -> ``(n, oh, ow)`` (int32)."""
     per_image = OH * OW
     n = offs_p // per_image
     rem = offs_p % per_image
@@ -45,20 +47,27 @@ def depthwise_tile(
 ):
     """Depthwise output for pixels x hidden channels ``j`` (channel ``j`` reads input ``j // M``); fp32."""
     c = j // M
-    base = n[:, None] * x_sn + c[None, :].to(tl.int64) * x_sc
+    col = c.to(tl.int64) * x_sc
+    n_off = n.to(tl.int64) * x_sn
     acc = tl.zeros((BLOCK_P, BLOCK_K), dtype=tl.float32)
-    for i in tl.static_range(KH):
-        ih = oh * stride_h - pad_top + i * dil_h
-        row_ok = p_mask & (ih >= 0) & (ih < H)
-        for jj in tl.static_range(KW):
-            iw = ow * stride_w - pad_left + jj * dil_w
-            ok = row_ok & (iw >= 0) & (iw < W)
-            mask = ok[:, None] & j_mask[None, :]
-            xv = tl.load(x_ptr + base + (ih * x_sh + iw * x_sw)[:, None], mask=mask, other=0.0).to(tl.float32)
-            if RELU:
-                xv = tl.maximum(xv, 0.0)
-            wv = tl.load(dw_ptr + j * (KH * KW) + (i * KW + jj), mask=j_mask, other=0.0).to(tl.float32)
-            acc += xv * wv[None, :]
+    # A runtime loop over the taps keeps one tap's gather live at a time (unrolled it spills).
+    for tap in tl.range(0, KH * KW, num_stages=1):
+        ih = oh * stride_h - pad_top + (tap // KW) * dil_h
+        iw = ow * stride_w - pad_left + (tap % KW) * dil_w
+        ok = p_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        row = n_off + ih.to(tl.int64) * x_sh + iw.to(tl.int64) * x_sw
+        xv = tl.load(x_ptr + row[:, None] + col[None, :], mask=ok[:, None] & j_mask[None, :], other=0.0)
+        xv = xv.to(tl.float32)
+        if RELU:
+            xv = tl.maximum(xv, 0.0)
+        wv = tl.load(dw_ptr + j * (KH * KW) + tap, mask=j_mask, other=0.0).to(tl.float32)
+        acc += xv * wv[None, :]
     if HAS_DW_BIAS:
         acc += tl.load(dwb_ptr + j, mask=j_mask, other=0.0).to(tl.float32)[None, :]
     return acc
+
+
+@triton.jit
+def row_offsets(n, h, w, s_n, s_h, s_w):
+    """int64 offsets of pixels ``(n, h, w)`` (int32 vectors) for strides ``s_n, s_h, s_w``."""
+    return n.to(tl.int64) * s_n + h.to(tl.int64) * s_h + w.to(tl.int64) * s_w

@@ -16,19 +16,36 @@ import triton
 import triton.language as tl
 
 from ..ops import empty_output, output_shape
-from .common import INTERPRET, depthwise_tile, split_pixels
+from .common import INTERPRET, depthwise_tile, row_offsets, split_pixels
 
-# Tile configurations. The interpreter runs one cheap config; on GPU a short list
-# autotuned per shape (each one compiles without register spills on sm_80 and sm_90,
-# see tests/test_triton.py::test_aot_no_spills).
-GPU_CONFIGS = [
-    triton.Config({"BLOCK_P": 64, "BLOCK_CO": 64, "BLOCK_K": 32}, num_warps=4, num_stages=2),
-    triton.Config({"BLOCK_P": 128, "BLOCK_CO": 64, "BLOCK_K": 32}, num_warps=4, num_stages=2),
-    triton.Config({"BLOCK_P": 64, "BLOCK_CO": 128, "BLOCK_K": 32}, num_warps=4, num_stages=2),
-    triton.Config({"BLOCK_P": 128, "BLOCK_CO": 128, "BLOCK_K": 32}, num_warps=8, num_stages=2),
-]
+# Tile configurations per dtype family ("fp32": ieee dot on FMA units, heavier in registers;
+# "16bit": fp16/bf16 on tensor cores). The interpreter runs one cheap config; on GPU a short
+# list is autotuned per shape. Each GPU config compiles without register spills for sm_80 and
+# sm_90 (tests/test_triton.py::test_aot_compiles_without_spills, kernels/triton/aot_report.py).
+GPU_CONFIGS = {
+    "16bit": [
+        triton.Config({"BLOCK_P": 64, "BLOCK_CO": 64, "BLOCK_K": 32}, num_warps=4, num_stages=2),
+        triton.Config({"BLOCK_P": 128, "BLOCK_CO": 64, "BLOCK_K": 32}, num_warps=8, num_stages=2),
+        triton.Config({"BLOCK_P": 64, "BLOCK_CO": 128, "BLOCK_K": 32}, num_warps=8, num_stages=2),
+    ],
+    "fp32": [
+        triton.Config({"BLOCK_P": 64, "BLOCK_CO": 64, "BLOCK_K": 16}, num_warps=8, num_stages=2),
+        triton.Config({"BLOCK_P": 128, "BLOCK_CO": 64, "BLOCK_K": 16}, num_warps=8, num_stages=2),
+        triton.Config({"BLOCK_P": 64, "BLOCK_CO": 128, "BLOCK_K": 16}, num_warps=8, num_stages=2),
+    ],
+}
 INTERPRET_CONFIGS = [triton.Config({"BLOCK_P": 32, "BLOCK_CO": 32, "BLOCK_K": 16}, num_warps=4, num_stages=1)]
-CONFIGS = INTERPRET_CONFIGS if INTERPRET else GPU_CONFIGS
+
+
+def family(dtype: torch.dtype) -> str:
+    """The config family of a dtype: "fp32" or "16bit"."""
+    return "fp32" if dtype == torch.float32 else "16bit"
+
+
+def configs_for(gpu_configs: dict, interpret_configs: list, dtype_family: str) -> list:
+    return interpret_configs if INTERPRET else gpu_configs[dtype_family]
+
+
 AUTOTUNE_KEY = ["P", "C_HID", "C_OUT", "KH", "KW", "M"]
 
 
@@ -54,7 +71,7 @@ def forward_kernel(
     """
     pid_p = tl.program_id(0)
     pid_co = tl.program_id(1)
-    offs_p = pid_p.to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
     p_mask = offs_p < P
     n, oh, ow = split_pixels(offs_p, OH, OW)
     offs_co = pid_co * BLOCK_CO + tl.arange(0, BLOCK_CO)
@@ -73,11 +90,12 @@ def forward_kernel(
 
     if HAS_PW_BIAS:
         acc += tl.load(pwb_ptr + offs_co, mask=co_mask, other=0.0).to(tl.float32)[None, :]
-    out_offs = (n * o_sn + oh * o_sh + ow * o_sw)[:, None] + offs_co[None, :].to(tl.int64) * o_sc
+    out_offs = row_offsets(n, oh, ow, o_sn, o_sh, o_sw)[:, None] + offs_co[None, :].to(tl.int64) * o_sc
     tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=p_mask[:, None] & co_mask[None, :])
 
 
-forward_autotuned = triton.autotune(configs=CONFIGS, key=AUTOTUNE_KEY)(forward_kernel)
+forward_autotuned = {name: triton.autotune(configs=configs_for(GPU_CONFIGS, INTERPRET_CONFIGS, name),
+                                           key=AUTOTUNE_KEY)(forward_kernel) for name in GPU_CONFIGS}
 
 
 def device_guard(tensor: torch.Tensor):
@@ -87,6 +105,16 @@ def device_guard(tensor: torch.Tensor):
     import contextlib
 
     return contextlib.nullcontext()
+
+
+MAX_PIXELS = 2**31 - 2**16
+
+
+def check_pixels(pixels: int, input: torch.Tensor) -> None:
+    """The kernels index pixels in int32 (offsets are int64): N*OH*OW (and N*H*W) must stay below 2**31."""
+    if pixels >= MAX_PIXELS or input.shape[0] * input.shape[2] * input.shape[3] >= MAX_PIXELS:
+        raise ValueError(f"input of shape {tuple(input.shape)} has too many pixels for the triton backend "
+                         f"(N*H*W and N*OH*OW must be < {MAX_PIXELS}); split the batch")
 
 
 def forward(input: torch.Tensor, depthwise_weight: torch.Tensor, pointwise_weight: torch.Tensor,
@@ -104,6 +132,7 @@ def forward(input: torch.Tensor, depthwise_weight: torch.Tensor, pointwise_weigh
     pixels = batch * oh * ow
     if pixels == 0:
         return out
+    check_pixels(pixels, input)
     c_hid, _, kh, kw = depthwise_weight.shape
     dw = depthwise_weight.reshape(c_hid, kh * kw).contiguous()
     pw = pointwise_weight.reshape(c_out, c_hid).contiguous()
@@ -114,7 +143,7 @@ def forward(input: torch.Tensor, depthwise_weight: torch.Tensor, pointwise_weigh
         return (triton.cdiv(pixels, meta["BLOCK_P"]), triton.cdiv(c_out, meta["BLOCK_CO"]))
 
     with device_guard(input):
-        forward_autotuned[grid](
+        forward_autotuned[family(input.dtype)][grid](
             input, dw, dwb, pw, pwb, out,
             pixels, c_hid, c_out, input.shape[2], input.shape[3], oh, ow, c_hid // input.shape[1],
             *input.stride(), *out.stride(),
