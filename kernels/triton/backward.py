@@ -36,7 +36,7 @@ import triton
 import triton.language as tl
 
 from ..ops import empty_gradients
-from .common import depthwise_tile, row_offsets, split_pixels
+from .common import cast, depthwise_tile, mma, row_offsets, split_pixels
 from .forward import check_pixels, configs_for, device_guard, family
 
 # Tile configs per dtype family (see forward.py); every GPU config compiles without spills.
@@ -118,7 +118,7 @@ def grad_hidden_kernel(
                     mask=p_mask[:, None] & co_mask[None, :], other=0.0)  # (BLOCK_P, BLOCK_CO)
         w = tl.load(pw_ptr + co[:, None] * C_HID + j[None, :],
                     mask=co_mask[:, None] & j_mask[None, :], other=0.0)  # (BLOCK_CO, BLOCK_K)
-        acc = tl.dot(g, w.to(g.dtype), acc, input_precision="ieee")
+        acc = mma(g, w.to(g.dtype), acc)
 
     if STORE_GH:
         tl.store(gh_ptr + offs_p.to(tl.int64)[:, None] * C_HID + j[None, :], acc, mask=p_mask[:, None] & j_mask[None, :])
@@ -190,7 +190,7 @@ def grad_input_kernel(
         xv = tl.load(x_ptr + x_offs, mask=mask, other=0.0)
         acc = tl.where(xv > 0, acc, 0.0)
     gx_offs = row_offsets(n, ih, iw, gx_sn, gx_sh, gx_sw)[:, None] + c[None, :].to(tl.int64) * gx_sc
-    tl.store(gx_ptr + gx_offs, acc.to(gx_ptr.dtype.element_ty), mask=mask)
+    tl.store(gx_ptr + gx_offs, cast(acc, gx_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -234,7 +234,7 @@ def grad_pointwise_kernel(
                            KH, KW, HAS_DW_BIAS, RELU, BLOCK_P, BLOCK_K)
         go_offs = row_offsets(n, oh, ow, go_sn, go_sh, go_sw)[:, None] + co[None, :].to(tl.int64) * go_sc
         g = tl.load(go_ptr + go_offs, mask=p_mask[:, None] & co_mask[None, :], other=0.0)  # (BLOCK_P, BLOCK_CO)
-        acc = tl.dot(tl.trans(g), h.to(g.dtype), acc, input_precision="ieee")
+        acc = mma(tl.trans(g), cast(h, g.dtype), acc)
         acc_b += tl.sum(g.to(tl.float32), axis=0)
 
     part_w = part_w_ptr + pid_s.to(tl.int64) * C_OUT * C_HID

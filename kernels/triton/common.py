@@ -18,6 +18,32 @@ import triton
 import triton.language as tl
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+# Triton's interpreter (3.9) returns garbage from tl.dot on bfloat16 operands and truncates
+# fp32 -> bfloat16 casts, so there the
+# operands (already rounded to the input dtype) are widened to fp32 first: the products of
+# two 16-bit values are exact in fp32, so the result matches the tensor-core path up to the
+# order of the fp32 accumulation.
+DOT_IN_FP32 = tl.constexpr(INTERPRET)
+
+
+@triton.jit
+def cast(x, dtype: tl.constexpr):
+    """``x.to(dtype)`` rounding to nearest even (the interpreter truncates fp32 -> bfloat16)."""
+    if DOT_IN_FP32 and dtype == tl.bfloat16:
+        bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        return bits.to(tl.float32, bitcast=True).to(dtype)
+    else:
+        return x.to(dtype)
+
+
+@triton.jit
+def mma(a, b, acc):
+    """``acc + a @ b`` with fp32 accumulation (ieee: no tf32 for fp32 operands)."""
+    if DOT_IN_FP32:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc, input_precision="ieee")
 
 
 @triton.jit

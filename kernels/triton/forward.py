@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from ..ops import empty_output, output_shape
-from .common import INTERPRET, depthwise_tile, row_offsets, split_pixels
+from .common import INTERPRET, cast, depthwise_tile, mma, row_offsets, split_pixels
 
 # Tile configurations per dtype family ("fp32": ieee dot on FMA units, heavier in registers;
 # "16bit": fp16/bf16 on tensor cores). The interpreter runs one cheap config; on GPU a short
@@ -86,12 +86,12 @@ def forward_kernel(
                            KH, KW, HAS_DW_BIAS, RELU, BLOCK_P, BLOCK_K)
         wt = tl.load(pw_ptr + offs_co[None, :] * C_HID + j[:, None],
                      mask=j_mask[:, None] & co_mask[None, :], other=0.0)  # (BLOCK_K, BLOCK_CO)
-        acc = tl.dot(a.to(wt.dtype), wt, acc, input_precision="ieee")
+        acc = mma(cast(a, wt.dtype), wt, acc)
 
     if HAS_PW_BIAS:
         acc += tl.load(pwb_ptr + offs_co, mask=co_mask, other=0.0).to(tl.float32)[None, :]
     out_offs = row_offsets(n, oh, ow, o_sn, o_sh, o_sw)[:, None] + offs_co[None, :].to(tl.int64) * o_sc
-    tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=p_mask[:, None] & co_mask[None, :])
+    tl.store(out_ptr + out_offs, cast(acc, out_ptr.dtype.element_ty), mask=p_mask[:, None] & co_mask[None, :])
 
 
 forward_autotuned = {name: triton.autotune(configs=configs_for(GPU_CONFIGS, INTERPRET_CONFIGS, name),
