@@ -62,7 +62,7 @@ GRAD_POINTWISE_CONFIGS_GPU = {
     "16bit": [
         triton.Config({"BLOCK_P": 32, "BLOCK_CO": 64, "BLOCK_K": 64}, num_warps=4, num_stages=2),
         triton.Config({"BLOCK_P": 32, "BLOCK_CO": 128, "BLOCK_K": 64}, num_warps=8, num_stages=2),
-        triton.Config({"BLOCK_P": 64, "BLOCK_CO": 64, "BLOCK_K": 64}, num_warps=8, num_stages=2),
+        triton.Config({"BLOCK_P": 64, "BLOCK_CO": 64, "BLOCK_K": 32}, num_warps=8, num_stages=2),
     ],
     "fp32": [
         triton.Config({"BLOCK_P": 32, "BLOCK_CO": 64, "BLOCK_K": 64}, num_warps=8, num_stages=2),
