@@ -192,7 +192,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--targets", default="90,80", help="compute capabilities, e.g. 90,80")
     parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1))
     parser.add_argument("--json", help="also write the rows to this JSON file")
+    parser.add_argument("--use-cache", action="store_true",
+                        help="reuse Triton's cache (cache hits skip Triton's own ptxas run; the bundled ptxas "
+                             "is then run on the PTX, without Triton's extra ptxas flags)")
     args = parser.parse_args(argv)
+    if not args.use_cache:
+        os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="sepconv-aot-")
     names = [n for n in args.kernels.split(",") if n]
     unknown = set(names) - set(kernel_specs())
     if unknown:

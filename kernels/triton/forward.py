@@ -9,6 +9,7 @@ the epilogue. The depthwise intermediate never reaches global memory.
 
 from __future__ import annotations
 
+import contextlib
 from typing import List, Optional, Sequence
 
 import torch
@@ -102,8 +103,6 @@ def device_guard(tensor: torch.Tensor):
     """Launch on ``tensor``'s device (a no-op context for CPU tensors in the interpreter)."""
     if tensor.device.type == "cuda":
         return torch.cuda.device(tensor.device)
-    import contextlib
-
     return contextlib.nullcontext()
 
 
