@@ -305,8 +305,9 @@ def backward(grad_output: torch.Tensor, input: torch.Tensor, depthwise_weight: t
         if want_input or want_depthwise:
             block_p_min = min(c.kwargs["BLOCK_P"] for c in grad_hidden_autotuned[kind].configs)
             grad_hidden = torch.empty((pixels, c_hid), **f32) if want_input else dw
-            partials = (torch.zeros((triton.cdiv(pixels, block_p_min), kh * kw + 1, c_hid), **f32)
-                        if want_depthwise else dw)
+            # Never a user tensor as the dummy: the autotuner zeroes this argument between timing runs.
+            partials = torch.zeros((triton.cdiv(pixels, block_p_min) if want_depthwise else 1,
+                                    kh * kw + 1, c_hid), **f32)
 
             def grid_hidden(meta):
                 return (triton.cdiv(pixels, meta["BLOCK_P"]), triton.cdiv(c_hid, meta["BLOCK_K"]))
