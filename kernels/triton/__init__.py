@@ -1,5 +1,23 @@
-"""The Triton backend: fused kernels for CUDA tensors (and CPU under TRITON_INTERPRET=1)."""
+"""The Triton backend: fused kernels for CUDA tensors (and CPU under TRITON_INTERPRET=1).
+
+``load()`` (called by ``kernels.dispatch``) imports Triton and registers the
+launchers of ``forward.py`` and ``backward.py`` as the CUDA implementation of
+``sepconv_triton::forward`` / ``::backward`` and as a CPU implementation that
+only runs in Triton's interpreter. The kernel modules are imported inside
+``load()``: ``@triton.jit`` reads ``TRITON_INTERPRET`` when it decorates.
+"""
+
+MIN_TRITON = (3, 6)
 
 
 def load() -> None:
-    raise NotImplementedError("the triton backend is not implemented yet")
+    try:
+        import triton
+    except ImportError as error:
+        raise ImportError(f"the triton backend needs the 'triton' package (>= 3.6): {error}") from error
+    version = tuple(int(part) for part in triton.__version__.split(".")[:2] if part.isdigit())
+    if version < MIN_TRITON:
+        raise ImportError(f"the triton backend needs triton >= 3.6, found {triton.__version__}")
+    from . import registration
+
+    registration.register()

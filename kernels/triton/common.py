@@ -1,0 +1,99 @@
+"""Pieces shared by the forward and backward Triton kernels.
+
+``depthwise_tile`` computes a ``(BLOCK_P, BLOCK_K)`` tile of the depthwise
+result (pixels x hidden channels) straight from the input, in registers, so
+the fused kernels never write the intermediate to global memory.
+
+Pixels are flattened ``p = (n * OH + oh) * OW + ow`` and indexed in int32
+(the launchers check ``N * OH * OW < 2**31``: 64-bit division is a slow
+subroutine on GPUs); every memory offset is then built in int64 from the
+per-pixel row terms, so tensors past ``2**31`` elements index correctly.
+"""
+
+from __future__ import annotations
+
+import os
+
+import triton
+import triton.language as tl
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+# Triton's interpreter (3.9) returns garbage from tl.dot on bfloat16 operands and truncates
+# fp32 -> bfloat16 casts, so there the
+# operands (already rounded to the input dtype) are widened to fp32 first: the products of
+# two 16-bit values are exact in fp32, so the result matches the tensor-core path up to the
+# order of the fp32 accumulation.
+DOT_IN_FP32 = tl.constexpr(INTERPRET)
+
+
+@triton.jit
+def cast(x, dtype: tl.constexpr):
+    """``x.to(dtype)`` rounding to nearest even (the interpreter truncates fp32 -> bfloat16)."""
+    if DOT_IN_FP32 and dtype == tl.bfloat16:
+        bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        return bits.to(tl.float32, bitcast=True).to(dtype)
+    else:
+        return x.to(dtype)
+
+
+@triton.jit
+def mma(a, b, acc):
+    """``acc + a @ b`` with fp32 accumulation (ieee: no tf32 for fp32 operands)."""
+    if DOT_IN_FP32:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc, input_precision="ieee")
+
+
+@triton.jit
+def split_pixels(offs_p, OH, OW):
+    """Flattened pixels ``offs_p`` (int32) -> ``(n, oh, ow)`` (int32)."""
+    per_image = OH * OW
+    n = offs_p // per_image
+    rem = offs_p % per_image
+    return n, rem // OW, rem % OW
+
+
+@triton.jit
+def depthwise_tile(
+    # pointers
+    x_ptr, dw_ptr, dwb_ptr,
+    # the tile: images/rows/columns of its pixels (BLOCK_P,), its hidden channels (BLOCK_K,)
+    n, oh, ow, p_mask, j, j_mask,
+    # sizes
+    H, W, M,
+    # input strides (elements)
+    x_sn, x_sc, x_sh, x_sw,
+    # geometry
+    stride_h, stride_w, pad_top, pad_left, dil_h, dil_w,
+    # meta-parameters
+    KH: tl.constexpr, KW: tl.constexpr, HAS_DW_BIAS: tl.constexpr, RELU: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Depthwise output for pixels x hidden channels ``j`` (channel ``j`` reads input ``j // M``); fp32."""
+    c = j // M
+    col = c.to(tl.int64) * x_sc
+    n_off = n.to(tl.int64) * x_sn
+    acc = tl.zeros((BLOCK_P, BLOCK_K), dtype=tl.float32)
+    # A runtime loop over the taps keeps one tap's gather live at a time (unrolled it spills).
+    for tap in tl.range(0, KH * KW, num_stages=1):
+        ih = oh * stride_h - pad_top + (tap // KW) * dil_h
+        iw = ow * stride_w - pad_left + (tap % KW) * dil_w
+        ok = p_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        row = n_off + ih.to(tl.int64) * x_sh + iw.to(tl.int64) * x_sw
+        xv = tl.load(x_ptr + row[:, None] + col[None, :], mask=ok[:, None] & j_mask[None, :], other=0.0)
+        xv = xv.to(tl.float32)
+        if RELU:
+            xv = tl.maximum(xv, 0.0)
+        wv = tl.load(dw_ptr + j * (KH * KW) + tap, mask=j_mask, other=0.0).to(tl.float32)
+        acc += xv * wv[None, :]
+    if HAS_DW_BIAS:
+        acc += tl.load(dwb_ptr + j, mask=j_mask, other=0.0).to(tl.float32)[None, :]
+    return acc
+
+
+@triton.jit
+def row_offsets(n, h, w, s_n, s_h, s_w):
+    """int64 offsets of pixels ``(n, h, w)`` (int32 vectors) for strides ``s_n, s_h, s_w``."""
+    return n.to(tl.int64) * s_n + h.to(tl.int64) * s_h + w.to(tl.int64) * s_w

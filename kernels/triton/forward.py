@@ -1,0 +1,153 @@
+"""Fused separable convolution forward: kernel and launcher (no autograd here).
+
+One kernel is a GEMM over (output pixels x C_out). Its A tile (pixels x a
+block of hidden channels) is the depthwise result, computed on the fly from
+the input (``common.depthwise_tile``), multiplied by the pointwise weight
+tile with ``tl.dot`` into an fp32 accumulator; the pointwise bias is added in
+the epilogue. The depthwise intermediate never reaches global memory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import List, Optional, Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from ..ops import empty_output, output_shape
+from .common import INTERPRET, cast, depthwise_tile, mma, row_offsets, split_pixels
+
+# Tile configurations per dtype family ("fp32": ieee dot on FMA units, heavier in registers;
+# "16bit": fp16/bf16 on tensor cores). The interpreter runs one cheap config; on GPU a short
+# list is autotuned per shape. Each GPU config compiles without register spills for sm_80 and
+# sm_90 (tests/test_triton.py::test_aot_compiles_without_spills, kernels/triton/aot_report.py).
+GPU_CONFIGS = {
+    "16bit": [
+        triton.Config({"BLOCK_P": 64, "BLOCK_CO": 64, "BLOCK_K": 32}, num_warps=4, num_stages=2),
+        triton.Config({"BLOCK_P": 128, "BLOCK_CO": 64, "BLOCK_K": 32}, num_warps=8, num_stages=2),
+        triton.Config({"BLOCK_P": 64, "BLOCK_CO": 128, "BLOCK_K": 32}, num_warps=8, num_stages=2),
+    ],
+    "fp32": [
+        triton.Config({"BLOCK_P": 64, "BLOCK_CO": 64, "BLOCK_K": 16}, num_warps=8, num_stages=2),
+        triton.Config({"BLOCK_P": 128, "BLOCK_CO": 64, "BLOCK_K": 16}, num_warps=8, num_stages=2),
+        triton.Config({"BLOCK_P": 64, "BLOCK_CO": 128, "BLOCK_K": 16}, num_warps=8, num_stages=2),
+    ],
+}
+INTERPRET_CONFIGS = [triton.Config({"BLOCK_P": 32, "BLOCK_CO": 32, "BLOCK_K": 16}, num_warps=4, num_stages=1)]
+
+
+def family(dtype: torch.dtype) -> str:
+    """The config family of a dtype: "fp32" or "16bit"."""
+    return "fp32" if dtype == torch.float32 else "16bit"
+
+
+def configs_for(gpu_configs: dict, interpret_configs: list, dtype_family: str) -> list:
+    return interpret_configs if INTERPRET else gpu_configs[dtype_family]
+
+
+AUTOTUNE_KEY = ["P", "C_HID", "C_OUT", "KH", "KW", "M"]
+
+
+@triton.jit
+def forward_kernel(
+    # pointers
+    x_ptr, dw_ptr, dwb_ptr, pw_ptr, pwb_ptr, out_ptr,
+    # sizes
+    P, C_HID, C_OUT, H, W, OH, OW, M,
+    # strides (elements)
+    x_sn, x_sc, x_sh, x_sw,
+    o_sn, o_sc, o_sh, o_sw,
+    # geometry
+    stride_h, stride_w, pad_top, pad_left, dil_h, dil_w,
+    # meta-parameters
+    KH: tl.constexpr, KW: tl.constexpr, HAS_DW_BIAS: tl.constexpr, HAS_PW_BIAS: tl.constexpr,
+    RELU: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """out[p, co] = sum_j depthwise(x)[p, j] * pw[co, j] + pw_bias[co].
+
+    x: (N, C, H, W) any strides; dw: (C*M, KH*KW) contiguous; pw: (C_OUT, C_HID) contiguous;
+    out: (N, C_OUT, OH, OW) any strides. Grid: (cdiv(P, BLOCK_P), cdiv(C_OUT, BLOCK_CO)).
+    """
+    pid_p = tl.program_id(0)
+    pid_co = tl.program_id(1)
+    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    p_mask = offs_p < P
+    n, oh, ow = split_pixels(offs_p, OH, OW)
+    offs_co = pid_co * BLOCK_CO + tl.arange(0, BLOCK_CO)
+    co_mask = offs_co < C_OUT
+
+    acc = tl.zeros((BLOCK_P, BLOCK_CO), dtype=tl.float32)
+    for k0 in range(0, C_HID, BLOCK_K):
+        j = k0 + tl.arange(0, BLOCK_K)
+        j_mask = j < C_HID
+        a = depthwise_tile(x_ptr, dw_ptr, dwb_ptr, n, oh, ow, p_mask, j, j_mask, H, W, M,
+                           x_sn, x_sc, x_sh, x_sw, stride_h, stride_w, pad_top, pad_left, dil_h, dil_w,
+                           KH, KW, HAS_DW_BIAS, RELU, BLOCK_P, BLOCK_K)
+        wt = tl.load(pw_ptr + offs_co[None, :] * C_HID + j[:, None],
+                     mask=j_mask[:, None] & co_mask[None, :], other=0.0)  # (BLOCK_K, BLOCK_CO)
+        acc = mma(cast(a, wt.dtype), wt, acc)
+
+    if HAS_PW_BIAS:
+        acc += tl.load(pwb_ptr + offs_co, mask=co_mask, other=0.0).to(tl.float32)[None, :]
+    out_offs = row_offsets(n, oh, ow, o_sn, o_sh, o_sw)[:, None] + offs_co[None, :].to(tl.int64) * o_sc
+    tl.store(out_ptr + out_offs, cast(acc, out_ptr.dtype.element_ty), mask=p_mask[:, None] & co_mask[None, :])
+
+
+forward_autotuned = {name: triton.autotune(configs=configs_for(GPU_CONFIGS, INTERPRET_CONFIGS, name),
+                                           key=AUTOTUNE_KEY)(forward_kernel) for name in GPU_CONFIGS}
+
+
+def device_guard(tensor: torch.Tensor):
+    """Launch on ``tensor``'s device (a no-op context for CPU tensors in the interpreter)."""
+    if tensor.device.type == "cuda":
+        return torch.cuda.device(tensor.device)
+    return contextlib.nullcontext()
+
+
+MAX_PIXELS = 2**31 - 2**16
+
+
+def check_pixels(pixels: int, input: torch.Tensor) -> None:
+    """The kernels index pixels in int32 (offsets are int64): N*OH*OW (and N*H*W) must stay below 2**31."""
+    if pixels >= MAX_PIXELS or input.shape[0] * input.shape[2] * input.shape[3] >= MAX_PIXELS:
+        raise ValueError(f"input of shape {tuple(input.shape)} has too many pixels for the triton backend "
+                         f"(N*H*W and N*OH*OW must be < {MAX_PIXELS}); split the batch")
+
+
+def forward(input: torch.Tensor, depthwise_weight: torch.Tensor, pointwise_weight: torch.Tensor,
+            depthwise_bias: Optional[torch.Tensor], pointwise_bias: Optional[torch.Tensor],
+            stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int], relu_input: bool) -> torch.Tensor:
+    """The fused forward of ``sepconv_triton::forward``.
+
+    input: (N, C, H, W) (any strides; channels_last is the fast layout);
+    depthwise_weight: (C*M, 1, kh, kw); pointwise_weight: (C_out, C*M, 1, 1);
+    biases: (C*M,), (C_out,) or None. Returns (N, C_out, OH, OW) in input's memory format.
+    """
+    shape: List[int] = output_shape(input, depthwise_weight, pointwise_weight, stride, padding, dilation)
+    out = empty_output(input, shape)
+    batch, c_out, oh, ow = shape
+    pixels = batch * oh * ow
+    if pixels == 0:
+        return out
+    check_pixels(pixels, input)
+    c_hid, _, kh, kw = depthwise_weight.shape
+    dw = depthwise_weight.reshape(c_hid, kh * kw).contiguous()
+    pw = pointwise_weight.reshape(c_out, c_hid).contiguous()
+    dwb = depthwise_bias.contiguous() if depthwise_bias is not None else dw
+    pwb = pointwise_bias.contiguous() if pointwise_bias is not None else pw
+
+    def grid(meta):
+        return (triton.cdiv(pixels, meta["BLOCK_P"]), triton.cdiv(c_out, meta["BLOCK_CO"]))
+
+    with device_guard(input):
+        forward_autotuned[family(input.dtype)][grid](
+            input, dw, dwb, pw, pwb, out,
+            pixels, c_hid, c_out, input.shape[2], input.shape[3], oh, ow, c_hid // input.shape[1],
+            *input.stride(), *out.stride(),
+            stride[0], stride[1], padding[0], padding[2], dilation[0], dilation[1],
+            KH=kh, KW=kw, HAS_DW_BIAS=depthwise_bias is not None, HAS_PW_BIAS=pointwise_bias is not None,
+            RELU=bool(relu_input),
+        )
+    return out

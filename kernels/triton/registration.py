@@ -1,0 +1,40 @@
+"""Register the Triton launchers as implementations of the ``sepconv_triton`` ops."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from ..ops import define, namespace
+from . import backward, forward
+
+_registered = []
+
+
+def _interpreter_only(launcher):
+    """Wrap a launcher for CPU tensors: allowed only in Triton's interpreter."""
+
+    def run(*args):
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            raise RuntimeError(
+                "sepconv_triton ops run on CPU tensors only in Triton's interpreter (TRITON_INTERPRET=1 "
+                "set before triton kernels are imported); use a CUDA tensor or another backend")
+        if not forward.INTERPRET:
+            raise RuntimeError("TRITON_INTERPRET=1 was set after kernels.triton was loaded; set it before importing")
+        return launcher(*args)
+
+    return run
+
+
+def register() -> None:
+    """Register once: CUDA -> launchers, CPU -> launchers under the interpreter."""
+    if _registered:
+        return
+    define("triton")
+    lib = torch.library.Library(namespace("triton"), "IMPL")
+    lib.impl("forward", forward.forward, "CUDA")
+    lib.impl("backward", backward.backward, "CUDA")
+    lib.impl("forward", _interpreter_only(forward.forward), "CPU")
+    lib.impl("backward", _interpreter_only(backward.backward), "CPU")
+    _registered.append(lib)

@@ -1,0 +1,151 @@
+"""Triton backend specifics: 16-bit accuracy, reductions, dispatch, errors, and AOT fitness for GPUs.
+
+The shared grid (tests/test_separable_conv.py) runs the triton backend in fp32; on
+a machine without CUDA it runs in Triton's interpreter on CPU tensors. The AOT test
+compiles every kernel for every GPU tile config for sm_80 and sm_90 without a GPU
+and requires zero register spills.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import kernels
+from conftest import device_for, require_backend
+from test_separable_conv import make_case, to_layout
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Flash-attention's criterion: error vs a float64 reference at most this many times
+# PyTorch's own error in the same dtype (plus a tiny floor for exact zeros).
+ERROR_RATIO = 2.0
+ERROR_FLOOR = 1e-6
+
+
+def _run(leaves, backend, **kwargs):
+    leaves = [t.detach().clone().requires_grad_(True) if t is not None else None for t in leaves]
+    out = kernels.separable_conv2d(*leaves, backend=backend, **kwargs)
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(3)).to(out.dtype)
+    out.backward(grad)
+    return [out.detach()] + [leaf.grad for leaf in leaves]
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_low_precision_within_twice_torch_error(dtype, layout):
+    device = require_backend("triton", dtype)
+    case = make_case(2, 12, 9, 10, (3, 3), 2, 20, True, torch.float64, torch.device("cpu"))
+    case = (to_layout(case[0], layout),) + case[1:]
+    kwargs = dict(stride=(1, 2), padding=1, relu_input=False)
+    reference = _run(case, "torch", **kwargs)
+    try:
+        own = _run([t.to(dtype) for t in case], "torch", **kwargs)
+    except RuntimeError as error:  # e.g. a CPU build without fp16 convolution
+        pytest.skip(f"PyTorch's own {dtype} convolution is unavailable on CPU: {error}")
+    ours = _run([t.to(dtype=dtype, device=device) for t in case], "triton", **kwargs)
+    assert ours[0].dtype == dtype
+    names = ("output", "input", "depthwise_weight", "pointwise_weight", "depthwise_bias", "pointwise_bias")
+    for name, ref, torch_own, mine in zip(names, reference, own, ours):
+        own_error = (torch_own.double() - ref).abs().max().item()
+        error = (mine.cpu().double() - ref).abs().max().item()
+        assert error <= ERROR_RATIO * own_error + ERROR_FLOOR, (
+            f"{name}: triton {dtype} error {error:.3g} > {ERROR_RATIO} x torch's own {own_error:.3g}")
+
+
+def test_reductions_over_many_blocks_and_splits(monkeypatch):
+    """Channels spanning several tiles and the pointwise-weight reduction split many ways."""
+    device = require_backend("triton")
+    from kernels.triton import backward
+
+    monkeypatch.setattr(backward, "PIXELS_PER_SPLIT", 8)
+    case = make_case(2, 20, 5, 6, (3, 3), 1, 19, True, torch.float64, torch.device("cpu"))
+    reference = _run(case, "torch", padding=1)
+    ours = _run([t.float().to(device) for t in case], "triton", padding=1)
+    for ref, mine in zip(reference, ours):
+        torch.testing.assert_close(mine.cpu().double(), ref, atol=1e-4, rtol=1e-4)
+
+
+def test_deterministic_algorithms_bitwise(monkeypatch):
+    """Deterministic mode launches a fixed config (exercised here with two configs per kernel)."""
+    device = require_backend("triton")
+    from kernels.triton import backward
+
+    for table in (backward.grad_hidden_autotuned, backward.grad_input_autotuned, backward.grad_pointwise_autotuned):
+        for tuner in table.values():
+            monkeypatch.setattr(tuner, "configs", list(tuner.configs) * 2)
+    case = [t.to(device) for t in make_case(2, 16, 8, 8, (3, 3), 1, 24, True, torch.float32, torch.device("cpu"))]
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        first, second = _run(case, "triton", padding=1), _run(case, "triton", padding=1)
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    reference = _run([t.double().cpu() for t in case], "torch", padding=1)
+    for a, b, ref in zip(first, second, reference):
+        assert torch.equal(a, b)
+        torch.testing.assert_close(a.cpu().double(), ref, atol=1e-4, rtol=1e-4)
+
+
+def test_cpu_without_interpreter_raises(monkeypatch):
+    require_backend("triton")
+    if device_for("triton").type != "cpu":
+        pytest.skip("CUDA is available: the CPU path is not the one under test")
+    x, dw, pw, dwb, pwb = make_case(1, 2, 5, 5, (3, 3), 1, 3, True, torch.float32, torch.device("cpu"))
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="interpreter"):
+        torch.ops.sepconv_triton.forward(x, dw, pw, dwb, pwb, [1, 1], [1, 1, 1, 1], [1, 1], False)
+
+
+def test_auto_picks_triton_for_cuda():
+    require_backend("triton")
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        assert kernels.dispatch._resolve_uncached("auto", torch.device("cuda"), dtype) == "triton"
+
+
+def test_too_many_pixels_is_a_clear_error():
+    require_backend("triton")
+    from kernels.triton.forward import check_pixels
+
+    huge = torch.empty((2**15, 1, 2**8, 2**8), device="meta")
+    with pytest.raises(ValueError, match="too many pixels"):
+        check_pixels(2**31, huge)
+
+
+def _bundled_ptxas():
+    try:
+        import triton
+    except ImportError:
+        return None
+    root = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+    return next((p for p in (root / "ptxas-blackwell", root / "ptxas") if p.exists()), None)
+
+
+@pytest.mark.skipif(_bundled_ptxas() is None, reason="triton (with its bundled NVIDIA ptxas) is not installed")
+def test_aot_compiles_without_spills(tmp_path):
+    """Every kernel x GPU config x {bf16, fp32} compiles for sm_90 and sm_80 with 0 bytes spilled."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    report = tmp_path / "aot.json"
+    result = subprocess.run([sys.executable, "-m", "kernels.triton.aot_report", "--json", str(report)],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
+    assert report.exists(), f"aot_report failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    rows = json.loads(report.read_text())
+    from kernels.triton import backward, forward
+
+    expected = 2 * sum(len(configs[kind]) for configs in (
+        forward.GPU_CONFIGS, backward.GRAD_HIDDEN_CONFIGS_GPU, backward.GRAD_INPUT_CONFIGS_GPU,
+        backward.GRAD_POINTWISE_CONFIGS_GPU) for kind in ("16bit", "fp32"))
+    assert len(rows) == expected
+    assert {r["target"] for r in rows} == {"sm_80", "sm_90"}
+    for row in rows:
+        where = f"{row['kernel']} [{row['config']}] {row['dtype']} {row['target']}"
+        assert not row["error"], f"{where}: {row['error']}"
+        assert row["registers"] is not None and row["registers"] <= 255, where
+        assert row["spill_stores"] == 0 and row["spill_loads"] == 0, (
+            f"{where}: spills {row['spill_stores']}/{row['spill_loads']} bytes\n{result.stdout}")
