@@ -19,6 +19,8 @@ from typing import List, Optional
 
 import torch
 
+from kernels import BackendUnavailableError
+
 from . import checkpoint as ckpt
 from .data import DataError, Preprocess, find_images, folder_splits, synthetic_splits, ImageFolder
 from .engine import Dist, evaluate_model, pick_device
@@ -89,7 +91,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
         result = evaluate_model(model, make_loader(dataset, batches, args.workers), ctx, args.amp, args.channels_last,
                                 progress_label="evaluate")
-    except (DataError, ckpt.CheckpointError, ValueError) as error:
+    except (DataError, ckpt.CheckpointError, BackendUnavailableError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     result.update(weights=args.weights, model=checkpoint["model"]["name"], data=args.data or "embedded",

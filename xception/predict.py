@@ -11,6 +11,8 @@ from typing import List, Optional
 
 import torch
 
+from kernels import BackendUnavailableError
+
 from . import checkpoint as ckpt
 from .data import DataError, eval_transform_pil, load_image
 from .engine import pick_device
@@ -46,7 +48,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                                        f"{model.num_classes}-class model")
         batch = torch.stack([eval_transform_pil(load_image(path), preprocess) for path in args.images]).to(device)
         results = predict(model, batch, classes, args.top)
-    except (DataError, ckpt.CheckpointError, ValueError) as error:
+    except (DataError, ckpt.CheckpointError, BackendUnavailableError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     for path, ranked in zip(args.images, results):
