@@ -1,0 +1,135 @@
+"""The building blocks of Xception: the two separable-conv flavours and the residual block.
+
+A model file never launches kernels itself: the ``"fused"`` flavour is
+``kernels.SeparableConv2d`` (one op per call, backend chosen by ``kernels``),
+the ``"conv2d"`` flavour is :class:`Conv2dSeparable`, two plain ``nn.Conv2d``
+calls (the eager baseline). Both hold their weights in children named
+``conv1`` (depthwise) and ``pointwise`` (1x1), so their ``state_dict`` keys
+are identical and weights move freely between them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import kernels
+
+SEPARABLE_KINDS = ("fused", "conv2d")
+
+
+def make_divisible(value: float, divisor: int = 8) -> int:
+    """``value`` rounded to the nearest multiple of ``divisor`` (at least ``divisor``, and never
+    more than 10% below ``value``)."""
+    rounded = max(divisor, int(value + divisor / 2) // divisor * divisor)
+    if rounded < 0.9 * value:
+        rounded += divisor
+    return rounded
+
+
+class Conv2dSeparable(nn.Module):
+    """Depthwise then pointwise convolution as two ``nn.Conv2d`` calls: the eager baseline.
+
+    Computes what ``kernels.SeparableConv2d`` computes, with the same children
+    (``conv1``: ``(C, 1, kh, kw)`` depthwise, ``groups=C``; ``pointwise``:
+    ``(C_out, C, 1, 1)``) and so the same ``state_dict`` keys.
+
+    Shape: ``(N, in_channels, H, W)`` to ``(N, out_channels, H_out, W_out)``.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, padding: int = 0,
+                 dilation: int = 1, bias: bool = False, relu_input: bool = False) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, in_channels, kernel_size, stride, padding, dilation,
+                               groups=in_channels, bias=bias)
+        self.pointwise = nn.Conv2d(in_channels, out_channels, 1, bias=bias)
+        self.relu_input = relu_input
+
+    @property
+    def in_channels(self) -> int:
+        return self.conv1.in_channels
+
+    @property
+    def out_channels(self) -> int:
+        return self.pointwise.out_channels
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if self.relu_input:
+            input = F.relu(input)
+        return self.pointwise(self.conv1(input))
+
+    def extra_repr(self) -> str:
+        return "relu_input=True" if self.relu_input else ""
+
+
+def separable_conv(kind: str, in_channels: int, out_channels: int, backend: str = "auto") -> nn.Module:
+    """A 3x3, stride 1, padding 1 separable convolution without bias, of flavour ``kind``."""
+    if kind == "fused":
+        return kernels.SeparableConv2d(in_channels, out_channels, 3, 1, 1, bias=False, backend=backend)
+    if kind == "conv2d":
+        return Conv2dSeparable(in_channels, out_channels, 3, 1, 1, bias=False)
+    raise ValueError(f"separable must be one of {list(SEPARABLE_KINDS)}, got {kind!r}")
+
+
+def is_separable(module: nn.Module) -> bool:
+    return isinstance(module, (kernels.SeparableConv2d, Conv2dSeparable))
+
+
+@dataclass(frozen=True)
+class BlockSpec:
+    """One residual block of Xception, as data.
+
+    ``channels`` lists the output channels of its separable convolutions in
+    order (each is ReLU -> SeparableConv 3x3 -> BN); ``stride`` 2 ends the
+    block with a 3x3/2 max pool and gives the shortcut a 1x1/2 conv + BN;
+    ``start_with_relu`` False drops the first ReLU (only the first entry block).
+    """
+
+    channels: tuple[int, ...]
+    stride: int = 1
+    start_with_relu: bool = True
+
+
+class Block(nn.Module):
+    """Xception's residual block: ``rep(x) + shortcut(x)``, no ReLU after the sum.
+
+    ``rep`` is an ``nn.Sequential`` laid out as in timm's ``legacy_xception``
+    (ReLUs occupy indices too, so the ``state_dict`` keys match):
+    ``[ReLU], SepConv, BN, ReLU, SepConv, BN, ..., [MaxPool]``. Its first ReLU
+    is not in-place: the shortcut still reads the block input.
+
+    Shape: ``(N, in_channels, H, W)`` to ``(N, spec.channels[-1], ceil(H/stride), ceil(W/stride))``.
+    """
+
+    def __init__(self, in_channels: int, spec: BlockSpec, separable: str = "fused", backend: str = "auto") -> None:
+        super().__init__()
+        if spec.stride not in (1, 2):
+            raise ValueError(f"BlockSpec.stride must be 1 or 2, got {spec.stride}")
+        if not spec.channels:
+            raise ValueError("BlockSpec.channels must name at least one separable convolution")
+        layers: list[nn.Module] = []
+        channels = in_channels
+        for index, out_channels in enumerate(spec.channels):
+            layers.append(nn.ReLU(inplace=index > 0))
+            layers.append(separable_conv(separable, channels, out_channels, backend))
+            layers.append(nn.BatchNorm2d(out_channels))
+            channels = out_channels
+        if not spec.start_with_relu:
+            layers = layers[1:]
+        if spec.stride != 1:
+            layers.append(nn.MaxPool2d(3, spec.stride, 1))
+        self.rep = nn.Sequential(*layers)
+        self.in_channels = in_channels
+        self.out_channels = channels
+        self.skip: nn.Conv2d | None = None
+        self.skipbn: nn.Module | None = None
+        if channels != in_channels or spec.stride != 1:
+            self.skip = nn.Conv2d(in_channels, channels, 1, stride=spec.stride, bias=False)
+            self.skipbn = nn.BatchNorm2d(channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shortcut = x if self.skip is None else self.skipbn(self.skip(x))
+        return self.rep(x) + shortcut
