@@ -42,6 +42,9 @@ def save_atomic(obj: Mapping[str, Any], path: str) -> None:
     os.makedirs(folder, exist_ok=True)
     handle, temporary = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temporary, 0o666 & ~umask)  # mkstemp makes it 0600; a checkpoint is an ordinary file
         with os.fdopen(handle, "wb") as file:
             torch.save(obj, file)
             file.flush()
