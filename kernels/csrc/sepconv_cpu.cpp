@@ -11,6 +11,10 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
 #include "sepconv_kernels.h"
 
 namespace sepconv {
@@ -65,14 +69,37 @@ Geometry geometry(const at::Tensor& input, const at::Tensor& dw, const at::Tenso
   return g;
 }
 
+// A buffer for a large result or copy. glibc maps blocks of 32 MiB and more afresh on every
+// allocation (smaller ones are recycled from its heap, already paged in), so the first writes
+// into such a buffer fault in 4 KiB pages one by one: at 147x147, batch 8, that costs as much
+// as the convolution itself (about 8 GB/s of page faulting on the 2-core development machine).
+// Before anything touches it, the kernel is asked for transparent huge pages instead (Linux, THP
+// in "madvise" or "always" mode). Advice only: a kernel that declines it changes nothing.
+at::Tensor empty_buffer(at::IntArrayRef sizes, const at::TensorOptions& options,
+                        at::MemoryFormat format = at::MemoryFormat::Contiguous) {
+  at::Tensor buffer = at::empty(sizes, options, format);
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHugePage = uintptr_t(2) << 20;
+  constexpr size_t kFreshMapping = size_t(32) << 20;
+  const uintptr_t start = reinterpret_cast<uintptr_t>(buffer.data_ptr());
+  const uintptr_t first = (start + kHugePage - 1) & ~(kHugePage - 1);
+  const uintptr_t last = (start + buffer.nbytes()) & ~(kHugePage - 1);
+  if (buffer.nbytes() >= kFreshMapping && last > first) {
+    madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
+  }
+#endif
+  return buffer;
+}
+
 // (N, C, H, W) -> dense (N, H, W, C*M): channel c*M+m is a copy of channel c.
 at::Tensor to_nhwc(const at::Tensor& input, int64_t multiplier) {
   at::Tensor nhwc = input.permute({0, 2, 3, 1});
-  if (multiplier > 1) {
-    nhwc = nhwc.unsqueeze(4).expand({-1, -1, -1, -1, multiplier}).reshape(
-        {input.size(0), input.size(2), input.size(3), input.size(1) * multiplier});
-  }
-  return nhwc.contiguous();
+  if (multiplier == 1 && nhwc.is_contiguous()) return nhwc;
+  if (multiplier > 1) nhwc = nhwc.unsqueeze(4).expand({-1, -1, -1, -1, multiplier});
+  at::Tensor dense = empty_buffer({input.size(0), input.size(2), input.size(3), input.size(1) * multiplier},
+                                  input.options());
+  dense.view(nhwc.sizes()).copy_(nhwc);
+  return dense;
 }
 
 // Dense (N, H, W, K) buffer -> tensor of logical shape (N, K, H, W) in `format`.
@@ -87,7 +114,7 @@ at::Tensor forward_op(const at::Tensor& input, const at::Tensor& depthwise_weigh
   check_args(input, depthwise_weight, pointwise_weight, stride, padding, dilation);
   const Geometry g = geometry(input, depthwise_weight, pointwise_weight, stride, padding, dilation);
   const at::MemoryFormat format = memory_format_of(input);
-  at::Tensor out = at::empty({g.N, g.Cout, g.OH, g.OW}, input.options(), format);
+  at::Tensor out = empty_buffer({g.N, g.Cout, g.OH, g.OW}, input.options(), format);
   if (out.numel() == 0) return out;
 
   const int64_t multiplier = g.CM / input.size(1);
@@ -98,7 +125,7 @@ at::Tensor forward_op(const at::Tensor& input, const at::Tensor& depthwise_weigh
   if (depthwise_bias.has_value()) bias = at::mv(pw2d, *depthwise_bias);
   if (pointwise_bias.has_value()) bias = bias.has_value() ? *bias + *pointwise_bias : pointwise_bias->contiguous();
   const bool direct = format == at::MemoryFormat::ChannelsLast;
-  at::Tensor result = direct ? out : at::empty({g.N, g.OH, g.OW, g.Cout}, input.options());
+  at::Tensor result = direct ? out : empty_buffer({g.N, g.OH, g.OW, g.Cout}, input.options());
 
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "sepconv_cpp_forward", [&] {
     at::Tensor panels = at::empty({ceil_div(g.Cout, kCols), g.CM, kCols}, input.options());
@@ -127,12 +154,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
   const int64_t channels = input.size(1), multiplier = g.CM / std::max<int64_t>(channels, 1);
 
   const at::Tensor x = to_nhwc(input, multiplier);
-  const at::Tensor go = grad_output.permute({0, 2, 3, 1}).contiguous();
+  const at::Tensor go = to_nhwc(grad_output, 1);
   const at::Tensor pw2d = pointwise_weight.reshape({g.Cout, g.CM}).contiguous();
   const at::Tensor dw_taps = depthwise_weight.reshape({g.CM, taps}).t().contiguous();
   const at::Tensor dw_bias = depthwise_bias.has_value() ? depthwise_bias->contiguous() : at::Tensor();
 
-  at::Tensor grad_x = want_input ? at::zeros({g.N, g.H, g.W, g.CM}, options) : at::Tensor();
+  at::Tensor grad_x = want_input ? empty_buffer({g.N, g.H, g.W, g.CM}, options).zero_() : at::Tensor();
   at::Tensor grad_dw_taps = want_depthwise ? at::zeros({taps, g.CM}, options) : at::Tensor();
   at::Tensor grad_dw_bias = want_depthwise ? at::zeros({g.CM}, options) : at::Tensor();
   at::Tensor grad_pw = want_pointwise ? at::zeros({g.Cout, g.CM}, options) : at::Tensor();
