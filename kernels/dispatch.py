@@ -105,6 +105,9 @@ def _warn_once(message: str) -> None:
 _resolved: Dict[tuple, str] = {}
 
 
+# torch.compile runs this at trace time and keeps its answer as a constant: tracing into it
+# would meet the loader's lock (a graph break) on a first call made under compile.
+@torch.compiler.assume_constant_result
 def resolve(backend: str, device: torch.device, dtype: torch.dtype) -> str:
     """The backend that runs a call with ``backend=...`` on tensors of this device and dtype.
 

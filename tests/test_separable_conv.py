@@ -196,6 +196,17 @@ def test_torch_compile_inductor():
     assert module.conv1.weight.grad is not None
 
 
+def test_torch_compile_before_any_eager_call(monkeypatch):
+    """A first call made under torch.compile(fullgraph=True) resolves the backend without a graph break."""
+    from kernels import dispatch
+
+    monkeypatch.setattr(dispatch, "_resolved", {})
+    module = kernels.SeparableConv2d(4, 6, 3, padding=1)
+    x = torch.randn(2, 4, 9, 9)
+    out = torch.compile(module, fullgraph=True, backend="eager")(x)
+    torch.testing.assert_close(out, module(x))
+
+
 def test_backward_saves_no_intermediate():
     """Only the input and weights are saved for backward, not the depthwise result."""
     x, dw, pw, dwb, pwb = make_case(2, 4, 9, 9, (3, 3), 1, 6, True, torch.float32, torch.device("cpu"))
