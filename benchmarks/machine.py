@@ -2,7 +2,9 @@
 
 The peaks are measured, not looked up: compute is the best of a large matmul
 and a large 1x1 convolution (oneDNN on CPU, cuBLAS/cuDNN on GPU) in each
-dtype; bandwidth is a large tensor copy (bytes read + bytes written).
+dtype and, on CPU in float32, of register-resident FMAs (``cpu_peak``), which
+is what the hardware does with no memory in the way; bandwidth is a large
+tensor copy (bytes read + bytes written).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import Dict, Optional
 
 import torch
 
+from .cpu_peak import fma_gflops
 from .timing import TimingPolicy, measure
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -39,6 +42,16 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def transparent_hugepage_mode() -> Optional[str]:
+    """The selected mode in /sys/kernel/mm/transparent_hugepage/enabled (None off Linux)."""
+    try:
+        text = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+    except OSError:
+        return None
+    match = re.search(r"\[(\w+)\]", text)
+    return match.group(1) if match else text.strip()
 
 
 def gpu_model() -> Optional[str]:
@@ -95,9 +108,12 @@ class RunInfo:
     argv: str
     # 1-minute load average when the run started: other work on the machine makes CPU timings noisy.
     load_average: Optional[float] = None
+    # Linux transparent huge pages mode ("always", "madvise", "never"): first-touch page faults
+    # of large fresh tensors cost as much as the convolutions at 147x147 without them.
+    transparent_hugepage: Optional[str] = None
     peak_gflops: Dict[str, float] = field(default_factory=dict)
     peak_gbps: Optional[float] = None
-    peak_detail: Dict[str, float] = field(default_factory=dict)
+    peak_detail: Dict[str, object] = field(default_factory=dict)
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -119,6 +135,7 @@ def run_info(device: str, argv: str = "") -> RunInfo:
         python=platform.python_version(),
         argv=argv,
         load_average=round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
+        transparent_hugepage=transparent_hugepage_mode(),
     )
 
 
@@ -148,6 +165,13 @@ def measure_peaks(info: RunInfo, dtypes: Dict[str, torch.dtype], policy: TimingP
         info.peak_detail[f"matmul_{dtype_name}_gflops"] = round(mm_gflops, 1)
         info.peak_detail[f"conv1x1_{dtype_name}_gflops"] = round(conv_gflops, 1)
         info.peak_gflops[dtype_name] = round(max(mm_gflops, conv_gflops), 1)
+        if not on_gpu and dtype == torch.float32:
+            fma, reason = fma_gflops(torch.get_num_threads(), seconds=0.05 if small else 0.25)
+            if fma is None:
+                info.peak_detail["fma_probe_unavailable"] = reason
+            else:
+                info.peak_detail["fma_fp32_gflops"] = round(fma, 1)
+                info.peak_gflops[dtype_name] = round(max(info.peak_gflops[dtype_name], fma), 1)
         del a, b, x, weight
     source = torch.empty(copy_elems, device=generator_device, dtype=torch.float32).fill_(1.0)
     target = torch.empty_like(source)

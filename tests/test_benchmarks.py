@@ -46,6 +46,9 @@ def test_pipeline_end_to_end(tmp_path, capsys):
         assert row["speedup_vs_eager_cl"] > 0 and row["peak_alloc_mb"] is not None
     baselines = [r for r in measured if r["provider"] == "eager" and r["layout"] == "channels_last"]
     assert baselines and all(r["speedup_vs_eager_cl"] == 1.0 for r in baselines)
+    # The fp32 peak on CPU includes the FMA probe, so "% of peak" is never measured against a library.
+    run = rows[0]["run"]
+    assert run["peak_gflops"]["fp32"] >= run["peak_detail"]["fma_fp32_gflops"] > 0
     assert {r["layout"] for r in measured if r["provider"] == "eager"} == {"channels_last", "nchw"}
 
     # Triton on CPU is the interpreter: listed as not run, with the reason, never timed.
@@ -92,6 +95,16 @@ def test_model_suite_runs_or_says_why(tmp_path):
             assert row["reason"].startswith("xception model not importable")
         else:
             assert row["status"] == "ok" and row["suite"] == "model" and row["gflop_s"] > 0
+
+
+def test_fma_probe_measures_or_says_why(monkeypatch):
+    from benchmarks import cpu_peak
+
+    gflops, reason = cpu_peak.fma_gflops(1, seconds=0.02)
+    assert reason is None and gflops > 1.0
+    monkeypatch.setattr(cpu_peak, "_module", None)
+    monkeypatch.setattr(cpu_peak.shutil, "which", lambda name: None)
+    assert cpu_peak.fma_gflops(1) == (None, "no C++ compiler (c++) to build the FMA probe")
 
 
 def test_model_flops_match_paper():
