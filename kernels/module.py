@@ -46,9 +46,10 @@ class SeparableConv2d(nn.Module):
         bias: bool = False,
         depth_multiplier: int = 1,
         backend: str = "auto",
-        relu_input: bool = False,
         device=None,
         dtype=None,
+        *,
+        relu_input: bool = False,
     ) -> None:
         super().__init__()
         for name, value in (("in_channels", in_channels), ("out_channels", out_channels),
