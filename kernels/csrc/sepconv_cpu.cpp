@@ -128,9 +128,7 @@ at::Tensor forward_op(const at::Tensor& input, const at::Tensor& depthwise_weigh
   at::Tensor result = direct ? out : empty_buffer({g.N, g.OH, g.OW, g.Cout}, input.options());
 
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "sepconv_cpp_forward", [&] {
-    at::Tensor panels = at::empty({ceil_div(g.Cout, kCols), g.CM, kCols}, input.options());
-    pack_pointwise<scalar_t>(pw2d.data_ptr<scalar_t>(), g.Cout, g.CM, panels.data_ptr<scalar_t>());
-    sepconv::forward<scalar_t>(g, x.data_ptr<scalar_t>(), dw_taps.data_ptr<scalar_t>(), panels.data_ptr<scalar_t>(),
+    sepconv::forward<scalar_t>(g, x.data_ptr<scalar_t>(), dw_taps.data_ptr<scalar_t>(), pw2d.data_ptr<scalar_t>(),
                                bias.has_value() ? bias->data_ptr<scalar_t>() : nullptr, relu_input,
                                result.data_ptr<scalar_t>());
   });
