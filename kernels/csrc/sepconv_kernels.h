@@ -379,6 +379,20 @@ void backward(const Geometry& g, const T* x, const T* dw_taps, const T* dw_bias,
             for (int64_t c = 0; c < kc; ++c) db_acc[c] += gh[c];
           }
           const int64_t base = n * g.H * g.W * g.CM + k0;
+          {  // The bottom-right tap of the pixel kAhead to the right is the input the row has not
+             // touched yet (the other taps' rows and columns came through cache for earlier
+             // pixels): fetch it, and its grad_x, ahead of the read-modify-writes below.
+            constexpr int64_t kAhead = 8;
+            const int64_t ih = oh * g.sh - g.pt + (g.kh - 1) * g.dh;
+            const int64_t iw = (ow + kAhead) * g.sw - g.pl + (g.kw - 1) * g.dw;
+            if (ih >= 0 && ih < g.H && iw >= 0 && iw < g.W) {
+              const int64_t offset = base + (ih * g.W + iw) * g.CM;
+              for (int64_t c = 0; c < kc; c += 64 / int64_t(sizeof(T))) {
+                if (want.depthwise) __builtin_prefetch(x + offset + c, 0);
+                if (want.input) __builtin_prefetch(grad_x + offset + c, 1);
+              }
+            }
+          }
           for (int64_t i = 0; i < g.kh; ++i) {
             const int64_t ih = oh * g.sh - g.pt + i * g.dh;
             if (ih < 0 || ih >= g.H) continue;
