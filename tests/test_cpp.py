@@ -107,3 +107,40 @@ def test_missing_compiler_is_reported(monkeypatch):
     monkeypatch.setenv("CXX", "no-such-compiler-xyz")
     with pytest.raises(RuntimeError, match="no C\\+\\+ compiler"):
         cpp_backend._jit_build()
+
+
+@pytest.mark.parametrize("hugepages", ["1", "0"])
+def test_fresh_large_buffers_with_and_without_huge_pages(hugepages):
+    """Results and gradients of >= 32 MiB (huge-page advised) buffers, with SEPCONV_HUGEPAGES=0 too.
+
+    The switch is read once per process, so each setting runs in a fresh interpreter.
+    """
+    require_backend("cpp")
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = """
+import torch, kernels
+from kernels.reference import separable_conv2d_reference as reference
+g = torch.Generator().manual_seed(0)
+x = torch.randn(1, 8, 256, 256, generator=g).contiguous(memory_format=torch.channels_last).requires_grad_()
+dw = torch.randn(8, 1, 3, 3, generator=g).requires_grad_()
+pw = torch.randn(128, 8, 1, 1, generator=g).requires_grad_()
+out = kernels.separable_conv2d(x, dw, pw, padding=1, backend="cpp")
+assert out.numel() * 4 >= 32 << 20
+grad = torch.randn(out.shape, generator=g)
+grads = torch.autograd.grad(out, (x, dw, pw), grad)
+leaves = [t.detach().double().requires_grad_() for t in (x, dw, pw)]
+expected = reference(*leaves, padding=1)
+expected_grads = torch.autograd.grad(expected, leaves, grad.double())
+torch.testing.assert_close(out.double(), expected, atol=1e-4, rtol=1e-4)
+for got, want in zip(grads, expected_grads):
+    torch.testing.assert_close(got.double(), want, atol=1e-3, rtol=1e-4)
+print("ok")
+"""
+    root = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, SEPCONV_HUGEPAGES=hugepages, PYTHONPATH=str(root))
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]

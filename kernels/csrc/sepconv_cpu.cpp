@@ -11,6 +11,9 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <cstdlib>
+#include <string>
+
 #if defined(__linux__)
 #include <sys/mman.h>
 #endif
@@ -75,6 +78,17 @@ Geometry geometry(const at::Tensor& input, const at::Tensor& dw, const at::Tenso
 // as the convolution itself (about 8 GB/s of page faulting on the 2-core development machine).
 // Before anything touches it, the kernel is asked for transparent huge pages instead (Linux, THP
 // in "madvise" or "always" mode). Advice only: a kernel that declines it changes nothing.
+// SEPCONV_HUGEPAGES=0 turns it off: in a virtual machine whose host reclaims free guest memory
+// (the development machine is one), a fresh huge page now and then costs tens of milliseconds
+// to back, so the median call gets faster but the slowest ones slower.
+bool advise_huge_pages() {
+  static const bool enabled = [] {
+    const char* value = std::getenv("SEPCONV_HUGEPAGES");
+    return value == nullptr || std::string(value) != "0";
+  }();
+  return enabled;
+}
+
 at::Tensor empty_buffer(at::IntArrayRef sizes, const at::TensorOptions& options,
                         at::MemoryFormat format = at::MemoryFormat::Contiguous) {
   at::Tensor buffer = at::empty(sizes, options, format);
@@ -84,7 +98,7 @@ at::Tensor empty_buffer(at::IntArrayRef sizes, const at::TensorOptions& options,
   const uintptr_t start = reinterpret_cast<uintptr_t>(buffer.data_ptr());
   const uintptr_t first = (start + kHugePage - 1) & ~(kHugePage - 1);
   const uintptr_t last = (start + buffer.nbytes()) & ~(kHugePage - 1);
-  if (buffer.nbytes() >= kFreshMapping && last > first) {
+  if (buffer.nbytes() >= kFreshMapping && last > first && advise_huge_pages()) {
     madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
   }
 #endif
