@@ -30,7 +30,7 @@ def threads():
 
 
 @pytest.mark.parametrize("relu_input", [False, True])
-@pytest.mark.parametrize("channels", [160, 64], ids=["channel-chunks", "batch-parts"])
+@pytest.mark.parametrize("channels", [320, 64], ids=["channel-chunks", "batch-parts"])
 def test_gradients_bitwise_deterministic(threads, relu_input, channels):
     require_backend("cpp")
     torch.set_num_threads(2)
