@@ -68,6 +68,34 @@ def test_strided_depth_multiplier_relu():
     check("cpp", *case, stride=2, padding=1, dilation=1, relu_input=True, layout="channels_last")
 
 
+@pytest.mark.parametrize("kernel,stride,dilation,height", [((3, 3), 1, 1, 29), ((5, 5), 2, 2, 41), ((3, 5), 1, 3, 30)])
+def test_single_image_row_bands(threads, kernel, stride, dilation, height):
+    """Batch 1 with <= 256 channels: the backward splits the image into row bands run in two phases.
+
+    Band heights follow the kernel's reach (kernel 5 at dilation 2 reaches 8 input rows), so
+    neighbouring bands of one phase must never write the same grad_input rows.
+    """
+    device = require_backend("cpp")
+    torch.set_num_threads(2)
+    case = make_case(1, 48, height, 23, kernel, 1, 40, True, torch.float32, device)
+    padding = (dilation * (kernel[0] - 1) // 2, dilation * (kernel[1] - 1) // 2)
+    check("cpp", *case, stride=stride, padding=padding, dilation=dilation, relu_input=True, layout="channels_last")
+    first = _run_geometry(case, stride, padding, dilation)
+    assert all(torch.equal(a, b) for a, b in zip(first, _run_geometry(case, stride, padding, dilation)))
+    torch.set_num_threads(1)
+    for a, b in zip(first, _run_geometry(case, stride, padding, dilation)):
+        torch.testing.assert_close(a, b, **TOLERANCES[torch.float32])
+
+
+def _run_geometry(case, stride, padding, dilation):
+    leaves = [t.detach().clone().contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t.detach().clone()
+              for t in case]
+    leaves = [t.requires_grad_(True) for t in leaves]
+    out = kernels.separable_conv2d(*leaves, stride=stride, padding=padding, dilation=dilation, backend="cpp")
+    out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(3), dtype=out.dtype))
+    return [out.detach()] + [leaf.grad for leaf in leaves]
+
+
 def _available_memory_bytes() -> int:
     try:
         with open("/proc/meminfo") as meminfo:

@@ -278,22 +278,37 @@ void backward(const Geometry& g, const T* x, const T* dw_taps, const T* dw_bias,
   // Pixel block: fixed, so the summation order never depends on the thread count.
   constexpr int64_t kBlock = 8 * kRows;
   const int64_t threads = at::get_num_threads();
-  // Channel chunk: whole 32-column panels. With an image or more per thread and at most 256
-  // hidden channels, one chunk takes them all and the batch is split instead (below): every
-  // chunk copies grad_out and walks the taps for each pixel, so fewer, wider chunks pay those
-  // per-pixel costs once (backward of 128->128@147 at batch 8: 70 ms -> 53 ms). Otherwise
-  // about one chunk per thread (at least 64 channels when images can be split too).
+  // A single image is split into bands of output rows when its hidden channels fit one chunk:
+  // bands b and b + 2 never write the same grad_input rows, so the even bands run together, then
+  // the odd ones (2 * threads bands, each at least tall enough to keep that property).
+  const int64_t min_band_rows = ceil_div((g.kh - 1) * g.dh + 1, g.sh);
+  int64_t bands = 0;
+  if (g.N == 1 && threads > 1 && g.CM <= 8 * kCols) {
+    bands = std::min<int64_t>(2 * threads, g.OH / min_band_rows) / 2 * 2;
+    if (bands < 4) bands = 0;
+  }
+  const int64_t band_rows = bands ? ceil_div(g.OH, bands) : 0;
+  // Channel chunk: whole 32-column panels. With an image or more per thread (or row bands) and
+  // at most 256 hidden channels, one chunk takes them all and the pixels are split instead:
+  // every chunk copies grad_out and walks the taps for each pixel, so fewer, wider chunks pay
+  // those per-pixel costs once (backward of 128->128@147 at batch 8: 70 ms -> 53 ms).
+  // Otherwise about one chunk per thread (at least 64 channels when images can be split too).
   const int64_t min_chunk = g.N > 1 ? 2 * kCols : kCols;
-  const int64_t chunk = g.N >= threads && g.CM <= 8 * kCols
+  const int64_t chunk = (g.N >= threads || bands) && g.CM <= 8 * kCols
                             ? round_up(g.CM, kCols)
                             : std::clamp<int64_t>(round_up(ceil_div(g.CM, threads), kCols), min_chunk, 4 * kCols);
   const int64_t nchunks = ceil_div(g.CM, chunk);
-  // Too few chunks for the threads: also split the batch into `parts` groups of whole images
-  // (their grad_x writes never overlap). Each part sums its weight gradients into its own
-  // buffer, and the parts are added in a fixed order afterwards.
-  const int64_t parts =
-      nchunks >= threads ? 1 : std::clamp<int64_t>(ceil_div(threads, nchunks), 1, std::max<int64_t>(g.N, 1));
+  // Too few chunks for the threads: also split the pixels into `parts`, groups of whole images
+  // (their grad_x writes never overlap) or the row bands. Each part sums its weight gradients
+  // into its own buffer, and the parts are added in a fixed order afterwards.
+  const int64_t parts = bands ? bands
+                        : nchunks >= threads
+                            ? 1
+                            : std::clamp<int64_t>(ceil_div(threads, nchunks), 1, std::max<int64_t>(g.N, 1));
   const int64_t images_per_part = ceil_div(g.N, parts);
+  auto part_first_pixel = [&](int64_t part) {
+    return bands ? std::min(g.OH, part * band_rows) * g.OW : std::min(g.N, part * images_per_part) * g.OH * g.OW;
+  };
   std::vector<T> part_pw, part_dw, part_db;
   if (parts > 1) {
     if (want.pointwise) part_pw.assign(parts * g.Cout * g.CM, T(0));
@@ -323,125 +338,133 @@ void backward(const Geometry& g, const T* x, const T* dw_taps, const T* dw_bias,
   // Padded row strides (see forward): rows read together must not share L1 sets.
   const int64_t ldg = round_up(g.Cout, 16) + 16, ldh = round_up(chunk, 16) + 16;
   const int64_t chunk_panels = ceil_div(chunk, kCols);
-  at::parallel_for(0, nchunks * parts, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> hidden(kBlock * ldh), grad_hidden(kBlock * ldh), go(kBlock * ldg);
-    std::vector<T> dw_acc(taps * chunk), db_acc(chunk), pw_panels(chunk_panels * g.Cout * kCols);
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t ci = task / parts, part = task % parts;
-      const int64_t k0 = ci * chunk, kc = std::min(chunk, g.CM - k0);
-      const int64_t pixels_per_image = g.OH * g.OW;
-      const int64_t first = std::min(g.N, part * images_per_part) * pixels_per_image;
-      const int64_t last = std::min(g.N, (part + 1) * images_per_part) * pixels_per_image;
-      if (first >= last) continue;
-      T* gpw = parts > 1 ? part_pw.data() + part * g.Cout * g.CM : grad_pw;
-      T* gdw = parts > 1 ? part_dw.data() + part * taps * g.CM : grad_dw_taps;
-      T* gdb = parts > 1 ? part_db.data() + part * g.CM : grad_dw_bias;
-      std::fill(dw_acc.begin(), dw_acc.end(), T(0));
-      std::fill(db_acc.begin(), db_acc.end(), T(0));
-      if (need_hidden_grad) {  // pw[:, k0:k0+kc] as (panel, Cout, kCols), zero-padded
-        for (int64_t j0 = 0; j0 < kc; j0 += kCols) {
-          const int64_t cols = std::min<int64_t>(kCols, kc - j0);
-          T* panel = pw_panels.data() + (j0 / kCols) * g.Cout * kCols;
-          for (int64_t co = 0; co < g.Cout; ++co) {
-            std::memcpy(panel + co * kCols, pw + co * g.CM + k0 + j0, sizeof(T) * cols);
-            std::fill(panel + co * kCols + cols, panel + (co + 1) * kCols, T(0));
-          }
-        }
-      }
-      for (int64_t p0 = first; p0 < last; p0 += kBlock) {
-        const int64_t nrows = std::min(kBlock, last - p0);
-        for (int64_t r = 0; r < nrows; ++r) {
-          std::memcpy(go.data() + r * ldg, grad_out + (p0 + r) * g.Cout, sizeof(T) * g.Cout);
-        }
-        if (want.pointwise) {
-          // grad_pw[:, chunk] += grad_out[block]^T @ hidden[block, chunk]
-          depthwise_tile<T>(g, x, dw_taps, dw_bias, relu, p0, nrows, k0, kc, hidden.data(), ldh);
+  // Runs the (chunk, part) tasks whose part has this parity (-1: every part).
+  auto run_tasks = [&](int64_t parity) {
+    const int64_t step = parity < 0 ? 1 : 2, phase_parts = parity < 0 ? parts : (parts - parity + 1) / 2;
+    at::parallel_for(0, nchunks * phase_parts, 1, [&](int64_t begin, int64_t end) {
+      std::vector<T> hidden(kBlock * ldh), grad_hidden(kBlock * ldh), go(kBlock * ldg);
+      std::vector<T> dw_acc(taps * chunk), db_acc(chunk), pw_panels(chunk_panels * g.Cout * kCols);
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t ci = task / phase_parts, part = std::max<int64_t>(parity, 0) + step * (task % phase_parts);
+        const int64_t k0 = ci * chunk, kc = std::min(chunk, g.CM - k0);
+        const int64_t first = part_first_pixel(part), last = part_first_pixel(part + 1);
+        if (first >= last) continue;
+        T* gpw = parts > 1 ? part_pw.data() + part * g.Cout * g.CM : grad_pw;
+        T* gdw = parts > 1 ? part_dw.data() + part * taps * g.CM : grad_dw_taps;
+        T* gdb = parts > 1 ? part_db.data() + part * g.CM : grad_dw_bias;
+        std::fill(dw_acc.begin(), dw_acc.end(), T(0));
+        std::fill(db_acc.begin(), db_acc.end(), T(0));
+        if (need_hidden_grad) {  // pw[:, k0:k0+kc] as (panel, Cout, kCols), zero-padded
           for (int64_t j0 = 0; j0 < kc; j0 += kCols) {
-            MicroArgs args{nrows, 1, ldg, ldh, g.CM, int(std::min<int64_t>(kCols, kc - j0)), true};
-            for (int64_t co = 0; co < g.Cout; co += kRows) {
-              micro<T>(int(std::min<int64_t>(kRows, g.Cout - co)), go.data() + co, hidden.data() + j0,
-                       gpw + co * g.CM + k0 + j0, nullptr, args);
+            const int64_t cols = std::min<int64_t>(kCols, kc - j0);
+            T* panel = pw_panels.data() + (j0 / kCols) * g.Cout * kCols;
+            for (int64_t co = 0; co < g.Cout; ++co) {
+              std::memcpy(panel + co * kCols, pw + co * g.CM + k0 + j0, sizeof(T) * cols);
+              std::fill(panel + co * kCols + cols, panel + (co + 1) * kCols, T(0));
             }
           }
         }
-        if (!need_hidden_grad) continue;
-        // grad_hidden[block, chunk] = grad_out[block] @ pw[:, chunk]
-        for (int64_t j0 = 0; j0 < kc; j0 += kCols) {
-          MicroArgs args{g.Cout, ldg, 1, kCols, ldh, int(std::min<int64_t>(kCols, kc - j0)), false};
-          const T* panel = pw_panels.data() + (j0 / kCols) * g.Cout * kCols;
-          for (int64_t r0 = 0; r0 < nrows; r0 += kRows) {
-            micro<T>(int(std::min<int64_t>(kRows, nrows - r0)), go.data() + r0 * ldg, panel,
-                     grad_hidden.data() + r0 * ldh + j0, nullptr, args);
+        for (int64_t p0 = first; p0 < last; p0 += kBlock) {
+          const int64_t nrows = std::min(kBlock, last - p0);
+          for (int64_t r = 0; r < nrows; ++r) {
+            std::memcpy(go.data() + r * ldg, grad_out + (p0 + r) * g.Cout, sizeof(T) * g.Cout);
           }
-        }
-        // Transposed depthwise: scatter into grad_x, and reduce the depthwise weight/bias grads.
-        int64_t ow = p0 % g.OW, rest = p0 / g.OW;
-        int64_t oh = rest % g.OH, n = rest / g.OH;
-        for (int64_t r = 0; r < nrows; ++r) {
-          const T* gh = grad_hidden.data() + r * ldh;
-          if (want.depthwise) {
-#pragma omp simd
-            for (int64_t c = 0; c < kc; ++c) db_acc[c] += gh[c];
-          }
-          const int64_t base = n * g.H * g.W * g.CM + k0;
-          {  // The bottom-right tap of the pixel kAhead to the right is the input the row has not
-             // touched yet (the other taps' rows and columns came through cache for earlier
-             // pixels): fetch it, and its grad_x, ahead of the read-modify-writes below.
-            constexpr int64_t kAhead = 8;
-            const int64_t ih = oh * g.sh - g.pt + (g.kh - 1) * g.dh;
-            const int64_t iw = (ow + kAhead) * g.sw - g.pl + (g.kw - 1) * g.dw;
-            if (ih >= 0 && ih < g.H && iw >= 0 && iw < g.W) {
-              const int64_t offset = base + (ih * g.W + iw) * g.CM;
-              for (int64_t c = 0; c < kc; c += 64 / int64_t(sizeof(T))) {
-                if (want.depthwise) __builtin_prefetch(x + offset + c, 0);
-                if (want.input) __builtin_prefetch(grad_x + offset + c, 1);
+          if (want.pointwise) {
+            // grad_pw[:, chunk] += grad_out[block]^T @ hidden[block, chunk]
+            depthwise_tile<T>(g, x, dw_taps, dw_bias, relu, p0, nrows, k0, kc, hidden.data(), ldh);
+            for (int64_t j0 = 0; j0 < kc; j0 += kCols) {
+              MicroArgs args{nrows, 1, ldg, ldh, g.CM, int(std::min<int64_t>(kCols, kc - j0)), true};
+              for (int64_t co = 0; co < g.Cout; co += kRows) {
+                micro<T>(int(std::min<int64_t>(kRows, g.Cout - co)), go.data() + co, hidden.data() + j0,
+                         gpw + co * g.CM + k0 + j0, nullptr, args);
               }
             }
           }
-          for (int64_t i = 0; i < g.kh; ++i) {
-            const int64_t ih = oh * g.sh - g.pt + i * g.dh;
-            if (ih < 0 || ih >= g.H) continue;
-            for (int64_t j = 0; j < g.kw; ++j) {
-              const int64_t iw = ow * g.sw - g.pl + j * g.dw;
-              if (iw < 0 || iw >= g.W) continue;
-              const int64_t offset = base + (ih * g.W + iw) * g.CM;
-              const int64_t tap = i * g.kw + j;
-              if (want.depthwise) {
-                const T* xr = x + offset;
-                T* acc = dw_acc.data() + tap * chunk;
-                if (relu) {
-#pragma omp simd
-                  for (int64_t c = 0; c < kc; ++c) acc[c] += gh[c] * std::max(xr[c], T(0));
-                } else {
-#pragma omp simd
-                  for (int64_t c = 0; c < kc; ++c) acc[c] += gh[c] * xr[c];
+          if (!need_hidden_grad) continue;
+          // grad_hidden[block, chunk] = grad_out[block] @ pw[:, chunk]
+          for (int64_t j0 = 0; j0 < kc; j0 += kCols) {
+            MicroArgs args{g.Cout, ldg, 1, kCols, ldh, int(std::min<int64_t>(kCols, kc - j0)), false};
+            const T* panel = pw_panels.data() + (j0 / kCols) * g.Cout * kCols;
+            for (int64_t r0 = 0; r0 < nrows; r0 += kRows) {
+              micro<T>(int(std::min<int64_t>(kRows, nrows - r0)), go.data() + r0 * ldg, panel,
+                       grad_hidden.data() + r0 * ldh + j0, nullptr, args);
+            }
+          }
+          // Transposed depthwise: scatter into grad_x, and reduce the depthwise weight/bias grads.
+          int64_t ow = p0 % g.OW, rest = p0 / g.OW;
+          int64_t oh = rest % g.OH, n = rest / g.OH;
+          for (int64_t r = 0; r < nrows; ++r) {
+            const T* gh = grad_hidden.data() + r * ldh;
+            if (want.depthwise) {
+  #pragma omp simd
+              for (int64_t c = 0; c < kc; ++c) db_acc[c] += gh[c];
+            }
+            const int64_t base = n * g.H * g.W * g.CM + k0;
+            {  // The bottom-right tap of the pixel kAhead to the right is the input the row has not
+               // touched yet (the other taps' rows and columns came through cache for earlier
+               // pixels): fetch it, and its grad_x, ahead of the read-modify-writes below.
+              constexpr int64_t kAhead = 8;
+              const int64_t ih = oh * g.sh - g.pt + (g.kh - 1) * g.dh;
+              const int64_t iw = (ow + kAhead) * g.sw - g.pl + (g.kw - 1) * g.dw;
+              if (ih >= 0 && ih < g.H && iw >= 0 && iw < g.W) {
+                const int64_t offset = base + (ih * g.W + iw) * g.CM;
+                for (int64_t c = 0; c < kc; c += 64 / int64_t(sizeof(T))) {
+                  if (want.depthwise) __builtin_prefetch(x + offset + c, 0);
+                  if (want.input) __builtin_prefetch(grad_x + offset + c, 1);
                 }
               }
-              if (want.input) {
-                T* gx = grad_x + offset;
-                const T* wr = dw_taps + tap * g.CM + k0;
-#pragma omp simd
-                for (int64_t c = 0; c < kc; ++c) gx[c] += gh[c] * wr[c];
+            }
+            for (int64_t i = 0; i < g.kh; ++i) {
+              const int64_t ih = oh * g.sh - g.pt + i * g.dh;
+              if (ih < 0 || ih >= g.H) continue;
+              for (int64_t j = 0; j < g.kw; ++j) {
+                const int64_t iw = ow * g.sw - g.pl + j * g.dw;
+                if (iw < 0 || iw >= g.W) continue;
+                const int64_t offset = base + (ih * g.W + iw) * g.CM;
+                const int64_t tap = i * g.kw + j;
+                if (want.depthwise) {
+                  const T* xr = x + offset;
+                  T* acc = dw_acc.data() + tap * chunk;
+                  if (relu) {
+  #pragma omp simd
+                    for (int64_t c = 0; c < kc; ++c) acc[c] += gh[c] * std::max(xr[c], T(0));
+                  } else {
+  #pragma omp simd
+                    for (int64_t c = 0; c < kc; ++c) acc[c] += gh[c] * xr[c];
+                  }
+                }
+                if (want.input) {
+                  T* gx = grad_x + offset;
+                  const T* wr = dw_taps + tap * g.CM + k0;
+  #pragma omp simd
+                  for (int64_t c = 0; c < kc; ++c) gx[c] += gh[c] * wr[c];
+                }
+              }
+            }
+            if (++ow == g.OW) {
+              ow = 0;
+              if (++oh == g.OH) {
+                oh = 0;
+                ++n;
               }
             }
           }
-          if (++ow == g.OW) {
-            ow = 0;
-            if (++oh == g.OH) {
-              oh = 0;
-              ++n;
-            }
+        }
+        if (want.depthwise) {
+          for (int64_t t = 0; t < taps; ++t) {
+            std::memcpy(gdw + t * g.CM + k0, dw_acc.data() + t * chunk, sizeof(T) * kc);
           }
+          std::memcpy(gdb + k0, db_acc.data(), sizeof(T) * kc);
         }
       }
-      if (want.depthwise) {
-        for (int64_t t = 0; t < taps; ++t) {
-          std::memcpy(gdw + t * g.CM + k0, dw_acc.data() + t * chunk, sizeof(T) * kc);
-        }
-        std::memcpy(gdb + k0, db_acc.data(), sizeof(T) * kc);
-      }
-    }
-  });
+    });
+  };
+  if (bands) {
+    run_tasks(0);
+    run_tasks(1);
+  } else {
+    run_tasks(-1);
+  }
   if (parts > 1) {  // fixed-order sum of the per-part weight gradients
     auto reduce = [&](const std::vector<T>& partial, T* dst, int64_t size) {
       if (partial.empty()) return;
