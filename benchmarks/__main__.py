@@ -132,14 +132,12 @@ def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
     if args.modes is None:
         args.modes = ["fwd", "full"] if (gpu or args.quick) else ["fwd", "bwd", "full"]
         if args.quick:
-            quick_skips.append("bwd-only mode and the model training step")
+            quick_skips.append("bwd-only mode")
     args.layer_batches = args.batch or ([32] if gpu else [1, 8])
-    args.model_batches = args.batch or ([1] if args.quick else [1, 8])
+    # Every model target (eval at batch 1 and 8, the training step at 8) is in the quick run too.
+    args.model_batches = args.batch or [1, 8]
     args.train_batches = args.batch or [8]
-    if args.quick and args.modes == ["fwd", "full"] and args.batch is None:
-        args.model_modes = ["fwd"]
-    else:
-        args.model_modes = args.modes
+    args.model_modes = args.modes
     if args.quick and not args.shapes:
         quick_skips.append("the channel/size sweep")
     args.quick_skips = quick_skips
