@@ -9,7 +9,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from .memory import COLUMN as MEMORY_COLUMN
-from .results import group_unavailable, is_noisy
+from .results import group_unavailable, is_noisy, throughput_column
 
 
 def make_progress(console: Console) -> Progress:
@@ -44,9 +44,10 @@ def print_tables(console: Console, rows: Sequence[dict], unavailable: Dict[str, 
     ok = [r for r in rows if r.get("status") == "ok"]
     for suite in dict.fromkeys(r["suite"] for r in ok):
         table = Table(title=f"suite: {suite}", title_justify="left")
+        throughput_header, throughput_key = throughput_column(suite)
         for column, justify in (("shape", "left"), ("N", "right"), ("dtype", "left"), ("mode", "left"),
                                 ("provider", "left"), ("layout", "left"), ("p50 ms", "right"), ("p20–p80", "right"),
-                                ("GFLOP/s", "right"), ("GB/s", "right"), ("% peak", "right"),
+                                ("GFLOP/s", "right"), (throughput_header, "right"), ("% peak", "right"),
                                 ("vs eager CL", "right"), (MEMORY_COLUMN, "right")):
             table.add_column(column, justify=justify)
         previous_group = None
@@ -57,7 +58,7 @@ def print_tables(console: Console, rows: Sequence[dict], unavailable: Dict[str, 
             previous_group = group
             table.add_row(r["shape"], str(r["batch"]), r["dtype"], r["mode"], r["provider"],
                           "CL" if r["layout"] == "channels_last" else "NCHW", _num(r["p50_ms"], 3),
-                          _spread(r), _num(r["gflop_s"]), _num(r["gb_s"]),
+                          _spread(r), _num(r["gflop_s"]), _num(r.get(throughput_key)),
                           _num(r["pct_peak"], 1, "%"), _speedup(r["speedup_vs_eager_cl"]), _num(r[MEMORY_COLUMN]))
         console.print(table)
     failed: List[dict] = [r for r in rows if r.get("status") == "error"]

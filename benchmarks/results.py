@@ -25,8 +25,13 @@ DEFAULT_DIR = Path(__file__).resolve().parent / "results"
 ROW_KEYS = (
     "suite", "shape", "cin", "cout", "h", "w", "k", "stride", "batch", "dtype", "layout", "mode", "provider",
     "status", "reason", "p20_ms", "p50_ms", "p80_ms", "repeats", "gflop", "gflop_s", "gb_s", "pct_peak",
-    "speedup_vs_eager_cl", MEMORY_COLUMN, "threads", "case_wall_s",
+    "speedup_vs_eager_cl", MEMORY_COLUMN, "threads", "case_wall_s", "images_per_s",
 )
+
+
+def throughput_column(suite: str) -> tuple:
+    """(header, row key) of a suite's throughput column: images/s for whole models, GB/s for layers."""
+    return ("images/s", "images_per_s") if suite == "model" else ("GB/s", "gb_s")
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -228,16 +233,17 @@ def render_markdown(rows: Sequence[dict], run: Dict, unavailable: Dict[str, str]
         lines += [f"## Suite `{suite}`", ""]
         if suite in TARGETS_TEXT and target_backend:
             lines += [f"Targets for `{target_backend}`: {TARGETS_TEXT[suite]}.", ""]
+        throughput_header, throughput_key = throughput_column(suite)
         lines += [
-            f"| shape | N | dtype | mode | provider | layout | p50 ms [p20–p80] | GFLOP/s | GB/s | % peak | "
-            f"speedup vs eager CL | {MEMORY_COLUMN} |",
+            f"| shape | N | dtype | mode | provider | layout | p50 ms [p20–p80] | GFLOP/s | {throughput_header} | "
+            f"% peak | speedup vs eager CL | {MEMORY_COLUMN} |",
             "|---|---:|---|---|---|---|---:|---:|---:|---:|---:|---:|",
         ]
         for r in suite_rows:
             lines.append(
                 f"| {r['shape']} | {r['batch']} | {r['dtype']} | {r['mode']} | {r['provider']} | {r['layout']} | "
                 f"{_fmt(r['p50_ms'], 3)} [{_fmt(r['p20_ms'], 3)}–{_fmt(r['p80_ms'], 3)}]{_noise_mark(r)} | {_fmt(r['gflop_s'])} | "
-                f"{_fmt(r['gb_s'])} | {_fmt(r['pct_peak'], 1, '%')} | {_speedup(r['speedup_vs_eager_cl'])} | "
+                f"{_fmt(r.get(throughput_key))} | {_fmt(r['pct_peak'], 1, '%')} | {_speedup(r['speedup_vs_eager_cl'])} | "
                 f"{_fmt(r[MEMORY_COLUMN])} |")
         lines.append("")
     checks = check_targets(rows, target_backend) if target_backend else []

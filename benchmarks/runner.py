@@ -76,7 +76,9 @@ def measure_case(case: Case, options: RunOptions, run: RunInfo, baselines: Dict[
         peak = run.peak_gflops.get(case.dtype)
         if peak:
             row["pct_peak"] = 100.0 * row["gflop_s"] / peak
-    if case.suite != "model":
+    if case.suite == "model":
+        row["images_per_s"] = case.batch / seconds
+    else:
         row["gb_s"] = nbytes / seconds / 1e9
     if case.provider == BASELINE_PROVIDER and case.layout == BASELINE_LAYOUT:
         baselines[case.group] = timing.p50_ms

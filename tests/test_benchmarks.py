@@ -95,6 +95,9 @@ def test_model_suite_runs_or_says_why(tmp_path):
             assert row["reason"].startswith("xception model not importable")
         else:
             assert row["status"] == "ok" and row["suite"] == "model" and row["gflop_s"] > 0
+            assert row["images_per_s"] == pytest.approx(row["batch"] / (row["p50_ms"] / 1e3))
+    if any(row["status"] == "ok" for row in rows):
+        assert "| images/s |" in (tmp_path / f"{device_slug('cpu')}.md").read_text()
 
 
 def test_fma_probe_measures_or_says_why(monkeypatch):
