@@ -275,7 +275,8 @@ void backward(const Geometry& g, const T* x, const T* dw_taps, const T* dw_bias,
               T* grad_pw_bias) {
   const int64_t npix = g.pixels();
   const int64_t taps = g.kh * g.kw;
-  // Pixel block: fixed, so the summation order never depends on the thread count.
+  // Pixel block: a fixed size, so the summation order depends only on how the pixels are split
+  // into parts below (the same on every run with the same thread count: bitwise deterministic).
   constexpr int64_t kBlock = 8 * kRows;
   const int64_t threads = at::get_num_threads();
   // A single image is split into bands of output rows when its hidden channels fit one chunk:
