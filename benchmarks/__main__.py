@@ -90,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     speed.add_argument("--full", action="store_true", help="every shape, mode, layout and provider")
     parser.add_argument("--threads", type=_positive_int, help="torch.set_num_threads (default: torch's choice)")
     parser.add_argument("--out", type=Path, default=DEFAULT_DIR, help=f"results folder (default {DEFAULT_DIR})")
-    parser.add_argument("--repeats", type=_positive_int, help="minimum timed repeats per case")
+    parser.add_argument("--repeats", type=_positive_int, help="minimum timed repeats per case (default 5)")
     parser.add_argument("--min-time", type=float, help="minimum timed seconds per case (default 0.5, quick 0.3)")
     parser.add_argument("--cuda-graphs", action="store_true", help="GPU: time through CUDA graphs")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
@@ -181,7 +181,7 @@ def run(args: argparse.Namespace, cases) -> int:
     if not console.is_terminal:  # piped or logged: do not squeeze the tables into 80 columns
         console = Console(width=max(console.width, 180))
     policy = TimingPolicy(
-        warmup=2, min_repeats=args.repeats or (3 if args.quick else 5),
+        warmup=2, min_repeats=args.repeats or 5,
         min_seconds=args.min_time if args.min_time is not None else (0.3 if args.quick else 0.5))
     info = run_info(args.device, argv="python -m benchmarks " + shlex.join(args.argv))
     console.print(f"[bold]Separable-conv benchmark[/bold] on {info.device_name} ({args.device}), "
