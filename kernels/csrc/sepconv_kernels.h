@@ -114,6 +114,21 @@ inline void depthwise_pixel_f32(const float* const* xs, const float* const* ws, 
 }
 #endif
 
+// Calls visit(tap, offset) for each tap of output pixel (n, oh, ow) that falls inside the input,
+// in tap order: tap = i * kw + j, offset = the position of its input pixel (channel 0) in x.
+template <typename Visit>
+inline void for_each_tap(const Geometry& g, int64_t n, int64_t oh, int64_t ow, Visit&& visit) {
+  for (int64_t i = 0; i < g.kh; ++i) {
+    const int64_t ih = oh * g.sh - g.pt + i * g.dh;
+    if (ih < 0 || ih >= g.H) continue;
+    for (int64_t j = 0; j < g.kw; ++j) {
+      const int64_t iw = ow * g.sw - g.pl + j * g.dw;
+      if (iw < 0 || iw >= g.W) continue;
+      visit(i * g.kw + j, ((n * g.H + ih) * g.W + iw) * g.CM);
+    }
+  }
+}
+
 // Depthwise result of output pixels [p0, p0 + rows) for hidden channels [k0, k0 + kc), plus bias
 // (may be null), into tile (rows x ld). Per pixel, the in-bounds taps are listed once.
 template <typename T>
@@ -125,17 +140,10 @@ void depthwise_tile(const Geometry& g, const T* x, const T* dw_taps, const T* bi
   int64_t oh = rest % g.OH, n = rest / g.OH;
   for (int64_t r = 0; r < rows; ++r) {
     int64_t valid = 0;
-    const T* xn = x + n * g.H * g.W * g.CM + k0;
-    for (int64_t i = 0; i < g.kh; ++i) {
-      const int64_t ih = oh * g.sh - g.pt + i * g.dh;
-      if (ih < 0 || ih >= g.H) continue;
-      for (int64_t j = 0; j < g.kw; ++j) {
-        const int64_t iw = ow * g.sw - g.pl + j * g.dw;
-        if (iw < 0 || iw >= g.W) continue;
-        xs[valid] = xn + (ih * g.W + iw) * g.CM;
-        ws[valid++] = dw_taps + (i * g.kw + j) * g.CM + k0;
-      }
-    }
+    for_each_tap(g, n, oh, ow, [&](int64_t tap, int64_t offset) {
+      xs[valid] = x + offset + k0;
+      ws[valid++] = dw_taps + tap * g.CM + k0;
+    });
     T* t = tile + r * ld;
     const T* b = bias ? bias + k0 : nullptr;
 #if defined(__AVX512F__)
@@ -397,7 +405,7 @@ void backward(const Geometry& g, const T* x, const T* dw_taps, const T* dw_bias,
           for (int64_t r = 0; r < nrows; ++r) {
             const T* gh = grad_hidden.data() + r * ldh;
             if (want.depthwise) {
-  #pragma omp simd
+#pragma omp simd
               for (int64_t c = 0; c < kc; ++c) db_acc[c] += gh[c];
             }
             const int64_t base = n * g.H * g.W * g.CM + k0;
@@ -415,33 +423,26 @@ void backward(const Geometry& g, const T* x, const T* dw_taps, const T* dw_bias,
                 }
               }
             }
-            for (int64_t i = 0; i < g.kh; ++i) {
-              const int64_t ih = oh * g.sh - g.pt + i * g.dh;
-              if (ih < 0 || ih >= g.H) continue;
-              for (int64_t j = 0; j < g.kw; ++j) {
-                const int64_t iw = ow * g.sw - g.pl + j * g.dw;
-                if (iw < 0 || iw >= g.W) continue;
-                const int64_t offset = base + (ih * g.W + iw) * g.CM;
-                const int64_t tap = i * g.kw + j;
-                if (want.depthwise) {
-                  const T* xr = x + offset;
-                  T* acc = dw_acc.data() + tap * chunk;
-                  if (relu) {
-  #pragma omp simd
-                    for (int64_t c = 0; c < kc; ++c) acc[c] += gh[c] * std::max(xr[c], T(0));
-                  } else {
-  #pragma omp simd
-                    for (int64_t c = 0; c < kc; ++c) acc[c] += gh[c] * xr[c];
-                  }
-                }
-                if (want.input) {
-                  T* gx = grad_x + offset;
-                  const T* wr = dw_taps + tap * g.CM + k0;
-  #pragma omp simd
-                  for (int64_t c = 0; c < kc; ++c) gx[c] += gh[c] * wr[c];
+            for_each_tap(g, n, oh, ow, [&](int64_t tap, int64_t pixel_offset) {
+              const int64_t offset = pixel_offset + k0;
+              if (want.depthwise) {
+                const T* xr = x + offset;
+                T* acc = dw_acc.data() + tap * chunk;
+                if (relu) {
+#pragma omp simd
+                  for (int64_t c = 0; c < kc; ++c) acc[c] += gh[c] * std::max(xr[c], T(0));
+                } else {
+#pragma omp simd
+                  for (int64_t c = 0; c < kc; ++c) acc[c] += gh[c] * xr[c];
                 }
               }
-            }
+              if (want.input) {
+                T* gx = grad_x + offset;
+                const T* wr = dw_taps + tap * g.CM + k0;
+#pragma omp simd
+                for (int64_t c = 0; c < kc; ++c) gx[c] += gh[c] * wr[c];
+              }
+            });
             if (++ow == g.OW) {
               ow = 0;
               if (++oh == g.OH) {
