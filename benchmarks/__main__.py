@@ -137,7 +137,6 @@ def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
     # Every model target (eval at batch 1 and 8, the training step at 8) is in the quick run too.
     args.model_batches = args.batch or [1, 8]
     args.train_batches = args.batch or [8]
-    args.model_modes = args.modes
     if args.quick and not args.shapes:
         quick_skips.append("the channel/size sweep")
     args.quick_skips = quick_skips
@@ -161,7 +160,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                             args.layout, args.shapes, full=not args.quick, eager_both_layouts=args.eager_both_layouts)
         if "model" in args.suite:
             cases += build_cases(["model"], [], args.model_providers, args.dtypes, args.model_batches,
-                                 args.model_modes, args.layout, train_batches=args.train_batches,
+                                 args.modes, args.layout, train_batches=args.train_batches,
                                  eager_both_layouts=args.eager_both_layouts)
     except ValueError as error:
         parser.error(str(error))

@@ -229,6 +229,8 @@ def test_quick_defaults_on_cpu():
     assert quick.layout == ["channels_last"] and quick.eager_both_layouts
     assert "compile" in quick.layer_providers and "compile" not in quick.model_providers
     assert "cpp-fused" in quick.model_providers and quick.model_batches == [1, 8] and quick.train_batches == [8]
-    assert quick.model_modes == ["fwd", "full"]  # eval and the training step
+    model_cases = build_cases(["model"], [], quick.model_providers, quick.dtypes, quick.model_batches, quick.modes,
+                              quick.layout, train_batches=quick.train_batches)
+    assert {(c.mode, c.batch) for c in model_cases} == {("eval", 1), ("eval", 8), ("train", 8)}
     full = resolve_defaults(build_parser().parse_args(["--device", "cpu", "--full"]))
     assert "compile" in full.model_providers and "bwd" in full.modes and full.train_batches == [8]
