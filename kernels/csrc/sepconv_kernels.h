@@ -115,6 +115,20 @@ inline void depthwise_pixel_f32(const float* const* xs, const float* const* ws, 
 }
 #endif
 
+// Prefetches the cache line at p + offset (elements) into L1. The address is formed as an integer:
+// it may lie past either end of the buffer (a prefetch never faults).
+template <typename T>
+inline void prefetch_at(const T* p, int64_t offset, bool write = false) {
+  const void* address = reinterpret_cast<const void*>(reinterpret_cast<uintptr_t>(p) + offset * int64_t(sizeof(T)));
+  if (write) {
+    __builtin_prefetch(address, 1, 3);
+  } else {
+    __builtin_prefetch(address, 0, 3);
+  }
+}
+
+constexpr int64_t kRowAhead = 8;  // pixels; 2 to 12 measured the same
+
 #if defined(__AVX512F__)
 // 3x3 depthwise, float32, for `count` consecutive output pixels of one output row whose taps all
 // lie inside the input horizontally. x + base is the input of tap (0, 0) of the first pixel (hidden
@@ -140,8 +154,13 @@ inline void depthwise_row3x3_f32(const float* x, int64_t base, int64_t pixel_ste
       if (relu) v = _mm512_max_ps(zero, v);  // max(0, x) keeps a NaN input as NaN, like F.relu
       return _mm512_fmadd_ps(v, weight, acc);
     };
+    // The bottom-right tap is the one input the run has not read yet: fetch it a few pixels ahead
+    // (from L3 it stalled the loop; the other taps' lines came in for earlier pixels or rows).
+    const int64_t ahead = base + c + (rows[2] ? 2 * row_step : rows[1] ? row_step : 0) + 2 * col_step +
+                          kRowAhead * pixel_step;
     for (int64_t r = 0; r < count; ++r) {
       const int64_t at = base + r * pixel_step + c;
+      prefetch_at(x, ahead + r * pixel_step);
       __m512 acc0 = b, acc1 = zero;  // two chains: taps alternate between them
       if (rows[0]) {
         const float* xp = x + at;
@@ -167,6 +186,64 @@ inline void depthwise_row3x3_f32(const float* x, int64_t base, int64_t pixel_ste
 }
 #endif
 
+#if defined(__AVX512F__)
+// The transposed 3x3 depthwise over a run (addressed as in depthwise_row3x3_f32), float32: for each
+// pixel r and in-bounds tap t, grad_x[tap input] += gh[r] * w[t] (when gx is given) and
+// dw_acc[t] += gh[r] * relu?(x[tap input]), db_acc += gh[r] (when dw_acc is given). Per 16-channel
+// slice the nine weights and the nine weight-gradient sums stay in registers across the run; the
+// per-pixel walk loaded and stored both for every tap.
+inline void depthwise_row3x3_backward_f32(const float* x, float* gx, int64_t base, int64_t pixel_step, int64_t col_step,
+                                          int64_t row_step, const bool rows[3], const float* w, int64_t w_stride,
+                                          const float* gh, int64_t ldh, bool relu, int64_t kc, int64_t count,
+                                          float* dw_acc, int64_t acc_stride, float* db_acc) {
+  const __m512 zero = _mm512_setzero_ps();
+  for (int64_t c = 0; c < kc; c += 16) {
+    const int64_t left = kc - c;
+    const __mmask16 m = left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1u);
+    __m512 wv[9], sum[9], bsum = zero;
+#pragma GCC unroll 9
+    for (int t = 0; t < 9; ++t) {
+      wv[t] = gx ? _mm512_maskz_loadu_ps(m, w + t * w_stride + c) : zero;
+      sum[t] = zero;
+    }
+    const int64_t ahead = base + c + (rows[2] ? 2 * row_step : rows[1] ? row_step : 0) + 2 * col_step +
+                          kRowAhead * pixel_step;  // as in the forward
+    for (int64_t r = 0; r < count; ++r) {
+      const __m512 grad = _mm512_maskz_loadu_ps(m, gh + r * ldh + c);
+      const int64_t at = base + r * pixel_step + c;
+      if (dw_acc) prefetch_at(x, ahead + r * pixel_step);
+      if (gx) prefetch_at(gx, ahead + r * pixel_step, true);
+#pragma GCC unroll 3
+      for (int i = 0; i < 3; ++i) {
+        if (!rows[i]) continue;
+#pragma GCC unroll 3
+        for (int j = 0; j < 3; ++j) {
+          const int64_t offset = at + i * row_step + j * col_step;
+          if (dw_acc) {
+            __m512 v = _mm512_maskz_loadu_ps(m, x + offset);
+            if (relu) v = _mm512_max_ps(zero, v);
+            sum[3 * i + j] = _mm512_fmadd_ps(grad, v, sum[3 * i + j]);
+          }
+          if (gx) {
+            const __m512 g = _mm512_maskz_loadu_ps(m, gx + offset);
+            _mm512_mask_storeu_ps(gx + offset, m, _mm512_fmadd_ps(grad, wv[3 * i + j], g));
+          }
+        }
+      }
+      bsum = _mm512_add_ps(bsum, grad);
+    }
+    if (dw_acc) {
+#pragma GCC unroll 9
+      for (int t = 0; t < 9; ++t) {
+        float* a = dw_acc + t * acc_stride + c;
+        _mm512_mask_storeu_ps(a, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, a), sum[t]));
+      }
+      _mm512_mask_storeu_ps(db_acc + c, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, db_acc + c), bsum));
+    }
+  }
+}
+#endif
+
 // Calls visit(tap, offset) for each tap of output pixel (n, oh, ow) that falls inside the input,
 // in tap order: tap = i * kw + j, offset = the position of its input pixel (channel 0) in x.
 template <typename Visit>
@@ -182,6 +259,45 @@ inline void for_each_tap(const Geometry& g, int64_t n, int64_t oh, int64_t ow, V
   }
 }
 
+// Position of an output pixel, stepped along the flattened (n, oh, ow) order.
+struct PixelCursor {
+  int64_t n, oh, ow;
+  PixelCursor(const Geometry& g, int64_t p) : n(p / (g.OH * g.OW)), oh(p / g.OW % g.OH), ow(p % g.OW) {}
+  // Steps that stay within one output row, or end exactly at its end.
+  void advance(const Geometry& g, int64_t steps) {
+    ow += steps;
+    if (ow == g.OW) {
+      ow = 0;
+      if (++oh == g.OH) {
+        oh = 0;
+        ++n;
+      }
+    }
+  }
+};
+
+// The run of output pixels from the cursor on (at most `limit`, all in its output row) whose 3x3
+// window lies inside the input horizontally; count 0 where none starts here (the kernel is not
+// 3x3, or the cursor's window crosses the left or right edge).
+struct Run3x3 {
+  int64_t count = 0;
+  int64_t base = 0;  // offset in x of the (possibly out-of-range) top-left tap of the first pixel
+  bool rows[3] = {};  // kernel row i falls inside the input
+};
+
+inline Run3x3 run_3x3(const Geometry& g, const PixelCursor& at, int64_t limit) {
+  Run3x3 run;
+  const int64_t iw0 = at.ow * g.sw - g.pl;
+  if (g.kh != 3 || g.kw != 3 || iw0 < 0) return run;
+  const int64_t span = g.W - 1 - 2 * g.dw + g.pl;  // the last interior output column is span / sw
+  if (span < 0) return run;
+  run.count = std::max<int64_t>(0, std::min(limit, std::min(g.OW - 1, span / g.sw) - at.ow + 1));
+  const int64_t ih0 = at.oh * g.sh - g.pt;
+  for (int i = 0; i < 3; ++i) run.rows[i] = ih0 + i * g.dh >= 0 && ih0 + i * g.dh < g.H;
+  run.base = ((at.n * g.H + ih0) * g.W + iw0) * g.CM;
+  return run;
+}
+
 // Depthwise result of output pixels [p0, p0 + rows) for hidden channels [k0, k0 + kc), plus bias
 // (may be null), into tile (rows x ld). Per pixel, the in-bounds taps are listed once.
 template <typename T>
@@ -189,39 +305,22 @@ void depthwise_tile(const Geometry& g, const T* x, const T* dw_taps, const T* bi
                     int64_t rows, int64_t k0, int64_t kc, T* tile, int64_t ld) {
   const int64_t taps = g.kh * g.kw;
   std::vector<const T*> xs(taps), ws(taps);
-  int64_t ow = p0 % g.OW, rest = p0 / g.OW;
-  int64_t oh = rest % g.OH, n = rest / g.OH;
+  PixelCursor at(g, p0);
   for (int64_t r = 0; r < rows; ++r) {
 #if defined(__AVX512F__)
-    if constexpr (std::is_same_v<T, float>) {
-      // Runs of pixels whose 3x3 window is inside the input horizontally take the row kernel.
-      const int64_t iw0 = ow * g.sw - g.pl;
-      if (g.kh == 3 && g.kw == 3 && iw0 >= 0) {
-        const int64_t span = g.W - 1 - 2 * g.dw + g.pl;  // last interior output column: span / sw
-        const int64_t last_ow = span < 0 ? -1 : std::min(g.OW - 1, span / g.sw);
-        const int64_t count = std::min(rows - r, last_ow - ow + 1);
-        if (count > 0) {
-          const int64_t ih0 = oh * g.sh - g.pt;
-          bool row_ok[3];
-          for (int i = 0; i < 3; ++i) row_ok[i] = ih0 + i * g.dh >= 0 && ih0 + i * g.dh < g.H;
-          depthwise_row3x3_f32(x, ((n * g.H + ih0) * g.W + iw0) * g.CM + k0, g.sw * g.CM, g.dw * g.CM, g.dh * g.W * g.CM, row_ok,
-                               dw_taps + k0, g.CM, bias ? bias + k0 : nullptr, relu, kc, count, tile + r * ld, ld);
-          r += count - 1;
-          ow += count - 1;
-          if (++ow == g.OW) {
-            ow = 0;
-            if (++oh == g.OH) {
-              oh = 0;
-              ++n;
-            }
-          }
-          continue;
-        }
+    if constexpr (std::is_same_v<T, float>) {  // runs of interior pixels take the row kernel
+      const Run3x3 run = run_3x3(g, at, rows - r);
+      if (run.count > 0) {
+        depthwise_row3x3_f32(x, run.base + k0, g.sw * g.CM, g.dw * g.CM, g.dh * g.W * g.CM, run.rows, dw_taps + k0,
+                             g.CM, bias ? bias + k0 : nullptr, relu, kc, run.count, tile + r * ld, ld);
+        r += run.count - 1;
+        at.advance(g, run.count);
+        continue;
       }
     }
 #endif
     int64_t valid = 0;
-    for_each_tap(g, n, oh, ow, [&](int64_t tap, int64_t offset) {
+    for_each_tap(g, at.n, at.oh, at.ow, [&](int64_t tap, int64_t offset) {
       xs[valid] = x + offset + k0;
       ws[valid++] = dw_taps + tap * g.CM + k0;
     });
@@ -236,13 +335,7 @@ void depthwise_tile(const Geometry& g, const T* x, const T* dw_taps, const T* bi
 #else
     depthwise_pixel<T>(xs.data(), ws.data(), valid, b, relu, kc, t);
 #endif
-    if (++ow == g.OW) {
-      ow = 0;
-      if (++oh == g.OH) {
-        oh = 0;
-        ++n;
-      }
-    }
+    at.advance(g, 1);
   }
 }
 
@@ -536,21 +629,34 @@ void backward(const Geometry& g, const T* x, const T* dw_taps, const T* dw_bias,
             }
           }
           // Transposed depthwise: scatter into grad_x, and reduce the depthwise weight/bias grads.
-          int64_t ow = p0 % g.OW, rest = p0 / g.OW;
-          int64_t oh = rest % g.OH, n = rest / g.OH;
+          PixelCursor at(g, p0);
           for (int64_t r = 0; r < nrows; ++r) {
             const T* gh = grad_hidden.data() + r * ldh;
+#if defined(__AVX512F__)
+            if constexpr (std::is_same_v<T, float>) {  // runs of interior pixels take the row kernel
+              const Run3x3 run = run_3x3(g, at, nrows - r);
+              if (run.count > 0) {
+                depthwise_row3x3_backward_f32(x, want.input ? grad_x : nullptr, run.base + k0, g.sw * g.CM,
+                                              g.dw * g.CM, g.dh * g.W * g.CM, run.rows, dw_taps + k0, g.CM, gh, ldh,
+                                              relu, kc, run.count, want.depthwise ? dw_acc.data() : nullptr, chunk,
+                                              db_acc.data());
+                r += run.count - 1;
+                at.advance(g, run.count);
+                continue;
+              }
+            }
+#endif
             if (want.depthwise) {
 #pragma omp simd
               for (int64_t c = 0; c < kc; ++c) db_acc[c] += gh[c];
             }
-            const int64_t base = n * g.H * g.W * g.CM + k0;
+            const int64_t base = at.n * g.H * g.W * g.CM + k0;
             {  // The bottom-right tap of the pixel kAhead to the right is the input the row has not
                // touched yet (the other taps' rows and columns came through cache for earlier
                // pixels): fetch it, and its grad_x, ahead of the read-modify-writes below.
               constexpr int64_t kAhead = 8;
-              const int64_t ih = oh * g.sh - g.pt + (g.kh - 1) * g.dh;
-              const int64_t iw = (ow + kAhead) * g.sw - g.pl + (g.kw - 1) * g.dw;
+              const int64_t ih = at.oh * g.sh - g.pt + (g.kh - 1) * g.dh;
+              const int64_t iw = (at.ow + kAhead) * g.sw - g.pl + (g.kw - 1) * g.dw;
               if (ih >= 0 && ih < g.H && iw >= 0 && iw < g.W) {
                 const int64_t offset = base + (ih * g.W + iw) * g.CM;
                 for (int64_t c = 0; c < kc; c += 64 / int64_t(sizeof(T))) {
@@ -559,7 +665,7 @@ void backward(const Geometry& g, const T* x, const T* dw_taps, const T* dw_bias,
                 }
               }
             }
-            for_each_tap(g, n, oh, ow, [&](int64_t tap, int64_t pixel_offset) {
+            for_each_tap(g, at.n, at.oh, at.ow, [&](int64_t tap, int64_t pixel_offset) {
               const int64_t offset = pixel_offset + k0;
               if (want.depthwise) {
                 const T* xr = x + offset;
@@ -579,13 +685,7 @@ void backward(const Geometry& g, const T* x, const T* dw_taps, const T* dw_bias,
                 for (int64_t c = 0; c < kc; ++c) gx[c] += gh[c] * wr[c];
               }
             });
-            if (++ow == g.OW) {
-              ow = 0;
-              if (++oh == g.OH) {
-                oh = 0;
-                ++n;
-              }
-            }
+            at.advance(g, 1);
           }
         }
         if (want.depthwise) {
