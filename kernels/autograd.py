@@ -18,6 +18,16 @@ _FORWARD = {name: ops.forward_op(name) for name in ops.BACKEND_NAMES}
 _BACKWARD = {name: ops.make_backward(ops.backward_op(name)) for name in ops.BACKEND_NAMES}
 
 
+def forward_op(backend: str):
+    """The forward op of a resolved backend name."""
+    return _FORWARD[backend]
+
+
+def needs_autograd(tensors) -> bool:
+    """Whether a call on these tensors must record a graph (grad mode on and one of them requires grad)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 class SeparableConv2dFunction(torch.autograd.Function):
     """``apply(input, depthwise_weight, pointwise_weight, depthwise_bias, pointwise_bias,
     stride, padding, dilation, relu_input, backend)``.

@@ -215,3 +215,21 @@ def test_autocast_runs_in_the_autocast_dtype():
         out = module(x)
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.float(), module(x), atol=0.1, rtol=0.05)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+def test_inference_calls_skip_autograd_and_match(backend):
+    if kernels.available_backends()[backend]:
+        pytest.skip(f"backend {backend!r} unavailable: {kernels.available_backends()[backend]}")
+    x, dw, pw = tensors()
+    dw.requires_grad_(True)
+    recorded = kernels.separable_conv2d(x, dw, pw, padding=1, backend=backend)
+    assert recorded.grad_fn is not None and "SeparableConv2d" in type(recorded.grad_fn).__name__
+    with torch.no_grad():
+        plain = kernels.separable_conv2d(x, dw, pw, padding=1, backend=backend)
+    with torch.inference_mode():
+        inference = kernels.separable_conv2d(x, dw, pw, padding=1, backend=backend)
+    untracked = kernels.separable_conv2d(x, dw.detach(), pw, padding=1, backend=backend)
+    for out in (plain, inference, untracked):
+        assert out.grad_fn is None and not out.requires_grad
+        assert torch.equal(out, recorded.detach())
