@@ -186,3 +186,21 @@ print("ok")
     env = dict(os.environ, SEPCONV_HUGEPAGES=hugepages, PYTHONPATH=str(root))
     result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
+
+
+@pytest.mark.parametrize("batch,channels,size", [(1, 16, 20), (3, 24, 10), (2, 300, 8), (1, 300, 6)],
+                         ids=["row-bands", "batch-parts", "channel-chunks", "one-image-chunks"])
+def test_grad_input_written_everywhere(threads, batch, channels, size):
+    """The kernel zeroes grad_input itself (lazily, per task): run it on buffers that start as NaN."""
+    device = require_backend("cpp")
+    torch.set_num_threads(2)
+    case = make_case(batch, channels, size, size, (3, 3), 1, 20, True, torch.float32, device)
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)  # with fill_uninitialized_memory: torch.empty is NaN-filled
+    try:
+        assert torch.utils.deterministic.fill_uninitialized_memory
+        # stride 2 without padding leaves the last input row and column outside every window
+        check("cpp", *case, stride=2, padding=0, dilation=1, relu_input=True, layout="channels_last")
+        check("cpp", *case, stride=1, padding=1, dilation=1, relu_input=False, layout="channels_last")
+    finally:
+        torch.use_deterministic_algorithms(before)

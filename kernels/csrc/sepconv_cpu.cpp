@@ -171,7 +171,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
   const at::Tensor dw_taps = depthwise_weight.reshape({g.CM, taps}).t().contiguous();
   const at::Tensor dw_bias = depthwise_bias.has_value() ? depthwise_bias->contiguous() : at::Tensor();
 
-  at::Tensor grad_x = want_input ? empty_buffer({g.N, g.H, g.W, g.CM}, options).zero_() : at::Tensor();
+  at::Tensor grad_x = want_input ? empty_buffer({g.N, g.H, g.W, g.CM}, options) : at::Tensor();  // zeroed by backward
   at::Tensor grad_dw_taps = want_depthwise ? at::zeros({taps, g.CM}, options) : at::Tensor();
   at::Tensor grad_dw_bias = want_depthwise ? at::zeros({g.CM}, options) : at::Tensor();
   at::Tensor grad_pw = want_pointwise ? at::zeros({g.Cout, g.CM}, options) : at::Tensor();
