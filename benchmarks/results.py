@@ -216,7 +216,9 @@ def render_markdown(rows: Sequence[dict], run: Dict, unavailable: Dict[str, str]
         f"{_fmt(run.get('peak_gbps'), 0)} GB/s (copy). Detail: {run.get('peak_detail')}",
         f"- command: `{run.get('argv')}`",
         "",
-        "Times are p50 over repeats after warm-up (p20–p80 in brackets). GFLOP/s counts 2 FLOPs per "
+        "Times are p50 over repeats after warm-up (p20–p80 in brackets); on CPU the providers of one shape, "
+        "batch and mode are timed in turn, round by round, so a slow spell of the machine falls on all of them. "
+        "GFLOP/s counts 2 FLOPs per "
         "multiply-add (backward = 2x forward). GB/s uses the minimal traffic (each tensor read or written once). "
         f"Speedup is against the eager `nn.Conv2d` pair in channels_last. `{MEMORY_COLUMN}`: "
         f"{MEMORY_DOC.get(run.get('device'), MEMORY_DOC['cpu'])}. ⚠ marks a p20–p80 spread wider than "

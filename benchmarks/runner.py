@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import itertools
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple
@@ -15,7 +16,7 @@ from .machine import RunInfo
 from .memory import COLUMN as MEMORY_COLUMN
 from .memory import peak_allocated_mb
 from .results import ROW_KEYS, JsonlLog
-from .timing import TimingPolicy, measure
+from .timing import Timing, TimingPolicy, measure, summarize, time_cpu, time_cpu_interleaved
 
 
 @dataclass
@@ -60,13 +61,9 @@ def base_row(case: Case, run: RunInfo) -> dict:
     return row
 
 
-def measure_case(case: Case, options: RunOptions, run: RunInfo, baselines: Dict[tuple, float]) -> dict:
+def _finish_row(case: Case, prepared: providers.Prepared, timing: Timing, options: RunOptions, run: RunInfo,
+                baselines: Dict[tuple, float]) -> dict:
     row = base_row(case, run)
-    prepared = providers.prepare(case, options.device, options.model_kwargs)
-    cuda_options = {}
-    if options.device == "cuda":
-        cuda_options = dict(use_cuda_graph=options.cuda_graphs, grad_to_none=prepared.grad_to_none or None)
-    timing = measure(prepared.fn, options.device, options.policy, **cuda_options)
     flops, nbytes = work(case, options)
     seconds = timing.p50_ms / 1e3
     row.update(status="ok", p20_ms=timing.p20_ms, p50_ms=timing.p50_ms, p80_ms=timing.p80_ms,
@@ -86,44 +83,83 @@ def measure_case(case: Case, options: RunOptions, run: RunInfo, baselines: Dict[
         row["speedup_vs_eager_cl"] = baselines[case.group] / timing.p50_ms
     if options.measure_memory:
         row[MEMORY_COLUMN] = peak_allocated_mb(prepared.fn, options.device)
+    return row
+
+
+def measure_case(case: Case, options: RunOptions, run: RunInfo, baselines: Dict[tuple, float]) -> dict:
+    """Prepare, time and measure one case on its own (the GPU path: do_bench per case)."""
+    prepared = providers.prepare(case, options.device, options.model_kwargs)
+    cuda_options = {}
+    if options.device == "cuda":
+        cuda_options = dict(use_cuda_graph=options.cuda_graphs, grad_to_none=prepared.grad_to_none or None)
+    timing = measure(prepared.fn, options.device, options.policy, **cuda_options)
+    row = _finish_row(case, prepared, timing, options, run, baselines)
     del prepared
     return row
 
 
+def _error_row(case: Case, run: RunInfo, error: Exception) -> dict:
+    row = base_row(case, run)
+    row.update(status="error", reason=f"{type(error).__name__}: {error}"[:500])
+    return row
+
+
+def measure_group(cases: List[Case], options: RunOptions, run: RunInfo,
+                  baselines: Dict[tuple, float]) -> List[dict]:
+    """One row per case of a group (CPU), their timed calls interleaved round by round.
+
+    Every case is prepared and called once first; one that fails gets an error row and
+    the others are still timed. The baseline is the group's first case.
+    """
+    rows: List[Optional[dict]] = [None] * len(cases)
+    ready: List[Tuple[int, providers.Prepared]] = []
+    for index, case in enumerate(cases):
+        try:
+            prepared = providers.prepare(case, options.device, options.model_kwargs)
+            prepared.fn()  # compiles, autotunes, builds: outside the rounds
+            ready.append((index, prepared))
+        except KeyboardInterrupt:
+            raise
+        except Exception as error:  # noqa: BLE001 - one failing case must not end the run; its row says why
+            rows[index] = _error_row(case, run, error)
+    try:
+        timings = [summarize(t) for t in time_cpu_interleaved([p.fn for _, p in ready], options.policy)]
+    except KeyboardInterrupt:
+        raise
+    except Exception:  # noqa: BLE001 - a case that fails only later: time the cases one by one to find it
+        timings = []
+        for index, prepared in ready:
+            try:
+                timings.append(summarize(time_cpu(prepared.fn, options.policy)))
+            except Exception as error:  # noqa: BLE001
+                rows[index] = _error_row(cases[index], run, error)
+                timings.append(None)
+    for (index, prepared), timing in zip(ready, timings):
+        if timing is None:
+            continue
+        try:
+            rows[index] = _finish_row(cases[index], prepared, timing, options, run, baselines)
+        except Exception as error:  # noqa: BLE001
+            rows[index] = _error_row(cases[index], run, error)
+    return rows
+
+
 def run_cases(cases: List[Case], options: RunOptions, run: RunInfo, log: JsonlLog, state: RunState,
               on_row: Optional[Callable[[Case, dict], None]] = None) -> RunState:
-    """Measure every case in order; each finished row is appended to ``log`` before the next case starts."""
+    """Measure every case in order, a group (the cases compared with one baseline) at a time.
+
+    On CPU the group's cases are timed interleaved (``measure_group``); on GPU one by one.
+    Each group's rows are appended to ``log`` before the next group starts.
+    """
     baselines: Dict[tuple, float] = {}
     reasons: Dict[tuple, Optional[str]] = {}
     run_dict = run.as_dict()
-    for case in cases:
-        key = (case.suite, case.provider, case.dtype)
-        if key not in reasons:
-            reasons[key] = providers.availability(case.suite, case.provider, options.device, case.dtype)
-        reason = reasons[key]
-        if reason is not None:
-            label = f"{case.provider} ({case.suite}, {case.dtype})"
-            if label in state.unavailable:
-                if on_row:
-                    on_row(case, None)
-                continue
-            state.unavailable[label] = reason
-            row = base_row(case, run)
-            row.update(status="unavailable", reason=reason, layout=None, shape=None, batch=None, mode=None,
-                       cin=None, cout=None, h=None, w=None, k=None, stride=None)
-        else:
-            started = time.perf_counter()
-            try:
-                row = measure_case(case, options, run, baselines)
-            except KeyboardInterrupt:
-                raise
-            except Exception as error:  # noqa: BLE001 - one failing case must not end the run; its row says why
-                row = base_row(case, run)
-                row.update(status="error", reason=f"{type(error).__name__}: {error}"[:500])
-            finally:
-                gc.collect()
-            # Everything the case cost, compile and warm-up included: what it adds to a run's duration.
-            row["case_wall_s"] = round(time.perf_counter() - started, 3)
+
+    def emit(case: Case, row: Optional[dict]) -> None:
+        if row is None:  # an unavailable provider already reported
+            if on_row:
+                on_row(case, None)
+            return
         row["run"] = run_dict
         log.append(row)
         state.rows.append(row)
@@ -131,4 +167,51 @@ def run_cases(cases: List[Case], options: RunOptions, run: RunInfo, log: JsonlLo
             on_row(case, row)
         if options.interrupt_after is not None and len(state.rows) >= options.interrupt_after:
             raise KeyboardInterrupt(f"test hook: interrupted after {len(state.rows)} rows")
+
+    for _, grouped in itertools.groupby(cases, key=lambda case: case.group):
+        group = list(grouped)
+        rows: List[Optional[dict]] = [None] * len(group)
+        measured: List[int] = []
+        for index, case in enumerate(group):
+            key = (case.suite, case.provider, case.dtype)
+            if key not in reasons:
+                reasons[key] = providers.availability(case.suite, case.provider, options.device, case.dtype)
+            reason = reasons[key]
+            if reason is None:
+                measured.append(index)
+                continue
+            label = f"{case.provider} ({case.suite}, {case.dtype})"
+            if label in state.unavailable:
+                continue
+            state.unavailable[label] = reason
+            row = base_row(case, run)
+            row.update(status="unavailable", reason=reason, layout=None, shape=None, batch=None, mode=None,
+                       cin=None, cout=None, h=None, w=None, k=None, stride=None)
+            rows[index] = row
+        if options.device == "cpu" and measured:
+            started = time.perf_counter()
+            try:
+                results = measure_group([group[i] for i in measured], options, run, baselines)
+            finally:
+                gc.collect()
+            # The group's cost (preparation, compiles, warm-up, timed rounds) shared evenly: what a case adds.
+            share = round((time.perf_counter() - started) / len(measured), 3)
+            for index, row in zip(measured, results):
+                row["case_wall_s"] = share
+                rows[index] = row
+        else:
+            for index in measured:
+                started = time.perf_counter()
+                try:
+                    rows[index] = measure_case(group[index], options, run, baselines)
+                except KeyboardInterrupt:
+                    raise
+                except Exception as error:  # noqa: BLE001 - one failing case must not end the run
+                    rows[index] = _error_row(group[index], run, error)
+                finally:
+                    gc.collect()
+                # Everything the case cost, compile and warm-up included: what it adds to a run's duration.
+                rows[index]["case_wall_s"] = round(time.perf_counter() - started, 3)
+        for case, row in zip(group, rows):
+            emit(case, row)
     return state

@@ -82,6 +82,36 @@ def time_cpu(fn: Callable[[], object], policy: TimingPolicy,
     return times
 
 
+def time_cpu_interleaved(fns: Sequence[Callable[[], object]], policy: TimingPolicy,
+                         clock: Callable[[], float] = time.perf_counter) -> List[List[float]]:
+    """Per-call times (ms) of several callables, timed in rounds that call each once, in order.
+
+    A shared machine slows down in spells (other tenants of a virtual machine, clock
+    changes); timed in turn, every callable sees the same spells, so their ratios hold
+    where back-to-back cases could each catch a different one. Each callable is warmed up
+    first. Rounds stop once every callable has ``min_repeats`` calls and the timed calls
+    took ``min_seconds`` per callable in all (the budget of timing them one by one), or
+    after ``max_repeats`` rounds.
+    """
+    if not fns:
+        return []
+    for fn in fns:
+        for _ in range(policy.warmup):
+            fn()
+    times: List[List[float]] = [[] for _ in fns]
+    spent = 0.0
+    for _ in range(policy.max_repeats):
+        for fn, own in zip(fns, times):
+            start = clock()
+            fn()
+            elapsed = clock() - start
+            own.append(elapsed * 1e3)
+            spent += elapsed
+        if len(times[0]) >= policy.min_repeats and spent >= policy.min_seconds * len(fns):
+            break
+    return times
+
+
 def time_cuda(fn: Callable[[], object], policy: TimingPolicy, use_cuda_graph: bool = False,
               grad_to_none: Optional[Sequence[torch.Tensor]] = None) -> List[float]:
     """Per-call GPU times (ms) with the L2 cache flushed before each call.

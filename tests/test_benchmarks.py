@@ -173,6 +173,27 @@ def test_cpu_timer_is_time_budgeted():
     assert len(timing.time_cpu(fn, capped, clock=clock)) == 6  # max_repeats caps the time budget
 
 
+def test_cpu_timer_interleaves_cases_in_rounds():
+    now = [0.0]
+    order = []
+
+    def make(name, seconds):
+        def fn():
+            order.append(name)
+            now[0] += seconds
+        return fn
+
+    fns = [make("slow", 0.25), make("fast", 0.125)]
+    policy = timing.TimingPolicy(warmup=1, min_repeats=2, min_seconds=0.5, max_repeats=100)
+    times = timing.time_cpu_interleaved(fns, policy, clock=lambda: now[0])
+    # warm-ups first, then rounds of one call each, until 0.5 s per callable (1 s) of timed calls
+    assert order == ["slow", "fast"] + ["slow", "fast"] * 3
+    assert times == [pytest.approx([250.0] * 3), pytest.approx([125.0] * 3)]
+    assert timing.time_cpu_interleaved([], policy) == []
+    capped = timing.TimingPolicy(warmup=1, min_repeats=1, min_seconds=100.0, max_repeats=4)
+    assert [len(t) for t in timing.time_cpu_interleaved(fns, capped, clock=lambda: now[0])] == [4, 4]
+
+
 def test_summary_percentiles():
     summary = timing.summarize([5.0, 1.0, 2.0, 4.0, 3.0])
     assert (summary.p20_ms, summary.p50_ms, summary.p80_ms, summary.repeats) == (1.8, 3.0, 4.2, 5)
@@ -234,3 +255,23 @@ def test_quick_defaults_on_cpu():
     assert {(c.mode, c.batch) for c in model_cases} == {("eval", 1), ("eval", 8), ("train", 8)}
     full = resolve_defaults(build_parser().parse_args(["--device", "cpu", "--full"]))
     assert "compile" in full.model_providers and "bwd" in full.modes and full.train_batches == [8]
+
+
+def test_a_failing_case_gets_an_error_row_and_its_group_still_runs(tmp_path, monkeypatch):
+    real_prepare = providers.prepare
+
+    def prepare(case, device, model_kwargs=None):
+        prepared = real_prepare(case, device, model_kwargs)
+        if case.provider == "torch" and case.mode == "full":
+            def broken():
+                raise RuntimeError("deliberately broken")
+            prepared.fn = broken
+        return prepared
+
+    monkeypatch.setattr(providers, "prepare", prepare)
+    assert _run(tmp_path, "--providers", "eager,torch") == 0
+    rows = [r for r in _rows(tmp_path) if r["suite"] == "smoke"]
+    broken = [r for r in rows if r["provider"] == "torch" and r["mode"] == "full"]
+    assert broken and all(r["status"] == "error" and "deliberately broken" in r["reason"] for r in broken)
+    others = [r for r in rows if r not in broken]
+    assert others and all(r["status"] == "ok" and r["speedup_vs_eager_cl"] > 0 for r in others)
