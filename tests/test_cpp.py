@@ -204,3 +204,41 @@ def test_grad_input_written_everywhere(threads, batch, channels, size):
         check("cpp", *case, stride=1, padding=1, dilation=1, relu_input=False, layout="channels_last")
     finally:
         torch.use_deterministic_algorithms(before)
+
+
+def test_work_buffers_are_written_before_read():
+    """The kernels' work buffers are left uninitialised: with glibc filling every fresh allocation with
+    a junk byte (MALLOC_PERTURB_), forward and backward over every work split still match the reference."""
+    require_backend("cpp")
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = """
+import torch, kernels
+from kernels.reference import separable_conv2d_reference as reference
+torch.set_num_threads(2)
+g = torch.Generator().manual_seed(0)
+# row bands, batch parts, channel chunks, the few-pixel forward splits, a partial last panel
+for batch, channels, out_channels, size in [(1, 16, 20, 20), (3, 24, 40, 10), (2, 300, 70, 8), (1, 728, 100, 5),
+                                            (1, 64, 1500, 3)]:
+    x = torch.randn(batch, channels, size, size, generator=g).contiguous(memory_format=torch.channels_last)
+    dw = torch.randn(channels, 1, 3, 3, generator=g)
+    pw = torch.randn(out_channels, channels, 1, 1, generator=g) / channels ** 0.5
+    leaves = [t.requires_grad_() for t in (x, dw, pw)]
+    out = kernels.separable_conv2d(*leaves, padding=1, backend="cpp", relu_input=True)
+    grad = torch.randn(out.shape, generator=g)
+    grads = torch.autograd.grad(out, leaves, grad)
+    doubles = [t.detach().double().requires_grad_() for t in leaves]
+    expected = reference(*doubles, padding=1, relu_input=True)
+    expected_grads = torch.autograd.grad(expected, doubles, grad.double())
+    torch.testing.assert_close(out.double(), expected, atol=1e-4, rtol=1e-4)
+    for got, want in zip(grads, expected_grads):
+        torch.testing.assert_close(got.double(), want, atol=1e-3, rtol=1e-4)
+print("ok")
+"""
+    root = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, MALLOC_PERTURB_="165", PYTHONPATH=str(root))
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
