@@ -171,11 +171,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
   const at::Tensor dw_taps = depthwise_weight.reshape({g.CM, taps}).t().contiguous();
   const at::Tensor dw_bias = depthwise_bias.has_value() ? depthwise_bias->contiguous() : at::Tensor();
 
-  at::Tensor grad_x = want_input ? empty_buffer({g.N, g.H, g.W, g.CM}, options) : at::Tensor();  // zeroed by backward
-  at::Tensor grad_dw_taps = want_depthwise ? at::zeros({taps, g.CM}, options) : at::Tensor();
-  at::Tensor grad_dw_bias = want_depthwise ? at::zeros({g.CM}, options) : at::Tensor();
-  at::Tensor grad_pw = want_pointwise ? at::zeros({g.Cout, g.CM}, options) : at::Tensor();
-  at::Tensor grad_pw_bias = want_pointwise ? at::zeros({g.Cout}, options) : at::Tensor();
+  // Every element of these is written by sepconv::backward.
+  at::Tensor grad_x = want_input ? empty_buffer({g.N, g.H, g.W, g.CM}, options) : at::Tensor();
+  at::Tensor grad_dw_taps = want_depthwise ? at::empty({taps, g.CM}, options) : at::Tensor();
+  at::Tensor grad_dw_bias = want_depthwise ? at::empty({g.CM}, options) : at::Tensor();
+  at::Tensor grad_pw = want_pointwise ? empty_buffer({g.Cout, g.CM}, options) : at::Tensor();
+  at::Tensor grad_pw_bias = want_pointwise ? at::empty({g.Cout}, options) : at::Tensor();
 
   if (want_input || want_depthwise || want_pointwise) {
     AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "sepconv_cpp_backward", [&] {

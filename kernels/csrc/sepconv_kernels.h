@@ -534,9 +534,9 @@ struct BackwardOutputs {
   bool input, depthwise, pointwise;
 };
 
-// Gradients, into the buffers that are asked for: grad_x (N, H, W, CM; any contents, every element
-// is written), and, zero-filled by the caller, grad_dw_taps (kh*kw, CM), grad_dw_bias (CM),
-// grad_pw (Cout, CM), grad_pw_bias (Cout; overwritten).
+// Gradients, into the buffers that are asked for (any contents: every element is written):
+// grad_x (N, H, W, CM), grad_dw_taps (kh*kw, CM), grad_dw_bias (CM), grad_pw (Cout, CM),
+// grad_pw_bias (Cout).
 template <typename T>
 void backward(const Geometry& g, const T* x, const T* dw_taps, const T* dw_bias, const T* pw, const T* grad_out,
               bool relu, BackwardOutputs want, T* grad_x, T* grad_dw_taps, T* grad_dw_bias, T* grad_pw,
@@ -578,14 +578,11 @@ void backward(const Geometry& g, const T* x, const T* dw_taps, const T* dw_bias,
   auto part_first_pixel = [&](int64_t part) {
     return bands ? std::min(g.OH, part * band_rows) * g.OW : std::min(g.N, part * images_per_part) * g.OH * g.OW;
   };
-  std::vector<T> part_pw, part_dw, part_db;
-  if (parts > 1) {
-    if (want.pointwise) part_pw.assign(parts * g.Cout * g.CM, T(0));
-    if (want.depthwise) {
-      part_dw.assign(parts * taps * g.CM, T(0));
-      part_db.assign(parts * g.CM, T(0));
-    }
-  }
+  // Per-part weight gradients, each written in full by its part's tasks (no zero fill; a part
+  // without pixels writes nothing and is left out of the sum).
+  Work<T> part_pw(parts > 1 && want.pointwise ? parts * g.Cout * g.CM : 0);
+  Work<T> part_dw(parts > 1 && want.depthwise ? parts * taps * g.CM : 0);
+  Work<T> part_db(parts > 1 && want.depthwise ? parts * g.CM : 0);
   const bool need_hidden_grad = want.input || want.depthwise;
 
   if (want.pointwise) {  // grad_pw_bias[co] = sum over pixels of grad_out[p][co]
@@ -612,7 +609,14 @@ void backward(const Geometry& g, const T* x, const T* dw_taps, const T* dw_bias,
   if (want.input && (npix == 0 || bands)) {
     at::parallel_for(0, g.N * g.H * g.W, 1024, [&](int64_t begin, int64_t end) { zero_rows(begin, end, 0, g.CM); });
   }
-  if (npix == 0) return;
+  if (npix == 0) {  // no pixel: the weight gradients are zero
+    if (want.pointwise) std::fill_n(grad_pw, g.Cout * g.CM, T(0));
+    if (want.depthwise) {
+      std::fill_n(grad_dw_taps, taps * g.CM, T(0));
+      std::fill_n(grad_dw_bias, g.CM, T(0));
+    }
+    return;
+  }
   const bool lazy_zero = want.input && !bands;
 
   // Padded row strides (see forward): rows read together must not share L1 sets.
@@ -656,8 +660,8 @@ void backward(const Geometry& g, const T* x, const T* dw_taps, const T* dw_bias,
           if (want.pointwise) {
             // grad_pw[:, chunk] += grad_out[block]^T @ hidden[block, chunk]
             depthwise_tile<T>(g, x, dw_taps, dw_bias, relu, p0, nrows, k0, kc, hidden.data(), ldh);
-            for (int64_t j0 = 0; j0 < kc; j0 += kCols) {
-              MicroArgs args{nrows, 1, ldg, ldh, g.CM, int(std::min<int64_t>(kCols, kc - j0)), true};
+            for (int64_t j0 = 0; j0 < kc; j0 += kCols) {  // the task's first block overwrites
+              MicroArgs args{nrows, 1, ldg, ldh, g.CM, int(std::min<int64_t>(kCols, kc - j0)), p0 != first};
               for (int64_t co = 0; co < g.Cout; co += kRows) {
                 micro<T>(int(std::min<int64_t>(kRows, g.Cout - co)), go.data() + co, hidden.data() + j0,
                          gpw + co * g.CM + k0 + j0, nullptr, args);
@@ -760,19 +764,24 @@ void backward(const Geometry& g, const T* x, const T* dw_taps, const T* dw_bias,
     run_tasks(-1);
   }
   if (parts > 1) {  // fixed-order sum of the per-part weight gradients
-    auto reduce = [&](const std::vector<T>& partial, T* dst, int64_t size) {
-      if (partial.empty()) return;
+    std::vector<int64_t> filled;  // the parts with pixels, in order
+    for (int64_t part = 0; part < parts; ++part) {
+      if (part_first_pixel(part) < part_first_pixel(part + 1)) filled.push_back(part);
+    }
+    auto reduce = [&](const T* partial, T* dst, int64_t size) {
       at::parallel_for(0, size, 4096, [&](int64_t begin, int64_t end) {
         for (int64_t i = begin; i < end; ++i) {
-          T sum = partial[i];
-          for (int64_t part = 1; part < parts; ++part) sum += partial[part * size + i];
+          T sum = partial[filled[0] * size + i];
+          for (size_t f = 1; f < filled.size(); ++f) sum += partial[filled[f] * size + i];
           dst[i] = sum;
         }
       });
     };
-    reduce(part_pw, grad_pw, g.Cout * g.CM);
-    reduce(part_dw, grad_dw_taps, taps * g.CM);
-    reduce(part_db, grad_dw_bias, g.CM);
+    if (want.pointwise) reduce(part_pw.data(), grad_pw, g.Cout * g.CM);
+    if (want.depthwise) {
+      reduce(part_dw.data(), grad_dw_taps, taps * g.CM);
+      reduce(part_db.data(), grad_dw_bias, g.CM);
+    }
   }
 }
 
