@@ -583,22 +583,9 @@ void backward(const Geometry& g, const T* x, const T* dw_taps, const T* dw_bias,
   Work<T> part_pw(parts > 1 && want.pointwise ? parts * g.Cout * g.CM : 0);
   Work<T> part_dw(parts > 1 && want.depthwise ? parts * taps * g.CM : 0);
   Work<T> part_db(parts > 1 && want.depthwise ? parts * g.CM : 0);
+  Work<T> part_pb(parts > 1 && want.pointwise ? parts * g.Cout : 0);
   const bool need_hidden_grad = want.input || want.depthwise;
 
-  if (want.pointwise) {  // grad_pw_bias[co] = sum over pixels of grad_out[p][co]
-    at::parallel_for(0, ceil_div(g.Cout, 64), 1, [&](int64_t begin, int64_t end) {
-      for (int64_t cb = begin; cb < end; ++cb) {
-        const int64_t c0 = cb * 64, c1 = std::min(g.Cout, c0 + 64);
-        T* dst = grad_pw_bias + c0;
-        std::fill(dst, dst + (c1 - c0), T(0));
-        for (int64_t p = 0; p < npix; ++p) {
-          const T* src = grad_out + p * g.Cout + c0;
-#pragma omp simd
-          for (int64_t c = 0; c < c1 - c0; ++c) dst[c] += src[c];
-        }
-      }
-    });
-  }
   // grad_x is zeroed here, not by the caller: row bands (their tasks' inputs overlap) zero it all up
   // front, in parallel; every other task zeroes the rows of its own images and channels just
   // before its first scatter into them, so the zeros are still in cache when they are added to
@@ -610,7 +597,10 @@ void backward(const Geometry& g, const T* x, const T* dw_taps, const T* dw_bias,
     at::parallel_for(0, g.N * g.H * g.W, 1024, [&](int64_t begin, int64_t end) { zero_rows(begin, end, 0, g.CM); });
   }
   if (npix == 0) {  // no pixel: the weight gradients are zero
-    if (want.pointwise) std::fill_n(grad_pw, g.Cout * g.CM, T(0));
+    if (want.pointwise) {
+      std::fill_n(grad_pw, g.Cout * g.CM, T(0));
+      std::fill_n(grad_pw_bias, g.Cout, T(0));
+    }
     if (want.depthwise) {
       std::fill_n(grad_dw_taps, taps * g.CM, T(0));
       std::fill_n(grad_dw_bias, g.CM, T(0));
@@ -627,7 +617,7 @@ void backward(const Geometry& g, const T* x, const T* dw_taps, const T* dw_bias,
     const int64_t step = parity < 0 ? 1 : 2, phase_parts = parity < 0 ? parts : (parts - parity + 1) / 2;
     at::parallel_for(0, nchunks * phase_parts, 1, [&](int64_t begin, int64_t end) {
       Work<T> hidden(kBlock * ldh), grad_hidden(kBlock * ldh), go(kBlock * ldg), pw_panels(chunk_panels * g.Cout * kCols);
-      std::vector<T> dw_acc(taps * chunk), db_acc(chunk);
+      std::vector<T> dw_acc(taps * chunk), db_acc(chunk), pb_acc(want.pointwise ? g.Cout : 0);
       for (int64_t task = begin; task < end; ++task) {
         const int64_t ci = task / phase_parts, part = std::max<int64_t>(parity, 0) + step * (task % phase_parts);
         const int64_t k0 = ci * chunk, kc = std::min(chunk, g.CM - k0);
@@ -638,6 +628,8 @@ void backward(const Geometry& g, const T* x, const T* dw_taps, const T* dw_bias,
         T* gdb = parts > 1 ? part_db.data() + part * g.CM : grad_dw_bias;
         std::fill(dw_acc.begin(), dw_acc.end(), T(0));
         std::fill(db_acc.begin(), db_acc.end(), T(0));
+        const bool sum_bias = want.pointwise && ci == 0;  // the first chunk's tasks sum grad_out
+        if (sum_bias) std::fill(pb_acc.begin(), pb_acc.end(), T(0));
         // This task's input pixels (whole images) not zeroed yet: [zeroed, input_end).
         const int64_t plane = g.OH * g.OW;
         int64_t zeroed = first / plane * g.H * g.W;
@@ -655,7 +647,12 @@ void backward(const Geometry& g, const T* x, const T* dw_taps, const T* dw_bias,
         for (int64_t p0 = first; p0 < last; p0 += kBlock) {
           const int64_t nrows = std::min(kBlock, last - p0);
           for (int64_t r = 0; r < nrows; ++r) {
-            std::memcpy(go.data() + r * ldg, grad_out + (p0 + r) * g.Cout, sizeof(T) * g.Cout);
+            const T* src = grad_out + (p0 + r) * g.Cout;
+            std::memcpy(go.data() + r * ldg, src, sizeof(T) * g.Cout);
+            if (sum_bias) {  // grad_pw_bias: the part's sum over pixels, in pixel order
+#pragma omp simd
+              for (int64_t c = 0; c < g.Cout; ++c) pb_acc[c] += src[c];
+            }
           }
           if (want.pointwise) {
             // grad_pw[:, chunk] += grad_out[block]^T @ hidden[block, chunk]
@@ -748,6 +745,7 @@ void backward(const Geometry& g, const T* x, const T* dw_taps, const T* dw_bias,
           }
         }
         if (lazy_zero) zero_rows(zeroed, input_end, k0, kc);  // rows no tap reached
+        if (sum_bias) std::copy_n(pb_acc.data(), g.Cout, parts > 1 ? part_pb.data() + part * g.Cout : grad_pw_bias);
         if (want.depthwise) {
           for (int64_t t = 0; t < taps; ++t) {
             std::memcpy(gdw + t * g.CM + k0, dw_acc.data() + t * chunk, sizeof(T) * kc);
@@ -782,6 +780,7 @@ void backward(const Geometry& g, const T* x, const T* dw_taps, const T* dw_bias,
       reduce(part_dw.data(), grad_dw_taps, taps * g.CM);
       reduce(part_db.data(), grad_dw_bias, g.CM);
     }
+    if (want.pointwise) reduce(part_pb.data(), grad_pw_bias, g.Cout);
   }
 }
 
