@@ -220,7 +220,8 @@ def render_markdown(rows: Sequence[dict], run: Dict, unavailable: Dict[str, str]
         "batch and mode are timed in turn, round by round, so a slow spell of the machine falls on all of them. "
         "GFLOP/s counts 2 FLOPs per "
         "multiply-add (backward = 2x forward). GB/s uses the minimal traffic (each tensor read or written once). "
-        f"Speedup is against the eager `nn.Conv2d` pair in channels_last. `{MEMORY_COLUMN}`: "
+        f"Speedup is against the eager `nn.Conv2d` pair in channels_last (on CPU the median over rounds of the "
+        f"paired ratio eager / provider, so it need not equal the ratio of the two p50s). `{MEMORY_COLUMN}`: "
         f"{MEMORY_DOC.get(run.get('device'), MEMORY_DOC['cpu'])}. ⚠ marks a p20–p80 spread wider than "
         f"{NOISY_SPREAD:.0%} of the median (a busy machine).",
         "",

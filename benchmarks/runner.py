@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import itertools
+import statistics
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple
@@ -109,7 +110,8 @@ def measure_group(cases: List[Case], options: RunOptions, run: RunInfo,
     """One row per case of a group (CPU), their timed calls interleaved round by round.
 
     Every case is prepared and called once first; one that fails gets an error row and
-    the others are still timed. The baseline is the group's first case.
+    the others are still timed. The baseline is the group's first case; each case's
+    speedup is the median over rounds of the paired ratio baseline / case.
     """
     rows: List[Optional[dict]] = [None] * len(cases)
     ready: List[Tuple[int, providers.Prepared]] = []
@@ -122,11 +124,14 @@ def measure_group(cases: List[Case], options: RunOptions, run: RunInfo,
             raise
         except Exception as error:  # noqa: BLE001 - one failing case must not end the run; its row says why
             rows[index] = _error_row(case, run, error)
+    rounds: List[List[float]] = []
     try:
-        timings = [summarize(t) for t in time_cpu_interleaved([p.fn for _, p in ready], options.policy)]
+        rounds = time_cpu_interleaved([p.fn for _, p in ready], options.policy)
+        timings = [summarize(t) for t in rounds]
     except KeyboardInterrupt:
         raise
     except Exception:  # noqa: BLE001 - a case that fails only later: time the cases one by one to find it
+        rounds = []
         timings = []
         for index, prepared in ready:
             try:
@@ -134,11 +139,19 @@ def measure_group(cases: List[Case], options: RunOptions, run: RunInfo,
             except Exception as error:  # noqa: BLE001
                 rows[index] = _error_row(cases[index], run, error)
                 timings.append(None)
-    for (index, prepared), timing in zip(ready, timings):
+    # The baseline's calls, round by round, when it was timed in the same rounds.
+    base_rounds = next((rounds[slot] for slot, (index, _) in enumerate(ready)
+                        if rounds and cases[index].provider == BASELINE_PROVIDER
+                        and cases[index].layout == BASELINE_LAYOUT), None)
+    for slot, ((index, prepared), timing) in enumerate(zip(ready, timings)):
         if timing is None:
             continue
         try:
-            rows[index] = _finish_row(cases[index], prepared, timing, options, run, baselines)
+            rows[index] = row = _finish_row(cases[index], prepared, timing, options, run, baselines)
+            if base_rounds is not None:
+                # Paired: the median over rounds of baseline / case, each pair timed back to back,
+                # so a slow spell that spans a round cancels out of its ratio.
+                row["speedup_vs_eager_cl"] = statistics.median(b / c for b, c in zip(base_rounds, rounds[slot]))
         except Exception as error:  # noqa: BLE001
             rows[index] = _error_row(cases[index], run, error)
     return rows

@@ -275,3 +275,21 @@ def test_a_failing_case_gets_an_error_row_and_its_group_still_runs(tmp_path, mon
     assert broken and all(r["status"] == "error" and "deliberately broken" in r["reason"] for r in broken)
     others = [r for r in rows if r not in broken]
     assert others and all(r["status"] == "ok" and r["speedup_vs_eager_cl"] > 0 for r in others)
+
+
+def test_cpu_speedup_is_the_median_of_paired_ratios(monkeypatch):
+    from benchmarks import runner
+    from benchmarks.machine import run_info
+
+    # Slow spells (x3) over rounds 2-5 catch the cases unevenly: the ratio of the medians would be 10/15,
+    # the median of the round-by-round ratios (2, 2/3, 2/3, 2, 6) is 2.
+    rounds = [[10.0, 10.0, 10.0, 30.0, 30.0], [5.0, 15.0, 15.0, 15.0, 5.0]]
+    monkeypatch.setattr(runner, "time_cpu_interleaved", lambda fns, policy: rounds)
+    monkeypatch.setattr(providers, "prepare", lambda case, device, model_kwargs=None: providers.Prepared(lambda: None))
+    cases = build_cases(["smoke"], ["eager", "cpp"], [], ["fp32"], [1], ["fwd"], ["channels_last"], ["tiny"],
+                        eager_both_layouts=False)[:2]
+    assert [c.provider for c in cases] == ["eager", "cpp"]
+    options = runner.RunOptions(device="cpu", policy=timing.TimingPolicy(), measure_memory=False)
+    rows = runner.measure_group(cases, options, run_info("cpu", argv="test"), {})
+    assert rows[0]["speedup_vs_eager_cl"] == 1.0 and rows[0]["p50_ms"] == 10.0
+    assert rows[1]["speedup_vs_eager_cl"] == 2.0 and rows[1]["p50_ms"] == 15.0
