@@ -3,7 +3,7 @@
     python -m benchmarks.cpp_tune [--batch 1 8] [--mode fwd full] [--repeats 15] [--shapes 0 3 ...]
 
 Baseline and fused runs are interleaved (the machine is shared) and the median of
-``--repeats`` timings is reported, with the speedup and GFLOP/s. ``--peak`` also
+``--repeats`` timings is reported, with the speedup and GFLOP/s, and the fastest call of each. ``--peak`` also
 times a large oneDNN 1x1 convolution as the machine's practical fp32 peak.
 Not the official benchmark suite (``python -m benchmarks``).
 """
@@ -90,7 +90,9 @@ def main() -> None:
                 b, o = statistics.median(base), statistics.median(ours)
                 work = flops(batch, cin, cout, size) * (3 if full else 1)
                 print(f"{mode:4} N={batch} {cin:4}->{cout:4} @{size:3}: eager {b * 1e3:8.2f} ms  cpp {o * 1e3:8.2f} ms"
-                      f"  speedup {b / o:5.2f}x  cpp {work / o / 1e9:6.0f} GFLOP/s", flush=True)
+                      f"  speedup {b / o:5.2f}x  cpp {work / o / 1e9:6.0f} GFLOP/s  (fastest calls: eager "
+                      f"{min(base) * 1e3:.2f} ms, cpp {min(ours) * 1e3:.2f} ms, {work / min(ours) / 1e9:.0f} GFLOP/s)",
+                      flush=True)
 
 
 if __name__ == "__main__":
