@@ -217,7 +217,8 @@ def render_markdown(rows: Sequence[dict], run: Dict, unavailable: Dict[str, str]
         f"- command: `{run.get('argv')}`",
         "",
         "Times are p50 over repeats after warm-up (p20–p80 in brackets); on CPU the providers of one shape, "
-        "batch and mode are timed in turn, round by round, so a slow spell of the machine falls on all of them. "
+        "batch and mode are timed in turn, round by round (each timed call after one untimed call of the same "
+        "provider), so a slow spell of the machine falls on all of them. "
         "GFLOP/s counts 2 FLOPs per "
         "multiply-add (backward = 2x forward). GB/s uses the minimal traffic (each tensor read or written once). "
         f"Speedup is against the eager `nn.Conv2d` pair in channels_last (on CPU the median over rounds of the "

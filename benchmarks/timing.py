@@ -83,7 +83,7 @@ def time_cpu(fn: Callable[[], object], policy: TimingPolicy,
 
 
 def time_cpu_interleaved(fns: Sequence[Callable[[], object]], policy: TimingPolicy,
-                         clock: Callable[[], float] = time.perf_counter) -> List[List[float]]:
+                         clock: Callable[[], float] = time.perf_counter, settle: int = 1) -> List[List[float]]:
     """Per-call times (ms) of several callables, timed in rounds that call each once, in order.
 
     A shared machine slows down in spells (other tenants of a virtual machine, clock
@@ -92,6 +92,12 @@ def time_cpu_interleaved(fns: Sequence[Callable[[], object]], policy: TimingPoli
     first. Rounds stop once every callable has ``min_repeats`` calls and the timed calls
     took ``min_seconds`` per callable in all (the budget of timing them one by one), or
     after ``max_repeats`` rounds.
+
+    Each timed call follows ``settle`` untimed calls of the same callable. Without them a
+    call's time depends on which callable ran before it: glibc hands large freed blocks
+    back to the kernel, and the next call faults its buffers in again or not, depending on
+    the previous caller's sizes (64->128@147 at batch 1: 0.91 ms alone, 3.2 ms right after
+    the eager pair).
     """
     if not fns:
         return []
@@ -102,6 +108,8 @@ def time_cpu_interleaved(fns: Sequence[Callable[[], object]], policy: TimingPoli
     spent = 0.0
     for _ in range(policy.max_repeats):
         for fn, own in zip(fns, times):
+            for _ in range(settle):
+                fn()
             start = clock()
             fn()
             elapsed = clock() - start

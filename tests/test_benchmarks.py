@@ -185,11 +185,15 @@ def test_cpu_timer_interleaves_cases_in_rounds():
 
     fns = [make("slow", 0.25), make("fast", 0.125)]
     policy = timing.TimingPolicy(warmup=1, min_repeats=2, min_seconds=0.5, max_repeats=100)
-    times = timing.time_cpu_interleaved(fns, policy, clock=lambda: now[0])
+    times = timing.time_cpu_interleaved(fns, policy, clock=lambda: now[0], settle=0)
     # warm-ups first, then rounds of one call each, until 0.5 s per callable (1 s) of timed calls
     assert order == ["slow", "fast"] + ["slow", "fast"] * 3
     assert times == [pytest.approx([250.0] * 3), pytest.approx([125.0] * 3)]
     assert timing.time_cpu_interleaved([], policy) == []
+    order.clear()
+    settled = timing.time_cpu_interleaved(fns, policy, clock=lambda: now[0])  # one untimed call before each
+    assert order == ["slow", "fast"] + ["slow", "slow", "fast", "fast"] * 3
+    assert settled == times
     capped = timing.TimingPolicy(warmup=1, min_repeats=1, min_seconds=100.0, max_repeats=4)
     assert [len(t) for t in timing.time_cpu_interleaved(fns, capped, clock=lambda: now[0])] == [4, 4]
 
