@@ -151,6 +151,41 @@ def test_missing_compiler_is_reported(monkeypatch):
         cpp_backend._jit_build()
 
 
+# Run in a fresh interpreter (settings read once per process): `check(x, dw, pw, **kwargs)` compares
+# the cpp output and gradients (padding 1) with the float64 reference; the body must not fail.
+_CHECKS_PRELUDE = """
+import torch, kernels
+from kernels.reference import separable_conv2d_reference as reference
+g = torch.Generator().manual_seed(0)
+
+def check(x, dw, pw, **kwargs):
+    leaves = [t.requires_grad_() for t in (x, dw, pw)]
+    out = kernels.separable_conv2d(*leaves, padding=1, backend="cpp", **kwargs)
+    grad = torch.randn(out.shape, generator=g)
+    grads = torch.autograd.grad(out, leaves, grad)
+    doubles = [t.detach().double().requires_grad_() for t in leaves]
+    expected = reference(*doubles, padding=1, **kwargs)
+    expected_grads = torch.autograd.grad(expected, doubles, grad.double())
+    torch.testing.assert_close(out.double(), expected, atol=1e-4, rtol=1e-4)
+    for got, want in zip(grads, expected_grads):
+        torch.testing.assert_close(got.double(), want, atol=1e-3, rtol=1e-4)
+    return out
+"""
+
+
+def _run_checks(body: str, **env: str) -> None:
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    script = _CHECKS_PRELUDE + body + "\nprint('ok')\n"
+    result = subprocess.run([sys.executable, "-c", script], env=dict(os.environ, PYTHONPATH=str(root), **env),
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
+
+
 @pytest.mark.parametrize("hugepages", ["1", "0"])
 def test_fresh_large_buffers_with_and_without_huge_pages(hugepages):
     """Results and gradients of >= 32 MiB (huge-page advised) buffers, with SEPCONV_HUGEPAGES=0 too.
@@ -158,34 +193,11 @@ def test_fresh_large_buffers_with_and_without_huge_pages(hugepages):
     The switch is read once per process, so each setting runs in a fresh interpreter.
     """
     require_backend("cpp")
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    script = """
-import torch, kernels
-from kernels.reference import separable_conv2d_reference as reference
-g = torch.Generator().manual_seed(0)
-x = torch.randn(1, 8, 256, 256, generator=g).contiguous(memory_format=torch.channels_last).requires_grad_()
-dw = torch.randn(8, 1, 3, 3, generator=g).requires_grad_()
-pw = torch.randn(128, 8, 1, 1, generator=g).requires_grad_()
-out = kernels.separable_conv2d(x, dw, pw, padding=1, backend="cpp")
+    _run_checks("""
+x = torch.randn(1, 8, 256, 256, generator=g).contiguous(memory_format=torch.channels_last)
+out = check(x, torch.randn(8, 1, 3, 3, generator=g), torch.randn(128, 8, 1, 1, generator=g))
 assert out.numel() * 4 >= 32 << 20
-grad = torch.randn(out.shape, generator=g)
-grads = torch.autograd.grad(out, (x, dw, pw), grad)
-leaves = [t.detach().double().requires_grad_() for t in (x, dw, pw)]
-expected = reference(*leaves, padding=1)
-expected_grads = torch.autograd.grad(expected, leaves, grad.double())
-torch.testing.assert_close(out.double(), expected, atol=1e-4, rtol=1e-4)
-for got, want in zip(grads, expected_grads):
-    torch.testing.assert_close(got.double(), want, atol=1e-3, rtol=1e-4)
-print("ok")
-"""
-    root = Path(__file__).resolve().parent.parent
-    env = dict(os.environ, SEPCONV_HUGEPAGES=hugepages, PYTHONPATH=str(root))
-    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
+""", SEPCONV_HUGEPAGES=hugepages)
 
 
 @pytest.mark.parametrize("batch,channels,size", [(1, 16, 20), (3, 24, 10), (2, 300, 8), (1, 300, 6)],
@@ -210,35 +222,12 @@ def test_work_buffers_are_written_before_read():
     """The kernels' work buffers are left uninitialised: with glibc filling every fresh allocation with
     a junk byte (MALLOC_PERTURB_), forward and backward over every work split still match the reference."""
     require_backend("cpp")
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    script = """
-import torch, kernels
-from kernels.reference import separable_conv2d_reference as reference
+    _run_checks("""
 torch.set_num_threads(2)
-g = torch.Generator().manual_seed(0)
 # row bands, batch parts, channel chunks, the few-pixel forward splits, a partial last panel
 for batch, channels, out_channels, size in [(1, 16, 20, 20), (3, 24, 40, 10), (2, 300, 70, 8), (1, 728, 100, 5),
                                             (1, 64, 1500, 3)]:
     x = torch.randn(batch, channels, size, size, generator=g).contiguous(memory_format=torch.channels_last)
-    dw = torch.randn(channels, 1, 3, 3, generator=g)
     pw = torch.randn(out_channels, channels, 1, 1, generator=g) / channels ** 0.5
-    leaves = [t.requires_grad_() for t in (x, dw, pw)]
-    out = kernels.separable_conv2d(*leaves, padding=1, backend="cpp", relu_input=True)
-    grad = torch.randn(out.shape, generator=g)
-    grads = torch.autograd.grad(out, leaves, grad)
-    doubles = [t.detach().double().requires_grad_() for t in leaves]
-    expected = reference(*doubles, padding=1, relu_input=True)
-    expected_grads = torch.autograd.grad(expected, doubles, grad.double())
-    torch.testing.assert_close(out.double(), expected, atol=1e-4, rtol=1e-4)
-    for got, want in zip(grads, expected_grads):
-        torch.testing.assert_close(got.double(), want, atol=1e-3, rtol=1e-4)
-print("ok")
-"""
-    root = Path(__file__).resolve().parent.parent
-    env = dict(os.environ, MALLOC_PERTURB_="165", PYTHONPATH=str(root))
-    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
+    check(x, torch.randn(channels, 1, 3, 3, generator=g), pw, relu_input=True)
+""", MALLOC_PERTURB_="165")
