@@ -55,10 +55,14 @@ inline void micro_generic(const T* a, const T* b, T* c, const T* init, const Mic
 }
 
 #if defined(__AVX512F__)
+// Lanes [0, left) of a 16-float vector: all for left >= 16, none for left <= 0.
+inline __mmask16 tail_mask(int64_t left) {
+  return left >= 16 ? __mmask16(0xFFFF) : left <= 0 ? __mmask16(0) : __mmask16((1u << left) - 1u);
+}
+
 template <int MR>
 inline void micro_f32(const float* a, const float* b, float* c, const float* init, const MicroArgs& p) {
-  const __mmask16 m0 = p.nr >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << p.nr) - 1u);
-  const __mmask16 m1 = p.nr >= 32 ? __mmask16(0xFFFF) : (p.nr > 16 ? __mmask16((1u << (p.nr - 16)) - 1u) : __mmask16(0));
+  const __mmask16 m0 = tail_mask(p.nr), m1 = tail_mask(p.nr - 16);
   __m512 acc0[MR], acc1[MR];
 #pragma GCC unroll 12
   for (int r = 0; r < MR; ++r) {

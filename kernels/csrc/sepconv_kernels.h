@@ -11,11 +11,12 @@
 // computed into a thread-local tile (pixels x CM, sized for L2) and multiplied at once by the
 // packed pointwise panels; the N*CM*OH*OW intermediate never reaches memory.
 //
-// Backward: each task owns a chunk of hidden channels, so every gradient element is written
-// by exactly one thread and summed in a fixed order (bitwise deterministic, and independent of
-// the thread count). Per block of pixels it recomputes the depthwise tile (for the pointwise
-// weight gradient), forms grad_hidden = grad_out @ pw[:, chunk], and scatters it through the
-// transposed depthwise into grad_input and the depthwise weight and bias gradients.
+// Backward: each task owns a chunk of hidden channels (and a part of the pixels), so every
+// gradient element is written by exactly one thread, and per-part sums are added in a fixed
+// order (bitwise deterministic from run to run at a given thread count). Per block of pixels it
+// recomputes the depthwise tile (for the pointwise weight gradient), forms grad_hidden =
+// grad_out @ pw[:, chunk], and scatters it through the transposed depthwise into grad_input and
+// the depthwise weight and bias gradients.
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -24,7 +25,6 @@
 #include <cstdint>
 #include <cstring>
 #include <memory>
-
 #include <type_traits>
 #include <vector>
 
@@ -52,7 +52,6 @@ inline void prefetch_at(const T* p, int64_t offset, bool write = false) {
     __builtin_prefetch(address, 0, 3);
   }
 }
-
 
 // One output pixel's depthwise result for kc hidden channels: out[c] = bias[c] +
 // sum over the `valid` in-bounds taps v of relu?(xs[v][c]) * ws[v][c] (bias may be null).
@@ -89,12 +88,9 @@ inline void depthwise_pixel_f32(const float* const* xs, const float* const* ws, 
                                 bool relu, int64_t kc, float* out) {
   const __m512 zero = _mm512_setzero_ps();
   auto load = [](__mmask16 m, const float* p) { return _mm512_maskz_loadu_ps(m, p); };
-  auto mask = [kc](int64_t c) {
-    const int64_t left = kc - c;
-    return left >= 16 ? __mmask16(0xFFFF) : left <= 0 ? __mmask16(0) : __mmask16((1u << left) - 1u);
-  };
   for (int64_t c0 = 0; c0 < kc; c0 += 64) {
-    const __mmask16 m0 = mask(c0), m1 = mask(c0 + 16), m2 = mask(c0 + 32), m3 = mask(c0 + 48);
+    const __mmask16 m0 = tail_mask(kc - c0), m1 = tail_mask(kc - c0 - 16), m2 = tail_mask(kc - c0 - 32),
+                    m3 = tail_mask(kc - c0 - 48);
     __m512 a0 = zero, a1 = zero, a2 = zero, a3 = zero;
     if (bias) {
       a0 = load(m0, bias + c0);
@@ -129,24 +125,33 @@ inline void depthwise_pixel_f32(const float* const* xs, const float* const* ws, 
 }
 #endif
 
-constexpr int64_t kRowAhead = 8;  // pixels; 2 to 12 measured the same
+// How far ahead (in output pixels) the depthwise passes fetch the bottom-right tap, the one input
+// a run of pixels has not read yet (the other taps' lines came in for earlier pixels or rows).
+constexpr int64_t kRowAhead = 8;  // 2 to 12 measured the same
+
+// A run of consecutive output pixels of one output row whose 3x3 window lies inside the input
+// horizontally, addressed in x (N, H, W, CM): x[base + r * pixel_step + i * row_step + j * col_step]
+// is tap (i, j) of pixel r at hidden channel 0. base may lie outside x when kernel row 0 does; only
+// the kernel rows i with rows[i] are inside the input.
+struct Run3x3 {
+  int64_t count = 0;
+  int64_t base = 0, pixel_step = 0, col_step = 0, row_step = 0;
+  bool rows[3] = {};
+  int64_t ahead = 0;  // offset from base of the bottom-right in-bounds tap kRowAhead pixels on
+};
 
 #if defined(__AVX512F__)
-// 3x3 depthwise, float32, for `count` consecutive output pixels of one output row whose taps all
-// lie inside the input horizontally. x + base is the input of tap (0, 0) of the first pixel (hidden
-// channel k0; base may lie outside x when kernel row 0 does); consecutive pixels are `pixel_step`
-// elements apart, tap columns `col_step`, tap rows `row_step`; kernel row i is read only where
-// rows[i] (the others fall outside the input).
-// Each 16-channel slice keeps its nine weights in registers across the pixels, so a tap costs
-// one load and one FMA (the per-pixel path also reloads the weight and walks a tap list: at 64
-// hidden channels that made the depthwise a third of the forward time).
-inline void depthwise_row3x3_f32(const float* x, int64_t base, int64_t pixel_step, int64_t col_step, int64_t row_step,
-                                 const bool rows[3], const float* w, int64_t w_stride, const float* bias, bool relu,
-                                 int64_t kc, int64_t count, float* out, int64_t ld) {
+// 3x3 depthwise, float32, over a run: hidden channels [k0, k0 + kc) (w and bias already offset to
+// k0), pixel r into out[r * ld]. Each 16-channel slice keeps its nine weights in registers across
+// the pixels, so a tap costs one load and one FMA (the per-pixel path also reloads the weight and
+// walks a tap list: at 64 hidden channels that made the depthwise a third of the forward time).
+inline void depthwise_row3x3_f32(const float* x, const Run3x3& run, int64_t k0, const float* w, int64_t w_stride,
+                                 const float* bias, bool relu, int64_t kc, float* out, int64_t ld) {
   const __m512 zero = _mm512_setzero_ps();
+  const int64_t pixel_step = run.pixel_step, col_step = run.col_step, row_step = run.row_step;
+  const bool* rows = run.rows;
   for (int64_t c = 0; c < kc; c += 16) {
-    const int64_t left = kc - c;
-    const __mmask16 m = left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1u);
+    const __mmask16 m = tail_mask(kc - c);
     __m512 wv[9];
 #pragma GCC unroll 9
     for (int t = 0; t < 9; ++t) wv[t] = _mm512_maskz_loadu_ps(m, w + t * w_stride + c);
@@ -156,13 +161,10 @@ inline void depthwise_row3x3_f32(const float* x, int64_t base, int64_t pixel_ste
       if (relu) v = _mm512_max_ps(zero, v);  // max(0, x) keeps a NaN input as NaN, like F.relu
       return _mm512_fmadd_ps(v, weight, acc);
     };
-    // The bottom-right tap is the one input the run has not read yet: fetch it a few pixels ahead
-    // (from L3 it stalled the loop; the other taps' lines came in for earlier pixels or rows).
-    const int64_t ahead = base + c + (rows[2] ? 2 * row_step : rows[1] ? row_step : 0) + 2 * col_step +
-                          kRowAhead * pixel_step;
-    for (int64_t r = 0; r < count; ++r) {
-      const int64_t at = base + r * pixel_step + c;
-      prefetch_at(x, ahead + r * pixel_step);
+    const int64_t start = run.base + k0 + c;
+    for (int64_t r = 0; r < run.count; ++r) {
+      const int64_t at = start + r * pixel_step;
+      prefetch_at(x, at + run.ahead);  // from L3 the bottom-right tap stalled the loop
       __m512 acc0 = b, acc1 = zero;  // two chains: taps alternate between them
       if (rows[0]) {
         const float* xp = x + at;
@@ -186,38 +188,34 @@ inline void depthwise_row3x3_f32(const float* x, int64_t base, int64_t pixel_ste
     }
   }
 }
-#endif
 
-#if defined(__AVX512F__)
-// The transposed 3x3 depthwise over a run (addressed as in depthwise_row3x3_f32), float32: for each
-// pixel r and in-bounds tap t, grad_x[tap input] += gh[r] * w[t] (when gx is given) and
+// The transposed 3x3 depthwise over a run (as depthwise_row3x3_f32; gh row r is pixel r), float32:
+// for each pixel r and in-bounds tap t, grad_x[tap input] += gh[r] * w[t] (when gx is given) and
 // dw_acc[t] += gh[r] * relu?(x[tap input]), db_acc += gh[r] (when dw_acc is given). Per 16-channel
 // slice the nine weights and the nine weight-gradient sums stay in registers across the run; the
 // per-pixel walk loaded and stored both for every tap.
-inline void depthwise_row3x3_backward_f32(const float* x, float* gx, int64_t base, int64_t pixel_step, int64_t col_step,
-                                          int64_t row_step, const bool rows[3], const float* w, int64_t w_stride,
-                                          const float* gh, int64_t ldh, bool relu, int64_t kc, int64_t count,
+inline void depthwise_row3x3_backward_f32(const float* x, float* gx, const Run3x3& run, int64_t k0, const float* w,
+                                          int64_t w_stride, const float* gh, int64_t ldh, bool relu, int64_t kc,
                                           float* dw_acc, int64_t acc_stride, float* db_acc) {
   const __m512 zero = _mm512_setzero_ps();
+  const int64_t col_step = run.col_step, row_step = run.row_step;
   for (int64_t c = 0; c < kc; c += 16) {
-    const int64_t left = kc - c;
-    const __mmask16 m = left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1u);
+    const __mmask16 m = tail_mask(kc - c);
     __m512 wv[9], sum[9], bsum = zero;
 #pragma GCC unroll 9
     for (int t = 0; t < 9; ++t) {
       wv[t] = gx ? _mm512_maskz_loadu_ps(m, w + t * w_stride + c) : zero;
       sum[t] = zero;
     }
-    const int64_t ahead = base + c + (rows[2] ? 2 * row_step : rows[1] ? row_step : 0) + 2 * col_step +
-                          kRowAhead * pixel_step;  // as in the forward
-    for (int64_t r = 0; r < count; ++r) {
+    const int64_t start = run.base + k0 + c;
+    for (int64_t r = 0; r < run.count; ++r) {
       const __m512 grad = _mm512_maskz_loadu_ps(m, gh + r * ldh + c);
-      const int64_t at = base + r * pixel_step + c;
-      if (dw_acc) prefetch_at(x, ahead + r * pixel_step);
-      if (gx) prefetch_at(gx, ahead + r * pixel_step, true);
+      const int64_t at = start + r * run.pixel_step;
+      if (dw_acc) prefetch_at(x, at + run.ahead);
+      if (gx) prefetch_at(gx, at + run.ahead, true);
 #pragma GCC unroll 3
       for (int i = 0; i < 3; ++i) {
-        if (!rows[i]) continue;
+        if (!run.rows[i]) continue;
 #pragma GCC unroll 3
         for (int j = 0; j < 3; ++j) {
           const int64_t offset = at + i * row_step + j * col_step;
@@ -278,15 +276,8 @@ struct PixelCursor {
   }
 };
 
-// The run of output pixels from the cursor on (at most `limit`, all in its output row) whose 3x3
-// window lies inside the input horizontally; count 0 where none starts here (the kernel is not
-// 3x3, or the cursor's window crosses the left or right edge).
-struct Run3x3 {
-  int64_t count = 0;
-  int64_t base = 0;  // offset in x of the (possibly out-of-range) top-left tap of the first pixel
-  bool rows[3] = {};  // kernel row i falls inside the input
-};
-
+// The run from the cursor on (at most `limit` pixels, all in its output row); count 0 where none
+// starts here (the kernel is not 3x3, or the cursor's window crosses the left or right edge).
 inline Run3x3 run_3x3(const Geometry& g, const PixelCursor& at, int64_t limit) {
   Run3x3 run;
   const int64_t iw0 = at.ow * g.sw - g.pl;
@@ -297,6 +288,11 @@ inline Run3x3 run_3x3(const Geometry& g, const PixelCursor& at, int64_t limit) {
   const int64_t ih0 = at.oh * g.sh - g.pt;
   for (int i = 0; i < 3; ++i) run.rows[i] = ih0 + i * g.dh >= 0 && ih0 + i * g.dh < g.H;
   run.base = ((at.n * g.H + ih0) * g.W + iw0) * g.CM;
+  run.pixel_step = g.sw * g.CM;
+  run.col_step = g.dw * g.CM;
+  run.row_step = g.dh * g.W * g.CM;
+  run.ahead = (run.rows[2] ? 2 * run.row_step : run.rows[1] ? run.row_step : 0) + 2 * run.col_step +
+              kRowAhead * run.pixel_step;
   return run;
 }
 
@@ -313,8 +309,7 @@ void depthwise_tile(const Geometry& g, const T* x, const T* dw_taps, const T* bi
     if constexpr (std::is_same_v<T, float>) {  // runs of interior pixels take the row kernel
       const Run3x3 run = run_3x3(g, at, rows - r);
       if (run.count > 0) {
-        depthwise_row3x3_f32(x, run.base + k0, g.sw * g.CM, g.dw * g.CM, g.dh * g.W * g.CM, run.rows, dw_taps + k0,
-                             g.CM, bias ? bias + k0 : nullptr, relu, kc, run.count, tile + r * ld, ld);
+        depthwise_row3x3_f32(x, run, k0, dw_taps + k0, g.CM, bias ? bias + k0 : nullptr, relu, kc, tile + r * ld, ld);
         r += run.count - 1;
         at.advance(g, run.count);
         continue;
@@ -348,7 +343,6 @@ struct Work {
   std::unique_ptr<T[]> memory;
   explicit Work(int64_t elements) : memory(new T[std::max<int64_t>(elements, 1)]) {}
   T* data() { return memory.get(); }
-  T& operator[](int64_t i) { return memory[i]; }
 };
 
 // Scratch memory that stays mapped between calls: one growing buffer per calling thread, type
@@ -405,7 +399,7 @@ void pack_panel(const T* pw, int64_t Cout, int64_t CM, int64_t jp, T* panel) {
     constexpr int64_t kAhead = 6 * kStep;
     for (int64_t k0 = 0; k0 < CM; k0 += kStep) {
       const int64_t width = std::min(kStep, CM - k0);
-      const __mmask16 m = width == kStep ? __mmask16(0xFFFF) : __mmask16((1u << width) - 1u);
+      const __mmask16 m = tail_mask(width);
       for (int64_t half = 0; half < kCols; half += 16) {
         __m512 r[16];
         for (int64_t i = 0; i < 16; ++i) {
@@ -616,7 +610,8 @@ void backward(const Geometry& g, const T* x, const T* dw_taps, const T* dw_bias,
   auto run_tasks = [&](int64_t parity) {
     const int64_t step = parity < 0 ? 1 : 2, phase_parts = parity < 0 ? parts : (parts - parity + 1) / 2;
     at::parallel_for(0, nchunks * phase_parts, 1, [&](int64_t begin, int64_t end) {
-      Work<T> hidden(kBlock * ldh), grad_hidden(kBlock * ldh), go(kBlock * ldg), pw_panels(chunk_panels * g.Cout * kCols);
+      Work<T> hidden(kBlock * ldh), grad_hidden(kBlock * ldh), go(kBlock * ldg);
+      Work<T> pw_panels(chunk_panels * g.Cout * kCols);
       std::vector<T> dw_acc(taps * chunk), db_acc(chunk), pb_acc(want.pointwise ? g.Cout : 0);
       for (int64_t task = begin; task < end; ++task) {
         const int64_t ci = task / phase_parts, part = std::max<int64_t>(parity, 0) + step * (task % phase_parts);
@@ -692,10 +687,8 @@ void backward(const Geometry& g, const T* x, const T* dw_taps, const T* dw_bias,
             if constexpr (std::is_same_v<T, float>) {  // runs of interior pixels take the row kernel
               const Run3x3 run = run_3x3(g, at, nrows - r);
               if (run.count > 0) {
-                depthwise_row3x3_backward_f32(x, want.input ? grad_x : nullptr, run.base + k0, g.sw * g.CM,
-                                              g.dw * g.CM, g.dh * g.W * g.CM, run.rows, dw_taps + k0, g.CM, gh, ldh,
-                                              relu, kc, run.count, want.depthwise ? dw_acc.data() : nullptr, chunk,
-                                              db_acc.data());
+                depthwise_row3x3_backward_f32(x, want.input ? grad_x : nullptr, run, k0, dw_taps + k0, g.CM, gh, ldh,
+                                              relu, kc, want.depthwise ? dw_acc.data() : nullptr, chunk, db_acc.data());
                 r += run.count - 1;
                 at.advance(g, run.count);
                 continue;
@@ -707,17 +700,14 @@ void backward(const Geometry& g, const T* x, const T* dw_taps, const T* dw_bias,
               for (int64_t c = 0; c < kc; ++c) db_acc[c] += gh[c];
             }
             const int64_t base = at.n * g.H * g.W * g.CM + k0;
-            {  // The bottom-right tap of the pixel kAhead to the right is the input the row has not
-               // touched yet (the other taps' rows and columns came through cache for earlier
-               // pixels): fetch it, and its grad_x, ahead of the read-modify-writes below.
-              constexpr int64_t kAhead = 8;
+            {  // the bottom-right tap kRowAhead pixels on, and its grad_x, ahead of the updates below
               const int64_t ih = at.oh * g.sh - g.pt + (g.kh - 1) * g.dh;
-              const int64_t iw = (at.ow + kAhead) * g.sw - g.pl + (g.kw - 1) * g.dw;
+              const int64_t iw = (at.ow + kRowAhead) * g.sw - g.pl + (g.kw - 1) * g.dw;
               if (ih >= 0 && ih < g.H && iw >= 0 && iw < g.W) {
                 const int64_t offset = base + (ih * g.W + iw) * g.CM;
                 for (int64_t c = 0; c < kc; c += 64 / int64_t(sizeof(T))) {
-                  if (want.depthwise) __builtin_prefetch(x + offset + c, 0);
-                  if (want.input) __builtin_prefetch(grad_x + offset + c, 1);
+                  if (want.depthwise) prefetch_at(x, offset + c);
+                  if (want.input) prefetch_at(grad_x, offset + c, true);
                 }
               }
             }
@@ -775,12 +765,14 @@ void backward(const Geometry& g, const T* x, const T* dw_taps, const T* dw_bias,
         }
       });
     };
-    if (want.pointwise) reduce(part_pw.data(), grad_pw, g.Cout * g.CM);
+    if (want.pointwise) {
+      reduce(part_pw.data(), grad_pw, g.Cout * g.CM);
+      reduce(part_pb.data(), grad_pw_bias, g.Cout);
+    }
     if (want.depthwise) {
       reduce(part_dw.data(), grad_dw_taps, taps * g.CM);
       reduce(part_db.data(), grad_dw_bias, g.CM);
     }
-    if (want.pointwise) reduce(part_pb.data(), grad_pw_bias, g.Cout);
   }
 }
 
