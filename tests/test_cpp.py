@@ -218,6 +218,27 @@ def test_grad_input_written_everywhere(threads, batch, channels, size):
         torch.use_deterministic_algorithms(before)
 
 
+@pytest.mark.parametrize("batch,channels,size", [(1, 16, 20), (3, 24, 10), (2, 300, 8)],
+                         ids=["row-bands", "batch-parts", "channel-chunks"])
+def test_relu_input_gradient_is_relu_backward(threads, batch, channels, size):
+    """With relu_input the kernel masks grad_input itself (per task, or after the row bands): where the
+    input is <= 0 the gradient is exactly 0 even when grad_output holds inf, as nn.ReLU's backward gives."""
+    require_backend("cpp")
+    torch.set_num_threads(2)
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(batch, channels, size, size, generator=g).contiguous(memory_format=torch.channels_last)
+    dw = torch.randn(channels, 1, 3, 3, generator=g)
+    pw = torch.randn(20, channels, 1, 1, generator=g)
+    grad = torch.randn(batch, 20, size, size, generator=g)
+    grad[0, :, size // 2, size // 3] = float("inf")
+    got_x, want_x = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    kernels.separable_conv2d(got_x, dw, pw, padding=1, relu_input=True, backend="cpp").backward(grad)
+    torch.nn.functional.conv2d(torch.nn.functional.conv2d(want_x.relu(), dw, padding=1, groups=channels), pw).backward(grad)
+    assert not got_x.grad.isfinite().all()  # the inf reached positive inputs
+    assert torch.equal(got_x.grad[x <= 0], torch.zeros_like(got_x.grad[x <= 0]))
+    torch.testing.assert_close(got_x.grad, want_x.grad, rtol=1e-4, atol=1e-4, equal_nan=True)
+
+
 def test_work_buffers_are_written_before_read():
     """The kernels' work buffers are left uninitialised: with glibc filling every fresh allocation with
     a junk byte (MALLOC_PERTURB_), forward and backward over every work split still match the reference."""

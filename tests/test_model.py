@@ -160,15 +160,26 @@ def test_full_model_matches_paper_forward(full_model, separable):
         assert_close(model(x), expected, torch.float32, "logits vs the op-by-op paper forward")
 
 
-def test_block_structure_relus_and_pools(full_model):
-    block1, block2, block4, block12 = (getattr(full_model, f"block{i}") for i in (1, 2, 4, 12))
+@pytest.mark.parametrize("fold_relu", [False, True])
+def test_block_structure_relus_and_pools(full_model, fold_relu):
+    model = full_model
+    if not fold_relu:
+        model = xception.xception(backend="torch", fold_relu=False).eval()
+        model.load_state_dict(full_model.state_dict())
+    block1, block2, block4, block12 = (getattr(model, f"block{i}") for i in (1, 2, 4, 12))
+    relu = "Identity" if fold_relu else "ReLU"
     assert [type(m).__name__ for m in block1.rep] == [
-        "SeparableConv2d", "BatchNorm2d", "ReLU", "SeparableConv2d", "BatchNorm2d", "MaxPool2d"]
-    assert [type(m).__name__ for m in block4.rep] == ["ReLU", "SeparableConv2d", "BatchNorm2d"] * 3
+        "SeparableConv2d", "BatchNorm2d", relu, "SeparableConv2d", "BatchNorm2d", "MaxPool2d"]
+    assert [type(m).__name__ for m in block4.rep] == [relu, "SeparableConv2d", "BatchNorm2d"] * 3
     assert block4.skip is None
-    # The first ReLU must not overwrite the block input that the shortcut reads.
+    # With fold_relu every separable conv applies the ReLU before it (all but block1's first and conv3,
+    # after a sum, have one); without, none does, and the first ReLU of a block must not overwrite the
+    # input that the shortcut reads.
+    relu_inputs = [m.relu_input for m in model.separable_convs()]
+    assert relu_inputs == [False] + [fold_relu] * 31 + [False, fold_relu]
+    assert isinstance(model.act3, nn.Identity if fold_relu else nn.ReLU)
     for block in (block2, block4, block12):
-        assert not block.rep[0].inplace
+        assert fold_relu or not block.rep[0].inplace
     pool = block12.rep[-1]
     assert isinstance(pool, nn.MaxPool2d) and (pool.kernel_size, pool.stride, pool.padding) == (3, 2, 1)
     # Middle flow: identity shortcut and no ReLU after the sum, so a block's output can be negative.

@@ -99,12 +99,16 @@ class Block(nn.Module):
     ``rep`` is an ``nn.Sequential`` laid out as in timm's ``legacy_xception``
     (ReLUs occupy indices too, so the ``state_dict`` keys match):
     ``[ReLU], SepConv, BN, ReLU, SepConv, BN, ..., [MaxPool]``. Its first ReLU
-    is not in-place: the shortcut still reads the block input.
+    is not in-place: the shortcut still reads the block input. With
+    ``fold_relu`` each ReLU is applied by the separable conv after it instead
+    (``relu_input=True``, exact in training too) and its slot holds an
+    ``nn.Identity``: no separate pass over the activations, forward or backward.
 
     Shape: ``(N, in_channels, H, W)`` to ``(N, spec.channels[-1], ceil(H/stride), ceil(W/stride))``.
     """
 
-    def __init__(self, in_channels: int, spec: BlockSpec, separable: str = "fused", backend: str = "auto") -> None:
+    def __init__(self, in_channels: int, spec: BlockSpec, separable: str = "fused", backend: str = "auto",
+                 fold_relu: bool = False) -> None:
         super().__init__()
         if spec.stride not in (1, 2):
             raise ValueError(f"BlockSpec.stride must be 1 or 2, got {spec.stride}")
@@ -113,12 +117,13 @@ class Block(nn.Module):
         layers: list[nn.Module] = []
         channels = in_channels
         for index, out_channels in enumerate(spec.channels):
-            layers.append(nn.ReLU(inplace=index > 0))
-            layers.append(separable_conv(separable, channels, out_channels, backend))
+            conv = separable_conv(separable, channels, out_channels, backend)
+            if index > 0 or spec.start_with_relu:
+                conv.relu_input = fold_relu
+                layers.append(nn.Identity() if fold_relu else nn.ReLU(inplace=index > 0))
+            layers.append(conv)
             layers.append(nn.BatchNorm2d(out_channels))
             channels = out_channels
-        if not spec.start_with_relu:
-            layers = layers[1:]
         if spec.stride != 1:
             layers.append(nn.MaxPool2d(3, spec.stride, 1))
         self.rep = nn.Sequential(*layers)

@@ -76,6 +76,10 @@ class Xception(nn.Module):
         features_only: ``forward`` returns the feature maps at strides 2, 4, 8, 16, 32 picked by
             ``out_indices`` instead of logits, and the model has no classifier.
         out_indices: which of those five feature maps ``features_only`` returns.
+        fold_relu: apply each ReLU that precedes a separable conv inside that conv
+            (``relu_input=True``; the ReLU's slot holds an ``nn.Identity``). Exact in training
+            and inference, and it saves a pass over the activations each way. Default: on for
+            ``separable="fused"``, off for ``"conv2d"`` (where it would cost an extra copy).
 
     Shape: ``(N, in_chans, H, W)`` with ``H, W >= 71`` (any size, NCHW or channels_last) to
     ``(N, num_classes)``, or a list of ``(N, C_i, H_i, W_i)`` with ``features_only``.
@@ -92,6 +96,7 @@ class Xception(nn.Module):
         separable: str = "fused",
         features_only: bool = False,
         out_indices: Sequence[int] = (0, 1, 2, 3, 4),
+        fold_relu: bool | None = None,
     ) -> None:
         super().__init__()
         for name, value, low in (("num_classes", num_classes, 0), ("in_chans", in_chans, 1),
@@ -111,6 +116,10 @@ class Xception(nn.Module):
                 or len(set(out_indices)) != len(out_indices):
             raise ValueError(f"out_indices must be distinct ints in 0..4, got {out_indices!r}")
 
+        if fold_relu is None:
+            fold_relu = separable == "fused"
+        elif not isinstance(fold_relu, bool):
+            raise ValueError(f"fold_relu must be a bool or None, got {fold_relu!r}")
         self.separable = separable
         self.drop_rate = float(drop_rate)
         self.features_only = bool(features_only)
@@ -131,20 +140,22 @@ class Xception(nn.Module):
         channels = stem2
         self.block_names: tuple[str, ...] = tuple(f"block{i + 1}" for i in range(len(specs)))
         for name, spec in zip(self.block_names, specs):
-            block = Block(channels, spec, separable, backend)
+            block = Block(channels, spec, separable, backend, fold_relu)
             self.add_module(name, block)
             channels = block.out_channels
 
         head1, head2 = (make_divisible(c * width) for c in HEAD_CHANNELS)
         self.conv3 = separable_conv(separable, channels, head1, backend)
         self.bn3 = nn.BatchNorm2d(head1)
-        self.act3 = nn.ReLU(inplace=True)
+        self.act3: nn.Module = nn.Identity() if fold_relu else nn.ReLU(inplace=True)
         self.conv4 = separable_conv(separable, head1, head2, backend)
+        self.conv4.relu_input = fold_relu
         self.bn4 = nn.BatchNorm2d(head2)
         self.act4 = nn.ReLU(inplace=True)
         self.num_features = head2
 
-        # Feature taps as in timm (a ReLU'd block output is what the next block's first ReLU yields).
+        # Feature taps as in timm (a ReLU'd block output is what the next block's first ReLU yields;
+        # with fold_relu that slot is an nn.Identity, and forward_intermediates applies the ReLU).
         entry = len(ENTRY_FLOW)
         last = self.block_names[-1]
         self._stage_blocks = (

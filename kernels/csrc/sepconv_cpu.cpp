@@ -192,7 +192,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
   at::Tensor grad_input = none();
   if (want_input) {
     if (multiplier > 1) grad_x = grad_x.view({g.N, g.H, g.W, channels, multiplier}).sum(4);
-    if (relu_input) grad_x.mul_(x.view({g.N, g.H, g.W, channels, multiplier}).select(4, 0) > 0);
     grad_input = from_nhwc(grad_x, memory_format_of(input));
   }
   return {

@@ -587,6 +587,18 @@ void backward(const Geometry& g, const T* x, const T* dw_taps, const T* dw_bias,
   auto zero_rows = [&](int64_t from, int64_t to, int64_t k0, int64_t kc) {
     for (int64_t q = from; q < to; ++q) std::fill_n(grad_x + q * g.CM + k0, kc, T(0));
   };
+  // With relu, the gradient reaching the raw input is grad_x where x > 0 and 0 elsewhere (ReLU's
+  // threshold backward: 0 even where grad_x is not finite). Tasks apply it to the input rows that
+  // no later pixel of theirs reaches, while those rows are still in cache.
+  const bool mask_relu = relu && want.input;
+  auto mask_rows = [&](int64_t from, int64_t to, int64_t k0, int64_t kc) {
+    for (int64_t q = from; q < to; ++q) {
+      T* gx = grad_x + q * g.CM + k0;
+      const T* xr = x + q * g.CM + k0;
+#pragma omp simd
+      for (int64_t c = 0; c < kc; ++c) gx[c] = xr[c] > T(0) ? gx[c] : T(0);
+    }
+  };
   if (want.input && (npix == 0 || bands)) {
     at::parallel_for(0, g.N * g.H * g.W, 1024, [&](int64_t begin, int64_t end) { zero_rows(begin, end, 0, g.CM); });
   }
@@ -604,13 +616,17 @@ void backward(const Geometry& g, const T* x, const T* dw_taps, const T* dw_bias,
   const bool lazy_zero = want.input && !bands;
 
   // Padded row strides (see forward): rows read together must not share L1 sets.
-  const int64_t ldg = round_up(g.Cout, 16) + 16, ldh = round_up(chunk, 16) + 16;
+  // grad_out is read in place, unless its rows are a multiple of 1 KB apart (1024 or 2048 channels):
+  // then the kRows rows a micro-kernel call reads together would share L1 sets, and a block is
+  // copied to padded rows first (copying every block cost 2-3% of the backward elsewhere).
+  const bool copy_grad_out = (g.Cout * int64_t(sizeof(T))) % 1024 == 0;
+  const int64_t ldg = copy_grad_out ? round_up(g.Cout, 16) + 16 : g.Cout, ldh = round_up(chunk, 16) + 16;
   const int64_t chunk_panels = ceil_div(chunk, kCols);
   // Runs the (chunk, part) tasks whose part has this parity (-1: every part).
   auto run_tasks = [&](int64_t parity) {
     const int64_t step = parity < 0 ? 1 : 2, phase_parts = parity < 0 ? parts : (parts - parity + 1) / 2;
     at::parallel_for(0, nchunks * phase_parts, 1, [&](int64_t begin, int64_t end) {
-      Work<T> hidden(kBlock * ldh), grad_hidden(kBlock * ldh), go(kBlock * ldg);
+      Work<T> hidden(kBlock * ldh), grad_hidden(kBlock * ldh), go(copy_grad_out ? kBlock * ldg : 0);
       Work<T> pw_panels(chunk_panels * g.Cout * kCols);
       std::vector<T> dw_acc(taps * chunk), db_acc(chunk), pb_acc(want.pointwise ? g.Cout : 0);
       for (int64_t task = begin; task < end; ++task) {
@@ -627,7 +643,7 @@ void backward(const Geometry& g, const T* x, const T* dw_taps, const T* dw_bias,
         if (sum_bias) std::fill(pb_acc.begin(), pb_acc.end(), T(0));
         // This task's input pixels (whole images) not zeroed yet: [zeroed, input_end).
         const int64_t plane = g.OH * g.OW;
-        int64_t zeroed = first / plane * g.H * g.W;
+        int64_t zeroed = first / plane * g.H * g.W, masked = zeroed;
         const int64_t input_end = ceil_div(last, plane) * g.H * g.W;
         if (need_hidden_grad) {  // pw[:, k0:k0+kc] as (panel, Cout, kCols), zero-padded
           for (int64_t j0 = 0; j0 < kc; j0 += kCols) {
@@ -641,9 +657,10 @@ void backward(const Geometry& g, const T* x, const T* dw_taps, const T* dw_bias,
         }
         for (int64_t p0 = first; p0 < last; p0 += kBlock) {
           const int64_t nrows = std::min(kBlock, last - p0);
+          const T* gob = copy_grad_out ? go.data() : grad_out + p0 * g.Cout;
           for (int64_t r = 0; r < nrows; ++r) {
             const T* src = grad_out + (p0 + r) * g.Cout;
-            std::memcpy(go.data() + r * ldg, src, sizeof(T) * g.Cout);
+            if (copy_grad_out) std::memcpy(go.data() + r * ldg, src, sizeof(T) * g.Cout);
             if (sum_bias) {  // grad_pw_bias: the part's sum over pixels, in pixel order
 #pragma omp simd
               for (int64_t c = 0; c < g.Cout; ++c) pb_acc[c] += src[c];
@@ -655,7 +672,7 @@ void backward(const Geometry& g, const T* x, const T* dw_taps, const T* dw_bias,
             for (int64_t j0 = 0; j0 < kc; j0 += kCols) {  // the task's first block overwrites
               MicroArgs args{nrows, 1, ldg, ldh, g.CM, int(std::min<int64_t>(kCols, kc - j0)), p0 != first};
               for (int64_t co = 0; co < g.Cout; co += kRows) {
-                micro<T>(int(std::min<int64_t>(kRows, g.Cout - co)), go.data() + co, hidden.data() + j0,
+                micro<T>(int(std::min<int64_t>(kRows, g.Cout - co)), gob + co, hidden.data() + j0,
                          gpw + co * g.CM + k0 + j0, nullptr, args);
               }
             }
@@ -666,7 +683,7 @@ void backward(const Geometry& g, const T* x, const T* dw_taps, const T* dw_bias,
             MicroArgs args{g.Cout, ldg, 1, kCols, ldh, int(std::min<int64_t>(kCols, kc - j0)), false};
             const T* panel = pw_panels.data() + (j0 / kCols) * g.Cout * kCols;
             for (int64_t r0 = 0; r0 < nrows; r0 += kRows) {
-              micro<T>(int(std::min<int64_t>(kRows, nrows - r0)), go.data() + r0 * ldg, panel,
+              micro<T>(int(std::min<int64_t>(kRows, nrows - r0)), gob + r0 * ldg, panel,
                        grad_hidden.data() + r0 * ldh + j0, nullptr, args);
             }
           }
@@ -733,8 +750,20 @@ void backward(const Geometry& g, const T* x, const T* dw_taps, const T* dw_bias,
             });
             at.advance(g, 1);
           }
+          if (lazy_zero && mask_relu && p0 + nrows < last) {  // rows above the next pixel's taps are final
+            const PixelCursor next(g, p0 + nrows);
+            const int64_t ih = std::clamp<int64_t>(next.oh * g.sh - g.pt, 0, g.H);
+            const int64_t final_end = std::min((next.n * g.H + ih) * g.W, zeroed);
+            if (final_end > masked) {
+              mask_rows(masked, final_end, k0, kc);
+              masked = final_end;
+            }
+          }
         }
-        if (lazy_zero) zero_rows(zeroed, input_end, k0, kc);  // rows no tap reached
+        if (lazy_zero) {
+          zero_rows(zeroed, input_end, k0, kc);  // rows no tap reached
+          if (mask_relu) mask_rows(masked, input_end, k0, kc);
+        }
         if (sum_bias) std::copy_n(pb_acc.data(), g.Cout, parts > 1 ? part_pb.data() + part * g.Cout : grad_pw_bias);
         if (want.depthwise) {
           for (int64_t t = 0; t < taps; ++t) {
@@ -750,6 +779,9 @@ void backward(const Geometry& g, const T* x, const T* dw_taps, const T* dw_bias,
     run_tasks(1);
   } else {
     run_tasks(-1);
+  }
+  if (mask_relu && !lazy_zero) {  // row bands: their tasks share boundary rows, so mask at the end
+    at::parallel_for(0, g.N * g.H * g.W, 1024, [&](int64_t begin, int64_t end) { mask_rows(begin, end, 0, g.CM); });
   }
   if (parts > 1) {  // fixed-order sum of the per-part weight gradients
     std::vector<int64_t> filled;  // the parts with pixels, in order
