@@ -468,10 +468,11 @@ void forward(const Geometry& g, const T* x, const T* dw_taps, const T* pw, const
   } else {
     blocks = std::min(groups, round_up(blocks, threads));
   }
-  // Block b holds groups [b * groups / blocks, (b + 1) * groups / blocks): block sizes differ by
-  // at most one group, so every thread gets the same work.
-  auto first_pixel = [&](int64_t block) { return std::min(npix, block * groups / blocks * kRows); };
-  const int64_t rows = ceil_div(groups, blocks) * kRows;
+  // Block b holds pixels [b * npix / blocks, (b + 1) * npix / blocks), and a block's micro-kernel
+  // calls share its pixels evenly (rows differing by at most one): whole groups per block left one
+  // thread a 1-row call per panel at 19x19 (361 = 180 + 15 * 12 + 1), as long as a 4-row call.
+  auto first_pixel = [&](int64_t block) { return block * npix / blocks; };
+  const int64_t rows = ceil_div(npix, blocks);
   const int64_t npanels = ceil_div(g.Cout, kCols);
   // Too few pixel blocks for the threads: split the output channels too (recomputing the
   // cheap depthwise tile once per split).
@@ -512,12 +513,12 @@ void forward(const Geometry& g, const T* x, const T* dw_taps, const T* pw, const
         }
         const T* init = bias ? bias + jp * kCols : nullptr;
         const int64_t calls = ceil_div(nrows, kRows);
-        for (int64_t r0 = 0; r0 < nrows; r0 += kRows) {
+        for (int64_t call = 0; call < calls; ++call) {
+          const int64_t r0 = call * nrows / calls, r1 = (call + 1) * nrows / calls;
           // The rows of pw two panels on, a share before each call: in a network they come from
           // DRAM (its weights overflow L3), and the pack stalled on them.
-          if (pack_on_use && jp + 2 < jp1) prefetch_panel_source(pw, g.Cout, g.CM, jp + 2, r0 / kRows, calls);
-          micro<T>(int(std::min<int64_t>(kRows, nrows - r0)), tile.data() + r0 * ld, panel,
-                   out + (p0 + r0) * g.Cout + jp * kCols, init, args);
+          if (pack_on_use && jp + 2 < jp1) prefetch_panel_source(pw, g.Cout, g.CM, jp + 2, call, calls);
+          micro<T>(int(r1 - r0), tile.data() + r0 * ld, panel, out + (p0 + r0) * g.Cout + jp * kCols, init, args);
         }
       }
     }
