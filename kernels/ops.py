@@ -191,8 +191,8 @@ def _torch_backward(grad_output, input, depthwise_weight, pointwise_weight, dept
             top, _, left, _ = padding
             if conv_padding == [0, 0] and grad_padded.shape != input.shape:
                 grad_padded = grad_padded[:, :, top:top + input.shape[2], left:left + input.shape[3]]
-            if relu_input:
-                grad_padded = grad_padded * (input > 0)
+            if relu_input:  # ReLU's threshold backward: 0 where input <= 0, whatever the gradient
+                grad_padded = torch.where(input > 0, grad_padded, 0)
             out[0].copy_(grad_padded)
     return out
 

@@ -123,6 +123,21 @@ def test_relu_input(backend, layout):
     check(backend, *case, padding=1, relu_input=True, layout=layout)
 
 
+def test_relu_input_gradient_with_non_finite_grad_output(backend):
+    """Where the input is <= 0 the input gradient is exactly 0, as nn.ReLU's backward gives, even
+    where grad_output carries an inf into that pixel."""
+    device = require_backend(backend)
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(1, 4, 8, 8, generator=g).to(device).requires_grad_(True)
+    dw, pw = torch.randn(4, 1, 3, 3, generator=g).to(device), torch.randn(5, 4, 1, 1, generator=g).to(device)
+    grad = torch.randn(1, 5, 8, 8, generator=g)
+    grad[0, :, 4, 4] = float("inf")
+    kernels.separable_conv2d(x, dw, pw, padding=1, relu_input=True, backend=backend).backward(grad.to(device))
+    window = x.grad[0, :, 3:6, 3:6]
+    assert not torch.isfinite(window[x.detach()[0, :, 3:6, 3:6] > 0]).any()  # inf (or inf - inf) reached them
+    assert (x.grad[x.detach() <= 0] == 0).all()
+
+
 def test_float64_matches(backend):
     device = require_backend(backend, torch.float64)
     case = make_case(2, 3, 8, 7, (3, 3), 2, 4, True, torch.float64, device)
