@@ -11,6 +11,7 @@ from .autograd import SeparableConv2dFunction
 from .dispatch import BackendUnavailableError, available_backends, resolve as resolve_backend
 from .functional import separable_conv2d
 from .module import SeparableConv2d
+from .pooling import max_pool2d_add
 from .reference import separable_conv2d_reference
 
 __all__ = [
@@ -18,6 +19,7 @@ __all__ = [
     "SeparableConv2d",
     "SeparableConv2dFunction",
     "available_backends",
+    "max_pool2d_add",
     "resolve_backend",
     "separable_conv2d",
     "separable_conv2d_reference",

@@ -43,6 +43,13 @@ BACKWARD_SCHEMA = (
 )
 
 
+# The cpp namespace has one more op: the tail of a strided residual block at inference,
+# max_pool2d(input) + residual in one pass (see kernels.pooling).
+POOL_SCHEMA = (
+    "max_pool2d_add(Tensor input, Tensor residual, int[2] kernel_size, int[2] stride, int[2] padding) -> Tensor"
+)
+
+
 def namespace(backend: str) -> str:
     return f"sepconv_{backend}"
 
@@ -86,6 +93,12 @@ def _fake_forward(input, depthwise_weight, pointwise_weight, depthwise_bias, poi
 def _fake_backward(grad_output, input, depthwise_weight, pointwise_weight, depthwise_bias,
                    stride, padding, dilation, relu_input, output_mask):
     return empty_gradients(grad_output, input, depthwise_weight, pointwise_weight, depthwise_bias, output_mask)
+
+
+def _fake_max_pool2d_add(input, residual, kernel_size, stride, padding):
+    shape = [input.shape[0], input.shape[1]] + [
+        output_size(input.shape[2 + i], padding[i], padding[i], kernel_size[i], stride[i], 1) for i in range(2)]
+    return empty_output(input, shape)
 
 
 # --- autograd for the ops themselves (the autograd.Function reuses these two) ---------------
@@ -133,6 +146,9 @@ def define(backend: str) -> torch.library.Library:
     backward_op = getattr(torch.ops, ns).backward.default
     torch.library.register_autograd(f"{ns}::forward", make_backward(backward_op),
                                     setup_context=setup_context, lib=lib)
+    if backend == "cpp":
+        lib.define(POOL_SCHEMA)
+        torch.library.register_fake(f"{ns}::max_pool2d_add", _fake_max_pool2d_add, lib=lib)
     _libraries[backend] = lib
     return lib
 

@@ -10,6 +10,7 @@ are identical and weights move freely between them.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -104,6 +105,9 @@ class Block(nn.Module):
     (``relu_input=True``, exact in training too) and its slot holds an
     ``nn.Identity``: no separate pass over the activations, forward or backward.
 
+    A strided block of the fused kind ends in ``kernels.max_pool2d_add`` (pool and sum in one pass
+    on the cpp backend at inference, ``F.max_pool2d(...) + shortcut`` otherwise).
+
     Shape: ``(N, in_channels, H, W)`` to ``(N, spec.channels[-1], ceil(H/stride), ceil(W/stride))``.
     """
 
@@ -127,6 +131,7 @@ class Block(nn.Module):
         if spec.stride != 1:
             layers.append(nn.MaxPool2d(3, spec.stride, 1))
         self.rep = nn.Sequential(*layers)
+        self.separable = separable
         self.in_channels = in_channels
         self.out_channels = channels
         self.skip: nn.Conv2d | None = None
@@ -137,4 +142,12 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shortcut = x if self.skip is None else self.skipbn(self.skip(x))
-        return self.rep(x) + shortcut
+        pool = self.rep[-1]
+        if not (self.separable == "fused" and isinstance(pool, nn.MaxPool2d)):
+            return self.rep(x) + shortcut
+        # The pool and the sum in one pass where the backend has a kernel for it (cpp, no graph).
+        for module in itertools.islice(self.rep, len(self.rep) - 1):
+            x = module(x)
+        last_conv = self.rep[-3]  # [..., SepConv, BN (or Identity once fused), MaxPool]
+        return kernels.max_pool2d_add(x, shortcut, pool.kernel_size, pool.stride, pool.padding,
+                                      backend=last_conv.backend)

@@ -1,4 +1,5 @@
-// CPU implementations of the sepconv_cpp::forward / sepconv_cpp::backward ops.
+// CPU implementations of the sepconv_cpp::forward / sepconv_cpp::backward ops, and of
+// sepconv_cpp::max_pool2d_add (see pool_kernels.h).
 //
 // The schemas are defined in Python (kernels/ops.py); this file only registers kernels:
 //   forward(input (N, C, H, W), depthwise_weight (C*M, 1, kh, kw), pointwise_weight (Cout, C*M, 1, 1),
@@ -18,6 +19,7 @@
 #include <sys/mman.h>
 #endif
 
+#include "pool_kernels.h"
 #include "sepconv_kernels.h"
 
 namespace sepconv {
@@ -203,10 +205,45 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
   };
 }
 
+at::Tensor max_pool2d_add_op(const at::Tensor& input, const at::Tensor& residual, at::IntArrayRef kernel_size,
+                             at::IntArrayRef stride, at::IntArrayRef padding) {
+  TORCH_CHECK(input.dim() == 4 && input.device().is_cpu() && input.is_floating_point(),
+              "sepconv_cpp::max_pool2d_add: input must be a 4-D floating-point CPU tensor, got ", input.sizes(), " ",
+              input.scalar_type(), " on ", input.device());
+  TORCH_CHECK(kernel_size.size() == 2 && stride.size() == 2 && padding.size() == 2,
+              "sepconv_cpp::max_pool2d_add: expected kernel_size[2], stride[2], padding[2], got ", kernel_size, ", ",
+              stride, ", ", padding);
+  PoolGeometry g{input.size(0), input.size(2), input.size(3), input.size(1), 0, 0,
+                 kernel_size[0], kernel_size[1], stride[0], stride[1], padding[0], padding[1]};
+  TORCH_CHECK(g.kh > 0 && g.kw > 0 && g.sh > 0 && g.sw > 0 && g.ph >= 0 && g.pw >= 0 && 2 * g.ph <= g.kh &&
+                  2 * g.pw <= g.kw,
+              "sepconv_cpp::max_pool2d_add: needs kernel_size, stride > 0 and 0 <= padding <= kernel_size / 2, got "
+              "kernel_size=", kernel_size, ", stride=", stride, ", padding=", padding);
+  g.OH = out_size(g.H, g.ph, g.ph, g.kh, g.sh, 1);
+  g.OW = out_size(g.W, g.pw, g.pw, g.kw, g.sw, 1);
+  TORCH_CHECK(residual.dim() == 4 && residual.size(0) == g.N && residual.size(1) == g.C && residual.size(2) == g.OH &&
+                  residual.size(3) == g.OW && residual.scalar_type() == input.scalar_type() &&
+                  residual.device().is_cpu(),
+              "sepconv_cpp::max_pool2d_add: residual must be a ", input.scalar_type(), " CPU tensor of shape (", g.N,
+              ", ", g.C, ", ", g.OH, ", ", g.OW, "), got ", residual.scalar_type(), " ", residual.sizes());
+  const at::MemoryFormat format = memory_format_of(input);
+  at::Tensor out = empty_buffer({g.N, g.C, g.OH, g.OW}, input.options(), format);
+  if (out.numel() == 0) return out;
+  const at::Tensor x = to_nhwc(input, 1), r = to_nhwc(residual, 1);
+  const bool direct = format == at::MemoryFormat::ChannelsLast;
+  at::Tensor result = direct ? out : empty_buffer({g.N, g.OH, g.OW, g.C}, input.options());
+  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "sepconv_cpp_max_pool2d_add", [&] {
+    max_pool_add<scalar_t>(g, x.data_ptr<scalar_t>(), r.data_ptr<scalar_t>(), result.data_ptr<scalar_t>());
+  });
+  if (!direct) out.copy_(result.permute({0, 3, 1, 2}));
+  return out;
+}
+
 }  // namespace
 }  // namespace sepconv
 
 TORCH_LIBRARY_IMPL(sepconv_cpp, CPU, m) {
   m.impl("forward", &sepconv::forward_op);
   m.impl("backward", &sepconv::backward_op);
+  m.impl("max_pool2d_add", &sepconv::max_pool2d_add_op);
 }

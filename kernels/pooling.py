@@ -1,0 +1,57 @@
+"""``max_pool2d_add``: max pooling and a residual sum in one pass (inference).
+
+The strided blocks of Xception end in ``max_pool2d(rep(x), 3, 2, 1) + shortcut(x)``.
+ATen's CPU max pool also writes an int64 index per output element, and the sum is a
+second pass over the pooled tensor; the ``cpp`` backend's ``max_pool2d_add`` op does
+both in one pass without indices. It has no backward: calls that record a graph, and
+every backend but ``cpp``, run ``F.max_pool2d(...) + residual`` instead. The two give
+the same bits (a maximum is exact, and the sum is one rounding either way).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from ._args import IntOrPair, _pair, check_tensor, output_size
+from .autograd import needs_autograd
+from .dispatch import resolve
+
+
+def max_pool2d_add(
+    input: torch.Tensor,
+    residual: torch.Tensor,
+    kernel_size: IntOrPair,
+    stride: Optional[IntOrPair] = None,
+    padding: IntOrPair = 0,
+    *,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """``F.max_pool2d(input, kernel_size, stride, padding) + residual``.
+
+    Args:
+        input: ``(N, C, H, W)``, NCHW or channels_last (the output follows it).
+        residual: ``(N, C, H_out, W_out)``, the pooled shape (no broadcasting).
+        kernel_size, stride (default ``kernel_size``), padding: int or pair, as for
+            ``F.max_pool2d`` (dilation 1, floor mode, ``padding <= kernel_size / 2``).
+        backend: ``"auto"`` or a ``kernels`` backend name; only ``cpp`` has a one-pass kernel.
+    """
+    check_tensor("input", input, 4)
+    check_tensor("residual", residual, 4)
+    kernel = _pair("kernel_size", kernel_size, minimum=1)
+    step = kernel if stride is None else _pair("stride", stride, minimum=1)
+    pad = _pair("padding", padding, minimum=0)
+    if any(2 * p > k for p, k in zip(pad, kernel)):
+        raise ValueError(f"padding must be at most half of kernel_size, got padding={padding!r}, "
+                         f"kernel_size={kernel_size!r}")
+    shape = (input.shape[0], input.shape[1],
+             *(output_size(input.shape[2 + i], pad[i], pad[i], kernel[i], step[i], 1) for i in range(2)))
+    if tuple(residual.shape) != shape:
+        raise ValueError(f"residual must have the pooled shape {shape}, got {tuple(residual.shape)}")
+    name = resolve(backend, input.device, input.dtype)
+    if (name != "cpp" or residual.dtype != input.dtype or residual.device != input.device
+            or needs_autograd((input, residual)) or torch.is_autocast_enabled(input.device.type)):
+        return F.max_pool2d(input, kernel, step, pad) + residual
+    return torch.ops.sepconv_cpp.max_pool2d_add.default(input, residual, kernel, step, pad)

@@ -1,0 +1,76 @@
+"""kernels.max_pool2d_add: the strided blocks' pool + shortcut sum, one pass on the cpp backend."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import kernels
+from conftest import require_backend
+
+
+def _layout(tensor, layout):
+    if layout == "channels_last":
+        return tensor.contiguous(memory_format=torch.channels_last)
+    if layout == "strided":  # every other column of a wider tensor
+        return torch.cat([tensor, tensor], dim=3)[..., ::2]
+    return tensor
+
+
+@pytest.mark.parametrize("backend", ["cpp", "torch"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape,kernel,stride,padding", [
+    ((2, 5, 9, 8), 3, 2, 1), ((1, 40, 19, 19), 3, 2, 1), ((3, 7, 1, 1), 3, 2, 1), ((1, 16, 6, 7), (2, 3), (2, 1), (1, 0)),
+    ((2, 33, 10, 10), 3, 1, 0)])
+def test_equals_max_pool_plus_residual(backend, layout, dtype, shape, kernel, stride, padding):
+    """Bitwise the same as F.max_pool2d(...) + residual, NaN and -inf included, output in the input's layout."""
+    require_backend(backend, dtype)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=g, dtype=dtype)
+    x.view(-1)[::11] = float("-inf")
+    x.view(-1)[5::37] = float("nan")
+    x = _layout(x, layout)
+    expected = F.max_pool2d(x, kernel, stride, padding)
+    residual = torch.randn(expected.shape, generator=g, dtype=dtype)
+    expected = expected + residual
+    with torch.no_grad():
+        got = kernels.max_pool2d_add(x, residual, kernel, stride, padding, backend=backend)
+    assert torch.equal(got.isnan(), expected.isnan())
+    assert torch.equal(got.nan_to_num(0.0), expected.nan_to_num(0.0))
+    assert got.is_contiguous(memory_format=torch.channels_last) == (layout == "channels_last") or got.shape[2:] == (1, 1)
+
+
+def test_records_a_graph_through_the_torch_ops():
+    """With autograd it is F.max_pool2d + add, so gradients flow as they do there."""
+    require_backend("cpp")
+    x = torch.randn(2, 4, 9, 9, requires_grad=True)
+    residual = torch.randn(2, 4, 5, 5, requires_grad=True)
+    out = kernels.max_pool2d_add(x, residual, 3, 2, 1)
+    reference_x = x.detach().clone().requires_grad_(True)
+    (F.max_pool2d(reference_x, 3, 2, 1) + residual).backward(torch.ones(2, 4, 5, 5))
+    residual.grad = None
+    out.backward(torch.ones(2, 4, 5, 5))
+    assert torch.equal(x.grad, reference_x.grad)
+    assert torch.equal(residual.grad, torch.ones(2, 4, 5, 5))
+
+
+def test_compiles():
+    require_backend("cpp")
+    x = torch.randn(2, 8, 11, 11).contiguous(memory_format=torch.channels_last)
+    residual = torch.randn(2, 8, 6, 6)
+    compiled = torch.compile(lambda a, b: kernels.max_pool2d_add(a, b, 3, 2, 1, backend="cpp"), fullgraph=True)
+    with torch.no_grad():
+        assert torch.equal(compiled(x, residual), F.max_pool2d(x, 3, 2, 1) + residual)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(residual=torch.zeros(1, 4, 4, 4)), r"residual must have the pooled shape \(1, 4, 5, 5\)"),
+    (dict(padding=2), "padding must be at most half of kernel_size"),
+    (dict(kernel_size=0), "kernel_size must be >= 1"),
+    (dict(input=torch.zeros(4, 9, 9)), "input must be 4-D"),
+])
+def test_bad_arguments_are_named(kwargs, match):
+    args = dict(input=torch.zeros(1, 4, 9, 9), residual=torch.zeros(1, 4, 5, 5), kernel_size=3, stride=2, padding=1)
+    args.update(kwargs)
+    with pytest.raises((ValueError, TypeError), match=match):
+        kernels.max_pool2d_add(**args)
