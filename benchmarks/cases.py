@@ -173,7 +173,7 @@ def build_cases(
     cases: List[Case] = []
     for suite in suites:
         if suite == "model":
-            # "<backend>-fused" (BN and ReLU folded, eval only), "<backend>-unfused", "eager", "compile".
+            # "<backend>-fused" (BN folded too, eval only), "<backend>-unfused", "eager", "compile".
             def model_layouts(provider: str) -> List[str]:
                 if provider == BASELINE_PROVIDER and eager_both_layouts:
                     return [BASELINE_LAYOUT, "nchw"]

@@ -6,7 +6,8 @@ Layer providers:
     compile              ``torch.compile`` of that eager pair (static shapes, one compile per case)
 Model providers:
     <backend>-fused      ``Xception(separable="fused", backend=b)`` after ``fuse_for_inference()`` (eval only)
-    <backend>-unfused    ``Xception(separable="fused", backend=b)``, BatchNorm and ReLU left as modules
+    <backend>-unfused    ``Xception(separable="fused", backend=b)`` as built: BatchNorm left as modules (each
+                         ReLU applied inside the separable conv after it: ``fold_relu``, the default)
     eager                ``Xception(separable="conv2d")`` (plain nn.Conv2d pairs)
     compile              ``torch.compile`` of that eager model
 
