@@ -539,8 +539,10 @@ def test_features_only_out_indices():
 # --- compile, layouts, dtypes, dropout -----------------------------------------------------------
 
 
-def test_compile_aot_eager_matches_eager():
-    model = tiny(backend="torch", middle_blocks=1)
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+def test_compile_aot_eager_matches_eager(backend):
+    require_backend(backend)
+    model = tiny(backend=backend, middle_blocks=1)
     randomize_batchnorm(model)
     compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
     x = torch.randn(2, 3, 40, 40)
@@ -551,6 +553,21 @@ def test_compile_aot_eager_matches_eager():
     assert_close(actual[1], expected[1], torch.float32, "compiled input gradient")
     for name, grad in expected[2].items():
         assert_close(actual[2][name], grad, torch.float32, f"compiled gradient of {name}")
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+def test_compile_fused_for_inference(backend):
+    """BN and ReLU folded, the strided blocks ending in max_pool2d_add (the cpp op under no_grad), compiled."""
+    require_backend(backend)
+    model = tiny(backend=backend, middle_blocks=1)
+    randomize_batchnorm(model)
+    model.eval()
+    x = torch.randn(2, 3, 40, 40).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        expected = model(x)
+        model.fuse_for_inference()
+        compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+        assert_close(compiled(x), expected, torch.float32, "compiled fused logits")
 
 
 @pytest.mark.slow
