@@ -70,7 +70,14 @@ inline void micro_f32(const float* a, const float* b, float* c, const float* ini
     acc1[r] = _mm512_setzero_ps();
   }
   const int64_t a_rs = p.a_rs, a_ks = p.a_ks, ldb = p.ldb;
-  if (p.nr == kCols) {
+  if (p.nr <= 16) {  // one vector of columns: half the FMAs of a full call
+    for (int64_t k = 0; k < p.K; ++k) {
+      const __m512 b0 = _mm512_maskz_loadu_ps(m0, b + k * ldb);
+      const float* ak = a + k * a_ks;
+#pragma GCC unroll 12
+      for (int r = 0; r < MR; ++r) acc0[r] = _mm512_fmadd_ps(_mm512_set1_ps(ak[r * a_rs]), b0, acc0[r]);
+    }
+  } else if (p.nr == kCols) {
     for (int64_t k = 0; k < p.K; ++k) {
       const __m512 b0 = _mm512_loadu_ps(b + k * ldb);
       const __m512 b1 = _mm512_loadu_ps(b + k * ldb + 16);
