@@ -90,7 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     speed.add_argument("--full", action="store_true", help="every shape, mode, layout and provider")
     parser.add_argument("--threads", type=_positive_int, help="torch.set_num_threads (default: torch's choice)")
     parser.add_argument("--out", type=Path, default=DEFAULT_DIR, help=f"results folder (default {DEFAULT_DIR})")
-    parser.add_argument("--repeats", type=_positive_int, help="minimum timed repeats per case (default 5)")
+    parser.add_argument("--repeats", type=_positive_int,
+                        help="minimum timed repeats per case (default 5; whole-model cases at least 9)")
     parser.add_argument("--min-time", type=float, help="minimum timed seconds per case (default 0.5, quick 0.3)")
     parser.add_argument("--cuda-graphs", action="store_true", help="GPU: time through CUDA graphs")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import itertools
 import statistics
@@ -28,6 +29,12 @@ class RunState:
     # "provider (suite, dtype)" -> why it did not run
     unavailable: Dict[str, str] = field(default_factory=dict)
     interrupted: bool = False
+
+
+# Whole-model cases take at least this many rounds: a training step moves 10-20% from call to call
+# on the 2-core VM (fresh 40-90 MB buffers are paged in or not), and the speedup is a median of
+# paired ratios, so five rounds left it swinging by ~0.1x between runs.
+MODEL_MIN_ROUNDS = 9
 
 
 @dataclass
@@ -125,8 +132,11 @@ def measure_group(cases: List[Case], options: RunOptions, run: RunInfo,
         except Exception as error:  # noqa: BLE001 - one failing case must not end the run; its row says why
             rows[index] = _error_row(case, run, error)
     rounds: List[List[float]] = []
+    policy = options.policy
+    if cases and cases[0].suite == "model":
+        policy = dataclasses.replace(policy, min_repeats=max(policy.min_repeats, MODEL_MIN_ROUNDS))
     try:
-        rounds = time_cpu_interleaved([p.fn for _, p in ready], options.policy)
+        rounds = time_cpu_interleaved([p.fn for _, p in ready], policy)
         timings = [summarize(t) for t in rounds]
     except KeyboardInterrupt:
         raise
@@ -135,7 +145,7 @@ def measure_group(cases: List[Case], options: RunOptions, run: RunInfo,
         timings = []
         for index, prepared in ready:
             try:
-                timings.append(summarize(time_cpu(prepared.fn, options.policy)))
+                timings.append(summarize(time_cpu(prepared.fn, policy)))
             except Exception as error:  # noqa: BLE001
                 rows[index] = _error_row(cases[index], run, error)
                 timings.append(None)
