@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from ._args import IntOrPair, _pair, check_tensor, output_size
 from .autograd import needs_autograd
-from .dispatch import resolve
+from .dispatch import BACKENDS, resolve
 
 
 def max_pool2d_add(
@@ -36,7 +36,9 @@ def max_pool2d_add(
         residual: ``(N, C, H_out, W_out)``, the pooled shape (no broadcasting).
         kernel_size, stride (default ``kernel_size``), padding: int or pair, as for
             ``F.max_pool2d`` (dilation 1, floor mode, ``padding <= kernel_size / 2``).
-        backend: ``"auto"`` or a ``kernels`` backend name; only ``cpp`` has a one-pass kernel.
+        backend: ``"auto"`` or a ``kernels`` backend name. The one-pass kernel runs where that
+            resolves to ``cpp`` (float32/float64 CPU tensors, no graph, no autocast); every other
+            call, whatever ``backend`` says, is ``F.max_pool2d(...) + residual``.
     """
     check_tensor("input", input, 4)
     check_tensor("residual", residual, 4)
@@ -50,8 +52,11 @@ def max_pool2d_add(
              *(output_size(input.shape[2 + i], pad[i], pad[i], kernel[i], step[i], 1) for i in range(2)))
     if tuple(residual.shape) != shape:
         raise ValueError(f"residual must have the pooled shape {shape}, got {tuple(residual.shape)}")
-    name = resolve(backend, input.device, input.dtype)
-    if (name != "cpp" or residual.dtype != input.dtype or residual.device != input.device
-            or needs_autograd((input, residual)) or torch.is_autocast_enabled(input.device.type)):
-        return F.max_pool2d(input, kernel, step, pad) + residual
-    return torch.ops.sepconv_cpp.max_pool2d_add.default(input, residual, kernel, step, pad)
+    if not isinstance(backend, str) or (backend != "auto" and backend not in BACKENDS):
+        raise ValueError(f"backend must be one of {['auto', *BACKENDS]}, got {backend!r}")
+    one_pass = (input.device.type == "cpu" and input.dtype in (torch.float32, torch.float64)
+                and residual.dtype == input.dtype and residual.device == input.device
+                and not needs_autograd((input, residual)) and not torch.is_autocast_enabled("cpu"))
+    if one_pass and resolve(backend, input.device, input.dtype) == "cpp":
+        return torch.ops.sepconv_cpp.max_pool2d_add.default(input, residual, kernel, step, pad)
+    return F.max_pool2d(input, kernel, step, pad) + residual

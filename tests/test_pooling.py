@@ -68,6 +68,7 @@ def test_compiles():
     (dict(padding=2), "padding must be at most half of kernel_size"),
     (dict(kernel_size=0), "kernel_size must be >= 1"),
     (dict(input=torch.zeros(4, 9, 9)), "input must be 4-D"),
+    (dict(backend="cuda"), "backend must be one of"),
 ])
 def test_bad_arguments_are_named(kwargs, match):
     args = dict(input=torch.zeros(1, 4, 9, 9), residual=torch.zeros(1, 4, 5, 5), kernel_size=3, stride=2, padding=1)
