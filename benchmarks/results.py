@@ -25,7 +25,7 @@ DEFAULT_DIR = Path(__file__).resolve().parent / "results"
 ROW_KEYS = (
     "suite", "shape", "cin", "cout", "h", "w", "k", "stride", "batch", "dtype", "layout", "mode", "provider",
     "status", "reason", "p20_ms", "p50_ms", "p80_ms", "repeats", "gflop", "gflop_s", "gb_s", "pct_peak",
-    "speedup_vs_eager_cl", MEMORY_COLUMN, "threads", "case_wall_s", "images_per_s",
+    "speedup_vs_eager_cl", MEMORY_COLUMN, "threads", "case_wall_s", "images_per_s", "minor_faults",
 )
 
 
@@ -224,7 +224,9 @@ def render_markdown(rows: Sequence[dict], run: Dict, unavailable: Dict[str, str]
         f"Speedup is against the eager `nn.Conv2d` pair in channels_last (on CPU the median over rounds of the "
         f"paired ratio eager / provider, so it need not equal the ratio of the two p50s). `{MEMORY_COLUMN}`: "
         f"{MEMORY_DOC.get(run.get('device'), MEMORY_DOC['cpu'])}. ⚠ marks a p20–p80 spread wider than "
-        f"{NOISY_SPREAD:.0%} of the median (a busy machine).",
+        f"{NOISY_SPREAD:.0%} of the median (a busy machine). `page faults`: minor page faults (4 KiB pages "
+        "mapped in afresh) during a timed call, median over the rounds (CPU): buffers that glibc handed back "
+        "to the kernel and that the call faults in again, the usual cause of a case that moves between runs.",
         "",
     ]
     if unavailable:
@@ -240,15 +242,15 @@ def render_markdown(rows: Sequence[dict], run: Dict, unavailable: Dict[str, str]
         throughput_header, throughput_key = throughput_column(suite)
         lines += [
             f"| shape | N | dtype | mode | provider | layout | p50 ms [p20–p80] | GFLOP/s | {throughput_header} | "
-            f"% peak | speedup vs eager CL | {MEMORY_COLUMN} |",
-            "|---|---:|---|---|---|---|---:|---:|---:|---:|---:|---:|",
+            f"% peak | speedup vs eager CL | {MEMORY_COLUMN} | page faults |",
+            "|---|---:|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for r in suite_rows:
             lines.append(
                 f"| {r['shape']} | {r['batch']} | {r['dtype']} | {r['mode']} | {r['provider']} | {r['layout']} | "
                 f"{_fmt(r['p50_ms'], 3)} [{_fmt(r['p20_ms'], 3)}–{_fmt(r['p80_ms'], 3)}]{_noise_mark(r)} | {_fmt(r['gflop_s'])} | "
                 f"{_fmt(r.get(throughput_key))} | {_fmt(r['pct_peak'], 1, '%')} | {_speedup(r['speedup_vs_eager_cl'])} | "
-                f"{_fmt(r[MEMORY_COLUMN])} |")
+                f"{_fmt(r[MEMORY_COLUMN])} | {_fmt(r.get('minor_faults'), 0)} |")
         lines.append("")
     checks = check_targets(rows, target_backend) if target_backend else []
     if checks:

@@ -132,11 +132,12 @@ def measure_group(cases: List[Case], options: RunOptions, run: RunInfo,
         except Exception as error:  # noqa: BLE001 - one failing case must not end the run; its row says why
             rows[index] = _error_row(case, run, error)
     rounds: List[List[float]] = []
+    faults: List[List[int]] = []
     policy = options.policy
     if cases and cases[0].suite == "model":
         policy = dataclasses.replace(policy, min_repeats=max(policy.min_repeats, MODEL_MIN_ROUNDS))
     try:
-        rounds = time_cpu_interleaved([p.fn for _, p in ready], policy)
+        rounds = time_cpu_interleaved([p.fn for _, p in ready], policy, faults=faults)
         timings = [summarize(t) for t in rounds]
     except KeyboardInterrupt:
         raise
@@ -162,6 +163,8 @@ def measure_group(cases: List[Case], options: RunOptions, run: RunInfo,
                 # Paired: the median over rounds of baseline / case, each pair timed back to back,
                 # so a slow spell that spans a round cancels out of its ratio.
                 row["speedup_vs_eager_cl"] = statistics.median(b / c for b, c in zip(base_rounds, rounds[slot]))
+            if rounds and faults[slot]:  # 4 KiB pages faulted in by a timed call, median over the rounds
+                row["minor_faults"] = statistics.median(faults[slot])
         except Exception as error:  # noqa: BLE001
             rows[index] = _error_row(cases[index], run, error)
     return rows

@@ -14,6 +14,11 @@ from typing import Callable, List, Optional, Sequence
 
 import torch
 
+try:
+    import resource
+except ImportError:  # not on Windows
+    resource = None
+
 
 @dataclass(frozen=True)
 class TimingPolicy:
@@ -82,8 +87,14 @@ def time_cpu(fn: Callable[[], object], policy: TimingPolicy,
     return times
 
 
+def _minor_faults() -> int:
+    """Minor page faults of this process so far (0 where ``resource`` is missing: Windows)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt if resource is not None else 0
+
+
 def time_cpu_interleaved(fns: Sequence[Callable[[], object]], policy: TimingPolicy,
-                         clock: Callable[[], float] = time.perf_counter, settle: int = 1) -> List[List[float]]:
+                         clock: Callable[[], float] = time.perf_counter, settle: int = 1,
+                         faults: Optional[List[List[int]]] = None) -> List[List[float]]:
     """Per-call times (ms) of several callables, timed in rounds that call each once, in order.
 
     A shared machine slows down in spells (other tenants of a virtual machine, clock
@@ -98,6 +109,10 @@ def time_cpu_interleaved(fns: Sequence[Callable[[], object]], policy: TimingPoli
     back to the kernel, and the next call faults its buffers in again or not, depending on
     the previous caller's sizes (64->128@147 at batch 1: 0.91 ms alone, 3.2 ms right after
     the eager pair).
+
+    ``faults``, when given, receives one list per callable: the minor page faults the
+    process took during each timed call (read outside the timed window), the usual cause
+    when a case's times swing between runs.
     """
     if not fns:
         return []
@@ -105,14 +120,19 @@ def time_cpu_interleaved(fns: Sequence[Callable[[], object]], policy: TimingPoli
         for _ in range(policy.warmup):
             fn()
     times: List[List[float]] = [[] for _ in fns]
+    if faults is not None:
+        faults[:] = [[] for _ in fns]
     spent = 0.0
     for _ in range(policy.max_repeats):
-        for fn, own in zip(fns, times):
+        for slot, (fn, own) in enumerate(zip(fns, times)):
             for _ in range(settle):
                 fn()
+            before = _minor_faults() if faults is not None else 0
             start = clock()
             fn()
             elapsed = clock() - start
+            if faults is not None:
+                faults[slot].append(_minor_faults() - before)
             own.append(elapsed * 1e3)
             spent += elapsed
         if len(times[0]) >= policy.min_repeats and spent >= policy.min_seconds * len(fns):

@@ -198,6 +198,23 @@ def test_cpu_timer_interleaves_cases_in_rounds():
     assert [len(t) for t in timing.time_cpu_interleaved(fns, capped, clock=lambda: now[0])] == [4, 4]
 
 
+@pytest.mark.skipif(timing.resource is None, reason="the resource module (page-fault counts) is POSIX-only")
+def test_interleaved_timer_counts_page_faults_per_timed_call():
+    """A call that maps and touches 4 MiB afresh faults ~1024 pages every time; a no-op faults none."""
+    import mmap
+
+    def touch_fresh_pages():
+        with mmap.mmap(-1, 4 << 20) as fresh:
+            for offset in range(0, 4 << 20, 4096):
+                fresh[offset] = 1
+
+    faults = []
+    policy = timing.TimingPolicy(warmup=1, min_repeats=5, min_seconds=0.0, max_repeats=5)
+    times = timing.time_cpu_interleaved([lambda: None, touch_fresh_pages], policy, faults=faults)
+    assert [len(f) for f in faults] == [len(t) for t in times] == [5, 5]
+    assert sorted(faults[0])[2] < 50 and min(faults[1]) >= 1000
+
+
 def test_summary_percentiles():
     summary = timing.summarize([5.0, 1.0, 2.0, 4.0, 3.0])
     assert (summary.p20_ms, summary.p50_ms, summary.p80_ms, summary.repeats) == (1.8, 3.0, 4.2, 5)
@@ -288,7 +305,10 @@ def test_cpu_speedup_is_the_median_of_paired_ratios(monkeypatch):
     # Slow spells (x3) over rounds 2-5 catch the cases unevenly: the ratio of the medians would be 10/15,
     # the median of the round-by-round ratios (2, 2/3, 2/3, 2, 6) is 2.
     rounds = [[10.0, 10.0, 10.0, 30.0, 30.0], [5.0, 15.0, 15.0, 15.0, 5.0]]
-    monkeypatch.setattr(runner, "time_cpu_interleaved", lambda fns, policy: rounds)
+    def fake_timer(fns, policy, faults):
+        faults[:] = [[0, 0, 7, 7, 7], [3, 3, 3, 0, 0]]
+        return rounds
+    monkeypatch.setattr(runner, "time_cpu_interleaved", fake_timer)
     monkeypatch.setattr(providers, "prepare", lambda case, device, model_kwargs=None: providers.Prepared(lambda: None))
     cases = build_cases(["smoke"], ["eager", "cpp"], [], ["fp32"], [1], ["fwd"], ["channels_last"], ["tiny"],
                         eager_both_layouts=False)[:2]
@@ -297,3 +317,4 @@ def test_cpu_speedup_is_the_median_of_paired_ratios(monkeypatch):
     rows = runner.measure_group(cases, options, run_info("cpu", argv="test"), {})
     assert rows[0]["speedup_vs_eager_cl"] == 1.0 and rows[0]["p50_ms"] == 10.0
     assert rows[1]["speedup_vs_eager_cl"] == 2.0 and rows[1]["p50_ms"] == 15.0
+    assert (rows[0]["minor_faults"], rows[1]["minor_faults"]) == (7, 3)  # medians over the rounds
