@@ -47,6 +47,13 @@ def output_size(size: int, pad_before: int, pad_after: int, kernel: int, stride:
     return (size + pad_before + pad_after - dilation * (kernel - 1) - 1) // stride + 1
 
 
+def pooled_shape(input: torch.Tensor, kernel: Sequence[int], stride: Sequence[int],
+                 padding: Sequence[int]) -> Tuple[int, int, int, int]:
+    """Output shape of a 2-D pool of ``input`` (N, C, H, W): symmetric padding, dilation 1, floor mode."""
+    return (input.shape[0], input.shape[1],
+            *(output_size(input.shape[2 + i], padding[i], padding[i], kernel[i], stride[i], 1) for i in range(2)))
+
+
 def check_tensor(name: str, value, ndim: Optional[int] = None) -> None:
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")

@@ -28,7 +28,7 @@ from typing import List, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from ._args import memory_format_of, output_size
+from ._args import memory_format_of, output_size, pooled_shape
 
 BACKEND_NAMES = ("torch", "cpp", "triton")
 
@@ -96,9 +96,7 @@ def _fake_backward(grad_output, input, depthwise_weight, pointwise_weight, depth
 
 
 def _fake_max_pool2d_add(input, residual, kernel_size, stride, padding):
-    shape = [input.shape[0], input.shape[1]] + [
-        output_size(input.shape[2 + i], padding[i], padding[i], kernel_size[i], stride[i], 1) for i in range(2)]
-    return empty_output(input, shape)
+    return empty_output(input, pooled_shape(input, kernel_size, stride, padding))
 
 
 # --- autograd for the ops themselves (the autograd.Function reuses these two) ---------------

@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ._args import IntOrPair, _pair, check_tensor, output_size
+from ._args import IntOrPair, _pair, check_tensor, pooled_shape
 from .autograd import needs_autograd
 from .dispatch import BACKENDS, resolve
 
@@ -48,8 +48,7 @@ def max_pool2d_add(
     if any(2 * p > k for p, k in zip(pad, kernel)):
         raise ValueError(f"padding must be at most half of kernel_size, got padding={padding!r}, "
                          f"kernel_size={kernel_size!r}")
-    shape = (input.shape[0], input.shape[1],
-             *(output_size(input.shape[2 + i], pad[i], pad[i], kernel[i], step[i], 1) for i in range(2)))
+    shape = pooled_shape(input, kernel, step, pad)
     if tuple(residual.shape) != shape:
         raise ValueError(f"residual must have the pooled shape {shape}, got {tuple(residual.shape)}")
     if not isinstance(backend, str) or (backend != "auto" and backend not in BACKENDS):

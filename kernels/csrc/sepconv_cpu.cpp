@@ -118,6 +118,17 @@ at::Tensor to_nhwc(const at::Tensor& input, int64_t multiplier) {
   return dense;
 }
 
+// The dense (N, H, W, K) buffer a kernel writes the result `out` (N, K, H, W) through: out itself
+// when channels_last, otherwise a scratch buffer that copy_into_output moves into out afterwards.
+at::Tensor nhwc_target(const at::Tensor& out, at::MemoryFormat format) {
+  if (format == at::MemoryFormat::ChannelsLast) return out;
+  return empty_buffer({out.size(0), out.size(2), out.size(3), out.size(1)}, out.options());
+}
+
+void copy_into_output(at::Tensor& out, const at::Tensor& result) {
+  if (!result.is_same(out)) out.copy_(result.permute({0, 3, 1, 2}));
+}
+
 // Dense (N, H, W, K) buffer -> tensor of logical shape (N, K, H, W) in `format`.
 at::Tensor from_nhwc(const at::Tensor& nhwc, at::MemoryFormat format) {
   at::Tensor nchw = nhwc.permute({0, 3, 1, 2});
@@ -140,15 +151,14 @@ at::Tensor forward_op(const at::Tensor& input, const at::Tensor& depthwise_weigh
   std::optional<at::Tensor> bias;  // pw_bias + pw @ dw_bias
   if (depthwise_bias.has_value()) bias = at::mv(pw2d, *depthwise_bias);
   if (pointwise_bias.has_value()) bias = bias.has_value() ? *bias + *pointwise_bias : pointwise_bias->contiguous();
-  const bool direct = format == at::MemoryFormat::ChannelsLast;
-  at::Tensor result = direct ? out : empty_buffer({g.N, g.OH, g.OW, g.Cout}, input.options());
+  at::Tensor result = nhwc_target(out, format);
 
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "sepconv_cpp_forward", [&] {
     sepconv::forward<scalar_t>(g, x.data_ptr<scalar_t>(), dw_taps.data_ptr<scalar_t>(), pw2d.data_ptr<scalar_t>(),
                                bias.has_value() ? bias->data_ptr<scalar_t>() : nullptr, relu_input,
                                result.data_ptr<scalar_t>());
   });
-  if (!direct) out.copy_(result.permute({0, 3, 1, 2}));
+  copy_into_output(out, result);
   return out;
 }
 
@@ -230,12 +240,11 @@ at::Tensor max_pool2d_add_op(const at::Tensor& input, const at::Tensor& residual
   at::Tensor out = empty_buffer({g.N, g.C, g.OH, g.OW}, input.options(), format);
   if (out.numel() == 0) return out;
   const at::Tensor x = to_nhwc(input, 1), r = to_nhwc(residual, 1);
-  const bool direct = format == at::MemoryFormat::ChannelsLast;
-  at::Tensor result = direct ? out : empty_buffer({g.N, g.OH, g.OW, g.C}, input.options());
+  at::Tensor result = nhwc_target(out, format);
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "sepconv_cpp_max_pool2d_add", [&] {
     max_pool_add<scalar_t>(g, x.data_ptr<scalar_t>(), r.data_ptr<scalar_t>(), result.data_ptr<scalar_t>());
   });
-  if (!direct) out.copy_(result.permute({0, 3, 1, 2}));
+  copy_into_output(out, result);
   return out;
 }
 

@@ -454,7 +454,7 @@ void forward(const Geometry& g, const T* x, const T* dw_taps, const T* pw, const
   if (npix == 0) return;
   const int64_t threads = at::get_num_threads();
 
-  // Pixels go in groups of kRows (one micro-kernel call each); a block is a run of groups.
+  // Blocks of pixels whose depthwise tile stays in L2: at most max_groups * kRows pixels each.
   const int64_t groups = ceil_div(npix, kRows);
   const int64_t max_groups = std::clamp<int64_t>(kTileBytes / (g.CM * int64_t(sizeof(T))), kRows, kMaxRows) / kRows;
   int64_t blocks = ceil_div(groups, max_groups);
@@ -552,9 +552,9 @@ void backward(const Geometry& g, const T* x, const T* dw_taps, const T* dw_bias,
     if (bands < 4) bands = 0;
   }
   const int64_t band_rows = bands ? ceil_div(g.OH, bands) : 0;
-  // Channel chunk: whole 32-column panels. With an image or more per thread (or row bands) and
-  // at most 256 hidden channels, one chunk takes them all and the pixels are split instead:
-  // every chunk copies grad_out and walks the taps for each pixel, so fewer, wider chunks pay
+  // Channel chunks, at most `widest` channels each. With an image or more per thread (or row bands)
+  // and at most 256 hidden channels, one chunk takes them all and the pixels are split instead:
+  // every chunk reads grad_out and walks the taps for each pixel, so fewer, wider chunks pay
   // those per-pixel costs once (backward of 128->128@147 at batch 8: 70 ms -> 53 ms).
   // Otherwise about one chunk per thread (at least 64 channels when images can be split too).
   const int64_t min_chunk = g.N > 1 ? 2 * kCols : kCols;
@@ -791,7 +791,7 @@ void backward(const Geometry& g, const T* x, const T* dw_taps, const T* dw_bias,
   } else {
     run_tasks(-1);
   }
-  if (mask_relu && !lazy_zero) {  // row bands: their tasks share boundary rows, so mask at the end
+  if (mask_relu && bands) {  // row bands share boundary rows: mask once every band is done
     at::parallel_for(0, g.N * g.H * g.W, 1024, [&](int64_t begin, int64_t end) { mask_rows(begin, end, 0, g.CM); });
   }
   if (parts > 1) {  // fixed-order sum of the per-part weight gradients
