@@ -6,8 +6,11 @@ Backends: ``torch`` (ATen reference ops), ``cpp`` (fused C++ CPU kernels),
 ``triton`` (fused Triton kernels for CUDA; CPU under ``TRITON_INTERPRET=1``).
 """
 
+import torch
+
 from . import ops  # noqa: F401  (defines the torch.library ops)
 from .autograd import SeparableConv2dFunction
+from .batch_norm import BatchNorm2d, batch_norm
 from .dispatch import BackendUnavailableError, available_backends, resolve as resolve_backend
 from .functional import separable_conv2d
 from .module import SeparableConv2d
@@ -16,12 +19,27 @@ from .reference import separable_conv2d_reference
 
 __all__ = [
     "BackendUnavailableError",
+    "BatchNorm2d",
     "SeparableConv2d",
     "SeparableConv2dFunction",
     "available_backends",
+    "batch_norm",
+    "empty_cache",
     "max_pool2d_add",
     "resolve_backend",
     "separable_conv2d",
     "separable_conv2d_reference",
 ]
+
+
+def empty_cache() -> int:
+    """Free the idle blocks of the ``cpp`` backend's buffer cache; return the bytes freed (0 when the
+    backend is not loaded). See README, "Memory"."""
+    from . import cpp_backend
+
+    if cpp_backend.library_location() is None:
+        return 0
+    return int(torch.ops.sepconv_cpp.empty_cache())
+
+
 __version__ = "0.1.0"

@@ -43,11 +43,25 @@ BACKWARD_SCHEMA = (
 )
 
 
-# The cpp namespace has one more op: the tail of a strided residual block at inference,
-# max_pool2d(input) + residual in one pass (see kernels.pooling).
-POOL_SCHEMA = (
-    "max_pool2d_add(Tensor input, Tensor residual, int[2] kernel_size, int[2] stride, int[2] padding) -> Tensor"
+# The cpp namespace has more ops: the tail of a strided residual block, max_pool2d(input) +
+# residual in one pass, and its input gradient (see kernels.pooling) ...
+POOL_SCHEMAS = (
+    "max_pool2d_add(Tensor input, Tensor residual, int[2] kernel_size, int[2] stride, int[2] padding) -> Tensor",
+    "max_pool2d_add_backward(Tensor grad_output, Tensor input, int[2] kernel_size, int[2] stride, "
+    "int[2] padding) -> Tensor",
 )
+
+
+# ... training-mode BatchNorm on channels_last activations (see kernels.batch_norm): batch
+# statistics, the output, and mean / invstd / unbiased variance per channel; its backward ...
+BATCH_NORM_SCHEMAS = (
+    "batch_norm(Tensor input, Tensor? weight, Tensor? bias, float eps) -> (Tensor, Tensor, Tensor, Tensor)",
+    "batch_norm_backward(Tensor grad_output, Tensor input, Tensor? weight, Tensor mean, Tensor invstd, "
+    "bool[3] output_mask) -> (Tensor, Tensor, Tensor)",
+)
+# ... and two for its buffer cache (kernels/csrc/buffer_cache.h): bytes live, idle and the idle
+# cap; and freeing the idle blocks (returns the bytes freed).
+CACHE_SCHEMAS = ("cache_stats() -> int[]", "empty_cache() -> int")
 
 
 def namespace(backend: str) -> str:
@@ -99,6 +113,55 @@ def _fake_max_pool2d_add(input, residual, kernel_size, stride, padding):
     return empty_output(input, pooled_shape(input, kernel_size, stride, padding))
 
 
+def _fake_max_pool2d_add_backward(grad_output, input, kernel_size, stride, padding):
+    return empty_output(input, input.shape)
+
+
+def _setup_max_pool2d_add(ctx, inputs, output) -> None:
+    input, _, kernel_size, stride, padding = inputs
+    ctx.save_for_backward(input)
+    ctx.window = (list(kernel_size), list(stride), list(padding))
+
+
+def _max_pool2d_add_backward(ctx, grad_output):
+    grad_input = None
+    if ctx.needs_input_grad[0]:
+        (input,) = ctx.saved_tensors
+        grad_input = torch.ops.sepconv_cpp.max_pool2d_add_backward.default(
+            grad_output.contiguous(memory_format=memory_format_of(grad_output)), input, *ctx.window)
+    return grad_input, grad_output if ctx.needs_input_grad[1] else None, None, None, None
+
+
+def _fake_batch_norm(input, weight, bias, eps):
+    stats = [input.new_empty(input.shape[1]) for _ in range(3)]
+    return (empty_output(input, input.shape), *stats)
+
+
+def _fake_batch_norm_backward(grad_output, input, weight, mean, invstd, output_mask):
+    want_input, want_weight, want_bias = output_mask
+    return (empty_output(input, input.shape) if want_input else input.new_empty(0),
+            input.new_empty(input.shape[1] if want_weight else 0),
+            input.new_empty(input.shape[1] if want_bias else 0))
+
+
+def _setup_batch_norm(ctx, inputs, output) -> None:
+    input, weight, _, _ = inputs
+    _, mean, invstd, var = output
+    ctx.save_for_backward(input, weight, mean, invstd)
+    ctx.mark_non_differentiable(mean, invstd, var)
+
+
+def _batch_norm_backward(ctx, grad_output, *_):
+    input, weight, mean, invstd = ctx.saved_tensors
+    needs = ctx.needs_input_grad
+    mask = [needs[0], needs[1] and weight is not None, needs[2]]
+    if not any(mask):
+        return None, None, None, None
+    grads = torch.ops.sepconv_cpp.batch_norm_backward.default(
+        grad_output.contiguous(memory_format=memory_format_of(grad_output)), input, weight, mean, invstd, mask)
+    return tuple(g if w else None for g, w in zip(grads, mask)) + (None,)
+
+
 # --- autograd for the ops themselves (the autograd.Function reuses these two) ---------------
 
 def setup_context(ctx, inputs, output) -> None:
@@ -145,8 +208,16 @@ def define(backend: str) -> torch.library.Library:
     torch.library.register_autograd(f"{ns}::forward", make_backward(backward_op),
                                     setup_context=setup_context, lib=lib)
     if backend == "cpp":
-        lib.define(POOL_SCHEMA)
+        for schema in POOL_SCHEMAS + BATCH_NORM_SCHEMAS + CACHE_SCHEMAS:
+            lib.define(schema)
+        torch.library.register_fake(f"{ns}::batch_norm", _fake_batch_norm, lib=lib)
+        torch.library.register_fake(f"{ns}::batch_norm_backward", _fake_batch_norm_backward, lib=lib)
+        torch.library.register_autograd(f"{ns}::batch_norm", _batch_norm_backward,
+                                        setup_context=_setup_batch_norm, lib=lib)
         torch.library.register_fake(f"{ns}::max_pool2d_add", _fake_max_pool2d_add, lib=lib)
+        torch.library.register_fake(f"{ns}::max_pool2d_add_backward", _fake_max_pool2d_add_backward, lib=lib)
+        torch.library.register_autograd(f"{ns}::max_pool2d_add", _max_pool2d_add_backward,
+                                        setup_context=_setup_max_pool2d_add, lib=lib)
     _libraries[backend] = lib
     return lib
 

@@ -1,11 +1,14 @@
-"""``max_pool2d_add``: max pooling and a residual sum in one pass (inference).
+"""``max_pool2d_add``: max pooling and a residual sum in one pass.
 
 The strided blocks of Xception end in ``max_pool2d(rep(x), 3, 2, 1) + shortcut(x)``.
 ATen's CPU max pool also writes an int64 index per output element, and the sum is a
 second pass over the pooled tensor; the ``cpp`` backend's ``max_pool2d_add`` op does
-both in one pass without indices. It has no backward: calls that record a graph, and
-every backend but ``cpp``, run ``F.max_pool2d(...) + residual`` instead. The two give
-the same bits (a maximum is exact, and the sum is one rounding either way).
+both in one pass without indices. Its backward finds each window's maximum again in the
+saved input (ATen's choice among ties and NaNs) and writes the input gradient in one
+pass into a recycled buffer (ATen zeroes a fresh one, then scatters); the residual's
+gradient is the output gradient itself. Every backend but ``cpp`` runs
+``F.max_pool2d(...) + residual``. The two give the same bits forward (a maximum is exact,
+and the sum is one rounding either way) and backward.
 """
 
 from __future__ import annotations
@@ -16,7 +19,6 @@ import torch
 import torch.nn.functional as F
 
 from ._args import IntOrPair, _pair, check_tensor, pooled_shape
-from .autograd import needs_autograd
 from .dispatch import BACKENDS, resolve
 
 
@@ -37,8 +39,8 @@ def max_pool2d_add(
         kernel_size, stride (default ``kernel_size``), padding: int or pair, as for
             ``F.max_pool2d`` (dilation 1, floor mode, ``padding <= kernel_size / 2``).
         backend: ``"auto"`` or a ``kernels`` backend name. The one-pass kernel runs where that
-            resolves to ``cpp`` (float32/float64 CPU tensors, no graph, no autocast); every other
-            call, whatever ``backend`` says, is ``F.max_pool2d(...) + residual``.
+            resolves to ``cpp`` (float32/float64 CPU tensors, no autocast); every other call,
+            whatever ``backend`` says, is ``F.max_pool2d(...) + residual``.
     """
     check_tensor("input", input, 4)
     check_tensor("residual", residual, 4)
@@ -55,7 +57,7 @@ def max_pool2d_add(
         raise ValueError(f"backend must be one of {['auto', *BACKENDS]}, got {backend!r}")
     one_pass = (input.device.type == "cpu" and input.dtype in (torch.float32, torch.float64)
                 and residual.dtype == input.dtype and residual.device == input.device
-                and not needs_autograd((input, residual)) and not torch.is_autocast_enabled("cpu"))
+                and not torch.is_autocast_enabled("cpu"))
     if one_pass and resolve(backend, input.device, input.dtype) == "cpp":
         return torch.ops.sepconv_cpp.max_pool2d_add.default(input, residual, kernel, step, pad)
     return F.max_pool2d(input, kernel, step, pad) + residual

@@ -6,6 +6,7 @@ gradcheck through the cpp backend; these tests cover what only the C++ kernels c
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import kernels
 from conftest import TOLERANCES, require_backend
@@ -252,3 +253,64 @@ for batch, channels, out_channels, size in [(1, 16, 20, 20), (3, 24, 40, 10), (2
     pw = torch.randn(out_channels, channels, 1, 1, generator=g) / channels ** 0.5
     check(x, torch.randn(channels, 1, 3, 3, generator=g), pw, relu_input=True)
 """, MALLOC_PERTURB_="165")
+
+
+def test_large_results_are_recycled_and_profiled():
+    """Results of >= 1 MiB come from the buffer cache: a freed block serves the next request of its
+    size class, live blocks show in torch.profiler's memory trace, kernels.empty_cache frees idle ones."""
+    require_backend("cpp")
+    from benchmarks.memory import peak_allocated_mb
+
+    ops = torch.ops.sepconv_cpp
+    x = torch.randn(2, 64, 48, 48).contiguous(memory_format=torch.channels_last)  # 1.2 MB, a 2 MiB block
+    residual = torch.randn(2, 64, 24, 24)
+    kernels.empty_cache()
+    live, idle, cap = ops.cache_stats()
+    assert idle == 0 and cap == 2048 << 20
+    out = ops.batch_norm(x, None, None, 1e-5)[0]
+    address = out.data_ptr()
+    assert ops.cache_stats()[0] == live + (2 << 20)
+    del out
+    assert ops.cache_stats()[:2] == [live, 2 << 20]
+    again = ops.batch_norm(x, None, None, 1e-5)[0]
+    assert again.data_ptr() == address and ops.cache_stats()[1] == 0
+    torch.testing.assert_close(again, F.batch_norm(x, None, None, training=True), atol=1e-5, rtol=1e-5)
+    del again
+    small = ops.max_pool2d_add(x, residual, [3, 3], [2, 2], [1, 1])  # 147 KB: plain at::empty
+    assert ops.cache_stats()[0] == live
+    del small
+    assert peak_allocated_mb(lambda: ops.batch_norm(x, None, None, 1e-5), "cpu") >= 2.0
+    assert kernels.empty_cache() >= 2 << 20 and ops.cache_stats()[1] == 0
+
+
+@pytest.mark.parametrize("setting,expect", [("0", "off"), ("64", "capped"), ("lots", "error")])
+def test_cache_setting(setting, expect):
+    """SEPCONV_CACHE_MB: 0 turns recycling off (results still right), a number caps idle bytes, anything
+    else is an error naming the variable. Read once per process, so each runs in a fresh interpreter."""
+    require_backend("cpp")
+    body = {
+        "off": """
+x = torch.randn(1, 8, 256, 256, generator=g).contiguous(memory_format=torch.channels_last)
+out = check(x, torch.randn(8, 1, 3, 3, generator=g), torch.randn(16, 8, 1, 1, generator=g))
+del out
+assert torch.ops.sepconv_cpp.cache_stats() == [0, 0, 0], torch.ops.sepconv_cpp.cache_stats()
+""",
+        "capped": """
+x = torch.randn(1, 8, 256, 256, generator=g).contiguous(memory_format=torch.channels_last)
+outs = [check(x, torch.randn(8, 1, 3, 3, generator=g), torch.randn(64, 8, 1, 1, generator=g)) for _ in range(3)]
+del outs  # three 16 MiB results (plus gradients): at most 64 MiB stay idle
+live, idle, cap = torch.ops.sepconv_cpp.cache_stats()
+assert cap == 64 << 20 and 0 < idle <= cap, (live, idle, cap)
+""",
+        "error": """
+from kernels import cpp_backend
+cpp_backend.load()
+try:
+    torch.ops.sepconv_cpp.cache_stats()
+except RuntimeError as error:
+    assert "SEPCONV_CACHE_MB must be a whole number of MiB >= 0, got 'lots'" in str(error), error
+else:
+    raise AssertionError("no error")
+""",
+    }[expect]
+    _run_checks(body, SEPCONV_CACHE_MB=setting)

@@ -277,6 +277,10 @@ def test_set_backend_switches_every_separable_conv():
     model = tiny()
     assert model.set_backend("torch") is model
     assert {m.backend for m in model.separable_convs()} == {"torch"} and model.backend == "torch"
+    norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert len(norms) == len(model.separable_convs()) + 6  # + stem (2) and skip (4) BatchNorms
+    assert all(isinstance(m, kernels.BatchNorm2d) and m.backend == "torch" for m in norms)
+    assert not any(isinstance(m, kernels.BatchNorm2d) for m in tiny(separable="conv2d").modules())
 
 
 def _logits_and_grads(model, x, forward=None):
@@ -309,6 +313,32 @@ def test_every_backend_matches_eager_conv2d_model(backend):
     assert_close(actual[1], expected[1], dtype, "input gradient", tolerance)
     for name, grad in expected[2].items():
         assert_close(actual[2][name], grad, dtype, f"gradient of {name}", tolerance)
+
+
+def test_cpp_training_kernels_match_conv2d_model_channels_last():
+    """channels_last training on cpp runs the BatchNorm and max_pool2d_add kernels too (checked in the
+    profiler trace): logits, every gradient and the running statistics after the step as the
+    nn.Conv2d model's, in float64."""
+    require_backend("cpp", torch.float64)
+    shape = {"middle_blocks": 2}
+    reference = tiny(separable="conv2d", **shape).double().to(memory_format=torch.channels_last)
+    randomize_batchnorm(reference)
+    model = tiny(backend="cpp", **shape).double().to(memory_format=torch.channels_last)
+    model.load_state_dict(reference.state_dict())
+    x = torch.randn(4, 3, 48, 48, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    expected = _logits_and_grads(reference, x)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        actual = _logits_and_grads(model, x)
+    ran = {event.name for event in prof.events()}
+    assert {"sepconv_cpp::batch_norm", "sepconv_cpp::batch_norm_backward", "sepconv_cpp::max_pool2d_add",
+            "sepconv_cpp::max_pool2d_add_backward"} <= ran
+    tolerance = TRAIN_TOLERANCE[torch.float64]
+    assert_close(actual[0], expected[0], torch.float64, "logits", tolerance)
+    assert_close(actual[1], expected[1], torch.float64, "input gradient", tolerance)
+    for name, grad in expected[2].items():
+        assert_close(actual[2][name], grad, torch.float64, f"gradient of {name}", tolerance)
+    for name, buffer in reference.named_buffers():
+        assert_close(dict(model.named_buffers())[name], buffer, torch.float64, name, tolerance)
 
 
 @pytest.mark.parametrize("backend_name", ["torch", "cpp"])
@@ -539,13 +569,16 @@ def test_features_only_out_indices():
 # --- compile, layouts, dtypes, dropout -----------------------------------------------------------
 
 
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last], ids=["nchw", "channels_last"])
 @pytest.mark.parametrize("backend", ["torch", "cpp"])
-def test_compile_aot_eager_matches_eager(backend):
+def test_compile_aot_eager_matches_eager(backend, layout):
+    """Training forward and backward through one graph; on cpp in channels_last that graph holds the
+    BatchNorm and max_pool2d_add ops too."""
     require_backend(backend)
-    model = tiny(backend=backend, middle_blocks=1)
+    model = tiny(backend=backend, middle_blocks=1).to(memory_format=layout)
     randomize_batchnorm(model)
     compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
-    x = torch.randn(2, 3, 40, 40)
+    x = torch.randn(2, 3, 40, 40).contiguous(memory_format=layout)
     expected = _logits_and_grads(model, x)
     model.zero_grad()
     actual = _logits_and_grads(model, x, forward=compiled)

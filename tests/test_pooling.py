@@ -1,4 +1,4 @@
-"""kernels.max_pool2d_add: the strided blocks' pool + shortcut sum, one pass on the cpp backend."""
+"""kernels.max_pool2d_add: the strided blocks' pool + shortcut sum, one pass on the cpp backend (and its backward)."""
 
 import pytest
 import torch
@@ -40,18 +40,61 @@ def test_equals_max_pool_plus_residual(backend, layout, dtype, shape, kernel, st
     assert got.is_contiguous(memory_format=torch.channels_last) == (layout == "channels_last") or got.shape[2:] == (1, 1)
 
 
-def test_records_a_graph_through_the_torch_ops():
-    """With autograd it is F.max_pool2d + add, so gradients flow as they do there."""
+@pytest.mark.parametrize("backend", ["cpp", "torch"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape,kernel,stride,padding", [
+    ((2, 5, 9, 8), 3, 2, 1), ((1, 40, 19, 19), 3, 2, 1), ((3, 7, 1, 1), 3, 2, 1), ((1, 16, 6, 7), (2, 3), (2, 1), (1, 0)),
+    ((2, 33, 10, 10), 3, 1, 0), ((1, 300, 21, 5), 3, 2, 1), ((2, 3, 4, 4), 1, 1, 0)])
+def test_gradients_equal_max_pool_plus_residual(backend, layout, dtype, shape, kernel, stride, padding):
+    """Input and residual gradients bitwise as F.max_pool2d + residual's: ties (zeros) go to the first
+    maximum, NaNs to the last NaN, -inf windows to their first pixel; the same summation order."""
+    require_backend(backend, dtype)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(shape, generator=g, dtype=dtype)
+    x.view(-1)[::7] = 0.0
+    x.view(-1)[3::23] = float("-inf")
+    x.view(-1)[5::41] = float("nan")
+    x = _layout(x, layout)
+    pooled = F.max_pool2d(x, kernel, stride, padding)
+    residual = torch.randn(pooled.shape, generator=g, dtype=dtype)
+    grad = torch.randn(pooled.shape, generator=g, dtype=dtype)
+    grad.view(-1)[::9] = -0.0
+    leaves = [t.detach().clone().requires_grad_(True) for t in (x, residual)]
+    expected = [t.detach().clone().requires_grad_(True) for t in (x, residual)]
+    kernels.max_pool2d_add(*leaves, kernel, stride, padding, backend=backend).backward(grad)
+    (F.max_pool2d(expected[0], kernel, stride, padding) + expected[1]).backward(grad)
+    assert torch.equal(leaves[0].grad, expected[0].grad)
+    assert all(a.item() == b.item() and str(a.item()) == str(b.item())  # signed zeros too
+               for a, b in zip(leaves[0].grad.reshape(-1)[::13], expected[0].grad.reshape(-1)[::13]))
+    assert torch.equal(leaves[1].grad, grad)
+    assert leaves[0].grad.is_contiguous(memory_format=torch.channels_last) == (layout == "channels_last") \
+        or shape[2:] == (1, 1)
+
+
+def test_gradient_of_one_argument_only():
     require_backend("cpp")
-    x = torch.randn(2, 4, 9, 9, requires_grad=True)
+    x = torch.randn(2, 4, 9, 9).contiguous(memory_format=torch.channels_last)
     residual = torch.randn(2, 4, 5, 5, requires_grad=True)
-    out = kernels.max_pool2d_add(x, residual, 3, 2, 1)
-    reference_x = x.detach().clone().requires_grad_(True)
-    (F.max_pool2d(reference_x, 3, 2, 1) + residual).backward(torch.ones(2, 4, 5, 5))
-    residual.grad = None
-    out.backward(torch.ones(2, 4, 5, 5))
-    assert torch.equal(x.grad, reference_x.grad)
+    kernels.max_pool2d_add(x, residual, 3, 2, 1, backend="cpp").sum().backward()
     assert torch.equal(residual.grad, torch.ones(2, 4, 5, 5))
+    x.requires_grad_(True)
+    out = kernels.max_pool2d_add(x, residual.detach(), 3, 2, 1, backend="cpp")
+    (grad_x,) = torch.autograd.grad(out.sum(), [x])
+    assert torch.equal(grad_x, torch.autograd.grad(F.max_pool2d(x, 3, 2, 1).sum(), [x])[0])
+
+
+def test_opcheck():
+    require_backend("cpp")
+    ops = torch.ops.sepconv_cpp
+    x = torch.randn(2, 6, 9, 8).contiguous(memory_format=torch.channels_last)
+    residual = torch.randn(2, 6, 5, 4)
+    torch.library.opcheck(ops.max_pool2d_add.default, (x, residual, [3, 3], [2, 2], [1, 1]))
+    torch.library.opcheck(ops.max_pool2d_add.default,
+                          (x.clone().requires_grad_(), residual.clone().requires_grad_(), [3, 3], [2, 2], [1, 1]))
+    torch.library.opcheck(ops.max_pool2d_add_backward.default, (torch.randn(2, 6, 5, 4), x, [3, 3], [2, 2], [1, 1]))
+    with pytest.raises(RuntimeError, match="grad_output must be a Float CPU tensor of shape \\(2, 6, 5, 4\\)"):
+        ops.max_pool2d_add_backward(torch.randn(2, 6, 4, 4), x, [3, 3], [2, 2], [1, 1])
 
 
 def test_compiles():
@@ -61,6 +104,11 @@ def test_compiles():
     compiled = torch.compile(lambda a, b: kernels.max_pool2d_add(a, b, 3, 2, 1, backend="cpp"), fullgraph=True)
     with torch.no_grad():
         assert torch.equal(compiled(x, residual), F.max_pool2d(x, 3, 2, 1) + residual)
+    leaves = [t.clone().requires_grad_(True) for t in (x, residual)]
+    compiled(*leaves).backward(torch.ones(2, 8, 6, 6))
+    expected = x.clone().requires_grad_(True)
+    F.max_pool2d(expected, 3, 2, 1).backward(torch.ones(2, 8, 6, 6))
+    assert torch.equal(leaves[0].grad, expected.grad)
 
 
 @pytest.mark.parametrize("kwargs,match", [

@@ -75,6 +75,14 @@ def separable_conv(kind: str, in_channels: int, out_channels: int, backend: str 
     raise ValueError(f"separable must be one of {list(SEPARABLE_KINDS)}, got {kind!r}")
 
 
+def batch_norm(kind: str, channels: int, backend: str = "auto") -> nn.Module:
+    """The BatchNorm after a convolution: ``kernels.BatchNorm2d`` on ``backend`` for the fused kind
+    (its training-mode kernel on cpp), ``nn.BatchNorm2d`` for the conv2d kind. Same ``state_dict``."""
+    if kind == "fused":
+        return kernels.BatchNorm2d(channels, backend=backend)
+    return nn.BatchNorm2d(channels)
+
+
 def is_separable(module: nn.Module) -> bool:
     return isinstance(module, (kernels.SeparableConv2d, Conv2dSeparable))
 
@@ -106,7 +114,7 @@ class Block(nn.Module):
     ``nn.Identity``: no separate pass over the activations, forward or backward.
 
     A strided block of the fused kind ends in ``kernels.max_pool2d_add`` (pool and sum in one pass
-    on the cpp backend at inference, ``F.max_pool2d(...) + shortcut`` otherwise).
+    on the cpp backend, forward and backward; ``F.max_pool2d(...) + shortcut`` otherwise).
 
     Shape: ``(N, in_channels, H, W)`` to ``(N, spec.channels[-1], ceil(H/stride), ceil(W/stride))``.
     """
@@ -126,7 +134,7 @@ class Block(nn.Module):
                 conv.relu_input = fold_relu
                 layers.append(nn.Identity() if fold_relu else nn.ReLU(inplace=index > 0))
             layers.append(conv)
-            layers.append(nn.BatchNorm2d(out_channels))
+            layers.append(batch_norm(separable, out_channels, backend))
             channels = out_channels
         if spec.stride != 1:
             layers.append(nn.MaxPool2d(3, spec.stride, 1))
@@ -138,14 +146,14 @@ class Block(nn.Module):
         self.skipbn: nn.Module | None = None
         if channels != in_channels or spec.stride != 1:
             self.skip = nn.Conv2d(in_channels, channels, 1, stride=spec.stride, bias=False)
-            self.skipbn = nn.BatchNorm2d(channels)
+            self.skipbn = batch_norm(separable, channels, backend)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shortcut = x if self.skip is None else self.skipbn(self.skip(x))
         pool = self.rep[-1]
         if not (self.separable == "fused" and isinstance(pool, nn.MaxPool2d)):
             return self.rep(x) + shortcut
-        # The pool and the sum in one pass where the backend has a kernel for it (cpp, no graph).
+        # The pool and the sum in one pass where the backend has a kernel for it (cpp).
         for module in itertools.islice(self.rep, len(self.rep) - 1):
             x = module(x)
         last_conv = self.rep[-3]  # [..., SepConv, BN (or Identity once fused), MaxPool]

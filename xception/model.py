@@ -30,7 +30,7 @@ from torch import nn
 import kernels
 
 from .fuse import fold_batchnorm, fold_batchnorm_into_separable, fuse_sequential
-from .layers import SEPARABLE_KINDS, Block, BlockSpec, is_separable, make_divisible, separable_conv
+from .layers import SEPARABLE_KINDS, Block, BlockSpec, batch_norm, is_separable, make_divisible, separable_conv
 
 DEFAULT_CFG: dict[str, Any] = {
     "input_size": (3, 299, 299),
@@ -129,10 +129,10 @@ class Xception(nn.Module):
 
         stem1, stem2 = (make_divisible(c * width) for c in STEM_CHANNELS)
         self.conv1 = nn.Conv2d(in_chans, stem1, 3, 2, 0, bias=False)
-        self.bn1 = nn.BatchNorm2d(stem1)
+        self.bn1 = batch_norm(separable, stem1, backend)
         self.act1 = nn.ReLU(inplace=True)
         self.conv2 = nn.Conv2d(stem1, stem2, 3, bias=False)
-        self.bn2 = nn.BatchNorm2d(stem2)
+        self.bn2 = batch_norm(separable, stem2, backend)
         self.act2 = nn.ReLU(inplace=True)
 
         flows = (list(ENTRY_FLOW), [MIDDLE_BLOCK] * middle_blocks, list(EXIT_FLOW))
@@ -146,11 +146,11 @@ class Xception(nn.Module):
 
         head1, head2 = (make_divisible(c * width) for c in HEAD_CHANNELS)
         self.conv3 = separable_conv(separable, channels, head1, backend)
-        self.bn3 = nn.BatchNorm2d(head1)
+        self.bn3 = batch_norm(separable, head1, backend)
         self.act3: nn.Module = nn.Identity() if fold_relu else nn.ReLU(inplace=True)
         self.conv4 = separable_conv(separable, head1, head2, backend)
         self.conv4.relu_input = fold_relu
-        self.bn4 = nn.BatchNorm2d(head2)
+        self.bn4 = batch_norm(separable, head2, backend)
         self.act4 = nn.ReLU(inplace=True)
         self.num_features = head2
 
@@ -196,14 +196,15 @@ class Xception(nn.Module):
         return self.conv3.backend
 
     def set_backend(self, name: str) -> Xception:
-        """Run every separable conv on ``kernels`` backend ``name`` (``"auto"``, ``"torch"``, ...)."""
+        """Run every separable conv and BatchNorm on ``kernels`` backend ``name`` (``"auto"``, ``"torch"``, ...)."""
         if self.separable != "fused":
             raise ValueError(f"set_backend({name!r}) needs separable='fused'; this model has separable="
                              f"{self.separable!r} (plain nn.Conv2d)")
         if name != "auto" and name not in kernels.dispatch.BACKENDS:
             raise ValueError(f"backend must be one of {['auto', *kernels.dispatch.BACKENDS]}, got {name!r}")
-        for module in self.separable_convs():
-            module.backend = name
+        for module in self.modules():
+            if is_separable(module) or isinstance(module, kernels.BatchNorm2d):
+                module.backend = name
         return self
 
     # --- forward --------------------------------------------------------------------------------

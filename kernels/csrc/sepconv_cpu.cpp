@@ -12,13 +12,8 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
-#include <cstdlib>
-#include <string>
-
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
-
+#include "batch_norm_kernels.h"
+#include "buffer_cache.h"
 #include "pool_kernels.h"
 #include "sepconv_kernels.h"
 
@@ -74,37 +69,10 @@ Geometry geometry(const at::Tensor& input, const at::Tensor& dw, const at::Tenso
   return g;
 }
 
-// A buffer for a large result or copy. glibc maps blocks of 32 MiB and more afresh on every
-// allocation (smaller ones are recycled from its heap, already paged in), so the first writes
-// into such a buffer fault in 4 KiB pages one by one: at 147x147, batch 8, that costs as much
-// as the convolution itself (about 8 GB/s of page faulting on the 2-core development machine).
-// Before anything touches it, the kernel is asked for transparent huge pages instead (Linux, THP
-// in "madvise" or "always" mode). Advice only: a kernel that declines it changes nothing.
-// SEPCONV_HUGEPAGES=0 turns it off: in a virtual machine whose host reclaims free guest memory
-// (the development machine is one), a fresh huge page now and then costs tens of milliseconds
-// to back, so the median call gets faster but the slowest ones slower.
-bool advise_huge_pages() {
-  static const bool enabled = [] {
-    const char* value = std::getenv("SEPCONV_HUGEPAGES");
-    return value == nullptr || std::string(value) != "0";
-  }();
-  return enabled;
-}
-
+// A buffer for a large result or copy, recycled through BufferCache (see buffer_cache.h).
 at::Tensor empty_buffer(at::IntArrayRef sizes, const at::TensorOptions& options,
                         at::MemoryFormat format = at::MemoryFormat::Contiguous) {
-  at::Tensor buffer = at::empty(sizes, options, format);
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kHugePage = uintptr_t(2) << 20;
-  constexpr size_t kFreshMapping = size_t(32) << 20;
-  const uintptr_t start = reinterpret_cast<uintptr_t>(buffer.data_ptr());
-  const uintptr_t first = (start + kHugePage - 1) & ~(kHugePage - 1);
-  const uintptr_t last = (start + buffer.nbytes()) & ~(kHugePage - 1);
-  if (buffer.nbytes() >= kFreshMapping && last > first && advise_huge_pages()) {
-    madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
-  }
-#endif
-  return buffer;
+  return BufferCache::instance().empty(sizes, options, format);
 }
 
 // (N, C, H, W) -> dense (N, H, W, C*M): channel c*M+m is a copy of channel c.
@@ -215,27 +183,38 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
   };
 }
 
-at::Tensor max_pool2d_add_op(const at::Tensor& input, const at::Tensor& residual, at::IntArrayRef kernel_size,
-                             at::IntArrayRef stride, at::IntArrayRef padding) {
-  TORCH_CHECK(input.dim() == 4 && input.device().is_cpu() && input.is_floating_point(),
-              "sepconv_cpp::max_pool2d_add: input must be a 4-D floating-point CPU tensor, got ", input.sizes(), " ",
-              input.scalar_type(), " on ", input.device());
-  TORCH_CHECK(kernel_size.size() == 2 && stride.size() == 2 && padding.size() == 2,
-              "sepconv_cpp::max_pool2d_add: expected kernel_size[2], stride[2], padding[2], got ", kernel_size, ", ",
-              stride, ", ", padding);
+PoolGeometry pool_geometry(const char* op, const at::Tensor& input, at::IntArrayRef kernel_size,
+                           at::IntArrayRef stride, at::IntArrayRef padding) {
+  TORCH_CHECK(input.dim() == 4 && input.device().is_cpu() && input.is_floating_point(), op,
+              ": input must be a 4-D floating-point CPU tensor, got ", input.sizes(), " ", input.scalar_type(),
+              " on ", input.device());
+  TORCH_CHECK(kernel_size.size() == 2 && stride.size() == 2 && padding.size() == 2, op,
+              ": expected kernel_size[2], stride[2], padding[2], got ", kernel_size, ", ", stride, ", ", padding);
   PoolGeometry g{input.size(0), input.size(2), input.size(3), input.size(1), 0, 0,
                  kernel_size[0], kernel_size[1], stride[0], stride[1], padding[0], padding[1]};
   TORCH_CHECK(g.kh > 0 && g.kw > 0 && g.sh > 0 && g.sw > 0 && g.ph >= 0 && g.pw >= 0 && 2 * g.ph <= g.kh &&
                   2 * g.pw <= g.kw,
-              "sepconv_cpp::max_pool2d_add: needs kernel_size, stride > 0 and 0 <= padding <= kernel_size / 2, got "
-              "kernel_size=", kernel_size, ", stride=", stride, ", padding=", padding);
+              op, ": needs kernel_size, stride > 0 and 0 <= padding <= kernel_size / 2, got kernel_size=",
+              kernel_size, ", stride=", stride, ", padding=", padding);
   g.OH = out_size(g.H, g.ph, g.ph, g.kh, g.sh, 1);
   g.OW = out_size(g.W, g.pw, g.pw, g.kw, g.sw, 1);
-  TORCH_CHECK(residual.dim() == 4 && residual.size(0) == g.N && residual.size(1) == g.C && residual.size(2) == g.OH &&
-                  residual.size(3) == g.OW && residual.scalar_type() == input.scalar_type() &&
-                  residual.device().is_cpu(),
-              "sepconv_cpp::max_pool2d_add: residual must be a ", input.scalar_type(), " CPU tensor of shape (", g.N,
-              ", ", g.C, ", ", g.OH, ", ", g.OW, "), got ", residual.scalar_type(), " ", residual.sizes());
+  return g;
+}
+
+// `name` must be a CPU tensor of input's dtype with the pooled shape.
+void check_pooled(const char* op, const char* name, const at::Tensor& t, const at::Tensor& input,
+                  const PoolGeometry& g) {
+  TORCH_CHECK(t.dim() == 4 && t.size(0) == g.N && t.size(1) == g.C && t.size(2) == g.OH && t.size(3) == g.OW &&
+                  t.scalar_type() == input.scalar_type() && t.device().is_cpu(),
+              op, ": ", name, " must be a ", input.scalar_type(), " CPU tensor of shape (", g.N, ", ", g.C, ", ",
+              g.OH, ", ", g.OW, "), got ", t.scalar_type(), " ", t.sizes());
+}
+
+at::Tensor max_pool2d_add_op(const at::Tensor& input, const at::Tensor& residual, at::IntArrayRef kernel_size,
+                             at::IntArrayRef stride, at::IntArrayRef padding) {
+  constexpr const char* kOp = "sepconv_cpp::max_pool2d_add";
+  const PoolGeometry g = pool_geometry(kOp, input, kernel_size, stride, padding);
+  check_pooled(kOp, "residual", residual, input, g);
   const at::MemoryFormat format = memory_format_of(input);
   at::Tensor out = empty_buffer({g.N, g.C, g.OH, g.OW}, input.options(), format);
   if (out.numel() == 0) return out;
@@ -248,6 +227,104 @@ at::Tensor max_pool2d_add_op(const at::Tensor& input, const at::Tensor& residual
   return out;
 }
 
+at::Tensor max_pool2d_add_backward_op(const at::Tensor& grad_output, const at::Tensor& input,
+                                      at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding) {
+  constexpr const char* kOp = "sepconv_cpp::max_pool2d_add_backward";
+  const PoolGeometry g = pool_geometry(kOp, input, kernel_size, stride, padding);
+  check_pooled(kOp, "grad_output", grad_output, input, g);
+  const at::MemoryFormat format = memory_format_of(input);
+  at::Tensor grad_input = empty_buffer(input.sizes(), input.options(), format);
+  if (grad_input.numel() == 0) return grad_input;
+  const at::Tensor x = to_nhwc(input, 1), go = to_nhwc(grad_output, 1);
+  at::Tensor result = nhwc_target(grad_input, format);
+  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "sepconv_cpp_max_pool2d_add_backward", [&] {
+    max_pool_add_backward<scalar_t>(g, x.data_ptr<scalar_t>(), go.data_ptr<scalar_t>(), result.data_ptr<scalar_t>());
+  });
+  copy_into_output(grad_input, result);
+  return grad_input;
+}
+
+void check_channel_vector(const char* name, const std::optional<at::Tensor>& t, const at::Tensor& input) {
+  if (!t.has_value()) return;
+  TORCH_CHECK(t->dim() == 1 && t->size(0) == input.size(1) && t->scalar_type() == input.scalar_type() &&
+                  t->device().is_cpu(),
+              "sepconv_cpp::batch_norm: ", name, " must be a 1-D ", input.scalar_type(), " CPU tensor of ",
+              input.size(1), " elements, got ", t->scalar_type(), " ", t->sizes(), " on ", t->device());
+}
+
+template <typename scalar_t>
+const scalar_t* data_or_null(const at::Tensor& t) {
+  return t.defined() ? t.data_ptr<scalar_t>() : nullptr;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_op(const at::Tensor& input,
+                                                                         const std::optional<at::Tensor>& weight,
+                                                                         const std::optional<at::Tensor>& bias,
+                                                                         double eps) {
+  TORCH_CHECK(input.dim() == 4 && input.device().is_cpu() && input.is_floating_point(),
+              "sepconv_cpp::batch_norm: input must be a 4-D floating-point CPU tensor, got ", input.sizes(), " ",
+              input.scalar_type(), " on ", input.device());
+  check_channel_vector("weight", weight, input);
+  check_channel_vector("bias", bias, input);
+  const int64_t C = input.size(1), M = input.size(0) * input.size(2) * input.size(3);
+  TORCH_CHECK(M > 0, "sepconv_cpp::batch_norm: needs at least one value per channel, got input ", input.sizes());
+  const at::MemoryFormat format = memory_format_of(input);
+  at::Tensor out = empty_buffer(input.sizes(), input.options(), format);
+  at::Tensor mean = at::empty({C}, input.options()), invstd = at::empty({C}, input.options()),
+             var = at::empty({C}, input.options());
+  const at::Tensor x = to_nhwc(input, 1);
+  const at::Tensor w = weight.has_value() ? weight->contiguous() : at::Tensor();
+  const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
+  at::Tensor result = nhwc_target(out, format);
+  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "sepconv_cpp_batch_norm", [&] {
+    batch_norm_forward<scalar_t>(M, C, x.data_ptr<scalar_t>(), data_or_null<scalar_t>(w),
+                                 data_or_null<scalar_t>(b), eps, result.data_ptr<scalar_t>(),
+                                 mean.data_ptr<scalar_t>(), invstd.data_ptr<scalar_t>(), var.data_ptr<scalar_t>());
+  });
+  copy_into_output(out, result);
+  return {out, mean, invstd, var};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_op(
+    const at::Tensor& grad_output, const at::Tensor& input, const std::optional<at::Tensor>& weight,
+    const at::Tensor& mean, const at::Tensor& invstd, std::array<bool, 3> output_mask) {
+  TORCH_CHECK(input.dim() == 4 && input.device().is_cpu() && input.is_floating_point(),
+              "sepconv_cpp::batch_norm_backward: input must be a 4-D floating-point CPU tensor, got ",
+              input.sizes(), " ", input.scalar_type(), " on ", input.device());
+  TORCH_CHECK(grad_output.sizes() == input.sizes() && grad_output.scalar_type() == input.scalar_type() &&
+                  grad_output.device().is_cpu(),
+              "sepconv_cpp::batch_norm_backward: grad_output must be a ", input.scalar_type(),
+              " CPU tensor of shape ", input.sizes(), ", got ", grad_output.scalar_type(), " ", grad_output.sizes());
+  check_channel_vector("weight", weight, input);
+  check_channel_vector("mean", mean, input);
+  check_channel_vector("invstd", invstd, input);
+  const int64_t C = input.size(1), M = input.size(0) * input.size(2) * input.size(3);
+  const auto [want_input, want_weight, want_bias] = output_mask;
+  const at::MemoryFormat format = memory_format_of(input);
+  auto none = [&] { return at::empty({0}, input.options()); };
+  at::Tensor grad_input = want_input ? empty_buffer(input.sizes(), input.options(), format) : none();
+  at::Tensor grad_weight = want_weight ? at::empty({C}, input.options()) : none();
+  at::Tensor grad_bias = want_bias ? at::empty({C}, input.options()) : none();
+  if (M == 0 || C == 0) {
+    grad_weight.zero_();
+    grad_bias.zero_();
+    return {grad_input, grad_weight, grad_bias};
+  }
+  const at::Tensor x = to_nhwc(input, 1), dy = to_nhwc(grad_output, 1);
+  const at::Tensor w = weight.has_value() ? weight->contiguous() : at::Tensor();
+  const at::Tensor m = mean.contiguous(), s = invstd.contiguous();
+  at::Tensor result = want_input ? nhwc_target(grad_input, format) : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "sepconv_cpp_batch_norm_backward", [&] {
+    batch_norm_backward<scalar_t>(M, C, dy.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), data_or_null<scalar_t>(w),
+                                  m.data_ptr<scalar_t>(), s.data_ptr<scalar_t>(),
+                                  want_input ? result.data_ptr<scalar_t>() : nullptr,
+                                  want_weight ? grad_weight.data_ptr<scalar_t>() : nullptr,
+                                  want_bias ? grad_bias.data_ptr<scalar_t>() : nullptr);
+  });
+  if (want_input) copy_into_output(grad_input, result);
+  return {grad_input, grad_weight, grad_bias};
+}
+
 }  // namespace
 }  // namespace sepconv
 
@@ -255,4 +332,14 @@ TORCH_LIBRARY_IMPL(sepconv_cpp, CPU, m) {
   m.impl("forward", &sepconv::forward_op);
   m.impl("backward", &sepconv::backward_op);
   m.impl("max_pool2d_add", &sepconv::max_pool2d_add_op);
+  m.impl("max_pool2d_add_backward", &sepconv::max_pool2d_add_backward_op);
+  m.impl("batch_norm", &sepconv::batch_norm_op);
+  m.impl("batch_norm_backward", &sepconv::batch_norm_backward_op);
+}
+
+// The buffer cache's bookkeeping: no tensor arguments, so these take the CompositeExplicitAutograd
+// key (any dispatch reaches them).
+TORCH_LIBRARY_IMPL(sepconv_cpp, CompositeExplicitAutograd, m) {
+  m.impl("cache_stats", [] { return sepconv::BufferCache::instance().stats(); });
+  m.impl("empty_cache", [] { return sepconv::BufferCache::instance().release_idle(); });
 }

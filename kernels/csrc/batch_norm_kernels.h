@@ -1,0 +1,125 @@
+// Training-mode batch normalisation on NHWC buffers: rows are pixels (M = N*H*W), columns are
+// channels (C). The same arithmetic as ATen's channels-last CPU kernels:
+//
+//   forward:  mean = sum(x) / M, var = sum((x - mean)^2) / M (two passes), invstd = 1/sqrt(var + eps),
+//             y = x * alpha + beta with alpha = invstd * weight, beta = bias - mean * alpha
+//   backward: sum_dy = sum(dy), dot = sum(dy * (x - mean)),
+//             dx = (dy - sum_dy / M - (x - mean) * dot * invstd^2 / M) * invstd * weight,
+//             grad_weight = dot * invstd, grad_bias = sum_dy
+//
+// Column sums run over fixed row parts (their number depends on M only) whose partials, in the
+// data type within 64-row steps and in double across steps, are added in part order: results are
+// the same bits run to run and for any thread count. Every output element is written here.
+#pragma once
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+namespace sepconv {
+
+// Adds `kSums` column sums of per-row terms into out[k * C + c] (doubles, zeroed here):
+// add_row(row, acc) adds row `row`'s terms into acc[k * C + c].
+template <int kSums, typename T, typename AddRow>
+void column_sums(int64_t M, int64_t C, AddRow add_row, double* out) {
+  constexpr int64_t kStep = 64;
+  const int64_t rows_per_part = std::max<int64_t>(256, (M + 63) / 64);
+  const int64_t parts = (M + rows_per_part - 1) / rows_per_part;
+  std::vector<double> partial(static_cast<size_t>(parts * kSums * C), 0.0);
+  at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> acc(static_cast<size_t>(kSums * C));
+    for (int64_t part = begin; part < end; ++part) {
+      double* dst = partial.data() + part * kSums * C;
+      const int64_t last = std::min(M, (part + 1) * rows_per_part);
+      for (int64_t r0 = part * rows_per_part; r0 < last; r0 += kStep) {
+        std::fill(acc.begin(), acc.end(), T(0));
+        for (int64_t r = r0; r < std::min(last, r0 + kStep); ++r) add_row(r, acc.data());
+#pragma omp simd
+        for (int64_t i = 0; i < kSums * C; ++i) dst[i] += acc[i];
+      }
+    }
+  });
+  std::fill(out, out + kSums * C, 0.0);
+  for (int64_t part = 0; part < parts; ++part) {
+    const double* src = partial.data() + part * kSums * C;
+    for (int64_t i = 0; i < kSums * C; ++i) out[i] += src[i];
+  }
+}
+
+// mean, invstd and the unbiased variance (for the running estimate; NaN when M == 1) per channel,
+// and y. weight / bias may be null (1 and 0).
+template <typename T>
+void batch_norm_forward(int64_t M, int64_t C, const T* x, const T* weight, const T* bias, double eps, T* y,
+                        T* mean_out, T* invstd_out, T* var_out) {
+  std::vector<double> sums(static_cast<size_t>(C));
+  column_sums<1, T>(M, C, [&](int64_t r, T* acc) {
+    const T* row = x + r * C;
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) acc[c] += row[c];
+  }, sums.data());
+  for (int64_t c = 0; c < C; ++c) mean_out[c] = static_cast<T>(sums[c] / static_cast<double>(M));
+  column_sums<1, T>(M, C, [&](int64_t r, T* acc) {
+    const T* row = x + r * C;
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) {
+      const T d = row[c] - mean_out[c];
+      acc[c] += d * d;
+    }
+  }, sums.data());
+  std::vector<T> alpha(static_cast<size_t>(C)), beta(static_cast<size_t>(C));
+  for (int64_t c = 0; c < C; ++c) {
+    invstd_out[c] = static_cast<T>(1.0 / std::sqrt(sums[c] / static_cast<double>(M) + eps));
+    var_out[c] = static_cast<T>(M > 1 ? sums[c] / static_cast<double>(M - 1) : NAN);
+    alpha[c] = invstd_out[c] * (weight ? weight[c] : T(1));
+    beta[c] = (bias ? bias[c] : T(0)) - mean_out[c] * alpha[c];
+  }
+  at::parallel_for(0, M, 256, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const T* in = x + r * C;
+      T* out = y + r * C;
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) out[c] = in[c] * alpha[c] + beta[c];
+    }
+  });
+}
+
+// grad_input (when non-null), grad_weight and grad_bias (when non-null).
+template <typename T>
+void batch_norm_backward(int64_t M, int64_t C, const T* dy, const T* x, const T* weight, const T* mean,
+                         const T* invstd, T* grad_input, T* grad_weight, T* grad_bias) {
+  std::vector<double> sums(static_cast<size_t>(2 * C));
+  column_sums<2, T>(M, C, [&](int64_t r, T* acc) {
+    const T* g = dy + r * C;
+    const T* in = x + r * C;
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) {
+      acc[c] += g[c];
+      acc[C + c] += g[c] * (in[c] - mean[c]);
+    }
+  }, sums.data());
+  for (int64_t c = 0; c < C; ++c) {
+    if (grad_weight) grad_weight[c] = static_cast<T>(sums[C + c] * invstd[c]);
+    if (grad_bias) grad_bias[c] = static_cast<T>(sums[c]);
+  }
+  if (grad_input == nullptr) return;
+  std::vector<T> grad_mean(static_cast<size_t>(C)), k(static_cast<size_t>(C)), scale(static_cast<size_t>(C));
+  for (int64_t c = 0; c < C; ++c) {
+    grad_mean[c] = static_cast<T>(sums[c] / static_cast<double>(M));
+    k[c] = static_cast<T>(sums[C + c] / static_cast<double>(M) * invstd[c] * invstd[c]);
+    scale[c] = invstd[c] * (weight ? weight[c] : T(1));
+  }
+  at::parallel_for(0, M, 256, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const T* g = dy + r * C;
+      const T* in = x + r * C;
+      T* out = grad_input + r * C;
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) out[c] = (g[c] - (in[c] - mean[c]) * k[c] - grad_mean[c]) * scale[c];
+    }
+  });
+}
+
+}  // namespace sepconv

@@ -1,0 +1,227 @@
+"""kernels.BatchNorm2d / kernels.batch_norm: the cpp backend's training-mode BatchNorm.
+
+Against nn.BatchNorm2d (output, the three gradients, running statistics, num_batches_tracked)
+and a float64 computation; which calls take the kernel and which fall back to F.batch_norm;
+determinism; the op contract (opcheck, errors).
+"""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import kernels
+from conftest import require_backend
+
+
+@pytest.fixture
+def threads():
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+def _input(shape, dtype, seed=0, layout=torch.channels_last):
+    g = torch.Generator().manual_seed(seed)
+    # An offset mean, so a one-pass variance would lose digits the two-pass one keeps.
+    x = torch.randn(shape, generator=g, dtype=dtype) * 3 + 20
+    return x.contiguous(memory_format=layout)
+
+
+def _pair(channels, dtype, seed=1, **kwargs):
+    reference = nn.BatchNorm2d(channels, dtype=dtype, **kwargs)
+    if reference.affine:
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            reference.weight.copy_(torch.rand(channels, generator=g, dtype=dtype) + 0.5)
+            reference.bias.copy_(torch.randn(channels, generator=g, dtype=dtype))
+    ours = kernels.BatchNorm2d(channels, dtype=dtype, backend="cpp", **kwargs)
+    ours.load_state_dict(reference.state_dict())
+    return reference, ours
+
+
+def _step(module, x, grad):
+    x = x.detach().clone().requires_grad_(True)
+    out = module(x)
+    out.backward(grad)
+    params = {name: p.grad for name, p in module.named_parameters()}
+    return out.detach(), x.grad, params
+
+
+def _float64_truth(x, weight, bias, eps, grad):
+    """Batch-statistics BatchNorm and its gradients, computed in float64 from the definition."""
+    x = x.detach().double().requires_grad_(True)
+    w = weight.detach().double().requires_grad_(True) if weight is not None else None
+    b = bias.detach().double().requires_grad_(True) if bias is not None else None
+    mean = x.mean(dim=(0, 2, 3), keepdim=True)
+    var = x.var(dim=(0, 2, 3), unbiased=False, keepdim=True)
+    out = (x - mean) / torch.sqrt(var + eps)
+    if w is not None:
+        out = out * w.view(1, -1, 1, 1) + b.view(1, -1, 1, 1)
+    leaves = [t for t in (x, w, b) if t is not None]
+    return out.detach(), torch.autograd.grad(out, leaves, grad.double())
+
+
+def _assert_near(got, want, rel, what, scale=None):
+    """max |got - want| <= rel * max(|want|, scale): errors relative to the tensor's magnitude."""
+    bound = rel * max(want.abs().max().item(), scale or 0.0) + 1e-30
+    error = (got.double() - want.double()).abs().max().item()
+    assert error <= bound, f"{what}: max error {error:.3g} > {bound:.3g}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(2, 5, 3, 7), (8, 40, 12, 12), (3, 1030, 2, 2), (1, 17, 1, 2), (4, 64, 37, 37)])
+def test_matches_nn_batchnorm_in_training(dtype, shape):
+    """Output, input/weight/bias gradients and running statistics as nn.BatchNorm2d's, over two steps;
+    within fp tolerance of a float64 computation (the kernel sums in double: in float32 it is the
+    closer of the two on the larger shapes)."""
+    require_backend("cpp", dtype)
+    reference, ours = _pair(shape[1], dtype)
+    rel = 1e-12 if dtype == torch.float64 else 1e-5
+    for step in range(2):
+        x = _input(shape, dtype, seed=step)
+        grad = torch.randn(shape, generator=torch.Generator().manual_seed(10 + step), dtype=dtype)
+        expected, got = _step(reference, x, grad), _step(ours, x, grad)
+        # grad_input cancels to ~0 when a channel has two values: measure it against its terms' size.
+        invstd = 1 / torch.sqrt(x.double().var(dim=(0, 2, 3), unbiased=False) + ours.eps)
+        scale = (grad.abs().max() * (ours.weight.abs() * invstd).max()).item()
+        _assert_near(got[1], expected[1], 4 * rel, "grad input vs nn.BatchNorm2d", scale)
+        for what, a, b in (("output", got[0], expected[0]),
+                           ("grad weight", got[2]["weight"], expected[2]["weight"]),
+                           ("grad bias", got[2]["bias"], expected[2]["bias"]),
+                           ("running mean", ours.running_mean, reference.running_mean),
+                           ("running var", ours.running_var, reference.running_var)):
+            _assert_near(a, b, 4 * rel, f"{what} vs nn.BatchNorm2d")
+        assert int(ours.num_batches_tracked) == int(reference.num_batches_tracked) == step + 1
+        assert got[0].is_contiguous(memory_format=torch.channels_last)
+        assert got[1].is_contiguous(memory_format=torch.channels_last)
+        truth, truth_grads = _float64_truth(x, ours.weight, ours.bias, ours.eps, grad)
+        # x - mean loses digits of x (~20) where the spread is small: the output's error scales with |x|.
+        _assert_near(got[0], truth, rel, "output vs float64", (x.abs().max() * (ours.weight.abs() * invstd).max()).item())
+        _assert_near(got[1], truth_grads[0], rel, "grad input vs float64", scale)
+        _assert_near(got[2]["weight"], truth_grads[1], rel, "grad weight vs float64")
+        _assert_near(got[2]["bias"], truth_grads[2], rel, "grad bias vs float64")
+        reference.zero_grad(set_to_none=True)
+        ours.zero_grad(set_to_none=True)
+
+
+@pytest.mark.parametrize("kwargs", [dict(momentum=None), dict(affine=False), dict(track_running_stats=False),
+                                    dict(momentum=0.3, eps=1e-3)],
+                         ids=["cumulative-average", "no-affine", "no-running-stats", "momentum-eps"])
+def test_options_as_nn_batchnorm(kwargs):
+    require_backend("cpp", torch.float64)
+    reference, ours = _pair(12, torch.float64, **kwargs)
+    for step in range(3):
+        x = _input((3, 12, 5, 6), torch.float64, seed=step)
+        grad = torch.randn(x.shape, generator=torch.Generator().manual_seed(step), dtype=torch.float64)
+        expected, got = _step(reference, x, grad), _step(ours, x, grad)
+        torch.testing.assert_close(got[0], expected[0], atol=1e-12, rtol=1e-11)
+        torch.testing.assert_close(got[1], expected[1], atol=1e-12, rtol=1e-11)
+        assert got[2].keys() == expected[2].keys()
+        for name in got[2]:
+            torch.testing.assert_close(got[2][name], expected[2][name], atol=1e-12, rtol=1e-11)
+    for name, buffer in reference.named_buffers():
+        torch.testing.assert_close(dict(ours.named_buffers())[name], buffer, atol=1e-12, rtol=1e-11)
+    # Evaluation: running statistics where kept, batch statistics where not (as nn.BatchNorm2d).
+    reference.eval()
+    ours.eval()
+    x = _input((2, 12, 4, 4), torch.float64, seed=9)
+    torch.testing.assert_close(ours(x), reference(x), atol=1e-12, rtol=1e-11)
+
+
+def _ran_kernel(fn) -> bool:
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return any(event.name == "sepconv_cpp::batch_norm" for event in prof.events())
+
+
+def test_which_calls_take_the_kernel():
+    """The kernel in training on channels_last float CPU input with backend cpp (or auto); F.batch_norm
+    otherwise, with nn.BatchNorm2d's exact bits and errors."""
+    require_backend("cpp")
+    reference, ours = _pair(6, torch.float32)
+    x = _input((2, 6, 5, 5), torch.float32)
+
+    def call(backend="cpp", train=True, input=x, autocast=False):
+        ours.backend = backend
+        ours.train(train)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            return ours(input)
+
+    assert _ran_kernel(lambda: call())
+    assert _ran_kernel(lambda: call(backend="auto"))
+    fallbacks = {"nchw": dict(input=x.contiguous()), "torch backend": dict(backend="torch"),
+                 "eval": dict(train=False), "autocast": dict(autocast=True)}
+    for name, kwargs in fallbacks.items():
+        assert not _ran_kernel(lambda: call(**kwargs)), name
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
+        call(input=_input((1, 6, 1, 1), torch.float32))
+    ours.load_state_dict(reference.state_dict())
+    assert torch.equal(call(input=x.contiguous()), reference(x.contiguous()))
+    assert torch.equal(ours.running_var, reference.running_var)
+
+
+@pytest.mark.parametrize("shape", [(8, 33, 20, 20), (2, 300, 9, 9)])
+def test_bitwise_deterministic_across_runs_and_threads(threads, shape):
+    """Column sums over fixed row parts: the same bits run to run and for 1 or 2 threads."""
+    require_backend("cpp")
+    x = _input(shape, torch.float32)
+    grad = torch.randn(shape, generator=torch.Generator().manual_seed(5))
+    results = []
+    for count in (2, 2, 1):
+        torch.set_num_threads(count)
+        _, ours = _pair(shape[1], torch.float32)
+        results.append(_step(ours, x, grad) + (ours.running_var.clone(),))
+    for other in results[1:]:
+        assert torch.equal(other[0], results[0][0]) and torch.equal(other[1], results[0][1])
+        assert all(torch.equal(other[2][k], results[0][2][k]) for k in ("weight", "bias"))
+        assert torch.equal(other[3], results[0][3])
+
+
+def test_module_is_an_nn_batchnorm():
+    module = kernels.BatchNorm2d(8, backend="cpp")
+    plain = nn.BatchNorm2d(8)
+    assert isinstance(module, nn.BatchNorm2d)
+    assert list(module.state_dict()) == list(plain.state_dict())
+    assert "backend='cpp'" in repr(module) and "backend" not in repr(kernels.BatchNorm2d(8))
+    assert copy.deepcopy(module).backend == "cpp"
+    with pytest.raises(ValueError, match="backend must be one of .*got 'cuda'"):
+        kernels.BatchNorm2d(8, backend="cuda")
+    with pytest.raises(ValueError, match="got 3"):
+        module.backend = 3
+    with pytest.raises(ValueError, match="backend must be one of"):
+        kernels.batch_norm(torch.randn(2, 8, 3, 3), None, None, training=True, backend="gpu")
+
+
+def test_opcheck_and_errors():
+    require_backend("cpp")
+    ops = torch.ops.sepconv_cpp
+    x = _input((2, 5, 4, 3), torch.float32)
+    w, b = torch.rand(5) + 0.5, torch.randn(5)
+    torch.library.opcheck(ops.batch_norm.default, (x, w, b, 1e-5))
+    torch.library.opcheck(ops.batch_norm.default, (x.requires_grad_(), w.requires_grad_(), b.requires_grad_(), 1e-5))
+    torch.library.opcheck(ops.batch_norm.default, (x.detach().contiguous(), None, None, 1e-3))
+    _, mean, invstd, _ = ops.batch_norm(x.detach(), w.detach(), b.detach(), 1e-5)
+    grad = torch.randn_like(x)
+    for mask in ([True, True, True], [False, True, False], [True, False, False]):
+        torch.library.opcheck(ops.batch_norm_backward.default, (grad, x.detach(), w.detach(), mean, invstd, mask))
+    with pytest.raises(RuntimeError, match="weight must be a 1-D Float CPU tensor of 5 elements, got Float \\[4\\]"):
+        ops.batch_norm(x.detach(), torch.ones(4), None, 1e-5)
+    with pytest.raises(RuntimeError, match="input must be a 4-D"):
+        ops.batch_norm(torch.randn(5, 3), None, None, 1e-5)
+    with pytest.raises(RuntimeError, match="grad_output must be a Float CPU tensor of shape \\[2, 5, 4, 3\\]"):
+        ops.batch_norm_backward(torch.randn(2, 5, 4), x.detach(), None, mean, invstd, [True, True, True])
+
+
+def test_functional_matches_f_batch_norm():
+    require_backend("cpp", torch.float64)
+    x = _input((4, 9, 6, 6), torch.float64)
+    running = [torch.zeros(9, dtype=torch.float64), torch.ones(9, dtype=torch.float64)]
+    expected_running = [t.clone() for t in running]
+    got = kernels.batch_norm(x, *running, training=True, momentum=0.2, eps=1e-4, backend="cpp")
+    expected = F.batch_norm(x, *expected_running, training=True, momentum=0.2, eps=1e-4)
+    torch.testing.assert_close(got, expected, atol=1e-12, rtol=1e-11)
+    for a, b in zip(running, expected_running):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-11)
