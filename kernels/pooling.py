@@ -18,7 +18,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ._args import IntOrPair, _pair, check_tensor, pooled_shape
+from ._args import IntOrPair, _pair, check_tensor, memory_format_of, pooled_shape
+from .autograd import needs_autograd
 from .dispatch import BACKENDS, resolve
 
 
@@ -39,8 +40,9 @@ def max_pool2d_add(
         kernel_size, stride (default ``kernel_size``), padding: int or pair, as for
             ``F.max_pool2d`` (dilation 1, floor mode, ``padding <= kernel_size / 2``).
         backend: ``"auto"`` or a ``kernels`` backend name. The one-pass kernel runs where that
-            resolves to ``cpp`` (float32/float64 CPU tensors, no autocast); every other call,
-            whatever ``backend`` says, is ``F.max_pool2d(...) + residual``.
+            resolves to ``cpp`` (float32/float64 CPU tensors, no autocast; channels_last input
+            when a graph is recorded); every other call, whatever ``backend`` says, is
+            ``F.max_pool2d(...) + residual``.
     """
     check_tensor("input", input, 4)
     check_tensor("residual", residual, 4)
@@ -55,9 +57,11 @@ def max_pool2d_add(
         raise ValueError(f"residual must have the pooled shape {shape}, got {tuple(residual.shape)}")
     if not isinstance(backend, str) or (backend != "auto" and backend not in BACKENDS):
         raise ValueError(f"backend must be one of {['auto', *BACKENDS]}, got {backend!r}")
+    # With a graph to record, the kernel's backward works on NHWC: NCHW training keeps ATen's pool.
     one_pass = (input.device.type == "cpu" and input.dtype in (torch.float32, torch.float64)
                 and residual.dtype == input.dtype and residual.device == input.device
-                and not torch.is_autocast_enabled("cpu"))
+                and not torch.is_autocast_enabled("cpu")
+                and (memory_format_of(input) == torch.channels_last or not needs_autograd((input, residual))))
     if one_pass and resolve(backend, input.device, input.dtype) == "cpp":
         return torch.ops.sepconv_cpp.max_pool2d_add.default(input, residual, kernel, step, pad)
     return F.max_pool2d(input, kernel, step, pad) + residual

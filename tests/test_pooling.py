@@ -62,7 +62,12 @@ def test_gradients_equal_max_pool_plus_residual(backend, layout, dtype, shape, k
     grad.view(-1)[::9] = -0.0
     leaves = [t.detach().clone().requires_grad_(True) for t in (x, residual)]
     expected = [t.detach().clone().requires_grad_(True) for t in (x, residual)]
-    kernels.max_pool2d_add(*leaves, kernel, stride, padding, backend=backend).backward(grad)
+    if backend == "cpp":  # the op itself: kernels.max_pool2d_add records NCHW graphs through ATen
+        pair = lambda v: list(v) if isinstance(v, tuple) else [v, v]  # noqa: E731
+        out = torch.ops.sepconv_cpp.max_pool2d_add(*leaves, pair(kernel), pair(stride), pair(padding))
+    else:
+        out = kernels.max_pool2d_add(*leaves, kernel, stride, padding, backend=backend)
+    out.backward(grad)
     (F.max_pool2d(expected[0], kernel, stride, padding) + expected[1]).backward(grad)
     assert torch.equal(leaves[0].grad, expected[0].grad)
     assert all(a.item() == b.item() and str(a.item()) == str(b.item())  # signed zeros too
@@ -70,6 +75,19 @@ def test_gradients_equal_max_pool_plus_residual(backend, layout, dtype, shape, k
     assert torch.equal(leaves[1].grad, grad)
     assert leaves[0].grad.is_contiguous(memory_format=torch.channels_last) == (layout == "channels_last") \
         or shape[2:] == (1, 1)
+
+
+def test_graphs_take_the_kernel_in_channels_last_only():
+    require_backend("cpp")
+
+    def ran_kernel(layout, requires_grad):
+        x = torch.randn(2, 4, 9, 9).contiguous(memory_format=layout).requires_grad_(requires_grad)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            kernels.max_pool2d_add(x, torch.randn(2, 4, 5, 5), 3, 2, 1, backend="cpp")
+        return any(event.name == "sepconv_cpp::max_pool2d_add" for event in prof.events())
+
+    assert ran_kernel(torch.channels_last, True) and ran_kernel(torch.channels_last, False)
+    assert ran_kernel(torch.contiguous_format, False) and not ran_kernel(torch.contiguous_format, True)
 
 
 def test_gradient_of_one_argument_only():
