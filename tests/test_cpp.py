@@ -201,10 +201,11 @@ assert out.numel() * 4 >= 32 << 20
 """, SEPCONV_HUGEPAGES=hugepages)
 
 
-@pytest.mark.parametrize("batch,channels,size", [(1, 16, 20), (3, 24, 10), (2, 300, 8), (1, 300, 6)],
-                         ids=["row-bands", "batch-parts", "channel-chunks", "one-image-chunks"])
+@pytest.mark.parametrize("batch,channels,size", [(1, 16, 20), (3, 24, 10), (2, 300, 8), (1, 300, 6), (2, 300, 66)],
+                         ids=["row-bands", "batch-parts", "channel-chunks", "one-image-chunks", "wide-chunks"])
 def test_grad_input_written_everywhere(threads, batch, channels, size):
-    """The kernel zeroes grad_input itself (lazily, per task): run it on buffers that start as NaN."""
+    """The kernel zeroes grad_input itself (lazily, per task): run it on buffers that start as NaN
+    (the buffer cache NaN-fills too under deterministic mode; wide-chunks' buffers come from it)."""
     device = require_backend("cpp")
     torch.set_num_threads(2)
     case = make_case(batch, channels, size, size, (3, 3), 1, 20, True, torch.float32, device)

@@ -22,6 +22,7 @@
 
 #include <cstdint>
 #include <cstdlib>
+#include <limits>
 #include <map>
 #include <mutex>
 #include <string>
@@ -90,8 +91,17 @@ class BufferCache final : public c10::Allocator {
   at::Tensor empty(at::IntArrayRef sizes, const at::TensorOptions& options, at::MemoryFormat format) {
     const size_t nbytes = static_cast<size_t>(c10::multiply_integers(sizes)) * options.dtype().itemsize();
     if (nbytes < kMinBytes || limit_ == 0) return at::empty(sizes, options, format);
-    return at::detail::empty_generic(sizes, this, c10::DispatchKeySet(c10::DispatchKey::CPU),
-                                     c10::typeMetaToScalarType(options.dtype()), format);
+    at::Tensor tensor = at::detail::empty_generic(sizes, this, c10::DispatchKeySet(c10::DispatchKey::CPU),
+                                                  c10::typeMetaToScalarType(options.dtype()), format);
+    // As torch.empty does: under torch.use_deterministic_algorithms(True) with
+    // fill_uninitialized_memory, a fresh float buffer holds NaN (so a kernel that leaves an element
+    // unwritten shows in the tests).
+    const auto& context = at::globalContext();
+    if (context.deterministicAlgorithms() && context.deterministicFillUninitializedMemory() &&
+        tensor.is_floating_point()) {
+      tensor.fill_(std::numeric_limits<double>::quiet_NaN());
+    }
+    return tensor;
   }
 
   // Frees every idle block; returns the bytes freed.
