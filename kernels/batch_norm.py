@@ -21,13 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._args import memory_format_of
-from .dispatch import BACKENDS, resolve
-
-
-def check_backend(backend: object) -> str:
-    if not isinstance(backend, str) or (backend != "auto" and backend not in BACKENDS):
-        raise ValueError(f"backend must be one of {['auto', *BACKENDS]}, got {backend!r}")
-    return backend
+from .dispatch import BackendAttribute, check_backend_name, resolve
 
 
 def _uses_kernel(input: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
@@ -61,7 +55,7 @@ def batch_norm(
     The running statistics are updated as ATen does (``(1 - momentum) * running + momentum * batch``,
     the unbiased batch variance), from the kernel's double-precision sums.
     """
-    check_backend(backend)
+    check_backend_name(backend)
     if not (training and _uses_kernel(input, weight, bias, backend)):
         return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
     output, mean, _, var = torch.ops.sepconv_cpp.batch_norm.default(input, weight, bias, float(eps))
@@ -73,7 +67,7 @@ def batch_norm(
     return output
 
 
-class BatchNorm2d(nn.BatchNorm2d):
+class BatchNorm2d(BackendAttribute, nn.BatchNorm2d):
     """``nn.BatchNorm2d`` whose training-mode forward runs on a ``kernels`` backend.
 
     Same constructor (plus ``backend``), parameters, buffers and ``state_dict`` as
@@ -86,14 +80,6 @@ class BatchNorm2d(nn.BatchNorm2d):
                  backend: str = "auto") -> None:
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
         self.backend = backend
-
-    @property
-    def backend(self) -> str:
-        return self._backend
-
-    @backend.setter
-    def backend(self, name: str) -> None:
-        self._backend = check_backend(name)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         self._check_input_dim(input)

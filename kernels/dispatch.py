@@ -85,6 +85,25 @@ BACKENDS: Dict[str, Backend] = {
 }
 
 
+def check_backend_name(name: object) -> str:
+    """``name`` when it is ``"auto"`` or a backend's name; otherwise a ValueError naming it."""
+    if not isinstance(name, str) or (name != "auto" and name not in BACKENDS):
+        raise ValueError(f"backend must be one of {['auto', *BACKENDS]}, got {name!r}")
+    return name
+
+
+class BackendAttribute:
+    """Mixin for modules: a ``backend`` attribute, checked on every assignment."""
+
+    @property
+    def backend(self) -> str:
+        return self._backend
+
+    @backend.setter
+    def backend(self, name: str) -> None:
+        self._backend = check_backend_name(name)
+
+
 def available_backends() -> Dict[str, Optional[str]]:
     """Each backend's name mapped to None when it loads here, or to the reason it does not.
 

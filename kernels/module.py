@@ -8,13 +8,13 @@ from typing import Optional, Tuple, Union
 import torch
 from torch import nn
 
-from .dispatch import BACKENDS
+from .dispatch import BackendAttribute
 from .functional import separable_conv2d
 
 _size_2_t = Union[int, Tuple[int, int]]
 
 
-class SeparableConv2d(nn.Module):
+class SeparableConv2d(BackendAttribute, nn.Module):
     """Depthwise ``kernel_size`` convolution then pointwise 1x1 convolution, one fused op.
 
     The parameters live in two ``nn.Conv2d`` children, ``conv1`` (depthwise,
@@ -62,16 +62,6 @@ class SeparableConv2d(nn.Module):
         self.pointwise = nn.Conv2d(in_channels * depth_multiplier, out_channels, 1, bias=bias, **factory)
         self.backend = backend
         self.relu_input = relu_input
-
-    @property
-    def backend(self) -> str:
-        return self._backend
-
-    @backend.setter
-    def backend(self, name: str) -> None:
-        if name != "auto" and name not in BACKENDS:
-            raise ValueError(f"backend must be one of {['auto', *BACKENDS]}, got {name!r}")
-        self._backend = name
 
     @property
     def depthwise(self) -> nn.Conv2d:

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from ._args import IntOrPair, _pair, check_tensor, memory_format_of, pooled_shape
 from .autograd import needs_autograd
-from .dispatch import BACKENDS, resolve
+from .dispatch import check_backend_name, resolve
 
 
 def max_pool2d_add(
@@ -55,8 +55,7 @@ def max_pool2d_add(
     shape = pooled_shape(input, kernel, step, pad)
     if tuple(residual.shape) != shape:
         raise ValueError(f"residual must have the pooled shape {shape}, got {tuple(residual.shape)}")
-    if not isinstance(backend, str) or (backend != "auto" and backend not in BACKENDS):
-        raise ValueError(f"backend must be one of {['auto', *BACKENDS]}, got {backend!r}")
+    check_backend_name(backend)
     # With a graph to record, the kernel's backward works on NHWC: NCHW training keeps ATen's pool.
     one_pass = (input.device.type == "cpu" and input.dtype in (torch.float32, torch.float64)
                 and residual.dtype == input.dtype and residual.device == input.device

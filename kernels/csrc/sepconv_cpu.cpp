@@ -103,6 +103,19 @@ at::Tensor from_nhwc(const at::Tensor& nhwc, at::MemoryFormat format) {
   return format == at::MemoryFormat::ChannelsLast ? nchw : nchw.contiguous(format);
 }
 
+// A result of logical shape `sizes` (N, K, H, W) in `like`'s memory format, which `fill` computes into
+// the dense NHWC buffer it is given (the result itself when channels_last). Empty results skip `fill`.
+template <typename Fill>
+at::Tensor nhwc_result(const at::Tensor& like, at::IntArrayRef sizes, Fill fill) {
+  const at::MemoryFormat format = memory_format_of(like);
+  at::Tensor out = empty_buffer(sizes, like.options(), format);
+  if (out.numel() == 0) return out;
+  at::Tensor result = nhwc_target(out, format);
+  fill(result);
+  copy_into_output(out, result);
+  return out;
+}
+
 at::Tensor forward_op(const at::Tensor& input, const at::Tensor& depthwise_weight, const at::Tensor& pointwise_weight,
                    const std::optional<at::Tensor>& depthwise_bias, const std::optional<at::Tensor>& pointwise_bias,
                    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, bool relu_input) {
@@ -215,16 +228,12 @@ at::Tensor max_pool2d_add_op(const at::Tensor& input, const at::Tensor& residual
   constexpr const char* kOp = "sepconv_cpp::max_pool2d_add";
   const PoolGeometry g = pool_geometry(kOp, input, kernel_size, stride, padding);
   check_pooled(kOp, "residual", residual, input, g);
-  const at::MemoryFormat format = memory_format_of(input);
-  at::Tensor out = empty_buffer({g.N, g.C, g.OH, g.OW}, input.options(), format);
-  if (out.numel() == 0) return out;
-  const at::Tensor x = to_nhwc(input, 1), r = to_nhwc(residual, 1);
-  at::Tensor result = nhwc_target(out, format);
-  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "sepconv_cpp_max_pool2d_add", [&] {
-    max_pool_add<scalar_t>(g, x.data_ptr<scalar_t>(), r.data_ptr<scalar_t>(), result.data_ptr<scalar_t>());
+  return nhwc_result(input, {g.N, g.C, g.OH, g.OW}, [&](at::Tensor& result) {
+    const at::Tensor x = to_nhwc(input, 1), r = to_nhwc(residual, 1);
+    AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "sepconv_cpp_max_pool2d_add", [&] {
+      max_pool_add<scalar_t>(g, x.data_ptr<scalar_t>(), r.data_ptr<scalar_t>(), result.data_ptr<scalar_t>());
+    });
   });
-  copy_into_output(out, result);
-  return out;
 }
 
 at::Tensor max_pool2d_add_backward_op(const at::Tensor& grad_output, const at::Tensor& input,
@@ -232,16 +241,13 @@ at::Tensor max_pool2d_add_backward_op(const at::Tensor& grad_output, const at::T
   constexpr const char* kOp = "sepconv_cpp::max_pool2d_add_backward";
   const PoolGeometry g = pool_geometry(kOp, input, kernel_size, stride, padding);
   check_pooled(kOp, "grad_output", grad_output, input, g);
-  const at::MemoryFormat format = memory_format_of(input);
-  at::Tensor grad_input = empty_buffer(input.sizes(), input.options(), format);
-  if (grad_input.numel() == 0) return grad_input;
-  const at::Tensor x = to_nhwc(input, 1), go = to_nhwc(grad_output, 1);
-  at::Tensor result = nhwc_target(grad_input, format);
-  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "sepconv_cpp_max_pool2d_add_backward", [&] {
-    max_pool_add_backward<scalar_t>(g, x.data_ptr<scalar_t>(), go.data_ptr<scalar_t>(), result.data_ptr<scalar_t>());
+  return nhwc_result(input, input.sizes(), [&](at::Tensor& result) {
+    const at::Tensor x = to_nhwc(input, 1), go = to_nhwc(grad_output, 1);
+    AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "sepconv_cpp_max_pool2d_add_backward", [&] {
+      max_pool_add_backward<scalar_t>(g, x.data_ptr<scalar_t>(), go.data_ptr<scalar_t>(),
+                                      result.data_ptr<scalar_t>());
+    });
   });
-  copy_into_output(grad_input, result);
-  return grad_input;
 }
 
 void check_channel_vector(const char* name, const std::optional<at::Tensor>& t, const at::Tensor& input) {
@@ -268,20 +274,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_op(const a
   check_channel_vector("bias", bias, input);
   const int64_t C = input.size(1), M = input.size(0) * input.size(2) * input.size(3);
   TORCH_CHECK(M > 0, "sepconv_cpp::batch_norm: needs at least one value per channel, got input ", input.sizes());
-  const at::MemoryFormat format = memory_format_of(input);
-  at::Tensor out = empty_buffer(input.sizes(), input.options(), format);
   at::Tensor mean = at::empty({C}, input.options()), invstd = at::empty({C}, input.options()),
              var = at::empty({C}, input.options());
-  const at::Tensor x = to_nhwc(input, 1);
   const at::Tensor w = weight.has_value() ? weight->contiguous() : at::Tensor();
   const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
-  at::Tensor result = nhwc_target(out, format);
-  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "sepconv_cpp_batch_norm", [&] {
-    batch_norm_forward<scalar_t>(M, C, x.data_ptr<scalar_t>(), data_or_null<scalar_t>(w),
-                                 data_or_null<scalar_t>(b), eps, result.data_ptr<scalar_t>(),
-                                 mean.data_ptr<scalar_t>(), invstd.data_ptr<scalar_t>(), var.data_ptr<scalar_t>());
+  at::Tensor out = nhwc_result(input, input.sizes(), [&](at::Tensor& result) {
+    const at::Tensor x = to_nhwc(input, 1);
+    AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "sepconv_cpp_batch_norm", [&] {
+      batch_norm_forward<scalar_t>(M, C, x.data_ptr<scalar_t>(), data_or_null<scalar_t>(w),
+                                   data_or_null<scalar_t>(b), eps, result.data_ptr<scalar_t>(),
+                                   mean.data_ptr<scalar_t>(), invstd.data_ptr<scalar_t>(), var.data_ptr<scalar_t>());
+    });
   });
-  copy_into_output(out, result);
   return {out, mean, invstd, var};
 }
 
