@@ -318,3 +318,23 @@ def test_cpu_speedup_is_the_median_of_paired_ratios(monkeypatch):
     assert rows[0]["speedup_vs_eager_cl"] == 1.0 and rows[0]["p50_ms"] == 10.0
     assert rows[1]["speedup_vs_eager_cl"] == 2.0 and rows[1]["p50_ms"] == 15.0
     assert (rows[0]["minor_faults"], rows[1]["minor_faults"]) == (7, 3)  # medians over the rounds
+
+
+def test_rss_script(tmp_path, capsys):
+    """benchmarks.rss: a row per provider from fresh processes, the cache's bytes for cpp (none idle with
+    SEPCONV_CACHE_MB=0), the file written; bad arguments rejected by name."""
+    from benchmarks import rss
+    from conftest import require_backend
+
+    require_backend("cpp")
+    out = tmp_path / "rss.jsonl"
+    rss.main(["--batch", "2", "--steps", "1", "--size", "96", "--out", str(out)])
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [row["provider"] for row in rows] == list(rss.PROVIDERS)
+    assert all(row["status"] == "ok" and row["max_rss_mib"] > 0 and row["batch"] == 2 for row in rows), rows
+    cached, uncached = rows[1], rows[2]
+    assert cached["cache_idle_mib"] > 0 and uncached["cache_idle_mib"] == uncached["cache_live_mib"] == 0
+    assert capsys.readouterr().out.count("max_rss_mib") == 3
+    with pytest.raises(SystemExit):
+        rss.main(["--size", "32"])
+    assert "--size must be >= 71, got 32" in capsys.readouterr().err

@@ -1,0 +1,96 @@
+"""Resident memory of the whole-model training step, per provider, each in a fresh process.
+
+    python -m benchmarks.rss [--batch 8] [--steps 3] [--size 299] [--out FILE]
+
+The suite's ``peak_alloc_mb`` column counts live tensor bytes (torch.profiler's allocation
+trace). The cpp backend's buffer cache (kernels/csrc/buffer_cache.h) also keeps freed blocks
+resident for reuse, which that column does not see; this script measures what the operating
+system sees: the process's peak resident set (``ru_maxrss``) after ``--steps`` training steps
+(forward, loss, backward, SGD) of Xception in channels_last fp32, for the eager model, the cpp
+model, and the cpp model with recycling off (``SEPCONV_CACHE_MB=0``). It prints one JSON line per
+provider and writes them to ``--out`` (atomically) when given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List
+
+PROVIDERS = {  # name: (Xception keyword arguments, extra environment)
+    "eager": ({"separable": "conv2d"}, {}),
+    "cpp": ({"separable": "fused", "backend": "cpp"}, {}),
+    "cpp, SEPCONV_CACHE_MB=0": ({"separable": "fused", "backend": "cpp"}, {"SEPCONV_CACHE_MB": "0"}),
+}
+
+_CHILD = """
+import json, resource, sys, torch, xception
+kwargs, batch, steps, size = json.loads(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+torch.manual_seed(0)
+model = xception.Xception(**kwargs).to(memory_format=torch.channels_last)
+x = torch.randn(batch, 3, size, size).contiguous(memory_format=torch.channels_last)
+target = torch.randint(0, 1000, (batch,))
+opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+for _ in range(steps):
+    opt.zero_grad(set_to_none=True)
+    torch.nn.functional.cross_entropy(model(x), target).backward()
+    opt.step()
+row = {"max_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+if kwargs.get("backend") == "cpp":
+    live, idle, cap = torch.ops.sepconv_cpp.cache_stats()
+    row.update(cache_live_mib=round(live / 2**20, 1), cache_idle_mib=round(idle / 2**20, 1))
+print(json.dumps(row))
+"""
+
+
+def _commit(root: Path) -> object:
+    try:
+        result = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True)
+    except OSError:
+        return None
+    return result.stdout.strip() or None if result.returncode == 0 else None
+
+
+def measure(batch: int, steps: int, size: int) -> List[Dict[str, object]]:
+    root = Path(__file__).resolve().parent.parent
+    run = {"commit": _commit(root), "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    rows = []
+    for name, (kwargs, env) in PROVIDERS.items():
+        result = subprocess.run(
+            [sys.executable, "-c", _CHILD, json.dumps(kwargs), str(batch), str(steps), str(size)],
+            env=dict(os.environ, PYTHONPATH=str(root), **env), capture_output=True, text=True)
+        if result.returncode != 0:
+            rows.append({"provider": name, "status": "error", "reason": result.stderr.strip()[-500:], **run})
+            continue
+        row = json.loads(result.stdout.strip().splitlines()[-1])
+        rows.append({"provider": name, "status": "ok", "batch": batch, "steps": steps, "size": size, **row, **run})
+    return rows
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--size", type=int, default=299)
+    parser.add_argument("--out", type=Path, default=None, help="write the JSON lines here (atomically)")
+    args = parser.parse_args(argv)
+    for name, value, low in (("--batch", args.batch, 1), ("--steps", args.steps, 1), ("--size", args.size, 71)):
+        if value < low:
+            parser.error(f"{name} must be >= {low}, got {value}")
+    rows = measure(args.batch, args.steps, args.size)
+    text = "".join(json.dumps(row) + "\n" for row in rows)
+    print(text, end="")
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        partial = args.out.with_name(args.out.name + ".partial")
+        partial.write_text(text)
+        os.replace(partial, args.out)
+
+
+if __name__ == "__main__":
+    main()
