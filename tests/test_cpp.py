@@ -315,3 +315,36 @@ else:
 """,
     }[expect]
     _run_checks(body, SEPCONV_CACHE_MB=setting)
+
+
+def test_buffer_cache_in_forked_children():
+    """Children forked while another thread recycles blocks (as DataLoader workers are) use the cache.
+    (The pthread_atfork handlers make a child that inherits a held lock impossible; 20 forks during
+    the churn do not force that race, they check that forked children allocate and free.) The child
+    runs on one thread, as DataLoader workers do: OpenMP (ATen's too) cannot start a parallel
+    region in a child forked after the parent used one."""
+    require_backend("cpp")
+    _run_checks("""
+import os, threading
+from kernels import cpp_backend
+cpp_backend.load()
+x = torch.randn(2, 64, 48, 48).contiguous(memory_format=torch.channels_last)
+stop = threading.Event()
+def churn():
+    while not stop.is_set():
+        torch.ops.sepconv_cpp.batch_norm(x, None, None, 1e-5)
+thread = threading.Thread(target=churn)
+thread.start()
+try:
+    for _ in range(20):
+        pid = os.fork()
+        if pid == 0:
+            torch.set_num_threads(1)
+            out = torch.ops.sepconv_cpp.batch_norm(x, None, None, 1e-5)[0]
+            os._exit(0 if torch.isfinite(out).all() else 1)
+        _, status = os.waitpid(pid, 0)
+        assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, status
+finally:
+    stop.set()
+    thread.join()
+""")

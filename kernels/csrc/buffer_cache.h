@@ -30,6 +30,9 @@
 #if defined(__linux__)
 #include <sys/mman.h>
 #endif
+#if defined(__unix__)
+#include <pthread.h>
+#endif
 
 namespace sepconv {
 
@@ -54,7 +57,16 @@ class BufferCache final : public c10::Allocator {
 
   // Never destroyed: tensors freed during interpreter shutdown still hand their blocks back here.
   static BufferCache& instance() {
-    static BufferCache* cache = new BufferCache();
+    static BufferCache* cache = [] {
+      BufferCache* created = new BufferCache();
+#if defined(__unix__)
+      // A process forked while another thread holds the lock (DataLoader workers fork) would find
+      // it held forever: fork waits for the lock, and both sides release it.
+      pthread_atfork([] { instance().mutex_.lock(); }, [] { instance().mutex_.unlock(); },
+                     [] { instance().mutex_.unlock(); });
+#endif
+      return created;
+    }();
     return *cache;
   }
 
