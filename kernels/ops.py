@@ -127,8 +127,8 @@ def _max_pool2d_add_backward(ctx, grad_output):
     grad_input = None
     if ctx.needs_input_grad[0]:
         (input,) = ctx.saved_tensors
-        grad_input = torch.ops.sepconv_cpp.max_pool2d_add_backward.default(
-            grad_output.contiguous(memory_format=memory_format_of(grad_output)), input, *ctx.window)
+        # Any layout: the op reads grad_output as NHWC, copying only when it is not.
+        grad_input = torch.ops.sepconv_cpp.max_pool2d_add_backward.default(grad_output, input, *ctx.window)
     return grad_input, grad_output if ctx.needs_input_grad[1] else None, None, None, None
 
 
@@ -157,8 +157,7 @@ def _batch_norm_backward(ctx, grad_output, *_):
     mask = [needs[0], needs[1] and weight is not None, needs[2]]
     if not any(mask):
         return None, None, None, None
-    grads = torch.ops.sepconv_cpp.batch_norm_backward.default(
-        grad_output.contiguous(memory_format=memory_format_of(grad_output)), input, weight, mean, invstd, mask)
+    grads = torch.ops.sepconv_cpp.batch_norm_backward.default(grad_output, input, weight, mean, invstd, mask)
     return tuple(g if w else None for g, w in zip(grads, mask)) + (None,)
 
 

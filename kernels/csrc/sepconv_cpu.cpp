@@ -121,26 +121,20 @@ at::Tensor forward_op(const at::Tensor& input, const at::Tensor& depthwise_weigh
                    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, bool relu_input) {
   check_args(input, depthwise_weight, pointwise_weight, stride, padding, dilation);
   const Geometry g = geometry(input, depthwise_weight, pointwise_weight, stride, padding, dilation);
-  const at::MemoryFormat format = memory_format_of(input);
-  at::Tensor out = empty_buffer({g.N, g.Cout, g.OH, g.OW}, input.options(), format);
-  if (out.numel() == 0) return out;
-
-  const int64_t multiplier = g.CM / input.size(1);
-  const at::Tensor x = to_nhwc(input, multiplier);
-  const at::Tensor pw2d = pointwise_weight.reshape({g.Cout, g.CM}).contiguous();
-  const at::Tensor dw_taps = depthwise_weight.reshape({g.CM, g.kh * g.kw}).t().contiguous();
-  std::optional<at::Tensor> bias;  // pw_bias + pw @ dw_bias
-  if (depthwise_bias.has_value()) bias = at::mv(pw2d, *depthwise_bias);
-  if (pointwise_bias.has_value()) bias = bias.has_value() ? *bias + *pointwise_bias : pointwise_bias->contiguous();
-  at::Tensor result = nhwc_target(out, format);
-
-  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "sepconv_cpp_forward", [&] {
-    sepconv::forward<scalar_t>(g, x.data_ptr<scalar_t>(), dw_taps.data_ptr<scalar_t>(), pw2d.data_ptr<scalar_t>(),
-                               bias.has_value() ? bias->data_ptr<scalar_t>() : nullptr, relu_input,
-                               result.data_ptr<scalar_t>());
+  return nhwc_result(input, {g.N, g.Cout, g.OH, g.OW}, [&](at::Tensor& result) {
+    const int64_t multiplier = g.CM / input.size(1);
+    const at::Tensor x = to_nhwc(input, multiplier);
+    const at::Tensor pw2d = pointwise_weight.reshape({g.Cout, g.CM}).contiguous();
+    const at::Tensor dw_taps = depthwise_weight.reshape({g.CM, g.kh * g.kw}).t().contiguous();
+    std::optional<at::Tensor> bias;  // pw_bias + pw @ dw_bias
+    if (depthwise_bias.has_value()) bias = at::mv(pw2d, *depthwise_bias);
+    if (pointwise_bias.has_value()) bias = bias.has_value() ? *bias + *pointwise_bias : pointwise_bias->contiguous();
+    AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "sepconv_cpp_forward", [&] {
+      sepconv::forward<scalar_t>(g, x.data_ptr<scalar_t>(), dw_taps.data_ptr<scalar_t>(), pw2d.data_ptr<scalar_t>(),
+                                 bias.has_value() ? bias->data_ptr<scalar_t>() : nullptr, relu_input,
+                                 result.data_ptr<scalar_t>());
+    });
   });
-  copy_into_output(out, result);
-  return out;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_op(
@@ -196,11 +190,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
   };
 }
 
-PoolGeometry pool_geometry(const char* op, const at::Tensor& input, at::IntArrayRef kernel_size,
-                           at::IntArrayRef stride, at::IntArrayRef padding) {
+// The input of the pool and BatchNorm ops.
+void check_input(const char* op, const at::Tensor& input) {
   TORCH_CHECK(input.dim() == 4 && input.device().is_cpu() && input.is_floating_point(), op,
               ": input must be a 4-D floating-point CPU tensor, got ", input.sizes(), " ", input.scalar_type(),
               " on ", input.device());
+}
+
+PoolGeometry pool_geometry(const char* op, const at::Tensor& input, at::IntArrayRef kernel_size,
+                           at::IntArrayRef stride, at::IntArrayRef padding) {
+  check_input(op, input);
   TORCH_CHECK(kernel_size.size() == 2 && stride.size() == 2 && padding.size() == 2, op,
               ": expected kernel_size[2], stride[2], padding[2], got ", kernel_size, ", ", stride, ", ", padding);
   PoolGeometry g{input.size(0), input.size(2), input.size(3), input.size(1), 0, 0,
@@ -250,11 +249,12 @@ at::Tensor max_pool2d_add_backward_op(const at::Tensor& grad_output, const at::T
   });
 }
 
-void check_channel_vector(const char* name, const std::optional<at::Tensor>& t, const at::Tensor& input) {
+void check_channel_vector(const char* op, const char* name, const std::optional<at::Tensor>& t,
+                          const at::Tensor& input) {
   if (!t.has_value()) return;
   TORCH_CHECK(t->dim() == 1 && t->size(0) == input.size(1) && t->scalar_type() == input.scalar_type() &&
                   t->device().is_cpu(),
-              "sepconv_cpp::batch_norm: ", name, " must be a 1-D ", input.scalar_type(), " CPU tensor of ",
+              op, ": ", name, " must be a 1-D ", input.scalar_type(), " CPU tensor of ",
               input.size(1), " elements, got ", t->scalar_type(), " ", t->sizes(), " on ", t->device());
 }
 
@@ -267,13 +267,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_op(const a
                                                                          const std::optional<at::Tensor>& weight,
                                                                          const std::optional<at::Tensor>& bias,
                                                                          double eps) {
-  TORCH_CHECK(input.dim() == 4 && input.device().is_cpu() && input.is_floating_point(),
-              "sepconv_cpp::batch_norm: input must be a 4-D floating-point CPU tensor, got ", input.sizes(), " ",
-              input.scalar_type(), " on ", input.device());
-  check_channel_vector("weight", weight, input);
-  check_channel_vector("bias", bias, input);
+  constexpr const char* kOp = "sepconv_cpp::batch_norm";
+  check_input(kOp, input);
+  check_channel_vector(kOp, "weight", weight, input);
+  check_channel_vector(kOp, "bias", bias, input);
   const int64_t C = input.size(1), M = input.size(0) * input.size(2) * input.size(3);
-  TORCH_CHECK(M > 0, "sepconv_cpp::batch_norm: needs at least one value per channel, got input ", input.sizes());
+  TORCH_CHECK(M > 0, kOp, ": needs at least one value per channel, got input ", input.sizes());
   at::Tensor mean = at::empty({C}, input.options()), invstd = at::empty({C}, input.options()),
              var = at::empty({C}, input.options());
   const at::Tensor w = weight.has_value() ? weight->contiguous() : at::Tensor();
@@ -292,16 +291,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_op(const a
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_op(
     const at::Tensor& grad_output, const at::Tensor& input, const std::optional<at::Tensor>& weight,
     const at::Tensor& mean, const at::Tensor& invstd, std::array<bool, 3> output_mask) {
-  TORCH_CHECK(input.dim() == 4 && input.device().is_cpu() && input.is_floating_point(),
-              "sepconv_cpp::batch_norm_backward: input must be a 4-D floating-point CPU tensor, got ",
-              input.sizes(), " ", input.scalar_type(), " on ", input.device());
+  constexpr const char* kOp = "sepconv_cpp::batch_norm_backward";
+  check_input(kOp, input);
   TORCH_CHECK(grad_output.sizes() == input.sizes() && grad_output.scalar_type() == input.scalar_type() &&
                   grad_output.device().is_cpu(),
-              "sepconv_cpp::batch_norm_backward: grad_output must be a ", input.scalar_type(),
-              " CPU tensor of shape ", input.sizes(), ", got ", grad_output.scalar_type(), " ", grad_output.sizes());
-  check_channel_vector("weight", weight, input);
-  check_channel_vector("mean", mean, input);
-  check_channel_vector("invstd", invstd, input);
+              kOp, ": grad_output must be a ", input.scalar_type(), " CPU tensor of shape ", input.sizes(), ", got ",
+              grad_output.scalar_type(), " ", grad_output.sizes());
+  check_channel_vector(kOp, "weight", weight, input);
+  check_channel_vector(kOp, "mean", mean, input);
+  check_channel_vector(kOp, "invstd", invstd, input);
   const int64_t C = input.size(1), M = input.size(0) * input.size(2) * input.size(3);
   const auto [want_input, want_weight, want_bias] = output_mask;
   const at::MemoryFormat format = memory_format_of(input);
