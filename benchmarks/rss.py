@@ -6,7 +6,7 @@ The suite's ``peak_alloc_mb`` column counts live tensor bytes (torch.profiler's 
 trace). The cpp backend's buffer cache (kernels/csrc/buffer_cache.h) also keeps freed blocks
 resident for reuse, which that column does not see; this script measures what the operating
 system sees: the process's peak resident set (``ru_maxrss``) after ``--steps`` training steps
-(forward, loss, backward, SGD) of Xception in channels_last fp32, for the eager model, the cpp
+(the model suite's: forward, loss, backward, SGD) of Xception in channels_last fp32, for the eager model, the cpp
 model, and the cpp model with recycling off (``SEPCONV_CACHE_MB=0``). It prints one JSON line per
 provider and writes them to ``--out`` (atomically) when given.
 """
@@ -22,26 +22,24 @@ import time
 from pathlib import Path
 from typing import Dict, List
 
-PROVIDERS = {  # name: (Xception keyword arguments, extra environment)
-    "eager": ({"separable": "conv2d"}, {}),
-    "cpp": ({"separable": "fused", "backend": "cpp"}, {}),
-    "cpp, SEPCONV_CACHE_MB=0": ({"separable": "fused", "backend": "cpp"}, {"SEPCONV_CACHE_MB": "0"}),
+PROVIDERS = {  # name: (the suite's model provider, extra environment)
+    "eager": ("eager", {}),
+    "cpp": ("cpp-unfused", {}),
+    "cpp, SEPCONV_CACHE_MB=0": ("cpp-unfused", {"SEPCONV_CACHE_MB": "0"}),
 }
 
+# The training step is the model suite's own (benchmarks.providers.prepare_model).
 _CHILD = """
-import json, resource, sys, torch, xception
-kwargs, batch, steps, size = json.loads(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-torch.manual_seed(0)
-model = xception.Xception(**kwargs).to(memory_format=torch.channels_last)
-x = torch.randn(batch, 3, size, size).contiguous(memory_format=torch.channels_last)
-target = torch.randint(0, 1000, (batch,))
-opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+import dataclasses, json, resource, sys, torch
+from benchmarks.cases import MODEL_SHAPE, Case
+from benchmarks.providers import prepare_model
+provider, batch, steps, size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+shape = dataclasses.replace(MODEL_SHAPE, h=size, w=size)
+step = prepare_model(Case("model", shape, batch, "fp32", "channels_last", "train", provider), "cpu").fn
 for _ in range(steps):
-    opt.zero_grad(set_to_none=True)
-    torch.nn.functional.cross_entropy(model(x), target).backward()
-    opt.step()
+    step()
 row = {"max_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
-if kwargs.get("backend") == "cpp":
+if provider.startswith("cpp"):
     live, idle, cap = torch.ops.sepconv_cpp.cache_stats()
     row.update(cache_live_mib=round(live / 2**20, 1), cache_idle_mib=round(idle / 2**20, 1))
 print(json.dumps(row))
@@ -60,9 +58,9 @@ def measure(batch: int, steps: int, size: int) -> List[Dict[str, object]]:
     root = Path(__file__).resolve().parent.parent
     run = {"commit": _commit(root), "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     rows = []
-    for name, (kwargs, env) in PROVIDERS.items():
+    for name, (provider, env) in PROVIDERS.items():
         result = subprocess.run(
-            [sys.executable, "-c", _CHILD, json.dumps(kwargs), str(batch), str(steps), str(size)],
+            [sys.executable, "-c", _CHILD, provider, str(batch), str(steps), str(size)],
             env=dict(os.environ, PYTHONPATH=str(root), **env), capture_output=True, text=True)
         if result.returncode != 0:
             rows.append({"provider": name, "status": "error", "reason": result.stderr.strip()[-500:], **run})
