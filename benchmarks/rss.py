@@ -6,9 +6,9 @@ The suite's ``peak_alloc_mb`` column counts live tensor bytes (torch.profiler's 
 trace). The cpp backend's buffer cache (kernels/csrc/buffer_cache.h) also keeps freed blocks
 resident for reuse, which that column does not see; this script measures what the operating
 system sees: the process's peak resident set (``ru_maxrss``) after ``--steps`` training steps
-(the model suite's: forward, loss, backward, SGD) of Xception in channels_last fp32, for the eager model, the cpp
-model, and the cpp model with recycling off (``SEPCONV_CACHE_MB=0``). It prints one JSON line per
-provider and writes them to ``--out`` (atomically) when given.
+(the model suite's: forward, loss, backward, SGD) of Xception in channels_last fp32, for the
+eager model, the cpp model, and the cpp model with recycling off (``SEPCONV_CACHE_MB=0``). It
+prints one JSON line per provider and writes them to ``--out`` (atomically) when given.
 """
 
 from __future__ import annotations
