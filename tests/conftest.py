@@ -51,6 +51,14 @@ def require_backend(backend: str, dtype: torch.dtype = torch.float32) -> torch.d
     pytest.skip(f"backend {backend!r} unavailable: {reason}")
 
 
+@pytest.fixture
+def threads():
+    """Restore the thread count a test changes."""
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(params=ALL_BACKENDS)
 def backend(request):
     return request.param

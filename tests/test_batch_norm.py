@@ -16,13 +16,6 @@ import kernels
 from conftest import require_backend
 
 
-@pytest.fixture
-def threads():
-    before = torch.get_num_threads()
-    yield
-    torch.set_num_threads(before)
-
-
 def _input(shape, dtype, seed=0, layout=torch.channels_last):
     g = torch.Generator().manual_seed(seed)
     # An offset mean, so a one-pass variance would lose digits the two-pass one keeps.

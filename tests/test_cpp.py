@@ -22,14 +22,6 @@ def _run(case, layout=torch.channels_last, **kwargs):
     return [out.detach()] + [leaf.grad for leaf in leaves]
 
 
-@pytest.fixture
-def threads():
-    """Restore the thread count a test changes."""
-    before = torch.get_num_threads()
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.mark.parametrize("relu_input", [False, True])
 @pytest.mark.parametrize("channels", [320, 64], ids=["channel-chunks", "batch-parts"])
 def test_gradients_bitwise_deterministic(threads, relu_input, channels):
