@@ -35,13 +35,8 @@ def _run(leaves, backend, **kwargs):
     return [out.detach()] + [leaf.grad for leaf in leaves]
 
 
-@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-def test_low_precision_within_twice_torch_error(dtype, layout):
-    device = require_backend("triton", dtype)
-    case = make_case(2, 12, 9, 10, (3, 3), 2, 20, True, torch.float64, torch.device("cpu"))
-    case = (to_layout(case[0], layout),) + case[1:]
-    kwargs = dict(stride=(1, 2), padding=1, relu_input=False)
+def assert_within_torch_error(case, dtype, device, **kwargs):
+    """Every output of the triton backend in ``dtype`` within ERROR_RATIO x PyTorch's own error there."""
     reference = _run(case, "torch", **kwargs)
     try:
         own = _run([t.to(dtype) for t in case], "torch", **kwargs)
@@ -55,6 +50,80 @@ def test_low_precision_within_twice_torch_error(dtype, layout):
         error = (mine.cpu().double() - ref).abs().max().item()
         assert error <= ERROR_RATIO * own_error + ERROR_FLOOR, (
             f"{name}: triton {dtype} error {error:.3g} > {ERROR_RATIO} x torch's own {own_error:.3g}")
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_low_precision_within_twice_torch_error(dtype, layout):
+    device = require_backend("triton", dtype)
+    case = make_case(2, 12, 9, 10, (3, 3), 2, 20, True, torch.float64, torch.device("cpu"))
+    case = (to_layout(case[0], layout),) + case[1:]
+    assert_within_torch_error(case, dtype, device, stride=(1, 2), padding=1, relu_input=False)
+
+
+def _gpu_tables():
+    """kernel name -> (its autotuned launchers per dtype family, its GPU configs per family)."""
+    from kernels.triton import backward, forward
+
+    return {
+        "forward": (forward.forward_autotuned, forward.GPU_CONFIGS),
+        "grad_hidden": (backward.grad_hidden_autotuned, backward.GRAD_HIDDEN_CONFIGS_GPU),
+        "grad_input": (backward.grad_input_autotuned, backward.GRAD_INPUT_CONFIGS_GPU),
+        "grad_pointwise": (backward.grad_pointwise_autotuned, backward.GRAD_POINTWISE_CONFIGS_GPU),
+    }
+
+
+@pytest.mark.parametrize("index", [0, 1, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("kernel", ["forward", "grad_hidden", "grad_input", "grad_pointwise"])
+def test_every_gpu_config(monkeypatch, kernel, dtype, index):
+    """Each GPU tile config of each kernel, pinned, gives the right result (the interpreter runs them too)."""
+    device = require_backend("triton", dtype)
+    from kernels.triton import forward
+
+    autotuned, gpu_configs = _gpu_tables()[kernel]
+    family = forward.family(dtype)
+    if index >= len(gpu_configs[family]):
+        pytest.skip(f"{kernel} has {len(gpu_configs[family])} {family} configs")
+    monkeypatch.setitem(forward.forced_configs, autotuned[family].fn, gpu_configs[family][index])
+    # Channels spanning several hidden/output tiles, a stride, a depth multiplier and the fused ReLU.
+    case = make_case(1, 24, 7, 8, (3, 3), 2, 150, True, torch.float64, torch.device("cpu"))
+    kwargs = dict(stride=(1, 2), padding=1, relu_input=True)
+    if dtype == torch.float32:
+        reference = _run(case, "torch", **kwargs)
+        ours = _run([t.float().to(device) for t in case], "triton", **kwargs)
+        for ref, mine in zip(reference, ours):
+            torch.testing.assert_close(mine.cpu().double(), ref, atol=1e-4, rtol=1e-4)
+    else:
+        assert_within_torch_error(case, dtype, device, **kwargs)
+
+
+def test_autotune_setting(monkeypatch):
+    """SEPCONV_TRITON_AUTOTUNE=0 and deterministic mode launch each kernel's first config; bad values are errors."""
+    device = require_backend("triton")
+    from kernels.triton import forward
+
+    tuners = [tuner for table, _ in _gpu_tables().values() for tuner in table.values()]
+    for tuner in tuners:  # two configs each, so that there is a choice to make
+        monkeypatch.setattr(tuner, "configs", list(tuner.configs) * 2)
+    monkeypatch.setenv("SEPCONV_TRITON_AUTOTUNE", "1")
+    assert all(forward.launch_config(tuner) is None for tuner in tuners)
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert all(forward.launch_config(tuner) is tuner.configs[0] for tuner in tuners)
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    monkeypatch.setenv("SEPCONV_TRITON_AUTOTUNE", "0")
+    assert all(forward.launch_config(tuner) is tuner.configs[0] for tuner in tuners)
+    case = make_case(2, 16, 8, 8, (3, 3), 1, 24, True, torch.float64, torch.device("cpu"))
+    reference = _run(case, "torch", padding=1)
+    ours = _run([t.float().to(device) for t in case], "triton", padding=1)
+    for ref, mine in zip(reference, ours):
+        torch.testing.assert_close(mine.cpu().double(), ref, atol=1e-4, rtol=1e-4)
+    monkeypatch.setenv("SEPCONV_TRITON_AUTOTUNE", "yes")
+    with pytest.raises(ValueError, match="SEPCONV_TRITON_AUTOTUNE='yes'"):
+        kernels.separable_conv2d(*[t.float().to(device) for t in case], backend="triton", padding=1)
 
 
 def test_reductions_over_many_blocks_and_splits(monkeypatch):

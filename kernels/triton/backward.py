@@ -22,9 +22,9 @@ tensor the size of the input.
 
 Every weight-gradient reduction is two-stage and deterministic: per-block
 partials in a buffer, then ``sum(0)`` over that buffer in a fixed order; no
-atomics. When ``torch.are_deterministic_algorithms_enabled()`` the launchers
-use fixed tile configs instead of autotuned ones, so the result does not depend
-on which config won the timing race.
+atomics. When ``torch.are_deterministic_algorithms_enabled()`` (or with
+``SEPCONV_TRITON_AUTOTUNE=0``) the launchers use fixed tile configs instead of
+autotuned ones, so the result does not depend on which config won the timing race.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ import triton.language as tl
 
 from ..ops import empty_gradients
 from .common import cast, depthwise_tile, mma, row_offsets, split_pixels
-from .forward import check_pixels, configs_for, device_guard, family
+from .forward import check_pixels, configs_for, device_guard, family, launch, launch_config
 
 # Tile configs per dtype family (see forward.py); every GPU config compiles without spills.
 GRAD_HIDDEN_CONFIGS_GPU = {
@@ -187,7 +187,8 @@ def grad_input_kernel(
     x_offs = row_offsets(n, ih, iw, x_sn, x_sh, x_sw)[:, None] + c[None, :].to(tl.int64) * x_sc
     mask = q_mask[:, None] & c_mask[None, :]
     if RELU:
-        xv = tl.load(x_ptr + x_offs, mask=mask, other=0.0)
+        # Compared in fp32: the interpreter (3.9) compares bfloat16 values wrongly.
+        xv = tl.load(x_ptr + x_offs, mask=mask, other=0.0).to(tl.float32)
         acc = tl.where(xv > 0, acc, 0.0)
     gx_offs = row_offsets(n, ih, iw, gx_sn, gx_sh, gx_sw)[:, None] + c[None, :].to(tl.int64) * gx_sc
     tl.store(gx_ptr + gx_offs, cast(acc, gx_ptr.dtype.element_ty), mask=mask)
@@ -258,17 +259,6 @@ grad_pointwise_autotuned = _autotuned(grad_pointwise_kernel, GRAD_POINTWISE_CONF
                                       GRAD_POINTWISE_CONFIGS_INTERPRET, ["P", "C_HID", "C_OUT", "SPLITS", "KH", "KW"])
 
 
-def _launch(autotuned, kernel, grid, *args, **kwargs):
-    """Autotuned launch, or the first config when deterministic algorithms are requested."""
-    configs = autotuned.configs
-    if torch.are_deterministic_algorithms_enabled() and len(configs) > 1:
-        config = configs[0]
-        meta = dict(config.kwargs)
-        kernel[grid(meta)](*args, **kwargs, **meta, num_warps=config.num_warps, num_stages=config.num_stages)
-    else:
-        autotuned[grid](*args, **kwargs)
-
-
 def backward(grad_output: torch.Tensor, input: torch.Tensor, depthwise_weight: torch.Tensor,
              pointwise_weight: torch.Tensor, depthwise_bias: Optional[torch.Tensor],
              stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int], relu_input: bool,
@@ -303,7 +293,10 @@ def backward(grad_output: torch.Tensor, input: torch.Tensor, depthwise_weight: t
 
     with device_guard(input):
         if want_input or want_depthwise:
-            block_p_min = min(c.kwargs["BLOCK_P"] for c in grad_hidden_autotuned[kind].configs)
+            # Sized for the smallest BLOCK_P among the configs this launch may run.
+            pinned = launch_config(grad_hidden_autotuned[kind])
+            candidates = grad_hidden_autotuned[kind].configs if pinned is None else [pinned]
+            block_p_min = min(c.kwargs["BLOCK_P"] for c in candidates)
             grad_hidden = torch.empty((pixels, c_hid), **f32) if want_input else dw
             # Never a user tensor as the dummy: the autotuner zeroes this argument between timing runs.
             partials = torch.zeros((triton.cdiv(pixels, block_p_min) if want_depthwise else 1,
@@ -312,7 +305,7 @@ def backward(grad_output: torch.Tensor, input: torch.Tensor, depthwise_weight: t
             def grid_hidden(meta):
                 return (triton.cdiv(pixels, meta["BLOCK_P"]), triton.cdiv(c_hid, meta["BLOCK_K"]))
 
-            _launch(grad_hidden_autotuned[kind], grad_hidden_kernel, grid_hidden,
+            launch(grad_hidden_autotuned[kind], grid_hidden,
                     grad_output, pw, input, grad_hidden, partials,
                     pixels, c_hid, c_out, height, width, oh, ow, multiplier,
                     *grad_output.stride(), *input.stride(), *geometry,
@@ -328,7 +321,7 @@ def backward(grad_output: torch.Tensor, input: torch.Tensor, depthwise_weight: t
                 def grid_input(meta):
                     return (triton.cdiv(q, meta["BLOCK_Q"]), triton.cdiv(channels, meta["BLOCK_C"]))
 
-                _launch(grad_input_autotuned[kind], grad_input_kernel, grid_input,
+                launch(grad_input_autotuned[kind], grid_input,
                         grad_hidden, dw, input, out[0],
                         q, channels, height, width, oh, ow, multiplier, c_hid,
                         *input.stride(), *out[0].stride(), *geometry, KH=kh, KW=kw, RELU=relu)
@@ -341,7 +334,7 @@ def backward(grad_output: torch.Tensor, input: torch.Tensor, depthwise_weight: t
             def grid_pointwise(meta):
                 return (triton.cdiv(c_out, meta["BLOCK_CO"]), triton.cdiv(c_hid, meta["BLOCK_K"]), splits)
 
-            _launch(grad_pointwise_autotuned[kind], grad_pointwise_kernel, grid_pointwise,
+            launch(grad_pointwise_autotuned[kind], grid_pointwise,
                     input, dw, dwb, grad_output, part_w, part_b,
                     pixels, c_hid, c_out, height, width, oh, ow, multiplier, splits,
                     *input.stride(), *grad_output.stride(), *geometry,

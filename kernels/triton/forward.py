@@ -10,7 +10,8 @@ the epilogue. The depthwise intermediate never reaches global memory.
 from __future__ import annotations
 
 import contextlib
-from typing import List, Optional, Sequence
+import os
+from typing import Dict, List, Optional, Sequence
 
 import torch
 import triton
@@ -99,6 +100,46 @@ forward_autotuned = {name: triton.autotune(configs=configs_for(GPU_CONFIGS, INTE
                                            key=AUTOTUNE_KEY)(forward_kernel) for name in GPU_CONFIGS}
 
 
+AUTOTUNE_ENV = "SEPCONV_TRITON_AUTOTUNE"
+
+# Tests pin a kernel (its JITFunction) to one config here, to check every GPU config's arithmetic.
+forced_configs: Dict[object, triton.Config] = {}
+
+
+def autotune_enabled() -> bool:
+    """False under deterministic algorithms or ``SEPCONV_TRITON_AUTOTUNE=0``: then each kernel runs its first config.
+
+    Autotuned, the winning tile config (and with it the fp32 summation order) can differ
+    between processes; a fixed config gives the same bits every run and skips the timing
+    runs (and the compiles) of the other configs.
+    """
+    value = os.environ.get(AUTOTUNE_ENV, "1")
+    if value not in ("0", "1"):
+        raise ValueError(f"{AUTOTUNE_ENV}={value!r} is not valid; set it to 1 (autotune, the default) or 0 "
+                         "(the first tile config of each kernel)")
+    return value == "1" and not torch.are_deterministic_algorithms_enabled()
+
+
+def launch_config(autotuned) -> Optional[triton.Config]:
+    """The config a launch of ``autotuned`` runs with, or None to let the autotuner choose."""
+    forced = forced_configs.get(autotuned.fn)
+    if forced is not None:
+        return forced
+    if len(autotuned.configs) == 1 or autotune_enabled():
+        return None
+    return autotuned.configs[0]
+
+
+def launch(autotuned, grid, *args, **kwargs) -> None:
+    """Launch ``autotuned`` over ``grid`` (a function of the config's meta-parameters)."""
+    config = launch_config(autotuned)
+    if config is None:
+        autotuned[grid](*args, **kwargs)
+        return
+    meta = dict(config.kwargs)
+    autotuned.fn[grid(meta)](*args, **kwargs, **meta, num_warps=config.num_warps, num_stages=config.num_stages)
+
+
 def device_guard(tensor: torch.Tensor):
     """Launch on ``tensor``'s device (a no-op context for CPU tensors in the interpreter)."""
     if tensor.device.type == "cuda":
@@ -142,7 +183,8 @@ def forward(input: torch.Tensor, depthwise_weight: torch.Tensor, pointwise_weigh
         return (triton.cdiv(pixels, meta["BLOCK_P"]), triton.cdiv(c_out, meta["BLOCK_CO"]))
 
     with device_guard(input):
-        forward_autotuned[family(input.dtype)][grid](
+        launch(
+            forward_autotuned[family(input.dtype)], grid,
             input, dw, dwb, pw, pwb, out,
             pixels, c_hid, c_out, input.shape[2], input.shape[3], oh, ow, c_hid // input.shape[1],
             *input.stride(), *out.stride(),
