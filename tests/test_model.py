@@ -287,7 +287,7 @@ def _logits_and_grads(model, x, forward=None):
     x = x.clone().requires_grad_(True)
     out = (model if forward is None else forward)(x)
     # A fixed random projection, so every logit gets a distinct gradient.
-    weights = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)
+    weights = torch.linspace(-1, 1, out.numel(), dtype=out.dtype, device=out.device).view_as(out)
     (out * weights).sum().backward()
     grads = {name: p.grad for name, p in model.named_parameters()}
     return out.detach(), x.grad, grads

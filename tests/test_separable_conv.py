@@ -67,8 +67,8 @@ def check(backend, x, dw, pw, dwb, pwb, stride=1, padding=0, dilation=1, relu_in
     torch.testing.assert_close(out.double(), ref, **tol)
 
     grad = torch.randn(out.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
-    out.backward(grad.to(out.dtype))
-    ref.backward(grad)
+    out.backward(grad.to(out))
+    ref.backward(grad.to(ref.device))
     for name, leaf, ref_leaf in zip(("input", "depthwise_weight", "pointwise_weight", "depthwise_bias",
                                      "pointwise_bias"), leaves, ref_leaves):
         if leaf is None:

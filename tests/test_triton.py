@@ -30,7 +30,7 @@ ERROR_FLOOR = 1e-6
 def _run(leaves, backend, **kwargs):
     leaves = [t.detach().clone().requires_grad_(True) if t is not None else None for t in leaves]
     out = kernels.separable_conv2d(*leaves, backend=backend, **kwargs)
-    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(3)).to(out.dtype)
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(3)).to(out)
     out.backward(grad)
     return [out.detach()] + [leaf.grad for leaf in leaves]
 

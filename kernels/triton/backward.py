@@ -207,7 +207,7 @@ def grad_pointwise_kernel(
     stride_h, stride_w, pad_top, pad_left, dil_h, dil_w,
     # meta-parameters
     KH: tl.constexpr, KW: tl.constexpr, HAS_DW_BIAS: tl.constexpr, RELU: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_K: tl.constexpr, UNROLL_TAPS: tl.constexpr = False,
 ):
     """part_w[s, co, j] = sum_{p in split s} go[p, co] * h[p, j], h recomputed; part_b[s, co] = sum go.
 
@@ -232,7 +232,7 @@ def grad_pointwise_kernel(
         n, oh, ow = split_pixels(offs_p, OH, OW)
         h = depthwise_tile(x_ptr, dw_ptr, dwb_ptr, n, oh, ow, p_mask, j, j_mask, H, W, M,
                            x_sn, x_sc, x_sh, x_sw, stride_h, stride_w, pad_top, pad_left, dil_h, dil_w,
-                           KH, KW, HAS_DW_BIAS, RELU, BLOCK_P, BLOCK_K)
+                           KH, KW, HAS_DW_BIAS, RELU, BLOCK_P, BLOCK_K, UNROLL_TAPS)
         go_offs = row_offsets(n, oh, ow, go_sn, go_sh, go_sw)[:, None] + co[None, :].to(tl.int64) * go_sc
         g = tl.load(go_ptr + go_offs, mask=p_mask[:, None] & co_mask[None, :], other=0.0)  # (BLOCK_P, BLOCK_CO)
         acc = mma(tl.trans(g), cast(h, g.dtype), acc)

@@ -56,6 +56,23 @@ def split_pixels(offs_p, OH, OW):
 
 
 @triton.jit
+def _tap(x_ptr, dw_ptr, n_off, oh, ow, p_mask, j, j_mask, col, H, W, x_sh, x_sw,
+         stride_h, stride_w, pad_top, pad_left, dil_h, dil_w, tap, KH: tl.constexpr, KW: tl.constexpr,
+         RELU: tl.constexpr):
+    """One tap's contribution to the depthwise tile: input (gathered) times the tap's weights, fp32."""
+    ih = oh * stride_h - pad_top + (tap // KW) * dil_h
+    iw = ow * stride_w - pad_left + (tap % KW) * dil_w
+    ok = p_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+    row = n_off + ih.to(tl.int64) * x_sh + iw.to(tl.int64) * x_sw
+    xv = tl.load(x_ptr + row[:, None] + col[None, :], mask=ok[:, None] & j_mask[None, :], other=0.0)
+    xv = xv.to(tl.float32)
+    if RELU:
+        xv = tl.maximum(xv, 0.0)
+    wv = tl.load(dw_ptr + j * (KH * KW) + tap, mask=j_mask, other=0.0).to(tl.float32)
+    return xv * wv[None, :]
+
+
+@triton.jit
 def depthwise_tile(
     # pointers
     x_ptr, dw_ptr, dwb_ptr,
@@ -69,25 +86,23 @@ def depthwise_tile(
     stride_h, stride_w, pad_top, pad_left, dil_h, dil_w,
     # meta-parameters
     KH: tl.constexpr, KW: tl.constexpr, HAS_DW_BIAS: tl.constexpr, RELU: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr, UNROLL_TAPS: tl.constexpr,
 ):
     """Depthwise output for pixels x hidden channels ``j`` (channel ``j`` reads input ``j // M``); fp32."""
     c = j // M
     col = c.to(tl.int64) * x_sc
     n_off = n.to(tl.int64) * x_sn
     acc = tl.zeros((BLOCK_P, BLOCK_K), dtype=tl.float32)
-    # A runtime loop over the taps keeps one tap's gather live at a time (unrolled it spills).
-    for tap in tl.range(0, KH * KW, num_stages=1):
-        ih = oh * stride_h - pad_top + (tap // KW) * dil_h
-        iw = ow * stride_w - pad_left + (tap % KW) * dil_w
-        ok = p_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-        row = n_off + ih.to(tl.int64) * x_sh + iw.to(tl.int64) * x_sw
-        xv = tl.load(x_ptr + row[:, None] + col[None, :], mask=ok[:, None] & j_mask[None, :], other=0.0)
-        xv = xv.to(tl.float32)
-        if RELU:
-            xv = tl.maximum(xv, 0.0)
-        wv = tl.load(dw_ptr + j * (KH * KW) + tap, mask=j_mask, other=0.0).to(tl.float32)
-        acc += xv * wv[None, :]
+    if UNROLL_TAPS:
+        # Unrolled: every tap's gather can be in flight at once (more registers).
+        for tap in tl.static_range(KH * KW):
+            acc += _tap(x_ptr, dw_ptr, n_off, oh, ow, p_mask, j, j_mask, col, H, W, x_sh, x_sw,
+                        stride_h, stride_w, pad_top, pad_left, dil_h, dil_w, tap, KH, KW, RELU)
+    else:
+        # A runtime loop over the taps keeps one tap's gather live at a time (fewer registers).
+        for tap in tl.range(0, KH * KW, num_stages=1):
+            acc += _tap(x_ptr, dw_ptr, n_off, oh, ow, p_mask, j, j_mask, col, H, W, x_sh, x_sw,
+                        stride_h, stride_w, pad_top, pad_left, dil_h, dil_w, tap, KH, KW, RELU)
     if HAS_DW_BIAS:
         acc += tl.load(dwb_ptr + j, mask=j_mask, other=0.0).to(tl.float32)[None, :]
     return acc

@@ -65,6 +65,7 @@ def forward_kernel(
     # meta-parameters
     KH: tl.constexpr, KW: tl.constexpr, HAS_DW_BIAS: tl.constexpr, HAS_PW_BIAS: tl.constexpr,
     RELU: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_K: tl.constexpr,
+    UNROLL_TAPS: tl.constexpr = False,
 ):
     """out[p, co] = sum_j depthwise(x)[p, j] * pw[co, j] + pw_bias[co].
 
@@ -85,7 +86,7 @@ def forward_kernel(
         j_mask = j < C_HID
         a = depthwise_tile(x_ptr, dw_ptr, dwb_ptr, n, oh, ow, p_mask, j, j_mask, H, W, M,
                            x_sn, x_sc, x_sh, x_sw, stride_h, stride_w, pad_top, pad_left, dil_h, dil_w,
-                           KH, KW, HAS_DW_BIAS, RELU, BLOCK_P, BLOCK_K)
+                           KH, KW, HAS_DW_BIAS, RELU, BLOCK_P, BLOCK_K, UNROLL_TAPS)
         wt = tl.load(pw_ptr + offs_co[None, :] * C_HID + j[:, None],
                      mask=j_mask[:, None] & co_mask[None, :], other=0.0)  # (BLOCK_K, BLOCK_CO)
         acc = mma(cast(a, wt.dtype), wt, acc)

@@ -1,0 +1,224 @@
+"""Tile-config sweep for the Triton kernels: every candidate config of a kernel, pinned, timed per shape.
+
+    python -m benchmarks.triton_sweep [--shapes 728->728@19,...] [--dtypes bf16,fp32] [--batch 32]
+                                      [--kernels forward,grad_hidden,grad_input,grad_pointwise]
+                                      [--budget SECONDS] [--jsonl PATH]
+
+For the forward, each candidate runs the whole op (one kernel). For a backward kernel, the
+candidate is pinned and the other two backward kernels run their first config, so rows of one
+kernel differ only in that kernel's config. The eager cuDNN pair is timed next to them, and the
+kernel's current GPU configs are marked, so a better candidate shows up as such. A config that
+fails to compile or launch (e.g. out of shared memory) is reported, not fatal.
+Not the benchmark suite (``python -m benchmarks``): this is the tool for choosing the configs
+in ``kernels/triton/forward.py`` and ``backward.py``. GPU only (``--interpret`` runs one tiny
+case in Triton's interpreter, to test the script).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List
+
+import torch
+import torch.nn.functional as F
+
+from .cases import DTYPES, XCEPTION_LAYERS, Shape, _resolve_shapes
+
+KERNELS = ("forward", "grad_hidden", "grad_input", "grad_pointwise")
+
+
+def candidates(kernel: str, family: str) -> List["triton.Config"]:  # noqa: F821
+    """The configs tried for ``kernel`` in a dtype family ("16bit" or "fp32")."""
+    import triton
+
+    k_16, k_32 = (32, 64) if family == "16bit" else (16, 32)
+    if kernel == "grad_input":
+        return [triton.Config(dict(BLOCK_Q=q, BLOCK_C=c), num_warps=w, num_stages=1)
+                for q, c, w in itertools.product((32, 64, 128), (32, 64), (4, 8))]
+    if kernel == "forward":  # (BLOCK_P, BLOCK_CO, BLOCK_K)
+        tiles = [(64, 64, k_16), (64, 128, k_16), (128, 64, k_16), (128, 128, k_16), (64, 256, k_16),
+                 (64, 128, k_32), (128, 128, k_32)]
+        metas = [dict(BLOCK_P=p, BLOCK_CO=co, BLOCK_K=k, UNROLL_TAPS=u) for p, co, k in tiles for u in (False, True)]
+    elif kernel == "grad_hidden":
+        metas = [dict(BLOCK_P=p, BLOCK_K=k, BLOCK_CO=co)
+                 for p, k, co in itertools.product((64, 128), (64, 128), (k_16, k_32))]
+    else:  # grad_pointwise
+        metas = [dict(BLOCK_P=p, BLOCK_CO=co, BLOCK_K=k, UNROLL_TAPS=u)
+                 for p, co, k, u in itertools.product((k_16, k_32), (64, 128), (64, 128), (False, True))]
+    configs = []
+    for meta in metas:
+        small = all(v <= 64 for name, v in meta.items() if name.startswith("BLOCK"))
+        for warps in ((4, 8) if small else (8,)):
+            stages = (2, 3) if kernel != "grad_pointwise" else (2,)
+            configs += [triton.Config(dict(meta), num_warps=warps, num_stages=s) for s in stages]
+    return configs
+
+
+def describe(config) -> str:
+    meta = ",".join(f"{k}={v}" for k, v in config.kwargs.items() if not (k == "UNROLL_TAPS" and not v))
+    return f"{meta},warps={config.num_warps},stages={config.num_stages}"
+
+
+def make_inputs(shape: Shape, batch: int, dtype: torch.dtype, device: str):
+    generator = torch.Generator().manual_seed(0)
+
+    def randn(*size, scale=1.0):
+        return (torch.randn(*size, generator=generator) * scale).to(device=device, dtype=dtype)
+
+    x = randn(batch, shape.cin, shape.h, shape.w).contiguous(memory_format=torch.channels_last)
+    dw = randn(shape.cin, 1, shape.k, shape.k, scale=1 / shape.k)
+    pw = randn(shape.cout, shape.cin, 1, 1, scale=shape.cin ** -0.5)
+    dwb, pwb = randn(shape.cin), randn(shape.cout)
+    oh, ow = shape.out_hw
+    grad = randn(batch, shape.cout, oh, ow).contiguous(memory_format=torch.channels_last)
+    return x, dw, pw, dwb, pwb, grad
+
+
+def timer(device: str, repeats: int):
+    if device == "cuda":
+        import triton.testing
+
+        return lambda fn: triton.testing.do_bench(fn, warmup=5, rep=repeats, return_mode="median")
+
+    def cpu(fn):
+        fn()
+        start = time.perf_counter()
+        fn()
+        return (time.perf_counter() - start) * 1e3
+
+    return cpu
+
+
+def sweep(args) -> int:
+    from kernels.triton import backward, forward
+
+    device = "cpu" if args.interpret else "cuda"
+    ops = torch.ops.sepconv_triton
+    tables = {"forward": forward.forward_autotuned, "grad_hidden": backward.grad_hidden_autotuned,
+              "grad_input": backward.grad_input_autotuned, "grad_pointwise": backward.grad_pointwise_autotuned}
+    current = {"forward": forward.GPU_CONFIGS, "grad_hidden": backward.GRAD_HIDDEN_CONFIGS_GPU,
+               "grad_input": backward.GRAD_INPUT_CONFIGS_GPU, "grad_pointwise": backward.GRAD_POINTWISE_CONFIGS_GPU}
+    time_ms = timer(device, args.rep)
+    deadline = time.monotonic() + args.budget
+    out = open(args.jsonl, "a") if args.jsonl else None
+    stopped = False
+    for shape, dtype_name in itertools.product(args.shapes, args.dtypes):
+        dtype = DTYPES[dtype_name]
+        family = forward.family(dtype)
+        x, dw, pw, dwb, pwb, grad = make_inputs(shape, args.batch, dtype, device)
+        geometry = ([shape.stride] * 2, [shape.padding] * 4, [1, 1])
+        flops = 2.0 * args.batch * shape.out_hw[0] * shape.out_hw[1] * shape.cin * (shape.k ** 2 + shape.cout)
+
+        def eager():
+            hidden = F.conv2d(x, dw, dwb, shape.stride, shape.padding, 1, shape.cin)
+            return F.conv2d(hidden, pw, pwb)
+
+        leaves = [t.detach().clone().requires_grad_(True) for t in (x, dw, pw, dwb, pwb)]
+
+        def eager_full():
+            hidden = F.conv2d(leaves[0], leaves[1], leaves[3], shape.stride, shape.padding, 1, shape.cin)
+            F.conv2d(hidden, leaves[2], leaves[4]).backward(grad)
+
+        eager_ms, eager_full_ms = time_ms(eager), time_ms(eager_full)
+        print(f"\n{shape.name} N={args.batch} {dtype_name}: eager pair forward {eager_ms:.3f} ms "
+              f"({flops / eager_ms / 1e9:.1f} TFLOP/s), forward+backward {eager_full_ms:.3f} ms", flush=True)
+        for kernel in args.kernels:
+            table = tables[kernel]
+            # The other backward kernels run their first config, so rows differ in one kernel only.
+            pins = {tables[k][family].fn: current[k][family][0] for k in KERNELS[1:] if k not in ("forward", kernel)}
+            if kernel == "forward":
+                pins = {}
+            if kernel == "forward":
+                def call():
+                    return ops.forward(x, dw, pw, dwb, pwb, *geometry, False)
+            else:
+                def call():
+                    return ops.backward(grad, x, dw, pw, dwb, *geometry, False, [True, True, True])
+            rows = []
+            for config in candidates(kernel, family) if not args.interpret else current[kernel][family][:1]:
+                if time.monotonic() > deadline:
+                    stopped = True
+                    break
+                saved = dict(forward.forced_configs)
+                forward.forced_configs.update(pins)
+                forward.forced_configs[table[family].fn] = config
+                try:
+                    ms, error = time_ms(call), None
+                except Exception as exc:  # a config that does not fit this GPU: report it, go on
+                    ms, error = None, f"{type(exc).__name__}: {str(exc).splitlines()[0][:100]}"
+                finally:
+                    forward.forced_configs.clear()
+                    forward.forced_configs.update(saved)
+                is_current = any(describe(config) == describe(c) for c in current[kernel][family])
+                rows.append((ms, describe(config), is_current, error))
+                if out:
+                    out.write(json.dumps(dict(shape=shape.name, batch=args.batch, dtype=dtype_name, kernel=kernel,
+                                              config=describe(config), current=is_current, ms=ms, error=error,
+                                              eager_forward_ms=eager_ms, eager_full_ms=eager_full_ms)) + "\n")
+                    out.flush()
+            ok = sorted((r for r in rows if r[0] is not None), key=lambda r: r[0])
+            print(f"  {kernel}: {len(ok)}/{len(rows)} configs ran", flush=True)
+            for ms, name, is_current, _ in ok[:args.top]:
+                rate = f"  {flops / ms / 1e9:6.1f} TFLOP/s" if kernel == "forward" else ""
+                print(f"    {ms:8.3f} ms{rate}  {name}{'  (current)' if is_current else ''}", flush=True)
+            best_current = [r for r in ok if r[2]]
+            if best_current and best_current[0] not in ok[:args.top]:
+                print(f"    {best_current[0][0]:8.3f} ms  {best_current[0][1]}  (best current)", flush=True)
+            for ms, name, _, error in rows:
+                if error:
+                    print(f"    failed: {name}: {error}", flush=True)
+            if stopped:
+                break
+        if stopped:
+            print(f"\n--budget of {args.budget:.0f} s reached: stopped early", flush=True)
+            break
+    if out:
+        out.close()
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.triton_sweep", description=__doc__.splitlines()[0])
+    parser.add_argument("--shapes", default="728->728@19,128->128@147,1536->2048@10",
+                        help="Xception layer names or parts of them, comma-separated")
+    parser.add_argument("--dtypes", default="bf16,fp32")
+    parser.add_argument("--kernels", default=",".join(KERNELS))
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--rep", type=int, default=25, help="do_bench rep (ms of timed calls per config)")
+    parser.add_argument("--top", type=int, default=5, help="fastest configs printed per kernel")
+    parser.add_argument("--budget", type=float, default=600.0, help="stop after this many seconds")
+    parser.add_argument("--jsonl", type=Path, help="append one JSON row per (shape, dtype, kernel, config)")
+    parser.add_argument("--interpret", action="store_true", help="tiny CPU run in Triton's interpreter (tests)")
+    args = parser.parse_args(argv)
+    args.dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
+    args.kernels = [k.strip() for k in args.kernels.split(",") if k.strip()]
+    for name, values, allowed in (("--dtypes", args.dtypes, DTYPES), ("--kernels", args.kernels, KERNELS)):
+        bad = [v for v in values if v not in allowed]
+        if bad or not values:
+            parser.error(f"{name}: {bad or values!r} not in {list(allowed)}")
+    if args.interpret:
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            parser.error("--interpret needs TRITON_INTERPRET=1 in the environment (set before Triton is imported)")
+        args.shapes = [Shape("tiny 8->20@6", 8, 20, 6, 6)]
+        args.batch = 2
+    else:
+        if not torch.cuda.is_available():
+            parser.error("the sweep times GPU kernels: CUDA is not available here (--interpret for a CPU smoke run)")
+        args.shapes = _resolve_shapes([s.strip() for s in args.shapes.split(",") if s.strip()], XCEPTION_LAYERS)
+    import kernels
+
+    reason = kernels.available_backends()["triton"]
+    if reason is not None:
+        print(f"the triton backend is unavailable: {reason}", file=sys.stderr)
+        return 1
+    return sweep(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
