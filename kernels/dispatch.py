@@ -80,8 +80,10 @@ def _triton_supports(device: torch.device, dtype: torch.dtype) -> Optional[str]:
 BACKENDS: Dict[str, Backend] = {
     "torch": Backend("torch", None, _torch_supports, {"cpu": 2, "cuda": 2}),
     "cpp": Backend("cpp", "kernels.cpp_backend:load", _cpp_supports, {"cpu": 0}),
-    # Triton on CPU is the interpreter: a correctness tool, never chosen by "auto".
-    "triton": Backend("triton", "kernels.triton:load", _triton_supports, {"cuda": 0}),
+    # Never chosen by "auto". On CPU it is the interpreter, a correctness tool. On CUDA it measured
+    # 0.03-0.39x of the cuDNN pair on an H200 (benchmarks/results/cuda-nvidia-h200.md), so "auto"
+    # takes cuDNN there until the fused kernels beat it; backend="triton" still runs them.
+    "triton": Backend("triton", "kernels.triton:load", _triton_supports, {}),
 }
 
 

@@ -15,6 +15,9 @@ from benchmarks.cases import XCEPTION_LAYERS, Shape, build_cases, separable_byte
 from benchmarks.machine import device_slug
 from benchmarks.plot import main as plot_main
 from benchmarks.results import ROW_KEYS, JsonlLog, latest_run, read_rows
+from benchmarks.triton_sweep import KERNELS, candidates, describe
+from benchmarks.triton_sweep import main as sweep_main
+from conftest import require_backend
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 RUN_KEYS = ("run_id", "utc_time", "device", "device_name", "cpu_model", "gpu_model", "threads", "torch_version",
@@ -338,3 +341,30 @@ def test_rss_script(tmp_path, capsys):
     with pytest.raises(SystemExit):
         rss.main(["--size", "32"])
     assert "--size must be >= 71, got 32" in capsys.readouterr().err
+
+
+def test_triton_sweep_interpreted(tmp_path, capsys):
+    """The sweep end to end on a tiny shape in Triton's interpreter: one row per kernel, each timed."""
+    require_backend("triton")
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available: the sweep runs on the GPU there, not in the interpreter")
+    out = tmp_path / "sweep.jsonl"
+    assert sweep_main(["--interpret", "--dtypes", "fp32", "--kernels", "forward,grad_input", "--jsonl", str(out)]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [row["kernel"] for row in rows] == ["forward", "grad_input"]
+    assert all(row["ms"] > 0 and row["error"] is None and row["current"] for row in rows)
+    assert "eager pair forward" in capsys.readouterr().out
+
+
+def test_triton_sweep_candidates_and_errors(capsys):
+    for kernel in KERNELS:
+        for family in ("16bit", "fp32"):
+            names = [describe(config) for config in candidates(kernel, family)]
+            assert names and len(set(names)) == len(names), (kernel, family)
+    with pytest.raises(SystemExit):
+        sweep_main(["--dtypes", "fp64"])
+    assert "--dtypes" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit):
+            sweep_main([])
+        assert "CUDA is not available" in capsys.readouterr().err

@@ -86,6 +86,28 @@ def test_every_gpu_config(monkeypatch, kernel, dtype, index):
     if index >= len(gpu_configs[family]):
         pytest.skip(f"{kernel} has {len(gpu_configs[family])} {family} configs")
     monkeypatch.setitem(forward.forced_configs, autotuned[family].fn, gpu_configs[family][index])
+    _check_pinned(dtype, device)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_unrolled_taps(monkeypatch, dtype):
+    """UNROLL_TAPS (a sweep candidate, in no default list) computes what the runtime tap loop does."""
+    device = require_backend("triton", dtype)
+    import triton
+
+    from kernels.triton import backward, forward
+
+    family = forward.family(dtype)
+    for tuner in (forward.forward_autotuned[family], backward.grad_pointwise_autotuned[family]):
+        first = tuner.configs[0]
+        unrolled = triton.Config({**first.kwargs, "UNROLL_TAPS": True}, num_warps=first.num_warps,
+                                 num_stages=first.num_stages)
+        monkeypatch.setitem(forward.forced_configs, tuner.fn, unrolled)
+    _check_pinned(dtype, device)
+
+
+def _check_pinned(dtype, device):
+    """Forward and every gradient against the float64 reference (fp32) or PyTorch's own error (bf16)."""
     # Channels spanning several hidden/output tiles, a stride, a depth multiplier and the fused ReLU.
     case = make_case(1, 24, 7, 8, (3, 3), 2, 150, True, torch.float64, torch.device("cpu"))
     kwargs = dict(stride=(1, 2), padding=1, relu_input=True)
@@ -170,10 +192,12 @@ def test_cpu_without_interpreter_raises(monkeypatch):
         torch.ops.sepconv_triton.forward(x, dw, pw, dwb, pwb, [1, 1], [1, 1, 1, 1], [1, 1], False)
 
 
-def test_auto_picks_triton_for_cuda():
+def test_auto_picks_torch_for_cuda():
+    """auto takes cuDNN on CUDA (the fused Triton kernels measured slower there); triton runs when named."""
     require_backend("triton")
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
-        assert kernels.dispatch._resolve_uncached("auto", torch.device("cuda"), dtype) == "triton"
+        assert kernels.dispatch._resolve_uncached("auto", torch.device("cuda"), dtype) == "torch"
+        assert kernels.dispatch._resolve_uncached("triton", torch.device("cuda"), dtype) == "triton"
 
 
 def test_too_many_pixels_is_a_clear_error():

@@ -105,7 +105,9 @@ def compile_one(name: str, config_index, dtype: str, capability: int) -> Row:
     kind = "fp32" if dtype == "fp32" else "16bit"
     config = spec["configs"][kind][config_index] if isinstance(config_index, int) else config_index
     row = Row(name, config_name(config), dtype, f"sm_{capability}")
-    constexprs = {**spec["consts"], **config.kwargs}
+    # Meta-parameters with defaults (e.g. UNROLL_TAPS) take them, as a launch that omits them does.
+    defaults = {param.name: param.default for param in fn.params if param.is_constexpr and param.has_default}
+    constexprs = {**defaults, **spec["consts"], **config.kwargs}
     signature, attrs = {}, {}
     for index, arg in enumerate(fn.arg_names):
         if arg in constexprs:
