@@ -61,7 +61,8 @@ def _positive_int(text: str) -> int:
 
 
 ALL_PROVIDERS = providers.LAYER_PROVIDERS
-MODEL_PROVIDER_NAMES = tuple(providers.model_providers_for(providers.BACKEND_PROVIDERS))
+MODEL_PROVIDER_NAMES = tuple(providers.model_providers_for(providers.BACKEND_PROVIDERS
+                                                           + tuple(providers.MODE_PROVIDERS)))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -113,8 +114,10 @@ def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
     if args.suite is None:
         args.suite = ["layers", "model"]
     if args.providers is None:
-        layer = [b for b in backends if not (args.quick and b == "torch")] + ["eager", "compile"]
-        model = providers.model_providers_for([b for b in backends if b != "torch"], compile=not args.quick)
+        # On a GPU, triton's split mode (SEPCONV_TRITON_MODE=split) runs beside its fused kernels.
+        modes = [m for m, (b, _) in providers.MODE_PROVIDERS.items() if gpu and b in backends]
+        layer = [b for b in backends if not (args.quick and b == "torch")] + modes + ["eager", "compile"]
+        model = providers.model_providers_for([b for b in backends if b != "torch"] + modes, compile=not args.quick)
         if args.quick:
             quick_skips += ["torch backend (same ATen ops as eager)", "torch.compile of the whole model"]
         args.providers = layer + model

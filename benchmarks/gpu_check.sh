@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The GPU checks in one short run, for a time-limited lease on a CUDA machine:
 #   1. the Triton tests on CUDA tensors (tests/conftest.py picks CUDA when it is there);
-#   2. the GPU benchmark, cut to fit: batch 32, bf16 and fp32, channels_last, triton vs the
-#      eager nn.Conv2d pair (cuDNN), the ten Xception layers and the whole model.
+#   2. the GPU benchmark, cut to fit: batch 32, bf16 and fp32, channels_last, triton (fused and
+#      split mode) vs the eager nn.Conv2d pair (cuDNN), the ten Xception layers and the whole model.
 # Usage: bash benchmarks/gpu_check.sh OUT_DIR [PYTHON]   (OUT_DIR gets env.txt, tests.log,
 # bench.log and the benchmark's cuda-<gpu>.jsonl/.md). TEST_TIMEOUT / BENCH_TIMEOUT: seconds.
 set -uo pipefail
@@ -25,11 +25,11 @@ export CXX=/nonexistent/c++
 # compile per kernel size, no timing runs); test_every_gpu_config pins every config in turn.
 SEPCONV_REQUIRE_BACKENDS=triton SEPCONV_TRITON_AUTOTUNE=0 timeout "${TEST_TIMEOUT:-240}" \
     "$py" -m pytest -q -rs -p no:cacheprovider tests/test_triton.py tests/test_separable_conv.py \
-    tests/test_model.py -k "triton and not aot" 2>&1 | tee "$out/tests.log" | tail -40
+    tests/test_triton_split.py tests/test_model.py -k "triton and not aot" 2>&1 | tee "$out/tests.log" | tail -40
 echo "tests exit status: ${PIPESTATUS[0]}"
 
 # Speed, autotuned. SIGINT on timeout: the benchmark then writes the report of the cases it finished.
-timeout -s INT "${BENCH_TIMEOUT:-330}" "$py" -m benchmarks --device cuda --quick --backends triton \
-    --providers triton,eager,triton-fused,triton-unfused --dtypes bf16,fp32 --layout channels_last \
-    --batch 32 --out "$out" 2>&1 | tee "$out/bench.log" | tail -70
+timeout -s INT "${BENCH_TIMEOUT:-420}" "$py" -m benchmarks --device cuda --quick --backends triton \
+    --providers triton,triton-split,eager,triton-fused,triton-unfused,triton-split-fused,triton-split-unfused \
+    --dtypes bf16,fp32 --layout channels_last --batch 32 --out "$out" 2>&1 | tee "$out/bench.log" | tail -90
 echo "benchmark exit status: ${PIPESTATUS[0]}"

@@ -2,9 +2,10 @@
 
 Layer providers:
     cpp, triton, torch   ``kernels.separable_conv2d(..., backend=name)``
+    triton-split         ``backend="triton"`` with ``SEPCONV_TRITON_MODE=split`` (depthwise kernel + GEMM)
     eager                ``nn.Conv2d(C, C, k, groups=C)`` then ``nn.Conv2d(C, Cout, 1)`` (the baseline)
     compile              ``torch.compile`` of that eager pair (static shapes, one compile per case)
-Model providers:
+Model providers (``<backend>`` may be ``triton-split`` too):
     <backend>-fused      ``Xception(separable="fused", backend=b)`` after ``fuse_for_inference()`` (eval only)
     <backend>-unfused    ``Xception(separable="fused", backend=b)`` as built: BatchNorm left as modules (each
                          ReLU applied inside the separable conv after it: ``fold_relu``, the default)
@@ -19,7 +20,9 @@ model, ``eval`` (no grad) and ``train`` (forward, loss, backward, SGD step).
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import os
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -29,7 +32,9 @@ from torch import nn
 from .cases import DTYPES, Case, Shape
 
 BACKEND_PROVIDERS = ("cpp", "triton", "torch")
-LAYER_PROVIDERS = BACKEND_PROVIDERS + ("eager", "compile")
+# Providers that run a backend in another mode: name -> (backend, SEPCONV_TRITON_MODE).
+MODE_PROVIDERS = {"triton-split": ("triton", "split")}
+LAYER_PROVIDERS = BACKEND_PROVIDERS + tuple(MODE_PROVIDERS) + ("eager", "compile")
 MODEL_BASE_PROVIDERS = ("eager", "compile")
 
 TRITON_CPU_REASON = ("triton on CPU runs in the Triton interpreter (TRITON_INTERPRET=1), a correctness tool: "
@@ -53,10 +58,34 @@ def model_providers_for(backends: Sequence[str], compile: bool = True) -> List[s
     return names + [p for p in MODEL_BASE_PROVIDERS if compile or p != "compile"]
 
 
+def backend_and_mode(name: str) -> Tuple[str, Optional[str]]:
+    """A backend provider's backend and its ``SEPCONV_TRITON_MODE`` (None: the default mode)."""
+    return MODE_PROVIDERS.get(name, (name, None))
+
+
+@contextlib.contextmanager
+def triton_mode(mode: Optional[str]):
+    """``SEPCONV_TRITON_MODE=mode`` inside the block (nothing when ``mode`` is None)."""
+    if mode is None:
+        yield
+        return
+    saved = os.environ.get("SEPCONV_TRITON_MODE")
+    os.environ["SEPCONV_TRITON_MODE"] = mode
+    try:
+        yield
+    finally:
+        if saved is None:
+            del os.environ["SEPCONV_TRITON_MODE"]
+        else:
+            os.environ["SEPCONV_TRITON_MODE"] = saved
+
+
 def backend_reason(name: str, device: str, dtype: torch.dtype) -> Optional[str]:
-    """Why project backend ``name`` cannot be benchmarked here (None when it can)."""
+    """Why project backend ``name`` (or a mode provider) cannot be benchmarked here (None when it can)."""
     import kernels
     from kernels.dispatch import BACKENDS
+
+    name = backend_and_mode(name)[0]
 
     if name == "triton" and device == "cpu":
         return TRITON_CPU_REASON
@@ -103,7 +132,7 @@ def availability(suite: str, provider: str, device: str, dtype_name: str) -> Opt
         if variant not in ("fused", "unfused") or not backend:
             return f"unknown model provider {provider!r}"
         return backend_reason(backend, device, dtype)
-    if provider in BACKEND_PROVIDERS:
+    if provider in BACKEND_PROVIDERS or provider in MODE_PROVIDERS:
         return backend_reason(provider, device, dtype)
     if provider == "compile":
         return compile_reason()
@@ -142,7 +171,7 @@ def _layer_module(case: Case) -> Tuple[nn.Module, Callable[[torch.Tensor], torch
     import kernels
 
     module = kernels.SeparableConv2d(case.shape.cin, case.shape.cout, case.shape.k, case.shape.stride,
-                                     case.shape.padding, backend=case.provider)
+                                     case.shape.padding, backend=backend_and_mode(case.provider)[0])
     return module, module
 
 
@@ -186,7 +215,8 @@ def _build_model(case: Case, xception_module, model_kwargs: Dict) -> nn.Module:
     if provider in ("eager", "compile"):
         return xception_module.Xception(num_classes=1000, separable="conv2d", **model_kwargs)
     backend, _, _ = provider.rpartition("-")
-    return xception_module.Xception(num_classes=1000, backend=backend, separable="fused", **model_kwargs)
+    return xception_module.Xception(num_classes=1000, backend=backend_and_mode(backend)[0], separable="fused",
+                                    **model_kwargs)
 
 
 def prepare_model(case: Case, device: str, model_kwargs: Optional[Dict] = None) -> Prepared:
@@ -225,9 +255,21 @@ def prepare_model(case: Case, device: str, model_kwargs: Optional[Dict] = None) 
 
 
 def prepare(case: Case, device: str, model_kwargs: Optional[Dict] = None) -> Prepared:
-    if case.suite == "model":
-        return prepare_model(case, device, model_kwargs)
-    return prepare_layer(case, device)
+    backend = case.provider.rpartition("-")[0] if case.suite == "model" else case.provider
+    mode = backend_and_mode(backend)[1]
+    with triton_mode(mode):
+        if case.suite == "model":
+            prepared = prepare_model(case, device, model_kwargs)
+        else:
+            prepared = prepare_layer(case, device)
+    if mode is not None:
+        call = prepared.fn
+
+        def in_mode():
+            with triton_mode(mode):
+                return call()
+        prepared.fn = in_mode
+    return prepared
 
 
 def count_model_flops(batch: int = 1, hw: int = 299, model_kwargs: Optional[Dict] = None) -> float:

@@ -1,16 +1,17 @@
 """Tile-config sweep for the Triton kernels: every candidate config of a kernel, pinned, timed per shape.
 
     python -m benchmarks.triton_sweep [--shapes 728->728@19,...] [--dtypes bf16,fp32] [--batch 32]
-                                      [--kernels forward,grad_hidden,grad_input,grad_pointwise]
+                                      [--kernels forward,grad_hidden,grad_input,grad_pointwise,depthwise]
                                       [--budget SECONDS] [--jsonl PATH]
 
-For the forward, each candidate runs the whole op (one kernel). For a backward kernel, the
+For the forward, each candidate runs the whole op (one kernel); ``depthwise`` is split mode's
+depthwise kernel alone (``kernels/triton/split.py``). For a backward kernel (fused mode), the
 candidate is pinned and the other two backward kernels run their first config, so rows of one
 kernel differ only in that kernel's config. The eager cuDNN pair is timed next to them, and the
 kernel's current GPU configs are marked, so a better candidate shows up as such. A config that
 fails to compile or launch (e.g. out of shared memory) is reported, not fatal.
 Not the benchmark suite (``python -m benchmarks``): this is the tool for choosing the configs
-in ``kernels/triton/forward.py`` and ``backward.py``. GPU only (``--interpret`` runs one tiny
+in ``kernels/triton/forward.py``, ``backward.py`` and ``split.py``. GPU only (``--interpret`` runs one tiny
 case in Triton's interpreter, to test the script).
 """
 
@@ -30,7 +31,7 @@ import torch.nn.functional as F
 
 from .cases import DTYPES, XCEPTION_LAYERS, Shape, _resolve_shapes
 
-KERNELS = ("forward", "grad_hidden", "grad_input", "grad_pointwise")
+KERNELS = ("forward", "grad_hidden", "grad_input", "grad_pointwise", "depthwise")
 
 
 def candidates(kernel: str, family: str) -> List["triton.Config"]:  # noqa: F821
@@ -38,6 +39,9 @@ def candidates(kernel: str, family: str) -> List["triton.Config"]:  # noqa: F821
     import triton
 
     k_16, k_32 = (32, 64) if family == "16bit" else (16, 32)
+    if kernel == "depthwise":  # split mode's depthwise kernel (kernels/triton/split.py)
+        return [triton.Config(dict(BLOCK_P=p, BLOCK_K=k), num_warps=w, num_stages=1)
+                for p, k, w in itertools.product((32, 64, 128), (32, 64, 128), (4, 8))]
     if kernel == "grad_input":
         return [triton.Config(dict(BLOCK_Q=q, BLOCK_C=c), num_warps=w, num_stages=1)
                 for q, c, w in itertools.product((32, 64, 128), (32, 64), (4, 8))]
@@ -96,13 +100,15 @@ def timer(device: str, repeats: int):
 
 
 def sweep(args) -> int:
-    from kernels.triton import backward, forward
+    from kernels.triton import backward, forward, split
 
     device = "cpu" if args.interpret else "cuda"
     ops = torch.ops.sepconv_triton
-    tables = {"forward": forward.forward_autotuned, "grad_hidden": backward.grad_hidden_autotuned,
+    tables = {"forward": forward.forward_autotuned, "depthwise": split.depthwise_autotuned,
+              "grad_hidden": backward.grad_hidden_autotuned,
               "grad_input": backward.grad_input_autotuned, "grad_pointwise": backward.grad_pointwise_autotuned}
-    current = {"forward": forward.GPU_CONFIGS, "grad_hidden": backward.GRAD_HIDDEN_CONFIGS_GPU,
+    current = {"forward": forward.GPU_CONFIGS, "depthwise": split.GPU_CONFIGS,
+               "grad_hidden": backward.GRAD_HIDDEN_CONFIGS_GPU,
                "grad_input": backward.GRAD_INPUT_CONFIGS_GPU, "grad_pointwise": backward.GRAD_POINTWISE_CONFIGS_GPU}
     time_ms = timer(device, args.rep)
     deadline = time.monotonic() + args.budget
@@ -131,12 +137,16 @@ def sweep(args) -> int:
         for kernel in args.kernels:
             table = tables[kernel]
             # The other backward kernels run their first config, so rows differ in one kernel only.
-            pins = {tables[k][family].fn: current[k][family][0] for k in KERNELS[1:] if k not in ("forward", kernel)}
-            if kernel == "forward":
+            backward_kernels = ("grad_hidden", "grad_input", "grad_pointwise")
+            pins = {tables[k][family].fn: current[k][family][0] for k in backward_kernels if k != kernel}
+            if kernel in ("forward", "depthwise"):
                 pins = {}
             if kernel == "forward":
                 def call():
                     return ops.forward(x, dw, pw, dwb, pwb, *geometry, False)
+            elif kernel == "depthwise":
+                def call():
+                    return split.depthwise(x, dw, dwb, shape.out_hw, *geometry, False)
             else:
                 def call():
                     return ops.backward(grad, x, dw, pw, dwb, *geometry, False, [True, True, True])

@@ -349,9 +349,10 @@ def test_triton_sweep_interpreted(tmp_path, capsys):
     if torch.cuda.is_available():
         pytest.skip("CUDA is available: the sweep runs on the GPU there, not in the interpreter")
     out = tmp_path / "sweep.jsonl"
-    assert sweep_main(["--interpret", "--dtypes", "fp32", "--kernels", "forward,grad_input", "--jsonl", str(out)]) == 0
+    assert sweep_main(["--interpret", "--dtypes", "fp32", "--kernels", "forward,grad_input,depthwise", "--jsonl",
+                       str(out)]) == 0
     rows = [json.loads(line) for line in out.read_text().splitlines()]
-    assert [row["kernel"] for row in rows] == ["forward", "grad_input"]
+    assert [row["kernel"] for row in rows] == ["forward", "grad_input", "depthwise"]
     assert all(row["ms"] > 0 and row["error"] is None and row["current"] for row in rows)
     assert "eager pair forward" in capsys.readouterr().out
 
@@ -368,3 +369,27 @@ def test_triton_sweep_candidates_and_errors(capsys):
         with pytest.raises(SystemExit):
             sweep_main([])
         assert "CUDA is not available" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("suite,provider", [("layers", "triton-split"), ("model", "triton-split-fused")])
+def test_mode_provider_runs_its_backend_in_that_mode(monkeypatch, suite, provider):
+    """triton-split builds and times the triton backend with SEPCONV_TRITON_MODE=split, and restores the variable."""
+    import os
+
+    from benchmarks.cases import Case
+
+    monkeypatch.delenv("SEPCONV_TRITON_MODE", raising=False)
+    seen = []
+
+    def fake_prepare(case, *args):
+        seen.append(("prepare", os.environ.get("SEPCONV_TRITON_MODE")))
+        return providers.Prepared(lambda: seen.append(("call", os.environ.get("SEPCONV_TRITON_MODE"))))
+
+    monkeypatch.setattr(providers, "prepare_layer" if suite == "layers" else "prepare_model", fake_prepare)
+    prepared = providers.prepare(Case(suite, XCEPTION_LAYERS[0], 1, "fp32", "channels_last", "fwd", provider), "cpu")
+    prepared.fn()
+    assert seen == [("prepare", "split"), ("call", "split")]
+    assert "SEPCONV_TRITON_MODE" not in os.environ
+    assert providers.backend_and_mode(provider.rpartition("-fused")[0] or provider) == ("triton", "split")
+    # On this CPU machine, a triton provider is never benchmarked: the reason is the triton one.
+    assert providers.availability(suite, provider, "cpu", "fp32") == providers.TRITON_CPU_REASON

@@ -220,7 +220,7 @@ def _bundled_ptxas():
 
 @pytest.mark.skipif(_bundled_ptxas() is None, reason="triton (with its bundled NVIDIA ptxas) is not installed")
 def test_aot_compiles_without_spills(tmp_path):
-    """Every kernel x GPU config x {bf16, fp32} compiles for sm_90 and sm_80 with 0 bytes spilled."""
+    """Every kernel (split mode's too) x GPU config x {bf16, fp32} compiles for sm_90 and sm_80 with 0 bytes spilled."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
@@ -229,12 +229,15 @@ def test_aot_compiles_without_spills(tmp_path):
                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
     assert report.exists(), f"aot_report failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
     rows = json.loads(report.read_text())
-    from kernels.triton import backward, forward
+    from kernels.triton import backward, forward, split
 
-    expected = 2 * sum(len(configs[kind]) for configs in (
-        forward.GPU_CONFIGS, backward.GRAD_HIDDEN_CONFIGS_GPU, backward.GRAD_INPUT_CONFIGS_GPU,
-        backward.GRAD_POINTWISE_CONFIGS_GPU) for kind in ("16bit", "fp32"))
+    lists = (forward.GPU_CONFIGS, backward.GRAD_HIDDEN_CONFIGS_GPU, backward.GRAD_INPUT_CONFIGS_GPU,
+             backward.GRAD_POINTWISE_CONFIGS_GPU, split.GPU_CONFIGS,
+             backward.GRAD_HIDDEN_CONFIGS_GPU)  # the last: grad_hidden in split mode (LOAD_GH)
+    expected = 2 * sum(len(configs[kind]) for configs in lists for kind in ("16bit", "fp32"))
     assert len(rows) == expected
+    assert {r["kernel"] for r in rows} == {"forward", "grad_hidden", "grad_input", "grad_pointwise", "depthwise",
+                                           "grad_hidden_load"}
     assert {r["target"] for r in rows} == {"sm_80", "sm_90"}
     for row in rows:
         where = f"{row['kernel']} [{row['config']}] {row['dtype']} {row['target']}"

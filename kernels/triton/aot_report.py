@@ -48,7 +48,7 @@ class Row:
 
 def kernel_specs() -> Dict[str, dict]:
     """name -> the JIT function, its pointer args (fp32 ones), the non-tile constexprs and its GPU configs."""
-    from . import backward, forward
+    from . import backward, forward, split
 
     kh, kw = KERNEL_SIZE
     return {
@@ -59,6 +59,11 @@ def kernel_specs() -> Dict[str, dict]:
                             consts=dict(KH=kh, KW=kw, RELU=True, STORE_GH=True, NEED_DW=True)),
         "grad_input": dict(fn=backward.grad_input_kernel, fp32_ptrs=("gh_ptr",),
                            configs=backward.GRAD_INPUT_CONFIGS_GPU, consts=dict(KH=kh, KW=kw, RELU=True)),
+        "depthwise": dict(fn=split.depthwise_kernel, fp32_ptrs=(), configs=split.GPU_CONFIGS,
+                          consts=dict(KH=kh, KW=kw, HAS_DW_BIAS=True, RELU=True)),
+        "grad_hidden_load": dict(fn=backward.grad_hidden_kernel, fp32_ptrs=("part_ptr",),
+                                 configs=backward.GRAD_HIDDEN_CONFIGS_GPU,
+                                 consts=dict(KH=kh, KW=kw, RELU=True, STORE_GH=False, NEED_DW=True, LOAD_GH=True)),
         "grad_pointwise": dict(fn=backward.grad_pointwise_kernel, fp32_ptrs=("part_w_ptr", "part_b_ptr"),
                                configs=backward.GRAD_POINTWISE_CONFIGS_GPU,
                                consts=dict(KH=kh, KW=kw, HAS_DW_BIAS=True, RELU=True)),

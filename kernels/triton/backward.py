@@ -93,9 +93,11 @@ def grad_hidden_kernel(
     stride_h, stride_w, pad_top, pad_left, dil_h, dil_w,
     # meta-parameters
     KH: tl.constexpr, KW: tl.constexpr, RELU: tl.constexpr, STORE_GH: tl.constexpr, NEED_DW: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_CO: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_CO: tl.constexpr, LOAD_GH: tl.constexpr = False,
 ):
     """g_h[p, j] = sum_co go[p, co] * pw[co, j]; partial dw grads per pixel block.
+
+    With LOAD_GH, g_h is read from ``gh`` (any float dtype) instead, and only the partials are made.
 
     go: (N, C_OUT, OH, OW) any strides; pw: (C_OUT, C_HID); gh: (P, C_HID) fp32;
     part: (cdiv(P, BLOCK_P), KH*KW + 1, C_HID) fp32 (last row: bias).
@@ -110,15 +112,19 @@ def grad_hidden_kernel(
     j_mask = j < C_HID
     go_base = row_offsets(n, oh, ow, go_sn, go_sh, go_sw)
 
-    acc = tl.zeros((BLOCK_P, BLOCK_K), dtype=tl.float32)
-    for co0 in range(0, C_OUT, BLOCK_CO):
-        co = co0 + tl.arange(0, BLOCK_CO)
-        co_mask = co < C_OUT
-        g = tl.load(go_ptr + go_base[:, None] + co[None, :].to(tl.int64) * go_sc,
-                    mask=p_mask[:, None] & co_mask[None, :], other=0.0)  # (BLOCK_P, BLOCK_CO)
-        w = tl.load(pw_ptr + co[:, None] * C_HID + j[None, :],
-                    mask=co_mask[:, None] & j_mask[None, :], other=0.0)  # (BLOCK_CO, BLOCK_K)
-        acc = mma(g, w.to(g.dtype), acc)
+    if LOAD_GH:  # split mode: g_h was computed by a GEMM outside; only the epilogue runs here
+        acc = tl.load(gh_ptr + offs_p.to(tl.int64)[:, None] * C_HID + j[None, :],
+                      mask=p_mask[:, None] & j_mask[None, :], other=0.0).to(tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_P, BLOCK_K), dtype=tl.float32)
+        for co0 in range(0, C_OUT, BLOCK_CO):
+            co = co0 + tl.arange(0, BLOCK_CO)
+            co_mask = co < C_OUT
+            g = tl.load(go_ptr + go_base[:, None] + co[None, :].to(tl.int64) * go_sc,
+                        mask=p_mask[:, None] & co_mask[None, :], other=0.0)  # (BLOCK_P, BLOCK_CO)
+            w = tl.load(pw_ptr + co[:, None] * C_HID + j[None, :],
+                        mask=co_mask[:, None] & j_mask[None, :], other=0.0)  # (BLOCK_CO, BLOCK_K)
+            acc = mma(g, w.to(g.dtype), acc)
 
     if STORE_GH:
         tl.store(gh_ptr + offs_p.to(tl.int64)[:, None] * C_HID + j[None, :], acc, mask=p_mask[:, None] & j_mask[None, :])

@@ -7,7 +7,7 @@ import os
 import torch
 
 from ..ops import define, namespace
-from . import backward, forward
+from . import backward, forward, split
 
 _registered = []
 
@@ -27,14 +27,25 @@ def _interpreter_only(launcher):
     return run
 
 
+def _by_mode(fused, split_mode):
+    """The launcher that ``SEPCONV_TRITON_MODE`` selects, read at every call."""
+
+    def run(*args):
+        return (split_mode if forward.mode() == "split" else fused)(*args)
+
+    return run
+
+
 def register() -> None:
     """Register once: CUDA -> launchers, CPU -> launchers under the interpreter."""
     if _registered:
         return
     define("triton")
     lib = torch.library.Library(namespace("triton"), "IMPL")
-    lib.impl("forward", forward.forward, "CUDA")
-    lib.impl("backward", backward.backward, "CUDA")
-    lib.impl("forward", _interpreter_only(forward.forward), "CPU")
-    lib.impl("backward", _interpreter_only(backward.backward), "CPU")
+    forward_op = _by_mode(forward.forward, split.forward)
+    backward_op = _by_mode(backward.backward, split.backward)
+    lib.impl("forward", forward_op, "CUDA")
+    lib.impl("backward", backward_op, "CUDA")
+    lib.impl("forward", _interpreter_only(forward_op), "CPU")
+    lib.impl("backward", _interpreter_only(backward_op), "CPU")
     _registered.append(lib)

@@ -1,0 +1,201 @@
+"""The split mode of the Triton backend (``SEPCONV_TRITON_MODE=split``): depthwise in Triton, pointwise as a GEMM.
+
+The fused kernels recompute the depthwise tile inside the pointwise GEMM's
+reduction loop, once per output-channel block. On an H200 that left them
+latency-bound at a few per cent of peak (README, "GPU results"). Here the
+depthwise result is computed once per pixel and written to memory in the
+input's dtype, ``(pixels, C_hid)`` row-major, and the pointwise convolution is
+a plain matrix product over it (``torch.mm``: cuBLAS on CUDA), so the tensor
+cores see an ordinary GEMM. The price is one write and one read of the
+intermediate, which fused mode avoids.
+
+Forward: ``depthwise_kernel`` -> ``hidden @ W_pw^T (+ bias)``.
+Backward: ``g_h = grad_out @ W_pw`` (GEMM); the depthwise weight and bias
+gradients from ``g_h`` and the input (``grad_hidden_kernel`` with ``LOAD_GH``:
+its epilogue without its GEMM); ``grad_input_kernel`` as in fused mode;
+``grad_W_pw = grad_out^T @ hidden`` with the depthwise result recomputed by
+``depthwise_kernel`` (never saved). Deterministic: no atomics.
+
+16-bit inputs round the depthwise result and ``g_h`` to the input dtype
+before the GEMMs (as a cuDNN pair rounds its intermediate), where fused mode
+keeps them in fp32 registers.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from ..ops import empty_gradients, empty_output, output_shape
+from .backward import grad_hidden_autotuned, grad_input_autotuned
+from .common import cast, depthwise_tile, split_pixels
+from .forward import check_pixels, configs_for, device_guard, family, launch, launch_config
+
+# Untimed guesses (no GPU run of split mode yet); each compiles without spills for sm_80 and sm_90.
+GPU_CONFIGS = {
+    "16bit": [
+        triton.Config({"BLOCK_P": 32, "BLOCK_K": 64}, num_warps=4, num_stages=1),
+        triton.Config({"BLOCK_P": 64, "BLOCK_K": 64}, num_warps=8, num_stages=1),
+        triton.Config({"BLOCK_P": 32, "BLOCK_K": 128}, num_warps=8, num_stages=1),
+    ],
+    "fp32": [
+        triton.Config({"BLOCK_P": 32, "BLOCK_K": 32}, num_warps=4, num_stages=1),
+        triton.Config({"BLOCK_P": 64, "BLOCK_K": 32}, num_warps=4, num_stages=1),
+        triton.Config({"BLOCK_P": 32, "BLOCK_K": 64}, num_warps=4, num_stages=1),
+    ],
+}
+INTERPRET_CONFIGS = [triton.Config({"BLOCK_P": 32, "BLOCK_K": 16}, num_warps=4, num_stages=1)]
+
+
+@triton.jit
+def depthwise_kernel(
+    # pointers
+    x_ptr, dw_ptr, dwb_ptr, h_ptr,
+    # sizes
+    P, C_HID, H, W, OH, OW, M,
+    # input strides (elements)
+    x_sn, x_sc, x_sh, x_sw,
+    # geometry
+    stride_h, stride_w, pad_top, pad_left, dil_h, dil_w,
+    # meta-parameters
+    KH: tl.constexpr, KW: tl.constexpr, HAS_DW_BIAS: tl.constexpr, RELU: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """h[p, j] = depthwise(x)[p, j] in h's dtype; h: (P, C_HID) contiguous, p = (n * OH + oh) * OW + ow.
+
+    Grid: (cdiv(P, BLOCK_P), cdiv(C_HID, BLOCK_K)).
+    """
+    offs_p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    p_mask = offs_p < P
+    n, oh, ow = split_pixels(offs_p, OH, OW)
+    j = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    j_mask = j < C_HID
+    h = depthwise_tile(x_ptr, dw_ptr, dwb_ptr, n, oh, ow, p_mask, j, j_mask, H, W, M,
+                       x_sn, x_sc, x_sh, x_sw, stride_h, stride_w, pad_top, pad_left, dil_h, dil_w,
+                       KH, KW, HAS_DW_BIAS, RELU, BLOCK_P, BLOCK_K, False)
+    offs = offs_p.to(tl.int64)[:, None] * C_HID + j[None, :]
+    tl.store(h_ptr + offs, cast(h, h_ptr.dtype.element_ty), mask=p_mask[:, None] & j_mask[None, :])
+
+
+depthwise_autotuned = {name: triton.autotune(configs=configs_for(GPU_CONFIGS, INTERPRET_CONFIGS, name),
+                                             key=["P", "C_HID", "KH", "KW", "M"])(depthwise_kernel)
+                       for name in GPU_CONFIGS}
+
+
+def depthwise(input: torch.Tensor, depthwise_weight: torch.Tensor, depthwise_bias: Optional[torch.Tensor],
+              out_hw: Sequence[int], stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int],
+              relu_input: bool) -> torch.Tensor:
+    """The depthwise result (pixels, C_hid) in input's dtype (ReLU on the input first under ``relu_input``)."""
+    batch, channels, height, width = input.shape
+    c_hid, _, kh, kw = depthwise_weight.shape
+    pixels = batch * out_hw[0] * out_hw[1]
+    hidden = torch.empty((pixels, c_hid), dtype=input.dtype, device=input.device)
+    dw = depthwise_weight.reshape(c_hid, kh * kw).contiguous()
+    dwb = depthwise_bias.contiguous() if depthwise_bias is not None else dw
+
+    def grid(meta):
+        return (triton.cdiv(pixels, meta["BLOCK_P"]), triton.cdiv(c_hid, meta["BLOCK_K"]))
+
+    launch(depthwise_autotuned[family(input.dtype)], grid,
+           input, dw, dwb, hidden, pixels, c_hid, height, width, out_hw[0], out_hw[1], c_hid // channels,
+           *input.stride(), stride[0], stride[1], padding[0], padding[2], dilation[0], dilation[1],
+           KH=kh, KW=kw, HAS_DW_BIAS=depthwise_bias is not None, RELU=bool(relu_input))
+    return hidden
+
+
+def _pixel_rows(tensor: torch.Tensor) -> torch.Tensor:
+    """(N, C, H, W) -> (N*H*W, C), a view when ``tensor`` is channels_last-contiguous, else a copy."""
+    return tensor.permute(0, 2, 3, 1).reshape(-1, tensor.shape[1])
+
+
+def forward(input: torch.Tensor, depthwise_weight: torch.Tensor, pointwise_weight: torch.Tensor,
+            depthwise_bias: Optional[torch.Tensor], pointwise_bias: Optional[torch.Tensor],
+            stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int], relu_input: bool) -> torch.Tensor:
+    """``sepconv_triton::forward`` in split mode (same contract as ``forward.forward``)."""
+    shape = output_shape(input, depthwise_weight, pointwise_weight, stride, padding, dilation)
+    out = empty_output(input, shape)
+    batch, c_out, oh, ow = shape
+    if batch * oh * ow == 0:
+        return out
+    check_pixels(batch * oh * ow, input)
+    pw = pointwise_weight.reshape(c_out, -1)
+    with device_guard(input):
+        hidden = depthwise(input, depthwise_weight, depthwise_bias, (oh, ow), stride, padding, dilation, relu_input)
+        rows = out.permute(0, 2, 3, 1)
+        if rows.is_contiguous():  # channels_last output: the GEMM writes it in place
+            target = rows.view(-1, c_out)
+            if pointwise_bias is None:
+                torch.mm(hidden, pw.t(), out=target)
+            else:
+                torch.addmm(pointwise_bias, hidden, pw.t(), out=target)
+        else:
+            result = hidden @ pw.t() if pointwise_bias is None else torch.addmm(pointwise_bias, hidden, pw.t())
+            out.copy_(result.view(batch, oh, ow, c_out).permute(0, 3, 1, 2))
+    return out
+
+
+def backward(grad_output: torch.Tensor, input: torch.Tensor, depthwise_weight: torch.Tensor,
+             pointwise_weight: torch.Tensor, depthwise_bias: Optional[torch.Tensor],
+             stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int], relu_input: bool,
+             output_mask: Sequence[bool]):
+    """``sepconv_triton::backward`` in split mode (same contract as ``backward.backward``)."""
+    out = empty_gradients(grad_output, input, depthwise_weight, pointwise_weight, depthwise_bias, output_mask)
+    want_input, want_depthwise, want_pointwise = (bool(v) for v in output_mask)
+    batch, channels, height, width = input.shape
+    c_hid, _, kh, kw = depthwise_weight.shape
+    c_out = pointwise_weight.shape[0]
+    oh, ow = grad_output.shape[2], grad_output.shape[3]
+    pixels = batch * oh * ow
+    if pixels == 0:
+        for grad, wanted in zip(out, (want_input, want_depthwise, want_pointwise, want_depthwise, want_pointwise)):
+            if wanted:
+                grad.zero_()
+        return out
+    check_pixels(pixels, input)
+    dw = depthwise_weight.reshape(c_hid, kh * kw).contiguous()
+    pw = pointwise_weight.reshape(c_out, c_hid).to(grad_output.dtype)
+    geometry = (stride[0], stride[1], padding[0], padding[2], dilation[0], dilation[1])
+    relu = bool(relu_input)
+    go = _pixel_rows(grad_output)  # (P, C_out)
+    kind = family(input.dtype)
+
+    with device_guard(input):
+        if want_input or want_depthwise:
+            grad_hidden = go @ pw  # (P, C_hid), input dtype
+            if want_depthwise:
+                pinned = launch_config(grad_hidden_autotuned[kind])
+                candidates = grad_hidden_autotuned[kind].configs if pinned is None else [pinned]
+                block_p_min = min(c.kwargs["BLOCK_P"] for c in candidates)
+                partials = torch.zeros((triton.cdiv(pixels, block_p_min), kh * kw + 1, c_hid),
+                                       dtype=torch.float32, device=input.device)
+
+                def grid_hidden(meta):
+                    return (triton.cdiv(pixels, meta["BLOCK_P"]), triton.cdiv(c_hid, meta["BLOCK_K"]))
+
+                # The grad_hidden kernel's epilogue only: g_h is loaded, not computed (LOAD_GH).
+                launch(grad_hidden_autotuned[kind], grid_hidden,
+                       grad_output, pw, input, grad_hidden, partials,
+                       pixels, c_hid, c_out, height, width, oh, ow, c_hid // channels,
+                       *grad_output.stride(), *input.stride(), *geometry,
+                       KH=kh, KW=kw, RELU=relu, STORE_GH=False, NEED_DW=True, LOAD_GH=True)
+                sums = partials.sum(0)
+                out[1].copy_(sums[:kh * kw].t().reshape(out[1].shape))
+                out[3].copy_(sums[kh * kw])
+            if want_input:
+                q = batch * height * width
+
+                def grid_input(meta):
+                    return (triton.cdiv(q, meta["BLOCK_Q"]), triton.cdiv(channels, meta["BLOCK_C"]))
+
+                launch(grad_input_autotuned[kind], grid_input,
+                       grad_hidden, dw, input, out[0],
+                       q, channels, height, width, oh, ow, c_hid // channels, c_hid,
+                       *input.stride(), *out[0].stride(), *geometry, KH=kh, KW=kw, RELU=relu)
+        if want_pointwise:
+            hidden = depthwise(input, depthwise_weight, depthwise_bias, (oh, ow), stride, padding, dilation, relu)
+            out[2].copy_((go.t() @ hidden).reshape(out[2].shape))
+            out[4].copy_(go.sum(0, dtype=torch.float32))
+    return out

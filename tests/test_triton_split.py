@@ -1,0 +1,126 @@
+"""The triton backend's split mode (``SEPCONV_TRITON_MODE=split``): depthwise kernel + GEMM.
+
+The shared geometry and option grids of tests/test_separable_conv.py run again in split mode
+(their test functions are called with backend "triton"), plus opcheck, 16-bit accuracy, every
+GPU config of the depthwise kernel, determinism and the setting's errors.
+"""
+
+import pytest
+import torch
+
+import kernels
+from conftest import require_backend
+import test_separable_conv as shared  # its test functions are called, not collected here
+from test_separable_conv import GEOMETRIES, make_case
+from test_triton import _check_pinned, _run, assert_within_torch_error
+
+MODE = "SEPCONV_TRITON_MODE"
+
+
+@pytest.fixture
+def split(monkeypatch):
+    monkeypatch.setenv(MODE, "split")
+    from kernels.triton import forward
+
+    assert forward.mode() == "split"
+
+
+def _split_calls(monkeypatch):
+    """Count the split launchers' calls (so a test knows split mode, not fused, ran)."""
+    from kernels.triton import split
+
+    calls = []
+    depthwise = split.depthwise
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return depthwise(*args, **kwargs)
+
+    monkeypatch.setattr(split, "depthwise", counted)
+    return calls
+
+
+@pytest.mark.parametrize("kernel,stride,dilation,padding", GEOMETRIES, ids=str)
+def test_split_geometry(split, monkeypatch, kernel, stride, dilation, padding):
+    require_backend("triton")
+    calls = _split_calls(monkeypatch)
+    shared.test_geometry("triton", kernel, stride, dilation, padding)
+    assert len(calls) == 2, "forward and the pointwise-weight gradient each run the depthwise kernel"
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "sliced"])
+@pytest.mark.parametrize("batch", [0, 1, 3, "unbatched"])
+@pytest.mark.parametrize("multiplier", [1, 2])
+@pytest.mark.parametrize("bias", [False, True])
+def test_split_options(split, layout, batch, multiplier, bias):
+    if batch == "unbatched" and layout != "contiguous":
+        pytest.skip("layouts apply to 4-D input; unbatched input is tested contiguous")
+    shared.test_options("triton", layout, batch, multiplier, bias)
+
+
+@pytest.mark.parametrize("channels,out_channels,size", [(1, 1, 1), (17, 33, 5), (5, 130, 3)])
+def test_split_awkward_channels(split, channels, out_channels, size):
+    shared.test_awkward_channels("triton", channels, out_channels, size)
+
+
+def test_split_relu_gradient_with_non_finite_grad_output(split):
+    shared.test_relu_input_gradient_with_non_finite_grad_output("triton")
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_split_opcheck(split, layout):
+    shared.test_opcheck("triton", layout)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_split_low_precision_within_twice_torch_error(split, dtype, layout):
+    device = require_backend("triton", dtype)
+    case = make_case(2, 12, 9, 10, (3, 3), 2, 20, True, torch.float64, torch.device("cpu"))
+    if layout == "channels_last":
+        case = (case[0].contiguous(memory_format=torch.channels_last),) + case[1:]
+    assert_within_torch_error(case, dtype, device, stride=(1, 2), padding=1, relu_input=True)
+
+
+@pytest.mark.parametrize("index", [0, 1, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_split_every_depthwise_gpu_config(split, monkeypatch, dtype, index):
+    device = require_backend("triton", dtype)
+    from kernels.triton import forward, split as split_module
+
+    family = forward.family(dtype)
+    config = split_module.GPU_CONFIGS[family][index]
+    monkeypatch.setitem(forward.forced_configs, split_module.depthwise_autotuned[family].fn, config)
+    _check_pinned(dtype, device)
+
+
+def test_split_is_deterministic(split):
+    device = require_backend("triton")
+    case = [t.to(device) for t in make_case(3, 8, 12, 12, (3, 3), 1, 16, True, torch.float32, torch.device("cpu"))]
+    first, second = _run(case, "triton", padding=1), _run(case, "triton", padding=1)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+def test_mode_setting(monkeypatch):
+    device = require_backend("triton")
+    case = [t.to(device) for t in make_case(1, 4, 6, 6, (3, 3), 1, 5, True, torch.float32, torch.device("cpu"))]
+    monkeypatch.setenv(MODE, "fast")
+    with pytest.raises(ValueError, match="SEPCONV_TRITON_MODE='fast'"):
+        kernels.separable_conv2d(*case, padding=1, backend="triton")
+    # Both modes agree to fp32 rounding.
+    monkeypatch.setenv(MODE, "fused")
+    fused = _run(case, "triton", padding=1)
+    monkeypatch.setenv(MODE, "split")
+    split_result = _run(case, "triton", padding=1)
+    for a, b in zip(fused, split_result):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_split_model_matches_eager_conv2d_model(split, monkeypatch):
+    """The whole Xception (train mode, every gradient) in split mode against the nn.Conv2d model."""
+    import test_model
+
+    calls = _split_calls(monkeypatch)
+    test_model.test_every_backend_matches_eager_conv2d_model("triton")
+    assert calls, "split mode did not run"
