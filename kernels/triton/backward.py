@@ -265,6 +265,64 @@ grad_pointwise_autotuned = _autotuned(grad_pointwise_kernel, GRAD_POINTWISE_CONF
                                       GRAD_POINTWISE_CONFIGS_INTERPRET, ["P", "C_HID", "C_OUT", "SPLITS", "KH", "KW"])
 
 
+def empty_backward(grad_output, input, depthwise_weight, pointwise_weight, depthwise_bias, output_mask):
+    """The gradient buffers, and whether there is work: with no output pixels they are zeroed here."""
+    out = empty_gradients(grad_output, input, depthwise_weight, pointwise_weight, depthwise_bias, output_mask)
+    pixels = input.shape[0] * grad_output.shape[2] * grad_output.shape[3]
+    if pixels == 0:
+        want_input, want_depthwise, want_pointwise = (bool(v) for v in output_mask)
+        for grad, wanted in zip(out, (want_input, want_depthwise, want_pointwise, want_depthwise, want_pointwise)):
+            if wanted:
+                grad.zero_()
+        return out, False
+    check_pixels(pixels, input)
+    return out, True
+
+
+def launch_grad_hidden(grad_output, pw, input, grad_hidden, out, geometry, kh, kw, relu,
+                       store_gh: bool, need_dw: bool, load_gh: bool = False) -> None:
+    """grad_hidden_kernel: g_h into ``grad_hidden`` (``store_gh``; or read from it, ``load_gh``) and the
+    depthwise weight and bias gradients into ``out[1]``, ``out[3]`` (``need_dw``). ``pw``: (C_out, C_hid)."""
+    batch, channels, height, width = input.shape
+    oh, ow = grad_output.shape[2], grad_output.shape[3]
+    pixels = batch * oh * ow
+    c_out, c_hid = pw.shape
+    tuner = grad_hidden_autotuned[family(input.dtype)]
+    # Sized for the smallest BLOCK_P among the configs this launch may run.
+    pinned = launch_config(tuner)
+    block_p_min = min(c.kwargs["BLOCK_P"] for c in (tuner.configs if pinned is None else [pinned]))
+    # Never a user tensor: the autotuner zeroes this argument between timing runs.
+    partials = torch.zeros((triton.cdiv(pixels, block_p_min) if need_dw else 1, kh * kw + 1, c_hid),
+                           dtype=torch.float32, device=input.device)
+
+    def grid(meta):
+        return (triton.cdiv(pixels, meta["BLOCK_P"]), triton.cdiv(c_hid, meta["BLOCK_K"]))
+
+    launch(tuner, grid, grad_output, pw, input, grad_hidden, partials,
+           pixels, c_hid, c_out, height, width, oh, ow, c_hid // channels,
+           *grad_output.stride(), *input.stride(), *geometry,
+           KH=kh, KW=kw, RELU=relu, STORE_GH=store_gh, NEED_DW=need_dw, LOAD_GH=load_gh)
+    if need_dw:
+        # Fixed-order second stage; rows past this config's block count stay zero.
+        sums = partials.sum(0)
+        out[1].copy_(sums[:kh * kw].t().reshape(out[1].shape))
+        out[3].copy_(sums[kh * kw])
+
+
+def launch_grad_input(grad_hidden, dw, input, grad_input, out_hw, geometry, kh, kw, relu) -> None:
+    """grad_input_kernel: the transposed depthwise convolution of g_h ((pixels, C_hid)) into ``grad_input``."""
+    batch, channels, height, width = input.shape
+    c_hid = dw.shape[0]
+    q = batch * height * width
+
+    def grid(meta):
+        return (triton.cdiv(q, meta["BLOCK_Q"]), triton.cdiv(channels, meta["BLOCK_C"]))
+
+    launch(grad_input_autotuned[family(input.dtype)], grid, grad_hidden, dw, input, grad_input,
+           q, channels, height, width, out_hw[0], out_hw[1], c_hid // channels, c_hid,
+           *input.stride(), *grad_input.stride(), *geometry, KH=kh, KW=kw, RELU=relu)
+
+
 def backward(grad_output: torch.Tensor, input: torch.Tensor, depthwise_weight: torch.Tensor,
              pointwise_weight: torch.Tensor, depthwise_bias: Optional[torch.Tensor],
              stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int], relu_input: bool,
@@ -275,62 +333,29 @@ def backward(grad_output: torch.Tensor, input: torch.Tensor, depthwise_weight: t
     Returns (grad_input, grad_dw_weight, grad_pw_weight, grad_dw_bias, grad_pw_bias), ``(0,)``
     for gradients not in ``output_mask``.
     """
-    out = empty_gradients(grad_output, input, depthwise_weight, pointwise_weight, depthwise_bias, output_mask)
+    out, work = empty_backward(grad_output, input, depthwise_weight, pointwise_weight, depthwise_bias, output_mask)
+    if not work:
+        return out
     want_input, want_depthwise, want_pointwise = (bool(v) for v in output_mask)
     batch, channels, height, width = input.shape
     c_hid, _, kh, kw = depthwise_weight.shape
     c_out = pointwise_weight.shape[0]
     oh, ow = grad_output.shape[2], grad_output.shape[3]
     pixels = batch * oh * ow
-    multiplier = c_hid // channels
-    if pixels == 0:
-        for grad, wanted in zip(out, (want_input, want_depthwise, want_pointwise, want_depthwise, want_pointwise)):
-            if wanted:
-                grad.zero_()
-        return out
-    check_pixels(pixels, input)
     dw = depthwise_weight.reshape(c_hid, kh * kw).contiguous()
     pw = pointwise_weight.reshape(c_out, c_hid).contiguous()
     dwb = depthwise_bias.contiguous() if depthwise_bias is not None else dw
     geometry = (stride[0], stride[1], padding[0], padding[2], dilation[0], dilation[1])
     relu = bool(relu_input)
     f32 = dict(dtype=torch.float32, device=input.device)
-    kind = family(input.dtype)
 
     with device_guard(input):
         if want_input or want_depthwise:
-            # Sized for the smallest BLOCK_P among the configs this launch may run.
-            pinned = launch_config(grad_hidden_autotuned[kind])
-            candidates = grad_hidden_autotuned[kind].configs if pinned is None else [pinned]
-            block_p_min = min(c.kwargs["BLOCK_P"] for c in candidates)
             grad_hidden = torch.empty((pixels, c_hid), **f32) if want_input else dw
-            # Never a user tensor as the dummy: the autotuner zeroes this argument between timing runs.
-            partials = torch.zeros((triton.cdiv(pixels, block_p_min) if want_depthwise else 1,
-                                    kh * kw + 1, c_hid), **f32)
-
-            def grid_hidden(meta):
-                return (triton.cdiv(pixels, meta["BLOCK_P"]), triton.cdiv(c_hid, meta["BLOCK_K"]))
-
-            launch(grad_hidden_autotuned[kind], grid_hidden,
-                    grad_output, pw, input, grad_hidden, partials,
-                    pixels, c_hid, c_out, height, width, oh, ow, multiplier,
-                    *grad_output.stride(), *input.stride(), *geometry,
-                    KH=kh, KW=kw, RELU=relu, STORE_GH=want_input, NEED_DW=want_depthwise)
-            if want_depthwise:
-                # Fixed-order second stage; rows past this config's block count stay zero.
-                sums = partials.sum(0)
-                out[1].copy_(sums[:kh * kw].t().reshape(out[1].shape))
-                out[3].copy_(sums[kh * kw])
+            launch_grad_hidden(grad_output, pw, input, grad_hidden, out, geometry, kh, kw, relu,
+                               store_gh=want_input, need_dw=want_depthwise)
             if want_input:
-                q = batch * height * width
-
-                def grid_input(meta):
-                    return (triton.cdiv(q, meta["BLOCK_Q"]), triton.cdiv(channels, meta["BLOCK_C"]))
-
-                launch(grad_input_autotuned[kind], grid_input,
-                        grad_hidden, dw, input, out[0],
-                        q, channels, height, width, oh, ow, multiplier, c_hid,
-                        *input.stride(), *out[0].stride(), *geometry, KH=kh, KW=kw, RELU=relu)
+                launch_grad_input(grad_hidden, dw, input, out[0], (oh, ow), geometry, kh, kw, relu)
 
         if want_pointwise:
             splits = max(1, min(triton.cdiv(pixels, PIXELS_PER_SPLIT), PARTIAL_BUDGET // (c_out * c_hid)))
@@ -340,11 +365,11 @@ def backward(grad_output: torch.Tensor, input: torch.Tensor, depthwise_weight: t
             def grid_pointwise(meta):
                 return (triton.cdiv(c_out, meta["BLOCK_CO"]), triton.cdiv(c_hid, meta["BLOCK_K"]), splits)
 
-            launch(grad_pointwise_autotuned[kind], grid_pointwise,
-                    input, dw, dwb, grad_output, part_w, part_b,
-                    pixels, c_hid, c_out, height, width, oh, ow, multiplier, splits,
-                    *input.stride(), *grad_output.stride(), *geometry,
-                    KH=kh, KW=kw, HAS_DW_BIAS=depthwise_bias is not None, RELU=relu)
+            launch(grad_pointwise_autotuned[family(input.dtype)], grid_pointwise,
+                   input, dw, dwb, grad_output, part_w, part_b,
+                   pixels, c_hid, c_out, height, width, oh, ow, c_hid // channels, splits,
+                   *input.stride(), *grad_output.stride(), *geometry,
+                   KH=kh, KW=kw, HAS_DW_BIAS=depthwise_bias is not None, RELU=relu)
             out[2].copy_(part_w.sum(0).reshape(out[2].shape))
             out[4].copy_(part_b.sum(0))
     return out

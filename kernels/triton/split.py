@@ -29,10 +29,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ..ops import empty_gradients, empty_output, output_shape
-from .backward import grad_hidden_autotuned, grad_input_autotuned
+from ..ops import empty_output, output_shape
+from .backward import empty_backward, launch_grad_hidden, launch_grad_input
 from .common import cast, depthwise_tile, split_pixels
-from .forward import check_pixels, configs_for, device_guard, family, launch, launch_config
+from .forward import check_pixels, configs_for, device_guard, family, launch
 
 # Untimed guesses (no GPU run of split mode yet); each compiles without spills for sm_80 and sm_90.
 GPU_CONFIGS = {
@@ -142,60 +142,29 @@ def backward(grad_output: torch.Tensor, input: torch.Tensor, depthwise_weight: t
              stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int], relu_input: bool,
              output_mask: Sequence[bool]):
     """``sepconv_triton::backward`` in split mode (same contract as ``backward.backward``)."""
-    out = empty_gradients(grad_output, input, depthwise_weight, pointwise_weight, depthwise_bias, output_mask)
+    out, work = empty_backward(grad_output, input, depthwise_weight, pointwise_weight, depthwise_bias, output_mask)
+    if not work:
+        return out
     want_input, want_depthwise, want_pointwise = (bool(v) for v in output_mask)
-    batch, channels, height, width = input.shape
     c_hid, _, kh, kw = depthwise_weight.shape
     c_out = pointwise_weight.shape[0]
-    oh, ow = grad_output.shape[2], grad_output.shape[3]
-    pixels = batch * oh * ow
-    if pixels == 0:
-        for grad, wanted in zip(out, (want_input, want_depthwise, want_pointwise, want_depthwise, want_pointwise)):
-            if wanted:
-                grad.zero_()
-        return out
-    check_pixels(pixels, input)
+    out_hw = (grad_output.shape[2], grad_output.shape[3])
     dw = depthwise_weight.reshape(c_hid, kh * kw).contiguous()
     pw = pointwise_weight.reshape(c_out, c_hid).to(grad_output.dtype)
     geometry = (stride[0], stride[1], padding[0], padding[2], dilation[0], dilation[1])
     relu = bool(relu_input)
     go = _pixel_rows(grad_output)  # (P, C_out)
-    kind = family(input.dtype)
 
     with device_guard(input):
         if want_input or want_depthwise:
             grad_hidden = go @ pw  # (P, C_hid), input dtype
-            if want_depthwise:
-                pinned = launch_config(grad_hidden_autotuned[kind])
-                candidates = grad_hidden_autotuned[kind].configs if pinned is None else [pinned]
-                block_p_min = min(c.kwargs["BLOCK_P"] for c in candidates)
-                partials = torch.zeros((triton.cdiv(pixels, block_p_min), kh * kw + 1, c_hid),
-                                       dtype=torch.float32, device=input.device)
-
-                def grid_hidden(meta):
-                    return (triton.cdiv(pixels, meta["BLOCK_P"]), triton.cdiv(c_hid, meta["BLOCK_K"]))
-
-                # The grad_hidden kernel's epilogue only: g_h is loaded, not computed (LOAD_GH).
-                launch(grad_hidden_autotuned[kind], grid_hidden,
-                       grad_output, pw, input, grad_hidden, partials,
-                       pixels, c_hid, c_out, height, width, oh, ow, c_hid // channels,
-                       *grad_output.stride(), *input.stride(), *geometry,
-                       KH=kh, KW=kw, RELU=relu, STORE_GH=False, NEED_DW=True, LOAD_GH=True)
-                sums = partials.sum(0)
-                out[1].copy_(sums[:kh * kw].t().reshape(out[1].shape))
-                out[3].copy_(sums[kh * kw])
+            if want_depthwise:  # the grad_hidden kernel's epilogue alone: g_h is read, not computed
+                launch_grad_hidden(grad_output, pw, input, grad_hidden, out, geometry, kh, kw, relu,
+                                   store_gh=False, need_dw=True, load_gh=True)
             if want_input:
-                q = batch * height * width
-
-                def grid_input(meta):
-                    return (triton.cdiv(q, meta["BLOCK_Q"]), triton.cdiv(channels, meta["BLOCK_C"]))
-
-                launch(grad_input_autotuned[kind], grid_input,
-                       grad_hidden, dw, input, out[0],
-                       q, channels, height, width, oh, ow, c_hid // channels, c_hid,
-                       *input.stride(), *out[0].stride(), *geometry, KH=kh, KW=kw, RELU=relu)
+                launch_grad_input(grad_hidden, dw, input, out[0], out_hw, geometry, kh, kw, relu)
         if want_pointwise:
-            hidden = depthwise(input, depthwise_weight, depthwise_bias, (oh, ow), stride, padding, dilation, relu)
+            hidden = depthwise(input, depthwise_weight, depthwise_bias, out_hw, stride, padding, dilation, relu)
             out[2].copy_((go.t() @ hidden).reshape(out[2].shape))
             out[4].copy_(go.sum(0, dtype=torch.float32))
     return out
