@@ -393,3 +393,25 @@ def test_mode_provider_runs_its_backend_in_that_mode(monkeypatch, suite, provide
     assert providers.backend_and_mode(provider.rpartition("-fused")[0] or provider) == ("triton", "split")
     # On this CPU machine, a triton provider is never benchmarked: the reason is the triton one.
     assert providers.availability(suite, provider, "cpu", "fp32") == providers.TRITON_CPU_REASON
+
+
+def test_gpu_check_script_parses_and_its_selections_collect_tests():
+    """benchmarks/gpu_check.sh (run only where a GPU is lent) is valid bash and each -k selects Triton tests."""
+    import re
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    script = root / "benchmarks" / "gpu_check.sh"
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    selections = re.findall(r'-k "([^"]+)"', script.read_text())
+    assert len(selections) == 2
+    files = ["tests/test_triton.py", "tests/test_triton_split.py", "tests/test_separable_conv.py", "tests/test_model.py"]
+    counts = []
+    for expression in selections:
+        result = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", *files, "-k", expression],
+                                cwd=root, capture_output=True, text=True, timeout=300)
+        found = re.search(r"(\d+)/\d+ tests collected", result.stdout)
+        assert found, result.stdout[-2000:]
+        counts.append(int(found.group(1)))
+    assert min(counts) >= 40, counts
