@@ -258,7 +258,7 @@ def _autotuned(kernel, gpu_configs, interpret_configs, key, **options):
 # The partials buffer is sized for the smallest BLOCK_P; rows a larger block leaves unwritten must be
 # zero, so the autotuner re-zeroes it between its timing runs.
 grad_hidden_autotuned = _autotuned(grad_hidden_kernel, GRAD_HIDDEN_CONFIGS_GPU, GRAD_HIDDEN_CONFIGS_INTERPRET,
-                                   ["P", "C_HID", "C_OUT", "KH", "KW"], reset_to_zero=["part_ptr"])
+                                   ["P", "C_HID", "C_OUT", "KH", "KW", "LOAD_GH"], reset_to_zero=["part_ptr"])
 grad_input_autotuned = _autotuned(grad_input_kernel, GRAD_INPUT_CONFIGS_GPU, GRAD_INPUT_CONFIGS_INTERPRET,
                                   ["Q", "C", "M", "KH", "KW"])
 grad_pointwise_autotuned = _autotuned(grad_pointwise_kernel, GRAD_POINTWISE_CONFIGS_GPU,
