@@ -72,6 +72,10 @@ def test_split_opcheck(split, layout):
     shared.test_opcheck("triton", layout)
 
 
+def test_split_torch_compile_fullgraph(split):
+    shared.test_torch_compile_fullgraph("triton")
+
+
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_split_low_precision_within_twice_torch_error(split, dtype, layout):
