@@ -37,7 +37,7 @@ import triton.language as tl
 
 from ..ops import empty_gradients
 from .common import cast, depthwise_tile, mma, row_offsets, split_pixels
-from .forward import check_pixels, configs_for, device_guard, family, launch, launch_config
+from .forward import check_pixels, configs_for, device_guard, family, geometry_args, launch, launch_config
 
 # Tile configs per dtype family (see forward.py); every GPU config compiles without spills.
 GRAD_HIDDEN_CONFIGS_GPU = {
@@ -345,7 +345,7 @@ def backward(grad_output: torch.Tensor, input: torch.Tensor, depthwise_weight: t
     dw = depthwise_weight.reshape(c_hid, kh * kw).contiguous()
     pw = pointwise_weight.reshape(c_out, c_hid).contiguous()
     dwb = depthwise_bias.contiguous() if depthwise_bias is not None else dw
-    geometry = (stride[0], stride[1], padding[0], padding[2], dilation[0], dilation[1])
+    geometry = geometry_args(stride, padding, dilation)
     relu = bool(relu_input)
     f32 = dict(dtype=torch.float32, device=input.device)
 

@@ -154,6 +154,11 @@ def launch(autotuned, grid, *args, **kwargs) -> None:
     autotuned.fn[grid(meta)](*args, **kwargs, **meta, num_warps=config.num_warps, num_stages=config.num_stages)
 
 
+def geometry_args(stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int]):
+    """The kernels' geometry arguments: stride_h, stride_w, pad_top, pad_left, dil_h, dil_w."""
+    return (stride[0], stride[1], padding[0], padding[2], dilation[0], dilation[1])
+
+
 def device_guard(tensor: torch.Tensor):
     """Launch on ``tensor``'s device (a no-op context for CPU tensors in the interpreter)."""
     if tensor.device.type == "cuda":
@@ -202,7 +207,7 @@ def forward(input: torch.Tensor, depthwise_weight: torch.Tensor, pointwise_weigh
             input, dw, dwb, pw, pwb, out,
             pixels, c_hid, c_out, input.shape[2], input.shape[3], oh, ow, c_hid // input.shape[1],
             *input.stride(), *out.stride(),
-            stride[0], stride[1], padding[0], padding[2], dilation[0], dilation[1],
+            *geometry_args(stride, padding, dilation),
             KH=kh, KW=kw, HAS_DW_BIAS=depthwise_bias is not None, HAS_PW_BIAS=pointwise_bias is not None,
             RELU=bool(relu_input),
         )

@@ -32,7 +32,7 @@ import triton.language as tl
 from ..ops import empty_output, output_shape
 from .backward import empty_backward, launch_grad_hidden, launch_grad_input
 from .common import cast, depthwise_tile, split_pixels
-from .forward import check_pixels, configs_for, device_guard, family, launch
+from .forward import check_pixels, configs_for, device_guard, family, geometry_args, launch
 
 # Untimed guesses (no GPU run of split mode yet); each compiles without spills for sm_80 and sm_90.
 GPU_CONFIGS = {
@@ -101,7 +101,7 @@ def depthwise(input: torch.Tensor, depthwise_weight: torch.Tensor, depthwise_bia
 
     launch(depthwise_autotuned[family(input.dtype)], grid,
            input, dw, dwb, hidden, pixels, c_hid, height, width, out_hw[0], out_hw[1], c_hid // channels,
-           *input.stride(), stride[0], stride[1], padding[0], padding[2], dilation[0], dilation[1],
+           *input.stride(), *geometry_args(stride, padding, dilation),
            KH=kh, KW=kw, HAS_DW_BIAS=depthwise_bias is not None, RELU=bool(relu_input))
     return hidden
 
@@ -125,15 +125,15 @@ def forward(input: torch.Tensor, depthwise_weight: torch.Tensor, pointwise_weigh
     with device_guard(input):
         hidden = depthwise(input, depthwise_weight, depthwise_bias, (oh, ow), stride, padding, dilation, relu_input)
         rows = out.permute(0, 2, 3, 1)
-        if rows.is_contiguous():  # channels_last output: the GEMM writes it in place
-            target = rows.view(-1, c_out)
-            if pointwise_bias is None:
-                torch.mm(hidden, pw.t(), out=target)
-            else:
-                torch.addmm(pointwise_bias, hidden, pw.t(), out=target)
+        # A channels_last output takes the GEMM's result in place; any other layout gets a copy of it.
+        in_place = rows.is_contiguous()
+        target = rows.view(-1, c_out) if in_place else hidden.new_empty((hidden.shape[0], c_out))
+        if pointwise_bias is None:
+            torch.mm(hidden, pw.t(), out=target)
         else:
-            result = hidden @ pw.t() if pointwise_bias is None else torch.addmm(pointwise_bias, hidden, pw.t())
-            out.copy_(result.view(batch, oh, ow, c_out).permute(0, 3, 1, 2))
+            torch.addmm(pointwise_bias, hidden, pw.t(), out=target)
+        if not in_place:
+            out.copy_(target.view(batch, oh, ow, c_out).permute(0, 3, 1, 2))
     return out
 
 
@@ -151,7 +151,7 @@ def backward(grad_output: torch.Tensor, input: torch.Tensor, depthwise_weight: t
     out_hw = (grad_output.shape[2], grad_output.shape[3])
     dw = depthwise_weight.reshape(c_hid, kh * kw).contiguous()
     pw = pointwise_weight.reshape(c_out, c_hid).to(grad_output.dtype)
-    geometry = (stride[0], stride[1], padding[0], padding[2], dilation[0], dilation[1])
+    geometry = geometry_args(stride, padding, dilation)
     relu = bool(relu_input)
     go = _pixel_rows(grad_output)  # (P, C_out)
 
