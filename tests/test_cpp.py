@@ -340,3 +340,40 @@ finally:
     stop.set()
     thread.join()
 """)
+
+
+@pytest.mark.parametrize("layout", [torch.channels_last, torch.contiguous_format], ids=["channels_last", "nchw"])
+@pytest.mark.parametrize("multiplier", [1, 2])
+def test_gradients_are_not_views(layout, multiplier):
+    """The backward op returns freshly allocated gradients, never views of a temporary: autograd adds a
+    second gradient into a tensor in place only when nothing else holds its storage."""
+    require_backend("cpp")
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 8, 9, 9, generator=g).contiguous(memory_format=layout)
+    dw = torch.randn(8 * multiplier, 1, 3, 3, generator=g)
+    pw = torch.randn(24, 8 * multiplier, 1, 1, generator=g)
+    grad = torch.randn(2, 24, 9, 9, generator=g).contiguous(memory_format=layout)
+    grads = torch.ops.sepconv_cpp.backward.default(grad, x, dw, pw, None, [1, 1], [1, 1, 1, 1], [1, 1], True,
+                                                   [True, True, True])
+    for name, tensor in zip(("input", "depthwise_weight", "pointwise_weight", "depthwise_bias", "pointwise_bias"),
+                            grads):
+        assert not tensor._is_view(), f"grad of {name} is a view"
+    assert grads[0].is_contiguous(memory_format=layout)
+
+
+def test_two_consumers_accumulate_in_place():
+    """An input read by two cpp separable convs gets the sum of their gradients without an out-of-place add."""
+    require_backend("cpp")
+    torch.manual_seed(0)
+    first, second = (kernels.SeparableConv2d(16, 32, 3, padding=1, backend="cpp") for _ in range(2))
+    x = torch.randn(2, 16, 40, 40).contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
+        (first(x).sum() + second(x).sum()).backward()
+    adds = [e.name for e in prof.events() if e.name in ("aten::add", "aten::add_") and e.input_shapes
+            and e.input_shapes[0] == list(x.shape)]
+    assert adds == ["aten::add_"], f"the two input gradients were summed by {adds}"
+    expected = torch.autograd.grad(F.conv2d(F.conv2d(x, first.conv1.weight, padding=1, groups=16),
+                                            first.pointwise.weight).sum(), x)[0]
+    expected += torch.autograd.grad(F.conv2d(F.conv2d(x, second.conv1.weight, padding=1, groups=16),
+                                             second.pointwise.weight).sum(), x)[0]
+    torch.testing.assert_close(x.grad, expected, **TOLERANCES[torch.float32])
