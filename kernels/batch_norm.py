@@ -10,6 +10,11 @@ buffer cache. ``BatchNorm2d`` is ``nn.BatchNorm2d`` with a ``backend``: the same
 buffers and ``state_dict``, the same running-statistics updates; it calls the op in training on
 channels_last float32/float64 CPU input when ``backend`` resolves to ``cpp``, and
 ``F.batch_norm`` everywhere else (evaluation, other layouts, devices and dtypes, autocast).
+
+``relu_output=True`` applies a ReLU to the output: in the kernel's pass, and in its backward as
+ReLU's own backward does (the gradient is zero where the output is), so a ``BN -> ReLU`` pair costs
+no pass of its own and no fresh buffer either way; elsewhere ``F.relu`` runs in place after
+``F.batch_norm``. Same values and gradients as the separate ``nn.ReLU``.
 """
 
 from __future__ import annotations
@@ -47,18 +52,23 @@ def batch_norm(
     momentum: float = 0.1,
     eps: float = 1e-5,
     *,
+    relu_output: bool = False,
     backend: str = "auto",
 ) -> torch.Tensor:
-    """``F.batch_norm`` with the same arguments; training-mode calls on channels_last float32/float64
-    CPU input run the ``cpp`` kernel where ``backend`` resolves to ``cpp``.
+    """``F.batch_norm`` with the same arguments (then ``F.relu`` with ``relu_output``); training-mode
+    calls on channels_last float32/float64 CPU input run the ``cpp`` kernel where ``backend``
+    resolves to ``cpp``.
 
     The running statistics are updated as ATen does (``(1 - momentum) * running + momentum * batch``,
     the unbiased batch variance), from the kernel's double-precision sums.
     """
     check_backend_name(backend)
+    if not isinstance(relu_output, bool):
+        raise TypeError(f"relu_output must be a bool, got {relu_output!r}")
     if not (training and _uses_kernel(input, weight, bias, backend)):
-        return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
-    output, mean, _, var = torch.ops.sepconv_cpp.batch_norm.default(input, weight, bias, float(eps))
+        output = F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+        return F.relu(output, inplace=True) if relu_output else output
+    output, mean, _, var = torch.ops.sepconv_cpp.batch_norm.default(input, weight, bias, float(eps), relu_output)
     with torch.no_grad():
         if running_mean is not None:
             running_mean.mul_(1.0 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
@@ -73,12 +83,17 @@ class BatchNorm2d(BackendAttribute, nn.BatchNorm2d):
     Same constructor (plus ``backend``), parameters, buffers and ``state_dict`` as
     ``nn.BatchNorm2d``; ``isinstance(m, nn.BatchNorm2d)`` holds, so BN folding and checkpoint
     code treat it as one. See ``kernels.batch_norm`` for which calls run the kernel.
+    ``relu_output=True`` makes it ``BatchNorm2d -> ReLU`` in one call (no parameters of its own, so
+    the ``state_dict`` is the same).
     """
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1,
                  affine: bool = True, track_running_stats: bool = True, device=None, dtype=None, *,
-                 backend: str = "auto") -> None:
+                 relu_output: bool = False, backend: str = "auto") -> None:
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
+        if not isinstance(relu_output, bool):
+            raise TypeError(f"relu_output must be a bool, got {relu_output!r}")
+        self.relu_output = relu_output
         self.backend = backend
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
@@ -95,7 +110,8 @@ class BatchNorm2d(BackendAttribute, nn.BatchNorm2d):
         keep_running = not self.training or self.track_running_stats
         return batch_norm(input, self.running_mean if keep_running else None,
                           self.running_var if keep_running else None, self.weight, self.bias,
-                          batch_stats, factor, self.eps, backend=self.backend)
+                          batch_stats, factor, self.eps, relu_output=self.relu_output, backend=self.backend)
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + (f", backend={self.backend!r}" if self.backend != "auto" else "")
+        extra = ", relu_output=True" if self.relu_output else ""
+        return super().extra_repr() + extra + (f", backend={self.backend!r}" if self.backend != "auto" else "")

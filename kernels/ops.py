@@ -53,11 +53,13 @@ POOL_SCHEMAS = (
 
 
 # ... training-mode BatchNorm on channels_last activations (see kernels.batch_norm): batch
-# statistics, the output, and mean / invstd / unbiased variance per channel; its backward ...
+# statistics, the output (ReLU'd with relu), and mean / invstd / unbiased variance per channel; its
+# backward (given the ReLU'd output, it first masks grad_output as ReLU's backward does) ...
 BATCH_NORM_SCHEMAS = (
-    "batch_norm(Tensor input, Tensor? weight, Tensor? bias, float eps) -> (Tensor, Tensor, Tensor, Tensor)",
+    "batch_norm(Tensor input, Tensor? weight, Tensor? bias, float eps, bool relu=False) "
+    "-> (Tensor, Tensor, Tensor, Tensor)",
     "batch_norm_backward(Tensor grad_output, Tensor input, Tensor? weight, Tensor mean, Tensor invstd, "
-    "bool[3] output_mask) -> (Tensor, Tensor, Tensor)",
+    "bool[3] output_mask, Tensor? relu_output=None) -> (Tensor, Tensor, Tensor)",
 )
 # ... and two for its buffer cache (kernels/csrc/buffer_cache.h): bytes live, idle and the idle
 # cap; and freeing the idle blocks (returns the bytes freed).
@@ -132,12 +134,12 @@ def _max_pool2d_add_backward(ctx, grad_output):
     return grad_input, grad_output if ctx.needs_input_grad[1] else None, None, None, None
 
 
-def _fake_batch_norm(input, weight, bias, eps):
+def _fake_batch_norm(input, weight, bias, eps, relu=False):
     stats = [input.new_empty(input.shape[1]) for _ in range(3)]
     return (empty_output(input, input.shape), *stats)
 
 
-def _fake_batch_norm_backward(grad_output, input, weight, mean, invstd, output_mask):
+def _fake_batch_norm_backward(grad_output, input, weight, mean, invstd, output_mask, relu_output=None):
     want_input, want_weight, want_bias = output_mask
     return (empty_output(input, input.shape) if want_input else input.new_empty(0),
             input.new_empty(input.shape[1] if want_weight else 0),
@@ -145,20 +147,23 @@ def _fake_batch_norm_backward(grad_output, input, weight, mean, invstd, output_m
 
 
 def _setup_batch_norm(ctx, inputs, output) -> None:
-    input, weight, _, _ = inputs
-    _, mean, invstd, var = output
-    ctx.save_for_backward(input, weight, mean, invstd)
+    input, weight, _, _, *relu = inputs
+    result, mean, invstd, var = output
+    # With relu the output's zeros mask the gradient, as ReLU's backward does (the next layer
+    # usually saves the same tensor, so this keeps nothing alive that would not be anyway).
+    ctx.save_for_backward(input, weight, mean, invstd, result if relu and relu[0] else None)
     ctx.mark_non_differentiable(mean, invstd, var)
 
 
 def _batch_norm_backward(ctx, grad_output, *_):
-    input, weight, mean, invstd = ctx.saved_tensors
+    input, weight, mean, invstd, relu_output = ctx.saved_tensors
     needs = ctx.needs_input_grad
     mask = [needs[0], needs[1] and weight is not None, needs[2]]
     if not any(mask):
-        return None, None, None, None
-    grads = torch.ops.sepconv_cpp.batch_norm_backward.default(grad_output, input, weight, mean, invstd, mask)
-    return tuple(g if w else None for g, w in zip(grads, mask)) + (None,)
+        return None, None, None, None, None
+    grads = torch.ops.sepconv_cpp.batch_norm_backward.default(grad_output, input, weight, mean, invstd, mask,
+                                                              relu_output)
+    return tuple(g if w else None for g, w in zip(grads, mask)) + (None, None)
 
 
 # --- autograd for the ops themselves (the autograd.Function reuses these two) ---------------

@@ -218,3 +218,54 @@ def test_functional_matches_f_batch_norm():
     torch.testing.assert_close(got, expected, atol=1e-12, rtol=1e-11)
     for a, b in zip(running, expected_running):
         torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-11)
+
+
+@pytest.mark.parametrize("backend", ["cpp", "torch"])
+@pytest.mark.parametrize("layout", [torch.channels_last, torch.contiguous_format], ids=["channels_last", "nchw"])
+def test_relu_output_is_batchnorm_then_relu(backend, layout):
+    """relu_output=True gives the values and gradients of the same BatchNorm followed by F.relu, bit for bit
+    (the kernel's backward masks the gradient where the output is zero, as ReLU's does), NaN included."""
+    require_backend(backend)
+    plain, fused = _pair(16, torch.float32)[1], _pair(16, torch.float32)[1]
+    plain.backend = fused.backend = backend
+    fused.relu_output = True
+    # Zero-mean input: about half of every channel is clipped. Channel 3 holds a NaN (NaN statistics).
+    x = torch.randn(4, 16, 9, 7, generator=torch.Generator().manual_seed(0)).contiguous(memory_format=layout)
+    x[1, 3, 2, 2] = float("nan")
+    grad = torch.randn(x.shape, generator=torch.Generator().manual_seed(1)).contiguous(memory_format=layout)
+    grad[0, 5, 0, :] = float("inf")  # where the output is zero the gradient is 0, even an infinite one
+
+    def run(module, then_relu):
+        leaf = x.detach().clone().requires_grad_(True)
+        out = module(leaf)
+        if then_relu:
+            out = F.relu(out)
+        out.backward(grad)
+        return [out.detach(), leaf.grad, module.weight.grad, module.bias.grad, module.running_mean,
+                module.running_var]
+
+    expected, got = run(plain, True), run(fused, False)
+    assert (got[0] == 0).float().mean() > 0.3 and got[0][1, 3].isnan().all()
+    for name, a, b in zip(("output", "grad input", "grad weight", "grad bias", "running mean", "running var"),
+                          got, expected):
+        assert torch.equal(a.nan_to_num(7.0, 8.0, 9.0), b.nan_to_num(7.0, 8.0, 9.0)), name
+    assert _ran_kernel(lambda: fused(x)) == (backend == "cpp" and layout == torch.channels_last)
+    assert "relu_output=True" in repr(fused) and "relu_output" not in repr(plain)
+    with pytest.raises(TypeError, match="relu_output must be a bool, got 1"):
+        kernels.BatchNorm2d(4, relu_output=1)
+
+
+def test_relu_output_opcheck_and_errors():
+    require_backend("cpp")
+    ops = torch.ops.sepconv_cpp
+    x = _input((2, 5, 4, 3), torch.float32) - 20
+    w, b = torch.rand(5) + 0.5, torch.randn(5)
+    torch.library.opcheck(ops.batch_norm.default, (x.requires_grad_(), w.requires_grad_(), b.requires_grad_(), 1e-5,
+                                                   True))
+    out, mean, invstd, _ = ops.batch_norm(x.detach(), w.detach(), b.detach(), 1e-5, True)
+    grad = torch.randn_like(x)
+    for mask in ([True, True, True], [False, True, True]):
+        torch.library.opcheck(ops.batch_norm_backward.default,
+                              (grad, x.detach(), w.detach(), mean, invstd, mask, out))
+    with pytest.raises(RuntimeError, match="output must be a Float CPU tensor of shape \\[2, 5, 4, 3\\], got Float"):
+        ops.batch_norm_backward(grad, x.detach(), None, mean, invstd, [True, True, True], out[:, :, :2])

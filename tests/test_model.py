@@ -179,6 +179,9 @@ def test_block_structure_relus_and_pools(full_model, fold_relu):
     relu_inputs = [m.relu_input for m in model.separable_convs()]
     assert relu_inputs == [False] + [fold_relu] * 31 + [False, fold_relu]
     assert isinstance(model.act3, nn.Identity if fold_relu else nn.ReLU)
+    # ... and each ReLU after a stem or head BatchNorm is applied by that BatchNorm.
+    for bn, act in ((model.bn1, model.act1), (model.bn2, model.act2), (model.bn4, model.act4)):
+        assert bn.relu_output == fold_relu and isinstance(act, nn.Identity if fold_relu else nn.ReLU)
     for block in (block2, block4, block12):
         assert fold_relu or not block.rep[0].inplace
     pool = block12.rep[-1]
@@ -520,6 +523,7 @@ def test_fuse_for_inference_matches_unfused(separable):
         actual = model(x)
     assert_close(actual, expected, torch.float32, "fused logits")
     assert not any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    assert all(isinstance(act, nn.ReLU) for act in (model.act1, model.act2, model.act4))  # back from their BNs
     relu_inputs = [m.relu_input for m in model.separable_convs()]
     # Every separable conv absorbs the ReLU before it, except the two that have none:
     # the first of block1 (after the stem's act2... which feeds the shortcut too) and conv3 (after a sum).

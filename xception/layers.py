@@ -83,6 +83,17 @@ def batch_norm(kind: str, channels: int, backend: str = "auto") -> nn.Module:
     return nn.BatchNorm2d(channels)
 
 
+def batch_norm_relu(kind: str, channels: int, backend: str = "auto", fold_relu: bool = False
+                    ) -> tuple[nn.Module, nn.Module]:
+    """A ``BatchNorm -> ReLU`` pair as (BN, ReLU slot). With ``fold_relu`` on the fused kind the BN applies
+    the ReLU itself (``relu_output=True``: one pass each way) and the slot holds an ``nn.Identity``."""
+    bn = batch_norm(kind, channels, backend)
+    if fold_relu and isinstance(bn, kernels.BatchNorm2d):
+        bn.relu_output = True
+        return bn, nn.Identity()
+    return bn, nn.ReLU(inplace=True)
+
+
 def is_separable(module: nn.Module) -> bool:
     return isinstance(module, (kernels.SeparableConv2d, Conv2dSeparable))
 

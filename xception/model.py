@@ -30,7 +30,8 @@ from torch import nn
 import kernels
 
 from .fuse import fold_batchnorm, fold_batchnorm_into_separable, fuse_sequential
-from .layers import SEPARABLE_KINDS, Block, BlockSpec, batch_norm, is_separable, make_divisible, separable_conv
+from .layers import (SEPARABLE_KINDS, Block, BlockSpec, batch_norm, batch_norm_relu, is_separable, make_divisible,
+                     separable_conv)
 
 DEFAULT_CFG: dict[str, Any] = {
     "input_size": (3, 299, 299),
@@ -77,9 +78,11 @@ class Xception(nn.Module):
             ``out_indices`` instead of logits, and the model has no classifier.
         out_indices: which of those five feature maps ``features_only`` returns.
         fold_relu: apply each ReLU that precedes a separable conv inside that conv
-            (``relu_input=True``; the ReLU's slot holds an ``nn.Identity``). Exact in training
-            and inference, and it saves a pass over the activations each way. Default: on for
-            ``separable="fused"``, off for ``"conv2d"`` (where it would cost an extra copy).
+            (``relu_input=True``; the ReLU's slot holds an ``nn.Identity``), and on the fused
+            kind each ReLU right after a stem or head BatchNorm inside that BatchNorm
+            (``relu_output=True``). Exact in training and inference, and it saves a pass over
+            the activations each way. Default: on for ``separable="fused"``, off for
+            ``"conv2d"`` (where it would cost an extra copy).
 
     Shape: ``(N, in_chans, H, W)`` with ``H, W >= 71`` (any size, NCHW or channels_last) to
     ``(N, num_classes)``, or a list of ``(N, C_i, H_i, W_i)`` with ``features_only``.
@@ -129,11 +132,9 @@ class Xception(nn.Module):
 
         stem1, stem2 = (make_divisible(c * width) for c in STEM_CHANNELS)
         self.conv1 = nn.Conv2d(in_chans, stem1, 3, 2, 0, bias=False)
-        self.bn1 = batch_norm(separable, stem1, backend)
-        self.act1 = nn.ReLU(inplace=True)
+        self.bn1, self.act1 = batch_norm_relu(separable, stem1, backend, fold_relu)
         self.conv2 = nn.Conv2d(stem1, stem2, 3, bias=False)
-        self.bn2 = batch_norm(separable, stem2, backend)
-        self.act2 = nn.ReLU(inplace=True)
+        self.bn2, self.act2 = batch_norm_relu(separable, stem2, backend, fold_relu)
 
         flows = (list(ENTRY_FLOW), [MIDDLE_BLOCK] * middle_blocks, list(EXIT_FLOW))
         specs = [_scaled(spec, width) for flow in flows for spec in flow]
@@ -150,8 +151,7 @@ class Xception(nn.Module):
         self.act3: nn.Module = nn.Identity() if fold_relu else nn.ReLU(inplace=True)
         self.conv4 = separable_conv(separable, head1, head2, backend)
         self.conv4.relu_input = fold_relu
-        self.bn4 = batch_norm(separable, head2, backend)
-        self.act4 = nn.ReLU(inplace=True)
+        self.bn4, self.act4 = batch_norm_relu(separable, head2, backend, fold_relu)
         self.num_features = head2
 
         # Feature taps as in timm (a ReLU'd block output is what the next block's first ReLU yields;
@@ -299,9 +299,9 @@ class Xception(nn.Module):
                                "(training-mode BatchNorm uses batch statistics and cannot be folded)")
         if self.fused:
             return self
-        for conv_name, bn_name in (("conv1", "bn1"), ("conv2", "bn2")):
+        for conv_name, bn_name, act_name in (("conv1", "bn1", "act1"), ("conv2", "bn2", "act2")):
             fold_batchnorm(getattr(self, conv_name), getattr(self, bn_name))
-            setattr(self, bn_name, nn.Identity())
+            self._unfold_output_relu(bn_name, act_name)
         for name in self.block_names:
             block = getattr(self, name)
             fuse_sequential(block.rep)
@@ -311,11 +311,17 @@ class Xception(nn.Module):
         fold_batchnorm_into_separable(self.conv3, self.bn3)
         self.bn3 = nn.Identity()
         fold_batchnorm_into_separable(self.conv4, self.bn4)
-        self.bn4 = nn.Identity()
+        self._unfold_output_relu("bn4", "act4")
         self.conv4.relu_input = True
         self.act3 = nn.Identity()
         self.fused = True
         return self
+
+    def _unfold_output_relu(self, bn_name: str, act_name: str) -> None:
+        """Replace a folded BN by ``nn.Identity``; a ReLU it applied (``relu_output``) goes back in its slot."""
+        if getattr(getattr(self, bn_name), "relu_output", False):
+            setattr(self, act_name, nn.ReLU(inplace=True))
+        setattr(self, bn_name, nn.Identity())
 
     def train(self, mode: bool = True) -> Xception:
         if mode and getattr(self, "fused", False):

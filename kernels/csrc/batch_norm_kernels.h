@@ -3,6 +3,8 @@
 //
 //   forward:  mean = sum(x) / M, var = sum((x - mean)^2) / M (two passes), invstd = 1/sqrt(var + eps),
 //             y = x * alpha + beta with alpha = invstd * weight, beta = bias - mean * alpha
+//   with relu, the output is max(y, 0) (NaN stays NaN, as F.relu), and the backward first masks dy
+//   as ReLU's does: dy = 0 where the saved output is <= 0
 //   backward: sum_dy = sum(dy), dot = sum(dy * (x - mean)),
 //             dx = (dy - sum_dy / M - (x - mean) * dot * invstd^2 / M) * invstd * weight,
 //             grad_weight = dot * invstd, grad_bias = sum_dy
@@ -50,10 +52,10 @@ void column_sums(int64_t M, int64_t C, AddRow add_row, double* out) {
 }
 
 // mean, invstd and the unbiased variance (for the running estimate; NaN when M == 1) per channel,
-// and y. weight / bias may be null (1 and 0).
+// and y (ReLU'd with relu). weight / bias may be null (1 and 0).
 template <typename T>
-void batch_norm_forward(int64_t M, int64_t C, const T* x, const T* weight, const T* bias, double eps, T* y,
-                        T* mean_out, T* invstd_out, T* var_out) {
+void batch_norm_forward(int64_t M, int64_t C, const T* x, const T* weight, const T* bias, double eps, bool relu,
+                        T* y, T* mean_out, T* invstd_out, T* var_out) {
   std::vector<double> sums(static_cast<size_t>(C));
   column_sums<1, T>(M, C, [&](int64_t r, T* acc) {
     const T* row = x + r * C;
@@ -80,20 +82,36 @@ void batch_norm_forward(int64_t M, int64_t C, const T* x, const T* weight, const
     for (int64_t r = begin; r < end; ++r) {
       const T* in = x + r * C;
       T* out = y + r * C;
+      if (relu) {
 #pragma omp simd
-      for (int64_t c = 0; c < C; ++c) out[c] = in[c] * alpha[c] + beta[c];
+        for (int64_t c = 0; c < C; ++c) out[c] = std::max(in[c] * alpha[c] + beta[c], T(0));  // keeps NaN
+      } else {
+#pragma omp simd
+        for (int64_t c = 0; c < C; ++c) out[c] = in[c] * alpha[c] + beta[c];
+      }
     }
   });
 }
 
-// grad_input (when non-null), grad_weight and grad_bias (when non-null).
+// grad_input (when non-null), grad_weight and grad_bias (when non-null). relu_output: the forward's
+// ReLU'd output, whose zeros mask dy (null: no ReLU).
 template <typename T>
 void batch_norm_backward(int64_t M, int64_t C, const T* dy, const T* x, const T* weight, const T* mean,
-                         const T* invstd, T* grad_input, T* grad_weight, T* grad_bias) {
+                         const T* invstd, const T* relu_output, T* grad_input, T* grad_weight, T* grad_bias) {
   std::vector<double> sums(static_cast<size_t>(2 * C));
   column_sums<2, T>(M, C, [&](int64_t r, T* acc) {
     const T* g = dy + r * C;
     const T* in = x + r * C;
+    if (relu_output) {
+      const T* y = relu_output + r * C;
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) {
+        const T gc = y[c] <= T(0) ? T(0) : g[c];
+        acc[c] += gc;
+        acc[C + c] += gc * (in[c] - mean[c]);
+      }
+      return;
+    }
 #pragma omp simd
     for (int64_t c = 0; c < C; ++c) {
       acc[c] += g[c];
@@ -116,6 +134,15 @@ void batch_norm_backward(int64_t M, int64_t C, const T* dy, const T* x, const T*
       const T* g = dy + r * C;
       const T* in = x + r * C;
       T* out = grad_input + r * C;
+      if (relu_output) {
+        const T* y = relu_output + r * C;
+#pragma omp simd
+        for (int64_t c = 0; c < C; ++c) {
+          const T gc = y[c] <= T(0) ? T(0) : g[c];
+          out[c] = (gc - (in[c] - mean[c]) * k[c] - grad_mean[c]) * scale[c];
+        }
+        continue;
+      }
 #pragma omp simd
       for (int64_t c = 0; c < C; ++c) out[c] = (g[c] - (in[c] - mean[c]) * k[c] - grad_mean[c]) * scale[c];
     }

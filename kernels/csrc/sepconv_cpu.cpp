@@ -264,6 +264,13 @@ void check_channel_vector(const char* op, const char* name, const std::optional<
               input.size(1), " elements, got ", t->scalar_type(), " ", t->sizes(), " on ", t->device());
 }
 
+// `name` must be a CPU tensor of input's dtype and shape.
+void check_like_input(const char* op, const char* name, const at::Tensor& t, const at::Tensor& input) {
+  TORCH_CHECK(t.sizes() == input.sizes() && t.scalar_type() == input.scalar_type() && t.device().is_cpu(), op, ": ",
+              name, " must be a ", input.scalar_type(), " CPU tensor of shape ", input.sizes(), ", got ",
+              t.scalar_type(), " ", t.sizes(), " on ", t.device());
+}
+
 template <typename scalar_t>
 const scalar_t* data_or_null(const at::Tensor& t) {
   return t.defined() ? t.data_ptr<scalar_t>() : nullptr;
@@ -272,7 +279,7 @@ const scalar_t* data_or_null(const at::Tensor& t) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_op(const at::Tensor& input,
                                                                          const std::optional<at::Tensor>& weight,
                                                                          const std::optional<at::Tensor>& bias,
-                                                                         double eps) {
+                                                                         double eps, bool relu) {
   constexpr const char* kOp = "sepconv_cpp::batch_norm";
   check_input(kOp, input);
   check_channel_vector(kOp, "weight", weight, input);
@@ -287,7 +294,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_op(const a
     const at::Tensor x = to_nhwc(input, 1);
     AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "sepconv_cpp_batch_norm", [&] {
       batch_norm_forward<scalar_t>(M, C, x.data_ptr<scalar_t>(), data_or_null<scalar_t>(w),
-                                   data_or_null<scalar_t>(b), eps, result.data_ptr<scalar_t>(),
+                                   data_or_null<scalar_t>(b), eps, relu, result.data_ptr<scalar_t>(),
                                    mean.data_ptr<scalar_t>(), invstd.data_ptr<scalar_t>(), var.data_ptr<scalar_t>());
     });
   });
@@ -296,13 +303,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_op(const a
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_op(
     const at::Tensor& grad_output, const at::Tensor& input, const std::optional<at::Tensor>& weight,
-    const at::Tensor& mean, const at::Tensor& invstd, std::array<bool, 3> output_mask) {
+    const at::Tensor& mean, const at::Tensor& invstd, std::array<bool, 3> output_mask,
+    const std::optional<at::Tensor>& output) {
   constexpr const char* kOp = "sepconv_cpp::batch_norm_backward";
   check_input(kOp, input);
-  TORCH_CHECK(grad_output.sizes() == input.sizes() && grad_output.scalar_type() == input.scalar_type() &&
-                  grad_output.device().is_cpu(),
-              kOp, ": grad_output must be a ", input.scalar_type(), " CPU tensor of shape ", input.sizes(), ", got ",
-              grad_output.scalar_type(), " ", grad_output.sizes());
+  check_like_input(kOp, "grad_output", grad_output, input);
+  if (output.has_value()) check_like_input(kOp, "output", *output, input);
   check_channel_vector(kOp, "weight", weight, input);
   check_channel_vector(kOp, "mean", mean, input);
   check_channel_vector(kOp, "invstd", invstd, input);
@@ -319,12 +325,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_op(
     return {grad_input, grad_weight, grad_bias};
   }
   const at::Tensor x = to_nhwc(input, 1), dy = to_nhwc(grad_output, 1);
+  const at::Tensor y = output.has_value() ? to_nhwc(*output, 1) : at::Tensor();
   const at::Tensor w = weight.has_value() ? weight->contiguous() : at::Tensor();
   const at::Tensor m = mean.contiguous(), s = invstd.contiguous();
   at::Tensor result = want_input ? nhwc_target(grad_input, format) : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "sepconv_cpp_batch_norm_backward", [&] {
     batch_norm_backward<scalar_t>(M, C, dy.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), data_or_null<scalar_t>(w),
-                                  m.data_ptr<scalar_t>(), s.data_ptr<scalar_t>(),
+                                  m.data_ptr<scalar_t>(), s.data_ptr<scalar_t>(), data_or_null<scalar_t>(y),
                                   want_input ? result.data_ptr<scalar_t>() : nullptr,
                                   want_weight ? grad_weight.data_ptr<scalar_t>() : nullptr,
                                   want_bias ? grad_bias.data_ptr<scalar_t>() : nullptr);
