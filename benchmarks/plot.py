@@ -106,7 +106,8 @@ def plot_results(out: Path, slug: Optional[str] = None) -> List[Path]:
     for log in logs:
         if not log.exists():
             raise FileNotFoundError(f"no results log {log}; run `python -m benchmarks --out {out}` first")
-        rows = latest_run(read_rows(log))
+        # Other tools' logs in the folder (benchmarks.rss, triton_sweep) have no suite rows to plot.
+        rows = latest_run([row for row in read_rows(log) if "suite" in row])
         if not rows:
             continue
         path = log.with_suffix(".png")

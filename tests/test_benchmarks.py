@@ -65,7 +65,10 @@ def test_pipeline_end_to_end(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "tiny 8->16@12" in printed and "Providers not run" in printed
 
+    rss_log = tmp_path / f"rss-{device_slug('cpu')}.jsonl"  # another tool's log beside the suite's
+    rss_log.write_text('{"provider": "eager", "status": "ok", "max_rss_mib": 1.0}\n')
     assert plot_main(["--out", str(tmp_path)]) == 0
+    assert not rss_log.with_suffix(".png").exists()
     png = tmp_path / f"{device_slug('cpu')}.png"
     assert png.read_bytes()[:8] == PNG_SIGNATURE
     import matplotlib.pyplot as plt
