@@ -55,11 +55,13 @@ def test_realistic_shapes(batch, channels, out_channels, size, layout):
     check("cpp", *case, padding=1, layout=layout)
 
 
-# The float32 3x3 forward takes a row kernel for runs of pixels whose window is inside the input
-# horizontally, and the per-pixel tap walk elsewhere: widths with no interior column, windows that
-# just fit, top/bottom rows outside the input, strides, dilations, and channels not a multiple of 16.
+# The float32 3x3 forward and backward take a row kernel for runs of pixels whose window is inside
+# the input horizontally, and the per-pixel tap walk elsewhere: widths with no interior column,
+# windows that just fit, top/bottom rows outside the input, strides, dilations, and channels not a
+# multiple of 16. Where stride equals dilation the backward's windows slide along the run (1 or 2).
 @pytest.mark.parametrize("stride,padding,dilation,width", [
     (1, 1, 1, 1), (1, 0, 1, 3), (1, 1, 1, 16), (2, 1, 1, 15), (1, 2, 2, 9), (3, 0, 2, 14), (1, 3, 1, 5), (2, 2, 1, 4),
+    (2, 2, 2, 13), (2, 0, 2, 5),
 ])
 @pytest.mark.parametrize("relu_input", [False, True])
 def test_3x3_row_kernel_edges(stride, padding, dilation, width, relu_input):

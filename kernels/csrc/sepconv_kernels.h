@@ -192,53 +192,125 @@ inline void depthwise_row3x3_f32(const float* x, const Run3x3& run, int64_t k0, 
 // The transposed 3x3 depthwise over a run (as depthwise_row3x3_f32; gh row r is pixel r), float32:
 // for each pixel r and in-bounds tap t, grad_x[tap input] += gh[r] * w[t] (when gx is given) and
 // dw_acc[t] += gh[r] * relu?(x[tap input]), db_acc += gh[r] (when dw_acc is given). Per 16-channel
-// slice the nine weights and the nine weight-gradient sums stay in registers across the run; the
-// per-pixel walk loaded and stored both for every tap.
+// slice the weight-gradient sums stay in registers across the run, and then, in a second walk over
+// the run, the nine weights. Where consecutive pixels are one column step apart (stride equal to
+// dilation), the three pixels in a row that reach an input column do so one after the other: the
+// first walk loads each input once (three per pixel, not nine) into a window that slides along the
+// run, and the second sums a column's three updates in registers and adds them to grad_x once (3
+// read-modify-writes of grad_x a pixel instead of 9, each of which waited on the store before it).
+// Backward of 128->128@147 at batch 8: 5-9% faster; 728->728: 1-2%.
 inline void depthwise_row3x3_backward_f32(const float* x, float* gx, const Run3x3& run, int64_t k0, const float* w,
                                           int64_t w_stride, const float* gh, int64_t ldh, bool relu, int64_t kc,
                                           float* dw_acc, int64_t acc_stride, float* db_acc) {
   const __m512 zero = _mm512_setzero_ps();
-  const int64_t col_step = run.col_step, row_step = run.row_step;
+  const int64_t pixel_step = run.pixel_step, col_step = run.col_step, row_step = run.row_step;
+  const bool sliding = pixel_step == col_step;
   for (int64_t c = 0; c < kc; c += 16) {
     const __mmask16 m = tail_mask(kc - c);
-    __m512 wv[9], sum[9], bsum = zero;
-#pragma GCC unroll 9
-    for (int t = 0; t < 9; ++t) {
-      wv[t] = gx ? _mm512_maskz_loadu_ps(m, w + t * w_stride + c) : zero;
-      sum[t] = zero;
-    }
     const int64_t start = run.base + k0 + c;
-    for (int64_t r = 0; r < run.count; ++r) {
-      const __m512 grad = _mm512_maskz_loadu_ps(m, gh + r * ldh + c);
-      const int64_t at = start + r * run.pixel_step;
-      if (dw_acc) prefetch_at(x, at + run.ahead);
-      if (gx) prefetch_at(gx, at + run.ahead, true);
+    if (dw_acc) {
+      __m512 sum[9], bsum = zero;
+#pragma GCC unroll 9
+      for (int t = 0; t < 9; ++t) sum[t] = zero;
+      auto input = [&](int64_t offset) {
+        const __m512 v = _mm512_maskz_loadu_ps(m, x + offset);
+        return relu ? _mm512_max_ps(zero, v) : v;  // max(0, x) keeps a NaN input as NaN, like F.relu
+      };
+      if (sliding) {  // kernel row i: the inputs of columns r, r + 1, r + 2, each loaded once
+        __m512 window[3][3];
 #pragma GCC unroll 3
-      for (int i = 0; i < 3; ++i) {
-        if (!run.rows[i]) continue;
-#pragma GCC unroll 3
-        for (int j = 0; j < 3; ++j) {
-          const int64_t offset = at + i * row_step + j * col_step;
-          if (dw_acc) {
-            __m512 v = _mm512_maskz_loadu_ps(m, x + offset);
-            if (relu) v = _mm512_max_ps(zero, v);
-            sum[3 * i + j] = _mm512_fmadd_ps(grad, v, sum[3 * i + j]);
-          }
-          if (gx) {
-            const __m512 g = _mm512_maskz_loadu_ps(m, gx + offset);
-            _mm512_mask_storeu_ps(gx + offset, m, _mm512_fmadd_ps(grad, wv[3 * i + j], g));
+        for (int i = 0; i < 3; ++i) {
+          window[i][0] = window[i][1] = window[i][2] = zero;
+          if (run.rows[i] && run.count > 0) {
+            window[i][0] = input(start + i * row_step);
+            window[i][1] = input(start + i * row_step + col_step);
           }
         }
+        for (int64_t r = 0; r < run.count; ++r) {
+          const __m512 grad = _mm512_maskz_loadu_ps(m, gh + r * ldh + c);
+          const int64_t at = start + r * pixel_step;
+          prefetch_at(x, at + run.ahead);
+#pragma GCC unroll 3
+          for (int i = 0; i < 3; ++i) {
+            if (!run.rows[i]) continue;
+            window[i][2] = input(at + i * row_step + 2 * col_step);
+#pragma GCC unroll 3
+            for (int j = 0; j < 3; ++j) sum[3 * i + j] = _mm512_fmadd_ps(grad, window[i][j], sum[3 * i + j]);
+            window[i][0] = window[i][1];
+            window[i][1] = window[i][2];
+          }
+          bsum = _mm512_add_ps(bsum, grad);
+        }
+      } else {
+        for (int64_t r = 0; r < run.count; ++r) {
+          const __m512 grad = _mm512_maskz_loadu_ps(m, gh + r * ldh + c);
+          const int64_t at = start + r * pixel_step;
+          prefetch_at(x, at + run.ahead);
+#pragma GCC unroll 3
+          for (int i = 0; i < 3; ++i) {
+            if (!run.rows[i]) continue;
+#pragma GCC unroll 3
+            for (int j = 0; j < 3; ++j) {
+              sum[3 * i + j] = _mm512_fmadd_ps(grad, input(at + i * row_step + j * col_step), sum[3 * i + j]);
+            }
+          }
+          bsum = _mm512_add_ps(bsum, grad);
+        }
       }
-      bsum = _mm512_add_ps(bsum, grad);
-    }
-    if (dw_acc) {
 #pragma GCC unroll 9
       for (int t = 0; t < 9; ++t) {
         float* a = dw_acc + t * acc_stride + c;
         _mm512_mask_storeu_ps(a, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, a), sum[t]));
       }
       _mm512_mask_storeu_ps(db_acc + c, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, db_acc + c), bsum));
+    }
+    if (!gx) continue;
+    __m512 wv[9];
+#pragma GCC unroll 9
+    for (int t = 0; t < 9; ++t) wv[t] = _mm512_maskz_loadu_ps(m, w + t * w_stride + c);
+    auto add_to = [&](float* p, __m512 v) { _mm512_mask_storeu_ps(p, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, p), v)); };
+    if (sliding) {
+      __m512 pending[3][3];  // kernel row i: the sums for input columns r, r + 1, r + 2
+#pragma GCC unroll 3
+      for (int i = 0; i < 3; ++i) pending[i][0] = pending[i][1] = pending[i][2] = zero;
+      for (int64_t r = 0; r < run.count; ++r) {
+        const __m512 grad = _mm512_maskz_loadu_ps(m, gh + r * ldh + c);
+        const int64_t at = start + r * pixel_step;
+        prefetch_at(gx, at + run.ahead, true);
+#pragma GCC unroll 3
+        for (int i = 0; i < 3; ++i) {
+          if (!run.rows[i]) continue;
+          pending[i][0] = _mm512_fmadd_ps(grad, wv[3 * i], pending[i][0]);
+          pending[i][1] = _mm512_fmadd_ps(grad, wv[3 * i + 1], pending[i][1]);
+          pending[i][2] = _mm512_fmadd_ps(grad, wv[3 * i + 2], pending[i][2]);
+          add_to(gx + at + i * row_step, pending[i][0]);  // column r: no later pixel of the run reaches it
+          pending[i][0] = pending[i][1];
+          pending[i][1] = pending[i][2];
+          pending[i][2] = zero;
+        }
+      }
+      const int64_t end = start + run.count * pixel_step;  // columns count and count + 1 are left
+#pragma GCC unroll 3
+      for (int i = 0; i < 3; ++i) {
+        if (!run.rows[i] || run.count == 0) continue;
+        add_to(gx + end + i * row_step, pending[i][0]);
+        add_to(gx + end + i * row_step + col_step, pending[i][1]);
+      }
+      continue;
+    }
+    for (int64_t r = 0; r < run.count; ++r) {
+      const __m512 grad = _mm512_maskz_loadu_ps(m, gh + r * ldh + c);
+      const int64_t at = start + r * pixel_step;
+      prefetch_at(gx, at + run.ahead, true);
+#pragma GCC unroll 3
+      for (int i = 0; i < 3; ++i) {
+        if (!run.rows[i]) continue;
+#pragma GCC unroll 3
+        for (int j = 0; j < 3; ++j) {
+          float* p = gx + at + i * row_step + j * col_step;
+          _mm512_mask_storeu_ps(p, m, _mm512_fmadd_ps(grad, wv[3 * i + j], _mm512_maskz_loadu_ps(m, p)));
+        }
+      }
     }
   }
 }
