@@ -162,6 +162,55 @@ inline void depthwise_row3x3_f32(const float* x, const Run3x3& run, int64_t k0, 
       return _mm512_fmadd_ps(v, weight, acc);
     };
     const int64_t start = run.base + k0 + c;
+    if (pixel_step == col_step) {
+      // Consecutive pixels one column step apart (stride equal to dilation): each input enters a
+      // window that slides along the run once (three loads a pixel, not nine), and the taps are
+      // summed in the same order as below (the same bits; forward of 128->128@147 at batch 8 4% faster).
+      auto input = [&](int64_t offset) {
+        const __m512 v = _mm512_maskz_loadu_ps(m, x + offset);
+        return relu ? _mm512_max_ps(zero, v) : v;
+      };
+      __m512 window[3][3];
+#pragma GCC unroll 3
+      for (int i = 0; i < 3; ++i) {
+        window[i][0] = window[i][1] = window[i][2] = zero;
+        if (rows[i] && run.count > 0) {
+          window[i][0] = input(start + i * row_step);
+          window[i][1] = input(start + i * row_step + col_step);
+        }
+      }
+      for (int64_t r = 0; r < run.count; ++r) {
+        const int64_t at = start + r * pixel_step;
+        prefetch_at(x, at + run.ahead);
+#pragma GCC unroll 3
+        for (int i = 0; i < 3; ++i) {
+          if (rows[i]) window[i][2] = input(at + i * row_step + 2 * col_step);
+        }
+        __m512 acc0 = b, acc1 = zero;
+        if (rows[0]) {
+          acc0 = _mm512_fmadd_ps(window[0][0], wv[0], acc0);
+          acc1 = _mm512_fmadd_ps(window[0][1], wv[1], acc1);
+          acc0 = _mm512_fmadd_ps(window[0][2], wv[2], acc0);
+        }
+        if (rows[1]) {
+          acc1 = _mm512_fmadd_ps(window[1][0], wv[3], acc1);
+          acc0 = _mm512_fmadd_ps(window[1][1], wv[4], acc0);
+          acc1 = _mm512_fmadd_ps(window[1][2], wv[5], acc1);
+        }
+        if (rows[2]) {
+          acc0 = _mm512_fmadd_ps(window[2][0], wv[6], acc0);
+          acc1 = _mm512_fmadd_ps(window[2][1], wv[7], acc1);
+          acc0 = _mm512_fmadd_ps(window[2][2], wv[8], acc0);
+        }
+        _mm512_mask_storeu_ps(out + r * ld + c, m, _mm512_add_ps(acc0, acc1));
+#pragma GCC unroll 3
+        for (int i = 0; i < 3; ++i) {
+          window[i][0] = window[i][1];
+          window[i][1] = window[i][2];
+        }
+      }
+      continue;
+    }
     for (int64_t r = 0; r < run.count; ++r) {
       const int64_t at = start + r * pixel_step;
       prefetch_at(x, at + run.ahead);  // from L3 the bottom-right tap stalled the loop
