@@ -141,6 +141,27 @@ struct Run3x3 {
 };
 
 #if defined(__AVX512F__)
+// relu?(x[offset, offset + 16)) under mask m (max(0, x) keeps a NaN input as NaN, like F.relu).
+inline __m512 load_input(const float* x, int64_t offset, __mmask16 m, bool relu) {
+  const __m512 v = _mm512_maskz_loadu_ps(m, x + offset);
+  return relu ? _mm512_max_ps(_mm512_setzero_ps(), v) : v;
+}
+
+// The inputs of a run's windows for one 16-channel slice, where consecutive pixels are one column
+// step apart: at pixel r, window[i][j] holds kernel row i, column r + j, and each input is loaded
+// once. This sets columns 0 and 1 of the in-bounds kernel rows (zero elsewhere) before pixel 0;
+// at each pixel the caller loads column 2 and shifts the columns left afterwards.
+inline void start_window(__m512 (&window)[3][3], const float* x, const Run3x3& run, int64_t start, __mmask16 m,
+                         bool relu) {
+  for (int i = 0; i < 3; ++i) {
+    window[i][0] = window[i][1] = window[i][2] = _mm512_setzero_ps();
+    if (run.rows[i] && run.count > 0) {
+      window[i][0] = load_input(x, start + i * run.row_step, m, relu);
+      window[i][1] = load_input(x, start + i * run.row_step + run.col_step, m, relu);
+    }
+  }
+}
+
 // 3x3 depthwise, float32, over a run: hidden channels [k0, k0 + kc) (w and bias already offset to
 // k0), pixel r into out[r * ld]. Each 16-channel slice keeps its nine weights in registers across
 // the pixels, so a tap costs one load and one FMA (the per-pixel path also reloads the weight and
@@ -157,34 +178,21 @@ inline void depthwise_row3x3_f32(const float* x, const Run3x3& run, int64_t k0, 
     for (int t = 0; t < 9; ++t) wv[t] = _mm512_maskz_loadu_ps(m, w + t * w_stride + c);
     const __m512 b = bias ? _mm512_maskz_loadu_ps(m, bias + c) : zero;
     auto tap = [&](const float* p, __m512 weight, __m512 acc) {
-      __m512 v = _mm512_maskz_loadu_ps(m, p);
-      if (relu) v = _mm512_max_ps(zero, v);  // max(0, x) keeps a NaN input as NaN, like F.relu
-      return _mm512_fmadd_ps(v, weight, acc);
+      return _mm512_fmadd_ps(load_input(p, 0, m, relu), weight, acc);
     };
     const int64_t start = run.base + k0 + c;
     if (pixel_step == col_step) {
       // Consecutive pixels one column step apart (stride equal to dilation): each input enters a
       // window that slides along the run once (three loads a pixel, not nine), and the taps are
       // summed in the same order as below (the same bits; forward of 128->128@147 at batch 8 4% faster).
-      auto input = [&](int64_t offset) {
-        const __m512 v = _mm512_maskz_loadu_ps(m, x + offset);
-        return relu ? _mm512_max_ps(zero, v) : v;
-      };
       __m512 window[3][3];
-#pragma GCC unroll 3
-      for (int i = 0; i < 3; ++i) {
-        window[i][0] = window[i][1] = window[i][2] = zero;
-        if (rows[i] && run.count > 0) {
-          window[i][0] = input(start + i * row_step);
-          window[i][1] = input(start + i * row_step + col_step);
-        }
-      }
+      start_window(window, x, run, start, m, relu);
       for (int64_t r = 0; r < run.count; ++r) {
         const int64_t at = start + r * pixel_step;
         prefetch_at(x, at + run.ahead);
 #pragma GCC unroll 3
         for (int i = 0; i < 3; ++i) {
-          if (rows[i]) window[i][2] = input(at + i * row_step + 2 * col_step);
+          if (rows[i]) window[i][2] = load_input(x, at + i * row_step + 2 * col_step, m, relu);
         }
         __m512 acc0 = b, acc1 = zero;
         if (rows[0]) {
@@ -261,20 +269,10 @@ inline void depthwise_row3x3_backward_f32(const float* x, float* gx, const Run3x
       __m512 sum[9], bsum = zero;
 #pragma GCC unroll 9
       for (int t = 0; t < 9; ++t) sum[t] = zero;
-      auto input = [&](int64_t offset) {
-        const __m512 v = _mm512_maskz_loadu_ps(m, x + offset);
-        return relu ? _mm512_max_ps(zero, v) : v;  // max(0, x) keeps a NaN input as NaN, like F.relu
-      };
-      if (sliding) {  // kernel row i: the inputs of columns r, r + 1, r + 2, each loaded once
+      auto input = [&](int64_t offset) { return load_input(x, offset, m, relu); };
+      if (sliding) {
         __m512 window[3][3];
-#pragma GCC unroll 3
-        for (int i = 0; i < 3; ++i) {
-          window[i][0] = window[i][1] = window[i][2] = zero;
-          if (run.rows[i] && run.count > 0) {
-            window[i][0] = input(start + i * row_step);
-            window[i][1] = input(start + i * row_step + col_step);
-          }
-        }
+        start_window(window, x, run, start, m, relu);
         for (int64_t r = 0; r < run.count; ++r) {
           const __m512 grad = _mm512_maskz_loadu_ps(m, gh + r * ldh + c);
           const int64_t at = start + r * pixel_step;
