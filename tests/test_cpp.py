@@ -379,3 +379,18 @@ def test_two_consumers_accumulate_in_place():
     expected += torch.autograd.grad(F.conv2d(F.conv2d(x, second.conv1.weight, padding=1, groups=16),
                                              second.pointwise.weight).sum(), x)[0]
     torch.testing.assert_close(x.grad, expected, **TOLERANCES[torch.float32])
+
+
+@pytest.mark.parametrize("out_channels", [128, 200], ids=["streamed", "cout-not-multiple-of-16"])
+def test_large_output_forward(out_channels):
+    """A float32 output over 24 MB with 64-byte rows leaves the forward through non-temporal stores;
+    it matches the reference like any other (and so does one whose rows are not 64-byte multiples)."""
+    require_backend("cpp")
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 24, 160, 160, generator=g).contiguous(memory_format=torch.channels_last)
+    dw = torch.randn(24, 1, 3, 3, generator=g) / 3
+    pw = torch.randn(out_channels, 24, 1, 1, generator=g) / 24 ** 0.5
+    out = kernels.separable_conv2d(x, dw, pw, padding=1, relu_input=True, backend="cpp")
+    assert out.numel() * 4 > 24 << 20
+    expected = F.conv2d(F.conv2d(F.relu(x).double(), dw.double(), padding=1, groups=24), pw.double())
+    torch.testing.assert_close(out.double(), expected, **TOLERANCES[torch.float32])

@@ -32,6 +32,7 @@ struct MicroArgs {
   int64_t ldc;         // row stride of C in elements
   int nr;              // valid columns, 1..kCols
   bool accumulate;     // add into C instead of overwriting it
+  bool stream = false; // non-temporal stores of full, 64-byte aligned C rows (not accumulate)
 };
 
 template <typename T, int MR>
@@ -114,6 +115,11 @@ inline void micro_f32(const float* a, const float* b, float* c, const float* ini
     if (p.accumulate) {
       v0 = _mm512_add_ps(v0, _mm512_maskz_loadu_ps(m0, crow));
       v1 = _mm512_add_ps(v1, _mm512_maskz_loadu_ps(m1, crow + 16));
+    }
+    if (p.stream) {
+      _mm512_stream_ps(crow, v0);
+      _mm512_stream_ps(crow + 16, v1);
+      continue;
     }
     _mm512_mask_storeu_ps(crow, m0, v0);
     _mm512_mask_storeu_ps(crow + 16, m1, v1);
