@@ -269,3 +269,26 @@ def test_relu_output_opcheck_and_errors():
                               (grad, x.detach(), w.detach(), mean, invstd, mask, out))
     with pytest.raises(RuntimeError, match="output must be a Float CPU tensor of shape \\[2, 5, 4, 3\\], got Float"):
         ops.batch_norm_backward(grad, x.detach(), None, mean, invstd, [True, True, True], out[:, :, :2])
+
+
+@pytest.mark.parametrize("channels", [64, 40], ids=["streamed", "rows-not-64-byte-multiples"])
+def test_large_output_matches_nn_batchnorm(channels):
+    """Outputs and input gradients over 24 MB go out through streaming stores (when their rows are
+    64-byte multiples): nn.BatchNorm2d's values within fp32 tolerance, and with relu_output those of
+    the same kernel followed by F.relu, bit for bit."""
+    require_backend("cpp")
+    reference, ours = _pair(channels, torch.float32)
+    x = torch.randn(8, channels, 160, 160, generator=torch.Generator().manual_seed(0))
+    x = x.contiguous(memory_format=torch.channels_last)
+    grad = torch.randn(x.shape, generator=torch.Generator().manual_seed(1)).contiguous(memory_format=torch.channels_last)
+    assert x.numel() * 4 > 24 << 20
+    expected, got = _step(reference, x, grad), _step(ours, x, grad)
+    for a, b in zip(got[:2], expected[:2]):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    relu_reference, fused = copy.deepcopy(ours), copy.deepcopy(ours)
+    fused.relu_output = True
+    leaf = x.clone().requires_grad_(True)
+    relu_expected = F.relu(relu_reference(leaf))
+    relu_expected.backward(grad)
+    relu_got = _step(fused, x, grad)
+    assert torch.equal(relu_got[0], relu_expected.detach()) and torch.equal(relu_got[1], leaf.grad)

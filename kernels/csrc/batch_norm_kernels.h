@@ -21,7 +21,29 @@
 #include <cstdint>
 #include <vector>
 
+#include "streaming.h"
+
 namespace sepconv {
+
+// Calls fill(r, dst) for each row r of an (M, C) output `out`, which writes the row's C values to
+// dst: `out`'s row itself, or, for an output larger than the cache, a buffer that then streams to
+// it (the same values, without reading each output line from memory first).
+template <typename T, typename Fill>
+void write_rows(int64_t M, int64_t C, T* out, Fill fill) {
+  const bool stream = should_stream(out, C * int64_t(sizeof(T)), M * C * int64_t(sizeof(T)));
+  at::parallel_for(0, M, 256, [&](int64_t begin, int64_t end) {
+    std::vector<T> row(static_cast<size_t>(stream ? C : 0));
+    for (int64_t r = begin; r < end; ++r) {
+      if (!stream) {
+        fill(r, out + r * C);
+        continue;
+      }
+      fill(r, row.data());
+      if constexpr (std::is_same_v<T, float>) stream_copy(row.data(), out + r * C, C);
+    }
+    if (stream) stream_fence();
+  });
+}
 
 // Adds `kSums` column sums of per-row terms into out[k * C + c] (doubles, zeroed here):
 // add_row(row, acc) adds row `row`'s terms into acc[k * C + c].
@@ -78,17 +100,14 @@ void batch_norm_forward(int64_t M, int64_t C, const T* x, const T* weight, const
     alpha[c] = invstd_out[c] * (weight ? weight[c] : T(1));
     beta[c] = (bias ? bias[c] : T(0)) - mean_out[c] * alpha[c];
   }
-  at::parallel_for(0, M, 256, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const T* in = x + r * C;
-      T* out = y + r * C;
-      if (relu) {
+  write_rows(M, C, y, [&](int64_t r, T* out) {
+    const T* in = x + r * C;
+    if (relu) {
 #pragma omp simd
-        for (int64_t c = 0; c < C; ++c) out[c] = std::max(in[c] * alpha[c] + beta[c], T(0));  // keeps NaN
-      } else {
+      for (int64_t c = 0; c < C; ++c) out[c] = std::max(in[c] * alpha[c] + beta[c], T(0));  // keeps NaN
+    } else {
 #pragma omp simd
-        for (int64_t c = 0; c < C; ++c) out[c] = in[c] * alpha[c] + beta[c];
-      }
+      for (int64_t c = 0; c < C; ++c) out[c] = in[c] * alpha[c] + beta[c];
     }
   });
 }
@@ -129,23 +148,20 @@ void batch_norm_backward(int64_t M, int64_t C, const T* dy, const T* x, const T*
     k[c] = static_cast<T>(sums[C + c] / static_cast<double>(M) * invstd[c] * invstd[c]);
     scale[c] = invstd[c] * (weight ? weight[c] : T(1));
   }
-  at::parallel_for(0, M, 256, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const T* g = dy + r * C;
-      const T* in = x + r * C;
-      T* out = grad_input + r * C;
-      if (relu_output) {
-        const T* y = relu_output + r * C;
+  write_rows(M, C, grad_input, [&](int64_t r, T* out) {
+    const T* g = dy + r * C;
+    const T* in = x + r * C;
+    if (relu_output) {
+      const T* y = relu_output + r * C;
 #pragma omp simd
-        for (int64_t c = 0; c < C; ++c) {
-          const T gc = y[c] <= T(0) ? T(0) : g[c];
-          out[c] = (gc - (in[c] - mean[c]) * k[c] - grad_mean[c]) * scale[c];
-        }
-        continue;
+      for (int64_t c = 0; c < C; ++c) {
+        const T gc = y[c] <= T(0) ? T(0) : g[c];
+        out[c] = (gc - (in[c] - mean[c]) * k[c] - grad_mean[c]) * scale[c];
       }
-#pragma omp simd
-      for (int64_t c = 0; c < C; ++c) out[c] = (g[c] - (in[c] - mean[c]) * k[c] - grad_mean[c]) * scale[c];
+      return;
     }
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) out[c] = (g[c] - (in[c] - mean[c]) * k[c] - grad_mean[c]) * scale[c];
   });
 }
 
