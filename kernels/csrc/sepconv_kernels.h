@@ -151,7 +151,7 @@ inline __m512 load_input(const float* x, int64_t offset, __mmask16 m, bool relu)
 // The inputs of a run's windows for one 16-channel slice, where consecutive pixels are one column
 // step apart: at pixel r, window[i][j] holds kernel row i, column r + j, and each input is loaded
 // once. This sets columns 0 and 1 of the in-bounds kernel rows (zero elsewhere) before pixel 0;
-// at each pixel the caller loads column 2 and shifts the columns left afterwards.
+// at each pixel column 2 comes in (load_window_row), and the columns shift left after it.
 inline void start_window(__m512 (&window)[3][3], const float* x, const Run3x3& run, int64_t start, __mmask16 m,
                          bool relu) {
   for (int i = 0; i < 3; ++i) {
@@ -163,6 +163,36 @@ inline void start_window(__m512 (&window)[3][3], const float* x, const Run3x3& r
   }
 }
 
+// Kernel row i (in bounds) of the window of the pixel at `at`: its column 2, and columns 0 and 1 as
+// well unless the window slides (then they are the previous pixel's columns 1 and 2, shifted).
+template <bool kSliding>
+inline void load_window_row(__m512 (&window)[3][3], int i, const float* x, const Run3x3& run, int64_t at,
+                            __mmask16 m, bool relu) {
+  const int64_t row = at + i * run.row_step;
+  if constexpr (!kSliding) {
+    window[i][0] = load_input(x, row, m, relu);
+    window[i][1] = load_input(x, row + run.col_step, m, relu);
+  }
+  window[i][2] = load_input(x, row + 2 * run.col_step, m, relu);
+}
+
+// Calls walk(std::true_type) where the window slides, walk(std::false_type) elsewhere, so that each
+// walk over a run is compiled for one case, with no test inside its loop.
+template <typename Walk>
+inline void with_sliding(bool sliding, Walk&& walk) {
+  if (sliding) {
+    walk(std::true_type{});
+  } else {
+    walk(std::false_type{});
+  }
+}
+
+// After a pixel: columns 1 and 2 of kernel row i become the next pixel's columns 0 and 1.
+inline void shift_window_row(__m512 (&window)[3][3], int i) {
+  window[i][0] = window[i][1];
+  window[i][1] = window[i][2];
+}
+
 // 3x3 depthwise, float32, over a run: hidden channels [k0, k0 + kc) (w and bias already offset to
 // k0), pixel r into out[r * ld]. Each 16-channel slice keeps its nine weights in registers across
 // the pixels, so a tap costs one load and one FMA (the per-pixel path also reloads the weight and
@@ -170,32 +200,30 @@ inline void start_window(__m512 (&window)[3][3], const float* x, const Run3x3& r
 inline void depthwise_row3x3_f32(const float* x, const Run3x3& run, int64_t k0, const float* w, int64_t w_stride,
                                  const float* bias, bool relu, int64_t kc, float* out, int64_t ld) {
   const __m512 zero = _mm512_setzero_ps();
-  const int64_t pixel_step = run.pixel_step, col_step = run.col_step, row_step = run.row_step;
+  const int64_t pixel_step = run.pixel_step;
   const bool* rows = run.rows;
+  const bool sliding = pixel_step == run.col_step;
   for (int64_t c = 0; c < kc; c += 16) {
     const __mmask16 m = tail_mask(kc - c);
     __m512 wv[9];
 #pragma GCC unroll 9
     for (int t = 0; t < 9; ++t) wv[t] = _mm512_maskz_loadu_ps(m, w + t * w_stride + c);
     const __m512 b = bias ? _mm512_maskz_loadu_ps(m, bias + c) : zero;
-    auto tap = [&](const float* p, __m512 weight, __m512 acc) {
-      return _mm512_fmadd_ps(load_input(p, 0, m, relu), weight, acc);
-    };
     const int64_t start = run.base + k0 + c;
-    if (pixel_step == col_step) {
-      // Consecutive pixels one column step apart (stride equal to dilation): each input enters a
-      // window that slides along the run once (three loads a pixel, not nine), and the taps are
-      // summed in the same order as below (the same bits; forward of 128->128@147 at batch 8 4% faster).
+    // Where consecutive pixels are one column step apart (stride equal to dilation), each input
+    // enters a window that slides along the run once (three loads a pixel, not nine; forward of
+    // 128->128@147 at batch 8 4% faster); otherwise each pixel loads its whole window.
+    with_sliding(sliding, [&](auto kind) {
       __m512 window[3][3];
       start_window(window, x, run, start, m, relu);
       for (int64_t r = 0; r < run.count; ++r) {
         const int64_t at = start + r * pixel_step;
-        prefetch_at(x, at + run.ahead);
+        prefetch_at(x, at + run.ahead);  // from L3 the bottom-right tap stalled the loop
 #pragma GCC unroll 3
         for (int i = 0; i < 3; ++i) {
-          if (rows[i]) window[i][2] = load_input(x, at + i * row_step + 2 * col_step, m, relu);
+          if (rows[i]) load_window_row<decltype(kind)::value>(window, i, x, run, at, m, relu);
         }
-        __m512 acc0 = b, acc1 = zero;
+        __m512 acc0 = b, acc1 = zero;  // two chains: taps alternate between them
         if (rows[0]) {
           acc0 = _mm512_fmadd_ps(window[0][0], wv[0], acc0);
           acc1 = _mm512_fmadd_ps(window[0][1], wv[1], acc1);
@@ -213,37 +241,9 @@ inline void depthwise_row3x3_f32(const float* x, const Run3x3& run, int64_t k0, 
         }
         _mm512_mask_storeu_ps(out + r * ld + c, m, _mm512_add_ps(acc0, acc1));
 #pragma GCC unroll 3
-        for (int i = 0; i < 3; ++i) {
-          window[i][0] = window[i][1];
-          window[i][1] = window[i][2];
-        }
+        for (int i = 0; i < 3; ++i) shift_window_row(window, i);
       }
-      continue;
-    }
-    for (int64_t r = 0; r < run.count; ++r) {
-      const int64_t at = start + r * pixel_step;
-      prefetch_at(x, at + run.ahead);  // from L3 the bottom-right tap stalled the loop
-      __m512 acc0 = b, acc1 = zero;  // two chains: taps alternate between them
-      if (rows[0]) {
-        const float* xp = x + at;
-        acc0 = tap(xp, wv[0], acc0);
-        acc1 = tap(xp + col_step, wv[1], acc1);
-        acc0 = tap(xp + 2 * col_step, wv[2], acc0);
-      }
-      if (rows[1]) {
-        const float* xq = x + (at + row_step);
-        acc1 = tap(xq, wv[3], acc1);
-        acc0 = tap(xq + col_step, wv[4], acc0);
-        acc1 = tap(xq + 2 * col_step, wv[5], acc1);
-      }
-      if (rows[2]) {
-        const float* xq = x + (at + 2 * row_step);
-        acc0 = tap(xq, wv[6], acc0);
-        acc1 = tap(xq + col_step, wv[7], acc1);
-        acc0 = tap(xq + 2 * col_step, wv[8], acc0);
-      }
-      _mm512_mask_storeu_ps(out + r * ld + c, m, _mm512_add_ps(acc0, acc1));
-    }
+    });
   }
 }
 
@@ -281,11 +281,10 @@ inline void depthwise_row3x3_backward_f32(const float* x, float* gx, const Run3x
 #pragma GCC unroll 3
           for (int i = 0; i < 3; ++i) {
             if (!run.rows[i]) continue;
-            window[i][2] = input(at + i * row_step + 2 * col_step);
+            load_window_row<true>(window, i, x, run, at, m, relu);
 #pragma GCC unroll 3
             for (int j = 0; j < 3; ++j) sum[3 * i + j] = _mm512_fmadd_ps(grad, window[i][j], sum[3 * i + j]);
-            window[i][0] = window[i][1];
-            window[i][1] = window[i][2];
+            shift_window_row(window, i);
           }
           bsum = _mm512_add_ps(bsum, grad);
         }
