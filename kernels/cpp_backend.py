@@ -16,6 +16,7 @@ from __future__ import annotations
 import glob
 import os
 import shutil
+import sys
 import threading
 from pathlib import Path
 from typing import List, Optional
@@ -52,6 +53,15 @@ def _prebuilt() -> Optional[str]:
     return library if os.path.getmtime(library) >= newest_source else None
 
 
+def _jit_library_is_current(build_directory: str) -> bool:
+    """Whether the extensions cache holds a library newer than every source (then loading is quick)."""
+    libraries = glob.glob(os.path.join(build_directory, f"{JIT_NAME}*.so"))
+    if not libraries:
+        return False
+    newest_source = max(p.stat().st_mtime for p in source_files())
+    return max(os.path.getmtime(path) for path in libraries) >= newest_source
+
+
 def _jit_build() -> str:
     from torch.utils import cpp_extension
 
@@ -60,6 +70,11 @@ def _jit_build() -> str:
         raise RuntimeError(f"no C++ compiler found (looked for {compiler!r}; set CXX to one)")
     if not cpp_extension.is_ninja_available():
         raise RuntimeError("ninja is not installed (pip install ninja); torch.utils.cpp_extension needs it")
+    build_directory = cpp_extension._get_build_directory(JIT_NAME, verbose=False)
+    if not _jit_library_is_current(build_directory):
+        # The compile takes one to two minutes with no output of its own: say why the process waits.
+        print(f"kernels: building the C++ backend (once, about 1-2 minutes); cached in {build_directory}",
+              file=sys.stderr, flush=True)
     cpp_extension.load(
         name=JIT_NAME,
         sources=[str(CSRC / name) for name in SOURCES],
@@ -69,7 +84,7 @@ def _jit_build() -> str:
         is_python_module=False,
         verbose=os.environ.get("SEPCONV_BUILD_VERBOSE") == "1",
     )
-    return f"JIT build ({cpp_extension._get_build_directory(JIT_NAME, verbose=False)})"
+    return f"JIT build ({build_directory})"
 
 
 def load() -> None:
