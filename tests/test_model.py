@@ -676,3 +676,81 @@ def test_dropout_applies_in_training_only():
     assert torch.equal(model.forward_head(features, pre_logits=True), pooled)
     logits_a, logits_b = model(torch.randn(2, 3, 32, 32).repeat(2, 1, 1, 1)).chunk(2)
     assert torch.equal(logits_a, logits_b)
+
+
+# --- starting from weights files -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("layout", ["save_weights", "cadene", "safetensors"])
+def test_constructor_loads_weights_of_every_layout(tmp_path, layout):
+    source = tiny().eval()
+    randomize_batchnorm(source, seed=2)
+    path = tmp_path / f"weights.{'safetensors' if layout == 'safetensors' else 'pt'}"
+    if layout == "save_weights":
+        xception.save_weights(source, path)
+    elif layout == "cadene":
+        torch.save(cadene_style(source.state_dict()), path)
+    else:
+        if importlib.util.find_spec("safetensors") is None:
+            pytest.skip("safetensors is not installed")
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(path))
+    model = xception.xception_tiny(weights=path).eval()  # num_classes from the file's classifier
+    assert model.num_classes == 10
+    x = torch.randn(1, 3, 36, 36)
+    with torch.no_grad():
+        assert torch.equal(model(x), source(x))
+    assert xception.create_model("xception_tiny", weights=str(path)).num_classes == 10
+
+
+def test_constructor_with_other_num_classes_replaces_the_classifier(tmp_path):
+    source = tiny()
+    path = tmp_path / "weights.pt"
+    xception.save_weights(source, path)
+    model = xception.xception_tiny(num_classes=3, weights=path)
+    assert model.fc.out_features == 3
+    assert torch.equal(model.block3.skip.weight, source.block3.skip.weight)
+    # every other weight is still checked: a file of the full model does not load into the tiny one
+    with torch.device("meta"):
+        full = xception.xception(num_classes=10, separable="conv2d")
+    with pytest.raises(xception.CheckpointError, match="shape mismatch"):
+        xception.xception_tiny(weights=full.state_dict())
+    with pytest.raises(TypeError, match="weights=PATH"):
+        xception.xception(pretrained=True)
+
+
+def test_non_strict_load_skips_a_classifier_of_another_size():
+    model = tiny(num_classes=4)
+    before = model.fc.weight.clone()
+    result = xception.load_weights(model, tiny().state_dict(), strict=False)
+    assert result.missing_keys == ["fc.weight", "fc.bias"] and torch.equal(model.fc.weight, before)
+    with pytest.raises(xception.CheckpointError, match="fc.weight"):
+        xception.load_weights(model, tiny().state_dict())  # strict: the classifier must fit
+
+
+def test_matching_model_names_the_architecture():
+    from xception.weights import matching_model
+
+    assert matching_model(tiny().state_dict()) == ("xception_tiny", 10)
+    with torch.device("meta"):
+        full = xception.xception(num_classes=7, separable="conv2d")
+    assert matching_model(cadene_style(full.state_dict())["state_dict"]) == ("xception", 7)
+    with pytest.raises(xception.CheckpointError, match="fits none"):
+        matching_model({"conv1.weight": torch.zeros(3, 3, 3, 3)})
+
+
+@pytest.mark.parametrize("content,text", [("empty", "is empty"), ("pickle-object", "pickled Python objects"),
+                                          ("truncated", "truncated")])
+def test_unreadable_files_get_our_message(tmp_path, content, text):
+    path = tmp_path / "weights.pt"
+    if content == "empty":
+        path.write_bytes(b"")
+    elif content == "pickle-object":
+        torch.save({"conv1.weight": NotATensor()}, path)
+    else:
+        xception.save_weights(tiny(), path)
+        path.write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(xception.CheckpointError, match=text) as info:
+        xception.load_weights(tiny(), path)
+    assert "weights_only=False" not in str(info.value) and str(path) in str(info.value)

@@ -23,11 +23,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from .weights import CheckpointError, torch_load
+
 FORMAT = "xception-sepconv/1"
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint cannot be written or does not fit (the message says which file and why)."""
 
 
 def save_atomic(obj: Mapping[str, Any], path: str) -> None:
@@ -72,14 +70,12 @@ def save_atomic(obj: Mapping[str, Any], path: str) -> None:
         os.close(directory)
 
 
-def load(path: str) -> Dict[str, Any]:
-    """A checkpoint written by :func:`save_atomic`, read with ``torch.load(weights_only=True)`` onto the CPU."""
+def load(path: str, mmap: bool = False) -> Dict[str, Any]:
+    """A checkpoint written by :func:`save_atomic`, read with ``torch.load(weights_only=True)`` onto the CPU
+    (``mmap``: tensors are paged in when used, for a cheap look at the plain entries)."""
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint {path!r} does not exist")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # noqa: BLE001 - truncated, foreign or unsafe files all end up here
-        raise CheckpointError(f"cannot read checkpoint {path!r}: {type(error).__name__}: {error}") from error
+    checkpoint = torch_load(path, mmap=mmap)
     if not isinstance(checkpoint, dict):
         raise CheckpointError(f"checkpoint {path!r} holds a {type(checkpoint).__name__}, not a dict")
     return checkpoint

@@ -21,8 +21,9 @@ Modules and keys (``block{i}`` are numbered from 1 across the three flows)::
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any, Callable
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any, Callable, Union
 
 import torch
 from torch import nn
@@ -329,31 +330,62 @@ class Xception(nn.Module):
         return super().train(mode)
 
 
-def xception(num_classes: int = 1000, in_chans: int = 3, drop_rate: float = 0.0, backend: str = "auto",
-             **kwargs: Any) -> Xception:
-    """The paper's Xception: 8 middle blocks, width 1, 22.9M parameters, 299x299 input."""
-    return Xception(num_classes=num_classes, in_chans=in_chans, drop_rate=drop_rate, backend=backend, **kwargs)
+WeightsSource = Union[str, "os.PathLike[str]", Mapping[str, torch.Tensor], None]
 
 
-def xception_tiny(num_classes: int = 1000, in_chans: int = 3, drop_rate: float = 0.0, backend: str = "auto",
-                  **kwargs: Any) -> Xception:
+def _build(num_classes: int | None, weights: WeightsSource, **kwargs: Any) -> Xception:
+    """An ``Xception(**kwargs)``, with ``weights`` (a file of any layout ``load_weights`` reads) loaded.
+
+    ``num_classes=None`` takes the classifier size of ``weights`` (1000 without weights). A
+    classifier of another size than ``num_classes`` is not loaded: the model keeps its new one
+    (fine-tuning); every other weight must fit.
+    """
+    if "pretrained" in kwargs:
+        raise TypeError("pretrained=: nothing is downloaded here; pass weights=PATH, a weights file you fetched "
+                        "(e.g. timm's legacy_xception for the paper's network), or a state_dict")
+    if weights is None:
+        return Xception(num_classes=1000 if num_classes is None else num_classes, **kwargs)
+    from .weights import classifier_outputs, load_weights, read_checkpoint, unwrap
+
+    state_dict = read_checkpoint(weights) if isinstance(weights, (str, os.PathLike)) else unwrap(weights)
+    if num_classes is None:
+        num_classes = classifier_outputs(state_dict) or 1000
+    model = Xception(num_classes=num_classes, **kwargs)
+    load_weights(model, state_dict, replace_classifier=True)
+    return model
+
+
+def xception(num_classes: int | None = None, in_chans: int = 3, drop_rate: float = 0.0, backend: str = "auto",
+             weights: WeightsSource = None, **kwargs: Any) -> Xception:
+    """The paper's Xception: 8 middle blocks, width 1, 22.9M parameters, 299x299 input.
+
+    ``weights``: a file (timm ``legacy_xception``, Cadene, ``save_weights``, ``xception.train``
+    checkpoints, ``.safetensors``) or a state_dict to start from; see :func:`_build` for
+    ``num_classes`` (default: the file's classifier size, else 1000).
+    """
+    return _build(num_classes, weights, in_chans=in_chans, drop_rate=drop_rate, backend=backend, **kwargs)
+
+
+def xception_tiny(num_classes: int | None = None, in_chans: int = 3, drop_rate: float = 0.0, backend: str = "auto",
+                  weights: WeightsSource = None, **kwargs: Any) -> Xception:
     """A small Xception for small data and fast tests: 2 middle blocks, width 0.25.
 
     Same block structure as the paper's network, channels scaled by 1/4 and
     rounded to multiples of 8 (stem 8/16, entry 32/64/184, exit 256, head
     384/512), 0.73M parameters at 10 classes; works on inputs down to
     32x32 (e.g. CIFAR-10), where its last feature map is 1x1.
+    ``weights`` and ``num_classes`` as for :func:`xception`.
     """
     kwargs.setdefault("middle_blocks", 2)
     kwargs.setdefault("width", 0.25)
-    return Xception(num_classes=num_classes, in_chans=in_chans, drop_rate=drop_rate, backend=backend, **kwargs)
+    return _build(num_classes, weights, in_chans=in_chans, drop_rate=drop_rate, backend=backend, **kwargs)
 
 
 MODELS: dict[str, Callable[..., Xception]] = {"xception": xception, "xception_tiny": xception_tiny}
 
 
 def create_model(name: str, **kwargs: Any) -> Xception:
-    """Build a registered model by name (``"xception"``, ``"xception_tiny"``)."""
+    """Build a registered model by name (``"xception"``, ``"xception_tiny"``); ``weights=PATH`` loads a file."""
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)}")
     return MODELS[name](**kwargs)
