@@ -13,6 +13,7 @@ from .autograd import SeparableConv2dFunction
 from .batch_norm import BatchNorm2d, batch_norm
 from .dispatch import BackendUnavailableError, available_backends, resolve as resolve_backend
 from .functional import separable_conv2d
+from .gpu_dispatch import tune
 from .module import SeparableConv2d
 from .pooling import max_pool2d_add
 from .reference import separable_conv2d_reference
@@ -29,6 +30,7 @@ __all__ = [
     "resolve_backend",
     "separable_conv2d",
     "separable_conv2d_reference",
+    "tune",
 ]
 
 

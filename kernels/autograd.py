@@ -14,13 +14,13 @@ import torch
 
 from . import ops
 
-_FORWARD = {name: ops.forward_op(name) for name in ops.BACKEND_NAMES}
-_BACKWARD = {name: ops.make_backward(ops.backward_op(name)) for name in ops.BACKEND_NAMES}
+_FORWARD = {name: ops.forward_op(name) for name in ops.IMPLEMENTATIONS}
+_BACKWARD = {name: ops.make_backward(ops.backward_op(name)) for name in ops.IMPLEMENTATIONS}
 
 
-def forward_op(backend: str):
-    """The forward op of a resolved backend name."""
-    return _FORWARD[backend]
+def forward_op(implementation: str):
+    """The forward op of a resolved implementation (``kernels.ops.IMPLEMENTATIONS``)."""
+    return _FORWARD[implementation]
 
 
 def needs_autograd(tensors) -> bool:
@@ -34,7 +34,8 @@ class SeparableConv2dFunction(torch.autograd.Function):
 
     Arguments are already checked and normalised (see ``kernels.functional``):
     ``input`` is ``(N, C, H, W)``, ``stride``/``dilation`` are ``[h, w]``,
-    ``padding`` is ``[top, bottom, left, right]``, ``backend`` a resolved name.
+    ``padding`` is ``[top, bottom, left, right]``, ``backend`` a resolved implementation
+    (``kernels.ops.IMPLEMENTATIONS``: a backend, or ``"triton_split"``).
     """
 
     @staticmethod

@@ -21,7 +21,10 @@ from typing import Callable, Dict, Optional
 
 import torch
 
+from . import gpu_dispatch
+
 ENV_VAR = "XCEPTION_SEPCONV_BACKEND"
+TRITON_MODE_ENV = "SEPCONV_TRITON_MODE"
 
 
 class BackendUnavailableError(RuntimeError):
@@ -80,9 +83,9 @@ def _triton_supports(device: torch.device, dtype: torch.dtype) -> Optional[str]:
 BACKENDS: Dict[str, Backend] = {
     "torch": Backend("torch", None, _torch_supports, {"cpu": 2, "cuda": 2}),
     "cpp": Backend("cpp", "kernels.cpp_backend:load", _cpp_supports, {"cpu": 0}),
-    # Never chosen by "auto". On CPU it is the interpreter, a correctness tool. On CUDA it measured
-    # 0.03-0.39x of the cuDNN pair on an H200 (benchmarks/results/cuda-nvidia-h200.md), so "auto"
-    # takes cuDNN there until the fused kernels beat it; backend="triton" still runs them.
+    # Never ranked by "auto". On CPU it is the interpreter, a correctness tool. On CUDA "auto" picks
+    # between it and cuDNN per layer (kernels/gpu_dispatch.py: a table of recorded GPU measurements,
+    # or the tuner); backend="triton" always runs it.
     "triton": Backend("triton", "kernels.triton:load", _triton_supports, {}),
 }
 
@@ -124,37 +127,77 @@ def _warn_once(message: str) -> None:
 
 
 _resolved: Dict[tuple, str] = {}
+_resolved_layers: Dict[tuple, str] = {}
 
 
 # torch.compile runs this at trace time and keeps its answer as a constant: tracing into it
 # would meet the loader's lock (a graph break) on a first call made under compile.
 @torch.compiler.assume_constant_result
-def resolve(backend: str, device: torch.device, dtype: torch.dtype) -> str:
-    """The backend that runs a call with ``backend=...`` on tensors of this device and dtype.
+def resolve(backend: str, device: torch.device, dtype: torch.dtype,
+            layer: Optional[gpu_dispatch.Layer] = None) -> str:
+    """What runs a call with ``backend=...`` on tensors of this device and dtype: a backend's name,
+    or, from ``"auto"`` on CUDA, ``"triton_split"`` (the triton backend's split mode;
+    ``kernels.ops.IMPLEMENTATIONS``).
 
     ``"auto"`` (or the ``XCEPTION_SEPCONV_BACKEND`` variable, when ``backend`` is
     ``"auto"``) picks the fastest backend that loads and supports the tensors,
-    warning once for each faster backend it had to skip. A backend named
-    explicitly raises ``BackendUnavailableError`` when it cannot run.
+    warning once for each faster backend it had to skip; on CUDA, given the call's
+    ``layer``, it picks per layer between cuDNN and the two Triton modes
+    (``kernels.gpu_dispatch``). A backend named explicitly raises
+    ``BackendUnavailableError`` when it cannot run; ``"triton"`` runs the mode
+    ``SEPCONV_TRITON_MODE`` names at each call (fused by default).
     """
     key = (backend, device.type, dtype, os.environ.get(ENV_VAR), os.environ.get("TRITON_INTERPRET"))
     name = _resolved.get(key)
     if name is None:
         name = _resolve_uncached(backend, device, dtype)
         _resolved[key] = name
+    if layer is not None and requested_backend(backend) == "auto" and gpu_dispatch.shape_dispatch_applies(device):
+        return _resolve_layer(device, dtype, layer)
     return name
 
 
-def _resolve_uncached(backend: str, device: torch.device, dtype: torch.dtype) -> str:
+def _triton_mode() -> str:
+    from .triton import registration  # loaded: only a loaded triton backend is resolved
+
+    return registration.mode()
+
+
+def _resolve_layer(device: torch.device, dtype: torch.dtype, layer: gpu_dispatch.Layer) -> str:
+    """The implementation an ``auto`` call on a CUDA layer runs (``kernels.gpu_dispatch.choose``)."""
+    mode = os.environ.get(TRITON_MODE_ENV)
+    key = (device, dtype, layer, mode, gpu_dispatch.tuning_enabled(), torch.backends.cudnn.allow_tf32,
+           torch.backends.cuda.matmul.allow_tf32)
+    name = _resolved_layers.get(key)
+    if name is None:
+        triton = BACKENDS["triton"]
+        reason = triton.supports(device, dtype) or triton.load()
+        candidates = ["torch"]
+        if reason is None:
+            # SEPCONV_TRITON_MODE, when set, fixes the Triton mode for "auto" too.
+            modes = {"fused": ["triton"], "split": ["triton_split"]}
+            candidates += modes[_triton_mode()] if mode else ["triton", "triton_split"]
+        name = gpu_dispatch.choose(device, dtype, layer, tuple(candidates))
+        _resolved_layers[key] = name
+    return name
+
+
+def requested_backend(backend: str) -> str:
+    """The backend a call asks for: ``backend``, or ``XCEPTION_SEPCONV_BACKEND`` (when set) for ``"auto"``."""
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a string, got {backend!r}")
-    requested = backend
-    if backend == "auto":
-        requested = os.environ.get(ENV_VAR, "auto") or "auto"
-        if requested != "auto" and requested not in BACKENDS:
-            raise ValueError(f"{ENV_VAR}={requested!r} is not a backend; choose one of {['auto', *BACKENDS]}")
-    elif backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {['auto', *BACKENDS]}, got {backend!r}")
+    if backend != "auto":
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {['auto', *BACKENDS]}, got {backend!r}")
+        return backend
+    requested = os.environ.get(ENV_VAR, "auto") or "auto"
+    if requested != "auto" and requested not in BACKENDS:
+        raise ValueError(f"{ENV_VAR}={requested!r} is not a backend; choose one of {['auto', *BACKENDS]}")
+    return requested
+
+
+def _resolve_uncached(backend: str, device: torch.device, dtype: torch.dtype) -> str:
+    requested = requested_backend(backend)
 
     if requested != "auto":
         chosen = BACKENDS[requested]

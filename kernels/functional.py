@@ -9,6 +9,7 @@ import torch
 from ._args import IntOrPair, check_tensor, normalize
 from .autograd import SeparableConv2dFunction, forward_op, needs_autograd
 from .dispatch import resolve
+from .gpu_dispatch import layer_of, shape_dispatch_applies
 
 
 def separable_conv2d(
@@ -37,7 +38,8 @@ def separable_conv2d(
         depthwise_bias: ``(C*M,)`` or None. pointwise_bias: ``(C_out,)`` or None.
         stride, dilation: int or pair. padding: int, pair, ``"same"`` or ``"valid"``.
         backend: ``"auto"``, ``"torch"``, ``"cpp"`` or ``"triton"`` (see
-            ``kernels.available_backends()``).
+            ``kernels.available_backends()``). On CUDA, ``"auto"`` picks cuDNN or a
+            Triton mode per layer (docs/gpu-dispatch.md).
         relu_input: apply ReLU to ``input`` first, inside the same kernel.
 
     Returns:
@@ -59,18 +61,22 @@ def separable_conv2d(
         )
     geometry = normalize(input, depthwise_weight, pointwise_weight, depthwise_bias, pointwise_bias,
                          stride, padding, dilation)
-    name = resolve(backend, input.device, input.dtype)
+    grad = needs_autograd((input, depthwise_weight, pointwise_weight, depthwise_bias, pointwise_bias))
+    # On CUDA, "auto" chooses per layer (kernels.gpu_dispatch), so it is told the layer.
+    layer = (layer_of(input, pointwise_weight, depthwise_bias, pointwise_bias, geometry, relu_input, grad)
+             if shape_dispatch_applies(input.device) else None)
+    name = resolve(backend, input.device, input.dtype, layer)
     args = (input, depthwise_weight, pointwise_weight, depthwise_bias, pointwise_bias,
             geometry.stride, geometry.padding, geometry.dilation, bool(relu_input))
     if autocast:  # the op runs in the dtype chosen above (autocast off inside: ~2.5 us a call otherwise)
         with torch.autocast(device_type, enabled=False):
-            output = _run(name, args)
+            output = _run(name, args, grad)
     else:
-        output = _run(name, args)
+        output = _run(name, args, grad)
     return output.squeeze(0) if unbatched else output
 
 
-def _run(name: str, args: tuple) -> torch.Tensor:
-    if needs_autograd(args[:5]):
+def _run(name: str, args: tuple, grad: bool) -> torch.Tensor:
+    if grad:
         return SeparableConv2dFunction.apply(*args, name)
     return forward_op(name)(*args)  # no graph to record: the op itself (Function.apply binds its signature, ~20 us)

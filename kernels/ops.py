@@ -18,7 +18,8 @@ The schemas and fake (meta) implementations live here, so ``torch.compile``
 and ``opcheck`` see every backend the same way. The ``torch`` namespace is
 implemented here with ATen; ``cpp`` registers its CPU kernels from C++
 (``TORCH_LIBRARY_IMPL``) and ``triton`` its CUDA kernels from
-``kernels/triton``.
+``kernels/triton`` (``sepconv_triton``: the mode ``SEPCONV_TRITON_MODE`` names, fused by
+default; ``sepconv_triton_split``: split mode always).
 """
 
 from __future__ import annotations
@@ -31,6 +32,10 @@ import torch.nn.functional as F
 from ._args import memory_format_of, output_size, pooled_shape
 
 BACKEND_NAMES = ("torch", "cpp", "triton")
+# What a resolved call runs: a backend's ops, or the triton backend's split mode (a depthwise
+# kernel, then the pointwise convolution as a GEMM), which has ops of its own so that the mode
+# can be chosen per call (``kernels.dispatch.resolve``).
+IMPLEMENTATIONS = BACKEND_NAMES + ("triton_split",)
 
 FORWARD_SCHEMA = (
     "forward(Tensor input, Tensor depthwise_weight, Tensor pointwise_weight, Tensor? depthwise_bias, "
@@ -289,5 +294,5 @@ def _torch_backward(grad_output, input, depthwise_weight, pointwise_weight, dept
 _torch_lib = define("torch")
 _torch_lib.impl("forward", _torch_forward, "CompositeExplicitAutograd")
 _torch_lib.impl("backward", _torch_backward, "CompositeExplicitAutograd")
-for _backend in BACKEND_NAMES:
-    define(_backend)
+for _implementation in IMPLEMENTATIONS:
+    define(_implementation)

@@ -1,4 +1,9 @@
-"""Register the Triton launchers as implementations of the ``sepconv_triton`` ops."""
+"""Register the Triton launchers as implementations of the ``sepconv_triton`` and ``sepconv_triton_split`` ops.
+
+``sepconv_triton`` runs the mode ``SEPCONV_TRITON_MODE`` names (read at every call; fused by
+default); ``sepconv_triton_split`` always runs split mode, so that ``kernels.dispatch`` can choose
+the mode per call.
+"""
 
 from __future__ import annotations
 
@@ -36,16 +41,24 @@ def _by_mode(fused, split_mode):
     return run
 
 
-def register() -> None:
-    """Register once: CUDA -> launchers, CPU -> launchers under the interpreter."""
-    if _registered:
-        return
-    define("triton")
-    lib = torch.library.Library(namespace("triton"), "IMPL")
-    forward_op = _by_mode(forward.forward, split.forward)
-    backward_op = _by_mode(backward.backward, split.backward)
+def mode() -> str:
+    """The mode ``SEPCONV_TRITON_MODE`` names ("fused" when unset); a ValueError naming the variable otherwise."""
+    return forward.mode()
+
+
+def _register(implementation: str, forward_op, backward_op) -> None:
+    define(implementation)
+    lib = torch.library.Library(namespace(implementation), "IMPL")
     lib.impl("forward", forward_op, "CUDA")
     lib.impl("backward", backward_op, "CUDA")
     lib.impl("forward", _interpreter_only(forward_op), "CPU")
     lib.impl("backward", _interpreter_only(backward_op), "CPU")
     _registered.append(lib)
+
+
+def register() -> None:
+    """Register once: CUDA -> launchers, CPU -> launchers under the interpreter."""
+    if _registered:
+        return
+    _register("triton", _by_mode(forward.forward, split.forward), _by_mode(backward.backward, split.backward))
+    _register("triton_split", split.forward, split.backward)
