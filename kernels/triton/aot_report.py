@@ -2,12 +2,18 @@
 
 No GPU is needed: ``triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32))``
 builds PTX and a cubin with Triton's bundled ``ptxas``, whose ``-v`` log gives
-registers, spill stores/loads per kernel. Run::
+registers, spill stores/loads per kernel. Kernels with a launch builder (the split
+path's) are compiled as the runtime launches them at Xception layer shapes (batch 32,
+channels_last): their launcher builds the arguments from CPU tensors of that shape and
+Triton's own runtime binder specializes them (ints equal to 1 become constants, multiples
+of 16 and aligned pointers get divisibility hints); the bundled ``nvdisasm`` then gives
+the width of every global load. Run::
 
     TRITON_INTERPRET=0 python -m kernels.triton.aot_report [--targets 90,80] [--dtypes bf16,fp32] [--json PATH]
 
-It prints one row per (kernel, config, dtype, target) and exits non-zero when
-any compile fails or spills. ``tests/test_triton.py`` runs it in a subprocess
+It prints one row per (kernel, config, dtype, target[, layer]) and exits non-zero
+when any compile fails or spills, or when a shaped compile loads 16-bit values one
+at a time (``LDG.E.U16``: a channel count that is a multiple of 8 must give vectors). ``tests/test_triton.py`` runs it in a subprocess
 (the kernels must be imported with ``TRITON_INTERPRET`` unset).
 """
 
@@ -30,6 +36,10 @@ from typing import Dict, List, Optional, Sequence
 
 # One representative geometry: Xception's 3x3 kernels, both biases, relu_input on.
 KERNEL_SIZE = (3, 3)
+# Layers (C_in, C_out, H = W) that launch builders compile at, batch 32, channels_last, stride 1.
+LAYERS = ((728, 728, 19), (128, 256, 74))
+BATCH = 32
+_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", "fp64": "float64"}
 
 
 @dataclass
@@ -38,16 +48,47 @@ class Row:
     config: str
     dtype: str
     target: str
+    layer: str = ""
     registers: Optional[int] = None
     spill_stores: Optional[int] = None
     spill_loads: Optional[int] = None
     shared_bytes: Optional[int] = None
     compile_s: float = 0.0
+    global_loads: str = ""  # SASS global-load opcodes and counts (shaped compiles)
+    scalar_16bit_loads: int = 0
     error: str = ""
 
 
+def layer_tensors(dtype: str, layer) -> dict:
+    """Unfilled CPU tensors of one Xception layer (batch 32, channels_last, 3x3, both biases)."""
+    import torch
+
+    c_in, c_out, size = layer
+    kind = getattr(torch, _DTYPES[dtype])
+    kh, kw = KERNEL_SIZE
+    return dict(
+        input=torch.empty((BATCH, c_in, size, size), dtype=kind).contiguous(memory_format=torch.channels_last),
+        grad_output=torch.empty((BATCH, c_out, size, size), dtype=kind).contiguous(memory_format=torch.channels_last),
+        depthwise_weight=torch.empty((c_in, 1, kh, kw), dtype=kind), depthwise_bias=torch.empty(c_in, dtype=kind),
+        pointwise_weight=torch.empty((c_out, c_in, 1, 1), dtype=kind), pointwise_bias=torch.empty(c_out, dtype=kind),
+        geometry=dict(stride=(1, 1), padding=(kh // 2,) * 4, dilation=(1, 1)), out_hw=(size, size),
+    )
+
+
+def _depthwise_launch(dtype: str, layer):
+    from . import split
+
+    t = layer_tensors(dtype, layer)
+    g = t["geometry"]
+    _, _, args, constexprs = split.depthwise_launch(t["input"], t["depthwise_weight"], t["depthwise_bias"],
+                                                    t["out_hw"], g["stride"], g["padding"], g["dilation"], True)
+    return args, constexprs
+
+
 def kernel_specs() -> Dict[str, dict]:
-    """name -> the JIT function, its pointer args (fp32 ones), the non-tile constexprs and its GPU configs."""
+    """name -> the JIT function, its GPU configs, and either a launch builder ``launch(dtype, layer) -> (args,
+    constexprs)`` (compiled per layer with the runtime's specialization) or its pointer args (fp32 ones) and
+    non-tile constexprs (compiled once, generic)."""
     from . import backward, forward, split
 
     kh, kw = KERNEL_SIZE
@@ -59,8 +100,7 @@ def kernel_specs() -> Dict[str, dict]:
                             consts=dict(KH=kh, KW=kw, RELU=True, STORE_GH=True, NEED_DW=True)),
         "grad_input": dict(fn=backward.grad_input_kernel, fp32_ptrs=("gh_ptr",),
                            configs=backward.GRAD_INPUT_CONFIGS_GPU, consts=dict(KH=kh, KW=kw, RELU=True)),
-        "depthwise": dict(fn=split.depthwise_kernel, fp32_ptrs=(), configs=split.GPU_CONFIGS,
-                          consts=dict(KH=kh, KW=kw, HAS_DW_BIAS=True, RELU=True)),
+        "depthwise": dict(fn=split.depthwise_kernel, configs=split.GPU_CONFIGS, launch=_depthwise_launch),
         "grad_hidden_load": dict(fn=backward.grad_hidden_kernel, fp32_ptrs=("part_ptr",),
                                  configs=backward.GRAD_HIDDEN_CONFIGS_GPU,
                                  consts=dict(KH=kh, KW=kw, RELU=True, STORE_GH=False, NEED_DW=True, LOAD_GH=True)),
@@ -99,20 +139,8 @@ def _parse_ptxas(log: str, row: Row) -> None:
             setattr(row, field, max(int(v) for v in found))
 
 
-def compile_one(name: str, config_index, dtype: str, capability: int) -> Row:
-    """Compile one kernel/config/dtype for ``sm_<capability>``; fill registers/spills from ptxas -v."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    spec = kernel_specs()[name]
-    fn = spec["fn"]
-    kind = "fp32" if dtype == "fp32" else "16bit"
-    config = spec["configs"][kind][config_index] if isinstance(config_index, int) else config_index
-    row = Row(name, config_name(config), dtype, f"sm_{capability}")
-    # Meta-parameters with defaults (e.g. UNROLL_TAPS) take them, as a launch that omits them does.
-    defaults = {param.name: param.default for param in fn.params if param.is_constexpr and param.has_default}
-    constexprs = {**defaults, **spec["consts"], **config.kwargs}
+def _generic_signature(fn, spec: dict, dtype: str, constexprs: dict):
+    """Signature and attributes without a launch: i32 sizes, no hints but aligned pointers."""
     signature, attrs = {}, {}
     for index, arg in enumerate(fn.arg_names):
         if arg in constexprs:
@@ -122,7 +150,68 @@ def compile_one(name: str, config_index, dtype: str, capability: int) -> Row:
             attrs[(index,)] = [["tt.divisibility", 16]]  # what the runtime specializes for aligned tensors
         else:
             signature[arg] = "i32"
-    options = dict(num_warps=config.num_warps, num_stages=config.num_stages)
+    return signature, attrs
+
+
+def runtime_specialization(fn, args: Sequence, kwargs: dict, capability: int):
+    """(signature, constexprs, attrs, options) exactly as Triton's runtime binds ``fn[grid](*args, **kwargs)``."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    backend = make_backend(GPUTarget("cuda", capability, 32))
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    bound_args, specialization, options = binder(*args, **kwargs)
+    options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound_args, specialization, options)
+    return signature, constexprs, attrs, options
+
+
+_LDG_RE = re.compile(r"\b(LDG\.E[.\w]*)")
+
+
+def global_loads(cubin: bytes) -> Dict[str, int]:
+    """Opcode -> count of the global loads in a cubin's SASS (bundled nvdisasm)."""
+    import triton
+
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm"
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "kernel.cubin"
+        path.write_bytes(cubin)
+        sass = subprocess.run([str(tool), "-c", str(path)], capture_output=True, text=True, check=True).stdout
+    counts: Dict[str, int] = {}
+    for opcode in _LDG_RE.findall(sass):
+        counts[opcode] = counts.get(opcode, 0) + 1
+    return counts
+
+
+def compile_one(name: str, config_index, dtype: str, capability: int, layer=None) -> Row:
+    """Compile one kernel/config/dtype for ``sm_<capability>`` (at ``layer`` for launch-built kernels)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    spec = kernel_specs()[name]
+    fn = spec["fn"]
+    kind = "fp32" if dtype in ("fp32", "fp64") else "16bit"
+    config = spec["configs"][kind][config_index] if isinstance(config_index, int) else config_index
+    row = Row(name, config_name(config), dtype, f"sm_{capability}",
+              layer="{}->{}@{}".format(*layer) if layer else "")
+    launch_options = dict(num_warps=config.num_warps, num_stages=config.num_stages)
+    try:
+        if "launch" in spec:
+            args, constexprs = spec["launch"](dtype, layer)
+            signature, constexprs, attrs, options = runtime_specialization(
+                fn, args, {**constexprs, **config.kwargs, **launch_options}, capability)
+            options = {k: v for k, v in options.__dict__.items() if k in ("num_warps", "num_stages", "num_ctas")}
+        else:
+            # Meta-parameters with defaults (e.g. UNROLL_TAPS) take them, as a launch that omits them does.
+            defaults = {param.name: param.default for param in fn.params if param.is_constexpr and param.has_default}
+            constexprs = {**defaults, **spec["consts"], **config.kwargs}
+            signature, attrs = _generic_signature(fn, spec, dtype, constexprs)
+            options = launch_options
+    except Exception as error:  # noqa: BLE001 - reported per row
+        row.error = f"{type(error).__name__}: {str(error)[:500]}"
+        return row
     start = time.perf_counter()
     log = io.StringIO()
     previous = os.environ.get("TRITON_DUMP_PTXAS_LOG")
@@ -146,6 +235,10 @@ def compile_one(name: str, config_index, dtype: str, capability: int) -> Row:
         _parse_ptxas(_run_ptxas(compiled.asm["ptx"], capability), row)
     if row.registers is None:
         row.error = "no ptxas -v output"
+    if layer is not None:
+        loads = global_loads(compiled.asm["cubin"])
+        row.global_loads = " ".join(f"{op}:{count}" for op, count in sorted(loads.items()))
+        row.scalar_16bit_loads = sum(count for op, count in loads.items() if op.endswith(("U16", "S16", ".16")))
     return row
 
 
@@ -169,9 +262,9 @@ def _job(args) -> Row:
 def report(names: Sequence[str], dtypes: Sequence[str], capabilities: Sequence[int], jobs: int = 2) -> List[Row]:
     """Compile every (kernel, config, dtype, target); rows in a fixed order."""
     specs = kernel_specs()
-    work = [(name, index, dtype, cc) for name in names for dtype in dtypes
-            for index in range(len(specs[name]["configs"]["fp32" if dtype == "fp32" else "16bit"]))
-            for cc in capabilities]
+    work = [(name, index, dtype, cc, layer) for name in names for dtype in dtypes
+            for index in range(len(specs[name]["configs"]["fp32" if dtype in ("fp32", "fp64") else "16bit"]))
+            for cc in capabilities for layer in (LAYERS if "launch" in specs[name] else (None,))]
     if jobs <= 1:
         return [compile_one(*w) for w in work]
     with ProcessPoolExecutor(max_workers=jobs) as pool:
@@ -179,13 +272,14 @@ def report(names: Sequence[str], dtypes: Sequence[str], capabilities: Sequence[i
 
 
 def format_rows(rows: Sequence[Row]) -> str:
-    header = f"{'kernel':<15} {'config':<48} {'dtype':<5} {'target':<6} {'regs':>4} {'spill st/ld':>12} {'smem':>7} {'s':>5}"
+    header = (f"{'kernel':<17} {'config':<48} {'dtype':<5} {'target':<6} {'layer':<13} {'regs':>4} "
+              f"{'spill st/ld':>12} {'smem':>7} {'s':>5}  global loads")
     lines = [header, "-" * len(header)]
     for r in rows:
         spills = f"{r.spill_stores}/{r.spill_loads}" if r.registers is not None else "-"
-        lines.append(f"{r.kernel:<15} {r.config:<48} {r.dtype:<5} {r.target:<6} {r.registers or '-':>4} "
-                     f"{spills:>12} {r.shared_bytes if r.shared_bytes is not None else '-':>7} {r.compile_s:>5}"
-                     + (f"  ERROR {r.error}" if r.error else ""))
+        lines.append(f"{r.kernel:<17} {r.config:<48} {r.dtype:<5} {r.target:<6} {r.layer:<13} {r.registers or '-':>4} "
+                     f"{spills:>12} {r.shared_bytes if r.shared_bytes is not None else '-':>7} {r.compile_s:>5}  "
+                     f"{r.global_loads}" + (f"  ERROR {r.error}" if r.error else ""))
     return "\n".join(lines)
 
 
@@ -216,7 +310,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         tmp = target.with_suffix(target.suffix + ".tmp")
         tmp.write_text(json.dumps([asdict(r) for r in rows], indent=1))
         tmp.replace(target)
-    bad = [r for r in rows if r.error or r.spill_stores or r.spill_loads]
+    bad = [r for r in rows if r.error or r.spill_stores or r.spill_loads or r.scalar_16bit_loads]
     return 1 if bad else 0
 
 

@@ -108,6 +108,20 @@ def depthwise_tile(
     return acc
 
 
+def vector_width(*values: int) -> int:
+    """The largest of 8, 4, 2, 1 that divides every value (a channel count and pixel strides).
+
+    The kernels take such sizes divided by it (``ALIGN``) and multiply back in the kernel:
+    Triton's runtime marks only multiples of 16 as divisible, so without this a channel count
+    like 728 (8 * 91) leaves every channel-vector access a scalar 16-bit load. With the
+    product known to be a multiple of 8, a run of 8 channels is one 128-bit access.
+    """
+    for width in (8, 4, 2):
+        if all(value % width == 0 for value in values):
+            return width
+    return 1
+
+
 @triton.jit
 def row_offsets(n, h, w, s_n, s_h, s_w):
     """int64 offsets of pixels ``(n, h, w)`` (int32 vectors) for strides ``s_n, s_h, s_w``."""
