@@ -89,8 +89,9 @@ def test_backends_give_the_same_losses(backend, tmp_path):
         assert losses == pytest.approx(step_losses(reference), rel=1e-4, abs=1e-5)
 
 
-def test_resume_after_sigint_matches_uninterrupted_run_bitwise(tmp_path):
-    common = ("--epochs", "2", "--backend", "torch", "--drop-rate", "0.2", "--per-class", "2")  # 2 steps/epoch
+def test_resume_after_sigint_matches_uninterrupted_run_bitwise(tmp_path, capsys):
+    common = ("--epochs", "2", "--backend", "torch", "--drop-rate", "0.2", "--per-class", "2",  # 2 steps/epoch
+              "--log-interval", "1")
     handler = signal.getsignal(signal.SIGINT)  # default_int_handler, or SIG_IGN when started in the background
     assert run_train(tmp_path / "straight", *common) == 0
 
@@ -101,15 +102,68 @@ def test_resume_after_sigint_matches_uninterrupted_run_bitwise(tmp_path):
 
     interrupted = tmp_path / "interrupted"
     assert run_train(interrupted, *common, on_step=interrupt) == 130
-    state = ckpt.load(str(interrupted / "last.pt"))
+    last = str(interrupted / "last.pt")
+    assert f"continue with --resume {last}" in capsys.readouterr().err
+    state = ckpt.load(last)
     assert (state["epoch"], state["step"]) == (0, 1)
     assert signal.getsignal(signal.SIGINT) is handler  # handler restored
-    assert run_train(interrupted, *common, "--resume", str(interrupted / "last.pt")) == 0
+    # exactly what the message says: --resume alone (the run's arguments come from the checkpoint)
+    assert train.train(train.parse_args(["--resume", last])) == 0
+    assert f"resumed run {state['run_id']}" in capsys.readouterr().out
 
     expected, got = weights(tmp_path / "straight" / "last.pt"), weights(interrupted / "last.pt")
     assert expected.keys() == got.keys()
     for key in expected:
         assert torch.equal(expected[key], got[key]), key
+    assert step_losses(interrupted) == step_losses(tmp_path / "straight")
+    with open(interrupted / "metrics.jsonl") as file:
+        records = [json.loads(line) for line in file]
+    assert {record["run"] for record in records} == {state["run_id"]}
+    assert [record["type"] for record in records if record["type"] in ("start", "resume")] == ["start", "resume"]
+
+
+def test_resume_refuses_flags_that_change_the_run(trained):
+    last = str(trained / "last.pt")
+    for flags, named in ((["--batch-size", "16"], "--batch-size 16"), (["--per-class", "50"], "--per-class 50"),
+                         (["--model", "xception"], "--model xception"), (["--seed", "3"], "--seed 3"),
+                         (["--data", str(trained)], "--data")):
+        with pytest.raises(ValueError, match="would change the run") as info:
+            train.parse_args([*flags, "--resume", last])
+        assert named in str(info.value)
+    args = train.parse_args(["--resume", last, "--epochs", "3", "--workers", "2"])
+    assert (args.epochs, args.workers, args.per_class, args.batch_size) == (3, 2, 4, 8)
+    assert args.out == str(trained) and args.resume_changes == ["--epochs 1 -> 3", "--workers 0 -> 2"]
+    repeated = train.parse_args([*SMALL, "--backend", "torch", "--epochs", "1", "--resume", last])
+    assert repeated.resume_changes == [] and repeated.lr == 0.05
+    with pytest.raises(ValueError, match="already finished 1 epochs"):
+        train.parse_args(["--resume", last, "--epochs", "0"])
+    # every flag is either run-defining, changeable or per-invocation
+    assert set(train.ARG_NAMES) == {*train.RUN_DEFINING, *train.CHANGEABLE, *train.PER_INVOCATION}
+
+
+def test_each_run_has_its_own_folder(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    first = train.parse_args(SMALL).out
+    assert os.path.dirname(first) == os.path.join("runs", "train")
+    os.makedirs(first)
+    assert train.parse_args(SMALL).out != first  # a run started in the same second gets its own folder too
+    out = tmp_path / "out"
+    assert run_train(out, "--epochs", "1", "--per-class", "2", "--backend", "torch") == 0
+    assert sorted(os.listdir(out)) == ["best.pt", "last.pt", "metrics.jsonl"]
+    capsys.readouterr()
+    # the same folder again: refused, nothing touched
+    before = (out / "best.pt").read_bytes()
+    assert train.main([*SMALL, "--out", str(out), "--epochs", "1"]) == 2
+    assert "already holds a run" in capsys.readouterr().err and (out / "best.pt").read_bytes() == before
+    # --overwrite, and a run without a validation split: no best.pt from the earlier run is left behind
+    write_folder(tmp_path / "data", per_class=4)
+    assert train.main(["--data", str(tmp_path / "data"), "--model", "xception_tiny", "--img-size", "40",
+                       "--batch-size", "4", "--epochs", "1", "--backend", "torch", "--out", str(out),
+                       "--overwrite"]) == 0
+    assert sorted(os.listdir(out)) == ["last.pt", "metrics.jsonl"]
+    assert f"wrote metrics.jsonl, last.pt in {out}" in capsys.readouterr().out
+    with open(out / "metrics.jsonl") as file:
+        assert len({json.loads(line)["run"] for line in file}) == 1
 
 
 def free_port():
@@ -142,9 +196,12 @@ def test_ddp_two_processes_match_one_process(tmp_path):
 
 def test_evaluate_and_predict_a_trained_checkpoint(trained, tmp_path, capsys):
     weights_path = str(trained / "last.pt")
-    assert evaluate.main(["--weights", weights_path, "--per-class", "4", "--json", "--backend", "torch"]) == 0
-    result = json.loads(capsys.readouterr().out)
+    # the run's data settings (--per-class 4, --val-split 0.2) come with the checkpoint
+    assert evaluate.main(["--weights", weights_path, "--json", "--backend", "torch"]) == 0
+    captured = capsys.readouterr()
+    result = json.loads(captured.out)
     assert result["images"] == 8 and 0 <= result["top1"] <= result["top5"] <= 100 and result["images_per_s"] > 0
+    assert result["per_class"] == 4 and "as trained: --val-split 0.2, --per-class 4" in captured.err
 
     images, labels = make_synthetic(per_class=1, size=44, seed=3)
     path = tmp_path / "ring.png"
@@ -190,34 +247,55 @@ def test_missing_or_empty_data_folder(case, tmp_path, capsys):
     assert ("does not exist" if case == "missing" else "holds no images") in error
 
 
-def test_unreadable_image_is_named(tmp_path, capsys):
+def test_unreadable_image_is_skipped_and_named(tmp_path, capsys):
     write_folder(tmp_path / "data", per_class=4)
     broken = tmp_path / "data" / "dog" / "broken.jpg"
     broken.write_bytes(b"not a jpeg at all")
-    code = train.main(["--data", str(tmp_path / "data"), "--img-size", "40", "--batch-size", "9",
-                       "--model", "xception_tiny", "--epochs", "1", "--out", str(tmp_path / "out")])
-    assert code == 2
-    assert "cannot read image" in (error := capsys.readouterr().err) and "broken.jpg" in error
+    common = ["--data", str(tmp_path / "data"), "--img-size", "40", "--batch-size", "9", "--model", "xception_tiny",
+              "--epochs", "1", "--backend", "torch"]
+    # 1 of 9 images is past the default 1%: the run stops and names it
+    assert train.main([*common, "--out", str(tmp_path / "strict")]) == 2
+    error = capsys.readouterr().err
+    assert "1 unreadable images, more than --max-bad-images 0.01" in error and "broken.jpg" in error
+    # within the allowed fraction: a warning naming it, the count at the end, the run goes on
+    assert train.main([*common, "--out", str(tmp_path / "out"), "--max-bad-images", "0.2"]) == 0
+    captured = capsys.readouterr()
+    assert "cannot read image" in captured.err and "broken.jpg" in captured.err
+    assert "skipped 1 unreadable images" in captured.out
+    with open(tmp_path / "out" / "metrics.jsonl") as file:
+        assert [r["skipped_images"] for r in map(json.loads, file) if r["type"] == "epoch"] == [1]
+
+
+def test_help_and_embedded_set_need_no_pillow(monkeypatch, tmp_path):
+    script = ("import sys; sys.modules['PIL'] = None\n"
+              "from xception import evaluate, predict, train\n"
+              "train.main(['--help'])")
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    result = subprocess.run([sys.executable, "-c", script], env=env, cwd=ROOT, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0 and "--resume" in result.stdout, result.stderr[-2000:]
+    from xception.data import DataError, load_image
+
+    monkeypatch.setitem(sys.modules, "PIL", None)
+    with pytest.raises(DataError, match="needs pillow"):
+        load_image(str(tmp_path / "any.png"))
 
 
 def test_checkpoint_of_another_model_is_refused_by_name(trained, tmp_path, capsys):
     last = trained / "last.pt"
     before = last.read_bytes()
-    # another number of classes: an image folder with 2 classes against the 10-class checkpoint
+    # weights of another architecture to start a run from
     write_folder(tmp_path / "data")
-    assert train.main(["--data", str(tmp_path / "data"), "--model", "xception_tiny", "--img-size", "40",
-                       "--batch-size", "4", "--out", str(tmp_path / "out"), "--resume", str(last)]) == 2
-    assert "num_classes=10" in (error := capsys.readouterr().err) and "num_classes=2" in error
-    # another architecture
-    with pytest.raises(ckpt.CheckpointError, match="'xception_tiny', but this run builds 'xception'"):
-        run_train(tmp_path / "out2", "--model", "xception", "--resume", str(last))
-    # a bare state dict of a different shape: the mismatching parameters are named
+    assert train.main(["--data", str(tmp_path / "data"), "--model", "xception", "--img-size", "40",
+                       "--batch-size", "4", "--out", str(tmp_path / "out"), "--weights", str(last)]) == 2
+    assert "holds a 'xception_tiny' model, but this run builds 'xception'" in capsys.readouterr().err
+    # a bare state dict of a different shape: no model fits it
     state = weights(last)
-    state["head.fc.weight" if "head.fc.weight" in state else next(iter(state))] = torch.zeros(3, 3)
+    state[next(iter(state))] = torch.zeros(3, 3)
     bare = tmp_path / "bare.pt"
     torch.save(state, bare)
     assert predict.main([str(tmp_path / "any.png"), "--weights", str(bare)]) == 2
-    assert "does not say which model" in capsys.readouterr().err
+    assert "fits none of the models" in capsys.readouterr().err
     with pytest.raises(ckpt.CheckpointError, match="shape mismatch"):
         import xception
 
@@ -244,8 +322,9 @@ def test_disk_full_keeps_the_previous_checkpoint(trained, tmp_path, monkeypatch,
     assert last.read_bytes() == before
     assert os.listdir(out) == ["last.pt"]  # no temporary file left behind
 
-    # the same through training: a clear error, exit status 2, the old checkpoint intact
-    assert train.main([*SMALL, "--epochs", "1", "--max-steps", "1", "--backend", "torch", "--out", str(out)]) == 2
+    # the same through training (a resumed run that stops after one more step): a clear error, exit status 2,
+    # the old checkpoint intact
+    assert train.main(["--resume", str(last), "--epochs", "2", "--max-steps", "5"]) == 2
     assert "no space left on device" in capsys.readouterr().err
     assert last.read_bytes() == before
     assert ckpt.load(str(last))["epoch"] == 1

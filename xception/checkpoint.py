@@ -17,7 +17,7 @@ import errno
 import os
 import random
 import tempfile
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Dict, Mapping, Optional, Tuple
 
 import numpy as np
 import torch
@@ -152,6 +152,38 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
     random.setstate((python_state["version"], tuple(python_state["state"].tolist()), python_state["gauss_next"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def load_for_inference(path: str, backend: str = "auto", model_name: Optional[str] = None
+                       ) -> Tuple[nn.Module, Dict[str, Any]]:
+    """The model in a weights file, in eval mode, and what the file says besides its weights.
+
+    A file written by ``xception.train`` names its model and carries ``classes``,
+    ``preprocess`` and ``args``; those entries are returned. Any other layout that
+    ``xception.load_weights`` reads (``save_weights`` files, timm ``legacy_xception``,
+    Cadene, ``.safetensors``) is matched to a registered model by its names and shapes
+    (or built as ``model_name``), and the returned dict holds only ``model_name``.
+    """
+    import xception
+    from .weights import matching_model, read_checkpoint, unwrap
+
+    if not os.path.isfile(path):
+        raise CheckpointError(f"weights file {path!r} does not exist")
+    if path.endswith(".safetensors"):
+        checkpoint: Mapping[str, Any] = read_checkpoint(path)
+    else:
+        checkpoint = load(path)
+    if isinstance(checkpoint.get("model"), dict) and "name" in checkpoint["model"]:
+        model = build_from_checkpoint(checkpoint, path, backend, model_name)
+        saved = {key: checkpoint[key] for key in ("classes", "preprocess", "args") if key in checkpoint}
+        return model, {"model_name": model_name or checkpoint["model"]["name"], **saved}
+    state_dict = unwrap(checkpoint, repr(path))
+    name, num_classes = matching_model(state_dict, repr(path)) if model_name is None else (model_name, None)
+    model = xception.create_model(name, backend=backend, num_classes=num_classes, weights=state_dict)
+    if model.num_classes == 0:
+        raise CheckpointError(f"weights file {path!r} holds no classifier (fc / last_linear), so it cannot "
+                              "classify images; start a training run from it with --weights")
+    return model.eval(), {"model_name": name}
 
 
 def build_from_checkpoint(checkpoint: Mapping[str, Any], path: str, backend: str = "auto",

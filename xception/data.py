@@ -1,6 +1,7 @@
 """Data for training and evaluation: an ImageFolder reader, an embedded synthetic set, transforms, sharding.
 
-Everything here is plain PIL and torch (no torchvision). Random augmentation
+Everything here is plain PIL and torch (no torchvision); PIL is imported only when an image file is
+read, so the embedded set and ``--help`` work without it. Random augmentation
 draws from a generator seeded by ``(seed, epoch, index)``, never from a global
 RNG, so an epoch's batches are the same whatever the number of workers, and a
 run resumed mid-epoch sees exactly the images the uninterrupted run saw.
@@ -10,12 +11,15 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 from dataclasses import dataclass
-from typing import Iterator, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Callable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
-from PIL import Image
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 
@@ -266,8 +270,19 @@ def find_images(root: str) -> Tuple[List[str], List[Tuple[str, int]]]:
     return classes, samples
 
 
+def pil_image_module():
+    """``PIL.Image``, or a ``DataError`` saying that reading image files needs pillow."""
+    try:
+        from PIL import Image
+    except ImportError as error:
+        raise DataError(f"reading image files needs pillow, which is not installed here ({error}): "
+                        "pip install pillow") from error
+    return Image
+
+
 def load_image(path: str) -> Image.Image:
     """The image at ``path`` as RGB; a ``DataError`` naming the file if it cannot be read."""
+    Image = pil_image_module()  # noqa: N806 - the module, named as PIL names it
     try:
         with Image.open(path) as image:
             return image.convert("RGB")
@@ -281,6 +296,7 @@ def _pil_to_tensor(image: Image.Image) -> torch.Tensor:
 
 
 def train_transform_pil(image: Image.Image, preprocess: Preprocess, seed: int) -> torch.Tensor:
+    Image = pil_image_module()  # noqa: N806
     generator = torch.Generator().manual_seed(seed)
     top, left, h, w = sample_crop(image.height, image.width, preprocess.scale, preprocess.ratio, generator)
     image = image.resize((preprocess.img_size, preprocess.img_size), Image.BICUBIC,
@@ -291,6 +307,7 @@ def train_transform_pil(image: Image.Image, preprocess: Preprocess, seed: int) -
 
 
 def eval_transform_pil(image: Image.Image, preprocess: Preprocess) -> torch.Tensor:
+    Image = pil_image_module()  # noqa: N806
     short = preprocess.resize_size
     if image.width <= image.height:
         size = (short, max(short, int(round(image.height * short / image.width))))
@@ -320,7 +337,11 @@ class ImageFolder(torch.utils.data.Dataset):
     def __getitem__(self, key):
         index, epoch = key if isinstance(key, tuple) else (key, 0)
         path, label = self.samples[index]
-        image = load_image(path)
+        pil_image_module()  # a missing pillow stops the run; an unreadable file is skipped
+        try:
+            image = load_image(path)
+        except DataError as error:
+            return Unreadable(path, str(error))
         if self.train:
             return train_transform_pil(image, self.preprocess, sample_seed(self.seed, epoch, index)), label
         return eval_transform_pil(image, self.preprocess), label
@@ -403,6 +424,49 @@ class ShardedBatches(torch.utils.data.Sampler):
                 yield [(int(i), self.epoch) for i in batch[start:start + self.micro_batch]]
 
 
-def collate(batch):
-    images, labels = zip(*batch)
-    return torch.stack(images), torch.tensor(labels, dtype=torch.int64)
+@dataclass(frozen=True)
+class Unreadable:
+    """What a data set returns for an image it cannot read (the loader skips it; see :class:`SkippedImages`)."""
+
+    path: str
+    reason: str
+
+
+def collate(batch) -> Tuple[Optional[torch.Tensor], torch.Tensor, List[Unreadable]]:
+    """``(images (N, 3, H, W), labels (N,), unreadable)``: the readable items stacked (images is None when
+    there are none), the unreadable ones listed."""
+    unreadable = [item for item in batch if isinstance(item, Unreadable)]
+    items = [item for item in batch if not isinstance(item, Unreadable)]
+    images = torch.stack([image for image, _ in items]) if items else None
+    return images, torch.tensor([label for _, label in items], dtype=torch.int64), unreadable
+
+
+def _warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+class SkippedImages:
+    """Images skipped because they cannot be read: each is named once, and more than ``max_fraction`` of
+    the ``dataset_size`` images stops the run with a ``DataError``."""
+
+    def __init__(self, dataset_size: int, max_fraction: float, report: Callable[[str], None] = _warn) -> None:
+        if not 0.0 <= max_fraction <= 1.0:
+            raise ValueError(f"--max-bad-images must be in [0, 1], got {max_fraction}")
+        self.dataset_size, self.max_fraction, self.report = dataset_size, max_fraction, report
+        self.limit = int(max_fraction * dataset_size)
+        self.reasons: dict = {}
+
+    def __len__(self) -> int:
+        return len(self.reasons)
+
+    def add(self, unreadable: Sequence[Unreadable]) -> None:
+        for item in unreadable:
+            if item.path in self.reasons:
+                continue
+            self.reasons[item.path] = item.reason
+            if len(self.reasons) > self.limit:
+                raise DataError(f"{len(self.reasons)} unreadable images, more than --max-bad-images "
+                                f"{self.max_fraction} of {self.dataset_size} images allows ({self.limit}); "
+                                f"the last: {item.reason}")
+            self.report(f"skipping it: {item.reason} ({len(self.reasons)} skipped so far, at most "
+                        f"{self.limit} allowed)")

@@ -14,6 +14,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from .data import DataError
+
 
 @dataclass
 class Dist:
@@ -86,14 +88,24 @@ def all_reduce_sum(values: torch.Tensor, ctx: Dist) -> torch.Tensor:
 
 @torch.no_grad()
 def evaluate_model(model: nn.Module, loader, ctx: Dist, amp: bool = False, channels_last: bool = False,
-                   progress_label: Optional[str] = None) -> Dict[str, float]:
-    """Top-1 / top-5 accuracy, mean loss and images/s of ``model`` over ``loader`` (summed over ranks)."""
+                   progress_label: Optional[str] = None, skipped=None) -> Dict[str, float]:
+    """Top-1 / top-5 accuracy, mean loss and images/s of ``model`` over ``loader`` (summed over ranks).
+
+    ``loader`` yields ``data.collate``'s ``(images, labels, unreadable)``; unreadable images go to
+    ``skipped`` (a ``data.SkippedImages``), or stop the evaluation when it is None.
+    """
     was_training = model.training
     model.eval()
     totals = torch.zeros(4, dtype=torch.float64)  # loss sum, top-1 hits, top-5 hits, images
     bar = Progress(len(loader), progress_label) if progress_label and ctx.is_main else None
     start = time.perf_counter()
-    for images, labels in loader:
+    for images, labels, unreadable in loader:
+        if unreadable:
+            if skipped is None:
+                raise DataError(unreadable[0].reason)
+            skipped.add(unreadable)
+        if images is None:
+            continue
         images = images.to(ctx.device, non_blocking=True)
         labels = labels.to(ctx.device, non_blocking=True)
         if channels_last:
