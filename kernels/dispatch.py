@@ -133,8 +133,7 @@ _resolved_layers: Dict[tuple, str] = {}
 # torch.compile runs this at trace time and keeps its answer as a constant: tracing into it
 # would meet the loader's lock (a graph break) on a first call made under compile.
 @torch.compiler.assume_constant_result
-def resolve(backend: str, device: torch.device, dtype: torch.dtype,
-            layer: Optional[gpu_dispatch.Layer] = None) -> str:
+def resolve(backend: str, device: torch.device, dtype: torch.dtype, layer: Optional[tuple] = None) -> str:
     """What runs a call with ``backend=...`` on tensors of this device and dtype: a backend's name,
     or, from ``"auto"`` on CUDA, ``"triton_split"`` (the triton backend's split mode;
     ``kernels.ops.IMPLEMENTATIONS``).
@@ -142,8 +141,8 @@ def resolve(backend: str, device: torch.device, dtype: torch.dtype,
     ``"auto"`` (or the ``XCEPTION_SEPCONV_BACKEND`` variable, when ``backend`` is
     ``"auto"``) picks the fastest backend that loads and supports the tensors,
     warning once for each faster backend it had to skip; on CUDA, given the call's
-    ``layer``, it picks per layer between cuDNN and the two Triton modes
-    (``kernels.gpu_dispatch``). A backend named explicitly raises
+    ``layer`` (the fields of ``kernels.gpu_dispatch.Layer``), it picks per layer
+    between cuDNN and the two Triton modes (``kernels.gpu_dispatch``). A backend named explicitly raises
     ``BackendUnavailableError`` when it cannot run; ``"triton"`` runs the mode
     ``SEPCONV_TRITON_MODE`` names at each call (fused by default).
     """
@@ -153,7 +152,7 @@ def resolve(backend: str, device: torch.device, dtype: torch.dtype,
         name = _resolve_uncached(backend, device, dtype)
         _resolved[key] = name
     if layer is not None and requested_backend(backend) == "auto" and gpu_dispatch.shape_dispatch_applies(device):
-        return _resolve_layer(device, dtype, layer)
+        return _resolve_layer(device, dtype, gpu_dispatch.Layer(*layer))
     return name
 
 

@@ -8,8 +8,8 @@ import torch
 
 from ._args import IntOrPair, check_tensor, normalize
 from .autograd import SeparableConv2dFunction, forward_op, needs_autograd
+from . import gpu_dispatch
 from .dispatch import resolve
-from .gpu_dispatch import layer_of, shape_dispatch_applies
 
 
 def separable_conv2d(
@@ -62,9 +62,11 @@ def separable_conv2d(
     geometry = normalize(input, depthwise_weight, pointwise_weight, depthwise_bias, pointwise_bias,
                          stride, padding, dilation)
     grad = needs_autograd((input, depthwise_weight, pointwise_weight, depthwise_bias, pointwise_bias))
-    # On CUDA, "auto" chooses per layer (kernels.gpu_dispatch), so it is told the layer.
-    layer = (layer_of(input, pointwise_weight, depthwise_bias, pointwise_bias, geometry, relu_input, grad)
-             if shape_dispatch_applies(input.device) else None)
+    # On CUDA, "auto" chooses per layer (kernels.gpu_dispatch), so it is told the layer: a plain tuple,
+    # which torch.compile passes to resolve as a constant (it rebuilds a NamedTuple wrongly).
+    layer = (tuple(gpu_dispatch.layer_of(input, pointwise_weight, depthwise_bias, pointwise_bias, geometry,
+                                         relu_input, grad))
+             if gpu_dispatch.shape_dispatch_applies(input.device) else None)
     name = resolve(backend, input.device, input.dtype, layer)
     args = (input, depthwise_weight, pointwise_weight, depthwise_bias, pointwise_bias,
             geometry.stride, geometry.padding, geometry.dilation, bool(relu_input))

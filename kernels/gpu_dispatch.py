@@ -186,8 +186,10 @@ _table: Dict[Path, Dict[tuple, dict]] = {}
 _table_lock = threading.Lock()
 
 
-def table(path: Path = TABLE_PATH) -> Dict[tuple, dict]:
-    """The committed table, read once; an unreadable file warns once and counts as empty (cuDNN everywhere)."""
+def table(path: Optional[Path] = None) -> Dict[tuple, dict]:
+    """The committed table (``TABLE_PATH``), read once; an unreadable file warns once and counts as empty
+    (cuDNN everywhere)."""
+    path = Path(path or TABLE_PATH)
     with _table_lock:
         if path not in _table:
             try:
@@ -201,8 +203,11 @@ def table(path: Path = TABLE_PATH) -> Dict[tuple, dict]:
 
 def table_entry(device: torch.device, dtype: torch.dtype, layer: Layer) -> Optional[dict]:
     """The recorded measurement for this call on this device, or None."""
+    entries = table()
+    if not entries:
+        return None
     key = layer_table_key(device_class(device), dtype, layer, torch.backends.cudnn.allow_tf32)
-    return None if key is None else table().get(key)
+    return None if key is None else entries.get(key)
 
 
 # --- the tuner -------------------------------------------------------------------------------
