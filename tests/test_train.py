@@ -328,3 +328,46 @@ def test_disk_full_keeps_the_previous_checkpoint(trained, tmp_path, monkeypatch,
     assert "no space left on device" in capsys.readouterr().err
     assert last.read_bytes() == before
     assert ckpt.load(str(last))["epoch"] == 1
+
+
+def test_pretrained_weights_files_in_every_cli(trained, tmp_path, capsys):
+    """Weights without the training run's metadata (save_weights, Cadene's names, safetensors) in evaluate,
+    predict and train (fine-tuning onto 2 classes)."""
+    import xception
+
+    model, _ = ckpt.load_for_inference(str(trained / "last.pt"), "torch")
+    bare = tmp_path / "tiny.pt"
+    xception.save_weights(model, bare)
+    common = ["--per-class", "4", "--json", "--backend", "torch"]
+    assert evaluate.main(["--weights", str(trained / "last.pt"), *common]) == 0
+    expected = json.loads(capsys.readouterr().out)
+    # the model is found from the names and shapes; the size 40 is not in the file, so it is given
+    assert evaluate.main(["--weights", str(bare), "--img-size", "40", *common]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert (got["model"], got["images"], got["top1"], got["loss"]) == (
+        "xception_tiny", 8, expected["top1"], expected["loss"])
+
+    from safetensors.torch import save_file
+
+    safetensors_path = tmp_path / "tiny.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(safetensors_path))
+    images, _ = make_synthetic(per_class=1, size=44, seed=3)
+    picture = tmp_path / "ring.png"
+    Image.fromarray(images[0].permute(1, 2, 0).numpy()).save(picture)
+    assert predict.main([str(picture), "--weights", str(safetensors_path), "--img-size", "40", "--backend",
+                         "torch"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 6 and all(line.split()[-2] == "class" for line in lines[1:])
+
+    cadene = {"module." + key.replace("fc.", "last_linear."): value for key, value in model.state_dict().items()}
+    cadene_path = tmp_path / "cadene.pth"
+    torch.save({"state_dict": cadene}, cadene_path)
+    write_folder(tmp_path / "data", per_class=4)
+    out = tmp_path / "finetuned"
+    assert train.main(["--data", str(tmp_path / "data"), "--model", "xception_tiny", "--img-size", "40",
+                       "--batch-size", "4", "--max-steps", "1", "--lr", "1e-30", "--backend", "torch",
+                       "--weights", str(cadene_path), "--out", str(out)]) == 0
+    assert "its classifier (10 classes) does not fit the 2 classes" in capsys.readouterr().out
+    tuned, source = weights(out / "last.pt"), model.state_dict()
+    assert tuned["fc.weight"].shape == (2, source["fc.weight"].shape[1])
+    assert torch.equal(tuned["block3.skip.weight"], source["block3.skip.weight"])  # lr 1e-30: not moved
