@@ -3,10 +3,11 @@
     python -m benchmarks                      # quick on CPU (the default there), full grid on GPU
     python -m benchmarks --full --threads 2
     python -m benchmarks --suite layers --providers cpp,eager --batch 8 --modes fwd
-    python -m benchmarks.plot                 # PNG charts of the latest run
+    python -m benchmarks.plot                 # redraw the PNG charts of the latest run
 
-Results: ``benchmarks/results/<device-slug>.jsonl`` (appended, one row per case)
-and ``<device-slug>.md`` (the latest run). See ``--help`` for every option.
+Results: ``benchmarks/results/<device-slug>.jsonl`` (appended, one row per case),
+``<device-slug>.md`` (the latest run) and ``<device-slug>.png`` (its charts, drawn
+at the end of every run). See ``--help`` for every option.
 """
 
 from __future__ import annotations
@@ -221,6 +222,15 @@ def run(args: argparse.Namespace, cases) -> int:
     with JsonlLog(jsonl_path) as log, report.make_progress(console) as progress:
         task = progress.add_task("benchmark", total=len(cases), case="")
 
+        def on_status(case, text: str) -> None:
+            group = f"{case.suite} {case.shape.name} N={case.batch} {case.dtype} {case.mode}"
+            progress.update(task, case=f"{group}: {text}")
+            # A log gets the whole-model groups' steps (minutes each); layer groups take seconds.
+            if case.suite == "model" and not console.is_terminal:
+                console.print(f"[{progress.tasks[0].completed:.0f}/{len(cases)}] {group}: {text}", highlight=False)
+
+        options.on_status = on_status
+
         def on_row(case, row) -> None:
             progress.update(task, advance=1, case=case.label)
             if row is not None and not console.is_terminal:  # a log gets one line per case instead of a live bar
@@ -242,7 +252,16 @@ def run(args: argparse.Namespace, cases) -> int:
     if state.interrupted:
         console.print(f"[red]Interrupted after {len(state.rows)} of {len(cases)} cases.[/red] Every finished row is "
                       f"saved.")
-    console.print(f"rows: {jsonl_path}\nsummary: {md_path}\nplots: python -m benchmarks.plot --out {out}")
+    console.print(f"rows: {jsonl_path}\nsummary: {md_path}")
+    # The chart is drawn from the log just written, so it always shows this run.
+    from .plot import plot_results
+
+    try:
+        for png in plot_results(out, slug):
+            console.print(f"plot: {png}")
+    except Exception as error:  # noqa: BLE001 - the measured rows are saved; a chart failure must not hide them
+        console.print(f"[yellow]plot not drawn ({type(error).__name__}: {error}); "
+                      f"retry with python -m benchmarks.plot --out {out}[/yellow]")
     return exit_code
 
 

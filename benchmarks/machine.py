@@ -79,8 +79,14 @@ def triton_version() -> Optional[str]:
     return triton.__version__
 
 
+# Trademark marks and filler words in CPU names: they make file names long (cpu-intel-r-xeon-r-
+# processor) without telling two machines apart. The clock speed after "@" goes too.
+_NAME_NOISE = re.compile(r"\((?:r|tm|c)\)|\b(?:cpu|processor|\d+-core|with radeon graphics)\b|@.*$", re.IGNORECASE)
+
+
 def slugify(text: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "unknown"
+    """A file-name stem for a machine name: 'Intel(R) Xeon(R) Processor' -> 'intel-xeon'."""
+    return re.sub(r"[^a-z0-9]+", "-", _NAME_NOISE.sub(" ", text).lower()).strip("-") or "unknown"
 
 
 def device_name(device: str) -> str:
@@ -114,6 +120,11 @@ class RunInfo:
     peak_gflops: Dict[str, float] = field(default_factory=dict)
     peak_gbps: Optional[float] = None
     peak_detail: Dict[str, object] = field(default_factory=dict)
+    # CUDA runs: the GPU's compute capability ("sm_90"; the dispatch table's device class) and the
+    # TF32 flags in force (fp32 convolutions and matmuls use TF32 tensor cores where they allow it).
+    gpu_capability: Optional[str] = None
+    cudnn_allow_tf32: Optional[bool] = None
+    matmul_allow_tf32: Optional[bool] = None
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -136,7 +147,15 @@ def run_info(device: str, argv: str = "") -> RunInfo:
         argv=argv,
         load_average=round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
         transparent_hugepage=transparent_hugepage_mode(),
+        **(cuda_settings() if device == "cuda" else {}),
     )
+
+
+def cuda_settings() -> Dict[str, object]:
+    """The GPU's compute capability and the TF32 flags in force (``RunInfo`` fields of a CUDA run)."""
+    major, minor = torch.cuda.get_device_capability(0)
+    return dict(gpu_capability=f"sm_{major}{minor}", cudnn_allow_tf32=torch.backends.cudnn.allow_tf32,
+                matmul_allow_tf32=torch.backends.cuda.matmul.allow_tf32)
 
 
 def measure_peaks(info: RunInfo, dtypes: Dict[str, torch.dtype], policy: TimingPolicy, small: bool = False) -> None:

@@ -8,7 +8,9 @@ resident for reuse, which that column does not see; this script measures what th
 system sees: the process's peak resident set (``ru_maxrss``) after ``--steps`` training steps
 (the model suite's: forward, loss, backward, SGD) of Xception in channels_last fp32, for the
 eager model, the cpp model, and the cpp model with recycling off (``SEPCONV_CACHE_MB=0``). It
-prints one JSON line per provider and writes them to ``--out`` (atomically) when given.
+prints one JSON line per provider and writes them to ``--out`` (atomically) when given. Each
+row carries the run's metadata under ``"run"`` (machine, torch and triton versions, git commit,
+time), as the benchmark suite's rows do.
 """
 
 from __future__ import annotations
@@ -16,11 +18,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import subprocess
 import sys
-import time
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional, Sequence
+
+from .machine import run_info
 
 PROVIDERS = {  # name: (the suite's model provider, extra environment)
     "eager": ("eager", {}),
@@ -46,17 +50,10 @@ print(json.dumps(row))
 """
 
 
-def _commit(root: Path) -> object:
-    try:
-        result = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True)
-    except OSError:
-        return None
-    return result.stdout.strip() or None if result.returncode == 0 else None
-
-
-def measure(batch: int, steps: int, size: int) -> List[Dict[str, object]]:
+def measure(batch: int, steps: int, size: int, argv: str = "") -> List[Dict[str, object]]:
+    """One row per provider, each measured in a fresh process, each with the run's metadata under "run"."""
     root = Path(__file__).resolve().parent.parent
-    run = {"commit": _commit(root), "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    run = {"run": run_info("cpu", argv=argv).as_dict()}
     rows = []
     for name, (provider, env) in PROVIDERS.items():
         result = subprocess.run(
@@ -70,8 +67,9 @@ def measure(batch: int, steps: int, size: int) -> List[Dict[str, object]]:
     return rows
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.rss", description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--size", type=int, default=299)
@@ -80,7 +78,7 @@ def main(argv=None) -> None:
     for name, value, low in (("--batch", args.batch, 1), ("--steps", args.steps, 1), ("--size", args.size, 71)):
         if value < low:
             parser.error(f"{name} must be >= {low}, got {value}")
-    rows = measure(args.batch, args.steps, args.size)
+    rows = measure(args.batch, args.steps, args.size, argv="python -m benchmarks.rss " + shlex.join(argv))
     text = "".join(json.dumps(row) + "\n" for row in rows)
     print(text, end="")
     if args.out is not None:

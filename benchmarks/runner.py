@@ -47,6 +47,9 @@ class RunOptions:
     model_flops_per_image: Optional[float] = None
     # Test hook: raise KeyboardInterrupt once this many rows are written.
     interrupt_after: Optional[int] = None
+    # Called with (case, what is happening) while a CPU group is prepared and timed: a whole-model
+    # group takes minutes before its rows exist, and the caller shows that it is moving.
+    on_status: Optional[Callable[[Case, str], None]] = None
 
 
 def work(case: Case, options: RunOptions) -> Tuple[float, float]:
@@ -122,7 +125,13 @@ def measure_group(cases: List[Case], options: RunOptions, run: RunInfo,
     """
     rows: List[Optional[dict]] = [None] * len(cases)
     ready: List[Tuple[int, providers.Prepared]] = []
+
+    def status(case: Case, text: str) -> None:
+        if options.on_status is not None:
+            options.on_status(case, text)
+
     for index, case in enumerate(cases):
+        status(case, f"preparing {case.provider} {case.layout} ({index + 1}/{len(cases)}: build, compile, first call)")
         try:
             prepared = providers.prepare(case, options.device, options.model_kwargs)
             prepared.fn()  # compiles, autotunes, builds: outside the rounds
@@ -136,8 +145,15 @@ def measure_group(cases: List[Case], options: RunOptions, run: RunInfo,
     policy = options.policy
     if cases and cases[0].suite == "model":
         policy = dataclasses.replace(policy, min_repeats=max(policy.min_repeats, MODEL_MIN_ROUNDS))
+    on_round = None
+    if ready:
+        lead = cases[ready[0][0]]
+        status(lead, f"warming up {len(ready)} providers, then at least {policy.min_repeats} timed rounds")
+
+        def on_round(done: int) -> None:
+            status(lead, f"timed round {done} of at least {policy.min_repeats} ({len(ready)} providers a round)")
     try:
-        rounds = time_cpu_interleaved([p.fn for _, p in ready], policy, faults=faults)
+        rounds = time_cpu_interleaved([p.fn for _, p in ready], policy, faults=faults, on_round=on_round)
         timings = [summarize(t) for t in rounds]
     except KeyboardInterrupt:
         raise

@@ -94,7 +94,8 @@ def _minor_faults() -> int:
 
 def time_cpu_interleaved(fns: Sequence[Callable[[], object]], policy: TimingPolicy,
                          clock: Callable[[], float] = time.perf_counter, settle: int = 1,
-                         faults: Optional[List[List[int]]] = None) -> List[List[float]]:
+                         faults: Optional[List[List[int]]] = None,
+                         on_round: Optional[Callable[[int], None]] = None) -> List[List[float]]:
     """Per-call times (ms) of several callables, timed in rounds that call each once, in order.
 
     A shared machine slows down in spells (other tenants of a virtual machine, clock
@@ -113,6 +114,9 @@ def time_cpu_interleaved(fns: Sequence[Callable[[], object]], policy: TimingPoli
     ``faults``, when given, receives one list per callable: the minor page faults the
     process took during each timed call (read outside the timed window), the usual cause
     when a case's times swing between runs.
+
+    ``on_round``, when given, is called with the number of rounds done after each round
+    (outside the timed calls): a whole-model group takes minutes, and a caller can show it.
     """
     if not fns:
         return []
@@ -123,7 +127,7 @@ def time_cpu_interleaved(fns: Sequence[Callable[[], object]], policy: TimingPoli
     if faults is not None:
         faults[:] = [[] for _ in fns]
     spent = 0.0
-    for _ in range(policy.max_repeats):
+    for done in range(1, policy.max_repeats + 1):
         for slot, (fn, own) in enumerate(zip(fns, times)):
             for _ in range(settle):
                 fn()
@@ -135,6 +139,8 @@ def time_cpu_interleaved(fns: Sequence[Callable[[], object]], policy: TimingPoli
                 faults[slot].append(_minor_faults() - before)
             own.append(elapsed * 1e3)
             spent += elapsed
+        if on_round is not None:
+            on_round(done)
         if len(times[0]) >= policy.min_repeats and spent >= policy.min_seconds * len(fns):
             break
     return times

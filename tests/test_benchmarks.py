@@ -64,12 +64,15 @@ def test_pipeline_end_to_end(tmp_path, capsys):
     assert "interrupted" not in summary
     printed = capsys.readouterr().out
     assert "tiny 8->16@12" in printed and "Providers not run" in printed
+    # The run draws its own chart: the PNG is never older than the rows.
+    png = tmp_path / f"{device_slug('cpu')}.png"
+    assert f"plot: {png}" in printed and png.read_bytes()[:8] == PNG_SIGNATURE
+    png.unlink()
 
     rss_log = tmp_path / f"rss-{device_slug('cpu')}.jsonl"  # another tool's log beside the suite's
     rss_log.write_text('{"provider": "eager", "status": "ok", "max_rss_mib": 1.0}\n')
     assert plot_main(["--out", str(tmp_path)]) == 0
     assert not rss_log.with_suffix(".png").exists()
-    png = tmp_path / f"{device_slug('cpu')}.png"
     assert png.read_bytes()[:8] == PNG_SIGNATURE
     import matplotlib.pyplot as plt
 
@@ -91,7 +94,7 @@ def test_interrupted_run_keeps_finished_rows(tmp_path, capsys):
     assert len(rows) == 4 and len(latest_run(rows)) == 1
 
 
-def test_model_suite_runs_or_says_why(tmp_path):
+def test_model_suite_runs_or_says_why(tmp_path, capsys):
     assert main(["--suite", "model", "--providers", "eager", "--batch", "1", "--modes", "fwd", "--repeats", "1",
                  "--min-time", "0", "--tiny-model", "--no-memory", "--device", "cpu", "--out", str(tmp_path)]) == 0
     rows = _rows(tmp_path)
@@ -104,6 +107,10 @@ def test_model_suite_runs_or_says_why(tmp_path):
             assert row["images_per_s"] == pytest.approx(row["batch"] / (row["p50_ms"] / 1e3))
     if any(row["status"] == "ok" for row in rows):
         assert "| images/s |" in (tmp_path / f"{device_slug('cpu')}.md").read_text()
+        # A whole-model group takes minutes before its rows exist: a log shows each step of it.
+        printed = capsys.readouterr().out
+        assert "model xception 299x299 N=1 fp32 eval: preparing eager channels_last (1/" in printed
+        assert "timed round 1 of at least" in printed
 
 
 def test_fma_probe_measures_or_says_why(monkeypatch):
@@ -191,9 +198,11 @@ def test_cpu_timer_interleaves_cases_in_rounds():
 
     fns = [make("slow", 0.25), make("fast", 0.125)]
     policy = timing.TimingPolicy(warmup=1, min_repeats=2, min_seconds=0.5, max_repeats=100)
-    times = timing.time_cpu_interleaved(fns, policy, clock=lambda: now[0], settle=0)
+    rounds_done = []
+    times = timing.time_cpu_interleaved(fns, policy, clock=lambda: now[0], settle=0, on_round=rounds_done.append)
     # warm-ups first, then rounds of one call each, until 0.5 s per callable (1 s) of timed calls
     assert order == ["slow", "fast"] + ["slow", "fast"] * 3
+    assert rounds_done == [1, 2, 3]
     assert times == [pytest.approx([250.0] * 3), pytest.approx([125.0] * 3)]
     assert timing.time_cpu_interleaved([], policy) == []
     order.clear()
@@ -311,7 +320,7 @@ def test_cpu_speedup_is_the_median_of_paired_ratios(monkeypatch):
     # Slow spells (x3) over rounds 2-5 catch the cases unevenly: the ratio of the medians would be 10/15,
     # the median of the round-by-round ratios (2, 2/3, 2/3, 2, 6) is 2.
     rounds = [[10.0, 10.0, 10.0, 30.0, 30.0], [5.0, 15.0, 15.0, 15.0, 5.0]]
-    def fake_timer(fns, policy, faults):
+    def fake_timer(fns, policy, faults, on_round=None):
         faults[:] = [[0, 0, 7, 7, 7], [3, 3, 3, 0, 0]]
         return rounds
     monkeypatch.setattr(runner, "time_cpu_interleaved", fake_timer)
@@ -338,6 +347,10 @@ def test_rss_script(tmp_path, capsys):
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [row["provider"] for row in rows] == list(rss.PROVIDERS)
     assert all(row["status"] == "ok" and row["max_rss_mib"] > 0 and row["batch"] == 2 for row in rows), rows
+    for row in rows:  # machine, versions and commit, as in the suite's rows
+        assert set(RUN_KEYS) - {"peak_gflops", "peak_gbps"} <= set(row["run"])
+        assert row["run"]["torch_version"] == torch.__version__ and row["run"]["git_commit"]
+        assert row["run"]["argv"].startswith("python -m benchmarks.rss --batch 2")
     cached, uncached = rows[1], rows[2]
     assert cached["cache_idle_mib"] > 0 and uncached["cache_idle_mib"] == uncached["cache_live_mib"] == 0
     assert capsys.readouterr().out.count("max_rss_mib") == 3
@@ -418,3 +431,93 @@ def test_gpu_check_script_parses_and_its_selections_collect_tests():
         assert found, result.stdout[-2000:]
         counts.append(int(found.group(1)))
     assert min(counts) >= 40, counts
+
+
+def _plot_rows():
+    """A made-up run: two layer groups, a whole-model group, providers in both layouts."""
+    run = {"device": "cpu", "device_name": "Test CPU", "threads": 2, "torch_version": "9.9", "triton_version": "8.8",
+           "git_commit": "0123456789abcdef-dirty", "utc_time": "2026-01-01T00:00:00+00:00", "run_id": "r1",
+           "peak_gflops": {"fp32": 500.0}, "peak_gbps": 50.0}
+    rows = []
+    for mode in ("fwd", "full"):
+        for shape in XCEPTION_LAYERS:
+            for provider, layout, speedup in (("eager", "channels_last", 1.0), ("eager", "nchw", 0.5),
+                                              ("cpp", "channels_last", 2.5), ("compile", "channels_last", 0.9)):
+                rows.append(dict(suite="layers", shape=shape.name, batch=8, dtype="fp32", mode=mode, layout=layout,
+                                 provider=provider, status="ok", speedup_vs_eager_cl=speedup, gflop_s=100.0 * speedup,
+                                 gb_s=2.0, run=run))
+    for provider, speedup in (("eager", 1.0), ("cpp-fused", 1.4), ("cpp-unfused", 1.2)):
+        rows.append(dict(suite="model", shape="xception 299x299", batch=8, dtype="fp32", mode="eval",
+                         layout="channels_last", provider=provider, status="ok", speedup_vs_eager_cl=speedup,
+                         gflop_s=50.0, images_per_s=20.0, run=run))
+    return rows
+
+
+def test_plot_panels_ratio_axes_and_one_colour_per_provider():
+    import matplotlib.pyplot as plt
+
+    from benchmarks.plot import build_figure, format_ratio, provider_color
+
+    figure = build_figure(_plot_rows(), source="benchmarks/results/cpu-test.jsonl")
+    try:
+        title = figure._suptitle.get_text()
+        assert "benchmarks/results/cpu-test.jsonl" in title and "0123456789-dirty" in title and "torch 9.9" in title
+        axes = [axis for axis in figure.axes if axis.axison]
+        titles = [axis.get_title() for axis in axes]
+        assert titles == ["layers: N=8 fp32, forward", "layers: N=8 fp32, forward + backward",
+                          "Whole model (xception 299x299)", "Layers against the roofline"]
+        width, height = figure.get_size_inches() * figure.dpi
+        assert width <= 2000 and height <= 2000
+        for axis in axes[:3]:
+            labels = [tick.get_text() for tick in axis.get_yticklabels()]
+            assert "1x" in labels and all(label.endswith("x") for label in labels), labels
+            assert axis is axes[2] or {"0.5x", "2x"} <= set(labels), labels
+            assert 1.0 in [line.get_ydata()[0] for line in axis.get_lines()]  # the 1x line
+            assert all(tick.get_rotation() == 0 for tick in axis.get_xticklabels())
+        assert [t.get_text() for t in axes[0].get_xticklabels()][:2] == ["64\u2192128\n@147", "128\u2192128\n@147"]
+        roofline_labels = [tick.get_text() for tick in axes[3].get_yticklabels()]
+        assert not any("^" in label for label in roofline_labels), roofline_labels
+        # Every bar of a provider, in every panel, has that provider's colour; NCHW is hatched.
+        from matplotlib.colors import to_hex
+
+        seen = {}
+        for axis in axes[:3]:
+            for patch in axis.patches:
+                seen.setdefault(to_hex(patch.get_facecolor()), set()).add(patch.get_hatch())
+        assert to_hex(provider_color("cpp")) in seen and seen[to_hex(provider_color("eager"))] == {"//"}
+        assert len({provider_color(p) for p in ("eager", "cpp", "compile", "cpp-fused", "cpp-unfused")}) == 5
+        legend = [text.get_text() for text in figure.legends[0].get_texts()]
+        assert legend[0].startswith("eager CL (baseline") and legend.count("cpp CL") == 1
+    finally:
+        plt.close(figure)
+    assert [format_ratio(v) for v in (0.5, 1.0, 2.0, 20.0)] == ["0.5x", "1x", "2x", "20x"]
+    assert provider_color("some-new-provider") == provider_color("some-new-provider")
+
+
+@pytest.mark.parametrize("name, slug", [
+    ("Intel(R) Xeon(R) Processor", "intel-xeon"),
+    ("Intel(R) Xeon(R) CPU E5-2680 v4 @ 2.40GHz", "intel-xeon-e5-2680-v4"),
+    ("AMD EPYC 7763 64-Core Processor", "amd-epyc-7763"),
+    ("AMD EPYC", "amd-epyc"),
+    ("NVIDIA H100 80GB HBM3", "nvidia-h100-80gb-hbm3"),
+    ("13th Gen Intel(R) Core(TM) i7-1365U", "13th-gen-intel-core-i7-1365u"),
+])
+def test_results_files_are_named_readably(name, slug):
+    from benchmarks.machine import slugify
+
+    assert slugify(name) == slug
+
+
+def test_committed_results_rows_record_machine_versions_and_commit():
+    """The suite's and benchmarks.rss's committed logs: every row says where and with what it was measured."""
+    from pathlib import Path
+
+    results = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+    logs = [log for log in sorted(results.glob("*.jsonl"))
+            if log.name.startswith(("cpu-", "cuda-", "rss-"))]
+    assert logs
+    for log in logs:
+        for row in read_rows(log):
+            run = row.get("run") or {}
+            missing = [key for key in ("device_name", "torch_version", "git_commit", "utc_time") if not run.get(key)]
+            assert not missing, f"{log.name}: a row without {missing}"
