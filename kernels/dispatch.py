@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import sys
 import threading
 import warnings
 from dataclasses import dataclass, field
@@ -120,10 +121,18 @@ def available_backends() -> Dict[str, Optional[str]]:
 _warned: set = set()
 
 
+_INTERNAL_DIRS = (os.path.dirname(os.path.abspath(__file__)) + os.sep,
+                  os.path.dirname(os.path.abspath(torch.__file__)) + os.sep)
+
+
 def _warn_once(message: str) -> None:
     if message not in _warned:
         _warned.add(message)
-        warnings.warn(message, RuntimeWarning, stacklevel=4)
+        # Point at the first frame outside kernels/ and torch/ (the caller's line), however deep the call came.
+        level, frame = 1, sys._getframe(0)
+        while frame is not None and frame.f_code.co_filename.startswith(_INTERNAL_DIRS):
+            level, frame = level + 1, frame.f_back
+        warnings.warn(message, RuntimeWarning, stacklevel=level)
 
 
 _resolved: Dict[tuple, str] = {}

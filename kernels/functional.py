@@ -52,7 +52,8 @@ def separable_conv2d(
     if unbatched:
         input = input.unsqueeze(0)
     device_type = input.device.type
-    autocast = torch.is_autocast_enabled(device_type)
+    # is_autocast_enabled raises for device types without autocast (meta, for shape inference)
+    autocast = torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
     if autocast:
         dtype = torch.get_autocast_dtype(device_type)
         input, depthwise_weight, pointwise_weight, depthwise_bias, pointwise_bias = (

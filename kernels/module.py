@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-from typing import Optional, Tuple, Union
+from typing import Tuple, Union
 
 import torch
 from torch import nn
@@ -101,6 +101,11 @@ class SeparableConv2d(BackendAttribute, nn.Module):
         for name, conv in (("depthwise", depthwise), ("pointwise", pointwise)):
             if not isinstance(conv, nn.Conv2d):
                 raise TypeError(f"{name} must be an nn.Conv2d, got {type(conv).__name__}")
+            overridden = [method for method in ("forward", "_conv_forward")
+                          if getattr(type(conv), method) is not getattr(nn.Conv2d, method)]
+            if overridden:  # the fused op would compute nn.Conv2d's convolution, not what this class does
+                raise TypeError(f"{name} is a {type(conv).__name__}, an nn.Conv2d subclass that overrides "
+                                f"{' and '.join(overridden)}; only what nn.Conv2d computes can be fused")
             if conv.padding_mode != "zeros":
                 raise ValueError(f"{name}.padding_mode must be 'zeros', got {conv.padding_mode!r}")
         if depthwise.groups != depthwise.in_channels:

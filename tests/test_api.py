@@ -233,3 +233,38 @@ def test_inference_calls_skip_autograd_and_match(backend):
     for out in (plain, inference, untracked):
         assert out.grad_fn is None and not out.requires_grad
         assert torch.equal(out, recorded.detach())
+
+
+def test_meta_device_gives_shapes_like_the_conv2d_pair():
+    module = kernels.SeparableConv2d(4, 6, 3, stride=2, padding=1, device="meta")
+    x = torch.empty(2, 4, 9, 9, device="meta", requires_grad=True)
+    out = module(x)
+    pair = nn.Sequential(module.conv1, module.pointwise)(x)
+    assert out.device.type == "meta" and out.shape == pair.shape == (2, 6, 5, 5)
+    out.sum().backward()
+    assert module.conv1.weight.grad.shape == module.conv1.weight.shape
+
+
+def test_from_conv2d_refuses_a_subclass_that_computes_something_else():
+    class ScaledConv2d(nn.Conv2d):
+        def forward(self, input):
+            return 2 * super().forward(input)
+
+    class TaggedConv2d(nn.Conv2d):  # a subclass that computes what nn.Conv2d does is fine
+        pass
+
+    with pytest.raises(TypeError, match="ScaledConv2d.*overrides forward"):
+        kernels.SeparableConv2d.from_conv2d(ScaledConv2d(4, 4, 3, groups=4), nn.Conv2d(4, 6, 1))
+    kernels.SeparableConv2d.from_conv2d(TaggedConv2d(4, 4, 3, groups=4), TaggedConv2d(4, 6, 1))
+
+
+def test_backend_warning_points_at_the_callers_line(monkeypatch):
+    """bfloat16 on the CPU: "auto" skips the cpp backend with a warning that names this file, not kernels/."""
+    x, dw, pw = tensors(dtype=torch.bfloat16)
+    module = kernels.SeparableConv2d(4, 6, 3, dtype=torch.bfloat16)
+    for call in (lambda: kernels.separable_conv2d(x, dw, pw), lambda: module(x)):
+        monkeypatch.setattr(dispatch, "_warned", set())
+        monkeypatch.setattr(dispatch, "_resolved", {})
+        with pytest.warns(RuntimeWarning, match="backend 'cpp' skipped") as record:
+            call()
+        assert [w.filename for w in record if "skipped" in str(w.message)][0] == __file__
