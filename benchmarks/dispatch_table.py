@@ -53,9 +53,11 @@ def _flag(value: object) -> Optional[bool]:
 
 def _tf32_flags(row: dict) -> Tuple[Optional[bool], Optional[bool], str]:
     """(cudnn.allow_tf32, cuda.matmul.allow_tf32, where they were read): the row's own record, else the
-    flags the run read when it measured the machine peak (benchmarks never change them)."""
+    run's, else the flags the run read when it measured the machine peak (benchmarks never change them)."""
     if "cudnn_allow_tf32" in row:
         return _flag(row.get("cudnn_allow_tf32")), _flag(row.get("matmul_allow_tf32")), "row"
+    if row["run"].get("cudnn_allow_tf32") is not None:
+        return _flag(row["run"]["cudnn_allow_tf32"]), _flag(row["run"].get("matmul_allow_tf32")), "run"
     detail = row["run"].get("peak_detail") or {}
     if "cudnn_allow_tf32" in detail:
         return _flag(detail.get("cudnn_allow_tf32")), _flag(detail.get("matmul_allow_tf32")), "run peak_detail"
@@ -85,8 +87,8 @@ def read_rows(paths: Sequence[Path]) -> Iterable[Tuple[str, dict]]:
 def build_entries(rows: Iterable[Tuple[str, dict]], capability: Optional[str] = None,
                   margin: float = DEFAULT_MARGIN) -> List[dict]:
     """The table's entries from benchmark rows (see the module docstring)."""
-    override = _capability(capability) if capability is not None else None
-    if capability is not None and override is None:
+    fallback = _capability(capability) if capability is not None else None
+    if capability is not None and fallback is None:
         raise ValueError(f"--capability must look like sm_90 or 9.0, got {capability!r}")
     # key -> run_id -> {"times": {implementation: (provider, p50)}, "row": a row of that run, "source": ...}
     measured: Dict[tuple, Dict[str, dict]] = {}
@@ -96,7 +98,7 @@ def build_entries(rows: Iterable[Tuple[str, dict]], capability: Optional[str] = 
         if (row.get("suite") != "layers" or row.get("status") != "ok" or run.get("device") != "cuda"
                 or row.get("mode") not in MODES or provider not in PROVIDER_IMPLEMENTATIONS):
             continue
-        cap = override or _capability(run.get("gpu_capability"))
+        cap = _capability(run.get("gpu_capability")) or fallback
         if cap is None:
             raise ValueError(f"{source}: run {run.get('run_id')} does not record its GPU's compute capability; "
                              "pass --capability (e.g. sm_90 for an H100 or H200)")
@@ -175,8 +177,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("results", nargs="+", type=Path, help="benchmark results (.jsonl) of GPU runs")
     parser.add_argument("--out", type=Path, default=gpu_dispatch.TABLE_PATH,
                         help=f"table to write (default {_relative(gpu_dispatch.TABLE_PATH)})")
-    parser.add_argument("--capability", help="compute capability of the GPU, for runs that did not record it "
-                                             "(e.g. sm_90)")
+    parser.add_argument("--capability", help="compute capability of the GPU of runs that did not record it "
+                                             "(e.g. sm_90; results from before runs recorded it)")
     parser.add_argument("--margin", type=float, default=DEFAULT_MARGIN,
                         help="a Triton path must take at most this fraction of cuDNN's time "
                              f"(default {DEFAULT_MARGIN})")

@@ -1,11 +1,14 @@
 """The implementations compared side by side, and the callable each case times.
 
 Layer providers:
-    cpp, triton, torch   ``kernels.separable_conv2d(..., backend=name)``
+    cpp, triton, torch   ``kernels.separable_conv2d(..., backend=name)`` (triton: its fused kernels,
+                         ``SEPCONV_TRITON_MODE=fused`` whatever the variable says outside)
     triton-split         ``backend="triton"`` with ``SEPCONV_TRITON_MODE=split`` (depthwise kernel + GEMM)
+    auto                 ``backend="auto"``: what a user gets (on CUDA, cuDNN or a Triton mode per layer,
+                         from the dispatch table or, with ``SEPCONV_TUNE=1``, the tuner)
     eager                ``nn.Conv2d(C, C, k, groups=C)`` then ``nn.Conv2d(C, Cout, 1)`` (the baseline)
     compile              ``torch.compile`` of that eager pair (static shapes, one compile per case)
-Model providers (``<backend>`` may be ``triton-split`` too):
+Model providers (``<backend>`` may be ``triton-split`` or ``auto`` too):
     <backend>-fused      ``Xception(separable="fused", backend=b)`` after ``fuse_for_inference()`` (eval only)
     <backend>-unfused    ``Xception(separable="fused", backend=b)`` as built: BatchNorm left as modules (each
                          ReLU applied inside the separable conv after it: ``fold_relu``, the default)
@@ -32,8 +35,8 @@ from torch import nn
 from .cases import DTYPES, Case, Shape
 
 BACKEND_PROVIDERS = ("cpp", "triton", "torch")
-# Providers that run a backend in another mode: name -> (backend, SEPCONV_TRITON_MODE).
-MODE_PROVIDERS = {"triton-split": ("triton", "split")}
+# Providers beyond the backends' own: name -> (backend, SEPCONV_TRITON_MODE).
+MODE_PROVIDERS = {"triton-split": ("triton", "split"), "auto": ("auto", None)}
 LAYER_PROVIDERS = BACKEND_PROVIDERS + tuple(MODE_PROVIDERS) + ("eager", "compile")
 MODEL_BASE_PROVIDERS = ("eager", "compile")
 
@@ -59,8 +62,10 @@ def model_providers_for(backends: Sequence[str], compile: bool = True) -> List[s
 
 
 def backend_and_mode(name: str) -> Tuple[str, Optional[str]]:
-    """A backend provider's backend and its ``SEPCONV_TRITON_MODE`` (None: the default mode)."""
-    return MODE_PROVIDERS.get(name, (name, None))
+    """A backend provider's backend and the ``SEPCONV_TRITON_MODE`` it runs in (None: leave the variable)."""
+    if name in MODE_PROVIDERS:
+        return MODE_PROVIDERS[name]
+    return name, ("fused" if name == "triton" else None)
 
 
 @contextlib.contextmanager
@@ -87,6 +92,8 @@ def backend_reason(name: str, device: str, dtype: torch.dtype) -> Optional[str]:
 
     name = backend_and_mode(name)[0]
 
+    if name == "auto":  # auto always finds something to run
+        return None
     if name == "triton" and device == "cpu":
         return TRITON_CPU_REASON
     if name not in BACKENDS:

@@ -40,10 +40,16 @@ def fresh_dispatch(monkeypatch):
 
 @pytest.fixture
 def gpu(monkeypatch):
-    """CPU tensors take the CUDA path of ``auto``, on a device that reports itself as an H200."""
+    """CPU tensors (in Triton's interpreter) or CUDA tensors take the CUDA path of ``auto``, on a device
+    that reports itself as an H200. TF32 off: results are compared with fp32 tolerances."""
     monkeypatch.setattr(gpu_dispatch, "shape_dispatch_applies", lambda device: True)
     monkeypatch.setattr(gpu_dispatch, "device_capability", lambda device: H200[0])
     monkeypatch.setattr(gpu_dispatch, "device_name", lambda device: H200[1])
+    # Set and restored by hand: monkeypatch cannot restore torch.backends.cuda.matmul's flag.
+    flags = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = flags
 
 
 class OpsRun(TorchDispatchMode):
@@ -60,10 +66,10 @@ class OpsRun(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def make_case(requires_grad=False):
+def make_case(requires_grad=False, device="cpu"):
     generator = torch.Generator().manual_seed(0)
     tensors = [torch.randn(shape, generator=generator) for shape in ((2, 4, 6, 6), (4, 1, 3, 3), (5, 4, 1, 1))]
-    return [t.requires_grad_(requires_grad) for t in tensors]
+    return [t.to(device).requires_grad_(requires_grad) for t in tensors]
 
 
 def layer_of_case(grad=False, batch=2):
@@ -138,13 +144,12 @@ def test_committed_table_is_what_the_builder_makes_from_its_sources(tmp_path):
 def test_auto_runs_what_the_table_recorded(gpu, write_table):
     device = require_backend("triton")
     write_table(entry("triton_split", mode="fwd"), entry("triton", mode="full"))
-    x, dw, pw = make_case()
     with OpsRun() as ops:
-        out = kernels.separable_conv2d(x.to(device), dw.to(device), pw.to(device), padding=1)
+        out = kernels.separable_conv2d(*make_case(device=device), padding=1)
     assert ops.names == ["sepconv_triton_split::forward"]
-    torch.testing.assert_close(out.cpu(), reference(x, dw, pw), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(out.cpu(), reference(*make_case()), atol=1e-4, rtol=1e-4)
 
-    leaves = [t.to(device).requires_grad_() for t in make_case()]
+    leaves = make_case(requires_grad=True, device=device)
     with OpsRun() as ops:  # a call that needs gradients is chosen by the forward + backward entry
         kernels.separable_conv2d(*leaves, padding=1).sum().backward()
     assert ops.names == ["sepconv_triton::forward", "sepconv_triton::backward"]
@@ -158,10 +163,10 @@ def test_auto_runs_what_the_table_recorded(gpu, write_table):
 @pytest.mark.parametrize("case", ["other device class", "other batch bucket", "other layout", "other TF32 flag",
                                   "other dtype"])
 def test_auto_runs_cudnn_where_the_table_has_no_measurement(gpu, write_table, monkeypatch, case):
-    require_backend("triton")
+    device = require_backend("triton")
     layer, dtype = layer_of_case(), torch.float32
     write_table(entry("triton"))
-    assert dispatch.resolve("auto", torch.device("cpu"), dtype, layer) == "triton"
+    assert dispatch.resolve("auto", device, dtype, layer) == "triton"
     dispatch._resolved_layers.clear()
     if case == "other device class":
         monkeypatch.setattr(gpu_dispatch, "device_name", lambda device: "NVIDIA H100 80GB HBM3")
@@ -173,7 +178,7 @@ def test_auto_runs_cudnn_where_the_table_has_no_measurement(gpu, write_table, mo
         monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", not torch.backends.cudnn.allow_tf32)
     else:
         dtype = torch.bfloat16
-    assert dispatch.resolve("auto", torch.device("cpu"), dtype, layer) == "torch"
+    assert dispatch.resolve("auto", device, dtype, layer) == "torch"
 
 
 def test_table_choice_that_cannot_run_falls_back_to_cudnn(gpu, write_table, monkeypatch):
@@ -184,23 +189,23 @@ def test_table_choice_that_cannot_run_falls_back_to_cudnn(gpu, write_table, monk
 
 
 def test_triton_mode_setting_limits_auto_to_that_mode(gpu, write_table, monkeypatch):
-    require_backend("triton")
+    device = require_backend("triton")
     write_table(entry("triton"))
     monkeypatch.setenv(dispatch.TRITON_MODE_ENV, "split")
     with pytest.warns(RuntimeWarning, match="candidates \\['torch', 'triton_split'\\]"):
-        assert dispatch.resolve("auto", torch.device("cpu"), torch.float32, layer_of_case()) == "torch"
+        assert dispatch.resolve("auto", device, torch.float32, layer_of_case()) == "torch"
     monkeypatch.setenv(dispatch.TRITON_MODE_ENV, "fused")
-    assert dispatch.resolve("auto", torch.device("cpu"), torch.float32, layer_of_case()) == "triton"
+    assert dispatch.resolve("auto", device, torch.float32, layer_of_case()) == "triton"
     monkeypatch.setenv(dispatch.TRITON_MODE_ENV, "fast")
     with pytest.raises(ValueError, match="SEPCONV_TRITON_MODE='fast'"):
-        dispatch.resolve("auto", torch.device("cpu"), torch.float32, layer_of_case())
+        dispatch.resolve("auto", device, torch.float32, layer_of_case())
 
 
 def test_named_backends_ignore_the_table(gpu, write_table):
-    require_backend("triton")
+    device = require_backend("triton")
     write_table(entry("triton_split"))
     for name in ("torch", "triton"):
-        assert dispatch.resolve(name, torch.device("cpu"), torch.float32, layer_of_case()) == name
+        assert dispatch.resolve(name, device, torch.float32, layer_of_case()) == name
 
 
 def test_malformed_table_is_a_clear_error(tmp_path):
@@ -254,7 +259,7 @@ def test_tuner_times_each_candidate_once_and_runs_the_fastest(gpu, caplog):
     device = require_backend("triton")
     calls = []
     kernels.tune(True, timer=fake_timer({"torch": 3.0, "triton": 1.0, "triton_split": 2.0}, calls))
-    x, dw, pw = (t.to(device) for t in make_case())
+    x, dw, pw = make_case(device=device)
     with caplog.at_level(logging.INFO, logger="kernels.gpu_dispatch"), OpsRun() as ops:
         first = kernels.separable_conv2d(x, dw, pw, padding=1)
         second = kernels.separable_conv2d(x, dw, pw, padding=1)
@@ -269,10 +274,10 @@ def test_tuner_times_each_candidate_once_and_runs_the_fastest(gpu, caplog):
 
 
 def test_tuner_keys_on_gradients_and_keeps_results_correct(gpu):
-    require_backend("triton")
+    device = require_backend("triton")
     calls = []
     kernels.tune(True, timer=fake_timer({"torch": 3.0, "triton": 2.0, "triton_split": 1.0}, calls))
-    leaves = make_case(requires_grad=True)
+    leaves = make_case(requires_grad=True, device=device)
     with OpsRun() as ops:
         out = kernels.separable_conv2d(*leaves, padding=1)
         out.sum().backward()
@@ -281,16 +286,16 @@ def test_tuner_keys_on_gradients_and_keeps_results_correct(gpu):
     expected = make_case(requires_grad=True)
     want = reference(*expected)
     want.sum().backward()
-    torch.testing.assert_close(out, want, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(out.cpu(), want, atol=1e-4, rtol=1e-4)
     for leaf, reference_leaf in zip(leaves, expected):
-        torch.testing.assert_close(leaf.grad, reference_leaf.grad, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(leaf.grad.cpu(), reference_leaf.grad, atol=1e-4, rtol=1e-4)
     with torch.no_grad():  # no gradients: another layer, timed again
         kernels.separable_conv2d(*leaves, padding=1)
     assert len(calls) == 6
 
 
 def test_tuner_ties_go_to_cudnn_and_a_failing_candidate_is_skipped(gpu):
-    require_backend("triton")
+    device = require_backend("triton")
 
     def timer(name, call):
         if name == "triton":
@@ -299,17 +304,17 @@ def test_tuner_ties_go_to_cudnn_and_a_failing_candidate_is_skipped(gpu):
 
     kernels.tune(True, timer=timer)
     with pytest.warns(RuntimeWarning, match="tuner: triton could not run .*out of shared memory"):
-        assert dispatch.resolve("auto", torch.device("cpu"), torch.float32, layer_of_case()) == "torch"
+        assert dispatch.resolve("auto", device, torch.float32, layer_of_case()) == "torch"
     (measured,) = gpu_dispatch.tuned_choices().values()
     assert measured["times_ms"]["triton"] == "RuntimeError: out of shared memory"
 
 
 def test_tuner_from_the_environment(gpu, monkeypatch):
-    require_backend("triton")
+    device = require_backend("triton")
     calls = []
     monkeypatch.setattr(gpu_dispatch, "_timer", fake_timer({"torch": 1.0, "triton": 5.0, "triton_split": 2.0}, calls))
     monkeypatch.setenv(gpu_dispatch.TUNE_ENV, "1")
-    assert dispatch.resolve("auto", torch.device("cpu"), torch.float32, layer_of_case()) == "torch"
+    assert dispatch.resolve("auto", device, torch.float32, layer_of_case()) == "torch"
     assert len(calls) == 3
     kernels.tune(False)  # the function overrides the variable: back to the table
     assert not gpu_dispatch.tuning_enabled()
@@ -325,21 +330,21 @@ def test_bad_tune_setting_names_the_variable(gpu, monkeypatch, value):
 
 
 def test_tuner_leaves_the_random_state_alone(gpu):
-    require_backend("triton")
+    device = require_backend("triton")
     kernels.tune(True, timer=fake_timer({"torch": 1.0, "triton": 1.0, "triton_split": 1.0}, []))
     torch.manual_seed(5)
     expected = torch.rand(3)
     torch.manual_seed(5)
-    dispatch.resolve("auto", torch.device("cpu"), torch.float32, layer_of_case(grad=True))
+    dispatch.resolve("auto", device, torch.float32, layer_of_case(grad=True))
     assert torch.equal(torch.rand(3), expected)
 
 
 def test_compile_fullgraph_with_the_tuner(gpu):
     """Under torch.compile the choice is made at trace time and kept as a constant (no graph break)."""
-    require_backend("triton")
+    device = require_backend("triton")
     calls = []
     kernels.tune(True, timer=fake_timer({"torch": 3.0, "triton": 2.0, "triton_split": 1.0}, calls))
-    x, dw, pw = make_case()
+    x, dw, pw = make_case(device=device)
 
     def fn(x, dw, pw):
         return kernels.separable_conv2d(x, dw, pw, padding=1, relu_input=True)
@@ -347,8 +352,8 @@ def test_compile_fullgraph_with_the_tuner(gpu):
     torch._dynamo.reset()
     out = torch.compile(fn, fullgraph=True, backend="eager")(x, dw, pw)
     assert sorted(calls) == ["torch", "triton", "triton_split"]
-    torch.testing.assert_close(out, kernels.separable_conv2d_reference(x, dw, pw, padding=1, relu_input=True),
-                               atol=1e-4, rtol=1e-4)
+    expected = kernels.separable_conv2d_reference(*make_case(), padding=1, relu_input=True)
+    torch.testing.assert_close(out.cpu(), expected, atol=1e-4, rtol=1e-4)
 
 
 # --- the table's builder ---------------------------------------------------------------------
@@ -405,6 +410,8 @@ def test_builder_needs_the_capability():
         dispatch_table.build_entries([("results.jsonl", row)])
     (built,) = dispatch_table.build_entries([("results.jsonl", row)], capability="sm_80")
     assert built["device_class"] == "sm_80 H100"
+    (recorded,) = dispatch_table.build_entries([result_row("eager", 1.0)], capability="sm_80")
+    assert recorded["device_class"] == "sm_90 H100"  # the run's own record wins
     with pytest.raises(ValueError, match="--capability must look like sm_90"):
         dispatch_table.build_entries([("results.jsonl", row)], capability="hopper")
 
@@ -422,3 +429,19 @@ def test_builder_output_is_read_back_by_the_dispatcher(tmp_path):
                                grad=False)
     assert gpu_dispatch.layer_table_key("sm_90 H100", torch.bfloat16, layer, True) == key
     assert stored["choice"] == "triton_split"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="times the candidates with CUDA events: needs a GPU")
+def test_tuner_with_cuda_events_on_this_gpu():
+    require_backend("triton", torch.bfloat16)
+    kernels.tune(True)
+    generator = torch.Generator().manual_seed(0)
+    x, dw, pw = (torch.randn(shape, generator=generator) for shape in ((8, 64, 28, 28), (64, 1, 3, 3), (96, 64, 1, 1)))
+    x = x.contiguous(memory_format=torch.channels_last)
+    out = kernels.separable_conv2d(*(t.to("cuda", torch.bfloat16) for t in (x, dw, pw)), padding=1)
+    (measured,) = gpu_dispatch.tuned_choices().values()
+    times = measured["times_ms"]
+    assert sorted(times) == ["torch", "triton", "triton_split"]
+    assert all(isinstance(ms, float) and ms > 0 for ms in times.values()), times
+    assert measured["choice"] == min(times, key=times.get)
+    torch.testing.assert_close(out.float().cpu(), reference(x, dw, pw), atol=0.1, rtol=0.05)
