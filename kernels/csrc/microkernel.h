@@ -4,9 +4,17 @@
 //
 // A is addressed through two strides (A(r, k) = a[r * a_rs + k * a_ks]) so the same kernel
 // multiplies a row-major tile (a_ks = 1) or a transposed one (a_rs = 1). B rows are read as
-// kCols-wide vectors (masked at the right edge); each A element is broadcast. The float32
-// kernel keeps kRows x 2 AVX-512 accumulators in zmm registers; every other dtype (and a
-// host without AVX-512) uses the plain loop, which the compiler vectorises as it can.
+// vectors (masked at the right edge); each A element is broadcast. The float32 kernel keeps a
+// register tile of kRows x kTileVectors accumulators (vec.h): kTileVectors vectors of columns per
+// pass over k, as many passes as the kCols = 32 columns of a panel need. The tile is sized from the
+// ISA's register count: accumulators + the B vectors + one broadcast fill it.
+//
+//   avx512  12 rows x 2 zmm (32 columns, one pass)
+//   avx2     6 rows x 2 ymm (16 columns, two passes)
+//   neon     6 rows x 4 q   (16 columns, two passes)
+//
+// Every other dtype (and a build without a vector path) uses the plain loop, which the compiler
+// vectorises as it can.
 //
 // The sum over k always runs in order 0..K-1 starting from zero, and C (when accumulating)
 // is added once at the end, so results do not depend on how callers tile rows or columns.
@@ -16,14 +24,20 @@
 #include <cstdint>
 #include <type_traits>
 
-#if defined(__AVX512F__)
-#include <immintrin.h>
-#endif
+#include "vec.h"
 
 namespace sepconv {
 
-constexpr int kRows = 12;  // accumulator rows (A broadcasts per k)
-constexpr int kCols = 32;  // accumulator columns (two 16-float vectors)
+constexpr int kCols = 32;  // panel width: the columns one call covers
+#if defined(SEPCONV_HAS_VEC)
+constexpr int kTileVectors = VecF32::kLanes >= 8 ? 2 : 4;  // vectors of columns per pass
+constexpr int kPassCols = kTileVectors * VecF32::kLanes;
+static_assert(kCols % kPassCols == 0, "a panel is a whole number of passes");
+// Accumulator rows: the registers left after kTileVectors B vectors and one broadcast, at most 12.
+constexpr int kRows = std::min(12, (VecF32::kRegisters - kTileVectors - 1) / kTileVectors);
+#else
+constexpr int kRows = 12;
+#endif
 
 struct MicroArgs {
   int64_t K;
@@ -55,81 +69,79 @@ inline void micro_generic(const T* a, const T* b, T* c, const T* init, const Mic
   }
 }
 
-#if defined(__AVX512F__)
-// Lanes [0, left) of a 16-float vector: all for left >= 16, none for left <= 0.
-inline __mmask16 tail_mask(int64_t left) {
-  return left >= 16 ? __mmask16(0xFFFF) : left <= 0 ? __mmask16(0) : __mmask16((1u << left) - 1u);
+#if defined(SEPCONV_HAS_VEC)
+// One pass: columns [0, left) of the pass starting at b, c and init (left >= 1). NV vectors of
+// columns are live (the rest of the pass is past nr); kMasked: the last live one is partial.
+template <int MR, int NV, bool kMasked>
+inline void micro_pass(const float* a, const float* b, float* c, const float* init, const MicroArgs& p,
+                       int64_t left) {
+  using V = VecF32;
+  typename V::Mask m[NV];
+#pragma GCC unroll 4
+  for (int v = 0; v < NV; ++v) m[v] = V::mask(left - v * V::kLanes);
+  auto load = [&](int v, const float* at) { return kMasked ? V::load(m[v], at) : V::load(at); };
+  typename V::Reg acc[MR][NV];
+#pragma GCC unroll 12
+  for (int r = 0; r < MR; ++r) {
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) acc[r][v] = V::zero();
+  }
+  const int64_t a_rs = p.a_rs, a_ks = p.a_ks, ldb = p.ldb;
+  for (int64_t k = 0; k < p.K; ++k) {
+    typename V::Reg bk[NV];
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) bk[v] = load(v, b + k * ldb + v * V::kLanes);
+    const float* ak = a + k * a_ks;
+#pragma GCC unroll 12
+    for (int r = 0; r < MR; ++r) {
+      const typename V::Reg av = V::set1(ak[r * a_rs]);
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) acc[r][v] = V::fmadd(av, bk[v], acc[r][v]);
+    }
+  }
+  typename V::Reg bias[NV];
+#pragma GCC unroll 4
+  for (int v = 0; v < NV; ++v) bias[v] = init ? load(v, init + v * V::kLanes) : V::zero();
+#pragma GCC unroll 12
+  for (int r = 0; r < MR; ++r) {
+    float* crow = c + r * p.ldc;
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) {
+      typename V::Reg out = V::add(acc[r][v], bias[v]);
+      if (p.accumulate) out = V::add(out, load(v, crow + v * V::kLanes));
+      if constexpr (!kMasked) {
+        if (p.stream) {
+          V::stream(crow + v * V::kLanes, out);
+          continue;
+        }
+        V::store(crow + v * V::kLanes, out);
+      } else {
+        V::store(crow + v * V::kLanes, m[v], out);
+      }
+    }
+  }
 }
 
 template <int MR>
 inline void micro_f32(const float* a, const float* b, float* c, const float* init, const MicroArgs& p) {
-  const __mmask16 m0 = tail_mask(p.nr), m1 = tail_mask(p.nr - 16);
-  __m512 acc0[MR], acc1[MR];
-#pragma GCC unroll 12
-  for (int r = 0; r < MR; ++r) {
-    acc0[r] = _mm512_setzero_ps();
-    acc1[r] = _mm512_setzero_ps();
-  }
-  const int64_t a_rs = p.a_rs, a_ks = p.a_ks, ldb = p.ldb;
-  if (p.nr <= 16) {  // one vector of columns: half the FMAs of a full call
-    for (int64_t k = 0; k < p.K; ++k) {
-      const __m512 b0 = _mm512_maskz_loadu_ps(m0, b + k * ldb);
-      const float* ak = a + k * a_ks;
-#pragma GCC unroll 12
-      for (int r = 0; r < MR; ++r) acc0[r] = _mm512_fmadd_ps(_mm512_set1_ps(ak[r * a_rs]), b0, acc0[r]);
+  constexpr int kHalf = kTileVectors / 2 * VecF32::kLanes;
+  for (int j0 = 0; j0 < p.nr; j0 += kPassCols) {
+    const int64_t left = p.nr - j0;
+    const float* pass_init = init ? init + j0 : nullptr;
+    if (left >= kPassCols) {
+      micro_pass<MR, kTileVectors, false>(a, b + j0, c + j0, pass_init, p, left);
+    } else if (left <= kHalf) {  // half the vectors live: half the FMAs
+      micro_pass<MR, kTileVectors / 2, true>(a, b + j0, c + j0, pass_init, p, left);
+    } else {
+      micro_pass<MR, kTileVectors, true>(a, b + j0, c + j0, pass_init, p, left);
     }
-  } else if (p.nr == kCols) {
-    for (int64_t k = 0; k < p.K; ++k) {
-      const __m512 b0 = _mm512_loadu_ps(b + k * ldb);
-      const __m512 b1 = _mm512_loadu_ps(b + k * ldb + 16);
-      const float* ak = a + k * a_ks;
-#pragma GCC unroll 12
-      for (int r = 0; r < MR; ++r) {
-        const __m512 av = _mm512_set1_ps(ak[r * a_rs]);
-        acc0[r] = _mm512_fmadd_ps(av, b0, acc0[r]);
-        acc1[r] = _mm512_fmadd_ps(av, b1, acc1[r]);
-      }
-    }
-  } else {
-    for (int64_t k = 0; k < p.K; ++k) {
-      const __m512 b0 = _mm512_maskz_loadu_ps(m0, b + k * ldb);
-      const __m512 b1 = _mm512_maskz_loadu_ps(m1, b + k * ldb + 16);
-      const float* ak = a + k * a_ks;
-#pragma GCC unroll 12
-      for (int r = 0; r < MR; ++r) {
-        const __m512 av = _mm512_set1_ps(ak[r * a_rs]);
-        acc0[r] = _mm512_fmadd_ps(av, b0, acc0[r]);
-        acc1[r] = _mm512_fmadd_ps(av, b1, acc1[r]);
-      }
-    }
-  }
-  __m512 i0 = _mm512_setzero_ps(), i1 = _mm512_setzero_ps();
-  if (init) {
-    i0 = _mm512_maskz_loadu_ps(m0, init);
-    i1 = _mm512_maskz_loadu_ps(m1, init + 16);
-  }
-#pragma GCC unroll 12
-  for (int r = 0; r < MR; ++r) {
-    float* crow = c + r * p.ldc;
-    __m512 v0 = _mm512_add_ps(acc0[r], i0), v1 = _mm512_add_ps(acc1[r], i1);
-    if (p.accumulate) {
-      v0 = _mm512_add_ps(v0, _mm512_maskz_loadu_ps(m0, crow));
-      v1 = _mm512_add_ps(v1, _mm512_maskz_loadu_ps(m1, crow + 16));
-    }
-    if (p.stream) {
-      _mm512_stream_ps(crow, v0);
-      _mm512_stream_ps(crow + 16, v1);
-      continue;
-    }
-    _mm512_mask_storeu_ps(crow, m0, v0);
-    _mm512_mask_storeu_ps(crow + 16, m1, v1);
   }
 }
 #endif
 
 template <typename T, int MR>
 inline void micro_fixed(const T* a, const T* b, T* c, const T* init, const MicroArgs& p) {
-#if defined(__AVX512F__)
+#if defined(SEPCONV_HAS_VEC)
   if constexpr (std::is_same_v<T, float>) {
     micro_f32<MR>(a, b, c, init, p);
     return;
@@ -139,22 +151,15 @@ inline void micro_fixed(const T* a, const T* b, T* c, const T* init, const Micro
 }
 
 // Dispatch on the number of valid rows (1..kRows).
-template <typename T>
+template <typename T, int MR = kRows>
 inline void micro(int mr, const T* a, const T* b, T* c, const T* init, const MicroArgs& p) {
-  switch (mr) {
-    case 12: micro_fixed<T, 12>(a, b, c, init, p); break;
-    case 11: micro_fixed<T, 11>(a, b, c, init, p); break;
-    case 10: micro_fixed<T, 10>(a, b, c, init, p); break;
-    case 9: micro_fixed<T, 9>(a, b, c, init, p); break;
-    case 8: micro_fixed<T, 8>(a, b, c, init, p); break;
-    case 7: micro_fixed<T, 7>(a, b, c, init, p); break;
-    case 6: micro_fixed<T, 6>(a, b, c, init, p); break;
-    case 5: micro_fixed<T, 5>(a, b, c, init, p); break;
-    case 4: micro_fixed<T, 4>(a, b, c, init, p); break;
-    case 3: micro_fixed<T, 3>(a, b, c, init, p); break;
-    case 2: micro_fixed<T, 2>(a, b, c, init, p); break;
-    default: micro_fixed<T, 1>(a, b, c, init, p); break;
+  if constexpr (MR > 1) {
+    if (mr < MR) {
+      micro<T, MR - 1>(mr, a, b, c, init, p);
+      return;
+    }
   }
+  micro_fixed<T, MR>(a, b, c, init, p);
 }
 
 }  // namespace sepconv

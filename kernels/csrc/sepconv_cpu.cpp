@@ -358,3 +358,23 @@ TORCH_LIBRARY_IMPL(sepconv_cpp, CompositeExplicitAutograd, m) {
   m.impl("cache_stats", [] { return sepconv::BufferCache::instance().stats(); });
   m.impl("empty_cache", [] { return sepconv::BufferCache::instance().release_idle(); });
 }
+
+// What this build runs and how it blocks, as "key=value;..." (kernels.cpp_backend.build_info reads
+// it through ctypes): the ISA path compiled in (vec.h), its register tile, and the cache sizes read
+// when the library loaded (machine.h) with the blocking chosen from them.
+extern "C" __attribute__((visibility("default"))) const char* sepconv_cpu_build_info() {
+  static const std::string info = [] {
+    const sepconv::MachineConfig& config = sepconv::machine();
+#if defined(SEPCONV_HAS_VEC)
+    const int lanes = sepconv::VecF32::kLanes, tile_vectors = sepconv::kTileVectors;
+#else
+    const int lanes = 1, tile_vectors = 0;
+#endif
+    return std::string("isa=") + sepconv::kIsa + ";lanes=" + std::to_string(lanes) +
+           ";tile_rows=" + std::to_string(sepconv::kRows) + ";tile_vectors=" + std::to_string(tile_vectors) +
+           ";l1d_bytes=" + std::to_string(config.l1d_bytes) + ";l2_bytes=" + std::to_string(config.l2_bytes) +
+           ";l3_bytes=" + std::to_string(config.l3_bytes) + ";cache_source=" + config.cache_source +
+           ";tile_bytes=" + std::to_string(config.tile_bytes) + ";stream_bytes=" + std::to_string(config.stream_bytes);
+  }();
+  return info.c_str();
+}

@@ -28,8 +28,10 @@
 #include <type_traits>
 #include <vector>
 
+#include "machine.h"
 #include "microkernel.h"
 #include "streaming.h"
+#include "vec.h"
 
 namespace sepconv {
 
@@ -80,48 +82,39 @@ inline void depthwise_pixel(const T* const* xs, const T* const* ws, int64_t vali
   }
 }
 
-#if defined(__AVX512F__)
-// float32 with AVX-512: the four accumulators of a 64-channel slice stay in zmm registers across
-// the taps, and each tap's input two slices ahead is prefetched. The taps' rows mostly come from
-// L2; waiting on them, the depthwise pass took about a fifth of the forward time of a 728-channel
-// layer (perf, one thread), ten times its share of the FLOPs.
+#if defined(SEPCONV_HAS_VEC)
+// float32 with a vector path: the four accumulators of a slice of four vectors (64 channels with
+// AVX-512) stay in registers across the taps, and each tap's input two slices ahead is prefetched.
+// The taps' rows mostly come from L2; waiting on them, the depthwise pass took about a fifth of the
+// forward time of a 728-channel layer (perf, one thread, AVX-512), ten times its share of the FLOPs.
 inline void depthwise_pixel_f32(const float* const* xs, const float* const* ws, int64_t valid, const float* bias,
                                 bool relu, int64_t kc, float* out) {
-  const __m512 zero = _mm512_setzero_ps();
-  auto load = [](__mmask16 m, const float* p) { return _mm512_maskz_loadu_ps(m, p); };
-  for (int64_t c0 = 0; c0 < kc; c0 += 64) {
-    const __mmask16 m0 = tail_mask(kc - c0), m1 = tail_mask(kc - c0 - 16), m2 = tail_mask(kc - c0 - 32),
-                    m3 = tail_mask(kc - c0 - 48);
-    __m512 a0 = zero, a1 = zero, a2 = zero, a3 = zero;
-    if (bias) {
-      a0 = load(m0, bias + c0);
-      a1 = load(m1, bias + c0 + 16);
-      a2 = load(m2, bias + c0 + 32);
-      a3 = load(m3, bias + c0 + 48);
+  using V = VecF32;
+  constexpr int64_t kLanes = V::kLanes, kSlice = 4 * kLanes;
+  const V::Reg zero = V::zero();
+  for (int64_t c0 = 0; c0 < kc; c0 += kSlice) {
+    V::Mask m[4];
+    V::Reg acc[4];
+#pragma GCC unroll 4
+    for (int q = 0; q < 4; ++q) {
+      m[q] = V::mask(kc - c0 - q * kLanes);
+      acc[q] = bias ? V::load(m[q], bias + c0 + q * kLanes) : zero;
     }
     for (int64_t v = 0; v < valid; ++v) {
       const float* xr = xs[v] + c0;
       const float* wr = ws[v] + c0;
-      _mm_prefetch(reinterpret_cast<const char*>(xr + 128), _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(xr + 144), _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(xr + 160), _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(xr + 176), _MM_HINT_T0);
-      __m512 x0 = load(m0, xr), x1 = load(m1, xr + 16), x2 = load(m2, xr + 32), x3 = load(m3, xr + 48);
-      if (relu) {  // max(0, x) keeps a NaN input as NaN, like F.relu
-        x0 = _mm512_max_ps(zero, x0);
-        x1 = _mm512_max_ps(zero, x1);
-        x2 = _mm512_max_ps(zero, x2);
-        x3 = _mm512_max_ps(zero, x3);
+      for (int64_t line = 0; line < kSlice; line += 16) prefetch_at(xr, 2 * kSlice + line);
+      V::Reg in[4];
+#pragma GCC unroll 4
+      for (int q = 0; q < 4; ++q) {
+        in[q] = V::load(m[q], xr + q * kLanes);
+        if (relu) in[q] = V::max(zero, in[q]);  // max(0, x) keeps a NaN input as NaN, like F.relu
       }
-      a0 = _mm512_fmadd_ps(x0, load(m0, wr), a0);
-      a1 = _mm512_fmadd_ps(x1, load(m1, wr + 16), a1);
-      a2 = _mm512_fmadd_ps(x2, load(m2, wr + 32), a2);
-      a3 = _mm512_fmadd_ps(x3, load(m3, wr + 48), a3);
+#pragma GCC unroll 4
+      for (int q = 0; q < 4; ++q) acc[q] = V::fmadd(in[q], V::load(m[q], wr + q * kLanes), acc[q]);
     }
-    _mm512_mask_storeu_ps(out + c0, m0, a0);
-    _mm512_mask_storeu_ps(out + c0 + 16, m1, a1);
-    _mm512_mask_storeu_ps(out + c0 + 32, m2, a2);
-    _mm512_mask_storeu_ps(out + c0 + 48, m3, a3);
+#pragma GCC unroll 4
+    for (int q = 0; q < 4; ++q) V::store(out + c0 + q * kLanes, m[q], acc[q]);
   }
 }
 #endif
@@ -141,21 +134,21 @@ struct Run3x3 {
   int64_t ahead = 0;  // offset from base of the bottom-right in-bounds tap kRowAhead pixels on
 };
 
-#if defined(__AVX512F__)
-// relu?(x[offset, offset + 16)) under mask m (max(0, x) keeps a NaN input as NaN, like F.relu).
-inline __m512 load_input(const float* x, int64_t offset, __mmask16 m, bool relu) {
-  const __m512 v = _mm512_maskz_loadu_ps(m, x + offset);
-  return relu ? _mm512_max_ps(_mm512_setzero_ps(), v) : v;
+#if defined(SEPCONV_HAS_VEC)
+// relu?(x[offset, offset + lanes)) under mask m (max(0, x) keeps a NaN input as NaN, like F.relu).
+inline VecF32::Reg load_input(const float* x, int64_t offset, VecF32::Mask m, bool relu) {
+  const VecF32::Reg v = VecF32::load(m, x + offset);
+  return relu ? VecF32::max(VecF32::zero(), v) : v;
 }
 
-// The inputs of a run's windows for one 16-channel slice, where consecutive pixels are one column
+// The inputs of a run's windows for one vector of channels, where consecutive pixels are one column
 // step apart: at pixel r, window[i][j] holds kernel row i, column r + j, and each input is loaded
 // once. This sets columns 0 and 1 of the in-bounds kernel rows (zero elsewhere) before pixel 0;
 // at each pixel column 2 comes in (load_window_row), and the columns shift left after it.
-inline void start_window(__m512 (&window)[3][3], const float* x, const Run3x3& run, int64_t start, __mmask16 m,
+inline void start_window(VecF32::Reg (&window)[3][3], const float* x, const Run3x3& run, int64_t start, VecF32::Mask m,
                          bool relu) {
   for (int i = 0; i < 3; ++i) {
-    window[i][0] = window[i][1] = window[i][2] = _mm512_setzero_ps();
+    window[i][0] = window[i][1] = window[i][2] = VecF32::zero();
     if (run.rows[i] && run.count > 0) {
       window[i][0] = load_input(x, start + i * run.row_step, m, relu);
       window[i][1] = load_input(x, start + i * run.row_step + run.col_step, m, relu);
@@ -166,8 +159,8 @@ inline void start_window(__m512 (&window)[3][3], const float* x, const Run3x3& r
 // Kernel row i (in bounds) of the window of the pixel at `at`: its column 2, and columns 0 and 1 as
 // well unless the window slides (then they are the previous pixel's columns 1 and 2, shifted).
 template <bool kSliding>
-inline void load_window_row(__m512 (&window)[3][3], int i, const float* x, const Run3x3& run, int64_t at,
-                            __mmask16 m, bool relu) {
+inline void load_window_row(VecF32::Reg (&window)[3][3], int i, const float* x, const Run3x3& run, int64_t at,
+                            VecF32::Mask m, bool relu) {
   const int64_t row = at + i * run.row_step;
   if constexpr (!kSliding) {
     window[i][0] = load_input(x, row, m, relu);
@@ -188,33 +181,33 @@ inline void with_sliding(bool sliding, Walk&& walk) {
 }
 
 // After a pixel: columns 1 and 2 of kernel row i become the next pixel's columns 0 and 1.
-inline void shift_window_row(__m512 (&window)[3][3], int i) {
+inline void shift_window_row(VecF32::Reg (&window)[3][3], int i) {
   window[i][0] = window[i][1];
   window[i][1] = window[i][2];
 }
 
 // 3x3 depthwise, float32, over a run: hidden channels [k0, k0 + kc) (w and bias already offset to
-// k0), pixel r into out[r * ld]. Each 16-channel slice keeps its nine weights in registers across
+// k0), pixel r into out[r * ld]. Each vector of channels keeps its nine weights in registers across
 // the pixels, so a tap costs one load and one FMA (the per-pixel path also reloads the weight and
 // walks a tap list: at 64 hidden channels that made the depthwise a third of the forward time).
 inline void depthwise_row3x3_f32(const float* x, const Run3x3& run, int64_t k0, const float* w, int64_t w_stride,
                                  const float* bias, bool relu, int64_t kc, float* out, int64_t ld) {
-  const __m512 zero = _mm512_setzero_ps();
+  const VecF32::Reg zero = VecF32::zero();
   const int64_t pixel_step = run.pixel_step;
   const bool* rows = run.rows;
   const bool sliding = pixel_step == run.col_step;
-  for (int64_t c = 0; c < kc; c += 16) {
-    const __mmask16 m = tail_mask(kc - c);
-    __m512 wv[9];
+  for (int64_t c = 0; c < kc; c += VecF32::kLanes) {
+    const VecF32::Mask m = VecF32::mask(kc - c);
+    VecF32::Reg wv[9];
 #pragma GCC unroll 9
-    for (int t = 0; t < 9; ++t) wv[t] = _mm512_maskz_loadu_ps(m, w + t * w_stride + c);
-    const __m512 b = bias ? _mm512_maskz_loadu_ps(m, bias + c) : zero;
+    for (int t = 0; t < 9; ++t) wv[t] = VecF32::load(m, w + t * w_stride + c);
+    const VecF32::Reg b = bias ? VecF32::load(m, bias + c) : zero;
     const int64_t start = run.base + k0 + c;
     // Where consecutive pixels are one column step apart (stride equal to dilation), each input
     // enters a window that slides along the run once (three loads a pixel, not nine; forward of
     // 128->128@147 at batch 8 4% faster); otherwise each pixel loads its whole window.
     with_sliding(sliding, [&](auto kind) {
-      __m512 window[3][3];
+      VecF32::Reg window[3][3];
       start_window(window, x, run, start, m, relu);
       for (int64_t r = 0; r < run.count; ++r) {
         const int64_t at = start + r * pixel_step;
@@ -223,23 +216,23 @@ inline void depthwise_row3x3_f32(const float* x, const Run3x3& run, int64_t k0, 
         for (int i = 0; i < 3; ++i) {
           if (rows[i]) load_window_row<decltype(kind)::value>(window, i, x, run, at, m, relu);
         }
-        __m512 acc0 = b, acc1 = zero;  // two chains: taps alternate between them
+        VecF32::Reg acc0 = b, acc1 = zero;  // two chains: taps alternate between them
         if (rows[0]) {
-          acc0 = _mm512_fmadd_ps(window[0][0], wv[0], acc0);
-          acc1 = _mm512_fmadd_ps(window[0][1], wv[1], acc1);
-          acc0 = _mm512_fmadd_ps(window[0][2], wv[2], acc0);
+          acc0 = VecF32::fmadd(window[0][0], wv[0], acc0);
+          acc1 = VecF32::fmadd(window[0][1], wv[1], acc1);
+          acc0 = VecF32::fmadd(window[0][2], wv[2], acc0);
         }
         if (rows[1]) {
-          acc1 = _mm512_fmadd_ps(window[1][0], wv[3], acc1);
-          acc0 = _mm512_fmadd_ps(window[1][1], wv[4], acc0);
-          acc1 = _mm512_fmadd_ps(window[1][2], wv[5], acc1);
+          acc1 = VecF32::fmadd(window[1][0], wv[3], acc1);
+          acc0 = VecF32::fmadd(window[1][1], wv[4], acc0);
+          acc1 = VecF32::fmadd(window[1][2], wv[5], acc1);
         }
         if (rows[2]) {
-          acc0 = _mm512_fmadd_ps(window[2][0], wv[6], acc0);
-          acc1 = _mm512_fmadd_ps(window[2][1], wv[7], acc1);
-          acc0 = _mm512_fmadd_ps(window[2][2], wv[8], acc0);
+          acc0 = VecF32::fmadd(window[2][0], wv[6], acc0);
+          acc1 = VecF32::fmadd(window[2][1], wv[7], acc1);
+          acc0 = VecF32::fmadd(window[2][2], wv[8], acc0);
         }
-        _mm512_mask_storeu_ps(out + r * ld + c, m, _mm512_add_ps(acc0, acc1));
+        VecF32::store(out + r * ld + c, m, VecF32::add(acc0, acc1));
 #pragma GCC unroll 3
         for (int i = 0; i < 3; ++i) shift_window_row(window, i);
       }
@@ -249,7 +242,7 @@ inline void depthwise_row3x3_f32(const float* x, const Run3x3& run, int64_t k0, 
 
 // The transposed 3x3 depthwise over a run (as depthwise_row3x3_f32; gh row r is pixel r), float32:
 // for each pixel r and in-bounds tap t, grad_x[tap input] += gh[r] * w[t] (when gx is given) and
-// dw_acc[t] += gh[r] * relu?(x[tap input]), db_acc += gh[r] (when dw_acc is given). Per 16-channel
+// dw_acc[t] += gh[r] * relu?(x[tap input]), db_acc += gh[r] (when dw_acc is given). Per vector of channels
 // slice the weight-gradient sums stay in registers across the run, and then, in a second walk over
 // the run, the nine weights. Where consecutive pixels are one column step apart (stride equal to
 // dilation), the three pixels in a row that reach an input column do so one after the other: the
@@ -260,22 +253,22 @@ inline void depthwise_row3x3_f32(const float* x, const Run3x3& run, int64_t k0, 
 inline void depthwise_row3x3_backward_f32(const float* x, float* gx, const Run3x3& run, int64_t k0, const float* w,
                                           int64_t w_stride, const float* gh, int64_t ldh, bool relu, int64_t kc,
                                           float* dw_acc, int64_t acc_stride, float* db_acc) {
-  const __m512 zero = _mm512_setzero_ps();
+  const VecF32::Reg zero = VecF32::zero();
   const int64_t pixel_step = run.pixel_step, col_step = run.col_step, row_step = run.row_step;
   const bool sliding = pixel_step == col_step;
-  for (int64_t c = 0; c < kc; c += 16) {
-    const __mmask16 m = tail_mask(kc - c);
+  for (int64_t c = 0; c < kc; c += VecF32::kLanes) {
+    const VecF32::Mask m = VecF32::mask(kc - c);
     const int64_t start = run.base + k0 + c;
     if (dw_acc) {
-      __m512 sum[9], bsum = zero;
+      VecF32::Reg sum[9], bsum = zero;
 #pragma GCC unroll 9
       for (int t = 0; t < 9; ++t) sum[t] = zero;
       auto input = [&](int64_t offset) { return load_input(x, offset, m, relu); };
       if (sliding) {
-        __m512 window[3][3];
+        VecF32::Reg window[3][3];
         start_window(window, x, run, start, m, relu);
         for (int64_t r = 0; r < run.count; ++r) {
-          const __m512 grad = _mm512_maskz_loadu_ps(m, gh + r * ldh + c);
+          const VecF32::Reg grad = VecF32::load(m, gh + r * ldh + c);
           const int64_t at = start + r * pixel_step;
           prefetch_at(x, at + run.ahead);
 #pragma GCC unroll 3
@@ -283,14 +276,14 @@ inline void depthwise_row3x3_backward_f32(const float* x, float* gx, const Run3x
             if (!run.rows[i]) continue;
             load_window_row<true>(window, i, x, run, at, m, relu);
 #pragma GCC unroll 3
-            for (int j = 0; j < 3; ++j) sum[3 * i + j] = _mm512_fmadd_ps(grad, window[i][j], sum[3 * i + j]);
+            for (int j = 0; j < 3; ++j) sum[3 * i + j] = VecF32::fmadd(grad, window[i][j], sum[3 * i + j]);
             shift_window_row(window, i);
           }
-          bsum = _mm512_add_ps(bsum, grad);
+          bsum = VecF32::add(bsum, grad);
         }
       } else {
         for (int64_t r = 0; r < run.count; ++r) {
-          const __m512 grad = _mm512_maskz_loadu_ps(m, gh + r * ldh + c);
+          const VecF32::Reg grad = VecF32::load(m, gh + r * ldh + c);
           const int64_t at = start + r * pixel_step;
           prefetch_at(x, at + run.ahead);
 #pragma GCC unroll 3
@@ -298,38 +291,38 @@ inline void depthwise_row3x3_backward_f32(const float* x, float* gx, const Run3x
             if (!run.rows[i]) continue;
 #pragma GCC unroll 3
             for (int j = 0; j < 3; ++j) {
-              sum[3 * i + j] = _mm512_fmadd_ps(grad, input(at + i * row_step + j * col_step), sum[3 * i + j]);
+              sum[3 * i + j] = VecF32::fmadd(grad, input(at + i * row_step + j * col_step), sum[3 * i + j]);
             }
           }
-          bsum = _mm512_add_ps(bsum, grad);
+          bsum = VecF32::add(bsum, grad);
         }
       }
 #pragma GCC unroll 9
       for (int t = 0; t < 9; ++t) {
         float* a = dw_acc + t * acc_stride + c;
-        _mm512_mask_storeu_ps(a, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, a), sum[t]));
+        VecF32::store(a, m, VecF32::add(VecF32::load(m, a), sum[t]));
       }
-      _mm512_mask_storeu_ps(db_acc + c, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, db_acc + c), bsum));
+      VecF32::store(db_acc + c, m, VecF32::add(VecF32::load(m, db_acc + c), bsum));
     }
     if (!gx) continue;
-    __m512 wv[9];
+    VecF32::Reg wv[9];
 #pragma GCC unroll 9
-    for (int t = 0; t < 9; ++t) wv[t] = _mm512_maskz_loadu_ps(m, w + t * w_stride + c);
-    auto add_to = [&](float* p, __m512 v) { _mm512_mask_storeu_ps(p, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, p), v)); };
+    for (int t = 0; t < 9; ++t) wv[t] = VecF32::load(m, w + t * w_stride + c);
+    auto add_to = [&](float* p, VecF32::Reg v) { VecF32::store(p, m, VecF32::add(VecF32::load(m, p), v)); };
     if (sliding) {
-      __m512 pending[3][3];  // kernel row i: the sums for input columns r, r + 1, r + 2
+      VecF32::Reg pending[3][3];  // kernel row i: the sums for input columns r, r + 1, r + 2
 #pragma GCC unroll 3
       for (int i = 0; i < 3; ++i) pending[i][0] = pending[i][1] = pending[i][2] = zero;
       for (int64_t r = 0; r < run.count; ++r) {
-        const __m512 grad = _mm512_maskz_loadu_ps(m, gh + r * ldh + c);
+        const VecF32::Reg grad = VecF32::load(m, gh + r * ldh + c);
         const int64_t at = start + r * pixel_step;
         prefetch_at(gx, at + run.ahead, true);
 #pragma GCC unroll 3
         for (int i = 0; i < 3; ++i) {
           if (!run.rows[i]) continue;
-          pending[i][0] = _mm512_fmadd_ps(grad, wv[3 * i], pending[i][0]);
-          pending[i][1] = _mm512_fmadd_ps(grad, wv[3 * i + 1], pending[i][1]);
-          pending[i][2] = _mm512_fmadd_ps(grad, wv[3 * i + 2], pending[i][2]);
+          pending[i][0] = VecF32::fmadd(grad, wv[3 * i], pending[i][0]);
+          pending[i][1] = VecF32::fmadd(grad, wv[3 * i + 1], pending[i][1]);
+          pending[i][2] = VecF32::fmadd(grad, wv[3 * i + 2], pending[i][2]);
           add_to(gx + at + i * row_step, pending[i][0]);  // column r: no later pixel of the run reaches it
           pending[i][0] = pending[i][1];
           pending[i][1] = pending[i][2];
@@ -346,7 +339,7 @@ inline void depthwise_row3x3_backward_f32(const float* x, float* gx, const Run3x
       continue;
     }
     for (int64_t r = 0; r < run.count; ++r) {
-      const __m512 grad = _mm512_maskz_loadu_ps(m, gh + r * ldh + c);
+      const VecF32::Reg grad = VecF32::load(m, gh + r * ldh + c);
       const int64_t at = start + r * pixel_step;
       prefetch_at(gx, at + run.ahead, true);
 #pragma GCC unroll 3
@@ -355,7 +348,7 @@ inline void depthwise_row3x3_backward_f32(const float* x, float* gx, const Run3x
 #pragma GCC unroll 3
         for (int j = 0; j < 3; ++j) {
           float* p = gx + at + i * row_step + j * col_step;
-          _mm512_mask_storeu_ps(p, m, _mm512_fmadd_ps(grad, wv[3 * i + j], _mm512_maskz_loadu_ps(m, p)));
+          VecF32::store(p, m, VecF32::fmadd(grad, wv[3 * i + j], VecF32::load(m, p)));
         }
       }
     }
@@ -424,7 +417,7 @@ void depthwise_tile(const Geometry& g, const T* x, const T* dw_taps, const T* bi
   std::vector<const T*> xs(taps), ws(taps);
   PixelCursor at(g, p0);
   for (int64_t r = 0; r < rows; ++r) {
-#if defined(__AVX512F__)
+#if defined(SEPCONV_HAS_VEC)
     if constexpr (std::is_same_v<T, float>) {  // runs of interior pixels take the row kernel
       const Run3x3 run = run_3x3(g, at, rows - r);
       if (run.count > 0) {
@@ -442,7 +435,7 @@ void depthwise_tile(const Geometry& g, const T* x, const T* dw_taps, const T* bi
     });
     T* t = tile + r * ld;
     const T* b = bias ? bias + k0 : nullptr;
-#if defined(__AVX512F__)
+#if defined(SEPCONV_HAS_VEC)
     if constexpr (std::is_same_v<T, float>) {
       depthwise_pixel_f32(xs.data(), ws.data(), valid, b, relu, kc, t);
     } else {
@@ -474,7 +467,7 @@ T* scratch(int64_t elements) {
   return buffer.data();
 }
 
-#if defined(__AVX512F__)
+#if defined(SEPCONV_VEC_AVX512)
 // In-register transpose of 16 rows of 16 floats: on return r[c] holds column c. Three rounds of
 // interleaves: 32-bit pairs, 64-bit pairs, then 128-bit lanes across groups of four rows.
 inline void transpose16(__m512 r[16]) {
@@ -509,7 +502,7 @@ template <typename T>
 void pack_panel(const T* pw, int64_t Cout, int64_t CM, int64_t jp, T* panel) {
   constexpr int64_t kStep = 16;  // transpose in (kStep x kCols) blocks that stay in L1
   const int64_t cols = std::min<int64_t>(kCols, Cout - jp * kCols);
-#if defined(__AVX512F__)
+#if defined(SEPCONV_VEC_AVX512)
   if constexpr (std::is_same_v<T, float>) {
     // 16x16 blocks transposed in registers; the scalar transpose took a fifth of the forward time
     // of the 10x10 layers at batch 1 (perf), where every call packs its whole weight. Each row is
@@ -555,15 +548,11 @@ void prefetch_panel_source(const T* pw, int64_t Cout, int64_t CM, int64_t jp, in
   }
 }
 
-#ifndef SEPCONV_TILE_BYTES
-#define SEPCONV_TILE_BYTES (768 * 1024)
-#endif
 #ifndef SEPCONV_MAX_ROWS
 #define SEPCONV_MAX_ROWS 192
 #endif
-// Forward tile: up to kMaxRows pixels whose pixels x CM depthwise tile stays in L2, so each pass
-// over the pointwise weight (from L3) serves many pixels.
-constexpr int64_t kTileBytes = SEPCONV_TILE_BYTES;
+// Forward tile: up to kMaxRows pixels whose pixels x CM depthwise tile stays in L2 (machine().tile_bytes,
+// 3/4 of L2), so each pass over the pointwise weight (from L3) serves many pixels.
 constexpr int64_t kMaxRows = SEPCONV_MAX_ROWS;
 
 // out = pointwise(depthwise(x)) + bias; pw is (Cout, CM); bias (Cout) already includes pw @ dw_bias.
@@ -572,13 +561,14 @@ void forward(const Geometry& g, const T* x, const T* dw_taps, const T* pw, const
   const int64_t npix = g.pixels();
   if (npix == 0) return;
   const int64_t threads = at::get_num_threads();
+  const int64_t l2_tile_bytes = machine().tile_bytes;
 
   // Blocks of pixels whose depthwise tile stays in L2: at most max_groups * kRows pixels each.
   const int64_t groups = ceil_div(npix, kRows);
-  const int64_t max_groups = std::clamp<int64_t>(kTileBytes / (g.CM * int64_t(sizeof(T))), kRows, kMaxRows) / kRows;
+  const int64_t max_groups = std::clamp<int64_t>(l2_tile_bytes / (g.CM * int64_t(sizeof(T))), kRows, kMaxRows) / kRows;
   int64_t blocks = ceil_div(groups, max_groups);
   const int64_t tile_bytes = npix * g.CM * int64_t(sizeof(T)), weight_bytes = g.Cout * g.CM * int64_t(sizeof(T));
-  if (tile_bytes <= 2 * kTileBytes) {
+  if (tile_bytes <= 2 * l2_tile_bytes) {
     // Few pixels (late layers at batch 1). A weight much larger than the tile is read once, its
     // panels split between the threads (each recomputes the cheap depthwise tile); otherwise the
     // pixels are split and each thread packs the whole weight for its own share of the tile, which
@@ -849,7 +839,7 @@ void backward(const Geometry& g, const T* x, const T* dw_taps, const T* dw_bias,
           PixelCursor at(g, p0);
           for (int64_t r = 0; r < nrows; ++r) {
             const T* gh = grad_hidden.data() + r * ldh;
-#if defined(__AVX512F__)
+#if defined(SEPCONV_HAS_VEC)
             if constexpr (std::is_same_v<T, float>) {  // runs of interior pixels take the row kernel
               const Run3x3 run = run_3x3(g, at, nrows - r);
               if (run.count > 0) {

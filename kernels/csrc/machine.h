@@ -1,0 +1,91 @@
+// The cache sizes the kernels block for, read once per process when the library first needs them
+// (not constants for one CPU): Linux's sysfs (/sys/devices/system/cpu/cpu0/cache), else sysconf,
+// else the development machine's (1 MB L2 per core, 32 MB L3). sysfs comes first because inside a
+// VM it reports what the guest is given, where glibc's sysconf can report the host's whole L3.
+//
+//   tile_bytes    the forward's depthwise tile (pixels x hidden channels) that stays in L2: 3/4 of L2
+//   stream_bytes  outputs above this leave through streaming stores (streaming.h): 3/4 of L3
+//
+// sepconv_cpu_build_info() (sepconv_cpu.cpp) reports these with the ISA path, so a benchmark row
+// can say what the kernels chose.
+#pragma once
+
+#include <unistd.h>
+
+#include <cstdint>
+#include <cstdlib>
+#include <fstream>
+#include <string>
+
+namespace sepconv {
+
+struct MachineConfig {
+  int64_t l1d_bytes = 48 << 10, l2_bytes = 1 << 20, l3_bytes = 32 << 20;  // L1d and L2 per core, L3 shared
+  std::string cache_source = "default";
+  int64_t tile_bytes = 0, stream_bytes = 0;
+};
+
+// "48K", "1024K", "32M" -> bytes (0 when unreadable).
+inline int64_t parse_cache_size(const std::string& text) {
+  char* end = nullptr;
+  const long long value = std::strtoll(text.c_str(), &end, 10);
+  if (end == text.c_str() || value <= 0) return 0;
+  const char unit = *end;
+  return unit == 'K' ? value << 10 : unit == 'M' ? value << 20 : unit == 'G' ? value << 30 : value;
+}
+
+inline bool read_sysfs_caches(MachineConfig& config) {
+  int64_t l1d = 0, l2 = 0, l3 = 0;
+  for (int index = 0; index < 8; ++index) {
+    const std::string dir = "/sys/devices/system/cpu/cpu0/cache/index" + std::to_string(index) + "/";
+    std::ifstream level_file(dir + "level"), type_file(dir + "type"), size_file(dir + "size");
+    int level = 0;
+    std::string type, size;
+    if (!(level_file >> level) || !(type_file >> type) || !(size_file >> size)) continue;
+    const int64_t bytes = parse_cache_size(size);
+    if (level == 1 && type == "Data") l1d = bytes;
+    if (level == 2 && type != "Instruction") l2 = bytes;
+    if (level == 3 && type != "Instruction") l3 = bytes;
+  }
+  if (l2 <= 0) return false;
+  config.l1d_bytes = l1d > 0 ? l1d : config.l1d_bytes;
+  config.l2_bytes = l2;
+  config.l3_bytes = l3 > 0 ? l3 : config.l3_bytes;
+  config.cache_source = "sysfs";
+  return true;
+}
+
+inline bool read_sysconf_caches(MachineConfig& config) {
+#if defined(_SC_LEVEL2_CACHE_SIZE)
+  const long l2 = sysconf(_SC_LEVEL2_CACHE_SIZE);
+  if (l2 <= 0) return false;
+  const long l1d = sysconf(_SC_LEVEL1_DCACHE_SIZE), l3 = sysconf(_SC_LEVEL3_CACHE_SIZE);
+  config.l1d_bytes = l1d > 0 ? l1d : config.l1d_bytes;
+  config.l2_bytes = l2;
+  config.l3_bytes = l3 > 0 ? l3 : config.l3_bytes;
+  config.cache_source = "sysconf";
+  return true;
+#else
+  (void)config;
+  return false;
+#endif
+}
+
+inline MachineConfig read_machine_config() {
+  MachineConfig config;
+  if (!read_sysfs_caches(config)) read_sysconf_caches(config);
+#if defined(SEPCONV_TILE_BYTES)  // a fixed tile, for tuning runs
+  config.tile_bytes = SEPCONV_TILE_BYTES;
+#else
+  config.tile_bytes = config.l2_bytes / 4 * 3;
+#endif
+  config.stream_bytes = config.l3_bytes / 4 * 3;
+  return config;
+}
+
+inline const MachineConfig& machine() {
+  static const MachineConfig config = read_machine_config();
+  return config;
+}
+
+}  // namespace sepconv
