@@ -20,6 +20,7 @@ $(STAMP): requirements-dev.txt pyproject.toml setup.py
 test: $(STAMP)
 	SEPCONV_REQUIRE_BACKENDS=cpp,triton $(PYTHON) -m pytest -q -rs $(PYTEST_ARGS)
 
+# Writes benchmarks/results/<machine>.jsonl (rows), .md (summary) and .png (chart) for this run.
 bench: $(STAMP)
 	$(PYTHON) -m benchmarks $(BENCH_ARGS)
 
