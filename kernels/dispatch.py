@@ -151,17 +151,19 @@ def resolve(backend: str, device: torch.device, dtype: torch.dtype, layer: Optio
     ``"auto"``) picks the fastest backend that loads and supports the tensors,
     warning once for each faster backend it had to skip; on CUDA, given the call's
     ``layer`` (the fields of ``kernels.gpu_dispatch.Layer``), it picks per layer
-    between cuDNN and the two Triton modes (``kernels.gpu_dispatch``). A backend named explicitly raises
-    ``BackendUnavailableError`` when it cannot run; ``"triton"`` runs the mode
-    ``SEPCONV_TRITON_MODE`` names at each call (fused by default).
+    between cuDNN and the two Triton modes (``kernels.gpu_dispatch``). A backend named
+    explicitly raises ``BackendUnavailableError`` when it cannot run; ``"triton"`` runs
+    the mode ``SEPCONV_TRITON_MODE`` names at each call (fused by default).
     """
-    key = (backend, device.type, dtype, os.environ.get(ENV_VAR), os.environ.get("TRITON_INTERPRET"))
+    backend_env = os.environ.get(ENV_VAR)
+    key = (backend, device.type, dtype, backend_env, os.environ.get("TRITON_INTERPRET"))
     name = _resolved.get(key)
     if name is None:
         name = _resolve_uncached(backend, device, dtype)
         _resolved[key] = name
-    if layer is not None and requested_backend(backend) == "auto" and gpu_dispatch.shape_dispatch_applies(device):
-        return _resolve_layer(device, dtype, gpu_dispatch.Layer(*layer))
+    if (layer is not None and backend == "auto" and (backend_env or "auto") == "auto"
+            and gpu_dispatch.shape_dispatch_applies(device)):
+        return _resolve_layer(device, dtype, layer)
     return name
 
 
@@ -171,11 +173,13 @@ def _triton_mode() -> str:
     return registration.mode()
 
 
-def _resolve_layer(device: torch.device, dtype: torch.dtype, layer: gpu_dispatch.Layer) -> str:
+def _resolve_layer(device: torch.device, dtype: torch.dtype, layer: tuple) -> str:
     """The implementation an ``auto`` call on a CUDA layer runs (``kernels.gpu_dispatch.choose``)."""
     mode = os.environ.get(TRITON_MODE_ENV)
-    key = (device, dtype, layer, mode, gpu_dispatch.tuning_enabled(), torch.backends.cudnn.allow_tf32,
-           torch.backends.cuda.matmul.allow_tf32)
+    # TF32 changes float32 math only; reading the flags costs a few microseconds a call.
+    tf32 = ((torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+            if dtype == torch.float32 else None)
+    key = (device, dtype, layer, mode, gpu_dispatch.tuning_enabled(), tf32)
     name = _resolved_layers.get(key)
     if name is None:
         triton = BACKENDS["triton"]
@@ -185,7 +189,7 @@ def _resolve_layer(device: torch.device, dtype: torch.dtype, layer: gpu_dispatch
             # SEPCONV_TRITON_MODE, when set, fixes the Triton mode for "auto" too.
             modes = {"fused": ["triton"], "split": ["triton_split"]}
             candidates += modes[_triton_mode()] if mode else ["triton", "triton_split"]
-        name = gpu_dispatch.choose(device, dtype, layer, tuple(candidates))
+        name = gpu_dispatch.choose(device, dtype, gpu_dispatch.Layer(*layer), tuple(candidates))
         _resolved_layers[key] = name
     return name
 

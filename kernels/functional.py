@@ -63,10 +63,9 @@ def separable_conv2d(
     geometry = normalize(input, depthwise_weight, pointwise_weight, depthwise_bias, pointwise_bias,
                          stride, padding, dilation)
     grad = needs_autograd((input, depthwise_weight, pointwise_weight, depthwise_bias, pointwise_bias))
-    # On CUDA, "auto" chooses per layer (kernels.gpu_dispatch), so it is told the layer: a plain tuple,
-    # which torch.compile passes to resolve as a constant (it rebuilds a NamedTuple wrongly).
-    layer = (tuple(gpu_dispatch.layer_of(input, pointwise_weight, depthwise_bias, pointwise_bias, geometry,
-                                         relu_input, grad))
+    # On CUDA, "auto" chooses per layer (kernels.gpu_dispatch), so it is told the layer.
+    layer = (gpu_dispatch.layer_of(input, pointwise_weight, depthwise_bias, pointwise_bias, geometry, relu_input,
+                                   grad)
              if gpu_dispatch.shape_dispatch_applies(input.device) else None)
     name = resolve(backend, input.device, input.dtype, layer)
     args = (input, depthwise_weight, pointwise_weight, depthwise_bias, pointwise_bias,

@@ -79,15 +79,17 @@ def shape_dispatch_applies(device: torch.device) -> bool:
 
 
 def layer_of(input: torch.Tensor, pointwise_weight: torch.Tensor, depthwise_bias: Optional[torch.Tensor],
-             pointwise_bias: Optional[torch.Tensor], geometry: Geometry, relu_input: bool, grad: bool) -> Layer:
-    """The ``Layer`` of a checked call: ``input`` ``(N, C, H, W)``, ``geometry`` from ``kernels._args.normalize``."""
-    return Layer(
-        batch=int(input.shape[0]), in_channels=int(input.shape[1]), out_channels=int(pointwise_weight.shape[0]),
-        multiplier=int(geometry.depth_multiplier), height=int(input.shape[2]), width=int(input.shape[3]),
-        kernel=tuple(int(k) for k in geometry.kernel_size), stride=tuple(int(s) for s in geometry.stride),
-        padding=tuple(int(p) for p in geometry.padding), dilation=tuple(int(d) for d in geometry.dilation),
-        depthwise_bias=depthwise_bias is not None, pointwise_bias=pointwise_bias is not None,
-        relu_input=bool(relu_input), channels_last=memory_format_of(input) is torch.channels_last, grad=bool(grad))
+             pointwise_bias: Optional[torch.Tensor], geometry: Geometry, relu_input: bool, grad: bool) -> tuple:
+    """The fields of the ``Layer`` of a checked call, as a plain tuple (built on every CUDA call, so
+    kept cheap; ``torch.compile`` passes a plain tuple on as a constant, a NamedTuple it rebuilds
+    wrongly). ``input``: ``(N, C, H, W)``; ``geometry`` from ``kernels._args.normalize``."""
+    batch, channels, height, width = input.shape
+    stride, padding, dilation = geometry.stride, geometry.padding, geometry.dilation
+    return (int(batch), int(channels), int(pointwise_weight.shape[0]), int(geometry.depth_multiplier),
+            int(height), int(width), tuple(geometry.kernel_size), (int(stride[0]), int(stride[1])),
+            (int(padding[0]), int(padding[1]), int(padding[2]), int(padding[3])),
+            (int(dilation[0]), int(dilation[1])), depthwise_bias is not None, pointwise_bias is not None,
+            bool(relu_input), memory_format_of(input) is torch.channels_last, bool(grad))
 
 
 # --- the device class: what a table row was measured on ---------------------------------------

@@ -208,6 +208,15 @@ def test_named_backends_ignore_the_table(gpu, write_table):
         assert dispatch.resolve(name, device, torch.float32, layer_of_case()) == name
 
 
+def test_backend_variable_naming_a_backend_bypasses_the_table(gpu, write_table, monkeypatch):
+    device = require_backend("triton")
+    write_table(entry("triton_split"))
+    monkeypatch.setenv(dispatch.ENV_VAR, "torch")
+    assert dispatch.resolve("auto", device, torch.float32, layer_of_case()) == "torch"
+    monkeypatch.setenv(dispatch.ENV_VAR, "auto")
+    assert dispatch.resolve("auto", device, torch.float32, layer_of_case()) == "triton_split"
+
+
 def test_malformed_table_is_a_clear_error(tmp_path):
     path = tmp_path / "table.json"
     path.write_text(json.dumps({"format": gpu_dispatch.TABLE_FORMAT, "entries": [entry("cudnn")]}))
