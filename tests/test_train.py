@@ -161,7 +161,7 @@ def test_each_run_has_its_own_folder(tmp_path, capsys, monkeypatch):
                        "--batch-size", "4", "--epochs", "1", "--backend", "torch", "--out", str(out),
                        "--overwrite"]) == 0
     assert sorted(os.listdir(out)) == ["last.pt", "metrics.jsonl"]
-    assert f"wrote metrics.jsonl, last.pt in {out}" in capsys.readouterr().out
+    assert f"wrote last.pt, metrics.jsonl in {out}" in capsys.readouterr().out
     with open(out / "metrics.jsonl") as file:
         assert len({json.loads(line)["run"] for line in file}) == 1
 

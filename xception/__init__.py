@@ -3,7 +3,12 @@
     import xception
     model = xception.create_model("xception", num_classes=1000)      # or xception.xception(...)
     xception.load_weights(model, "legacy_xception.pth")              # timm / Cadene / own checkpoints
+    model = xception.xception(weights="legacy_xception.pth")         # the same in one call
+    tuned = xception.xception(num_classes=10, weights="legacy_xception.pth")  # new classifier: fine-tuning
     model.eval().fuse_for_inference()                                 # BN + ReLU folded into the kernels
+
+Weights files are read from disk only (nothing is downloaded); timm's ``legacy_xception``
+weights are the paper's network trained on ImageNet.
 """
 
 from .layers import Block, BlockSpec, Conv2dSeparable, make_divisible

@@ -383,15 +383,9 @@ def _train(args, ctx: Dist, stop: StopRequest, on_step, xception) -> int:
 
     metrics_path = os.path.join(args.out, "metrics.jsonl")
     last_path, best_path = os.path.join(args.out, "last.pt"), os.path.join(args.out, "best.pt")
-    written = []  # the files this run wrote, for the closing line
-
-    def note_written(path: str) -> None:
-        if path not in written:
-            written.append(path)
 
     def log(record: dict) -> None:
         log_json(metrics_path, {"run": run_id, **record})
-        note_written(metrics_path)
 
     def snapshot(epoch: int, step: int, metrics: Optional[dict] = None) -> dict:
         return {
@@ -411,9 +405,6 @@ def _train(args, ctx: Dist, stop: StopRequest, on_step, xception) -> int:
             "metrics": metrics or {},
         }
 
-    def save(state: dict, path: str) -> None:
-        ckpt.save_atomic(state, path)
-        note_written(path)
 
     sampler_args = dict(global_batch=args.batch_size, world_size=ctx.world_size, rank=ctx.rank,
                         accum_steps=args.accum_steps, seed=args.seed)
@@ -504,7 +495,7 @@ def _train(args, ctx: Dist, stop: StopRequest, on_step, xception) -> int:
             bar.close()
 
         if interrupted is not None and interrupted[1] != 0:
-            return _stop(args, ctx, stop, lambda: save(snapshot(*interrupted), last_path), interrupted, last_path)
+            return _stop(args, ctx, stop, snapshot, interrupted, last_path)
 
         sums = all_reduce_sum(partial[:3].clone(), ctx)
         seen = max(float(sums[2]), 1.0)
@@ -526,13 +517,14 @@ def _train(args, ctx: Dist, stop: StopRequest, on_step, xception) -> int:
                   + (f", val loss {record['val_loss']:.4f} top-1 {record['val_top1']:.2f}% "
                      f"top-5 {record['val_top5']:.2f}%" if "val_top1" in record else ""), flush=True)
             state = snapshot(epoch + 1, 0, record)
-            save(state, last_path)
+            ckpt.save_atomic(state, last_path)
             if improved:
-                save(state, best_path)
+                ckpt.save_atomic(state, best_path)
         if interrupted is not None:
             return _stop(args, ctx, stop, None, interrupted, last_path)
     if ctx.is_main:
-        names = ", ".join(os.path.basename(path) for path in written) or "nothing"
+        # prepare_run_folder left no other run's files in the folder: these are this run's
+        names = ", ".join(name for name in RUN_FILES if os.path.exists(os.path.join(args.out, name)))
         print(f"done: run {run_id} wrote {names} in {args.out}"
               + (f"; skipped {len(skipped) + len(val_skipped)} unreadable images" if skipped or val_skipped else ""),
               flush=True)
@@ -578,12 +570,12 @@ def prepare_run_folder(args: argparse.Namespace, ctx: Dist) -> None:
         os.makedirs(args.out, exist_ok=True)
 
 
-def _stop(args, ctx: Dist, stop: StopRequest, save_checkpoint, position, last_path: str) -> int:
+def _stop(args, ctx: Dist, stop: StopRequest, snapshot, position, last_path: str) -> int:
     """Write the checkpoint of an interrupted run (unless the epoch-end one already is) and say how to go on."""
     epoch, step = position
     if ctx.is_main:
-        if save_checkpoint is not None:
-            save_checkpoint()
+        if snapshot is not None:
+            ckpt.save_atomic(snapshot(epoch, step), last_path)
         why = signal.Signals(stop.signal).name if stop.signal else f"--max-steps {args.max_steps}"
         print(f"stopped by {why} at epoch {epoch} step {step}; checkpoint written to {last_path}; "
               f"continue with --resume {last_path}", file=sys.stderr, flush=True)

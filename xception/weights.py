@@ -191,13 +191,16 @@ def load_weights(model: nn.Module, path_or_state_dict: PathOrStateDict, strict: 
     unexpected = [k for k in state_dict if k not in expected]
     mismatched = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
                   for k, v in state_dict.items() if k in expected and v.shape != expected[k].shape]
+    def listed(items: list[str]) -> str:  # a file of another architecture differs in hundreds of keys
+        return "; ".join(items[:8]) + (f"; ... ({len(items)} in all)" if len(items) > 8 else "")
+
     problems = []
     if mismatched:
-        problems.append("shape mismatch: " + "; ".join(mismatched))
+        problems.append("shape mismatch: " + listed(mismatched))
     if strict and required_missing:
-        problems.append(f"missing keys: {required_missing}")
+        problems.append(f"missing keys: {listed(required_missing)}")
     if strict and unexpected:
-        problems.append(f"unexpected keys: {unexpected}")
+        problems.append(f"unexpected keys: {listed(unexpected)}")
     if problems:
         raise CheckpointError(f"cannot load {source} into {type(model).__name__}: " + " | ".join(problems))
 
