@@ -4,6 +4,8 @@
 
 Backends: ``torch`` (ATen reference ops), ``cpp`` (fused C++ CPU kernels),
 ``triton`` (fused Triton kernels for CUDA; CPU under ``TRITON_INTERPRET=1``).
+On CUDA, ``backend="auto"`` picks per layer from recorded GPU measurements;
+``kernels.tune(True)`` times the candidates on this GPU instead (docs/gpu-dispatch.md).
 """
 
 import torch

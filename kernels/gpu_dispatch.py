@@ -53,8 +53,7 @@ Timer = Callable[[str, Callable[[], object]], float]
 
 
 class Layer(NamedTuple):
-    """Everything about a call that its speed depends on, as plain constants (a dict key, and a
-    constant ``torch.compile`` can keep)."""
+    """Everything about a call that its speed depends on (``layer_of`` builds its fields as a plain tuple)."""
 
     batch: int
     in_channels: int
