@@ -454,3 +454,31 @@ def test_tuner_with_cuda_events_on_this_gpu():
     assert all(isinstance(ms, float) and ms > 0 for ms in times.values()), times
     assert measured["choice"] == min(times, key=times.get)
     torch.testing.assert_close(out.float().cpu(), reference(x, dw, pw), atol=0.1, rtol=0.05)
+
+
+# --- the benchmark's providers ---------------------------------------------------------------
+
+def test_auto_provider_times_what_a_user_gets():
+    from benchmarks import providers
+    from benchmarks.cases import TINY_LAYERS, Case
+
+    assert providers.backend_and_mode("auto") == ("auto", None)
+    assert providers.availability("layers", "auto", "cpu", "fp32") is None
+    assert providers.availability("model", "auto-unfused", "cpu", "fp32") is None
+    for mode in ("fwd", "full"):
+        prepared = providers.prepare(Case("layers", TINY_LAYERS[0], 2, "fp32", "channels_last", mode, "auto"), "cpu")
+        assert prepared.fn() is not None
+
+
+def test_triton_provider_runs_fused_whatever_the_variable_says(monkeypatch):
+    import os
+
+    from benchmarks import providers
+    from benchmarks.cases import TINY_LAYERS, Case
+
+    monkeypatch.setenv(dispatch.TRITON_MODE_ENV, "split")
+    seen = []
+    monkeypatch.setattr(providers, "prepare_layer", lambda case, device: providers.Prepared(
+        lambda: seen.append(os.environ.get(dispatch.TRITON_MODE_ENV))))
+    providers.prepare(Case("layers", TINY_LAYERS[0], 2, "fp32", "channels_last", "fwd", "triton"), "cpu").fn()
+    assert seen == ["fused"] and os.environ[dispatch.TRITON_MODE_ENV] == "split"
