@@ -1,0 +1,236 @@
+"""The model against the recorded H200 timings: Spearman per tile sweep, predicted/measured per layer.
+
+The recorded runs timed the kernels as they were at a given commit, so each
+record is checked against that commit's ``kernels/`` (extracted with
+``git archive`` into a temporary folder and imported in a child process). The
+kernels are compiled with the Triton installed here; the recorded runs used
+Triton 3.6, the version on the GPU machine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tarfile
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+ROOT = Path(__file__).resolve().parents[2]
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+@dataclass(frozen=True)
+class Record:
+    """A recorded H200 run: its file, the commit whose kernels it timed, and what it holds."""
+
+    path: str
+    commit: str
+    kind: str          # "sweep" (tile-config sweep) or "layers" (the benchmark suite's layer rows)
+
+
+# The commits are those whose kernels ran on the GPU (benchmarks/results/README.md says how each run was made).
+RECORDS = (
+    Record("triton_sweep-cuda-nvidia-h200.jsonl", "b7c27d0", "sweep"),
+    Record("cuda-nvidia-h200.jsonl", "d623454", "layers"),
+)
+
+# Targets of the validation: rank agreement on each forward sweep, and per-layer ratio bounds.
+SPEARMAN_TARGET = 0.8
+RATIO_BOUNDS = (0.67, 1.5)
+
+
+def spearman(xs: Sequence[float], ys: Sequence[float]) -> float:
+    """Spearman's rank correlation (average ranks for ties)."""
+
+    def ranks(values):
+        order = sorted(range(len(values)), key=lambda i: values[i])
+        out = [0.0] * len(values)
+        i = 0
+        while i < len(order):
+            j = i
+            while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+                j += 1
+            for k in range(i, j + 1):
+                out[order[k]] = (i + j) / 2.0
+            i = j + 1
+        return out
+
+    rx, ry = ranks(list(xs)), ranks(list(ys))
+    n = len(rx)
+    mx, my = sum(rx) / n, sum(ry) / n
+    cov = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
+    var = (sum((a - mx) ** 2 for a in rx) * sum((b - my) ** 2 for b in ry)) ** 0.5
+    return cov / var if var else 0.0
+
+
+def extract_kernels(commit: str, into: Path) -> Path:
+    """``kernels/`` as it was at ``commit``, under ``into``; the folder to put first on ``sys.path``."""
+    archive = into / "kernels.tar"
+    done = subprocess.run(["git", "-C", str(ROOT), "archive", "--format=tar", "-o", str(archive), commit, "kernels"],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"cannot extract kernels/ at {commit} (needs the git history of the repository): "
+                           f"{done.stderr.strip()[:200]}")
+    with tarfile.open(archive) as tar:
+        tar.extractall(into, filter="data") if sys.version_info >= (3, 12) else tar.extractall(into)
+    return into
+
+
+def _read(path: Path) -> List[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+# ---- run inside the child process, with the recorded commit's kernels first on sys.path ----
+
+def _sweep_predictions(rows: List[dict]) -> List[dict]:
+    from ..cases import XCEPTION_LAYERS
+    from . import launches, layers
+
+    shapes = {s.name: s for s in XCEPTION_LAYERS}
+    cache: Dict[tuple, layers.KernelReport] = {}
+    out = []
+    for row in rows:
+        shape = shapes[row["shape"]]
+        direction = "fwd" if row["kernel"] == "forward" else "bwd"
+        rec = layers.record(shape, row["batch"], row["dtype"], "fused", direction)
+        total, error = 0.0, ""
+        for launch in rec.kernels:
+            name = launch.name.removesuffix("_kernel")
+            config = launches.parse_config(row["config"]) if name == row["kernel"] else launch.configs[0]
+            key = (launch.name, launches.config_name(config), row["shape"], row["dtype"])
+            if key not in cache:
+                cache[key] = layers.analyse(launch, config)
+            report = cache[key]
+            if report.prediction is None:
+                error = report.error or "no prediction"
+                break
+            total += report.prediction.seconds
+        out.append(dict(row, predicted_ms=None if error else total * 1e3, model_error=error))
+    return out
+
+
+def _layer_predictions(rows: List[dict], with_backward: bool) -> List[dict]:
+    from ..cases import XCEPTION_LAYERS
+    from . import layers
+
+    shapes = {s.name: s for s in XCEPTION_LAYERS}
+    out = []
+    for row in rows:
+        if row["mode"] == "full" and not with_backward:
+            continue
+        shape = shapes[row["shape"]]
+        tf32 = bool(row["run"].get("peak_detail", {}).get("matmul_allow_tf32"))
+        parts = ("fwd",) if row["mode"] == "fwd" else ("fwd", "bwd")
+        total, error = 0.0, ""
+        for part in parts:
+            report = layers.op_report(shape, row["batch"], row["dtype"], "fused", part, tf32=tf32)
+            if report.seconds is None:
+                error = "; ".join(r.error for configs in report.kernels for r in configs if r.error)[:200]
+                break
+            total += report.seconds
+        out.append(dict(row, predicted_ms=None if error else total * 1e3, model_error=error))
+    return out
+
+
+def child(kind: str, rows_path: str, with_backward: bool) -> None:
+    rows = _read(Path(rows_path))
+    result = _sweep_predictions(rows) if kind == "sweep" else _layer_predictions(rows, with_backward)
+    print("\n".join(json.dumps(r) for r in result))
+
+
+# ---- the parent: one child per record, then the statistics ----
+
+def predict_record(record: Record, rows: List[dict], with_backward: bool) -> List[dict]:
+    with tempfile.TemporaryDirectory(prefix="gpu-model-") as tmp:
+        tree = extract_kernels(record.commit, Path(tmp))
+        rows_path = Path(tmp) / "rows.jsonl"
+        rows_path.write_text("\n".join(json.dumps(r) for r in rows))
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tree), str(ROOT)]))
+        env.pop("TRITON_INTERPRET", None)
+        code = ("import sys; from benchmarks.gpu_model import validate; "
+                "validate.child(sys.argv[1], sys.argv[2], sys.argv[3] == '1')")
+        done = subprocess.run([sys.executable, "-c", code, record.kind, str(rows_path), "1" if with_backward else "0"],
+                              capture_output=True, text=True, env=env, cwd=tmp)
+        if done.returncode != 0:
+            raise RuntimeError(f"modelling {record.path} at {record.commit} failed:\n{done.stderr[-2000:]}")
+        return [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+
+
+def validate(with_backward: bool = False, results: Path = RESULTS) -> int:
+    """Print the figures; return 0 when the targets are met, 1 otherwise."""
+    failures: List[str] = []
+    for record in RECORDS:
+        path = results / record.path
+        if not path.exists():
+            failures.append(f"{path} is missing")
+            continue
+        rows = _read(path)
+        if record.kind == "sweep":
+            rows = [r for r in rows if r.get("ms") is not None]
+        else:
+            rows = [r for r in rows if r.get("suite") == "layers" and r.get("provider") == "triton"
+                    and r.get("status") == "ok"]
+        print(f"\n{record.path} (kernels at {record.commit}; {len(rows)} timed rows; all times in ms; "
+              f"'predicted' columns come from the model, not a GPU)")
+        predicted = predict_record(record, rows, with_backward)
+        if record.kind == "sweep":
+            failures += _print_sweeps(predicted)
+        else:
+            failures += _print_layers(predicted)
+    print()
+    if failures:
+        print("targets missed:")
+        for failure in failures:
+            print(f"  - {failure}")
+        return 1
+    print(f"targets met: Spearman >= {SPEARMAN_TARGET} on every forward sweep; every per-layer prediction within "
+          f"{RATIO_BOUNDS[0]}-{RATIO_BOUNDS[1]}x of the measurement")
+    return 0
+
+
+def _print_sweeps(rows: List[dict]) -> List[str]:
+    failures = []
+    groups: Dict[tuple, List[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["kernel"], row["dtype"], row["shape"]), []).append(row)
+    print(f"{'sweep':<34} {'rows':>4} {'Spearman':>8} {'pred/meas':>12} {'median':>6}  model's pick vs measured best")
+    for (kernel, dtype, shape), group in sorted(groups.items()):
+        ok = [r for r in group if r["predicted_ms"] is not None]
+        if len(ok) < 3:
+            print(f"{kernel} {dtype} {shape}: {len(ok)} of {len(group)} rows modelled "
+                  f"({group[0].get('model_error', '')[:120]})")
+            if kernel == "forward":
+                failures.append(f"forward {dtype} sweep: too few rows modelled")
+            continue
+        rho = spearman([r["predicted_ms"] for r in ok], [r["ms"] for r in ok])
+        ratios = sorted(r["predicted_ms"] / r["ms"] for r in ok)
+        pick = min(ok, key=lambda r: r["predicted_ms"])
+        best = min(ok, key=lambda r: r["ms"])
+        verdict = "same config" if pick is best else f"{pick['ms']:.3f} vs {best['ms']:.3f}"
+        print(f"{kernel + ' ' + dtype + ' ' + shape:<34} {len(ok):>4} {rho:>8.3f} "
+              f"{ratios[0]:>5.2f}-{ratios[-1]:<5.2f} {ratios[len(ratios) // 2]:>6.2f}  {verdict}")
+        if kernel == "forward" and rho < SPEARMAN_TARGET:
+            failures.append(f"forward {dtype} sweep: Spearman {rho:.3f} < {SPEARMAN_TARGET}")
+    return failures
+
+
+def _print_layers(rows: List[dict]) -> List[str]:
+    failures = []
+    print(f"{'layer':<16} {'dtype':<5} {'mode':<5} {'measured':>9} {'predicted':>9} {'pred/meas':>9}")
+    for row in rows:
+        if row["predicted_ms"] is None:
+            print(f"{row['shape']:<16} {row['dtype']:<5} {row['mode']:<5} {row['p50_ms']:>9.3f} {'-':>9}  "
+                  f"{row['model_error'][:100]}")
+            failures.append(f"{row['shape']} {row['dtype']} {row['mode']}: not modelled")
+            continue
+        ratio = row["predicted_ms"] / row["p50_ms"]
+        flag = "" if RATIO_BOUNDS[0] <= ratio <= RATIO_BOUNDS[1] else "  outside the bounds"
+        print(f"{row['shape']:<16} {row['dtype']:<5} {row['mode']:<5} {row['p50_ms']:>9.3f} "
+              f"{row['predicted_ms']:>9.3f} {ratio:>9.2f}{flag}")
+        if flag:
+            failures.append(f"{row['shape']} {row['dtype']} {row['mode']}: predicted/measured {ratio:.2f}")
+    return failures
