@@ -11,7 +11,7 @@ import torch
 import kernels
 from conftest import require_backend
 import test_separable_conv as shared  # its test functions are called, not collected here
-from test_separable_conv import GEOMETRIES, make_case
+from test_separable_conv import GEOMETRIES, check, make_case
 from test_triton import _check_pinned, _run, assert_within_torch_error
 
 MODE = "SEPCONV_TRITON_MODE"
@@ -95,6 +95,60 @@ def test_split_every_depthwise_gpu_config(split, monkeypatch, dtype, index):
     family = forward.family(dtype)
     config = split_module.GPU_CONFIGS[family][index]
     monkeypatch.setitem(forward.forced_configs, split_module.depthwise_autotuned[family].fn, config)
+    _check_pinned(dtype, device)
+
+
+@pytest.mark.parametrize("kernel,stride,padding,dilation", [
+    ((3, 3), 1, 1, 1),          # the Xception layers: the bias gradient rides on the centre tap
+    ((3, 3), 2, 1, 1),          # stride 2: the bias gradient from its own loop over output pixels
+    ((3, 3), 1, "same", 2),
+    ((3, 5), 1, 0, 1),          # no "same" tap
+    ((5, 5), (2, 1), 2, (1, 2)),
+], ids=str)
+@pytest.mark.parametrize("relu_input", [False, True])
+def test_split_vector_channels(split, monkeypatch, kernel, stride, padding, dilation, relu_input):
+    """16 channels, channels_last: both split kernels run with ALIGN = 8 (whole 128-bit channel vectors)."""
+    device = require_backend("triton")
+    from kernels.triton import split as split_module
+
+    aligns = []
+    for name in ("depthwise_launch", "transposed_depthwise_launch"):
+        real = getattr(split_module, name)
+
+        def spy(*args, _real=real, **kwargs):
+            result = _real(*args, **kwargs)
+            aligns.append(result[-1]["ALIGN"])
+            return result
+
+        monkeypatch.setattr(split_module, name, spy)
+    case = make_case(2, 16, 11, 9, kernel, 1, 24, True, torch.float32, device)
+    check("triton", *case, stride, padding, dilation, relu_input=relu_input, layout="channels_last")
+    assert aligns == [8, 8, 8], "forward depthwise, transposed depthwise, recomputed depthwise"
+
+
+@pytest.mark.parametrize("target_programs", [1, 10**6])
+def test_split_transposed_pixel_split(split, monkeypatch, target_programs):
+    """One program walking every pixel, or one program per pixel block: the same gradients."""
+    device = require_backend("triton")
+    from kernels.triton import split as split_module
+
+    monkeypatch.setattr(split_module, "TARGET_PROGRAMS", target_programs)
+    monkeypatch.setattr(split_module, "PIXEL_QUANTUM", 16)
+    case = make_case(3, 8, 10, 7, (3, 3), 1, 12, True, torch.float32, device)
+    check("triton", *case, 1, 1, 1, relu_input=True, layout="channels_last")
+    case = make_case(2, 4, 9, 7, (3, 3), 1, 6, True, torch.float32, device)
+    check("triton", *case, 2, 1, 1, relu_input=True, layout="channels_last")
+
+
+@pytest.mark.parametrize("index", [0, 1, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_split_every_transposed_gpu_config(split, monkeypatch, dtype, index):
+    device = require_backend("triton", dtype)
+    from kernels.triton import forward, split as split_module
+
+    family = forward.family(dtype)
+    config = split_module.TRANSPOSED_CONFIGS[family][index]
+    monkeypatch.setitem(forward.forced_configs, split_module.transposed_autotuned[family].fn, config)
     _check_pinned(dtype, device)
 
 

@@ -85,6 +85,23 @@ def _depthwise_launch(dtype: str, layer):
     return args, constexprs
 
 
+def _transposed_launch(dtype: str, layer):
+    import torch
+
+    from . import split
+
+    t = layer_tensors(dtype, layer)
+    g = t["geometry"]
+    x = t["input"]
+    pixels = x.shape[0] * t["out_hw"][0] * t["out_hw"][1]
+    grad_hidden = torch.empty((pixels, x.shape[1]), dtype=x.dtype)
+    grad_input = torch.empty_like(x)
+    _, _, args, constexprs = split.transposed_depthwise_launch(
+        grad_hidden, x, t["depthwise_weight"], grad_input, t["out_hw"], g["stride"], g["padding"], g["dilation"],
+        True, True, True)
+    return args, constexprs
+
+
 def kernel_specs() -> Dict[str, dict]:
     """name -> the JIT function, its GPU configs, and either a launch builder ``launch(dtype, layer) -> (args,
     constexprs)`` (compiled per layer with the runtime's specialization) or its pointer args (fp32 ones) and
@@ -101,9 +118,8 @@ def kernel_specs() -> Dict[str, dict]:
         "grad_input": dict(fn=backward.grad_input_kernel, fp32_ptrs=("gh_ptr",),
                            configs=backward.GRAD_INPUT_CONFIGS_GPU, consts=dict(KH=kh, KW=kw, RELU=True)),
         "depthwise": dict(fn=split.depthwise_kernel, configs=split.GPU_CONFIGS, launch=_depthwise_launch),
-        "grad_hidden_load": dict(fn=backward.grad_hidden_kernel, fp32_ptrs=("part_ptr",),
-                                 configs=backward.GRAD_HIDDEN_CONFIGS_GPU,
-                                 consts=dict(KH=kh, KW=kw, RELU=True, STORE_GH=False, NEED_DW=True, LOAD_GH=True)),
+        "transposed_depthwise": dict(fn=split.transposed_depthwise_kernel, configs=split.TRANSPOSED_CONFIGS,
+                                     launch=_transposed_launch),
         "grad_pointwise": dict(fn=backward.grad_pointwise_kernel, fp32_ptrs=("part_w_ptr", "part_b_ptr"),
                                configs=backward.GRAD_POINTWISE_CONFIGS_GPU,
                                consts=dict(KH=kh, KW=kw, HAS_DW_BIAS=True, RELU=True)),

@@ -93,11 +93,9 @@ def grad_hidden_kernel(
     stride_h, stride_w, pad_top, pad_left, dil_h, dil_w,
     # meta-parameters
     KH: tl.constexpr, KW: tl.constexpr, RELU: tl.constexpr, STORE_GH: tl.constexpr, NEED_DW: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_CO: tl.constexpr, LOAD_GH: tl.constexpr = False,
+    BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_CO: tl.constexpr,
 ):
     """g_h[p, j] = sum_co go[p, co] * pw[co, j]; partial dw grads per pixel block.
-
-    With LOAD_GH, g_h is read from ``gh`` (any float dtype) instead, and only the partials are made.
 
     go: (N, C_OUT, OH, OW) any strides; pw: (C_OUT, C_HID); gh: (P, C_HID) fp32;
     part: (cdiv(P, BLOCK_P), KH*KW + 1, C_HID) fp32 (last row: bias).
@@ -112,19 +110,15 @@ def grad_hidden_kernel(
     j_mask = j < C_HID
     go_base = row_offsets(n, oh, ow, go_sn, go_sh, go_sw)
 
-    if LOAD_GH:  # split mode: g_h was computed by a GEMM outside; only the epilogue runs here
-        acc = tl.load(gh_ptr + offs_p.to(tl.int64)[:, None] * C_HID + j[None, :],
-                      mask=p_mask[:, None] & j_mask[None, :], other=0.0).to(tl.float32)
-    else:
-        acc = tl.zeros((BLOCK_P, BLOCK_K), dtype=tl.float32)
-        for co0 in range(0, C_OUT, BLOCK_CO):
-            co = co0 + tl.arange(0, BLOCK_CO)
-            co_mask = co < C_OUT
-            g = tl.load(go_ptr + go_base[:, None] + co[None, :].to(tl.int64) * go_sc,
-                        mask=p_mask[:, None] & co_mask[None, :], other=0.0)  # (BLOCK_P, BLOCK_CO)
-            w = tl.load(pw_ptr + co[:, None] * C_HID + j[None, :],
-                        mask=co_mask[:, None] & j_mask[None, :], other=0.0)  # (BLOCK_CO, BLOCK_K)
-            acc = mma(g, w.to(g.dtype), acc)
+    acc = tl.zeros((BLOCK_P, BLOCK_K), dtype=tl.float32)
+    for co0 in range(0, C_OUT, BLOCK_CO):
+        co = co0 + tl.arange(0, BLOCK_CO)
+        co_mask = co < C_OUT
+        g = tl.load(go_ptr + go_base[:, None] + co[None, :].to(tl.int64) * go_sc,
+                    mask=p_mask[:, None] & co_mask[None, :], other=0.0)  # (BLOCK_P, BLOCK_CO)
+        w = tl.load(pw_ptr + co[:, None] * C_HID + j[None, :],
+                    mask=co_mask[:, None] & j_mask[None, :], other=0.0)  # (BLOCK_CO, BLOCK_K)
+        acc = mma(g, w.to(g.dtype), acc)
 
     if STORE_GH:
         tl.store(gh_ptr + offs_p.to(tl.int64)[:, None] * C_HID + j[None, :], acc, mask=p_mask[:, None] & j_mask[None, :])
@@ -258,7 +252,7 @@ def _autotuned(kernel, gpu_configs, interpret_configs, key, **options):
 # The partials buffer is sized for the smallest BLOCK_P; rows a larger block leaves unwritten must be
 # zero, so the autotuner re-zeroes it between its timing runs.
 grad_hidden_autotuned = _autotuned(grad_hidden_kernel, GRAD_HIDDEN_CONFIGS_GPU, GRAD_HIDDEN_CONFIGS_INTERPRET,
-                                   ["P", "C_HID", "C_OUT", "KH", "KW", "LOAD_GH"], reset_to_zero=["part_ptr"])
+                                   ["P", "C_HID", "C_OUT", "KH", "KW"], reset_to_zero=["part_ptr"])
 grad_input_autotuned = _autotuned(grad_input_kernel, GRAD_INPUT_CONFIGS_GPU, GRAD_INPUT_CONFIGS_INTERPRET,
                                   ["Q", "C", "M", "KH", "KW"])
 grad_pointwise_autotuned = _autotuned(grad_pointwise_kernel, GRAD_POINTWISE_CONFIGS_GPU,
@@ -280,8 +274,8 @@ def empty_backward(grad_output, input, depthwise_weight, pointwise_weight, depth
 
 
 def launch_grad_hidden(grad_output, pw, input, grad_hidden, out, geometry, kh, kw, relu,
-                       store_gh: bool, need_dw: bool, load_gh: bool = False) -> None:
-    """grad_hidden_kernel: g_h into ``grad_hidden`` (``store_gh``; or read from it, ``load_gh``) and the
+                       store_gh: bool, need_dw: bool) -> None:
+    """grad_hidden_kernel: g_h into ``grad_hidden`` (``store_gh``) and the
     depthwise weight and bias gradients into ``out[1]``, ``out[3]`` (``need_dw``). ``pw``: (C_out, C_hid)."""
     batch, channels, height, width = input.shape
     oh, ow = grad_output.shape[2], grad_output.shape[3]
@@ -301,7 +295,7 @@ def launch_grad_hidden(grad_output, pw, input, grad_hidden, out, geometry, kh, k
     launch(tuner, grid, grad_output, pw, input, grad_hidden, partials,
            pixels, c_hid, c_out, height, width, oh, ow, c_hid // channels,
            *grad_output.stride(), *input.stride(), *geometry,
-           KH=kh, KW=kw, RELU=relu, STORE_GH=store_gh, NEED_DW=need_dw, LOAD_GH=load_gh)
+           KH=kh, KW=kw, RELU=relu, STORE_GH=store_gh, NEED_DW=need_dw)
     if need_dw:
         # Fixed-order second stage; rows past this config's block count stay zero.
         sums = partials.sum(0)

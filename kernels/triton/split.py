@@ -10,11 +10,15 @@ cores see an ordinary GEMM. The price is one write and one read of the
 intermediate, which fused mode avoids.
 
 Forward: ``depthwise_kernel`` -> ``hidden @ W_pw^T (+ bias)``.
-Backward: ``g_h = grad_out @ W_pw`` (GEMM); the depthwise weight and bias
-gradients from ``g_h`` and the input (``grad_hidden_kernel`` with ``LOAD_GH``:
-its epilogue without its GEMM); ``grad_input_kernel`` as in fused mode;
-``grad_W_pw = grad_out^T @ hidden`` with the depthwise result recomputed by
-``depthwise_kernel`` (never saved). Deterministic: no atomics.
+Backward: ``g_h = grad_out @ W_pw`` (GEMM); one pass of
+``transposed_depthwise_kernel`` over the input gives the input gradient and the
+depthwise weight and bias gradients; ``grad_W_pw = grad_out^T @ hidden`` with the
+depthwise result recomputed by ``depthwise_kernel`` (never saved).
+Deterministic: no atomics, weight sums over a split fixed by the shape.
+
+Both kernels take the channel count and the pixel strides divided by ``ALIGN``
+(8 where they allow it) and multiply back, so that Triton knows a run of 8
+channels is aligned and loads it as one 128-bit vector (``common.vector_width``).
 
 16-bit inputs round the depthwise result and ``g_h`` to the input dtype
 before the GEMMs (as a cuDNN pair rounds its intermediate), where fused mode
@@ -30,7 +34,7 @@ import triton
 import triton.language as tl
 
 from ..ops import empty_output, output_shape
-from .backward import empty_backward, launch_grad_hidden, launch_grad_input
+from .backward import empty_backward, launch_grad_input
 from .common import cast, row_offsets, split_pixels, vector_width
 from .forward import check_pixels, configs_for, device_guard, family, geometry_args, launch
 
@@ -146,6 +150,173 @@ def depthwise(input: torch.Tensor, depthwise_weight: torch.Tensor, depthwise_bia
     return hidden
 
 
+# The transposed depthwise kernel (backward). Each thread holds 8 (16-bit) or 4 (fp32) elements of a
+# tile, so the KH*KW fp32 tiles of depthwise-weight sums it carries over its pixels stay in registers.
+TRANSPOSED_CONFIGS = {
+    "16bit": [
+        triton.Config({"BLOCK_Q": 16, "BLOCK_C": 64}, num_warps=4, num_stages=1),
+        triton.Config({"BLOCK_Q": 32, "BLOCK_C": 64}, num_warps=8, num_stages=1),
+        triton.Config({"BLOCK_Q": 32, "BLOCK_C": 32}, num_warps=4, num_stages=1),
+    ],
+    "fp32": [
+        triton.Config({"BLOCK_Q": 16, "BLOCK_C": 32}, num_warps=4, num_stages=1),
+        triton.Config({"BLOCK_Q": 32, "BLOCK_C": 32}, num_warps=8, num_stages=1),
+        triton.Config({"BLOCK_Q": 8, "BLOCK_C": 64}, num_warps=4, num_stages=1),
+    ],
+}
+TRANSPOSED_CONFIGS_INTERPRET = [triton.Config({"BLOCK_Q": 16, "BLOCK_C": 16}, num_warps=4, num_stages=1)]
+# Pixels per program are a multiple of every config's BLOCK_Q, and about this many programs share
+# the pixels (times the channel blocks of 64): enough to fill a GPU, few enough partial sums.
+PIXEL_QUANTUM = 64
+TARGET_PROGRAMS = 2048
+
+
+@triton.jit
+def transposed_depthwise_kernel(
+    # pointers
+    gh_ptr, dw_ptr, x_ptr, gx_ptr, part_ptr,
+    # sizes (C_HID_A = C_HID // ALIGN)
+    Q, P, C_HID_A, H, W, OH, OW, M, Q_PER_PROGRAM, P_PER_PROGRAM,
+    # strides (elements; the ``_a`` ones divided by ALIGN)
+    x_sn_a, x_sc, x_sh_a, x_sw_a,
+    gx_sn_a, gx_sc, gx_sh_a, gx_sw_a,
+    # geometry
+    stride_h, stride_w, pad_top, pad_left, dil_h, dil_w,
+    # meta-parameters
+    KH: tl.constexpr, KW: tl.constexpr, RELU: tl.constexpr, WANT_GX: tl.constexpr, WANT_DW: tl.constexpr,
+    BIAS_TAP: tl.constexpr, ALIGN: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """The depthwise convolution's backward from g_h (the gradient of its output), in one pass over the input.
+
+    For input pixels q = (n * H + ih) * W + iw and hidden channels j (input channel j // M), each tap
+    reads g_h at the output pixel that the tap connects to q (the gather form):
+      gx[q, j] = sum_taps g_h[p(q, tap), j] * dw[tap, j]          (WANT_GX; needs M == 1)
+      part[g, tap, j] = sum_{q of program g} g_h[p(q, tap), j] * x[q, j // M]   (WANT_DW)
+      part[g, KH*KW, j] = sum_{p of program g} g_h[p, j]                        (WANT_DW; the bias)
+    both masked as ReLU's backward under RELU. The bias sum rides on tap BIAS_TAP when that tap
+    maps input pixels one to one onto output pixels (stride 1, "same" padding); otherwise
+    (BIAS_TAP < 0) a second loop reads the program's share of output pixels.
+
+    gh: (P, C_HID) contiguous; dw: (KH*KW, C_HID) contiguous; x, gx: (N, C, H, W) any strides;
+    part: (G, KH*KW + 1, C_HID) fp32. Grid: (G, cdiv(C_HID, BLOCK_C)); program g takes input pixels
+    [g * Q_PER_PROGRAM, (g + 1) * Q_PER_PROGRAM) and output pixels [g * P_PER_PROGRAM, ...) (multiples of
+    BLOCK_Q): a split fixed by the shape, summed in a fixed order, so the gradients are deterministic.
+    """
+    C_HID = C_HID_A * ALIGN
+    x_sh = x_sh_a * ALIGN
+    x_sw = x_sw_a * ALIGN
+    gx_sh = gx_sh_a * ALIGN
+    gx_sw = gx_sw_a * ALIGN
+    pid_g = tl.program_id(0)
+    j = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    j_mask = j < C_HID
+    col = (j // M).to(tl.int64) * x_sc
+    gx_col = j.to(tl.int64) * gx_sc
+
+    dw_acc = ()
+    for tap in tl.static_range(KH * KW):
+        dw_acc = dw_acc + (tl.zeros((BLOCK_Q, BLOCK_C), dtype=tl.float32),)
+    bias_acc = tl.zeros((BLOCK_Q, BLOCK_C), dtype=tl.float32)
+
+    for q0 in range(pid_g * Q_PER_PROGRAM, (pid_g + 1) * Q_PER_PROGRAM, BLOCK_Q):
+        offs_q = q0 + tl.arange(0, BLOCK_Q)
+        q_mask = offs_q < Q
+        n, ih, iw = split_pixels(offs_q, H, W)
+        mask = q_mask[:, None] & j_mask[None, :]
+        xv = tl.load(x_ptr + row_offsets(n, ih, iw, x_sn_a * ALIGN, x_sh, x_sw)[:, None] + col[None, :],
+                     mask=mask, other=0.0).to(tl.float32)
+        if RELU:
+            x_pos = xv > 0
+            xv = tl.maximum(xv, 0.0)
+        gx = tl.zeros((BLOCK_Q, BLOCK_C), dtype=tl.float32)
+        new_acc = ()
+        for tap in tl.static_range(KH * KW):
+            th = ih + pad_top - (tap // KW) * dil_h
+            tw = iw + pad_left - (tap % KW) * dil_w
+            oh = th // stride_h
+            ow = tw // stride_w
+            ok = q_mask & (th >= 0) & (oh * stride_h == th) & (oh < OH) & (tw >= 0) & (ow * stride_w == tw) & (ow < OW)
+            p = (n * OH + oh) * OW + ow
+            g = tl.load(gh_ptr + p.to(tl.int64)[:, None] * C_HID + j[None, :], mask=ok[:, None] & j_mask[None, :],
+                        other=0.0).to(tl.float32)
+            if WANT_GX:
+                gx += g * tl.load(dw_ptr + tap * C_HID + j, mask=j_mask, other=0.0).to(tl.float32)[None, :]
+            if WANT_DW:
+                new_acc = new_acc + (dw_acc[tap] + g * xv,)
+                if tap == BIAS_TAP:
+                    bias_acc += g
+        if WANT_DW:
+            dw_acc = new_acc
+        if WANT_GX:
+            if RELU:
+                gx = tl.where(x_pos, gx, 0.0)
+            gx_offs = row_offsets(n, ih, iw, gx_sn_a * ALIGN, gx_sh, gx_sw)[:, None] + gx_col[None, :]
+            tl.store(gx_ptr + gx_offs, cast(gx, gx_ptr.dtype.element_ty), mask=mask)
+
+    if WANT_DW:
+        if BIAS_TAP < 0:
+            for p0 in range(pid_g * P_PER_PROGRAM, (pid_g + 1) * P_PER_PROGRAM, BLOCK_Q):
+                offs_p = p0 + tl.arange(0, BLOCK_Q)
+                bias_acc += tl.load(gh_ptr + offs_p.to(tl.int64)[:, None] * C_HID + j[None, :],
+                                    mask=(offs_p < P)[:, None] & j_mask[None, :], other=0.0).to(tl.float32)
+        part = part_ptr + pid_g.to(tl.int64) * ((KH * KW + 1) * C_HID)
+        for tap in tl.static_range(KH * KW):
+            tl.store(part + tap * C_HID + j, tl.sum(dw_acc[tap], axis=0), mask=j_mask)
+        tl.store(part + (KH * KW) * C_HID + j, tl.sum(bias_acc, axis=0), mask=j_mask)
+
+
+transposed_autotuned = {
+    name: triton.autotune(configs=configs_for(TRANSPOSED_CONFIGS, TRANSPOSED_CONFIGS_INTERPRET, name),
+                          key=["Q", "C_HID_A", "M", "KH", "KW", "WANT_GX", "WANT_DW", "ALIGN"])(transposed_depthwise_kernel)
+    for name in TRANSPOSED_CONFIGS}
+
+
+def _bias_tap(kernel_hw, stride, padding, dilation, in_hw, out_hw) -> int:
+    """The tap that maps every input pixel to the output pixel at the same place (stride 1, "same"
+    padding), so that its g_h reads sum to the bias gradient; -1 when there is none."""
+    kh, kw = kernel_hw
+    if tuple(stride) != (1, 1) or tuple(in_hw) != tuple(out_hw):
+        return -1
+    (top, left), (dil_h, dil_w) = (padding[0], padding[2]), dilation
+    if top % dil_h or left % dil_w or top // dil_h >= kh or left // dil_w >= kw:
+        return -1
+    return (top // dil_h) * kw + left // dil_w
+
+
+def transposed_depthwise_launch(grad_hidden: torch.Tensor, input: torch.Tensor, depthwise_weight: torch.Tensor,
+                                grad_input: torch.Tensor, out_hw: Sequence[int], stride: Sequence[int],
+                                padding: Sequence[int], dilation: Sequence[int], relu_input: bool,
+                                want_input: bool, want_depthwise: bool):
+    """One ``transposed_depthwise_kernel`` launch: (partials, grid, args, constexprs).
+
+    grad_hidden: (pixels, C_hid) contiguous; grad_input: like input (written only with ``want_input``,
+    which needs a depth multiplier of 1)."""
+    batch, channels, height, width = input.shape
+    c_hid, _, kh, kw = depthwise_weight.shape
+    q = batch * height * width
+    pixels = batch * out_hw[0] * out_hw[1]
+    c_blocks = triton.cdiv(c_hid, 64)
+    per_program = triton.cdiv(triton.cdiv(q, max(1, TARGET_PROGRAMS // c_blocks)), PIXEL_QUANTUM) * PIXEL_QUANTUM
+    programs = triton.cdiv(q, per_program)
+    p_per_program = triton.cdiv(triton.cdiv(pixels, programs), PIXEL_QUANTUM) * PIXEL_QUANTUM
+    partials = torch.empty((programs if want_depthwise else 1, kh * kw + 1, c_hid), dtype=torch.float32,
+                           device=input.device)
+    x_sn, x_sc, x_sh, x_sw = input.stride()
+    gx_sn, gx_sc, gx_sh, gx_sw = grad_input.stride() if want_input else input.stride()
+    align = vector_width(c_hid, x_sn, x_sh, x_sw, gx_sn, gx_sh, gx_sw)
+
+    def grid(meta):
+        return (programs, triton.cdiv(c_hid, meta["BLOCK_C"]))
+
+    args = (grad_hidden, tap_major(depthwise_weight), input, grad_input if want_input else input, partials,
+            q, pixels, c_hid // align, height, width, out_hw[0], out_hw[1], c_hid // channels, per_program,
+            p_per_program, x_sn // align, x_sc, x_sh // align, x_sw // align,
+            gx_sn // align, gx_sc, gx_sh // align, gx_sw // align, *geometry_args(stride, padding, dilation))
+    constexprs = dict(KH=kh, KW=kw, RELU=bool(relu_input), WANT_GX=bool(want_input), WANT_DW=bool(want_depthwise),
+                      BIAS_TAP=_bias_tap((kh, kw), stride, padding, dilation, (height, width), out_hw), ALIGN=align)
+    return partials, grid, args, constexprs
+
+
 def _pixel_rows(tensor: torch.Tensor) -> torch.Tensor:
     """(N, C, H, W) -> (N*H*W, C), a view when ``tensor`` is channels_last-contiguous, else a copy."""
     return tensor.permute(0, 2, 3, 1).reshape(-1, tensor.shape[1])
@@ -181,28 +352,43 @@ def backward(grad_output: torch.Tensor, input: torch.Tensor, depthwise_weight: t
              pointwise_weight: torch.Tensor, depthwise_bias: Optional[torch.Tensor],
              stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int], relu_input: bool,
              output_mask: Sequence[bool]):
-    """``sepconv_triton::backward`` in split mode (same contract as ``backward.backward``)."""
+    """``sepconv_triton::backward`` in split mode (same contract as ``backward.backward``).
+
+    ``g_h = grad_out @ W_pw`` (GEMM, input dtype), then one ``transposed_depthwise_kernel`` pass gives the
+    input gradient and the depthwise weight and bias gradients (a depth multiplier above 1 takes the input
+    gradient from ``grad_input_kernel`` instead); ``grad_W_pw = grad_out^T @ h`` (GEMM) with the depthwise
+    result ``h`` recomputed. Transient memory: ``g_h`` and ``h``, each (pixels, C_hid) in the input dtype.
+    """
     out, work = empty_backward(grad_output, input, depthwise_weight, pointwise_weight, depthwise_bias, output_mask)
     if not work:
         return out
     want_input, want_depthwise, want_pointwise = (bool(v) for v in output_mask)
+    channels = input.shape[1]
     c_hid, _, kh, kw = depthwise_weight.shape
     c_out = pointwise_weight.shape[0]
     out_hw = (grad_output.shape[2], grad_output.shape[3])
-    dw = depthwise_weight.reshape(c_hid, kh * kw).contiguous()
     pw = pointwise_weight.reshape(c_out, c_hid).to(grad_output.dtype)
-    geometry = geometry_args(stride, padding, dilation)
     relu = bool(relu_input)
     go = _pixel_rows(grad_output)  # (P, C_out)
 
     with device_guard(input):
         if want_input or want_depthwise:
             grad_hidden = go @ pw  # (P, C_hid), input dtype
-            if want_depthwise:  # the grad_hidden kernel's epilogue alone: g_h is read, not computed
-                launch_grad_hidden(grad_output, pw, input, grad_hidden, out, geometry, kh, kw, relu,
-                                   store_gh=False, need_dw=True, load_gh=True)
-            if want_input:
-                launch_grad_input(grad_hidden, dw, input, out[0], out_hw, geometry, kh, kw, relu)
+            # The kernel writes grad_input when each input channel has one hidden channel.
+            input_here = want_input and c_hid == channels
+            if input_here or want_depthwise:
+                partials, grid, args, constexprs = transposed_depthwise_launch(
+                    grad_hidden, input, depthwise_weight, out[0], out_hw, stride, padding, dilation, relu,
+                    input_here, want_depthwise)
+                launch(transposed_autotuned[family(input.dtype)], grid, *args, **constexprs)
+                if want_depthwise:  # fixed-order second stage of the reduction
+                    sums = partials.sum(0)
+                    out[1].copy_(sums[:kh * kw].t().reshape(out[1].shape))
+                    out[3].copy_(sums[kh * kw])
+            if want_input and not input_here:
+                dw = depthwise_weight.reshape(c_hid, kh * kw).contiguous()
+                launch_grad_input(grad_hidden, dw, input, out[0], out_hw, geometry_args(stride, padding, dilation),
+                                  kh, kw, relu)
         if want_pointwise:
             hidden = depthwise(input, depthwise_weight, depthwise_bias, out_hw, stride, padding, dilation, relu)
             out[2].copy_((go.t() @ hidden).reshape(out[2].shape))
