@@ -266,7 +266,7 @@ def test_unreadable_image_is_skipped_and_named(tmp_path, capsys):
         assert [r["skipped_images"] for r in map(json.loads, file) if r["type"] == "epoch"] == [1]
 
 
-def test_help_and_embedded_set_need_no_pillow(monkeypatch, tmp_path):
+def test_help_needs_no_pillow_and_reading_images_says_it_does(monkeypatch, tmp_path):
     script = ("import sys; sys.modules['PIL'] = None\n"
               "from xception import evaluate, predict, train\n"
               "train.main(['--help'])")
