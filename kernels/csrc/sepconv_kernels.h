@@ -467,60 +467,33 @@ T* scratch(int64_t elements) {
   return buffer.data();
 }
 
-#if defined(SEPCONV_VEC_AVX512)
-// In-register transpose of 16 rows of 16 floats: on return r[c] holds column c. Three rounds of
-// interleaves: 32-bit pairs, 64-bit pairs, then 128-bit lanes across groups of four rows.
-inline void transpose16(__m512 r[16]) {
-  __m512 t[16], u[16];
-  for (int i = 0; i < 16; i += 2) {
-    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
-    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
-  }
-  // u[4g + c], lane L: column 4L + c of rows 4g..4g+3.
-  for (int g = 0; g < 4; ++g) {
-    const __m512d a = _mm512_castps_pd(t[4 * g]), b = _mm512_castps_pd(t[4 * g + 1]);
-    const __m512d c = _mm512_castps_pd(t[4 * g + 2]), d = _mm512_castps_pd(t[4 * g + 3]);
-    u[4 * g] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, c));
-    u[4 * g + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, c));
-    u[4 * g + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, d));
-    u[4 * g + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, d));
-  }
-  for (int c = 0; c < 4; ++c) {
-    const __m512 x0 = _mm512_shuffle_f32x4(u[c], u[4 + c], 0x44), x1 = _mm512_shuffle_f32x4(u[c], u[4 + c], 0xEE);
-    const __m512 y0 = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0x44);
-    const __m512 y1 = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0xEE);
-    r[c] = _mm512_shuffle_f32x4(x0, y0, 0x88);
-    r[4 + c] = _mm512_shuffle_f32x4(x0, y0, 0xDD);
-    r[8 + c] = _mm512_shuffle_f32x4(x1, y1, 0x88);
-    r[12 + c] = _mm512_shuffle_f32x4(x1, y1, 0xDD);
-  }
-}
-#endif
 
 // Panel jp of pw (Cout, CM): panel[k * kCols + j] = pw[(jp * kCols + j) * CM + k], zero past Cout.
 template <typename T>
 void pack_panel(const T* pw, int64_t Cout, int64_t CM, int64_t jp, T* panel) {
   constexpr int64_t kStep = 16;  // transpose in (kStep x kCols) blocks that stay in L1
   const int64_t cols = std::min<int64_t>(kCols, Cout - jp * kCols);
-#if defined(SEPCONV_VEC_AVX512)
+#if defined(SEPCONV_HAS_VEC)
   if constexpr (std::is_same_v<T, float>) {
-    // 16x16 blocks transposed in registers; the scalar transpose took a fifth of the forward time
-    // of the 10x10 layers at batch 1 (perf), where every call packs its whole weight. Each row is
-    // read six lines ahead: in a network the weights come from DRAM (728->728 at 19x19 with a
-    // different weight each call: 0.91 ms -> 0.86 ms, with the next-panel prefetch in forward).
-    constexpr int64_t kAhead = 6 * kStep;
-    for (int64_t k0 = 0; k0 < CM; k0 += kStep) {
-      const int64_t width = std::min(kStep, CM - k0);
-      const __mmask16 m = tail_mask(width);
-      for (int64_t half = 0; half < kCols; half += 16) {
-        __m512 r[16];
-        for (int64_t i = 0; i < 16; ++i) {
-          const int64_t j = half + i;
+    // Square blocks of kLanes x kLanes transposed in registers (16x16 with AVX-512); the scalar
+    // transpose took a fifth of the forward time of the 10x10 layers at batch 1 (perf), where every
+    // call packs its whole weight. Each row is read six lines ahead: in a network the weights come
+    // from DRAM (728->728 at 19x19 with a different weight each call: 0.91 ms -> 0.86 ms with AVX-512,
+    // with the next-panel prefetch in forward).
+    using V = VecF32;
+    constexpr int64_t kLanes = V::kLanes, kAhead = 6 * 16;
+    for (int64_t k0 = 0; k0 < CM; k0 += kLanes) {
+      const int64_t width = std::min(kLanes, CM - k0);
+      const V::Mask m = V::mask(width);
+      for (int64_t j0 = 0; j0 < kCols; j0 += kLanes) {
+        V::Reg r[kLanes];
+        for (int64_t i = 0; i < kLanes; ++i) {
+          const int64_t j = j0 + i;
           if (j < cols) prefetch_at(pw, (jp * kCols + j) * CM + k0 + kAhead);
-          r[i] = j < cols ? _mm512_maskz_loadu_ps(m, pw + (jp * kCols + j) * CM + k0) : _mm512_setzero_ps();
+          r[i] = j < cols ? V::load(m, pw + (jp * kCols + j) * CM + k0) : V::zero();
         }
-        transpose16(r);
-        for (int64_t k = 0; k < width; ++k) _mm512_storeu_ps(panel + (k0 + k) * kCols + half, r[k]);
+        V::transpose(r);
+        for (int64_t k = 0; k < width; ++k) V::store(panel + (k0 + k) * kCols + j0, r[k]);
       }
     }
     return;

@@ -66,6 +66,33 @@ struct VecF32 {
   static Reg fmadd(Reg a, Reg b, Reg c) { return _mm512_fmadd_ps(a, b, c); }
   static Reg add(Reg a, Reg b) { return _mm512_add_ps(a, b); }
   static Reg max(Reg a, Reg b) { return _mm512_max_ps(a, b); }  // b where either is NaN
+  // In-register transpose of 16 rows of 16 floats: on return r[c] holds column c. Three rounds of
+  // interleaves: 32-bit pairs, 64-bit pairs, then 128-bit lanes across groups of four rows.
+  static void transpose(Reg (&r)[kLanes]) {
+    __m512 t[16], u[16];
+    for (int i = 0; i < 16; i += 2) {
+      t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+      t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+    }
+    // u[4g + c], lane L: column 4L + c of rows 4g..4g+3.
+    for (int g = 0; g < 4; ++g) {
+      const __m512d a = _mm512_castps_pd(t[4 * g]), b = _mm512_castps_pd(t[4 * g + 1]);
+      const __m512d c = _mm512_castps_pd(t[4 * g + 2]), d = _mm512_castps_pd(t[4 * g + 3]);
+      u[4 * g] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, c));
+      u[4 * g + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, c));
+      u[4 * g + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, d));
+      u[4 * g + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, d));
+    }
+    for (int c = 0; c < 4; ++c) {
+      const __m512 x0 = _mm512_shuffle_f32x4(u[c], u[4 + c], 0x44), x1 = _mm512_shuffle_f32x4(u[c], u[4 + c], 0xEE);
+      const __m512 y0 = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0x44);
+      const __m512 y1 = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0xEE);
+      r[c] = _mm512_shuffle_f32x4(x0, y0, 0x88);
+      r[4 + c] = _mm512_shuffle_f32x4(x0, y0, 0xDD);
+      r[8 + c] = _mm512_shuffle_f32x4(x1, y1, 0x88);
+      r[12 + c] = _mm512_shuffle_f32x4(x1, y1, 0xDD);
+    }
+  }
 };
 #elif defined(SEPCONV_VEC_AVX2)
 struct VecF32 {
@@ -88,6 +115,25 @@ struct VecF32 {
   static Reg fmadd(Reg a, Reg b, Reg c) { return _mm256_fmadd_ps(a, b, c); }
   static Reg add(Reg a, Reg b) { return _mm256_add_ps(a, b); }
   static Reg max(Reg a, Reg b) { return _mm256_max_ps(a, b); }  // b where either is NaN
+  // In-register transpose of 8 rows of 8 floats (r[c] becomes column c): 32-bit pairs, 64-bit
+  // pairs within each 128-bit half, then the halves across rows 0-3 and 4-7.
+  static void transpose(Reg (&r)[kLanes]) {
+    __m256 t[8], u[8];
+    for (int i = 0; i < 8; i += 2) {
+      t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+      t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+    }
+    for (int g = 0; g < 8; g += 4) {  // u[g + c], half h: column 4h + c of rows g..g+3
+      u[g] = _mm256_shuffle_ps(t[g], t[g + 2], 0x44);
+      u[g + 1] = _mm256_shuffle_ps(t[g], t[g + 2], 0xEE);
+      u[g + 2] = _mm256_shuffle_ps(t[g + 1], t[g + 3], 0x44);
+      u[g + 3] = _mm256_shuffle_ps(t[g + 1], t[g + 3], 0xEE);
+    }
+    for (int c = 0; c < 4; ++c) {
+      r[c] = _mm256_permute2f128_ps(u[c], u[4 + c], 0x20);
+      r[4 + c] = _mm256_permute2f128_ps(u[c], u[4 + c], 0x31);
+    }
+  }
 };
 #elif defined(SEPCONV_VEC_NEON)
 struct VecF32 {
@@ -121,6 +167,14 @@ struct VecF32 {
   static Reg add(Reg a, Reg b) { return vaddq_f32(a, b); }
   // vmaxq gives NaN where either is NaN: max(0, NaN) stays NaN as on x86 (the only use: ReLU).
   static Reg max(Reg a, Reg b) { return vmaxq_f32(a, b); }
+  // In-register transpose of 4 rows of 4 floats (r[c] becomes column c).
+  static void transpose(Reg (&r)[kLanes]) {
+    const float32x4x2_t rows01 = vtrnq_f32(r[0], r[1]), rows23 = vtrnq_f32(r[2], r[3]);
+    r[0] = vcombine_f32(vget_low_f32(rows01.val[0]), vget_low_f32(rows23.val[0]));
+    r[1] = vcombine_f32(vget_low_f32(rows01.val[1]), vget_low_f32(rows23.val[1]));
+    r[2] = vcombine_f32(vget_high_f32(rows01.val[0]), vget_high_f32(rows23.val[0]));
+    r[3] = vcombine_f32(vget_high_f32(rows01.val[1]), vget_high_f32(rows23.val[1]));
+  }
 };
 #endif
 
