@@ -13,7 +13,7 @@ import torch
 from . import ops  # noqa: F401  (defines the torch.library ops)
 from .autograd import SeparableConv2dFunction
 from .batch_norm import BatchNorm2d, batch_norm
-from .dispatch import BackendUnavailableError, available_backends, resolve as resolve_backend
+from .dispatch import BackendUnavailableError, available_backends, cpp_build_info, resolve as resolve_backend
 from .functional import separable_conv2d
 from .gpu_dispatch import tune
 from .module import SeparableConv2d
@@ -27,6 +27,7 @@ __all__ = [
     "SeparableConv2dFunction",
     "available_backends",
     "batch_norm",
+    "cpp_build_info",
     "empty_cache",
     "max_pool2d_add",
     "resolve_backend",

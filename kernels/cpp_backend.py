@@ -9,17 +9,26 @@ otherwise it compiles the sources once with ``torch.utils.cpp_extension``
 processes find it. Concurrent first builds wait on cpp_extension's lock file.
 Any failure (no compiler, no ninja) raises ``RuntimeError`` with the reason;
 ``kernels.dispatch`` turns that into one warning and falls back.
+
+The kernels have a vector path for AVX-512, AVX2+FMA and aarch64 NEON
+(``csrc/vec.h``); ``-march=native`` picks the host's. ``SEPCONV_CPU_ISA=avx2``
+builds and loads an x86 library held to AVX2+FMA instead (``-mno-avx512f``:
+what a CPU without AVX-512 runs), under its own name and cache directory, so
+it never replaces the default build. ``build_info()`` says which path the
+loaded library runs and the blocking it chose from the cache sizes.
 """
 
 from __future__ import annotations
 
+import ctypes
 import glob
 import os
+import platform
 import shutil
 import sys
 import threading
 from pathlib import Path
-from typing import List, Optional
+from typing import Dict, List, Optional, Union
 
 import torch
 
@@ -33,8 +42,52 @@ JIT_NAME = "sepconv_cpp_kernels"
 CXX_FLAGS = ["-O3", "-march=native", "-fopenmp"] + os.environ.get("SEPCONV_EXTRA_CFLAGS", "").split()
 LD_FLAGS = ["-fopenmp"]
 
+ISA_ENV = "SEPCONV_CPU_ISA"
+# Extra compiler flags of each build variant ("native": the host's best path).
+ISA_VARIANT_FLAGS = {"native": [], "avx2": ["-mno-avx512f"]}
+# The x86 paths in order: a library built for one runs on a CPU that has it or a later one.
+_X86_ORDER = ("scalar", "avx2", "avx512")
+
 _lock = threading.Lock()
 _loaded: Optional[str] = None
+_library_file: Optional[str] = None  # the shared library itself, for build_info()
+
+
+def requested_variant() -> str:
+    """The build variant ``SEPCONV_CPU_ISA`` asks for (``"native"`` when unset); ValueError for others."""
+    value = os.environ.get(ISA_ENV, "native") or "native"
+    if value not in ISA_VARIANT_FLAGS:
+        raise ValueError(f"{ISA_ENV} must be one of {sorted(ISA_VARIANT_FLAGS)}, got {value!r}")
+    if value == "avx2" and host_isa() not in ("avx2", "avx512"):
+        raise ValueError(f"{ISA_ENV}=avx2 needs an x86-64 CPU with AVX2 and FMA; this one runs {host_isa()!r}")
+    return value
+
+
+def jit_name(variant: str) -> str:
+    """The extension's name (and cache directory) for a build variant."""
+    return JIT_NAME if variant == "native" else f"{JIT_NAME}_{variant}"
+
+
+def host_isa() -> str:
+    """The best vector path this CPU can run: ``"avx512"``, ``"avx2"`` (AVX2 and FMA), ``"neon"``
+    (aarch64), or ``"scalar"``; from the flags in /proc/cpuinfo (``"unknown"`` on x86 without it)."""
+    machine = platform.machine().lower()
+    if machine in ("aarch64", "arm64"):
+        return "neon"
+    if machine not in ("x86_64", "amd64"):
+        return "scalar"
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "unknown"
+    flags = set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            flags = set(line.split(":", 1)[1].split())
+            break
+    if "avx512f" in flags:
+        return "avx512"
+    return "avx2" if {"avx2", "fma"} <= flags else "scalar"
 
 
 def source_files() -> List[Path]:
@@ -53,32 +106,35 @@ def _prebuilt() -> Optional[str]:
     return library if os.path.getmtime(library) >= newest_source else None
 
 
-def _jit_library_is_current(build_directory: str) -> bool:
+def _jit_library_is_current(build_directory: str, name: str = JIT_NAME) -> bool:
     """Whether the extensions cache holds a library newer than every source (then loading is quick)."""
-    libraries = glob.glob(os.path.join(build_directory, f"{JIT_NAME}*.so"))
+    libraries = glob.glob(os.path.join(build_directory, f"{name}*.so"))
     if not libraries:
         return False
     newest_source = max(p.stat().st_mtime for p in source_files())
     return max(os.path.getmtime(path) for path in libraries) >= newest_source
 
 
-def _jit_build() -> str:
+def _jit_build(variant: str = "native") -> str:
+    global _library_file
     from torch.utils import cpp_extension
+
+    name = jit_name(variant)
 
     compiler = os.environ.get("CXX", "c++")
     if shutil.which(compiler) is None:
         raise RuntimeError(f"no C++ compiler found (looked for {compiler!r}; set CXX to one)")
     if not cpp_extension.is_ninja_available():
         raise RuntimeError("ninja is not installed (pip install ninja); torch.utils.cpp_extension needs it")
-    build_directory = cpp_extension._get_build_directory(JIT_NAME, verbose=False)
-    if not _jit_library_is_current(build_directory):
+    build_directory = cpp_extension._get_build_directory(name, verbose=False)
+    if not _jit_library_is_current(build_directory, name):
         # The compile takes one to two minutes with no output of its own: say why the process waits.
         print(f"kernels: building the C++ backend (once, about 1-2 minutes); cached in {build_directory}",
               file=sys.stderr, flush=True)
-    cpp_extension.load(
-        name=JIT_NAME,
-        sources=[str(CSRC / name) for name in SOURCES],
-        extra_cflags=CXX_FLAGS,
+    _library_file = cpp_extension.load(
+        name=name,
+        sources=[str(CSRC / source) for source in SOURCES],
+        extra_cflags=CXX_FLAGS + ISA_VARIANT_FLAGS[variant],
         extra_ldflags=LD_FLAGS,
         extra_include_paths=[str(CSRC)],
         is_python_module=False,
@@ -89,22 +145,60 @@ def _jit_build() -> str:
 
 def load() -> None:
     """Register the ``sepconv_cpp`` CPU kernels; raise ``RuntimeError`` saying why when impossible."""
-    global _loaded
+    global _loaded, _library_file
     with _lock:
         if _loaded is not None:
             return
+        try:
+            variant = requested_variant()
+        except ValueError as error:
+            raise RuntimeError(str(error)) from error
         ops.define("cpp")
-        prebuilt = _prebuilt()
+        prebuilt = _prebuilt() if variant == "native" else None
         if prebuilt is not None:
             torch.ops.load_library(prebuilt)
-            _loaded = prebuilt
-            return
-        try:
-            _loaded = _jit_build()
-        except RuntimeError:
-            raise
-        except Exception as error:  # noqa: BLE001 - compiler/ninja failures come as many types
-            raise RuntimeError(f"building the C++ extension failed: {type(error).__name__}: {error}") from error
+            _library_file = where = prebuilt
+        else:
+            try:
+                where = _jit_build(variant)
+            except RuntimeError:
+                raise
+            except Exception as error:  # noqa: BLE001 - compiler/ninja failures come as many types
+                raise RuntimeError(f"building the C++ extension failed: {type(error).__name__}: {error}") from error
+        built = (build_info() or {}).get("isa")
+        host = host_isa()
+        if built in _X86_ORDER and host in _X86_ORDER and _X86_ORDER.index(built) > _X86_ORDER.index(host):
+            # A library built elsewhere (setup.py on another machine) would stop on an illegal instruction.
+            raise RuntimeError(f"the C++ library {_library_file} was built for {built}, which this CPU ({host}) "
+                               f"cannot run; rebuild it here (delete it, or reinstall with SEPCONV_BUILD_EXT=1)")
+        _loaded = where
+
+
+def build_info() -> Optional[Dict[str, Union[str, int]]]:
+    """What the loaded library runs (None before ``load()``): ``isa`` (the vector path compiled in:
+    avx512, avx2, neon or scalar), ``lanes``, ``tile_rows`` x ``tile_vectors`` (the micro-kernel's
+    register tile), the cache sizes it read (``l1d_bytes``, ``l2_bytes``, ``l3_bytes``,
+    ``cache_source``: sysfs, sysconf or default) and the blocking chosen from them (``tile_bytes``,
+    ``stream_bytes``)."""
+    if _library_file is None:
+        return None
+    function = ctypes.CDLL(_library_file).sepconv_cpu_build_info
+    function.restype = ctypes.c_char_p
+    info: Dict[str, Union[str, int]] = {}
+    for item in function().decode().split(";"):
+        key, _, value = item.partition("=")
+        info[key] = int(value) if value.isdigit() else value
+    return info
+
+
+def vector_path_reason() -> Optional[str]:
+    """None when the loaded library has a vector path for this CPU; otherwise why not (then the fused
+    kernels run plain loops, slower than ATen's oneDNN convolutions, and ``"auto"`` takes torch)."""
+    info = build_info()
+    if info is None or info.get("isa") != "scalar":
+        return None
+    return (f"the C++ library was built without a vector path (isa 'scalar'; this CPU: {host_isa()}); its plain "
+            f"loops are slower than torch's convolutions. The vector paths are AVX-512, AVX2+FMA and aarch64 NEON")
 
 
 def library_location() -> Optional[str]:

@@ -41,6 +41,8 @@ class Backend:
     supports: Callable[[torch.device, torch.dtype], Optional[str]]
     # Order tried by "auto" for each device type (lower first).
     priority: Dict[str, int] = field(default_factory=dict)
+    # Asked by "auto" once the backend loads: None to take it, else why another is faster here.
+    auto_check: Optional[Callable[[], Optional[str]]] = None
     _state: Optional[str] = None  # None: not tried yet; "": loaded; otherwise the failure reason
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -70,6 +72,13 @@ def _cpp_supports(device: torch.device, dtype: torch.dtype) -> Optional[str]:
     return None
 
 
+def _cpp_auto_check() -> Optional[str]:
+    # A build without a vector path for this CPU runs plain loops, slower than ATen's convolutions.
+    from . import cpp_backend
+
+    return cpp_backend.vector_path_reason()
+
+
 def _triton_supports(device: torch.device, dtype: torch.dtype) -> Optional[str]:
     if device.type == "cpu":
         if os.environ.get("TRITON_INTERPRET") != "1":
@@ -83,7 +92,7 @@ def _triton_supports(device: torch.device, dtype: torch.dtype) -> Optional[str]:
 
 BACKENDS: Dict[str, Backend] = {
     "torch": Backend("torch", None, _torch_supports, {"cpu": 2, "cuda": 2}),
-    "cpp": Backend("cpp", "kernels.cpp_backend:load", _cpp_supports, {"cpu": 0}),
+    "cpp": Backend("cpp", "kernels.cpp_backend:load", _cpp_supports, {"cpu": 0}, _cpp_auto_check),
     # Never ranked by "auto". On CPU it is the interpreter, a correctness tool. On CUDA "auto" picks
     # between it and cuDNN per layer (kernels/gpu_dispatch.py: a table of recorded GPU measurements,
     # or the tuner); backend="triton" always runs it.
@@ -113,9 +122,21 @@ class BackendAttribute:
 def available_backends() -> Dict[str, Optional[str]]:
     """Each backend's name mapped to None when it loads here, or to the reason it does not.
 
-    Loading may build the C++ extension on first call (cached afterwards).
+    Loading may build the C++ extension on first call (cached afterwards). Which vector path the
+    C++ library runs (avx512, avx2, neon, scalar): ``cpp_build_info()``.
     """
     return {name: backend.load() for name, backend in BACKENDS.items()}
+
+
+def cpp_build_info() -> Optional[Dict[str, object]]:
+    """The C++ library's vector path (``isa``: avx512, avx2, neon or scalar) and the blocking it chose
+    from this machine's caches (``kernels.cpp_backend.build_info``); None when the backend cannot load.
+    """
+    if BACKENDS["cpp"].load() is not None:
+        return None
+    from . import cpp_backend
+
+    return cpp_backend.build_info()
 
 
 _warned: set = set()
@@ -222,6 +243,8 @@ def _resolve_uncached(backend: str, device: torch.device, dtype: torch.dtype) ->
     ranked = ranked or [BACKENDS["torch"]]
     for candidate in ranked:
         reason = candidate.supports(device, dtype) or candidate.load()
+        if reason is None and candidate.auto_check is not None:
+            reason = candidate.auto_check()
         if reason is None:
             return candidate.name
         if candidate.name != "torch":

@@ -1,0 +1,165 @@
+"""The C++ backend's vector paths: what the loaded build reports, what "auto" does with a build that has
+no vector path, the AVX2 build (the path of x86 CPUs without AVX-512) on the cpp correctness grid, and
+the NEON path compiled with an aarch64 cross compiler."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+import kernels
+from conftest import require_backend
+from kernels import cpp_backend, dispatch
+
+ROOT = Path(__file__).resolve().parent.parent
+CPU = torch.device("cpu")
+
+
+def _sysfs_cache_bytes(level: int) -> int:
+    """Linux's size of the level-`level` data or unified cache of cpu0 (0 when not listed)."""
+    base = Path("/sys/devices/system/cpu/cpu0/cache")
+    for index in sorted(base.glob("index*")):
+        try:
+            if int((index / "level").read_text()) == level and (index / "type").read_text().strip() != "Instruction":
+                return _size_bytes((index / "size").read_text().strip())
+        except (OSError, ValueError):
+            continue
+    return 0
+
+
+def _size_bytes(text: str) -> int:
+    """sysfs's "48K", "1024K", "32M" in bytes."""
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    return int(text[:-1]) * units[text[-1]] if text[-1] in units else int(text)
+
+
+def test_build_info_names_the_vector_path_and_the_blocking():
+    require_backend("cpp")
+    info = cpp_backend.build_info()
+    assert info["isa"] in ("avx512", "avx2", "neon", "scalar")
+    if cpp_backend.requested_variant() == "native" and not os.environ.get("SEPCONV_EXTRA_CFLAGS"):
+        assert info["isa"] == cpp_backend.host_isa(), "-march=native did not take the host's vector path"
+    lanes = {"avx512": 16, "avx2": 8, "neon": 4, "scalar": 1}[info["isa"]]
+    assert info["lanes"] == lanes
+    if info["isa"] != "scalar":  # accumulators + B vectors + one broadcast fit the register file
+        registers = 16 if info["isa"] == "avx2" else 32
+        assert (info["tile_rows"] + 1) * info["tile_vectors"] + 1 <= registers
+    assert info["l2_bytes"] > 0 and info["l3_bytes"] > 0
+    assert info["tile_bytes"] == info["l2_bytes"] // 4 * 3 and info["stream_bytes"] == info["l3_bytes"] // 4 * 3
+    if info["cache_source"] == "sysfs":
+        assert info["l2_bytes"] == _sysfs_cache_bytes(2)
+
+
+@pytest.fixture
+def fresh_resolution(monkeypatch):
+    """Backend choices and one-time warnings recomputed for the test, then restored."""
+    monkeypatch.setattr(dispatch, "_resolved", {})
+    monkeypatch.setattr(dispatch, "_warned", set())
+    monkeypatch.delenv(dispatch.ENV_VAR, raising=False)
+
+
+def test_auto_takes_cpp_where_the_build_has_a_vector_path(fresh_resolution):
+    require_backend("cpp")
+    if cpp_backend.build_info()["isa"] == "scalar":
+        pytest.skip("this build has no vector path (the next test covers it)")
+    assert dispatch.resolve("auto", CPU, torch.float32) == "cpp"
+
+
+def test_auto_takes_torch_where_the_build_has_no_vector_path(fresh_resolution, monkeypatch):
+    """A build without a vector path runs plain loops, slower than ATen's convolutions: "auto" says why
+    once and takes torch; the cpp backend asked for by name still runs."""
+    require_backend("cpp")
+    info = dict(cpp_backend.build_info(), isa="scalar", lanes=1)
+    monkeypatch.setattr(cpp_backend, "build_info", lambda: info)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert dispatch.resolve("auto", CPU, torch.float32) == "torch"
+        assert dispatch.resolve("auto", CPU, torch.float64) == "torch"
+    notes = [str(w.message) for w in caught if "vector path" in str(w.message)]
+    assert len(notes) == 2 and all("'cpp' skipped" in note and "isa 'scalar'" in note for note in notes), notes
+    assert dispatch.resolve("cpp", CPU, torch.float32) == "cpp"
+
+
+def test_host_isa_is_one_of_the_paths():
+    assert cpp_backend.host_isa() in ("avx512", "avx2", "neon", "scalar", "unknown")
+
+
+def test_isa_variable_is_checked(monkeypatch):
+    monkeypatch.setenv(cpp_backend.ISA_ENV, "sse9")
+    with pytest.raises(ValueError, match="SEPCONV_CPU_ISA must be one of .*got 'sse9'"):
+        cpp_backend.requested_variant()
+
+
+def test_library_built_for_a_later_isa_is_refused(monkeypatch):
+    """A prebuilt AVX-512 library on an AVX2-only CPU would stop on an illegal instruction: load refuses it."""
+    require_backend("cpp")
+    monkeypatch.setattr(cpp_backend, "_loaded", None)
+    monkeypatch.setattr(cpp_backend, "host_isa", lambda: "avx2")
+    monkeypatch.setattr(cpp_backend, "build_info", lambda: {"isa": "avx512"})
+    monkeypatch.setattr(cpp_backend, "_prebuilt", lambda: None)
+    monkeypatch.setattr(cpp_backend, "_jit_build", lambda variant="native": "stub build")
+    with pytest.raises(RuntimeError, match="built for avx512, which this CPU \\(avx2\\) cannot run"):
+        cpp_backend.load()
+
+
+_AVX2_REASON = "the AVX2 build needs an x86-64 CPU with AVX2 and FMA"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(cpp_backend.host_isa() not in ("avx2", "avx512"), reason=_AVX2_REASON)
+def test_avx2_build_passes_the_cpp_grid():
+    """The library held to AVX2+FMA (SEPCONV_CPU_ISA=avx2: its own name and cache, so the default build
+    stays) runs the shared cpp grid and the row-kernel, determinism and work-split tests of test_cpp.py
+    in a fresh interpreter, and reports the avx2 path."""
+    require_backend("cpp")  # the compiler and ninja are there
+    check_isa = ("from kernels import cpp_backend; cpp_backend.load(); "
+                 "assert cpp_backend.build_info()['isa'] == 'avx2', cpp_backend.build_info()")
+    env = dict(os.environ, SEPCONV_CPU_ISA="avx2", PYTHONPATH=str(ROOT), SEPCONV_REQUIRE_BACKENDS="cpp")
+    result = subprocess.run([sys.executable, "-c", check_isa], env=env, cwd=ROOT, capture_output=True, text=True,
+                            timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    cpp_tests = ["test_gradients_bitwise_deterministic", "test_thread_counts_agree", "test_realistic_shapes",
+                 "test_3x3_row_kernel_edges", "test_strided_depth_multiplier_relu", "test_single_image_row_bands",
+                 "test_grad_input_written_everywhere", "test_relu_input_gradient_is_relu_backward",
+                 "test_large_output_forward", "test_two_consumers_accumulate_in_place"]
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
+                             *[f"tests/test_cpp.py::{name}" for name in cpp_tests],
+                             "tests/test_batch_norm.py", "tests/test_pooling.py",
+                             "tests/test_separable_conv.py", "-k", "(cpp and not compile) or test_batch_norm"],
+                            env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+    assert " passed" in result.stdout and " failed" not in result.stdout, result.stdout[-1000:]
+
+
+AARCH64_CXX = "aarch64-linux-gnu-g++"
+
+
+@pytest.mark.skipif(shutil.which(AARCH64_CXX) is None,
+                    reason=f"no aarch64 cross compiler ({AARCH64_CXX}; Debian/Ubuntu: apt-get install g++-aarch64-linux-gnu)")
+def test_neon_path_compiles_for_aarch64():
+    """The C++ sources compile for aarch64 (syntax and template instantiation, no object), and the
+    vector layer takes its NEON path there."""
+    from torch.utils import cpp_extension
+
+    includes = [f"-I{path}" for path in cpp_extension.include_paths()] + [f"-I{cpp_backend.CSRC}"]
+    flags = ["-std=c++20", "-fsyntax-only", "-march=armv8-a", "-fopenmp", "-w"]
+    probe = '#include "vec.h"\n#ifndef SEPCONV_VEC_NEON\n#error no NEON path\n#endif\n' \
+            "static_assert(sepconv::VecF32::kLanes == 4);\n"
+    result = subprocess.run([AARCH64_CXX, *flags, *includes, "-x", "c++", "-"], input=probe, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    result = subprocess.run([AARCH64_CXX, *flags, *includes, str(cpp_backend.CSRC / "sepconv_cpu.cpp")],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_cpp_build_info_is_public():
+    require_backend("cpp")
+    assert kernels.cpp_build_info() == cpp_backend.build_info()
