@@ -13,6 +13,7 @@ at the end of every run). See ``--help`` for every option.
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -61,6 +62,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+# --isa: the environment that holds each library to the ISA. oneDNN and ATen read theirs once, when first
+# used, so a run that needs them re-executes itself with them set.
+ISA_ENVIRONMENTS = {
+    "native": {},
+    "avx2": {"SEPCONV_CPU_ISA": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"},
+}
+
 ALL_PROVIDERS = providers.LAYER_PROVIDERS
 MODEL_PROVIDER_NAMES = tuple(providers.model_providers_for(providers.BACKEND_PROVIDERS
                                                            + tuple(providers.MODE_PROVIDERS)))
@@ -98,6 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--cuda-graphs", action="store_true", help="GPU: time through CUDA graphs")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     parser.add_argument("--no-peak", action="store_true", help="skip measuring the machine peak (no %% of peak)")
+    parser.add_argument("--isa", choices=tuple(ISA_ENVIRONMENTS), default="native",
+                        help="CPU: avx2 holds the cpp library, oneDNN and ATen's kernels to AVX2+FMA (what a CPU "
+                             "without AVX-512 runs), for a like-for-like comparison; rows go to <machine>-avx2.*")
     # Test hooks, hidden from --help.
     parser.add_argument("--interrupt-after", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--tiny-model", action="store_true", help=argparse.SUPPRESS)
@@ -150,6 +161,7 @@ def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
+    from_command_line = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     args.argv = argv
@@ -157,6 +169,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.error(f"--min-time must be >= 0, got {args.min_time}")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: CUDA is not available on this machine")
+    if args.isa != "native":
+        if args.device == "cuda" or (args.device is None and torch.cuda.is_available()):
+            parser.error(f"--isa {args.isa}: a CPU option (add --device cpu)")
+        held = ISA_ENVIRONMENTS[args.isa]
+        missing = {key: value for key, value in held.items() if os.environ.get(key) != value}
+        if missing and not from_command_line:
+            parser.error(f"--isa {args.isa}: set {missing} before the process starts")
+        if missing:
+            os.environ.update(missing)
+            os.execv(sys.executable, [sys.executable, "-m", "benchmarks", *argv])
     args = resolve_defaults(args)
     try:
         set_threads(args.threads)
@@ -190,6 +212,8 @@ def run(args: argparse.Namespace, cases) -> int:
     info = run_info(args.device, argv="python -m benchmarks " + shlex.join(args.argv))
     console.print(f"[bold]Separable-conv benchmark[/bold] on {info.device_name} ({args.device}), "
                   f"{info.threads} torch threads, torch {info.torch_version}, run {info.run_id}")
+    if args.device == "cpu":
+        console.print(f"ISA: cpp library {info.cpp_isa}, oneDNN {info.onednn_isa}, ATen {info.aten_cpu_capability}")
     if args.quick_skips:
         console.print(f"--quick leaves out: {'; '.join(args.quick_skips)} (use --full).")
     if args.device == "cuda":
@@ -212,7 +236,7 @@ def run(args: argparse.Namespace, cases) -> int:
             measure_peaks(info, {d: DTYPES[d] for d in args.dtypes}, peak_policy, small=args.tiny_model)
         console.print(f"peak: {info.peak_gflops} GFLOP/s, {info.peak_gbps} GB/s  {info.peak_detail}")
 
-    slug = device_slug(args.device)
+    slug = device_slug(args.device) + ("" if args.isa == "native" else f"-{args.isa}")
     out = Path(args.out)
     jsonl_path, md_path = out / f"{slug}.jsonl", out / f"{slug}.md"
     # The targets are for the cpp backend on CPU; GPU runs report throughput and % of peak only.

@@ -10,10 +10,12 @@ tensor copy (bytes read + bytes written).
 from __future__ import annotations
 
 import datetime
+import functools
 import os
 import platform
 import re
 import subprocess
+import sys
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -125,6 +127,13 @@ class RunInfo:
     gpu_capability: Optional[str] = None
     cudnn_allow_tf32: Optional[bool] = None
     matmul_allow_tf32: Optional[bool] = None
+    # CPU runs: the vector path the cpp backend's library runs ("avx512", "avx2", "neon", "scalar") and
+    # the blocking it chose from the caches (kernels.cpp_build_info), and the ISA the eager baseline
+    # runs: oneDNN's (its convolutions) and ATen's own kernels'. --isa avx2 holds all three to AVX2.
+    cpp_isa: Optional[str] = None
+    cpp_build: Dict[str, object] = field(default_factory=dict)
+    onednn_isa: Optional[str] = None
+    aten_cpu_capability: Optional[str] = None
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -147,8 +156,36 @@ def run_info(device: str, argv: str = "") -> RunInfo:
         argv=argv,
         load_average=round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
         transparent_hugepage=transparent_hugepage_mode(),
-        **(cuda_settings() if device == "cuda" else {}),
+        **(cuda_settings() if device == "cuda" else cpu_settings()),
     )
+
+
+def cpu_settings() -> Dict[str, object]:
+    """The ISAs a CPU run measures (``RunInfo`` fields): the cpp library's path and blocking (loading
+    it, which may build it), oneDNN's and ATen's."""
+    import kernels
+
+    build = kernels.cpp_build_info() or {}
+    return dict(cpp_isa=build.get("isa"), cpp_build=dict(build), onednn_isa=onednn_isa(),
+                aten_cpu_capability=torch.backends.cpu.get_cpu_capability())
+
+
+@functools.lru_cache(maxsize=1)
+def onednn_isa() -> Optional[str]:
+    """The ISA oneDNN runs in this environment (it honours ONEDNN_MAX_CPU_ISA), from its verbose
+    header in a fresh interpreter (oneDNN prints it once per process; ATen sends a convolution this
+    size to it); None when it says nothing."""
+    probe = ("import torch\n"
+             "x = torch.randn(2, 64, 32, 32).contiguous(memory_format=torch.channels_last)\n"
+             "w = torch.randn(64, 64, 3, 3).contiguous(memory_format=torch.channels_last)\n"
+             "with torch.backends.mkldnn.verbose(torch.backends.mkldnn.VERBOSE_ON):\n"
+             "    torch.nn.functional.conv2d(x, w)\n")
+    try:
+        output = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    match = re.search(r"cpu,isa:(.+)", output)
+    return match.group(1).strip() if match else None
 
 
 def cuda_settings() -> Dict[str, object]:

@@ -1,0 +1,58 @@
+"""The benchmark records which ISA each side runs (the cpp library's vector path, oneDNN's, ATen's) and
+``--isa avx2`` holds all three to AVX2 for a like-for-like comparison on an AVX-512 machine."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks.__main__ import main
+from benchmarks.machine import device_slug, run_info
+from benchmarks.results import read_rows
+from conftest import require_backend
+from kernels import cpp_backend
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_cpu_run_metadata_names_the_isas():
+    require_backend("cpp")
+    info = run_info("cpu")
+    assert info.cpp_isa == cpp_backend.build_info()["isa"] and info.cpp_build == cpp_backend.build_info()
+    assert info.onednn_isa, "oneDNN's verbose header named no ISA"
+    assert info.aten_cpu_capability
+
+
+def test_isa_flag_from_python_needs_the_environment_set(monkeypatch, capsys):
+    """Called as a function (not the command line) main cannot re-execute itself: it says what to set."""
+    for key in ("SEPCONV_CPU_ISA", "ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY"):
+        monkeypatch.delenv(key, raising=False)
+    with pytest.raises(SystemExit):
+        main(["--isa", "avx2", "--device", "cpu", "--suite", "smoke"])
+    assert "ONEDNN_MAX_CPU_ISA" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(cpp_backend.host_isa() not in ("avx2", "avx512"),
+                    reason="--isa avx2 needs an x86-64 CPU with AVX2 and FMA")
+def test_isa_avx2_run_holds_every_side_to_avx2(tmp_path):
+    """``python -m benchmarks --isa avx2`` re-executes itself with the three variables set; its rows say
+    cpp avx2 and oneDNN AVX2 and go to <machine>-avx2.jsonl, beside the default run's file."""
+    require_backend("cpp")
+    env = {key: value for key, value in os.environ.items()
+           if key not in ("SEPCONV_CPU_ISA", "ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY")}
+    result = subprocess.run([sys.executable, "-m", "benchmarks", "--isa", "avx2", "--suite", "smoke", "--batch", "2",
+                             "--modes", "fwd", "--repeats", "1", "--min-time", "0", "--device", "cpu", "--no-peak",
+                             "--no-memory", "--out", str(tmp_path)],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    rows = list(read_rows(tmp_path / f"{device_slug('cpu')}-avx2.jsonl"))
+    assert rows and not (tmp_path / f"{device_slug('cpu')}.jsonl").exists()
+    for row in rows:
+        assert row["run"]["cpp_isa"] == "avx2" and row["run"]["cpp_build"]["lanes"] == 8
+        assert "AVX2" in row["run"]["onednn_isa"] and "512" not in row["run"]["onednn_isa"]
+        assert row["run"]["aten_cpu_capability"] == "AVX2"
