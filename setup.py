@@ -4,6 +4,11 @@
 kernels ahead of time into ``kernels/_sepconv_cpp*.so`` (this imports torch, hence no
 build isolation); ``kernels.cpp_backend.load()`` then uses that library instead of
 compiling on first use. Without the switch nothing is compiled here.
+
+The library is built for this machine's CPU (``-march=native``: its best vector path,
+AVX-512, AVX2+FMA or NEON). ``SEPCONV_EXTRA_CFLAGS`` adds flags, as for the build on
+first use: ``SEPCONV_EXTRA_CFLAGS=-march=x86-64-v3`` builds the AVX2 path for any x86-64
+CPU with AVX2 and FMA. A library built for an ISA the CPU lacks is refused when loaded.
 """
 
 import os
@@ -16,7 +21,7 @@ def _extensions():
         return {}
     from torch.utils.cpp_extension import BuildExtension, CppExtension
 
-    flags = ["-O3", "-march=native", "-fopenmp"]
+    flags = ["-O3", "-march=native", "-fopenmp"] + os.environ.get("SEPCONV_EXTRA_CFLAGS", "").split()
     extension = CppExtension(
         "kernels._sepconv_cpp",
         ["kernels/csrc/sepconv_cpu.cpp"],
