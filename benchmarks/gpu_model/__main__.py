@@ -165,6 +165,7 @@ def main(argv=None) -> int:
     parser.add_argument("--with-backward", action="store_true", help="--validate the layers' fwd+bwd rows too")
     parser.add_argument("--rows", type=Path, help="write predicted rows (provider *-predicted) to this JSONL file")
     parser.add_argument("--check", action="store_true", help="structural checks at every Xception layer")
+    parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="compile processes for --check")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         parser.error("unset TRITON_INTERPRET: the model compiles the kernels for a GPU")
@@ -190,7 +191,8 @@ def main(argv=None) -> int:
         from . import checks
 
         findings = checks.run_checks(args.layers, args.dtypes, args.modes, ("fwd", "bwd"), args.batch,
-                                     args.capability, progress=lambda text: print(text, flush=True))
+                                     args.capability, progress=lambda text: print(text, flush=True),
+                                     jobs=args.jobs)
         for finding in findings:
             print(f"FAIL {finding}")
         print(f"{len(findings)} problems found")

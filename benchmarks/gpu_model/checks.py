@@ -63,21 +63,44 @@ def check_report(report: layers.KernelReport, shape: Shape) -> List[str]:
     return problems
 
 
+def _check_layer(shape: Shape, dtype: str, modes: tuple, directions: tuple, batch: int,
+                 capability: int) -> tuple:
+    findings, lines = [], []
+    for mode in modes:
+        for direction in directions:
+            op = layers.op_report(shape, batch, dtype, mode, direction, capability)
+            for configs in op.kernels:
+                for report in configs:
+                    for problem in check_report(report, shape):
+                        findings.append(Finding(report.kernel, report.config, shape.name, dtype, mode,
+                                                direction, problem))
+            lines.append(f"{shape.name} {dtype} {mode} {direction}: "
+                         f"{sum(len(c) for c in op.kernels)} kernel configs checked")
+    return findings, lines
+
+
 def run_checks(shapes: Sequence[Shape] = XCEPTION_LAYERS, dtypes: Iterable[str] = ("bf16", "fp32"),
                modes: Iterable[str] = layers.MODES, directions: Iterable[str] = ("fwd", "bwd"),
-               batch: int = 32, capability: int = 90, progress: Optional[callable] = None) -> List[Finding]:
+               batch: int = 32, capability: int = 90, progress: Optional[callable] = None,
+               jobs: int = 1) -> List[Finding]:
+    """Check every layer and dtype, ``jobs`` processes at a time (compiling is CPU-bound)."""
+    work = [(shape, dtype, tuple(modes), tuple(directions), batch, capability) for shape in shapes
+            for dtype in dtypes]
     findings: List[Finding] = []
-    for shape in shapes:
-        for dtype in dtypes:
-            for mode in modes:
-                for direction in directions:
-                    op = layers.op_report(shape, batch, dtype, mode, direction, capability)
-                    for configs in op.kernels:
-                        for report in configs:
-                            for problem in check_report(report, shape):
-                                findings.append(Finding(report.kernel, report.config, shape.name, dtype, mode,
-                                                        direction, problem))
-                    if progress:
-                        progress(f"{shape.name} {dtype} {mode} {direction}: {sum(len(c) for c in op.kernels)} "
-                                 "kernel configs checked")
+    if jobs <= 1:
+        results = (_check_layer(*item) for item in work)
+        for found, lines in results:
+            findings += found
+            for line in lines:
+                if progress:
+                    progress(line)
+        return findings
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(max_workers=jobs) as pool:
+        for found, lines in pool.map(_check_layer, *zip(*work)):
+            findings += found
+            for line in lines:
+                if progress:
+                    progress(line)
     return findings

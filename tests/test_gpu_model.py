@@ -1,0 +1,225 @@
+"""The static GPU model (``benchmarks.gpu_model``): its parsers on small known inputs, and the real kernels.
+
+The unit tests feed hand-written SASS, TTIR and TTGIR with known answers. The
+compile tests run in a child process (the test session runs Triton's
+interpreter, which cannot compile for a GPU) and need the ``nvdisasm`` and
+``ptxas`` that Triton's NVIDIA backend bundles; without them they skip, saying so.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks.gpu_model import banks, model, sass, ttir, validate
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# ---- SASS parsing -------------------------------------------------------------------------------
+
+# Two instructions with hand-set control words: stall 2 / yield (a plain add), and an LDG that sets
+# scoreboard 2; then a loop closed by a backward branch whose body waits on scoreboard 2.
+_SASS = """
+        /*0000*/                   IADD3 R1, R1, 0x1, RZ ;                          /* 0x0000000101017810 */
+                                                                                     /* 0x000fe40007ffe0ff */
+.L_x_0:
+        /*0010*/               @P0 LDG.E.128 R4, desc[UR4][R2.64] ;                 /* 0x0000000402040981 */
+                                                                                     /* 0x0000a2000c1e1d00 */
+        /*0020*/                   FFMA R8, R4, R5, R8 ;                            /* 0x0000000504087223 */
+                                                                                     /* 0x004fe20000000008 */
+        /*0030*/                   LDG.E.U16 R9, desc[UR4][R2.64] ;                 /* 0x0000000402097981 */
+                                                                                     /* 0x000f22000c1e1500 */
+        /*0040*/               @P1 BRA `(.L_x_0) ;                                 /* 0xfffffffc00e41947 */
+                                                                                     /* 0x000fea000383ffff */
+        /*0050*/                   EXIT ;                                           /* 0x000000000000794d */
+                                                                                     /* 0x000fea0003800000 */
+.L_x_1:
+        /*0060*/                   BRA `(.L_x_1);                                  /* 0xfffffffc00fc7947 */
+                                                                                     /* 0x000fc0000383ffff */
+"""
+
+
+def test_sass_control_bits_loops_and_classes():
+    code = sass.parse(_SASS)
+    assert [i.opcode for i in code.instructions] == ["IADD3", "LDG.E.128", "FFMA", "LDG.E.U16", "BRA", "EXIT", "BRA"]
+    add, wide, ffma, narrow = code.instructions[:4]
+    assert (add.stall, add.write_barrier, add.wait_mask) == (2, None, 0)
+    assert wide.write_barrier == 2 and ffma.wait_mask == 0b100   # the FFMA waits for the LDG's scoreboard
+    assert [i.klass for i in (add, wide, ffma)] == ["int", "ldg", "ffma"]
+    assert (wide.access_bytes(), narrow.access_bytes()) == (16, 2)
+    # One loop (0x10-0x40); the branch to itself after EXIT is the trap, not a loop.
+    assert [(loop.start, loop.end) for loop in code.loops] == [(0x10, 0x40)]
+    assert [i.address for i in code.loops[0].instructions] == [0x10, 0x20, 0x30, 0x40]
+    assert sass.global_loads_by_width(code.instructions) == {2: 1, 16: 1}
+
+
+def test_latency_chain_counts_a_waited_load():
+    code = sass.parse(_SASS)
+    body = code.loops[0].instructions
+    # Replayed twice: the FFMA waits for the LDG of its own pass, a global round trip each pass.
+    chain = model.latency_chain(body, True, model.BodyCost())
+    assert model.const("global_latency") < chain < model.const("global_latency") + 50
+    no_wait = [i for i in body if i.mnemonic != "FFMA"]
+    assert model.latency_chain(no_wait, True, model.BodyCost()) < 20
+
+
+# ---- TTIR trip counts ---------------------------------------------------------------------------
+
+_TTIR = """
+module {
+  tt.func public @k(%x_ptr: !tt.ptr<bf16>, %C_HID: i32 loc("C_HID"(#loc)), %P: i32) attributes {noinline = false} {
+    %c0_i32 = arith.constant 0 : i32
+    %c32_i32 = arith.constant 32 : i32
+    %c9_i32 = arith.constant 9 : i32
+    %c1_i32 = arith.constant 1 : i32
+    %pid = tt.get_program_id x : i32
+    %0 = arith.muli %pid, %c32_i32 : i32
+    %1 = arith.addi %0, %c32_i32 : i32
+    %2 = arith.minsi %1, %P : i32
+    %a = scf.for %k0 = %c0_i32 to %C_HID step %c32_i32 iter_args(%x = %c0_i32) -> (i32)  : i32 {
+      %b = scf.for %tap = %c0_i32 to %c9_i32 step %c1_i32 iter_args(%y = %x) -> (i32)  : i32 {
+        scf.yield %y : i32
+      }
+      scf.yield %b : i32
+    }
+    %c = scf.for %p = %0 to %2 step %c1_i32 iter_args(%z = %c0_i32) -> (i32)  : i32 {
+      scf.yield %z : i32
+    }
+    tt.return
+  }
+}
+"""
+
+
+def test_ttir_trip_counts_from_arguments_and_program_ids():
+    roots = ttir.trip_counts(_TTIR, {"C_HID": 728, "P": 80}, (3,))
+    outer, tail = roots
+    assert (outer.trips, outer.static) == (23, False)            # cdiv(728, 32)
+    assert (outer.children[0].trips, outer.children[0].static) == (9, True)
+    # Programs 0, 1, 2 cover [0, 32), [32, 64), [64, 80): mean 80 / 3 trips.
+    assert tail.trips == pytest.approx(80 / 3)
+
+
+def test_loop_matching_drops_unrolled_static_loops():
+    roots = ttir.trip_counts(_TTIR, {"C_HID": 728, "P": 80}, (3,))
+    code = sass.parse(_SASS)      # one SASS loop: cannot stand for two top-level IR loops
+    assert model.executions_by_loop(code, roots) is None
+    code.loops = code.loops[:1]
+    only_outer = [roots[0]]       # the tap loop was unrolled: one SASS loop for the k0 loop
+    assert model.executions_by_loop(code, only_outer) == {0x10: 23}
+
+
+# ---- bank conflicts -----------------------------------------------------------------------------
+
+_TTGIR = """#blocked = #ttg.blocked<{sizePerThread = [4, 4], threadsPerWarp = [1, 32], warpsPerCTA = [8, 1], order = [1, 0]}>
+#shared = #ttg.swizzled_shared<{vec = 1, perPhase = 1, maxPhase = 1, order = [0, 1]}>
+#shared1 = #ttg.swizzled_shared<{vec = 1, perPhase = 1, maxPhase = 1, order = [1, 0]}>
+    %b = ttg.local_load %wt : !ttg.memdesc<16x128xf32, {B}, #smem> -> tensor<16x128xf32, #ttg.dot_op<{opIdx = 1, parent = #blocked}>>
+"""
+
+
+def test_bank_conflicts_of_an_fma_dot_operand():
+    # B (K x N) stored with K contiguous: lane l reads column 4l + r, 16 words apart -> all in one bank
+    # group: 8 wavefronts per phase of 8 lanes instead of 1.
+    assert banks.conflicts(_TTGIR.replace("{B}", "#shared")).read == pytest.approx(8.0)
+    # The same operand stored with N contiguous: each lane reads 4 consecutive words, no conflict.
+    assert banks.conflicts(_TTGIR.replace("{B}", "#shared1")).read == pytest.approx(1.0)
+
+
+def test_occupancy_limits():
+    assert model.occupancy(255, 0, 8).ctas_per_sm == 1          # 255 registers x 256 threads
+    assert model.occupancy(64, 0, 4) == model.Occupancy(8, "registers")
+    assert model.occupancy(32, 200_000, 4) == model.Occupancy(1, "shared memory")
+
+
+def test_spearman():
+    assert validate.spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert validate.spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    assert validate.spearman([1, 1, 2], [5, 5, 6]) == pytest.approx(1.0)
+
+
+# ---- the real kernels, compiled for sm_90 -------------------------------------------------------
+
+def _tools_missing():
+    missing = [name for name in ("nvdisasm", "ptxas", "cuobjdump") if sass.tool(name) is None]
+    return f"Triton's bundled {', '.join(missing)} not found" if missing else None
+
+
+needs_tools = pytest.mark.skipif(_tools_missing() is not None, reason=str(_tools_missing()))
+
+
+def _child(code: str, *args: str, pythonpath: str = str(ROOT), timeout: int = 900) -> str:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = pythonpath
+    done = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env,
+                          cwd=ROOT, timeout=timeout)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+_DIAGNOSIS = """
+import json
+from benchmarks.cases import XCEPTION_LAYERS
+from benchmarks.gpu_model import launches, layers
+shape = [s for s in XCEPTION_LAYERS if s.name == "728->728@19"][0]
+rec = layers.record(shape, 32, "bf16", "fused", "fwd")
+report = layers.analyse(rec.kernels[0], launches.parse_config("BLOCK_P=64,BLOCK_CO=256,BLOCK_K=32,warps=8,stages=2"))
+loads = [i.access_bytes() for loop in report.sass.all_loops() for i in loop.instructions if i.klass == "ldg"]
+print(json.dumps(dict(census=report.dynamic_census(), loads=loads, error=report.error,
+                      registers=report.prediction.registers, ms=report.prediction.seconds * 1e3)))
+"""
+
+
+@needs_tools
+@pytest.mark.slow
+def test_report_reproduces_the_h200_diagnosis(tmp_path):
+    """The forward as the H200 timed it (its commit's kernels): scalar 16-bit loads, index math, ~0.1% MMA."""
+    record = next(r for r in validate.RECORDS if r.kind == "sweep")
+    tree = validate.extract_kernels(record.commit, tmp_path)
+    out = json.loads(_child(_DIAGNOSIS, pythonpath=os.pathsep.join([str(tree), str(ROOT)])).splitlines()[-1])
+    census = out["census"]
+    total = sum(census.values())
+    assert out["error"] == ""
+    assert out["loads"] and set(out["loads"]) == {2}                     # every global load in a loop: 16-bit
+    assert census["tensor"] / total < 0.005                              # tensor cores: well under 1%
+    assert (census["int"] + census["imad"]) / total > 0.5                # index and address math dominate
+    assert out["registers"] >= 240                                       # near the 255 limit
+
+
+@needs_tools
+def test_model_predicts_every_current_kernel_at_one_layer():
+    """Both modes, forward and backward, at 128->256@74 bf16: every launch compiles, its loops match the IR."""
+    code = """
+import json
+from benchmarks.cases import XCEPTION_LAYERS
+from benchmarks.gpu_model import layers
+shape = [s for s in XCEPTION_LAYERS if s.name == "128->256@74"][0]
+out = []
+for mode in layers.MODES:
+    for direction in ("fwd", "bwd"):
+        op = layers.op_report(shape, 32, "bf16", mode, direction)
+        out.append(dict(mode=mode, direction=direction, seconds=op.seconds,
+                        errors=[r.error for configs in op.kernels for r in configs if r.prediction is None]))
+print(json.dumps(out))
+"""
+    rows = json.loads(_child(code).splitlines()[-1])
+    assert len(rows) == 4
+    for row in rows:
+        assert row["errors"] == [], row
+        assert row["seconds"] and 1e-6 < row["seconds"] < 1.0, row
+
+
+@needs_tools
+def test_structural_checks_at_every_xception_layer():
+    """No spills, no scalar 16-bit loads in loops where channels allow 128-bit ones, >= 1 program per SM."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-m", "benchmarks.gpu_model", "--check", "--layers", "all",
+                           "--dtypes", "bf16,fp32", "--modes", "fused,split"],
+                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=1800)
+    failures = [line for line in done.stdout.splitlines() if line.startswith("FAIL")]
+    assert done.returncode == 0 and not failures, "\n".join(failures[:40]) or done.stderr[-3000:]
