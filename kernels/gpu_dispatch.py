@@ -20,6 +20,7 @@ functions here, so tests can stand in for a GPU.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -313,15 +314,17 @@ def tuned(device: torch.device, dtype: torch.dtype, layer: Layer, candidates: Se
         return choice
     timer = _timer or cuda_event_timer
     times: Dict[str, object] = {}
-    for name in candidates:
-        try:
-            times[name] = float(timer(name, candidate_call(name, device, dtype, layer)))
-        except Exception as error:  # noqa: BLE001 - a candidate that fails here is not chosen
-            if name == "torch":
-                raise
-            times[name] = f"{type(error).__name__}: {error}"[:300]
-            warnings.warn(f"separable_conv2d tuner: {name} could not run {describe(layer, dtype)}: {times[name]}",
-                          RuntimeWarning, stacklevel=2)
+    # The CUDA events and synchronisations of the timer act on the current device: make it the layer's.
+    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+        for name in candidates:
+            try:
+                times[name] = float(timer(name, candidate_call(name, device, dtype, layer)))
+            except Exception as error:  # noqa: BLE001 - a candidate that fails here is not chosen
+                if name == "torch":
+                    raise
+                times[name] = f"{type(error).__name__}: {error}"[:300]
+                warnings.warn(f"separable_conv2d tuner: {name} could not run {describe(layer, dtype)}: "
+                              f"{times[name]}", RuntimeWarning, stacklevel=2)
     measured = {name: ms for name, ms in times.items() if isinstance(ms, float)}
     choice = min(measured, key=lambda name: (measured[name], candidates.index(name)))
     _tuned[key] = choice
