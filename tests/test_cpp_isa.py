@@ -1,10 +1,12 @@
 """The C++ backend's vector paths: what the loaded build reports, what "auto" does with a build that has
-no vector path, the AVX2 build (the path of x86 CPUs without AVX-512) on the cpp correctness grid, and
-the NEON path compiled with an aarch64 cross compiler."""
+no vector path, the AVX2 build (the path of x86 CPUs without AVX-512) on the cpp correctness grid, the
+vector layer and micro-kernel of every path against a float64 sum (tests/csrc/vec_check.cpp; NEON
+cross-compiled and run under qemu-user), and the whole library compiled for aarch64."""
 
 from __future__ import annotations
 
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -139,10 +141,41 @@ def test_avx2_build_passes_the_cpp_grid():
 
 
 AARCH64_CXX = "aarch64-linux-gnu-g++"
+HOST_CXX = os.environ.get("CXX", "c++")
+X86 = platform.machine().lower() in ("x86_64", "amd64")
+_NO_CROSS = f"no aarch64 cross compiler ({AARCH64_CXX}; Debian/Ubuntu: apt-get install g++-aarch64-linux-gnu)"
+
+# path -> (compiler, flags, how to run the program, the path it must report, why it cannot run here)
+VEC_CHECK_BUILDS = {
+    "native": (HOST_CXX, ["-march=native"], [], cpp_backend.host_isa(),
+               None if shutil.which(HOST_CXX) else f"no C++ compiler ({HOST_CXX})"),
+    "avx2": (HOST_CXX, ["-march=native", "-mno-avx512f"], [], "avx2",
+             None if cpp_backend.host_isa() in ("avx2", "avx512") else "needs an x86-64 CPU with AVX2 and FMA"),
+    "scalar": (HOST_CXX, ["-march=x86-64"], [], "scalar", None if X86 else "x86-64 only (the baseline ISA)"),
+    "neon": (AARCH64_CXX, ["-march=armv8-a", "-static"], ["qemu-aarch64"], "neon",
+             _NO_CROSS if shutil.which(AARCH64_CXX) is None
+             else "no qemu-user (apt-get install qemu-user) to run an aarch64 program" if shutil.which("qemu-aarch64")
+             is None else None),
+}
 
 
-@pytest.mark.skipif(shutil.which(AARCH64_CXX) is None,
-                    reason=f"no aarch64 cross compiler ({AARCH64_CXX}; Debian/Ubuntu: apt-get install g++-aarch64-linux-gnu)")
+@pytest.mark.parametrize("path", list(VEC_CHECK_BUILDS))
+def test_vector_layer_and_micro_kernel(path, tmp_path):
+    """Each path's micro-kernel (every row count, partial panels, both A layouts, init, accumulate) against
+    a float64 sum, nothing written outside its tile; the transpose, masked loads/stores and ReLU's NaN."""
+    compiler, flags, runner, expected, unavailable = VEC_CHECK_BUILDS[path]
+    if unavailable:
+        pytest.skip(unavailable)
+    program = tmp_path / "vec_check"
+    build = subprocess.run([compiler, "-std=c++20", "-O2", *flags, f"-I{cpp_backend.CSRC}",
+                            str(ROOT / "tests" / "csrc" / "vec_check.cpp"), "-o", str(program)],
+                           capture_output=True, text=True, timeout=300)
+    assert build.returncode == 0, build.stderr[-3000:]
+    result = subprocess.run([*runner, str(program)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and result.stdout.strip().endswith(f"{expected} ok"), result.stdout[-3000:]
+
+
+@pytest.mark.skipif(shutil.which(AARCH64_CXX) is None, reason=_NO_CROSS)
 def test_neon_path_compiles_for_aarch64():
     """The C++ sources compile for aarch64 (syntax and template instantiation, no object), and the
     vector layer takes its NEON path there."""

@@ -1,0 +1,101 @@
+// Stand-alone check of the vector layer and the GEMM micro-kernel (no torch needed), built by
+// tests/test_cpp_isa.py for each path it can run: the host's (-march=native), AVX2 (-mno-avx512f),
+// and aarch64 NEON (cross-compiled, run under qemu-user). Prints the path and "ok", or the first
+// mismatch, and exits non-zero on any.
+#include <cmath>
+#include <cstdio>
+#include <vector>
+
+#include "microkernel.h"
+
+namespace {
+
+int failures = 0;
+
+void expect(bool condition, const char* what, int a, int b, int c) {
+  if (!condition && failures++ < 5) std::printf("FAIL %s (%d, %d, %d)\n", what, a, b, c);
+}
+
+float value(int i) { return float((i * 37 % 101) - 50) / 16.0f; }
+
+// Every row count, column count of a panel, both A layouts, with and without init and accumulate.
+void check_micro() {
+  using namespace sepconv;
+  const int K = 37;
+  for (int mr = 1; mr <= kRows; ++mr) {
+    for (int nr : {1, 3, 4, 7, 8, 9, 15, 16, 17, 24, 31, 32}) {
+      for (int variant = 0; variant < 8; ++variant) {
+        const bool transposed = variant & 1, accumulate = variant & 2, with_init = variant & 4;
+        const int64_t lda = transposed ? kRows + 3 : K + 5, ldb = kCols + 8, ldc = kCols + 4;
+        std::vector<float> a(size_t(lda * (transposed ? K : kRows))), b(size_t(K * ldb)), c(size_t(kRows * ldc));
+        std::vector<float> init(kCols);
+        for (size_t i = 0; i < a.size(); ++i) a[i] = value(int(i));
+        for (size_t i = 0; i < b.size(); ++i) b[i] = value(int(i) + 11);
+        for (size_t i = 0; i < c.size(); ++i) c[i] = value(int(i) + 23);
+        for (int j = 0; j < kCols; ++j) init[j] = value(j + 5);
+        const std::vector<float> before = c;
+        MicroArgs args{K, transposed ? 1 : lda, transposed ? lda : 1, ldb, ldc, nr, accumulate};
+        micro<float>(mr, a.data(), b.data(), c.data(), with_init ? init.data() : nullptr, args);
+        for (int r = 0; r < kRows; ++r) {
+          for (int j = 0; j < ldc; ++j) {
+            const float got = c[size_t(r * ldc + j)], old = before[size_t(r * ldc + j)];
+            if (r >= mr || j >= nr) {  // outside the tile: untouched
+              expect(got == old, "micro wrote outside its tile", mr, nr, variant);
+              continue;
+            }
+            double want = 0;
+            for (int k = 0; k < K; ++k) want += double(a[size_t(r * args.a_rs + k * args.a_ks)]) * b[size_t(k * ldb + j)];
+            if (with_init) want += init[j];
+            if (accumulate) want += old;
+            expect(std::fabs(got - want) <= 1e-4 * (1 + std::fabs(want)), "micro value", mr, nr, variant);
+          }
+        }
+      }
+    }
+  }
+}
+
+#if defined(SEPCONV_HAS_VEC)
+void check_vector_layer() {
+  using V = sepconv::VecF32;
+  constexpr int L = V::kLanes;
+  float in[L * L], out[L * L];
+  for (int i = 0; i < L * L; ++i) in[i] = float(i);
+  V::Reg rows[L];
+  for (int i = 0; i < L; ++i) rows[i] = V::load(in + i * L);
+  V::transpose(rows);
+  for (int i = 0; i < L; ++i) V::store(out + i * L, rows[i]);
+  for (int i = 0; i < L; ++i) {
+    for (int j = 0; j < L; ++j) expect(out[i * L + j] == in[j * L + i], "transpose", i, j, 0);
+  }
+  for (int left = -1; left <= L + 1; ++left) {  // masked loads read, and masked stores write, [0, left) only
+    float dst[L], src[L];
+    for (int i = 0; i < L; ++i) {
+      dst[i] = -1.0f;
+      src[i] = float(i + 1);
+    }
+    const V::Mask m = V::mask(left);
+    V::store(dst, m, V::add(V::load(m, src), V::set1(0.5f)));
+    for (int i = 0; i < L; ++i) {
+      expect(dst[i] == (i < left ? src[i] + 0.5f : -1.0f), "masked load/store", left, i, 0);
+    }
+  }
+  const float nan = std::nanf("");
+  float relu_in[L], relu_out[L];
+  for (int i = 0; i < L; ++i) relu_in[i] = i == 0 ? nan : float(i % 3) - 1.0f;
+  V::store(relu_out, V::max(V::zero(), V::load(relu_in)));  // the kernels' ReLU keeps NaN, as F.relu
+  expect(std::isnan(relu_out[0]), "relu keeps NaN", 0, 0, 0);
+  for (int i = 1; i < L; ++i) expect(relu_out[i] == std::fmax(relu_in[i], 0.0f), "relu", i, 0, 0);
+}
+#endif
+
+}  // namespace
+
+int main() {
+  check_micro();
+#if defined(SEPCONV_HAS_VEC)
+  check_vector_layer();
+#endif
+  std::printf("%s %s\n", sepconv::kIsa, failures ? "FAILED" : "ok");
+  return failures ? 1 : 0;
+}
