@@ -17,7 +17,7 @@ import torch
 
 import kernels
 from conftest import device_for, require_backend
-from test_separable_conv import make_case, to_layout
+from test_separable_conv import check, make_case, to_layout
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -67,6 +67,7 @@ def _gpu_tables():
 
     return {
         "forward": (forward.forward_autotuned, forward.GPU_CONFIGS),
+        "narrow_forward": (forward.narrow_autotuned, forward.NARROW_CONFIGS),
         "grad_hidden": (backward.grad_hidden_autotuned, backward.GRAD_HIDDEN_CONFIGS_GPU),
         "grad_input": (backward.grad_input_autotuned, backward.GRAD_INPUT_CONFIGS_GPU),
         "grad_pointwise": (backward.grad_pointwise_autotuned, backward.GRAD_POINTWISE_CONFIGS_GPU),
@@ -75,11 +76,14 @@ def _gpu_tables():
 
 @pytest.mark.parametrize("index", [0, 1, 2])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("kernel", ["forward", "grad_hidden", "grad_input", "grad_pointwise"])
+@pytest.mark.parametrize("kernel", ["forward", "narrow_forward", "grad_hidden", "grad_input", "grad_pointwise"])
 def test_every_gpu_config(monkeypatch, kernel, dtype, index):
     """Each GPU tile config of each kernel, pinned, gives the right result (the interpreter runs them too)."""
     device = require_backend("triton", dtype)
     from kernels.triton import forward
+
+    if kernel == "forward":  # the test's layer is narrow: make it take the wide-layer kernel
+        monkeypatch.setattr(forward, "NARROW_MAX_CHANNELS", 0)
 
     autotuned, gpu_configs = _gpu_tables()[kernel]
     family = forward.family(dtype)
@@ -97,6 +101,7 @@ def test_unrolled_taps(monkeypatch, dtype):
 
     from kernels.triton import backward, forward
 
+    monkeypatch.setattr(forward, "NARROW_MAX_CHANNELS", 0)  # the test's layer is narrow; UNROLL_TAPS is the wide kernel's
     family = forward.family(dtype)
     for tuner in (forward.forward_autotuned[family], backward.grad_pointwise_autotuned[family]):
         first = tuner.configs[0]
@@ -104,6 +109,29 @@ def test_unrolled_taps(monkeypatch, dtype):
                                  num_stages=first.num_stages)
         monkeypatch.setitem(forward.forced_configs, tuner.fn, unrolled)
     _check_pinned(dtype, device)
+
+
+@pytest.mark.parametrize("stride,padding,dilation,multiplier", [
+    (1, 1, 1, 1), (2, 1, 1, 1), (1, "same", 2, 2), ((2, 1), 0, (1, 2), 1)], ids=str)
+@pytest.mark.parametrize("layout", ["channels_last", "contiguous"])
+def test_narrow_forward(monkeypatch, layout, stride, padding, dilation, multiplier):
+    """The narrow-layer kernel: several pixel tiles a persistent program, output channels masked past C_out,
+    and with channels_last 128-bit vectors (ALIGN = 8)."""
+    device = require_backend("triton")
+    from kernels.triton import forward
+
+    aligns = []
+    real = forward.narrow_launch
+
+    def spy(*args, **kwargs):
+        result = real(*args, **kwargs)
+        aligns.append(result[-1]["ALIGN"])
+        return result
+
+    monkeypatch.setattr(forward, "narrow_launch", spy)
+    case = make_case(2, 16, 9, 11, (3, 3), multiplier, 40, True, torch.float32, device)
+    check("triton", *case, stride, padding, dilation, relu_input=True, layout=layout)
+    assert aligns == [8 if layout == "channels_last" else 1]
 
 
 def _check_pinned(dtype, device):
@@ -233,12 +261,13 @@ def test_aot_compiles_without_spills(tmp_path):
     from kernels.triton import aot_report
 
     specs = aot_report.kernel_specs()
-    expected = 2 * sum(len(spec["configs"][kind]) * (len(aot_report.LAYERS) if "launch" in spec else 1)
-                       for spec in specs.values() for kind in ("16bit", "fp32"))
+    expected = sum(len(spec["configs"][kind]) * len(aot_report.layers_of(spec)) * len(spec.get("targets", (80, 90)))
+                   for spec in specs.values() for kind in ("16bit", "fp32"))
     assert len(rows) == expected
     assert {r["kernel"] for r in rows} == set(specs)
     assert {r["target"] for r in rows} == {"sm_80", "sm_90"}
     assert {r["layer"] for r in rows if r["kernel"] == "depthwise"} == {"728->728@19", "128->256@74"}
+    assert {r["layer"] for r in rows if r["kernel"] == "narrow_forward"} == {"128->256@74", "64->128@147"}
     for row in rows:
         where = f"{row['kernel']} [{row['config']}] {row['dtype']} {row['target']} {row['layer']}"
         assert not row["error"], f"{where}: {row['error']}"

@@ -38,6 +38,7 @@ from typing import Dict, List, Optional, Sequence
 KERNEL_SIZE = (3, 3)
 # Layers (C_in, C_out, H = W) that launch builders compile at, batch 32, channels_last, stride 1.
 LAYERS = ((728, 728, 19), (128, 256, 74))
+NARROW_LAYERS = ((128, 256, 74), (64, 128, 147))  # the narrow-layer forward runs only where C <= 256
 BATCH = 32
 _DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", "fp64": "float64"}
 
@@ -102,10 +103,24 @@ def _transposed_launch(dtype: str, layer):
     return args, constexprs
 
 
+def _narrow_launch(dtype: str, layer):
+    from ..ops import empty_output
+    from . import forward
+
+    t = layer_tensors(dtype, layer)
+    g = t["geometry"]
+    x = t["input"]
+    out = empty_output(x, [x.shape[0], t["pointwise_weight"].shape[0], *t["out_hw"]])
+    _, args, constexprs = forward.narrow_launch(x, t["depthwise_weight"], t["pointwise_weight"], t["depthwise_bias"],
+                                                t["pointwise_bias"], out, g["stride"], g["padding"], g["dilation"],
+                                                True)
+    return args, constexprs
+
+
 def kernel_specs() -> Dict[str, dict]:
     """name -> the JIT function, its GPU configs, and either a launch builder ``launch(dtype, layer) -> (args,
-    constexprs)`` (compiled per layer with the runtime's specialization) or its pointer args (fp32 ones) and
-    non-tile constexprs (compiled once, generic)."""
+    constexprs)`` (compiled per layer with the runtime's specialization; ``layers`` and ``targets``, where
+    given, restrict where) or its pointer args (fp32 ones) and non-tile constexprs (compiled once, generic)."""
     from . import backward, forward, split
 
     kh, kw = KERNEL_SIZE
@@ -118,6 +133,8 @@ def kernel_specs() -> Dict[str, dict]:
         "grad_input": dict(fn=backward.grad_input_kernel, fp32_ptrs=("gh_ptr",),
                            configs=backward.GRAD_INPUT_CONFIGS_GPU, consts=dict(KH=kh, KW=kw, RELU=True)),
         "depthwise": dict(fn=split.depthwise_kernel, configs=split.GPU_CONFIGS, launch=_depthwise_launch),
+        "narrow_forward": dict(fn=forward.narrow_forward_kernel, configs=forward.NARROW_CONFIGS,
+                               launch=_narrow_launch, layers=NARROW_LAYERS, targets=(90,)),
         "transposed_depthwise": dict(fn=split.transposed_depthwise_kernel, configs=split.TRANSPOSED_CONFIGS,
                                      launch=_transposed_launch),
         "grad_pointwise": dict(fn=backward.grad_pointwise_kernel, fp32_ptrs=("part_w_ptr", "part_b_ptr"),
@@ -182,11 +199,11 @@ def runtime_specialization(fn, args: Sequence, kwargs: dict, capability: int):
     return signature, constexprs, attrs, options
 
 
-_LDG_RE = re.compile(r"\b(LDG\.E[.\w]*)")
+_LDG_RE = re.compile(r"\b((?:LDG|LDGSTS)\.E[.\w]*)")
 
 
 def global_loads(cubin: bytes) -> Dict[str, int]:
-    """Opcode -> count of the global loads in a cubin's SASS (bundled nvdisasm)."""
+    """Opcode -> count of the global loads (``LDG``, and ``LDGSTS``: global to shared) in a cubin's SASS."""
     import triton
 
     tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm"
@@ -275,12 +292,18 @@ def _job(args) -> Row:
     return compile_one(*args)
 
 
+def layers_of(spec: dict) -> tuple:
+    """The layers a spec compiles at: (None,) for a generic compile."""
+    return spec.get("layers", LAYERS) if "launch" in spec else (None,)
+
+
 def report(names: Sequence[str], dtypes: Sequence[str], capabilities: Sequence[int], jobs: int = 2) -> List[Row]:
     """Compile every (kernel, config, dtype, target); rows in a fixed order."""
     specs = kernel_specs()
     work = [(name, index, dtype, cc, layer) for name in names for dtype in dtypes
             for index in range(len(specs[name]["configs"]["fp32" if dtype in ("fp32", "fp64") else "16bit"]))
-            for cc in capabilities for layer in (LAYERS if "launch" in specs[name] else (None,))]
+            for cc in capabilities if cc in specs[name].get("targets", capabilities)
+            for layer in layers_of(specs[name])]
     if jobs <= 1:
         return [compile_one(*w) for w in work]
     with ProcessPoolExecutor(max_workers=jobs) as pool:

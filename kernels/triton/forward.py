@@ -1,10 +1,19 @@
-"""Fused separable convolution forward: kernel and launcher (no autograd here).
+"""Fused separable convolution forward: kernels and launcher (no autograd here).
 
-One kernel is a GEMM over (output pixels x C_out). Its A tile (pixels x a
+Each kernel is a GEMM over (output pixels x C_out). Its A tile (pixels x a
 block of hidden channels) is the depthwise result, computed on the fly from
-the input (``common.depthwise_tile``), multiplied by the pointwise weight
-tile with ``tl.dot`` into an fp32 accumulator; the pointwise bias is added in
-the epilogue. The depthwise intermediate never reaches global memory.
+the input, multiplied by the pointwise weight tile with ``tl.dot`` into an
+fp32 accumulator; the pointwise bias is added in the epilogue. The depthwise
+intermediate never reaches global memory.
+
+Narrow layers (C_hid and C_out <= 256, Xception's entry flow) run
+``narrow_forward_kernel``: one program holds all output channels of its pixel
+tile, so each depthwise value is computed once; the channel counts are
+compile-time constants and the pixel strides come divided by ``ALIGN``, so
+channel runs load and store as 128-bit vectors; a persistent grid walks the
+tiles. Wider layers run ``forward_kernel``, which recomputes the depthwise
+tile (``common.depthwise_tile``) once per block of BLOCK_CO output channels;
+split mode (``split.py``) is the other path for them.
 """
 
 from __future__ import annotations
@@ -18,7 +27,7 @@ import triton
 import triton.language as tl
 
 from ..ops import empty_output, output_shape
-from .common import INTERPRET, cast, depthwise_tile, mma, row_offsets, split_pixels
+from .common import INTERPRET, cast, depthwise_tile, mma, row_offsets, split_pixels, vector_width
 
 # Tile configurations per dtype family ("fp32": ieee dot on FMA units, heavier in registers;
 # "16bit": fp16/bf16 on tensor cores). The interpreter runs one cheap config; on GPU a short
@@ -99,6 +108,146 @@ def forward_kernel(
 
 forward_autotuned = {name: triton.autotune(configs=configs_for(GPU_CONFIGS, INTERPRET_CONFIGS, name),
                                            key=AUTOTUNE_KEY)(forward_kernel) for name in GPU_CONFIGS}
+
+
+# The narrow-layer forward (C_hid <= 256 and C_out <= 256): one program per pixel tile holds all its
+# output channels, so each depthwise value is computed once. Untimed guesses; each compiles without
+# spills at the entry-flow layers (kernels/triton/aot_report.py). One pipeline stage: a second one
+# stages the loads through shared memory and spills at C_out = 256.
+NARROW_MAX_CHANNELS = 256
+NARROW_CONFIGS = {
+    "16bit": [
+        triton.Config({"BLOCK_P": 64, "BLOCK_K": 32}, num_warps=8, num_stages=1),
+        triton.Config({"BLOCK_P": 64, "BLOCK_K": 16}, num_warps=8, num_stages=1),
+    ],
+    "fp32": [
+        triton.Config({"BLOCK_P": 64, "BLOCK_K": 8}, num_warps=8, num_stages=1),
+        triton.Config({"BLOCK_P": 32, "BLOCK_K": 16}, num_warps=8, num_stages=1),
+    ],
+}
+NARROW_CONFIGS_INTERPRET = [triton.Config({"BLOCK_P": 16, "BLOCK_K": 16}, num_warps=4, num_stages=1)]
+
+
+@triton.jit
+def narrow_forward_kernel(
+    # pointers
+    x_ptr, dw_ptr, dwb_ptr, pw_ptr, pwb_ptr, out_ptr,
+    # sizes
+    P, H, W, OH, OW, M,
+    # strides (elements; the ``_a`` ones divided by ALIGN)
+    x_sn_a, x_sc, x_sh_a, x_sw_a,
+    o_sn_a, o_sc, o_sh_a, o_sw_a,
+    # geometry
+    stride_h, stride_w, pad_top, pad_left, dil_h, dil_w,
+    # meta-parameters
+    C_HID: tl.constexpr, C_OUT: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, HAS_DW_BIAS: tl.constexpr,
+    HAS_PW_BIAS: tl.constexpr, RELU: tl.constexpr, ALIGN: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_CO: tl.constexpr,
+):
+    """out[p, co] = sum_j depthwise(x)[p, j] * pw[j, co] + pw_bias[co], all C_OUT channels per program.
+
+    x: (N, C, H, W) any strides; dw: (KH*KW, C_HID) and pw: (C_HID, C_OUT) contiguous (transposed, so
+    that channel runs are vectors); out: (N, C_OUT, OH, OW) any strides. BLOCK_CO >= C_OUT.
+    Grid: (programs,), persistent: program g takes pixel tiles g, g + programs, ...
+    """
+    x_sh = x_sh_a * ALIGN
+    x_sw = x_sw_a * ALIGN
+    o_sh = o_sh_a * ALIGN
+    o_sw = o_sw_a * ALIGN
+    co = tl.arange(0, BLOCK_CO)
+    co_mask = co < C_OUT
+    kk = tl.arange(0, BLOCK_K)
+    if HAS_PW_BIAS:
+        pw_bias = tl.load(pwb_ptr + co, mask=co_mask, other=0.0).to(tl.float32)
+    o_col = co.to(tl.int64) * o_sc
+    for tile in range(tl.program_id(0), tl.cdiv(P, BLOCK_P), tl.num_programs(0)):
+        offs_p = tile * BLOCK_P + tl.arange(0, BLOCK_P)
+        p_mask = offs_p < P
+        n, oh, ow = split_pixels(offs_p, OH, OW)
+        ih0 = oh * stride_h - pad_top
+        iw0 = ow * stride_w - pad_left
+        corner = row_offsets(n, ih0, iw0, x_sn_a * ALIGN, x_sh, x_sw)
+        acc = tl.zeros((BLOCK_P, BLOCK_CO), dtype=tl.float32)
+        for k0 in tl.range(0, C_HID, BLOCK_K):
+            j = k0 + kk
+            j_mask = j < C_HID
+            col = (j // M).to(tl.int64) * x_sc
+            a = tl.zeros((BLOCK_P, BLOCK_K), dtype=tl.float32)
+            for tap in tl.static_range(KH * KW):
+                dy = (tap // KW) * dil_h
+                dx = (tap % KW) * dil_w
+                ih = ih0 + dy
+                iw = iw0 + dx
+                ok = p_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+                at = corner + (dy.to(tl.int64) * x_sh + dx.to(tl.int64) * x_sw)
+                xv = tl.load(x_ptr + at[:, None] + col[None, :], mask=ok[:, None] & j_mask[None, :], other=0.0)
+                xv = xv.to(tl.float32)
+                if RELU:
+                    xv = tl.maximum(xv, 0.0)
+                a += xv * tl.load(dw_ptr + tap * C_HID + j, mask=j_mask, other=0.0).to(tl.float32)[None, :]
+            if HAS_DW_BIAS:
+                a += tl.load(dwb_ptr + j, mask=j_mask, other=0.0).to(tl.float32)[None, :]
+            wt = tl.load(pw_ptr + j[:, None] * C_OUT + co[None, :], mask=j_mask[:, None] & co_mask[None, :],
+                         other=0.0)  # (BLOCK_K, BLOCK_CO)
+            acc = mma(cast(a, wt.dtype), wt, acc)
+        if HAS_PW_BIAS:
+            acc += pw_bias[None, :]
+        out_offs = row_offsets(n, oh, ow, o_sn_a * ALIGN, o_sh, o_sw)[:, None] + o_col[None, :]
+        tl.store(out_ptr + out_offs, cast(acc, out_ptr.dtype.element_ty), mask=p_mask[:, None] & co_mask[None, :])
+
+
+narrow_autotuned = {name: triton.autotune(configs=configs_for(NARROW_CONFIGS, NARROW_CONFIGS_INTERPRET, name),
+                                          key=["P", "C_HID", "C_OUT", "KH", "KW", "M", "ALIGN"])(narrow_forward_kernel)
+                    for name in NARROW_CONFIGS}
+
+
+def is_narrow(c_hid: int, c_out: int, device: torch.device) -> bool:
+    """Whether the narrow-layer forward runs: every hidden and output channel of a pixel tile in one program.
+
+    Only on Hopper and later (its tile configs are sized for wgmma; with mma.sync on sm_80 the 16-bit ones
+    spill at C_out = 256) and in the interpreter."""
+    if c_hid > NARROW_MAX_CHANNELS or c_out > NARROW_MAX_CHANNELS:
+        return False
+    return device.type != "cuda" or torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def _programs(input: torch.Tensor, tiles_for_smallest_block: int) -> int:
+    """Persistent grid size: a few programs per SM (a fixed small count in the interpreter, so its loop runs)."""
+    if input.device.type == "cuda":
+        per_device = 4 * torch.cuda.get_device_properties(input.device).multi_processor_count
+    else:
+        per_device = 3
+    return max(1, min(per_device, tiles_for_smallest_block))
+
+
+def narrow_launch(input: torch.Tensor, depthwise_weight: torch.Tensor, pointwise_weight: torch.Tensor,
+                  depthwise_bias: Optional[torch.Tensor], pointwise_bias: Optional[torch.Tensor], out: torch.Tensor,
+                  stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int], relu_input: bool):
+    """One ``narrow_forward_kernel`` launch into ``out``: (grid, args, constexprs); ``aot_report`` compiles the same."""
+    batch, channels, height, width = input.shape
+    c_hid, _, kh, kw = depthwise_weight.shape
+    _, c_out, oh, ow = out.shape
+    pixels = batch * oh * ow
+    dw = depthwise_weight.reshape(c_hid, kh * kw).t().contiguous()
+    pw = pointwise_weight.reshape(c_out, c_hid).t().contiguous()
+    dwb = depthwise_bias.contiguous() if depthwise_bias is not None else dw
+    # fp32: loaded once per program as one value a thread, where a 16-bit one would be a scalar 16-bit load.
+    pwb = pointwise_bias.float().contiguous() if pointwise_bias is not None else pw
+    x_sn, x_sc, x_sh, x_sw = input.stride()
+    o_sn, o_sc, o_sh, o_sw = out.stride()
+    align = vector_width(x_sn, x_sh, x_sw, o_sn, o_sh, o_sw)
+    programs = _programs(input, triton.cdiv(pixels, 16))
+
+    def grid(meta):
+        return (min(programs, triton.cdiv(pixels, meta["BLOCK_P"])),)
+
+    args = (input, dw, dwb, pw, pwb, out, pixels, height, width, oh, ow, c_hid // channels,
+            x_sn // align, x_sc, x_sh // align, x_sw // align, o_sn // align, o_sc, o_sh // align, o_sw // align,
+            *geometry_args(stride, padding, dilation))
+    constexprs = dict(C_HID=c_hid, C_OUT=c_out, KH=kh, KW=kw, HAS_DW_BIAS=depthwise_bias is not None,
+                      HAS_PW_BIAS=pointwise_bias is not None, RELU=bool(relu_input), ALIGN=align,
+                      BLOCK_CO=max(16, triton.next_power_of_2(c_out)))
+    return grid, args, constexprs
 
 
 AUTOTUNE_ENV = "SEPCONV_TRITON_AUTOTUNE"
@@ -193,6 +342,12 @@ def forward(input: torch.Tensor, depthwise_weight: torch.Tensor, pointwise_weigh
         return out
     check_pixels(pixels, input)
     c_hid, _, kh, kw = depthwise_weight.shape
+    if is_narrow(c_hid, c_out, input.device):
+        with device_guard(input):
+            grid, args, constexprs = narrow_launch(input, depthwise_weight, pointwise_weight, depthwise_bias,
+                                                   pointwise_bias, out, stride, padding, dilation, relu_input)
+            launch(narrow_autotuned[family(input.dtype)], grid, *args, **constexprs)
+        return out
     dw = depthwise_weight.reshape(c_hid, kh * kw).contiguous()
     pw = pointwise_weight.reshape(c_out, c_hid).contiguous()
     dwb = depthwise_bias.contiguous() if depthwise_bias is not None else dw
