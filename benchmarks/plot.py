@@ -198,7 +198,9 @@ def _title(run: dict, source: Optional[str]) -> str:
         versions += f", triton {run['triton_version']}"
     commit = str(run.get("git_commit") or "?")
     commit = commit[:10] + ("-dirty" if commit.endswith("-dirty") else "")
-    line = (f"{run.get('device_name', '?')} ({run.get('device', '?')}, {run.get('threads', '?')} threads), "
+    # Rows from a model (benchmarks.gpu_model --rows) are predictions: the chart says so first.
+    predicted = "PREDICTED by a model, not measured: " if run.get("predicted") else ""
+    line = (f"{predicted}{run.get('device_name', '?')} ({run.get('device', '?')}, {run.get('threads', '?')} threads), "
             f"{versions}, commit {commit}, {run.get('utc_time', '?')}")
     return line + (f"\nfrom {source}, run {run.get('run_id', '?')}" if source else f"\nrun {run.get('run_id', '?')}")
 

@@ -490,6 +490,12 @@ def test_plot_panels_ratio_axes_and_one_colour_per_provider():
         assert legend[0].startswith("eager CL (baseline") and legend.count("cpp CL") == 1
     finally:
         plt.close(figure)
+    predicted = [dict(row, run=dict(row["run"], predicted=True)) for row in _plot_rows()]
+    figure = build_figure(predicted)
+    try:
+        assert figure._suptitle.get_text().startswith("PREDICTED by a model, not measured")
+    finally:
+        plt.close(figure)
     assert [format_ratio(v) for v in (0.5, 1.0, 2.0, 20.0)] == ["0.5x", "1x", "2x", "20x"]
     assert provider_color("some-new-provider") == provider_color("some-new-provider")
 
