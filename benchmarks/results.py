@@ -210,6 +210,8 @@ def render_markdown(rows: Sequence[dict], run: Dict, unavailable: Dict[str, str]
         f"- run `{run.get('run_id')}` at {run.get('utc_time')} UTC, commit `{run.get('git_commit')}`",
         f"- CPU: {run.get('cpu_model')}; GPU: {run.get('gpu_model') or 'none'}; torch threads: {run.get('threads')}; "
         f"load average at start: {run.get('load_average')}",
+        *([f"- ISA: cpp library `{run.get('cpp_isa')}`, oneDNN {run.get('onednn_isa')}, ATen "
+            f"{run.get('aten_cpu_capability')}"] if run.get("device") == "cpu" and run.get("cpp_isa") else []),
         f"- torch {run.get('torch_version')}, triton {run.get('triton_version') or 'not installed'}, "
         f"python {run.get('python')}",
         f"- measured peak compute: {peaks or 'not measured'}; memory bandwidth: "

@@ -56,3 +56,5 @@ def test_isa_avx2_run_holds_every_side_to_avx2(tmp_path):
         assert row["run"]["cpp_isa"] == "avx2" and row["run"]["cpp_build"]["lanes"] == 8
         assert "AVX2" in row["run"]["onednn_isa"] and "512" not in row["run"]["onednn_isa"]
         assert row["run"]["aten_cpu_capability"] == "AVX2"
+    summary = (tmp_path / f"{device_slug('cpu')}-avx2.md").read_text()
+    assert "- ISA: cpp library `avx2`, oneDNN Intel AVX2, ATen AVX2" in summary
