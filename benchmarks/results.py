@@ -212,6 +212,9 @@ def render_markdown(rows: Sequence[dict], run: Dict, unavailable: Dict[str, str]
         f"load average at start: {run.get('load_average')}",
         *([f"- ISA: cpp library `{run.get('cpp_isa')}`, oneDNN {run.get('onednn_isa')}, ATen "
             f"{run.get('aten_cpu_capability')}"] if run.get("device") == "cpu" and run.get("cpp_isa") else []),
+        *([f"- GPU {run.get('gpu_capability')}; TF32: cuDNN convolutions "
+           f"{'on' if run.get('cudnn_allow_tf32') else 'off'}, matmuls {'on' if run.get('matmul_allow_tf32') else 'off'} "
+           "(torch.backends flags in force for every provider)"] if run.get("gpu_capability") else []),
         f"- torch {run.get('torch_version')}, triton {run.get('triton_version') or 'not installed'}, "
         f"python {run.get('python')}",
         f"- measured peak compute: {peaks or 'not measured'}; memory bandwidth: "

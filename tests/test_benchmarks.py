@@ -527,3 +527,13 @@ def test_committed_results_rows_record_machine_versions_and_commit():
             run = row.get("run") or {}
             missing = [key for key in ("device_name", "torch_version", "git_commit", "utc_time") if not run.get(key)]
             assert not missing, f"{log.name}: a row without {missing}"
+
+
+def test_markdown_header_states_the_gpu_and_its_tf32_flags():
+    from benchmarks.results import render_markdown
+
+    run = {"run_id": "r", "device": "cuda", "device_name": "NVIDIA H200", "gpu_capability": "sm_90",
+           "cudnn_allow_tf32": True, "matmul_allow_tf32": False}
+    text = render_markdown([], run, {}, None)
+    assert "GPU sm_90; TF32: cuDNN convolutions on, matmuls off" in text
+    assert "TF32" not in render_markdown([], {"run_id": "r", "device": "cpu"}, {}, None)
