@@ -85,8 +85,8 @@ def _triton_supports(device: torch.device, dtype: torch.dtype) -> Optional[str]:
             return "the triton backend runs on CPU tensors only under TRITON_INTERPRET=1"
     elif device.type != "cuda":
         return f"the triton backend runs on CUDA tensors, got device {device}"
-    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        return f"the triton backend supports float32, float16 and bfloat16, got {dtype}"
+    if dtype not in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+        return f"the triton backend supports float32, float64, float16 and bfloat16, got {dtype}"
     return None
 
 

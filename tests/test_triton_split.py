@@ -152,6 +152,22 @@ def test_split_every_transposed_gpu_config(split, monkeypatch, dtype, index):
     _check_pinned(dtype, device)
 
 
+@pytest.mark.parametrize("mode", ["fused", "split"])
+def test_float64_gradcheck_vector_channels(monkeypatch, mode):
+    """float64 (summed in fp64) through the ALIGN = 8 kernels: 8 channels, channels_last, depth multiplier 1,
+    so the transposed-depthwise kernel writes the input gradient (test_separable_conv's gradcheck has M = 2)."""
+    device = require_backend("triton", torch.float64)
+    monkeypatch.setenv(MODE, mode)
+    x, dw, pw, dwb, pwb = make_case(1, 8, 4, 5, (3, 3), 1, 3, True, torch.float64, device)
+    x = x.contiguous(memory_format=torch.channels_last)
+    leaves = [t.detach().clone().requires_grad_(True) for t in (x, dw, pw, dwb, pwb)]
+
+    def fn(*args):
+        return kernels.separable_conv2d(*args, 1, 1, 1, backend="triton", relu_input=True)
+
+    assert torch.autograd.gradcheck(fn, leaves, eps=1e-6, atol=1e-6, rtol=1e-5)
+
+
 def test_split_is_deterministic(split):
     device = require_backend("triton")
     case = [t.to(device) for t in make_case(3, 8, 12, 12, (3, 3), 1, 16, True, torch.float32, torch.device("cpu"))]

@@ -36,7 +36,7 @@ import triton
 import triton.language as tl
 
 from ..ops import empty_gradients
-from .common import cast, depthwise_tile, mma, row_offsets, split_pixels
+from .common import accumulator, cast, depthwise_tile, mma, row_offsets, split_pixels
 from .forward import check_pixels, configs_for, device_guard, family, geometry_args, launch, launch_config
 
 # Tile configs per dtype family (see forward.py); every GPU config compiles without spills.
@@ -152,11 +152,11 @@ def grad_input_kernel(
     stride_h, stride_w, pad_top, pad_left, dil_h, dil_w,
     # meta-parameters
     KH: tl.constexpr, KW: tl.constexpr, RELU: tl.constexpr,
-    BLOCK_Q: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_Q: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr = tl.float32,
 ):
-    """gx[n, c, ih, iw] = sum_{m, taps} g_h[(n, oh, ow), c*M + m] * dw[c*M + m, tap].
+    """gx[n, c, ih, iw] = sum_{m, taps} g_h[(n, oh, ow), c*M + m] * dw[c*M + m, tap], summed in ACC.
 
-    gh: (N*OH*OW, C_HID) fp32; dw: (C_HID, KH*KW); x, gx: (N, C, H, W) any strides.
+    gh: (N*OH*OW, C_HID) any float dtype; dw: (C_HID, KH*KW); x, gx: (N, C, H, W) any strides.
     Grid: (cdiv(N*H*W, BLOCK_Q), cdiv(C, BLOCK_C)).
     """
     pid_q = tl.program_id(0)
@@ -167,7 +167,7 @@ def grad_input_kernel(
     c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c < C
 
-    acc = tl.zeros((BLOCK_Q, BLOCK_C), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_Q, BLOCK_C), dtype=ACC)
     for m in range(0, M):
         j = c * M + m
         # A runtime loop over the taps keeps one tap's gather live at a time (no spills).
@@ -180,15 +180,16 @@ def grad_input_kernel(
             ow = tw // stride_w
             ok = q_mask & (th >= 0) & (th % stride_h == 0) & (oh < OH) & (tw >= 0) & (tw % stride_w == 0) & (ow < OW)
             p = ((n * OH + oh) * OW + ow).to(tl.int64)
-            g = tl.load(gh_ptr + p[:, None] * C_HID + j[None, :], mask=ok[:, None] & c_mask[None, :], other=0.0)
-            w = tl.load(dw_ptr + j * (KH * KW) + tap, mask=c_mask, other=0.0).to(tl.float32)
+            g = tl.load(gh_ptr + p[:, None] * C_HID + j[None, :], mask=ok[:, None] & c_mask[None, :],
+                        other=0.0).to(ACC)
+            w = tl.load(dw_ptr + j * (KH * KW) + tap, mask=c_mask, other=0.0).to(ACC)
             acc += g * w[None, :]
 
     x_offs = row_offsets(n, ih, iw, x_sn, x_sh, x_sw)[:, None] + c[None, :].to(tl.int64) * x_sc
     mask = q_mask[:, None] & c_mask[None, :]
     if RELU:
         # Compared in fp32: the interpreter (3.9) compares bfloat16 values wrongly.
-        xv = tl.load(x_ptr + x_offs, mask=mask, other=0.0).to(tl.float32)
+        xv = tl.load(x_ptr + x_offs, mask=mask, other=0.0).to(ACC)
         acc = tl.where(xv > 0, acc, 0.0)
     gx_offs = row_offsets(n, ih, iw, gx_sn, gx_sh, gx_sw)[:, None] + c[None, :].to(tl.int64) * gx_sc
     tl.store(gx_ptr + gx_offs, cast(acc, gx_ptr.dtype.element_ty), mask=mask)
@@ -314,7 +315,7 @@ def launch_grad_input(grad_hidden, dw, input, grad_input, out_hw, geometry, kh, 
 
     launch(grad_input_autotuned[family(input.dtype)], grid, grad_hidden, dw, input, grad_input,
            q, channels, height, width, out_hw[0], out_hw[1], c_hid // channels, c_hid,
-           *input.stride(), *grad_input.stride(), *geometry, KH=kh, KW=kw, RELU=relu)
+           *input.stride(), *grad_input.stride(), *geometry, KH=kh, KW=kw, RELU=relu, ACC=accumulator(input.dtype))
 
 
 def backward(grad_output: torch.Tensor, input: torch.Tensor, depthwise_weight: torch.Tensor,
@@ -327,6 +328,11 @@ def backward(grad_output: torch.Tensor, input: torch.Tensor, depthwise_weight: t
     Returns (grad_input, grad_dw_weight, grad_pw_weight, grad_dw_bias, grad_pw_bias), ``(0,)``
     for gradients not in ``output_mask``.
     """
+    if input.dtype == torch.float64:  # fp64 sums: split mode's kernels (these sum in fp32)
+        from . import split
+
+        return split.backward(grad_output, input, depthwise_weight, pointwise_weight, depthwise_bias, stride,
+                              padding, dilation, relu_input, output_mask)
     out, work = empty_backward(grad_output, input, depthwise_weight, pointwise_weight, depthwise_bias, output_mask)
     if not work:
         return out

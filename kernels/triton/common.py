@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 
+import torch
 import triton
 import triton.language as tl
 
@@ -106,6 +107,11 @@ def depthwise_tile(
     if HAS_DW_BIAS:
         acc += tl.load(dwb_ptr + j, mask=j_mask, other=0.0).to(tl.float32)[None, :]
     return acc
+
+
+def accumulator(dtype: torch.dtype):
+    """The kernels' sum dtype for tensors of ``dtype`` (a constexpr ``ACC``): fp64 for fp64, else fp32."""
+    return tl.float64 if dtype == torch.float64 else tl.float32
 
 
 def vector_width(*values: int) -> int:

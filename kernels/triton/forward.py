@@ -49,8 +49,8 @@ INTERPRET_CONFIGS = [triton.Config({"BLOCK_P": 32, "BLOCK_CO": 32, "BLOCK_K": 16
 
 
 def family(dtype: torch.dtype) -> str:
-    """The config family of a dtype: "fp32" or "16bit"."""
-    return "fp32" if dtype == torch.float32 else "16bit"
+    """The config family of a dtype: "fp32" (fp32 and fp64) or "16bit"."""
+    return "fp32" if dtype in (torch.float32, torch.float64) else "16bit"
 
 
 def configs_for(gpu_configs: dict, interpret_configs: list, dtype_family: str) -> list:
@@ -334,6 +334,11 @@ def forward(input: torch.Tensor, depthwise_weight: torch.Tensor, pointwise_weigh
     depthwise_weight: (C*M, 1, kh, kw); pointwise_weight: (C_out, C*M, 1, 1);
     biases: (C*M,), (C_out,) or None. Returns (N, C_out, OH, OW) in input's memory format.
     """
+    if input.dtype == torch.float64:  # fp64 sums: split mode's kernels (the fused ones sum in fp32)
+        from . import split
+
+        return split.forward(input, depthwise_weight, pointwise_weight, depthwise_bias, pointwise_bias, stride,
+                             padding, dilation, relu_input)
     shape: List[int] = output_shape(input, depthwise_weight, pointwise_weight, stride, padding, dilation)
     out = empty_output(input, shape)
     batch, c_out, oh, ow = shape

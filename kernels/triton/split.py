@@ -35,7 +35,7 @@ import triton.language as tl
 
 from ..ops import empty_output, output_shape
 from .backward import empty_backward, launch_grad_input
-from .common import cast, row_offsets, split_pixels, vector_width
+from .common import accumulator, cast, row_offsets, split_pixels, vector_width
 from .forward import check_pixels, configs_for, device_guard, family, geometry_args, launch
 
 # Untimed guesses (no GPU run of this kernel yet). Each compiles without spills for sm_80 and
@@ -67,9 +67,11 @@ def depthwise_kernel(
     stride_h, stride_w, pad_top, pad_left, dil_h, dil_w,
     # meta-parameters
     KH: tl.constexpr, KW: tl.constexpr, HAS_DW_BIAS: tl.constexpr, RELU: tl.constexpr,
-    ALIGN: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+    ALIGN: tl.constexpr, ACC: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """h[p, j] = depthwise(x)[p, j] in h's dtype; h: (P, C_HID) contiguous, p = (n * OH + oh) * OW + ow.
+
+    Sums in ACC (fp32; fp64 for fp64 tensors).
 
     dw: (KH*KW, C_HID) contiguous (tap-major, so a tap's weights are one vector).
     Grid: (cdiv(P, BLOCK_P), cdiv(C_HID, BLOCK_C)).
@@ -87,7 +89,7 @@ def depthwise_kernel(
     iw0 = ow * stride_w - pad_left
     # One int64 offset per pixel (the window's top-left corner); each tap adds a scalar to it.
     corner = row_offsets(n, ih0, iw0, x_sn_a * ALIGN, x_sh, x_sw)
-    acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=ACC)
     for tap in tl.static_range(KH * KW):
         dy = (tap // KW) * dil_h
         dx = (tap % KW) * dil_w
@@ -96,13 +98,13 @@ def depthwise_kernel(
         ok = p_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
         at = corner + (dy.to(tl.int64) * x_sh + dx.to(tl.int64) * x_sw)
         xv = tl.load(x_ptr + at[:, None] + col[None, :], mask=ok[:, None] & j_mask[None, :], other=0.0)
-        xv = xv.to(tl.float32)
+        xv = xv.to(ACC)
         if RELU:
             xv = tl.maximum(xv, 0.0)
-        wv = tl.load(dw_ptr + tap * C_HID + j, mask=j_mask, other=0.0).to(tl.float32)
+        wv = tl.load(dw_ptr + tap * C_HID + j, mask=j_mask, other=0.0).to(ACC)
         acc += xv * wv[None, :]
     if HAS_DW_BIAS:
-        acc += tl.load(dwb_ptr + j, mask=j_mask, other=0.0).to(tl.float32)[None, :]
+        acc += tl.load(dwb_ptr + j, mask=j_mask, other=0.0).to(ACC)[None, :]
     offs = offs_p.to(tl.int64)[:, None] * C_HID + j[None, :]
     tl.store(h_ptr + offs, cast(acc, h_ptr.dtype.element_ty), mask=p_mask[:, None] & j_mask[None, :])
 
@@ -136,7 +138,8 @@ def depthwise_launch(input: torch.Tensor, depthwise_weight: torch.Tensor, depthw
 
     args = (input, dw, dwb, hidden, pixels, c_hid // align, height, width, out_hw[0], out_hw[1], c_hid // channels,
             x_sn // align, x_sc, x_sh // align, x_sw // align, *geometry_args(stride, padding, dilation))
-    constexprs = dict(KH=kh, KW=kw, HAS_DW_BIAS=depthwise_bias is not None, RELU=bool(relu_input), ALIGN=align)
+    constexprs = dict(KH=kh, KW=kw, HAS_DW_BIAS=depthwise_bias is not None, RELU=bool(relu_input), ALIGN=align,
+                      ACC=accumulator(input.dtype))
     return hidden, grid, args, constexprs
 
 
@@ -184,7 +187,7 @@ def transposed_depthwise_kernel(
     stride_h, stride_w, pad_top, pad_left, dil_h, dil_w,
     # meta-parameters
     KH: tl.constexpr, KW: tl.constexpr, RELU: tl.constexpr, WANT_GX: tl.constexpr, WANT_DW: tl.constexpr,
-    BIAS_TAP: tl.constexpr, ALIGN: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_C: tl.constexpr,
+    BIAS_TAP: tl.constexpr, ALIGN: tl.constexpr, ACC: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """The depthwise convolution's backward from g_h (the gradient of its output), in one pass over the input.
 
@@ -198,7 +201,7 @@ def transposed_depthwise_kernel(
     (BIAS_TAP < 0) a second loop reads the program's share of output pixels.
 
     gh: (P, C_HID) contiguous; dw: (KH*KW, C_HID) contiguous; x, gx: (N, C, H, W) any strides;
-    part: (G, KH*KW + 1, C_HID) fp32. Grid: (G, cdiv(C_HID, BLOCK_C)); program g takes input pixels
+    part: (G, KH*KW + 1, C_HID) in ACC (fp32; fp64 for fp64 tensors), as every sum here. Grid: (G, cdiv(C_HID, BLOCK_C)); program g takes input pixels
     [g * Q_PER_PROGRAM, (g + 1) * Q_PER_PROGRAM) and output pixels [g * P_PER_PROGRAM, ...) (multiples of
     BLOCK_Q): a split fixed by the shape, summed in a fixed order, so the gradients are deterministic.
     """
@@ -215,8 +218,8 @@ def transposed_depthwise_kernel(
 
     dw_acc = ()
     for tap in tl.static_range(KH * KW):
-        dw_acc = dw_acc + (tl.zeros((BLOCK_Q, BLOCK_C), dtype=tl.float32),)
-    bias_acc = tl.zeros((BLOCK_Q, BLOCK_C), dtype=tl.float32)
+        dw_acc = dw_acc + (tl.zeros((BLOCK_Q, BLOCK_C), dtype=ACC),)
+    bias_acc = tl.zeros((BLOCK_Q, BLOCK_C), dtype=ACC)
 
     for q0 in range(pid_g * Q_PER_PROGRAM, (pid_g + 1) * Q_PER_PROGRAM, BLOCK_Q):
         offs_q = q0 + tl.arange(0, BLOCK_Q)
@@ -224,11 +227,11 @@ def transposed_depthwise_kernel(
         n, ih, iw = split_pixels(offs_q, H, W)
         mask = q_mask[:, None] & j_mask[None, :]
         xv = tl.load(x_ptr + row_offsets(n, ih, iw, x_sn_a * ALIGN, x_sh, x_sw)[:, None] + col[None, :],
-                     mask=mask, other=0.0).to(tl.float32)
+                     mask=mask, other=0.0).to(ACC)
         if RELU:
             x_pos = xv > 0
             xv = tl.maximum(xv, 0.0)
-        gx = tl.zeros((BLOCK_Q, BLOCK_C), dtype=tl.float32)
+        gx = tl.zeros((BLOCK_Q, BLOCK_C), dtype=ACC)
         new_acc = ()
         for tap in tl.static_range(KH * KW):
             th = ih + pad_top - (tap // KW) * dil_h
@@ -238,9 +241,9 @@ def transposed_depthwise_kernel(
             ok = q_mask & (th >= 0) & (oh * stride_h == th) & (oh < OH) & (tw >= 0) & (ow * stride_w == tw) & (ow < OW)
             p = (n * OH + oh) * OW + ow
             g = tl.load(gh_ptr + p.to(tl.int64)[:, None] * C_HID + j[None, :], mask=ok[:, None] & j_mask[None, :],
-                        other=0.0).to(tl.float32)
+                        other=0.0).to(ACC)
             if WANT_GX:
-                gx += g * tl.load(dw_ptr + tap * C_HID + j, mask=j_mask, other=0.0).to(tl.float32)[None, :]
+                gx += g * tl.load(dw_ptr + tap * C_HID + j, mask=j_mask, other=0.0).to(ACC)[None, :]
             if WANT_DW:
                 new_acc = new_acc + (dw_acc[tap] + g * xv,)
                 if tap == BIAS_TAP:
@@ -258,7 +261,7 @@ def transposed_depthwise_kernel(
             for p0 in range(pid_g * P_PER_PROGRAM, (pid_g + 1) * P_PER_PROGRAM, BLOCK_Q):
                 offs_p = p0 + tl.arange(0, BLOCK_Q)
                 bias_acc += tl.load(gh_ptr + offs_p.to(tl.int64)[:, None] * C_HID + j[None, :],
-                                    mask=(offs_p < P)[:, None] & j_mask[None, :], other=0.0).to(tl.float32)
+                                    mask=(offs_p < P)[:, None] & j_mask[None, :], other=0.0).to(ACC)
         part = part_ptr + pid_g.to(tl.int64) * ((KH * KW + 1) * C_HID)
         for tap in tl.static_range(KH * KW):
             tl.store(part + tap * C_HID + j, tl.sum(dw_acc[tap], axis=0), mask=j_mask)
@@ -299,8 +302,8 @@ def transposed_depthwise_launch(grad_hidden: torch.Tensor, input: torch.Tensor, 
     per_program = triton.cdiv(triton.cdiv(q, max(1, TARGET_PROGRAMS // c_blocks)), PIXEL_QUANTUM) * PIXEL_QUANTUM
     programs = triton.cdiv(q, per_program)
     p_per_program = triton.cdiv(triton.cdiv(pixels, programs), PIXEL_QUANTUM) * PIXEL_QUANTUM
-    partials = torch.empty((programs if want_depthwise else 1, kh * kw + 1, c_hid), dtype=torch.float32,
-                           device=input.device)
+    partials = torch.empty((programs if want_depthwise else 1, kh * kw + 1, c_hid),
+                           dtype=torch.float64 if input.dtype == torch.float64 else torch.float32, device=input.device)
     x_sn, x_sc, x_sh, x_sw = input.stride()
     gx_sn, gx_sc, gx_sh, gx_sw = grad_input.stride() if want_input else input.stride()
     align = vector_width(c_hid, x_sn, x_sh, x_sw, gx_sn, gx_sh, gx_sw)
@@ -313,7 +316,8 @@ def transposed_depthwise_launch(grad_hidden: torch.Tensor, input: torch.Tensor, 
             p_per_program, x_sn // align, x_sc, x_sh // align, x_sw // align,
             gx_sn // align, gx_sc, gx_sh // align, gx_sw // align, *geometry_args(stride, padding, dilation))
     constexprs = dict(KH=kh, KW=kw, RELU=bool(relu_input), WANT_GX=bool(want_input), WANT_DW=bool(want_depthwise),
-                      BIAS_TAP=_bias_tap((kh, kw), stride, padding, dilation, (height, width), out_hw), ALIGN=align)
+                      BIAS_TAP=_bias_tap((kh, kw), stride, padding, dilation, (height, width), out_hw), ALIGN=align,
+                      ACC=accumulator(input.dtype))
     return partials, grid, args, constexprs
 
 
@@ -392,5 +396,5 @@ def backward(grad_output: torch.Tensor, input: torch.Tensor, depthwise_weight: t
         if want_pointwise:
             hidden = depthwise(input, depthwise_weight, depthwise_bias, out_hw, stride, padding, dilation, relu)
             out[2].copy_((go.t() @ hidden).reshape(out[2].shape))
-            out[4].copy_(go.sum(0, dtype=torch.float32))
+            out[4].copy_(go.sum(0, dtype=torch.float64 if go.dtype == torch.float64 else torch.float32))
     return out
