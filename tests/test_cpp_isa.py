@@ -175,20 +175,29 @@ def test_vector_layer_and_micro_kernel(path, tmp_path):
     assert result.returncode == 0 and result.stdout.strip().endswith(f"{expected} ok"), result.stdout[-3000:]
 
 
-@pytest.mark.skipif(shutil.which(AARCH64_CXX) is None, reason=_NO_CROSS)
-def test_neon_path_compiles_for_aarch64():
-    """The C++ sources compile for aarch64 (syntax and template instantiation, no object), and the
-    vector layer takes its NEON path there."""
+# path -> (compiler, target flags, why it cannot be compiled here): the paths the host build does not take.
+LIBRARY_BUILDS = {
+    "neon": (AARCH64_CXX, ["-march=armv8-a"], _NO_CROSS if shutil.which(AARCH64_CXX) is None else None),
+    "scalar": (HOST_CXX, ["-march=x86-64"], None if X86 and shutil.which(HOST_CXX) else "x86-64 only"),
+}
+
+
+@pytest.mark.parametrize("path", list(LIBRARY_BUILDS))
+def test_library_compiles_for_each_path(path):
+    """The whole library compiles (syntax and template instantiation, no object) for aarch64, where the
+    vector layer must take its NEON path, and for plain x86-64, where it has none."""
     from torch.utils import cpp_extension
 
-    includes = [f"-I{path}" for path in cpp_extension.include_paths()] + [f"-I{cpp_backend.CSRC}"]
-    flags = ["-std=c++20", "-fsyntax-only", "-march=armv8-a", "-fopenmp", "-w"]
-    probe = '#include "vec.h"\n#ifndef SEPCONV_VEC_NEON\n#error no NEON path\n#endif\n' \
-            "static_assert(sepconv::VecF32::kLanes == 4);\n"
-    result = subprocess.run([AARCH64_CXX, *flags, *includes, "-x", "c++", "-"], input=probe, capture_output=True,
-                            text=True, timeout=120)
+    compiler, target, unavailable = LIBRARY_BUILDS[path]
+    if unavailable:
+        pytest.skip(unavailable)
+    includes = [f"-I{include}" for include in cpp_extension.include_paths()] + [f"-I{cpp_backend.CSRC}"]
+    flags = ["-std=c++20", "-fsyntax-only", *target, "-fopenmp", "-w"]
+    probe = f'#include "vec.h"\nstatic_assert(std::string_view(sepconv::kIsa) == "{path}");\n'
+    result = subprocess.run([compiler, *flags, *includes, "-include", "string_view", "-x", "c++", "-"], input=probe,
+                            capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
-    result = subprocess.run([AARCH64_CXX, *flags, *includes, str(cpp_backend.CSRC / "sepconv_cpu.cpp")],
+    result = subprocess.run([compiler, *flags, *includes, str(cpp_backend.CSRC / "sepconv_cpu.cpp")],
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
 
