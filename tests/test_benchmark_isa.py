@@ -58,3 +58,24 @@ def test_isa_avx2_run_holds_every_side_to_avx2(tmp_path):
         assert row["run"]["aten_cpu_capability"] == "AVX2"
     summary = (tmp_path / f"{device_slug('cpu')}-avx2.md").read_text()
     assert "- ISA: cpp library `avx2`, oneDNN Intel AVX2, ATen AVX2" in summary
+
+
+def _layer_row(batch: int, mode: str, speedup: float, cpp_isa: str, onednn_isa: str, h: int = 147) -> dict:
+    return dict(suite="layers", provider="cpp", layout="channels_last", shape=f"64->128@{h}", batch=batch,
+                dtype="fp32", mode=mode, h=h, status="ok", speedup_vs_eager_cl=speedup, pct_peak=10.0,
+                run=dict(cpp_isa=cpp_isa, onednn_isa=onednn_isa))
+
+
+def test_avx2_runs_are_checked_against_the_avx2_targets():
+    """Rows of an --isa avx2 run: forward >= 1.0x at every batch, fwd+bwd >= 1.0x at batch 8 (not the
+    AVX-512 path's 2x and % of peak); a run whose oneDNN ran AVX-512 keeps the default targets."""
+    from benchmarks.results import check_targets
+
+    avx2 = [_layer_row(8, "fwd", 1.5, "avx2", "Intel AVX2"), _layer_row(1, "fwd", 0.9, "avx2", "Intel AVX2"),
+            _layer_row(1, "full", 0.5, "avx2", "Intel AVX2"), _layer_row(8, "full", 1.1, "avx2", "Intel AVX2")]
+    checks = check_targets(avx2, "cpp")
+    assert [(c["case"], c["goal"], c["ok"]) for c in checks] == [
+        ("64->128@147 N=8 fp32 fwd", 1.0, True), ("64->128@147 N=1 fp32 fwd", 1.0, False),
+        ("64->128@147 N=8 fp32 full", 1.0, True)]
+    mixed = [_layer_row(8, "fwd", 1.5, "avx2", "Intel AVX-512 with Intel DL Boost")]
+    assert [c["goal"] for c in check_targets(mixed, "cpp")] == [2.0]
