@@ -103,10 +103,17 @@ def report(args) -> int:
 
 def predicted_rows(args) -> List[dict]:
     recorded = _recorded_eager(RESULTS)
-    run_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-predicted"
-    run = {"run_id": run_id, "device": "cuda", "device_name": "NVIDIA H200 (predicted by benchmarks.gpu_model)",
-           "predicted": True, "git_commit": _commit(), "triton_version": _triton_version(),
-           "argv": " ".join(sys.argv), "constants": {k: v[0] for k, v in model.CONSTANTS.items()}}
+    import platform
+
+    import torch
+
+    now = datetime.now(timezone.utc)
+    run = {"run_id": now.strftime("%Y%m%dT%H%M%SZ") + "-predicted", "utc_time": now.isoformat(timespec="seconds"),
+           "device": "cuda", "device_name": "NVIDIA H200 (predicted by benchmarks.gpu_model)", "predicted": True,
+           "gpu_model": "NVIDIA H200", "cpu_model": platform.processor() or platform.machine(),
+           "torch_version": torch.__version__, "triton_version": _triton_version(), "git_commit": _commit(),
+           "python": platform.python_version(), "argv": " ".join(sys.argv),
+           "constants": {k: v[0] for k, v in model.CONSTANTS.items()}}
     rows = []
     for shape in args.layers:
         for dtype in args.dtypes:
