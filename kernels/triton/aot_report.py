@@ -114,6 +114,10 @@ def _narrow_launch(dtype: str, layer):
     _, args, constexprs = forward.narrow_launch(x, t["depthwise_weight"], t["pointwise_weight"], t["depthwise_bias"],
                                                 t["pointwise_bias"], out, g["stride"], g["padding"], g["dilation"],
                                                 True)
+    # On a GPU an fp32 launch takes TF32 from PyTorch's cuDNN setting (on by default); these are CPU tensors.
+    import torch
+
+    constexprs["TF32"] = dtype == "fp32" and bool(torch.backends.cudnn.allow_tf32)
     return args, constexprs
 
 

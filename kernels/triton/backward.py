@@ -36,7 +36,7 @@ import triton
 import triton.language as tl
 
 from ..ops import empty_gradients
-from .common import accumulator, cast, depthwise_tile, mma, row_offsets, split_pixels
+from .common import accumulator, cast, conv_tf32, depthwise_tile, mma, row_offsets, split_pixels
 from .forward import check_pixels, configs_for, device_guard, family, geometry_args, launch, launch_config
 
 # Tile configs per dtype family (see forward.py); every GPU config compiles without spills.
@@ -93,7 +93,7 @@ def grad_hidden_kernel(
     stride_h, stride_w, pad_top, pad_left, dil_h, dil_w,
     # meta-parameters
     KH: tl.constexpr, KW: tl.constexpr, RELU: tl.constexpr, STORE_GH: tl.constexpr, NEED_DW: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_CO: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_CO: tl.constexpr, TF32: tl.constexpr = False,
 ):
     """g_h[p, j] = sum_co go[p, co] * pw[co, j]; partial dw grads per pixel block.
 
@@ -118,7 +118,7 @@ def grad_hidden_kernel(
                     mask=p_mask[:, None] & co_mask[None, :], other=0.0)  # (BLOCK_P, BLOCK_CO)
         w = tl.load(pw_ptr + co[:, None] * C_HID + j[None, :],
                     mask=co_mask[:, None] & j_mask[None, :], other=0.0)  # (BLOCK_CO, BLOCK_K)
-        acc = mma(g, w.to(g.dtype), acc)
+        acc = mma(g, w.to(g.dtype), acc, TF32)
 
     if STORE_GH:
         tl.store(gh_ptr + offs_p.to(tl.int64)[:, None] * C_HID + j[None, :], acc, mask=p_mask[:, None] & j_mask[None, :])
@@ -209,6 +209,7 @@ def grad_pointwise_kernel(
     # meta-parameters
     KH: tl.constexpr, KW: tl.constexpr, HAS_DW_BIAS: tl.constexpr, RELU: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_K: tl.constexpr, UNROLL_TAPS: tl.constexpr = False,
+    TF32: tl.constexpr = False,
 ):
     """part_w[s, co, j] = sum_{p in split s} go[p, co] * h[p, j], h recomputed; part_b[s, co] = sum go.
 
@@ -236,7 +237,7 @@ def grad_pointwise_kernel(
                            KH, KW, HAS_DW_BIAS, RELU, BLOCK_P, BLOCK_K, UNROLL_TAPS)
         go_offs = row_offsets(n, oh, ow, go_sn, go_sh, go_sw)[:, None] + co[None, :].to(tl.int64) * go_sc
         g = tl.load(go_ptr + go_offs, mask=p_mask[:, None] & co_mask[None, :], other=0.0)  # (BLOCK_P, BLOCK_CO)
-        acc = mma(tl.trans(g), cast(h, g.dtype), acc)
+        acc = mma(tl.trans(g), cast(h, g.dtype), acc, TF32)
         acc_b += tl.sum(g.to(tl.float32), axis=0)
 
     part_w = part_w_ptr + pid_s.to(tl.int64) * C_OUT * C_HID
@@ -296,7 +297,7 @@ def launch_grad_hidden(grad_output, pw, input, grad_hidden, out, geometry, kh, k
     launch(tuner, grid, grad_output, pw, input, grad_hidden, partials,
            pixels, c_hid, c_out, height, width, oh, ow, c_hid // channels,
            *grad_output.stride(), *input.stride(), *geometry,
-           KH=kh, KW=kw, RELU=relu, STORE_GH=store_gh, NEED_DW=need_dw)
+           KH=kh, KW=kw, RELU=relu, STORE_GH=store_gh, NEED_DW=need_dw, TF32=conv_tf32(input))
     if need_dw:
         # Fixed-order second stage; rows past this config's block count stay zero.
         sums = partials.sum(0)
@@ -369,7 +370,7 @@ def backward(grad_output: torch.Tensor, input: torch.Tensor, depthwise_weight: t
                    input, dw, dwb, grad_output, part_w, part_b,
                    pixels, c_hid, c_out, height, width, oh, ow, c_hid // channels, splits,
                    *input.stride(), *grad_output.stride(), *geometry,
-                   KH=kh, KW=kw, HAS_DW_BIAS=depthwise_bias is not None, RELU=relu)
+                   KH=kh, KW=kw, HAS_DW_BIAS=depthwise_bias is not None, RELU=relu, TF32=conv_tf32(input))
             out[2].copy_(part_w.sum(0).reshape(out[2].shape))
             out[4].copy_(part_b.sum(0))
     return out

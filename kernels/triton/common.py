@@ -12,6 +12,7 @@ per-pixel row terms, so tensors past ``2**31`` elements index correctly.
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -38,11 +39,36 @@ def cast(x, dtype: tl.constexpr):
         return x.to(dtype)
 
 
+def conv_tf32(tensor: torch.Tensor) -> bool:
+    """Whether PyTorch would run a float32 convolution on ``tensor``'s device with TF32 tensor cores:
+    CUDA and ``torch.backends.cudnn.allow_tf32`` (on by default). The kernels' fp32 products follow it."""
+    return tensor.is_cuda and tensor.dtype == torch.float32 and bool(torch.backends.cudnn.allow_tf32)
+
+
+@contextlib.contextmanager
+def matmul_like_conv(tensor: torch.Tensor):
+    """Run cuBLAS GEMMs that stand for the pointwise convolution at that convolution's precision: for fp32
+    CUDA tensors, TF32 exactly when ``conv_tf32`` (cuBLAS's own default, ``torch.backends.cuda.matmul``, is
+    IEEE). The matmul setting is restored afterwards."""
+    if not (tensor.is_cuda and tensor.dtype == torch.float32):
+        yield
+        return
+    matmul = torch.backends.cuda.matmul
+    before = matmul.fp32_precision
+    matmul.fp32_precision = "tf32" if conv_tf32(tensor) else "ieee"
+    try:
+        yield
+    finally:
+        matmul.fp32_precision = before
+
+
 @triton.jit
-def mma(a, b, acc):
-    """``acc + a @ b`` with fp32 accumulation (ieee: no tf32 for fp32 operands)."""
+def mma(a, b, acc, TF32: tl.constexpr = False):
+    """``acc + a @ b`` with fp32 accumulation; fp32 operands in TF32 under ``TF32``, else exactly (ieee)."""
     if DOT_IN_FP32:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    elif TF32:
+        return tl.dot(a, b, acc, input_precision="tf32")
     else:
         return tl.dot(a, b, acc, input_precision="ieee")
 

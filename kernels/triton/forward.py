@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from ..ops import empty_output, output_shape
-from .common import INTERPRET, cast, depthwise_tile, mma, row_offsets, split_pixels, vector_width
+from .common import INTERPRET, cast, conv_tf32, depthwise_tile, mma, row_offsets, split_pixels, vector_width
 
 # Tile configurations per dtype family ("fp32": ieee dot on FMA units, heavier in registers;
 # "16bit": fp16/bf16 on tensor cores). The interpreter runs one cheap config; on GPU a short
@@ -74,7 +74,7 @@ def forward_kernel(
     # meta-parameters
     KH: tl.constexpr, KW: tl.constexpr, HAS_DW_BIAS: tl.constexpr, HAS_PW_BIAS: tl.constexpr,
     RELU: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_K: tl.constexpr,
-    UNROLL_TAPS: tl.constexpr = False,
+    UNROLL_TAPS: tl.constexpr = False, TF32: tl.constexpr = False,
 ):
     """out[p, co] = sum_j depthwise(x)[p, j] * pw[co, j] + pw_bias[co].
 
@@ -98,7 +98,7 @@ def forward_kernel(
                            KH, KW, HAS_DW_BIAS, RELU, BLOCK_P, BLOCK_K, UNROLL_TAPS)
         wt = tl.load(pw_ptr + offs_co[None, :] * C_HID + j[:, None],
                      mask=j_mask[:, None] & co_mask[None, :], other=0.0)  # (BLOCK_K, BLOCK_CO)
-        acc = mma(cast(a, wt.dtype), wt, acc)
+        acc = mma(cast(a, wt.dtype), wt, acc, TF32)
 
     if HAS_PW_BIAS:
         acc += tl.load(pwb_ptr + offs_co, mask=co_mask, other=0.0).to(tl.float32)[None, :]
@@ -141,7 +141,7 @@ def narrow_forward_kernel(
     stride_h, stride_w, pad_top, pad_left, dil_h, dil_w,
     # meta-parameters
     C_HID: tl.constexpr, C_OUT: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, HAS_DW_BIAS: tl.constexpr,
-    HAS_PW_BIAS: tl.constexpr, RELU: tl.constexpr, ALIGN: tl.constexpr,
+    HAS_PW_BIAS: tl.constexpr, RELU: tl.constexpr, ALIGN: tl.constexpr, TF32: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_CO: tl.constexpr,
 ):
     """out[p, co] = sum_j depthwise(x)[p, j] * pw[j, co] + pw_bias[co], all C_OUT channels per program.
@@ -189,7 +189,7 @@ def narrow_forward_kernel(
                 a += tl.load(dwb_ptr + j, mask=j_mask, other=0.0).to(tl.float32)[None, :]
             wt = tl.load(pw_ptr + j[:, None] * C_OUT + co[None, :], mask=j_mask[:, None] & co_mask[None, :],
                          other=0.0)  # (BLOCK_K, BLOCK_CO)
-            acc = mma(cast(a, wt.dtype), wt, acc)
+            acc = mma(cast(a, wt.dtype), wt, acc, TF32)
         if HAS_PW_BIAS:
             acc += pw_bias[None, :]
         out_offs = row_offsets(n, oh, ow, o_sn_a * ALIGN, o_sh, o_sw)[:, None] + o_col[None, :]
@@ -246,7 +246,7 @@ def narrow_launch(input: torch.Tensor, depthwise_weight: torch.Tensor, pointwise
             *geometry_args(stride, padding, dilation))
     constexprs = dict(C_HID=c_hid, C_OUT=c_out, KH=kh, KW=kw, HAS_DW_BIAS=depthwise_bias is not None,
                       HAS_PW_BIAS=pointwise_bias is not None, RELU=bool(relu_input), ALIGN=align,
-                      BLOCK_CO=max(16, triton.next_power_of_2(c_out)))
+                      TF32=conv_tf32(input), BLOCK_CO=max(16, triton.next_power_of_2(c_out)))
     return grid, args, constexprs
 
 
@@ -369,6 +369,6 @@ def forward(input: torch.Tensor, depthwise_weight: torch.Tensor, pointwise_weigh
             *input.stride(), *out.stride(),
             *geometry_args(stride, padding, dilation),
             KH=kh, KW=kw, HAS_DW_BIAS=depthwise_bias is not None, HAS_PW_BIAS=pointwise_bias is not None,
-            RELU=bool(relu_input),
+            RELU=bool(relu_input), TF32=conv_tf32(input),
         )
     return out

@@ -35,24 +35,79 @@ import triton.language as tl
 
 from ..ops import empty_output, output_shape
 from .backward import empty_backward, launch_grad_input
-from .common import accumulator, cast, row_offsets, split_pixels, vector_width
+from .common import accumulator, cast, matmul_like_conv, row_offsets, split_pixels, vector_width
 from .forward import check_pixels, configs_for, device_guard, family, geometry_args, launch
 
 # Untimed guesses (no GPU run of this kernel yet). Each compiles without spills for sm_80 and
 # sm_90 and, with ALIGN = 8, loads and stores only 128-bit vectors (kernels/triton/aot_report.py).
+# ROWS: output rows a program slot covers where the vertical stride and dilation are 1.
 GPU_CONFIGS = {
     "16bit": [
-        triton.Config({"BLOCK_P": 32, "BLOCK_C": 64}, num_warps=4, num_stages=1),
-        triton.Config({"BLOCK_P": 64, "BLOCK_C": 64}, num_warps=8, num_stages=1),
-        triton.Config({"BLOCK_P": 64, "BLOCK_C": 32}, num_warps=4, num_stages=1),
+        triton.Config({"BLOCK_P": 32, "BLOCK_C": 64, "ROWS": 4}, num_warps=8, num_stages=1),
+        triton.Config({"BLOCK_P": 16, "BLOCK_C": 64, "ROWS": 4}, num_warps=4, num_stages=1),
+        triton.Config({"BLOCK_P": 16, "BLOCK_C": 64, "ROWS": 8}, num_warps=4, num_stages=1),
     ],
     "fp32": [
-        triton.Config({"BLOCK_P": 32, "BLOCK_C": 64}, num_warps=4, num_stages=1),
-        triton.Config({"BLOCK_P": 64, "BLOCK_C": 32}, num_warps=4, num_stages=1),
-        triton.Config({"BLOCK_P": 64, "BLOCK_C": 64}, num_warps=8, num_stages=1),
+        triton.Config({"BLOCK_P": 32, "BLOCK_C": 32, "ROWS": 4}, num_warps=8, num_stages=1),
+        triton.Config({"BLOCK_P": 16, "BLOCK_C": 32, "ROWS": 8}, num_warps=4, num_stages=1),
+        triton.Config({"BLOCK_P": 16, "BLOCK_C": 64, "ROWS": 4}, num_warps=4, num_stages=1),
     ],
 }
-INTERPRET_CONFIGS = [triton.Config({"BLOCK_P": 32, "BLOCK_C": 16}, num_warps=4, num_stages=1)]
+INTERPRET_CONFIGS = [triton.Config({"BLOCK_P": 32, "BLOCK_C": 16, "ROWS": 2}, num_warps=4, num_stages=1)]
+
+
+@triton.jit
+def _depthwise_rows(x_ptr, dw_ptr, dwb_ptr, h_ptr, N, C_HID, H, W, OH, OW, M, x_sn, x_sc, x_sh, x_sw,
+                    stride_w, pad_top, pad_left, dil_w, KH: tl.constexpr, KW: tl.constexpr,
+                    HAS_DW_BIAS: tl.constexpr, RELU: tl.constexpr, ACC: tl.constexpr, BLOCK_P: tl.constexpr,
+                    BLOCK_C: tl.constexpr, ROWS: tl.constexpr):
+    """``depthwise_kernel`` for a vertical stride and dilation of 1: ROWS output rows a pixel slot, so each
+    input row is loaded once for the up to KH output rows that read it ((ROWS + KH - 1) * KW loads for
+    ROWS * KH * KW taps)."""
+    groups = tl.cdiv(OH, ROWS)
+    slots = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    slot_mask = slots < N * groups * OW
+    n, group, ow = split_pixels(slots, groups, OW)
+    j = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    j_mask = j < C_HID
+    col = (j // M).to(tl.int64) * x_sc
+    ih_top = group * ROWS - pad_top
+    iw0 = ow * stride_w - pad_left
+    corner = row_offsets(n, ih_top, iw0, x_sn, x_sh, x_sw)
+    weights = ()
+    for tap in tl.static_range(KH * KW):
+        weights = weights + (tl.load(dw_ptr + tap * C_HID + j, mask=j_mask, other=0.0).to(ACC),)
+    accs = ()
+    for r in tl.static_range(ROWS):
+        accs = accs + (tl.zeros((BLOCK_P, BLOCK_C), dtype=ACC),)
+    for row in tl.static_range(ROWS + KH - 1):
+        ih = ih_top + row
+        row_ok = slot_mask & (ih >= 0) & (ih < H)
+        for tw in tl.static_range(KW):
+            iw = iw0 + tw * dil_w
+            ok = row_ok & (iw >= 0) & (iw < W)
+            at = corner + (tl.cast(row, tl.int64) * x_sh + tl.cast(tw * dil_w, tl.int64) * x_sw)
+            xv = tl.load(x_ptr + at[:, None] + col[None, :], mask=ok[:, None] & j_mask[None, :], other=0.0)
+            xv = xv.to(ACC)
+            if RELU:
+                xv = tl.maximum(xv, 0.0)
+            updated = ()
+            for r in tl.static_range(ROWS):
+                if row - r >= 0 and row - r < KH:
+                    updated = updated + (accs[r] + xv * weights[(row - r) * KW + tw][None, :],)
+                else:
+                    updated = updated + (accs[r],)
+            accs = updated
+    if HAS_DW_BIAS:
+        bias = tl.load(dwb_ptr + j, mask=j_mask, other=0.0).to(ACC)[None, :]
+    for r in tl.static_range(ROWS):
+        oh = group * ROWS + r
+        acc = accs[r]
+        if HAS_DW_BIAS:
+            acc += bias
+        p = (n * OH + oh) * OW + ow
+        tl.store(h_ptr + p.to(tl.int64)[:, None] * C_HID + j[None, :], cast(acc, h_ptr.dtype.element_ty),
+                 mask=(slot_mask & (oh < OH))[:, None] & j_mask[None, :])
 
 
 @triton.jit
@@ -60,57 +115,63 @@ def depthwise_kernel(
     # pointers
     x_ptr, dw_ptr, dwb_ptr, h_ptr,
     # sizes (C_HID_A = C_HID // ALIGN)
-    P, C_HID_A, H, W, OH, OW, M,
+    N, C_HID_A, H, W, OH, OW, M,
     # input strides (elements; the ``_a`` ones divided by ALIGN)
     x_sn_a, x_sc, x_sh_a, x_sw_a,
     # geometry
     stride_h, stride_w, pad_top, pad_left, dil_h, dil_w,
     # meta-parameters
     KH: tl.constexpr, KW: tl.constexpr, HAS_DW_BIAS: tl.constexpr, RELU: tl.constexpr,
-    ALIGN: tl.constexpr, ACC: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+    ALIGN: tl.constexpr, ACC: tl.constexpr, ROW_REUSE: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, ROWS: tl.constexpr,
 ):
     """h[p, j] = depthwise(x)[p, j] in h's dtype; h: (P, C_HID) contiguous, p = (n * OH + oh) * OW + ow.
 
-    Sums in ACC (fp32; fp64 for fp64 tensors).
-
-    dw: (KH*KW, C_HID) contiguous (tap-major, so a tap's weights are one vector).
-    Grid: (cdiv(P, BLOCK_P), cdiv(C_HID, BLOCK_C)).
+    Sums in ACC (fp32; fp64 for fp64 tensors). dw: (KH*KW, C_HID) contiguous (tap-major, so a tap's
+    weights are one vector). ROW_REUSE (vertical stride and dilation 1): a program covers BLOCK_P
+    pixel slots of ROWS output rows each (``_depthwise_rows``); otherwise BLOCK_P pixels.
+    Grid: (cdiv(N * cdiv(OH, ROWS if ROW_REUSE else 1) * OW, BLOCK_P), cdiv(C_HID, BLOCK_C)).
     """
     C_HID = C_HID_A * ALIGN
+    x_sn = x_sn_a * ALIGN
     x_sh = x_sh_a * ALIGN
     x_sw = x_sw_a * ALIGN
-    offs_p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
-    p_mask = offs_p < P
-    n, oh, ow = split_pixels(offs_p, OH, OW)
-    j = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    j_mask = j < C_HID
-    col = (j // M).to(tl.int64) * x_sc
-    ih0 = oh * stride_h - pad_top
-    iw0 = ow * stride_w - pad_left
-    # One int64 offset per pixel (the window's top-left corner); each tap adds a scalar to it.
-    corner = row_offsets(n, ih0, iw0, x_sn_a * ALIGN, x_sh, x_sw)
-    acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=ACC)
-    for tap in tl.static_range(KH * KW):
-        dy = (tap // KW) * dil_h
-        dx = (tap % KW) * dil_w
-        ih = ih0 + dy
-        iw = iw0 + dx
-        ok = p_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-        at = corner + (dy.to(tl.int64) * x_sh + dx.to(tl.int64) * x_sw)
-        xv = tl.load(x_ptr + at[:, None] + col[None, :], mask=ok[:, None] & j_mask[None, :], other=0.0)
-        xv = xv.to(ACC)
-        if RELU:
-            xv = tl.maximum(xv, 0.0)
-        wv = tl.load(dw_ptr + tap * C_HID + j, mask=j_mask, other=0.0).to(ACC)
-        acc += xv * wv[None, :]
-    if HAS_DW_BIAS:
-        acc += tl.load(dwb_ptr + j, mask=j_mask, other=0.0).to(ACC)[None, :]
-    offs = offs_p.to(tl.int64)[:, None] * C_HID + j[None, :]
-    tl.store(h_ptr + offs, cast(acc, h_ptr.dtype.element_ty), mask=p_mask[:, None] & j_mask[None, :])
+    if ROW_REUSE:
+        _depthwise_rows(x_ptr, dw_ptr, dwb_ptr, h_ptr, N, C_HID, H, W, OH, OW, M, x_sn, x_sc, x_sh, x_sw,
+                        stride_w, pad_top, pad_left, dil_w, KH, KW, HAS_DW_BIAS, RELU, ACC, BLOCK_P, BLOCK_C, ROWS)
+    else:
+        offs_p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+        p_mask = offs_p < N * OH * OW
+        n, oh, ow = split_pixels(offs_p, OH, OW)
+        j = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+        j_mask = j < C_HID
+        col = (j // M).to(tl.int64) * x_sc
+        ih0 = oh * stride_h - pad_top
+        iw0 = ow * stride_w - pad_left
+        # One int64 offset per pixel (the window's top-left corner); each tap adds a scalar to it.
+        corner = row_offsets(n, ih0, iw0, x_sn, x_sh, x_sw)
+        acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=ACC)
+        for tap in tl.static_range(KH * KW):
+            dy = (tap // KW) * dil_h
+            dx = (tap % KW) * dil_w
+            ih = ih0 + dy
+            iw = iw0 + dx
+            ok = p_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            at = corner + (dy.to(tl.int64) * x_sh + dx.to(tl.int64) * x_sw)
+            xv = tl.load(x_ptr + at[:, None] + col[None, :], mask=ok[:, None] & j_mask[None, :], other=0.0)
+            xv = xv.to(ACC)
+            if RELU:
+                xv = tl.maximum(xv, 0.0)
+            wv = tl.load(dw_ptr + tap * C_HID + j, mask=j_mask, other=0.0).to(ACC)
+            acc += xv * wv[None, :]
+        if HAS_DW_BIAS:
+            acc += tl.load(dwb_ptr + j, mask=j_mask, other=0.0).to(ACC)[None, :]
+        offs = offs_p.to(tl.int64)[:, None] * C_HID + j[None, :]
+        tl.store(h_ptr + offs, cast(acc, h_ptr.dtype.element_ty), mask=p_mask[:, None] & j_mask[None, :])
 
 
 depthwise_autotuned = {name: triton.autotune(configs=configs_for(GPU_CONFIGS, INTERPRET_CONFIGS, name),
-                                             key=["P", "C_HID_A", "KH", "KW", "M", "ALIGN"])(depthwise_kernel)
+                                             key=["N", "C_HID_A", "OH", "OW", "KH", "KW", "M", "ALIGN", "ROW_REUSE"])(depthwise_kernel)
                        for name in GPU_CONFIGS}
 
 
@@ -133,13 +194,17 @@ def depthwise_launch(input: torch.Tensor, depthwise_weight: torch.Tensor, depthw
     x_sn, x_sc, x_sh, x_sw = input.stride()
     align = vector_width(c_hid, x_sn, x_sh, x_sw)
 
-    def grid(meta):
-        return (triton.cdiv(pixels, meta["BLOCK_P"]), triton.cdiv(c_hid, meta["BLOCK_C"]))
+    row_reuse = stride[0] == 1 and dilation[0] == 1
 
-    args = (input, dw, dwb, hidden, pixels, c_hid // align, height, width, out_hw[0], out_hw[1], c_hid // channels,
+    def grid(meta):
+        rows = meta["ROWS"] if row_reuse else 1
+        return (triton.cdiv(batch * triton.cdiv(out_hw[0], rows) * out_hw[1], meta["BLOCK_P"]),
+                triton.cdiv(c_hid, meta["BLOCK_C"]))
+
+    args = (input, dw, dwb, hidden, batch, c_hid // align, height, width, out_hw[0], out_hw[1], c_hid // channels,
             x_sn // align, x_sc, x_sh // align, x_sw // align, *geometry_args(stride, padding, dilation))
     constexprs = dict(KH=kh, KW=kw, HAS_DW_BIAS=depthwise_bias is not None, RELU=bool(relu_input), ALIGN=align,
-                      ACC=accumulator(input.dtype))
+                      ACC=accumulator(input.dtype), ROW_REUSE=row_reuse)
     return hidden, grid, args, constexprs
 
 
@@ -337,7 +402,7 @@ def forward(input: torch.Tensor, depthwise_weight: torch.Tensor, pointwise_weigh
         return out
     check_pixels(batch * oh * ow, input)
     pw = pointwise_weight.reshape(c_out, -1)
-    with device_guard(input):
+    with device_guard(input), matmul_like_conv(input):
         hidden = depthwise(input, depthwise_weight, depthwise_bias, (oh, ow), stride, padding, dilation, relu_input)
         rows = out.permute(0, 2, 3, 1)
         # A channels_last output takes the GEMM's result in place; any other layout gets a copy of it.
@@ -375,7 +440,7 @@ def backward(grad_output: torch.Tensor, input: torch.Tensor, depthwise_weight: t
     relu = bool(relu_input)
     go = _pixel_rows(grad_output)  # (P, C_out)
 
-    with device_guard(input):
+    with device_guard(input), matmul_like_conv(input):
         if want_input or want_depthwise:
             grad_hidden = go @ pw  # (P, C_hid), input dtype
             # The kernel writes grad_input when each input channel has one hidden channel.
