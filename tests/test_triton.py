@@ -228,6 +228,35 @@ def test_auto_picks_torch_for_cuda():
         assert kernels.dispatch._resolve_uncached("triton", torch.device("cuda"), dtype) == "triton"
 
 
+class _CudaFloat32:
+    """Stands for an fp32 CUDA tensor where only ``is_cuda`` and ``dtype`` are read."""
+
+    is_cuda = True
+    dtype = torch.float32
+
+
+def test_tf32_follows_pytorch_convolution_setting():
+    """fp32 products use TF32 exactly when PyTorch's cuDNN convolutions may; split mode's GEMMs follow the same
+    setting for their duration and leave cuBLAS's own setting as it was."""
+    require_backend("triton")
+    from kernels.triton.common import conv_tf32, matmul_like_conv
+
+    matmul = torch.backends.cuda.matmul
+    before = matmul.fp32_precision
+    previous_conv = torch.backends.cudnn.allow_tf32
+    try:
+        for allowed, expected in ((True, "tf32"), (False, "ieee")):
+            torch.backends.cudnn.allow_tf32 = allowed
+            assert conv_tf32(_CudaFloat32()) is allowed
+            with matmul_like_conv(_CudaFloat32()):
+                assert matmul.fp32_precision == expected
+            assert matmul.fp32_precision == before
+        assert not conv_tf32(torch.zeros(1))  # CPU (the interpreter): IEEE
+        assert not conv_tf32(torch.zeros(1, dtype=torch.float64))
+    finally:
+        torch.backends.cudnn.allow_tf32 = previous_conv
+
+
 def test_too_many_pixels_is_a_clear_error():
     require_backend("triton")
     from kernels.triton.forward import check_pixels
