@@ -101,7 +101,8 @@ def test_unrolled_taps(monkeypatch, dtype):
 
     from kernels.triton import backward, forward
 
-    monkeypatch.setattr(forward, "NARROW_MAX_CHANNELS", 0)  # the test's layer is narrow; UNROLL_TAPS is the wide kernel's
+    # The test's layer is narrow; UNROLL_TAPS belongs to the wide-layer kernel.
+    monkeypatch.setattr(forward, "NARROW_MAX_CHANNELS", 0)
     family = forward.family(dtype)
     for tuner in (forward.forward_autotuned[family], backward.grad_pointwise_autotuned[family]):
         first = tuner.configs[0]

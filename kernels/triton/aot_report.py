@@ -13,8 +13,9 @@ the width of every global load. Run::
 
 It prints one row per (kernel, config, dtype, target[, layer]) and exits non-zero
 when any compile fails or spills, or when a shaped compile loads 16-bit values one
-at a time (``LDG.E.U16``: a channel count that is a multiple of 8 must give vectors). ``tests/test_triton.py`` runs it in a subprocess
-(the kernels must be imported with ``TRITON_INTERPRET`` unset).
+at a time (``LDG.E.U16``: a channel count that is a multiple of 8 must give vectors).
+``tests/test_triton.py`` runs it in a subprocess (the kernels must be imported with
+``TRITON_INTERPRET`` unset).
 """
 
 from __future__ import annotations

@@ -121,7 +121,8 @@ def grad_hidden_kernel(
         acc = mma(g, w.to(g.dtype), acc, TF32)
 
     if STORE_GH:
-        tl.store(gh_ptr + offs_p.to(tl.int64)[:, None] * C_HID + j[None, :], acc, mask=p_mask[:, None] & j_mask[None, :])
+        tl.store(gh_ptr + offs_p.to(tl.int64)[:, None] * C_HID + j[None, :], acc,
+                 mask=p_mask[:, None] & j_mask[None, :])
     if NEED_DW:
         # Rows of acc outside the image are zero (go loaded as 0 there).
         part = part_ptr + pid_p.to(tl.int64) * ((KH * KW + 1) * C_HID)

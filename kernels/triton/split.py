@@ -171,7 +171,8 @@ def depthwise_kernel(
 
 
 depthwise_autotuned = {name: triton.autotune(configs=configs_for(GPU_CONFIGS, INTERPRET_CONFIGS, name),
-                                             key=["N", "C_HID_A", "OH", "OW", "KH", "KW", "M", "ALIGN", "ROW_REUSE"])(depthwise_kernel)
+                                             key=["N", "C_HID_A", "OH", "OW", "KH", "KW", "M", "ALIGN",
+                                                  "ROW_REUSE"])(depthwise_kernel)
                        for name in GPU_CONFIGS}
 
 
@@ -266,9 +267,10 @@ def transposed_depthwise_kernel(
     (BIAS_TAP < 0) a second loop reads the program's share of output pixels.
 
     gh: (P, C_HID) contiguous; dw: (KH*KW, C_HID) contiguous; x, gx: (N, C, H, W) any strides;
-    part: (G, KH*KW + 1, C_HID) in ACC (fp32; fp64 for fp64 tensors), as every sum here. Grid: (G, cdiv(C_HID, BLOCK_C)); program g takes input pixels
-    [g * Q_PER_PROGRAM, (g + 1) * Q_PER_PROGRAM) and output pixels [g * P_PER_PROGRAM, ...) (multiples of
-    BLOCK_Q): a split fixed by the shape, summed in a fixed order, so the gradients are deterministic.
+    part: (G, KH*KW + 1, C_HID) in ACC (fp32; fp64 for fp64 tensors), as every sum here.
+    Grid: (G, cdiv(C_HID, BLOCK_C)); program g takes input pixels [g * Q_PER_PROGRAM, (g + 1) * Q_PER_PROGRAM)
+    and output pixels [g * P_PER_PROGRAM, ...) (multiples of BLOCK_Q): a split fixed by the shape, summed in a
+    fixed order, so the gradients are deterministic.
     """
     C_HID = C_HID_A * ALIGN
     x_sh = x_sh_a * ALIGN
@@ -335,7 +337,8 @@ def transposed_depthwise_kernel(
 
 transposed_autotuned = {
     name: triton.autotune(configs=configs_for(TRANSPOSED_CONFIGS, TRANSPOSED_CONFIGS_INTERPRET, name),
-                          key=["Q", "C_HID_A", "M", "KH", "KW", "WANT_GX", "WANT_DW", "ALIGN"])(transposed_depthwise_kernel)
+                          key=["Q", "C_HID_A", "M", "KH", "KW", "WANT_GX", "WANT_DW", "ALIGN"],
+                          )(transposed_depthwise_kernel)
     for name in TRANSPOSED_CONFIGS}
 
 
