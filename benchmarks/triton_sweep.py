@@ -40,8 +40,8 @@ def candidates(kernel: str, family: str) -> List["triton.Config"]:  # noqa: F821
 
     k_16, k_32 = (32, 64) if family == "16bit" else (16, 32)
     if kernel == "depthwise":  # split mode's depthwise kernel (kernels/triton/split.py)
-        return [triton.Config(dict(BLOCK_P=p, BLOCK_K=k), num_warps=w, num_stages=1)
-                for p, k, w in itertools.product((32, 64, 128), (32, 64, 128), (4, 8))]
+        return [triton.Config(dict(BLOCK_P=p, BLOCK_C=c, ROWS=r), num_warps=w, num_stages=1)
+                for p, c, r, w in itertools.product((16, 32), (32, 64, 128), (4, 8), (4, 8))]
     if kernel == "grad_input":
         return [triton.Config(dict(BLOCK_Q=q, BLOCK_C=c), num_warps=w, num_stages=1)
                 for q, c, w in itertools.product((32, 64, 128), (32, 64), (4, 8))]

@@ -12,6 +12,10 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+else:
+    # The fp32 tolerances below assume IEEE fp32 products. PyTorch's convolutions, and the triton
+    # backend following them, use TF32 by default; the tests of that behaviour set the flag themselves.
+    torch.backends.cudnn.allow_tf32 = False
 
 import pytest  # noqa: E402
 

@@ -374,10 +374,19 @@ def test_triton_sweep_interpreted(tmp_path, capsys):
 
 
 def test_triton_sweep_candidates_and_errors(capsys):
+    require_backend("triton")
+    from kernels.triton import backward, forward, split
+
+    current = {"forward": forward.GPU_CONFIGS, "depthwise": split.GPU_CONFIGS,
+               "grad_hidden": backward.GRAD_HIDDEN_CONFIGS_GPU, "grad_input": backward.GRAD_INPUT_CONFIGS_GPU,
+               "grad_pointwise": backward.GRAD_POINTWISE_CONFIGS_GPU}
     for kernel in KERNELS:
         for family in ("16bit", "fp32"):
             names = [describe(config) for config in candidates(kernel, family)]
             assert names and len(set(names)) == len(names), (kernel, family)
+            # The candidates set the kernel's own tile parameters (a renamed one would fail to launch).
+            tiles = set(current[kernel][family][0].kwargs) | {"UNROLL_TAPS"}
+            assert all(set(c.kwargs) <= tiles for c in candidates(kernel, family)), (kernel, family, tiles)
     with pytest.raises(SystemExit):
         sweep_main(["--dtypes", "fp64"])
     assert "--dtypes" in capsys.readouterr().err

@@ -311,7 +311,8 @@ def _logits_and_grads(model, x, forward=None):
 def test_every_backend_matches_eager_conv2d_model(backend):
     """Same weights, train mode (batch-stat BN): logits, input gradient and every parameter gradient,
     against the nn.Conv2d model in float64."""
-    dtype = torch.float32 if backend == "triton" else torch.float64  # triton has no float64
+    # triton in float32, its working dtype (its float64 path is gradchecked in tests/test_triton*.py)
+    dtype = torch.float32 if backend == "triton" else torch.float64
     device = require_backend(backend, dtype)
     # Triton on CPU is its interpreter: a narrower network (channels 8..128) keeps it near 20 s.
     interpreted = device.type == "cpu" and backend == "triton"

@@ -23,6 +23,8 @@ from typing import Callable, Dict, Iterator, List, Optional
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from .model import const
+
 
 @dataclass
 class KernelLaunch:
@@ -170,6 +172,13 @@ def recording(capability: int = 90) -> Iterator[Recording]:
         rec.kernels.append(KernelLaunch(self.fn, args, kwargs, grid, list(self.configs), self.fn.__name__))
         return None
 
+    # Launchers that size a persistent grid by the SM count read it from here for CPU tensors.
+    import sys
+
+    forward = sys.modules.get("kernels.triton.forward")
+    stand_in = getattr(forward, "STAND_IN_MULTIPROCESSORS", None) if forward else None
+    if forward is not None and hasattr(forward, "STAND_IN_MULTIPROCESSORS"):
+        forward.STAND_IN_MULTIPROCESSORS = const("sms")
     driver.set_active(_StandInDriver(capability))
     JITFunction.run, Autotuner.run = run, autotune_run
     try:
@@ -177,6 +186,8 @@ def recording(capability: int = 90) -> Iterator[Recording]:
             yield rec
     finally:
         JITFunction.run, Autotuner.run = real_run, real_autotune_run
+        if forward is not None and hasattr(forward, "STAND_IN_MULTIPROCESSORS"):
+            forward.STAND_IN_MULTIPROCESSORS = stand_in
         driver.reset_active() if _has_real_driver() else setattr(driver, "_active", None)
 
 

@@ -211,10 +211,18 @@ def is_narrow(c_hid: int, c_out: int, device: torch.device) -> bool:
     return device.type != "cuda" or torch.cuda.get_device_capability(device)[0] >= 9
 
 
+# The SM count CPU tensors stand for. None in the interpreter (its grid stays small, so the persistent
+# loop runs several times); benchmarks.gpu_model sets it to the modelled GPU's count (132 on an H200)
+# while it records launches, so the grid it compiles and models is the GPU's.
+STAND_IN_MULTIPROCESSORS: Optional[int] = None
+
+
 def _programs(input: torch.Tensor, tiles_for_smallest_block: int) -> int:
     """Persistent grid size: a few programs per SM (a fixed small count in the interpreter, so its loop runs)."""
     if input.device.type == "cuda":
         per_device = 4 * torch.cuda.get_device_properties(input.device).multi_processor_count
+    elif STAND_IN_MULTIPROCESSORS:
+        per_device = 4 * STAND_IN_MULTIPROCESSORS
     else:
         per_device = 3
     return max(1, min(per_device, tiles_for_smallest_block))
