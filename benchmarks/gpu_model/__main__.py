@@ -71,12 +71,15 @@ def print_kernel(report: layers.KernelReport, verbose: bool) -> None:
 
 
 def report(args) -> int:
+    import torch
+
     recorded = _recorded_eager(RESULTS)
     for shape in args.layers:
         for dtype in args.dtypes:
             for mode in args.modes:
                 for direction in args.directions:
-                    op = layers.op_report(shape, args.batch, dtype, mode, direction, args.capability, tf32=args.tf32)
+                    op = layers.op_report(shape, args.batch, dtype, mode, direction, args.capability,
+                                          tf32=bool(torch.backends.cudnn.allow_tf32))
                     seconds = op.seconds
                     total = f"{seconds * 1e3:.3f} ms" if seconds is not None else "not modelled"
                     eager_key = (shape.name, dtype, "fwd" if direction == "fwd" else "full", args.batch)
@@ -107,18 +110,20 @@ def predicted_rows(args) -> List[dict]:
 
     import torch
 
+    # fp32 follows PyTorch's convolution setting, as the backend does (TF32 unless turned off).
+    tf32 = bool(torch.backends.cudnn.allow_tf32)
     now = datetime.now(timezone.utc)
     run = {"run_id": now.strftime("%Y%m%dT%H%M%SZ") + "-predicted", "utc_time": now.isoformat(timespec="seconds"),
            "device": "cuda", "device_name": "NVIDIA H200 (predicted by benchmarks.gpu_model)", "predicted": True,
            "gpu_model": "NVIDIA H200", "cpu_model": platform.processor() or platform.machine(),
            "torch_version": torch.__version__, "triton_version": _triton_version(), "git_commit": _commit(),
-           "python": platform.python_version(), "argv": " ".join(sys.argv),
+           "python": platform.python_version(), "argv": " ".join(sys.argv), "cudnn_allow_tf32": tf32,
            "constants": {k: v[0] for k, v in model.CONSTANTS.items()}}
     rows = []
     for shape in args.layers:
         for dtype in args.dtypes:
             for mode in args.modes:
-                seconds = layers.layer_seconds(shape, args.batch, dtype, mode, "full", args.capability)
+                seconds = layers.layer_seconds(shape, args.batch, dtype, mode, "full", args.capability, tf32)
                 for suite_mode in ("fwd", "full"):
                     value = seconds.get(suite_mode)
                     ms = None if value is None else value * 1e3
@@ -165,7 +170,9 @@ def main(argv=None) -> int:
     parser.add_argument("--directions", default="fwd")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--capability", type=int, default=90, choices=(80, 90))
-    parser.add_argument("--tf32", action="store_true", help="price fp32 GEMMs at the TF32 rate")
+    parser.add_argument("--no-tf32", action="store_true",
+                        help="fp32 as with torch.backends.cudnn.allow_tf32 = False (IEEE products in the kernels "
+                             "and GEMMs); by default fp32 follows PyTorch's default, TF32")
     parser.add_argument("--all-configs", action="store_true", help="every autotune config, not the best one")
     parser.add_argument("-q", "--quiet", dest="verbose", action="store_false", help="no per-loop census")
     parser.add_argument("--validate", action="store_true", help="compare with the recorded H200 timings")
@@ -190,6 +197,10 @@ def main(argv=None) -> int:
         bad = [v for v in values if v not in allowed]
         if bad or not values:
             parser.error(f"{name}: {bad or values!r} not in {list(allowed)}")
+    import torch
+
+    if args.no_tf32:
+        torch.backends.cudnn.allow_tf32 = False
     if args.validate:
         from . import validate
 

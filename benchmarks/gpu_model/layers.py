@@ -190,10 +190,10 @@ def op_report(shape: Shape, batch: int, dtype_name: str, mode: str, direction: s
 
 
 def layer_seconds(shape: Shape, batch: int, dtype_name: str, mode: str, direction: str,
-                  capability: int = 90) -> Dict[str, Optional[float]]:
+                  capability: int = 90, tf32: bool = False) -> Dict[str, Optional[float]]:
     """Predicted seconds of ``fwd``, ``bwd`` or both (``full``)."""
     parts = ("fwd", "bwd") if direction == "full" else (direction,)
-    out = {part: op_report(shape, batch, dtype_name, mode, part, capability).seconds for part in parts}
+    out = {part: op_report(shape, batch, dtype_name, mode, part, capability, tf32=tf32).seconds for part in parts}
     if direction == "full":
         out["full"] = None if None in out.values() else sum(out.values())
     return out
