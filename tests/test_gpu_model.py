@@ -116,11 +116,14 @@ def test_loop_matching_drops_unrolled_static_loops():
 
 # ---- bank conflicts -----------------------------------------------------------------------------
 
-_TTGIR = """#blocked = #ttg.blocked<{sizePerThread = [4, 4], threadsPerWarp = [1, 32], warpsPerCTA = [8, 1], order = [1, 0]}>
-#shared = #ttg.swizzled_shared<{vec = 1, perPhase = 1, maxPhase = 1, order = [0, 1]}>
-#shared1 = #ttg.swizzled_shared<{vec = 1, perPhase = 1, maxPhase = 1, order = [1, 0]}>
-    %b = ttg.local_load %wt : !ttg.memdesc<16x128xf32, {B}, #smem> -> tensor<16x128xf32, #ttg.dot_op<{opIdx = 1, parent = #blocked}>>
-"""
+_TTGIR = "\n".join([
+    "#blocked = #ttg.blocked<{sizePerThread = [4, 4], threadsPerWarp = [1, 32], warpsPerCTA = [8, 1], "
+    "order = [1, 0]}>",
+    "#shared = #ttg.swizzled_shared<{vec = 1, perPhase = 1, maxPhase = 1, order = [0, 1]}>",
+    "#shared1 = #ttg.swizzled_shared<{vec = 1, perPhase = 1, maxPhase = 1, order = [1, 0]}>",
+    "    %b = ttg.local_load %wt : !ttg.memdesc<16x128xf32, {B}, #smem> -> "
+    "tensor<16x128xf32, #ttg.dot_op<{opIdx = 1, parent = #blocked}>>",
+])
 
 
 def test_bank_conflicts_of_an_fma_dot_operand():

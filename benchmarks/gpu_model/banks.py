@@ -18,16 +18,17 @@ import re
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
-_BLOCKED = re.compile(r"^(#blocked\d*) = #ttg\.blocked<\{sizePerThread = \[([\d, ]+)\], threadsPerWarp = \[([\d, ]+)\], "
-                      r"warpsPerCTA = \[([\d, ]+)\], order = \[([\d, ]+)\]")
+_BLOCKED = re.compile(r"^(#blocked\d*) = #ttg\.blocked<\{sizePerThread = \[([\d, ]+)\], "
+                      r"threadsPerWarp = \[([\d, ]+)\], warpsPerCTA = \[([\d, ]+)\], order = \[([\d, ]+)\]")
 _SHARED = re.compile(r"^(#shared\d*) = #ttg\.swizzled_shared<\{vec = (\d+), perPhase = (\d+), maxPhase = (\d+), "
                      r"order = \[([\d, ]+)\]")
 # A read of a shared buffer into registers: into a dot operand (FMA dots) or a blocked layout.
 _LOAD = re.compile(r"ttg\.local_load [^:]*: !ttg\.memdesc<([\dx]+)x(\w+), (#shared\d*),.*?-> tensor<[\dx]+x\w+, "
                    r"(?:#ttg\.dot_op<\{opIdx = (\d), parent = (#blocked\d*)|(#blocked\d*)>)")
 # A write of registers in a blocked layout into a shared buffer (including cp.async copies).
-_STORE = re.compile(r"ttg\.(?:local_alloc|local_store|async_copy_global_to_local) [^:]*: \(?tensor<([\dx]+)x(?:!tt\.ptr<)?"
-                    r"(\w+?)>?, (#blocked\d*)>\)?(?: -> |, )(?:!ttg\.memdesc)?<[\dx]+x\w+, (#shared\d*)")
+_STORE = re.compile(r"ttg\.(?:local_alloc|local_store|async_copy_global_to_local) [^:]*: "
+                    r"\(?tensor<([\dx]+)x(?:!tt\.ptr<)?(\w+?)>?, (#blocked\d*)>\)?"
+                    r"(?: -> |, )(?:!ttg\.memdesc)?<[\dx]+x\w+, (#shared\d*)")
 
 _BYTES = {"f32": 4, "i32": 4, "f16": 2, "bf16": 2, "f64": 8, "i64": 8, "i8": 1, "i1": 1, "i16": 2}
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import os
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterator, List, Optional
+from typing import Callable, Dict, Iterator, List
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -179,6 +179,7 @@ def recording(capability: int = 90) -> Iterator[Recording]:
     stand_in = getattr(forward, "STAND_IN_MULTIPROCESSORS", None) if forward else None
     if forward is not None and hasattr(forward, "STAND_IN_MULTIPROCESSORS"):
         forward.STAND_IN_MULTIPROCESSORS = const("sms")
+    previous_driver = driver._active
     driver.set_active(_StandInDriver(capability))
     JITFunction.run, Autotuner.run = run, autotune_run
     try:
@@ -188,17 +189,7 @@ def recording(capability: int = 90) -> Iterator[Recording]:
         JITFunction.run, Autotuner.run = real_run, real_autotune_run
         if forward is not None and hasattr(forward, "STAND_IN_MULTIPROCESSORS"):
             forward.STAND_IN_MULTIPROCESSORS = stand_in
-        driver.reset_active() if _has_real_driver() else setattr(driver, "_active", None)
-
-
-def _has_real_driver() -> bool:
-    try:
-        from triton.runtime.driver import driver
-
-        driver.default  # noqa: B018 - raises without an active GPU driver
-        return True
-    except Exception:  # noqa: BLE001
-        return False
+        driver._active = previous_driver
 
 
 def compile_launch(launch: KernelLaunch, config, capability: int = 90):
@@ -245,7 +236,3 @@ def parse_config(text: str):
         else:
             meta[key] = parsed
     return triton.Config(meta, **options)
-
-
-
-
