@@ -62,10 +62,10 @@ def test_latency_chain_counts_a_waited_load():
     code = sass.parse(_SASS)
     body = code.loops[0].instructions
     # Replayed twice: the FFMA waits for the LDG of its own pass, a global round trip each pass.
-    chain = model.latency_chain(body, True, model.BodyCost())
+    chain = model.latency_chain(body, True)
     assert model.const("global_latency") < chain < model.const("global_latency") + 50
     no_wait = [i for i in body if i.mnemonic != "FFMA"]
-    assert model.latency_chain(no_wait, True, model.BodyCost()) < 20
+    assert model.latency_chain(no_wait, True) < 20
 
 
 # ---- TTIR trip counts ---------------------------------------------------------------------------

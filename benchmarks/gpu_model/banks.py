@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Tuple
 
 _BLOCKED = re.compile(r"^(#blocked\d*) = #ttg\.blocked<\{sizePerThread = \[([\d, ]+)\], "
                       r"threadsPerWarp = \[([\d, ]+)\], warpsPerCTA = \[([\d, ]+)\], order = \[([\d, ]+)\]")
@@ -189,12 +189,3 @@ def _blocked_access(shape: Tuple[int, int], element_bytes: int, buffer: Swizzled
                 starts.append(buffer.offset(index, shape))
             degrees.append(_phase_degree(starts, vector, element_bytes))
     return sum(degrees) / len(degrees), len(degrees)
-
-
-def conflict_free() -> Conflicts:
-    return Conflicts()
-
-
-def summary(value: Optional[Conflicts]) -> str:
-    value = value or Conflicts()
-    return f"shared reads x{value.read:.1f}, writes x{value.write:.1f} (bank-conflict degree)"

@@ -105,11 +105,8 @@ def _tensor_flops(instruction: Instruction) -> tuple:
         m, n, k = (8, 8, 4)
         return 2.0 * m * n * k, "tensor_flop_per_clock_dmma"
     if op.startswith("HMMA") or op.startswith("IMMA"):
-        if dims and len(str(dims[0])) == 4:  # HMMA.1688 / HMMA.16816
-            text = str(dims[0])
-            m, n, k = int(text[:2]), int(text[2]), int(text[3:])
-        elif dims and len(str(dims[0])) == 5:
-            text = str(dims[0])
+        text = str(dims[0]) if dims else ""
+        if len(text) in (4, 5):  # HMMA.1688 / HMMA.16816: m is two digits, n one, k the rest
             m, n, k = int(text[:2]), int(text[2]), int(text[3:])
         else:
             m, n, k = 16, 8, 16
@@ -175,11 +172,11 @@ def body_cost(instructions: List[Instruction], repeat: bool, banks: Optional[Con
             cost.wavefronts += max(1, math.ceil(size / const("lsu_bytes_per_clock"))) * factor.get(klass, 1.0)
             if klass in ("ldg", "stg", "local", "async_copy"):
                 cost.sectors_bytes += max(32, size)
-    cost.chain = latency_chain(instructions, repeat, cost)
+    cost.chain = latency_chain(instructions, repeat)
     return cost
 
 
-def _latency(instruction: Instruction, cost: BodyCost) -> float:
+def _latency(instruction: Instruction) -> float:
     klass = instruction.klass
     if klass in ("ldg", "local", "async_copy"):
         return const("global_latency")
@@ -190,7 +187,7 @@ def _latency(instruction: Instruction, cost: BodyCost) -> float:
     return const("constant_latency")
 
 
-def latency_chain(instructions: List[Instruction], repeat: bool, cost: BodyCost) -> float:
+def latency_chain(instructions: List[Instruction], repeat: bool) -> float:
     """One warp's cycles through ``instructions`` (twice for a loop body, the second pass counted)."""
     ready = [0.0] * 6
     wgmma_done = 0.0
@@ -212,7 +209,7 @@ def latency_chain(instructions: List[Instruction], repeat: bool, cost: BodyCost)
                 wgmma_done = max(wgmma_done, now) + 4 * flops / const(key) + const("wgmma_wait")
             now += max(1, instruction.stall)
             if instruction.write_barrier is not None:
-                ready[instruction.write_barrier] = now + _latency(instruction, cost)
+                ready[instruction.write_barrier] = now + _latency(instruction)
     if repeat:
         return now - start
     return now
