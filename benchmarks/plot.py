@@ -51,8 +51,9 @@ PROVIDER_COLORS = {
     "triton-split": "#9467bd",
     "triton-split-fused": "#54278f",
     "triton-split-unfused": "#c5b0d5",
+    "auto": "#d62728",
 }
-SPARE_COLORS = ("#bcbd22", "#17becf", "#e377c2", "#d62728", "#98df8a", "#c49c94", "#dbdb8d", "#f7b6d2")
+SPARE_COLORS = ("#bcbd22", "#17becf", "#e377c2", "#98df8a", "#c49c94", "#dbdb8d", "#f7b6d2")
 NCHW_HATCH = "//"
 # Ticks of a speedup axis, printed as 0.5x, 1x, 2x: about even steps on a log scale, and
 # 1-2-5 steps alone where the range is wide.
@@ -61,6 +62,8 @@ WIDE_RATIO_TICKS = [round(m * 10.0 ** e, 6) for e in range(-3, 3) for m in (1, 2
 
 
 def provider_color(provider: str) -> str:
+    # A predicted series (benchmarks.gpu_model) takes the colour of the provider it predicts.
+    provider = provider.removesuffix("-predicted")
     if provider in PROVIDER_COLORS:
         return PROVIDER_COLORS[provider]
     return SPARE_COLORS[zlib.crc32(provider.encode()) % len(SPARE_COLORS)]
@@ -200,7 +203,8 @@ def _title(run: dict, source: Optional[str]) -> str:
     commit = commit[:10] + ("-dirty" if commit.endswith("-dirty") else "")
     # Rows from a model (benchmarks.gpu_model --rows) are predictions: the chart says so first.
     predicted = "PREDICTED by a model, not measured: " if run.get("predicted") else ""
-    line = (f"{predicted}{run.get('device_name', '?')} ({run.get('device', '?')}, {run.get('threads', '?')} threads), "
+    threads = f", {run['threads']} threads" if run.get("threads") else ""
+    line = (f"{predicted}{run.get('device_name', '?')} ({run.get('device', '?')}{threads}), "
             f"{versions}, commit {commit}, {run.get('utc_time', '?')}")
     return line + (f"\nfrom {source}, run {run.get('run_id', '?')}" if source else f"\nrun {run.get('run_id', '?')}")
 

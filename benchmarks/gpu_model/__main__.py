@@ -4,6 +4,7 @@
                                    [--directions fwd,bwd] [--batch 32] [--capability 90] [--all-configs]
     python -m benchmarks.gpu_model --validate [--with-backward]
     python -m benchmarks.gpu_model --rows PATH          # predicted rows in the benchmark suite's format
+                                                        # (layers; with --layers all, the whole network too)
     python -m benchmarks.gpu_model --check               # spills, scalar loads, occupancy (what make test runs)
 
 Every time it prints is PREDICTED by a model (``benchmarks/gpu_model/model.py``), not measured.
@@ -144,7 +145,18 @@ def predicted_rows(args) -> List[dict]:
                         "peak_alloc_mb": None, "threads": None, "case_wall_s": None, "images_per_s": None,
                         "minor_faults": None, "run": run,
                     })
-    return rows
+    return rows + _network_rows(rows, run)
+
+
+def _network_rows(layer_rows: List[dict], run: dict) -> List[dict]:
+    """Whole-Xception rows predicted from ``layer_rows`` where they cover every layer the network runs."""
+    from ..cases import MODEL_SHAPE
+    from . import whole_model
+
+    recorded = [json.loads(line) for line in RESULTS.read_text().splitlines() if line.strip()] \
+        if RESULTS.exists() else []
+    estimates = whole_model.predict(recorded, layer_rows, whole_model.layer_counts())
+    return whole_model.network_rows(estimates, run, MODEL_SHAPE)
 
 
 def _commit() -> Optional[str]:
