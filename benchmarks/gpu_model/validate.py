@@ -181,6 +181,7 @@ def validate(with_backward: bool = False, results: Path = RESULTS) -> int:
             failures += _print_sweeps(predicted)
         else:
             failures += _print_layers(predicted)
+            _print_network(predicted, _read(path))
     print()
     if failures:
         print("targets missed:")
@@ -239,3 +240,29 @@ def _print_layers(rows: List[dict]) -> List[str]:
         print(f"forward+backward rows (shown for information; the targets are on the forward): "
               f"{len(full)} rows, predicted/measured {min(full):.2f}-{max(full):.2f}")
     return failures
+
+
+def _print_network(predicted: List[dict], recorded: List[dict]) -> None:
+    """The whole-network estimate (``whole_model``) from the predicted layers against the timed network.
+
+    The estimate keeps the eager BatchNorms, so it is compared with the run's ``triton-unfused`` network.
+    Shown for information: the network mode needs every layer's row (``--with-backward`` for training).
+    """
+    from . import whole_model
+
+    layer_rows = [dict(r, provider="triton-predicted", p50_ms=r["predicted_ms"]) for r in predicted
+                  if r["predicted_ms"] is not None]
+    measured = {(r["dtype"], r["mode"], r["batch"]): r["p50_ms"] for r in recorded
+                if r.get("suite") == "model" and r.get("provider") == "triton-unfused" and r.get("status") == "ok"}
+    estimates = [e for e in whole_model.predict(recorded, layer_rows, whole_model.layer_counts())
+                 if e["provider"] == "triton-predicted" and (e["dtype"], e["mode"], e["batch"]) in measured]
+    if not estimates:
+        return
+    print("whole network, triton-unfused (recorded eager network with each separable conv's predicted time "
+          "substituted; for information):")
+    print(f"{'network':<22} {'measured':>9} {'predicted':>9} {'pred/meas':>9}")
+    for e in estimates:
+        ms = measured[(e["dtype"], e["mode"], e["batch"])]
+        print(f"{e['dtype'] + ' ' + e['mode'] + ' N=' + str(e['batch']):<22} {ms:>9.3f} {e['p50_ms']:>9.3f} "
+              f"{e['p50_ms'] / ms:>9.2f}")
+
