@@ -47,6 +47,25 @@ def test_thread_counts_agree(threads):
         torch.testing.assert_close(a, b, **TOLERANCES[torch.float32])
 
 
+def test_forward_bitwise_across_thread_counts(threads):
+    """Many pixel blocks share the packed pointwise panels, each packed by whichever thread needs it
+    first while the others wait, and blocks visit the panels from different starting points: the
+    output is the same to the bit at 1, 2 and 3 threads (every sum runs over the hidden channels
+    in order), and matches the reference."""
+    require_backend("cpp")
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 48, 40, 40, generator=g).contiguous(memory_format=torch.channels_last)
+    dw = torch.randn(48, 1, 3, 3, generator=g) / 3
+    pw = torch.randn(200, 48, 1, 1, generator=g) / 48 ** 0.5  # 7 panels, the last one partial
+    outputs = []
+    for count in (1, 2, 3):
+        torch.set_num_threads(count)
+        outputs.append(kernels.separable_conv2d(x, dw, pw, padding=1, relu_input=True, backend="cpp"))
+    assert torch.equal(outputs[0], outputs[1]) and torch.equal(outputs[0], outputs[2])
+    expected = F.conv2d(F.conv2d(F.relu(x).double(), dw.double(), padding=1, groups=48), pw.double())
+    torch.testing.assert_close(outputs[0].double(), expected, **TOLERANCES[torch.float32])
+
+
 @pytest.mark.parametrize("batch,channels,out_channels,size", [(2, 64, 128, 37), (1, 728, 728, 10), (1, 256, 100, 19)])
 @pytest.mark.parametrize("layout", ["channels_last", "contiguous"])
 def test_realistic_shapes(batch, channels, out_channels, size, layout):

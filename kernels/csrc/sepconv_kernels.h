@@ -22,9 +22,11 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstring>
 #include <memory>
+#include <thread>
 #include <type_traits>
 #include <vector>
 
@@ -521,6 +523,27 @@ void prefetch_panel_source(const T* pw, int64_t Cout, int64_t CM, int64_t jp, in
   }
 }
 
+// The packing state of one shared panel: the first task to need it packs it while any other
+// waits (a panel takes microseconds); then every task reads it.
+class PanelSlot {
+ public:
+  template <typename Pack>
+  void ensure_packed(Pack&& pack) {
+    if (state_.load(std::memory_order_acquire) == kReady) return;
+    int expected = kEmpty;
+    if (state_.compare_exchange_strong(expected, kPacking, std::memory_order_acquire)) {
+      pack();
+      state_.store(kReady, std::memory_order_release);
+      return;
+    }
+    while (state_.load(std::memory_order_acquire) != kReady) std::this_thread::yield();
+  }
+
+ private:
+  static constexpr int kEmpty = 0, kPacking = 1, kReady = 2;
+  std::atomic<int> state_{kEmpty};
+};
+
 #ifndef SEPCONV_MAX_ROWS
 #define SEPCONV_MAX_ROWS 192
 #endif
@@ -564,15 +587,18 @@ void forward(const Geometry& g, const T* x, const T* dw_taps, const T* pw, const
   // The pointwise weight as kCols-wide panels (CM x kCols each). When a panel serves one task
   // (a block or two per thread: batch 1), the task packs it into an L2-resident buffer right
   // before using it, so the weight crosses memory once; a separate packing pass would write and
-  // re-read all of it, which at batch 1 costs as much as the GEMM. Otherwise all panels are
-  // packed once, up front, and every block reads them.
+  // re-read all of it, which at batch 1 costs as much as the GEMM. Otherwise every block reads
+  // every panel from one shared buffer, and the panels are packed there by the first task that
+  // needs each (PanelSlot), right before its first use; the threads' first blocks start at
+  // different panels, so each packs its share. (A packing pass ahead of the blocks cost its own
+  // parallel region, wrote the whole packed weight out and read it back: 0.2-0.7 ms of a 12-27 ms
+  // forward of the 10x10 layers at batch 8.)
   const bool pack_on_use = blocks <= 2 * threads;
   T* shared_panels = nullptr;
+  std::unique_ptr<PanelSlot[]> panel_slots;
   if (!pack_on_use) {
     shared_panels = scratch<T, struct PointwisePanels>(npanels * g.CM * kCols);
-    at::parallel_for(0, npanels, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t jp = begin; jp < end; ++jp) pack_panel(pw, g.Cout, g.CM, jp, shared_panels + jp * g.CM * kCols);
-    });
+    panel_slots.reset(new PanelSlot[npanels]);
   }
 
   // An output larger than the cache goes out with streaming stores, in full 32-column panels
@@ -589,13 +615,20 @@ void forward(const Geometry& g, const T* x, const T* dw_taps, const T* pw, const
       const int64_t jp0 = split * panels_per_split, jp1 = std::min(npanels, jp0 + panels_per_split);
       if (jp0 >= jp1 || nrows == 0) continue;
       depthwise_tile<T>(g, x, dw_taps, nullptr, relu, p0, nrows, 0, g.CM, tile.data(), ld);
-      for (int64_t jp = jp0; jp < jp1; ++jp) {
+      // Blocks reading the shared panels start at evenly spaced ones (the order of the panels does
+      // not change any sum). Packing on use, the threads go in step: both read the same rows of pw
+      // at about the same time, and one fetch from DRAM serves them.
+      const int64_t first_panel = pack_on_use ? jp0 : jp0 + block * (jp1 - jp0) / blocks;
+      for (int64_t step = 0; step < jp1 - jp0; ++step) {
+        const int64_t jp = first_panel + step < jp1 ? first_panel + step : first_panel + step - (jp1 - jp0);
         MicroArgs args{g.CM, ld, 1, kCols, g.Cout, int(std::min<int64_t>(kCols, g.Cout - jp * kCols)), false};
         args.stream = stream && args.nr == kCols;
         const T* panel = shared_panels + jp * g.CM * kCols;
         if (pack_on_use) {
           pack_panel(pw, g.Cout, g.CM, jp, own_panel.data());
           panel = own_panel.data();
+        } else {
+          panel_slots[jp].ensure_packed([&] { pack_panel(pw, g.Cout, g.CM, jp, shared_panels + jp * g.CM * kCols); });
         }
         const T* init = bias ? bias + jp * kCols : nullptr;
         const int64_t calls = ceil_div(nrows, kRows);
@@ -603,7 +636,7 @@ void forward(const Geometry& g, const T* x, const T* dw_taps, const T* pw, const
           const int64_t r0 = call * nrows / calls, r1 = (call + 1) * nrows / calls;
           // The rows of pw two panels on, a share before each call: in a network they come from
           // DRAM (its weights overflow L3), and the pack stalled on them.
-          if (pack_on_use && jp + 2 < jp1) prefetch_panel_source(pw, g.Cout, g.CM, jp + 2, call, calls);
+          if (pack_on_use && step + 2 < jp1 - jp0) prefetch_panel_source(pw, g.Cout, g.CM, jp + 2, call, calls);
           micro<T>(int(r1 - r0), tile.data() + r0 * ld, panel, out + (p0 + r0) * g.Cout + jp * kCols, init, args);
         }
       }
