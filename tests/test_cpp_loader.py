@@ -15,6 +15,8 @@ from kernels import cpp_backend
 def fake_build(tmp_path, monkeypatch):
     """A JIT build into an empty extensions cache, with the compiler call replaced by a stub."""
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    # _jit_build records what the stub returns as the loaded library: restore the real one after.
+    monkeypatch.setattr(cpp_backend, "_library_file", cpp_backend._library_file)
     monkeypatch.setattr(cpp_backend.shutil, "which", lambda name: "/usr/bin/" + name)
     monkeypatch.setattr(cpp_extension, "is_ninja_available", lambda: True)
     calls = []
