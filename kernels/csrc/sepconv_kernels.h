@@ -208,33 +208,64 @@ inline void depthwise_row3x3_f32(const float* x, const Run3x3& run, int64_t k0, 
     // Where consecutive pixels are one column step apart (stride equal to dilation), each input
     // enters a window that slides along the run once (three loads a pixel, not nine; forward of
     // 128->128@147 at batch 8 4% faster); otherwise each pixel loads its whole window.
+    // One pixel's sum, tap (i, j) = column(i, j) of its window: the taps alternate between two
+    // chains (the order every path of this kernel sums in).
+    auto window_sum = [&](auto&& column) {
+      VecF32::Reg acc0 = b, acc1 = zero;
+      if (rows[0]) {
+        acc0 = VecF32::fmadd(column(0, 0), wv[0], acc0);
+        acc1 = VecF32::fmadd(column(0, 1), wv[1], acc1);
+        acc0 = VecF32::fmadd(column(0, 2), wv[2], acc0);
+      }
+      if (rows[1]) {
+        acc1 = VecF32::fmadd(column(1, 0), wv[3], acc1);
+        acc0 = VecF32::fmadd(column(1, 1), wv[4], acc0);
+        acc1 = VecF32::fmadd(column(1, 2), wv[5], acc1);
+      }
+      if (rows[2]) {
+        acc0 = VecF32::fmadd(column(2, 0), wv[6], acc0);
+        acc1 = VecF32::fmadd(column(2, 1), wv[7], acc1);
+        acc0 = VecF32::fmadd(column(2, 2), wv[8], acc0);
+      }
+      return VecF32::add(acc0, acc1);
+    };
     with_sliding(sliding, [&](auto kind) {
       VecF32::Reg window[3][3];
       start_window(window, x, run, start, m, relu);
-      for (int64_t r = 0; r < run.count; ++r) {
+      int64_t r = 0;
+      if constexpr (decltype(kind)::value) {
+        // Two pixels at a time where the window slides: their sums are independent chains of
+        // FMAs, and with one pixel per iteration the loop waited on each pixel's chain (depthwise
+        // stage 10-15% faster alone, same bits). Columns 2 and 3 of the pair's windows come in.
+        for (; r + 1 < run.count; r += 2) {
+          const int64_t at = start + r * pixel_step;
+          prefetch_at(x, at + run.ahead);
+          prefetch_at(x, at + run.ahead + pixel_step);
+          VecF32::Reg fourth[3] = {zero, zero, zero};  // column 3 of each in-bounds kernel row
+#pragma GCC unroll 3
+          for (int i = 0; i < 3; ++i) {
+            if (!rows[i]) continue;
+            window[i][2] = load_input(x, at + i * run.row_step + 2 * run.col_step, m, relu);
+            fourth[i] = load_input(x, at + i * run.row_step + 3 * run.col_step, m, relu);
+          }
+          VecF32::store(out + r * ld + c, m, window_sum([&](int i, int j) { return window[i][j]; }));
+          VecF32::store(out + (r + 1) * ld + c, m,
+                        window_sum([&](int i, int j) { return j < 2 ? window[i][j + 1] : fourth[i]; }));
+#pragma GCC unroll 3
+          for (int i = 0; i < 3; ++i) {  // columns 2 and 3 become the next pair's columns 0 and 1
+            window[i][0] = window[i][2];
+            window[i][1] = fourth[i];
+          }
+        }
+      }
+      for (; r < run.count; ++r) {
         const int64_t at = start + r * pixel_step;
         prefetch_at(x, at + run.ahead);  // from L3 the bottom-right tap stalled the loop
 #pragma GCC unroll 3
         for (int i = 0; i < 3; ++i) {
           if (rows[i]) load_window_row<decltype(kind)::value>(window, i, x, run, at, m, relu);
         }
-        VecF32::Reg acc0 = b, acc1 = zero;  // two chains: taps alternate between them
-        if (rows[0]) {
-          acc0 = VecF32::fmadd(window[0][0], wv[0], acc0);
-          acc1 = VecF32::fmadd(window[0][1], wv[1], acc1);
-          acc0 = VecF32::fmadd(window[0][2], wv[2], acc0);
-        }
-        if (rows[1]) {
-          acc1 = VecF32::fmadd(window[1][0], wv[3], acc1);
-          acc0 = VecF32::fmadd(window[1][1], wv[4], acc0);
-          acc1 = VecF32::fmadd(window[1][2], wv[5], acc1);
-        }
-        if (rows[2]) {
-          acc0 = VecF32::fmadd(window[2][0], wv[6], acc0);
-          acc1 = VecF32::fmadd(window[2][1], wv[7], acc1);
-          acc0 = VecF32::fmadd(window[2][2], wv[8], acc0);
-        }
-        VecF32::store(out + r * ld + c, m, VecF32::add(acc0, acc1));
+        VecF32::store(out + r * ld + c, m, window_sum([&](int i, int j) { return window[i][j]; }));
 #pragma GCC unroll 3
         for (int i = 0; i < 3; ++i) shift_window_row(window, i);
       }
