@@ -93,7 +93,8 @@ class _StandInDriver:
 
 _MATMULS = {"mm", "addmm", "bmm", "baddbmm"}
 # Calls that move no data on the GPU (views, metadata, allocation).
-_FREE = {"empty", "empty_strided", "new_empty", "view", "_unsafe_view", "reshape", "permute", "t", "transpose",
+_FREE = {"empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided", "view", "_unsafe_view",
+         "reshape", "permute", "t", "transpose",
          "expand", "as_strided", "detach", "alias", "slice", "select", "unsqueeze", "squeeze", "split",
          "lift_fresh", "_to_copy_meta", "is_same_size", "sym_size", "sym_stride", "resize_"}
 

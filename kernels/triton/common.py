@@ -83,6 +83,16 @@ def split_pixels(offs_p, OH, OW):
 
 
 @triton.jit
+def load_channels(x_ptr, at, col, ok, j_mask, ACC: tl.constexpr, RELU: tl.constexpr):
+    """Input values at pixel offsets ``at`` (BLOCK_P,) and channel offsets ``col`` (BLOCK_C,) as an ACC tile,
+    ReLU'd under RELU; zeros where ``ok`` (pixels) or ``j_mask`` (channels) is false."""
+    xv = tl.load(x_ptr + at[:, None] + col[None, :], mask=ok[:, None] & j_mask[None, :], other=0.0).to(ACC)
+    if RELU:
+        xv = tl.maximum(xv, 0.0)
+    return xv
+
+
+@triton.jit
 def _tap(x_ptr, dw_ptr, n_off, oh, ow, p_mask, j, j_mask, col, H, W, x_sh, x_sw,
          stride_h, stride_w, pad_top, pad_left, dil_h, dil_w, tap, KH: tl.constexpr, KW: tl.constexpr,
          RELU: tl.constexpr):
@@ -91,10 +101,7 @@ def _tap(x_ptr, dw_ptr, n_off, oh, ow, p_mask, j, j_mask, col, H, W, x_sh, x_sw,
     iw = ow * stride_w - pad_left + (tap % KW) * dil_w
     ok = p_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
     row = n_off + ih.to(tl.int64) * x_sh + iw.to(tl.int64) * x_sw
-    xv = tl.load(x_ptr + row[:, None] + col[None, :], mask=ok[:, None] & j_mask[None, :], other=0.0)
-    xv = xv.to(tl.float32)
-    if RELU:
-        xv = tl.maximum(xv, 0.0)
+    xv = load_channels(x_ptr, row, col, ok, j_mask, tl.float32, RELU)
     wv = tl.load(dw_ptr + j * (KH * KW) + tap, mask=j_mask, other=0.0).to(tl.float32)
     return xv * wv[None, :]
 

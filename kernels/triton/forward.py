@@ -27,7 +27,8 @@ import triton
 import triton.language as tl
 
 from ..ops import empty_output, output_shape
-from .common import INTERPRET, cast, conv_tf32, depthwise_tile, mma, row_offsets, split_pixels, vector_width
+from .common import (INTERPRET, cast, conv_tf32, depthwise_tile, load_channels, mma, row_offsets, split_pixels,
+                     vector_width)
 
 # Tile configurations per dtype family ("fp32": ieee dot on FMA units, heavier in registers;
 # "16bit": fp16/bf16 on tensor cores). The interpreter runs one cheap config; on GPU a short
@@ -180,10 +181,7 @@ def narrow_forward_kernel(
                 iw = iw0 + dx
                 ok = p_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
                 at = corner + (dy.to(tl.int64) * x_sh + dx.to(tl.int64) * x_sw)
-                xv = tl.load(x_ptr + at[:, None] + col[None, :], mask=ok[:, None] & j_mask[None, :], other=0.0)
-                xv = xv.to(tl.float32)
-                if RELU:
-                    xv = tl.maximum(xv, 0.0)
+                xv = load_channels(x_ptr, at, col, ok, j_mask, tl.float32, RELU)
                 a += xv * tl.load(dw_ptr + tap * C_HID + j, mask=j_mask, other=0.0).to(tl.float32)[None, :]
             if HAS_DW_BIAS:
                 a += tl.load(dwb_ptr + j, mask=j_mask, other=0.0).to(tl.float32)[None, :]

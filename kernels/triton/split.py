@@ -35,80 +35,101 @@ import triton.language as tl
 
 from ..ops import empty_output, output_shape
 from .backward import empty_backward, launch_grad_input
-from .common import accumulator, cast, matmul_like_conv, row_offsets, split_pixels, vector_width
+from .common import (INTERPRET, accumulator, cast, load_channels, matmul_like_conv, row_offsets, split_pixels,
+                     vector_width)
 from .forward import check_pixels, configs_for, device_guard, family, geometry_args, launch
 
-# Untimed guesses (no GPU run of this kernel yet). Each compiles without spills for sm_80 and
-# sm_90 and, with ALIGN = 8, loads and stores only 128-bit vectors (kernels/triton/aot_report.py).
-# ROWS: output rows a program slot covers where the vertical stride and dilation are 1.
+# Untimed guesses (no GPU run of this kernel yet), ranked by the static model
+# (``python -m benchmarks.gpu_model``). Each compiles without spills for sm_90 and, with ALIGN = 8,
+# loads and stores only 128-bit vectors. A program slot covers ROWS x COLS output pixels where the
+# vertical stride and dilation are 1 (COLS reuses input columns where the horizontal ones are 1 too).
 GPU_CONFIGS = {
     "16bit": [
-        triton.Config({"BLOCK_P": 32, "BLOCK_C": 64, "ROWS": 4}, num_warps=8, num_stages=1),
-        triton.Config({"BLOCK_P": 16, "BLOCK_C": 64, "ROWS": 4}, num_warps=4, num_stages=1),
-        # (16, 64, ROWS=8) spills at every Xception layer in bf16 (255 registers); (16, 32, 8) does not.
-        triton.Config({"BLOCK_P": 16, "BLOCK_C": 32, "ROWS": 8}, num_warps=4, num_stages=1),
+        # 4 channels a thread (64-bit loads): fewer registers for the taps' weights, so 8 columns fit.
+        triton.Config({"BLOCK_P": 16, "BLOCK_C": 32, "ROWS": 10, "COLS": 8}, num_warps=4, num_stages=1),
+        triton.Config({"BLOCK_P": 16, "BLOCK_C": 32, "ROWS": 5, "COLS": 8}, num_warps=4, num_stages=1),
+        triton.Config({"BLOCK_P": 16, "BLOCK_C": 64, "ROWS": 5, "COLS": 4}, num_warps=4, num_stages=1),
     ],
     "fp32": [
-        triton.Config({"BLOCK_P": 32, "BLOCK_C": 32, "ROWS": 4}, num_warps=8, num_stages=1),
-        triton.Config({"BLOCK_P": 16, "BLOCK_C": 32, "ROWS": 8}, num_warps=4, num_stages=1),
-        triton.Config({"BLOCK_P": 16, "BLOCK_C": 64, "ROWS": 4}, num_warps=4, num_stages=1),
+        triton.Config({"BLOCK_P": 16, "BLOCK_C": 32, "ROWS": 10, "COLS": 8}, num_warps=4, num_stages=1),
+        triton.Config({"BLOCK_P": 16, "BLOCK_C": 32, "ROWS": 5, "COLS": 8}, num_warps=4, num_stages=1),
+        triton.Config({"BLOCK_P": 16, "BLOCK_C": 32, "ROWS": 5, "COLS": 4}, num_warps=4, num_stages=1),
     ],
 }
-INTERPRET_CONFIGS = [triton.Config({"BLOCK_P": 32, "BLOCK_C": 16, "ROWS": 2}, num_warps=4, num_stages=1)]
+INTERPRET_CONFIGS = [triton.Config({"BLOCK_P": 32, "BLOCK_C": 16, "ROWS": 3, "COLS": 2}, num_warps=4, num_stages=1)]
 
 
 @triton.jit
-def _depthwise_rows(x_ptr, dw_ptr, dwb_ptr, h_ptr, N, C_HID, H, W, OH, OW, M, x_sn, x_sc, x_sh, x_sw,
-                    stride_w, pad_top, pad_left, dil_w, KH: tl.constexpr, KW: tl.constexpr,
-                    HAS_DW_BIAS: tl.constexpr, RELU: tl.constexpr, ACC: tl.constexpr, BLOCK_P: tl.constexpr,
-                    BLOCK_C: tl.constexpr, ROWS: tl.constexpr):
-    """``depthwise_kernel`` for a vertical stride and dilation of 1: ROWS output rows a pixel slot, so each
-    input row is loaded once for the up to KH output rows that read it ((ROWS + KH - 1) * KW loads for
-    ROWS * KH * KW taps)."""
-    groups = tl.cdiv(OH, ROWS)
+def _depthwise_tiles(x_ptr, dw_ptr, dwb_ptr, h_ptr, N, C_HID, H, W, OH, OW, M, x_sn, x_sc, x_sh, x_sw,
+                     stride_w, pad_top, pad_left, dil_w, KH: tl.constexpr, KW: tl.constexpr,
+                     HAS_DW_BIAS: tl.constexpr, RELU: tl.constexpr, ACC: tl.constexpr, COL_REUSE: tl.constexpr,
+                     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr):
+    """``depthwise_kernel`` for a vertical stride and dilation of 1: a pixel slot is ROWS x COLS output pixels.
+
+    Each input row a slot reads is loaded once for the up to KH output rows that use it; under COL_REUSE
+    (horizontal stride and dilation 1) each of its COLS + KW - 1 input columns is loaded once for the up to
+    KW output columns that use it: (ROWS + KH - 1) * (COLS + KW - 1) vector loads for ROWS * COLS * KH * KW
+    taps. An output row is stored as soon as its last input row is in, so only KH rows of sums are live.
+    """
+    row_groups = tl.cdiv(OH, ROWS)
+    col_groups = tl.cdiv(OW, COLS)
     slots = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
-    slot_mask = slots < N * groups * OW
-    n, group, ow = split_pixels(slots, groups, OW)
+    slot_mask = slots < N * row_groups * col_groups
+    n, row_group, col_group = split_pixels(slots, row_groups, col_groups)
     j = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     j_mask = j < C_HID
     col = (j // M).to(tl.int64) * x_sc
-    ih_top = group * ROWS - pad_top
-    iw0 = ow * stride_w - pad_left
-    corner = row_offsets(n, ih_top, iw0, x_sn, x_sh, x_sw)
+    oh_top = row_group * ROWS
+    ow_left = col_group * COLS
+    ih_top = oh_top - pad_top
+    iw_left = ow_left * stride_w - pad_left
+    corner = row_offsets(n, ih_top, iw_left, x_sn, x_sh, x_sw)
+    # The slot's top-left output pixel, as an offset into h (P, C_HID).
+    h_corner = ((n * OH + oh_top) * OW + ow_left).to(tl.int64) * C_HID
     weights = ()
     for tap in tl.static_range(KH * KW):
-        weights = weights + (tl.load(dw_ptr + tap * C_HID + j, mask=j_mask, other=0.0).to(ACC),)
-    accs = ()
-    for r in tl.static_range(ROWS):
-        accs = accs + (tl.zeros((BLOCK_P, BLOCK_C), dtype=ACC),)
-    for row in tl.static_range(ROWS + KH - 1):
-        ih = ih_top + row
-        row_ok = slot_mask & (ih >= 0) & (ih < H)
-        for tw in tl.static_range(KW):
-            iw = iw0 + tw * dil_w
-            ok = row_ok & (iw >= 0) & (iw < W)
-            at = corner + (tl.cast(row, tl.int64) * x_sh + tl.cast(tw * dil_w, tl.int64) * x_sw)
-            xv = tl.load(x_ptr + at[:, None] + col[None, :], mask=ok[:, None] & j_mask[None, :], other=0.0)
-            xv = xv.to(ACC)
-            if RELU:
-                xv = tl.maximum(xv, 0.0)
-            updated = ()
-            for r in tl.static_range(ROWS):
-                if row - r >= 0 and row - r < KH:
-                    updated = updated + (accs[r] + xv * weights[(row - r) * KW + tw][None, :],)
-                else:
-                    updated = updated + (accs[r],)
-            accs = updated
+        weights = weights + (tl.load(dw_ptr + j * (KH * KW) + tap, mask=j_mask, other=0.0).to(ACC),)
     if HAS_DW_BIAS:
         bias = tl.load(dwb_ptr + j, mask=j_mask, other=0.0).to(ACC)[None, :]
-    for r in tl.static_range(ROWS):
-        oh = group * ROWS + r
-        acc = accs[r]
-        if HAS_DW_BIAS:
-            acc += bias
-        p = (n * OH + oh) * OW + ow
-        tl.store(h_ptr + p.to(tl.int64)[:, None] * C_HID + j[None, :], cast(acc, h_ptr.dtype.element_ty),
-                 mask=(slot_mask & (oh < OH))[:, None] & j_mask[None, :])
+    # The input columns the slot reads: COLS + KW - 1 shared ones under COL_REUSE, else COLS * KW.
+    col_ok = ()
+    col_at = ()
+    for c in tl.static_range(COLS + KW - 1 if COL_REUSE else COLS * KW):
+        if COL_REUSE:
+            dx = c
+        else:
+            dx = (c // KW) * stride_w + (c % KW) * dil_w
+        iw = iw_left + dx
+        col_ok = col_ok + ((iw >= 0) & (iw < W),)
+        col_at = col_at + (tl.cast(dx, tl.int64) * x_sw,)
+    accs = ()
+    for i in tl.static_range(ROWS * COLS):
+        accs = accs + (tl.zeros((BLOCK_P, BLOCK_C), dtype=ACC),)
+    for t in tl.static_range(ROWS + KH - 1):
+        ih = ih_top + t
+        row_ok = slot_mask & (ih >= 0) & (ih < H)
+        row_at = corner + tl.cast(t, tl.int64) * x_sh
+        xs = ()
+        for c in tl.static_range(COLS + KW - 1 if COL_REUSE else COLS * KW):
+            xs = xs + (load_channels(x_ptr, row_at + col_at[c], col, row_ok & col_ok[c], j_mask, ACC, RELU),)
+        updated = ()
+        for r in tl.static_range(ROWS):
+            for q in tl.static_range(COLS):
+                acc = accs[r * COLS + q]
+                if t - r >= 0 and t - r < KH:
+                    for tw in tl.static_range(KW):
+                        acc = acc + xs[q * (1 if COL_REUSE else KW) + tw] * weights[(t - r) * KW + tw][None, :]
+                updated = updated + (acc,)
+        accs = updated
+        if t >= KH - 1:  # output row t - (KH - 1) is complete (names assigned here are not constexpr)
+            row_mask = slot_mask & (oh_top + (t - (KH - 1)) < OH)
+            for q in tl.static_range(COLS):
+                acc = accs[(t - (KH - 1)) * COLS + q]
+                if HAS_DW_BIAS:
+                    acc += bias
+                at = h_corner + tl.cast((t - (KH - 1)) * OW + q, tl.int64) * C_HID
+                tl.store(h_ptr + at[:, None] + j[None, :], cast(acc, h_ptr.dtype.element_ty),
+                         mask=(row_mask & (ow_left + q < OW))[:, None] & j_mask[None, :])
 
 
 @triton.jit
@@ -123,23 +144,26 @@ def depthwise_kernel(
     stride_h, stride_w, pad_top, pad_left, dil_h, dil_w,
     # meta-parameters
     KH: tl.constexpr, KW: tl.constexpr, HAS_DW_BIAS: tl.constexpr, RELU: tl.constexpr,
-    ALIGN: tl.constexpr, ACC: tl.constexpr, ROW_REUSE: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, ROWS: tl.constexpr,
+    ALIGN: tl.constexpr, ACC: tl.constexpr, ROW_REUSE: tl.constexpr, COL_REUSE: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr = 1,
 ):
     """h[p, j] = depthwise(x)[p, j] in h's dtype; h: (P, C_HID) contiguous, p = (n * OH + oh) * OW + ow.
 
-    Sums in ACC (fp32; fp64 for fp64 tensors). dw: (KH*KW, C_HID) contiguous (tap-major, so a tap's
-    weights are one vector). ROW_REUSE (vertical stride and dilation 1): a program covers BLOCK_P
-    pixel slots of ROWS output rows each (``_depthwise_rows``); otherwise BLOCK_P pixels.
-    Grid: (cdiv(N * cdiv(OH, ROWS if ROW_REUSE else 1) * OW, BLOCK_P), cdiv(C_HID, BLOCK_C)).
+    Sums in ACC (fp32; fp64 for fp64 tensors). dw: (C_HID, KH*KW) contiguous, the module's own layout
+    (each program reads its taps' weights once, so a transposed copy would cost a launch and win
+    nothing). ROW_REUSE (vertical stride and dilation 1): a program covers BLOCK_P
+    pixel slots of ROWS x COLS output pixels each (``_depthwise_tiles``); otherwise BLOCK_P pixels.
+    Grid: (cdiv(N * cdiv(OH, ROWS) * cdiv(OW, COLS), BLOCK_P), cdiv(C_HID, BLOCK_C)) under ROW_REUSE,
+    else (cdiv(N * OH * OW, BLOCK_P), cdiv(C_HID, BLOCK_C)).
     """
     C_HID = C_HID_A * ALIGN
     x_sn = x_sn_a * ALIGN
     x_sh = x_sh_a * ALIGN
     x_sw = x_sw_a * ALIGN
     if ROW_REUSE:
-        _depthwise_rows(x_ptr, dw_ptr, dwb_ptr, h_ptr, N, C_HID, H, W, OH, OW, M, x_sn, x_sc, x_sh, x_sw,
-                        stride_w, pad_top, pad_left, dil_w, KH, KW, HAS_DW_BIAS, RELU, ACC, BLOCK_P, BLOCK_C, ROWS)
+        _depthwise_tiles(x_ptr, dw_ptr, dwb_ptr, h_ptr, N, C_HID, H, W, OH, OW, M, x_sn, x_sc, x_sh, x_sw,
+                         stride_w, pad_top, pad_left, dil_w, KH, KW, HAS_DW_BIAS, RELU, ACC, COL_REUSE,
+                         BLOCK_P, BLOCK_C, ROWS, COLS)
     else:
         offs_p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
         p_mask = offs_p < N * OH * OW
@@ -159,11 +183,8 @@ def depthwise_kernel(
             iw = iw0 + dx
             ok = p_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
             at = corner + (dy.to(tl.int64) * x_sh + dx.to(tl.int64) * x_sw)
-            xv = tl.load(x_ptr + at[:, None] + col[None, :], mask=ok[:, None] & j_mask[None, :], other=0.0)
-            xv = xv.to(ACC)
-            if RELU:
-                xv = tl.maximum(xv, 0.0)
-            wv = tl.load(dw_ptr + tap * C_HID + j, mask=j_mask, other=0.0).to(ACC)
+            xv = load_channels(x_ptr, at, col, ok, j_mask, ACC, RELU)
+            wv = tl.load(dw_ptr + j * (KH * KW) + tap, mask=j_mask, other=0.0).to(ACC)
             acc += xv * wv[None, :]
         if HAS_DW_BIAS:
             acc += tl.load(dwb_ptr + j, mask=j_mask, other=0.0).to(ACC)[None, :]
@@ -173,14 +194,8 @@ def depthwise_kernel(
 
 depthwise_autotuned = {name: triton.autotune(configs=configs_for(GPU_CONFIGS, INTERPRET_CONFIGS, name),
                                              key=["N", "C_HID_A", "OH", "OW", "KH", "KW", "M", "ALIGN",
-                                                  "ROW_REUSE"])(depthwise_kernel)
+                                                  "ROW_REUSE", "COL_REUSE"])(depthwise_kernel)
                        for name in GPU_CONFIGS}
-
-
-def tap_major(depthwise_weight: torch.Tensor) -> torch.Tensor:
-    """(C_hid, 1, kh, kw) -> (kh*kw, C_hid) contiguous: a tap's weights over channels are one vector."""
-    c_hid, _, kh, kw = depthwise_weight.shape
-    return depthwise_weight.reshape(c_hid, kh * kw).t().contiguous()
 
 
 def depthwise_launch(input: torch.Tensor, depthwise_weight: torch.Tensor, depthwise_bias: Optional[torch.Tensor],
@@ -191,7 +206,7 @@ def depthwise_launch(input: torch.Tensor, depthwise_weight: torch.Tensor, depthw
     c_hid, _, kh, kw = depthwise_weight.shape
     pixels = batch * out_hw[0] * out_hw[1]
     hidden = torch.empty((pixels, c_hid), dtype=input.dtype, device=input.device)
-    dw = tap_major(depthwise_weight)
+    dw = depthwise_weight.contiguous()
     dwb = depthwise_bias.contiguous() if depthwise_bias is not None else dw
     x_sn, x_sc, x_sh, x_sw = input.stride()
     align = vector_width(c_hid, x_sn, x_sh, x_sw)
@@ -199,14 +214,15 @@ def depthwise_launch(input: torch.Tensor, depthwise_weight: torch.Tensor, depthw
     row_reuse = stride[0] == 1 and dilation[0] == 1
 
     def grid(meta):
-        rows = meta["ROWS"] if row_reuse else 1
-        return (triton.cdiv(batch * triton.cdiv(out_hw[0], rows) * out_hw[1], meta["BLOCK_P"]),
-                triton.cdiv(c_hid, meta["BLOCK_C"]))
+        rows, cols = (meta["ROWS"], meta.get("COLS", 1)) if row_reuse else (1, 1)
+        slots = batch * triton.cdiv(out_hw[0], rows) * triton.cdiv(out_hw[1], cols)
+        return (triton.cdiv(slots, meta["BLOCK_P"]), triton.cdiv(c_hid, meta["BLOCK_C"]))
 
     args = (input, dw, dwb, hidden, batch, c_hid // align, height, width, out_hw[0], out_hw[1], c_hid // channels,
             x_sn // align, x_sc, x_sh // align, x_sw // align, *geometry_args(stride, padding, dilation))
     constexprs = dict(KH=kh, KW=kw, HAS_DW_BIAS=depthwise_bias is not None, RELU=bool(relu_input), ALIGN=align,
-                      ACC=accumulator(input.dtype), ROW_REUSE=row_reuse)
+                      ACC=accumulator(input.dtype), ROW_REUSE=row_reuse,
+                      COL_REUSE=stride[1] == 1 and dilation[1] == 1)
     return hidden, grid, args, constexprs
 
 
@@ -220,25 +236,126 @@ def depthwise(input: torch.Tensor, depthwise_weight: torch.Tensor, depthwise_bia
     return hidden
 
 
-# The transposed depthwise kernel (backward). Each thread holds 8 (16-bit) or 4 (fp32) elements of a
-# tile, so the KH*KW fp32 tiles of depthwise-weight sums it carries over its pixels stay in registers.
+# The transposed depthwise kernel (backward). Where stride and dilation are 1 (every Xception layer), a
+# program slot is a block of TRANSPOSED_TILES[family] = (rows, columns) input pixels, and each g_h
+# vector of the block's window is loaded once for all the taps that read it. The configs keep 4
+# channels a thread, so the KH*KW weight-sum tiles, the weights and a few rows of sums fit in registers.
 TRANSPOSED_CONFIGS = {
     "16bit": [
-        triton.Config({"BLOCK_Q": 16, "BLOCK_C": 64}, num_warps=4, num_stages=1),
-        triton.Config({"BLOCK_Q": 32, "BLOCK_C": 64}, num_warps=8, num_stages=1),
-        triton.Config({"BLOCK_Q": 32, "BLOCK_C": 32}, num_warps=4, num_stages=1),
+        triton.Config({"BLOCK_Q": 16, "BLOCK_C": 32}, num_warps=4, num_stages=1),
+        triton.Config({"BLOCK_Q": 8, "BLOCK_C": 32}, num_warps=2, num_stages=1),
+        triton.Config({"BLOCK_Q": 16, "BLOCK_C": 64}, num_warps=8, num_stages=1),
     ],
     "fp32": [
         triton.Config({"BLOCK_Q": 16, "BLOCK_C": 32}, num_warps=4, num_stages=1),
-        triton.Config({"BLOCK_Q": 32, "BLOCK_C": 32}, num_warps=8, num_stages=1),
-        triton.Config({"BLOCK_Q": 8, "BLOCK_C": 64}, num_warps=4, num_stages=1),
+        triton.Config({"BLOCK_Q": 8, "BLOCK_C": 32}, num_warps=2, num_stages=1),
+        triton.Config({"BLOCK_Q": 16, "BLOCK_C": 64}, num_warps=8, num_stages=1),
     ],
 }
 TRANSPOSED_CONFIGS_INTERPRET = [triton.Config({"BLOCK_Q": 16, "BLOCK_C": 16}, num_warps=4, num_stages=1)]
-# Pixels per program are a multiple of every config's BLOCK_Q, and about this many programs share
-# the pixels (times the channel blocks of 64): enough to fill a GPU, few enough partial sums.
-PIXEL_QUANTUM = 64
+# Tile shapes per dtype family: the largest that compile without spills for sm_90 at the Xception layers.
+TRANSPOSED_TILES = {"16bit": (4, 3), "fp32": (3, 3)}
+INTERPRET_TILE = (3, 2)
+# Pixels (or tiles) per program are a multiple of every config's BLOCK_Q, and about this many programs
+# share them (times the channel blocks of 64): enough to fill a GPU, few enough partial sums.
+PIXEL_QUANTUM = 16
 TARGET_PROGRAMS = 2048
+
+
+@triton.jit
+def _transposed_tiles(gh_ptr, dw_ptr, x_ptr, gx_ptr, pid_g, j, j_mask, col, gx_col,
+                      N, C_HID, H, W, OH, OW, Q_PER_PROGRAM, x_sn, x_sh, x_sw, gx_sn, gx_sh, gx_sw, pad_top, pad_left,
+                      KH: tl.constexpr, KW: tl.constexpr, RELU: tl.constexpr, WANT_GX: tl.constexpr,
+                      WANT_DW: tl.constexpr, BIAS_TAP: tl.constexpr, ACC: tl.constexpr, BLOCK_Q: tl.constexpr,
+                      BLOCK_C: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr):
+    """``transposed_depthwise_kernel`` for stride and dilation 1: program ``pid_g`` walks tiles of ROWS x COLS
+    input pixels (Q_PER_PROGRAM tiles, BLOCK_Q at a time). A tile's gradients read the g_h window of
+    (ROWS + KH - 1) x (COLS + KW - 1) output pixels, each vector loaded once for all the taps that use it.
+    Returns the weight-sum tiles and the bias-sum tile (the latter only where BIAS_TAP >= 0)."""
+    row_groups = tl.cdiv(H, ROWS)
+    col_groups = tl.cdiv(W, COLS)
+    weights = ()
+    for tap in tl.static_range(KH * KW):
+        if WANT_GX:
+            weights = weights + (tl.load(dw_ptr + j * (KH * KW) + tap, mask=j_mask, other=0.0).to(ACC),)
+        else:
+            weights = weights + (0.0,)
+    dw_acc = ()
+    for tap in tl.static_range(KH * KW):
+        dw_acc = dw_acc + (tl.zeros((BLOCK_Q, BLOCK_C), dtype=ACC),)
+    bias_acc = tl.zeros((BLOCK_Q, BLOCK_C), dtype=ACC)
+    for s0 in range(pid_g * Q_PER_PROGRAM, (pid_g + 1) * Q_PER_PROGRAM, BLOCK_Q):
+        slots = s0 + tl.arange(0, BLOCK_Q)
+        slot_mask = slots < N * row_groups * col_groups
+        n, row_group, col_group = split_pixels(slots, row_groups, col_groups)
+        ih_top = row_group * ROWS
+        iw_left = col_group * COLS
+        # The window's top-left output pixel: input pixel (ih, iw) reads g_h at (ih + pad_top - kr, iw + pad_left - kc).
+        oh_top = ih_top + pad_top - (KH - 1)
+        ow_left = iw_left + pad_left - (KW - 1)
+        g_corner = ((n * OH + oh_top) * OW + ow_left).to(tl.int64) * C_HID
+        x_corner = row_offsets(n, ih_top, iw_left, x_sn, x_sh, x_sw)
+        gx_corner = row_offsets(n, ih_top, iw_left, gx_sn, gx_sh, gx_sw)
+        g_col_ok = ()
+        for c in tl.static_range(COLS + KW - 1):
+            g_col_ok = g_col_ok + ((ow_left + c >= 0) & (ow_left + c < OW),)
+        xs = ()
+        gxs = ()
+        for i in tl.static_range(ROWS * COLS):
+            xs = xs + (tl.zeros((BLOCK_Q, BLOCK_C), dtype=ACC),)
+            gxs = gxs + (tl.zeros((BLOCK_Q, BLOCK_C), dtype=ACC),)
+        for t in tl.static_range(ROWS + KH - 1):
+            # Input row t (ReLU'd under RELU; its sign is ReLU's backward mask) joins at its first window row.
+            loaded = ()
+            for i in tl.static_range(ROWS * COLS):
+                v = xs[i]
+                if i // COLS == t:
+                    ok = slot_mask & (ih_top + t < H) & (iw_left + i % COLS < W)
+                    at = x_corner + (tl.cast(t, tl.int64) * x_sh + tl.cast(i % COLS, tl.int64) * x_sw)
+                    v = load_channels(x_ptr, at, col, ok, j_mask, ACC, RELU)
+                loaded = loaded + (v,)
+            xs = loaded
+            g_row_ok = slot_mask & (oh_top + t >= 0) & (oh_top + t < OH)
+            gs = ()
+            for c in tl.static_range(COLS + KW - 1):
+                at = g_corner + tl.cast(t * OW + c, tl.int64) * C_HID
+                ok = g_row_ok & g_col_ok[c]
+                gs = gs + (tl.load(gh_ptr + at[:, None] + j[None, :], mask=ok[:, None] & j_mask[None, :],
+                                   other=0.0).to(ACC),)
+            if WANT_DW:
+                # Tap (kr, kc) pairs window row t with input row t - (KH - 1) + kr, column c with q = c - (KW - 1) + kc.
+                updated = ()
+                for tap in tl.static_range(KH * KW):
+                    acc = dw_acc[tap]
+                    if t - (KH - 1) + tap // KW >= 0 and t - (KH - 1) + tap // KW < ROWS:
+                        for q in tl.static_range(COLS):
+                            acc = acc + gs[q + KW - 1 - tap % KW] * xs[(t - (KH - 1) + tap // KW) * COLS + q]
+                    updated = updated + (acc,)
+                dw_acc = updated
+                if BIAS_TAP >= 0:
+                    # The bias tap maps input pixels one to one onto output pixels: each g_h vector counted once.
+                    if t - (KH - 1) + BIAS_TAP // KW >= 0 and t - (KH - 1) + BIAS_TAP // KW < ROWS:
+                        for q in tl.static_range(COLS):
+                            bias_acc += gs[q + KW - 1 - BIAS_TAP % KW]
+            if WANT_GX:
+                updated = ()
+                for i in tl.static_range(ROWS * COLS):
+                    acc = gxs[i]
+                    if i // COLS + KH - 1 - t >= 0 and i // COLS + KH - 1 - t < KH:
+                        for kc in tl.static_range(KW):
+                            acc = acc + gs[i % COLS + KW - 1 - kc] * weights[(i // COLS + KH - 1 - t) * KW + kc]
+                    updated = updated + (acc,)
+                gxs = updated
+                if t >= KH - 1:  # input row t - (KH - 1) has all its window rows
+                    for q in tl.static_range(COLS):
+                        v = gxs[(t - (KH - 1)) * COLS + q]
+                        if RELU:
+                            v = tl.where(xs[(t - (KH - 1)) * COLS + q] > 0, v, 0.0)
+                        ok = slot_mask & (ih_top + (t - (KH - 1)) < H) & (iw_left + q < W)
+                        at = gx_corner + (tl.cast(t - (KH - 1), tl.int64) * gx_sh + tl.cast(q, tl.int64) * gx_sw)
+                        tl.store(gx_ptr + at[:, None] + gx_col[None, :], cast(v, gx_ptr.dtype.element_ty),
+                                 mask=ok[:, None] & j_mask[None, :])
+    return dw_acc, bias_acc
 
 
 @triton.jit
@@ -246,7 +363,7 @@ def transposed_depthwise_kernel(
     # pointers
     gh_ptr, dw_ptr, x_ptr, gx_ptr, part_ptr,
     # sizes (C_HID_A = C_HID // ALIGN)
-    Q, P, C_HID_A, H, W, OH, OW, M, Q_PER_PROGRAM, P_PER_PROGRAM,
+    N, Q, P, C_HID_A, H, W, OH, OW, M, Q_PER_PROGRAM, P_PER_PROGRAM,
     # strides (elements; the ``_a`` ones divided by ALIGN)
     x_sn_a, x_sc, x_sh_a, x_sw_a,
     gx_sn_a, gx_sc, gx_sh_a, gx_sw_a,
@@ -254,24 +371,27 @@ def transposed_depthwise_kernel(
     stride_h, stride_w, pad_top, pad_left, dil_h, dil_w,
     # meta-parameters
     KH: tl.constexpr, KW: tl.constexpr, RELU: tl.constexpr, WANT_GX: tl.constexpr, WANT_DW: tl.constexpr,
-    BIAS_TAP: tl.constexpr, ALIGN: tl.constexpr, ACC: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_C: tl.constexpr,
+    BIAS_TAP: tl.constexpr, ALIGN: tl.constexpr, ACC: tl.constexpr, TILED: tl.constexpr, ROWS: tl.constexpr,
+    COLS: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """The depthwise convolution's backward from g_h (the gradient of its output), in one pass over the input.
 
     For input pixels q = (n * H + ih) * W + iw and hidden channels j (input channel j // M), each tap
     reads g_h at the output pixel that the tap connects to q (the gather form):
-      gx[q, j] = sum_taps g_h[p(q, tap), j] * dw[tap, j]          (WANT_GX; needs M == 1)
+      gx[q, j] = sum_taps g_h[p(q, tap), j] * dw[j, tap]          (WANT_GX; needs M == 1)
       part[g, tap, j] = sum_{q of program g} g_h[p(q, tap), j] * x[q, j // M]   (WANT_DW)
       part[g, KH*KW, j] = sum_{p of program g} g_h[p, j]                        (WANT_DW; the bias)
     both masked as ReLU's backward under RELU. The bias sum rides on tap BIAS_TAP when that tap
     maps input pixels one to one onto output pixels (stride 1, "same" padding); otherwise
     (BIAS_TAP < 0) a second loop reads the program's share of output pixels.
 
-    gh: (P, C_HID) contiguous; dw: (KH*KW, C_HID) contiguous; x, gx: (N, C, H, W) any strides;
+    gh: (P, C_HID) contiguous; dw: (C_HID, KH*KW) contiguous; x, gx: (N, C, H, W) any strides;
     part: (G, KH*KW + 1, C_HID) in ACC (fp32; fp64 for fp64 tensors), as every sum here.
-    Grid: (G, cdiv(C_HID, BLOCK_C)); program g takes input pixels [g * Q_PER_PROGRAM, (g + 1) * Q_PER_PROGRAM)
-    and output pixels [g * P_PER_PROGRAM, ...) (multiples of BLOCK_Q): a split fixed by the shape, summed in a
-    fixed order, so the gradients are deterministic.
+    TILED (stride and dilation 1): program g takes tiles [g * Q_PER_PROGRAM, (g + 1) * Q_PER_PROGRAM) of
+    ROWS x COLS input pixels (``_transposed_tiles``); otherwise input pixels in that range.
+    Grid: (G, cdiv(C_HID, BLOCK_C)); program g also takes output pixels [g * P_PER_PROGRAM, ...) for the
+    bias (multiples of BLOCK_Q): a split fixed by the shape, summed in a fixed order, so the gradients
+    are deterministic.
     """
     C_HID = C_HID_A * ALIGN
     x_sh = x_sh_a * ALIGN
@@ -284,45 +404,54 @@ def transposed_depthwise_kernel(
     col = (j // M).to(tl.int64) * x_sc
     gx_col = j.to(tl.int64) * gx_sc
 
-    dw_acc = ()
-    for tap in tl.static_range(KH * KW):
-        dw_acc = dw_acc + (tl.zeros((BLOCK_Q, BLOCK_C), dtype=ACC),)
-    bias_acc = tl.zeros((BLOCK_Q, BLOCK_C), dtype=ACC)
-
-    for q0 in range(pid_g * Q_PER_PROGRAM, (pid_g + 1) * Q_PER_PROGRAM, BLOCK_Q):
-        offs_q = q0 + tl.arange(0, BLOCK_Q)
-        q_mask = offs_q < Q
-        n, ih, iw = split_pixels(offs_q, H, W)
-        mask = q_mask[:, None] & j_mask[None, :]
-        xv = tl.load(x_ptr + row_offsets(n, ih, iw, x_sn_a * ALIGN, x_sh, x_sw)[:, None] + col[None, :],
-                     mask=mask, other=0.0).to(ACC)
-        if RELU:
-            x_pos = xv > 0
-            xv = tl.maximum(xv, 0.0)
-        gx = tl.zeros((BLOCK_Q, BLOCK_C), dtype=ACC)
-        new_acc = ()
+    if TILED:
+        dw_acc, bias_acc = _transposed_tiles(
+            gh_ptr, dw_ptr, x_ptr, gx_ptr, pid_g, j, j_mask, col, gx_col, N, C_HID, H, W, OH, OW,
+            Q_PER_PROGRAM, x_sn_a * ALIGN, x_sh, x_sw, gx_sn_a * ALIGN, gx_sh, gx_sw, pad_top, pad_left,
+            KH, KW, RELU, WANT_GX, WANT_DW, BIAS_TAP, ACC, BLOCK_Q, BLOCK_C, ROWS, COLS)
+    else:
+        weights = ()
         for tap in tl.static_range(KH * KW):
-            th = ih + pad_top - (tap // KW) * dil_h
-            tw = iw + pad_left - (tap % KW) * dil_w
-            oh = th // stride_h
-            ow = tw // stride_w
-            ok = q_mask & (th >= 0) & (oh * stride_h == th) & (oh < OH) & (tw >= 0) & (ow * stride_w == tw) & (ow < OW)
-            p = (n * OH + oh) * OW + ow
-            g = tl.load(gh_ptr + p.to(tl.int64)[:, None] * C_HID + j[None, :], mask=ok[:, None] & j_mask[None, :],
-                        other=0.0).to(ACC)
             if WANT_GX:
-                gx += g * tl.load(dw_ptr + tap * C_HID + j, mask=j_mask, other=0.0).to(ACC)[None, :]
+                weights = weights + (tl.load(dw_ptr + j * (KH * KW) + tap, mask=j_mask, other=0.0).to(ACC),)
+            else:
+                weights = weights + (0.0,)
+        dw_acc = ()
+        for tap in tl.static_range(KH * KW):
+            dw_acc = dw_acc + (tl.zeros((BLOCK_Q, BLOCK_C), dtype=ACC),)
+        bias_acc = tl.zeros((BLOCK_Q, BLOCK_C), dtype=ACC)
+        for q0 in range(pid_g * Q_PER_PROGRAM, (pid_g + 1) * Q_PER_PROGRAM, BLOCK_Q):
+            offs_q = q0 + tl.arange(0, BLOCK_Q)
+            q_mask = offs_q < Q
+            n, ih, iw = split_pixels(offs_q, H, W)
+            mask = q_mask[:, None] & j_mask[None, :]
+            xv = load_channels(x_ptr, row_offsets(n, ih, iw, x_sn_a * ALIGN, x_sh, x_sw), col, q_mask, j_mask, ACC,
+                               RELU)
+            gx = tl.zeros((BLOCK_Q, BLOCK_C), dtype=ACC)
+            new_acc = ()
+            for tap in tl.static_range(KH * KW):
+                th = ih + pad_top - (tap // KW) * dil_h
+                tw = iw + pad_left - (tap % KW) * dil_w
+                oh = th // stride_h
+                ow = tw // stride_w
+                ok = (q_mask & (th >= 0) & (oh * stride_h == th) & (oh < OH) & (tw >= 0) & (ow * stride_w == tw)
+                      & (ow < OW))
+                p = (n * OH + oh) * OW + ow
+                g = tl.load(gh_ptr + p.to(tl.int64)[:, None] * C_HID + j[None, :], mask=ok[:, None] & j_mask[None, :],
+                            other=0.0).to(ACC)
+                if WANT_GX:
+                    gx += g * weights[tap][None, :]
+                if WANT_DW:
+                    new_acc = new_acc + (dw_acc[tap] + g * xv,)
+                    if tap == BIAS_TAP:
+                        bias_acc += g
             if WANT_DW:
-                new_acc = new_acc + (dw_acc[tap] + g * xv,)
-                if tap == BIAS_TAP:
-                    bias_acc += g
-        if WANT_DW:
-            dw_acc = new_acc
-        if WANT_GX:
-            if RELU:
-                gx = tl.where(x_pos, gx, 0.0)
-            gx_offs = row_offsets(n, ih, iw, gx_sn_a * ALIGN, gx_sh, gx_sw)[:, None] + gx_col[None, :]
-            tl.store(gx_ptr + gx_offs, cast(gx, gx_ptr.dtype.element_ty), mask=mask)
+                dw_acc = new_acc
+            if WANT_GX:
+                if RELU:  # ReLU's backward: relu(x) > 0 exactly where x > 0
+                    gx = tl.where(xv > 0, gx, 0.0)
+                gx_offs = row_offsets(n, ih, iw, gx_sn_a * ALIGN, gx_sh, gx_sw)[:, None] + gx_col[None, :]
+                tl.store(gx_ptr + gx_offs, cast(gx, gx_ptr.dtype.element_ty), mask=mask)
 
     if WANT_DW:
         if BIAS_TAP < 0:
@@ -336,9 +465,48 @@ def transposed_depthwise_kernel(
         tl.store(part + (KH * KW) * C_HID + j, tl.sum(bias_acc, axis=0), mask=j_mask)
 
 
+@triton.jit
+def partial_sums_kernel(
+    # pointers
+    part_ptr, dw_grad_ptr, db_grad_ptr,
+    # sizes (C_HID_A = C_HID // ALIGN)
+    G, C_HID_A,
+    # meta-parameters
+    TAPS: tl.constexpr, ALIGN: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """The second stage of the depthwise weight and bias gradients, written in their own dtypes and layouts:
+    dw_grad[j, tap] = sum_g part[g, tap, j] (tap < TAPS), db_grad[j] = sum_g part[g, TAPS, j], summed over g
+    in order (deterministic). part: (G, TAPS + 1, C_HID) contiguous; dw_grad: (C_HID, TAPS) contiguous;
+    db_grad: (C_HID,). Grid: (TAPS + 1, cdiv(C_HID, BLOCK_C))."""
+    C_HID = C_HID_A * ALIGN
+    tap = tl.program_id(0)
+    j = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    j_mask = j < C_HID
+    acc = tl.zeros((BLOCK_C,), dtype=part_ptr.dtype.element_ty)
+    for g in range(0, G):
+        acc += tl.load(part_ptr + (g * (TAPS + 1) + tap).to(tl.int64) * C_HID + j, mask=j_mask, other=0.0)
+    if tap < TAPS:
+        tl.store(dw_grad_ptr + j * TAPS + tap, cast(acc, dw_grad_ptr.dtype.element_ty), mask=j_mask)
+    else:
+        tl.store(db_grad_ptr + j, cast(acc, db_grad_ptr.dtype.element_ty), mask=j_mask)
+
+
+PARTIAL_SUMS_BLOCK = 256
+
+
+def partial_sums_launch(partials: torch.Tensor, grad_depthwise: torch.Tensor, grad_depthwise_bias: torch.Tensor):
+    """One ``partial_sums_kernel`` launch: (grid, args, constexprs). grad_depthwise: (C_hid, 1, kh, kw)
+    contiguous; grad_depthwise_bias: (C_hid,)."""
+    programs, taps_and_bias, c_hid = partials.shape
+    align = vector_width(c_hid)
+    grid = (taps_and_bias, triton.cdiv(c_hid, PARTIAL_SUMS_BLOCK))
+    args = (partials, grad_depthwise, grad_depthwise_bias, programs, c_hid // align)
+    return grid, args, dict(TAPS=taps_and_bias - 1, ALIGN=align, BLOCK_C=PARTIAL_SUMS_BLOCK)
+
+
 transposed_autotuned = {
     name: triton.autotune(configs=configs_for(TRANSPOSED_CONFIGS, TRANSPOSED_CONFIGS_INTERPRET, name),
-                          key=["Q", "C_HID_A", "M", "KH", "KW", "WANT_GX", "WANT_DW", "ALIGN"],
+                          key=["Q", "C_HID_A", "M", "KH", "KW", "WANT_GX", "WANT_DW", "ALIGN", "TILED"],
                           )(transposed_depthwise_kernel)
     for name in TRANSPOSED_CONFIGS}
 
@@ -367,9 +535,13 @@ def transposed_depthwise_launch(grad_hidden: torch.Tensor, input: torch.Tensor, 
     c_hid, _, kh, kw = depthwise_weight.shape
     q = batch * height * width
     pixels = batch * out_hw[0] * out_hw[1]
+    tiled = tuple(stride) == (1, 1) and tuple(dilation) == (1, 1)
+    rows, cols = (INTERPRET_TILE if INTERPRET else TRANSPOSED_TILES[family(input.dtype)]) if tiled else (1, 1)
+    # What programs split: tiles of rows x cols input pixels (tiled), else input pixels.
+    units = batch * triton.cdiv(height, rows) * triton.cdiv(width, cols) if tiled else q
     c_blocks = triton.cdiv(c_hid, 64)
-    per_program = triton.cdiv(triton.cdiv(q, max(1, TARGET_PROGRAMS // c_blocks)), PIXEL_QUANTUM) * PIXEL_QUANTUM
-    programs = triton.cdiv(q, per_program)
+    per_program = triton.cdiv(triton.cdiv(units, max(1, TARGET_PROGRAMS // c_blocks)), PIXEL_QUANTUM) * PIXEL_QUANTUM
+    programs = triton.cdiv(units, per_program)
     p_per_program = triton.cdiv(triton.cdiv(pixels, programs), PIXEL_QUANTUM) * PIXEL_QUANTUM
     partials = torch.empty((programs if want_depthwise else 1, kh * kw + 1, c_hid),
                            dtype=torch.float64 if input.dtype == torch.float64 else torch.float32, device=input.device)
@@ -380,13 +552,13 @@ def transposed_depthwise_launch(grad_hidden: torch.Tensor, input: torch.Tensor, 
     def grid(meta):
         return (programs, triton.cdiv(c_hid, meta["BLOCK_C"]))
 
-    args = (grad_hidden, tap_major(depthwise_weight), input, grad_input if want_input else input, partials,
-            q, pixels, c_hid // align, height, width, out_hw[0], out_hw[1], c_hid // channels, per_program,
+    args = (grad_hidden, depthwise_weight.contiguous(), input, grad_input if want_input else input, partials,
+            batch, q, pixels, c_hid // align, height, width, out_hw[0], out_hw[1], c_hid // channels, per_program,
             p_per_program, x_sn // align, x_sc, x_sh // align, x_sw // align,
             gx_sn // align, gx_sc, gx_sh // align, gx_sw // align, *geometry_args(stride, padding, dilation))
     constexprs = dict(KH=kh, KW=kw, RELU=bool(relu_input), WANT_GX=bool(want_input), WANT_DW=bool(want_depthwise),
                       BIAS_TAP=_bias_tap((kh, kw), stride, padding, dilation, (height, width), out_hw), ALIGN=align,
-                      ACC=accumulator(input.dtype))
+                      ACC=accumulator(input.dtype), TILED=tiled, ROWS=rows, COLS=cols)
     return partials, grid, args, constexprs
 
 
@@ -455,15 +627,18 @@ def backward(grad_output: torch.Tensor, input: torch.Tensor, depthwise_weight: t
                     input_here, want_depthwise)
                 launch(transposed_autotuned[family(input.dtype)], grid, *args, **constexprs)
                 if want_depthwise:  # fixed-order second stage of the reduction
-                    sums = partials.sum(0)
-                    out[1].copy_(sums[:kh * kw].t().reshape(out[1].shape))
-                    out[3].copy_(sums[kh * kw])
+                    grid, args, constexprs = partial_sums_launch(partials, out[1], out[3])
+                    partial_sums_kernel[grid](*args, **constexprs, num_warps=4)
             if want_input and not input_here:
                 dw = depthwise_weight.reshape(c_hid, kh * kw).contiguous()
                 launch_grad_input(grad_hidden, dw, input, out[0], out_hw, geometry_args(stride, padding, dilation),
                                   kh, kw, relu)
         if want_pointwise:
             hidden = depthwise(input, depthwise_weight, depthwise_bias, out_hw, stride, padding, dilation, relu)
-            out[2].copy_((go.t() @ hidden).reshape(out[2].shape))
-            out[4].copy_(go.sum(0, dtype=torch.float64 if go.dtype == torch.float64 else torch.float32))
+            if out[2].dtype == hidden.dtype:
+                torch.mm(go.t(), hidden, out=out[2].view(c_out, c_hid))
+            else:
+                out[2].copy_((go.t() @ hidden).reshape(out[2].shape))
+            # Reduced-precision sums accumulate in fp32 and round once (CPU and CUDA alike).
+            torch.sum(go, 0, out=out[4])
     return out
