@@ -93,6 +93,20 @@ def load_channels(x_ptr, at, col, ok, j_mask, ACC: tl.constexpr, RELU: tl.conste
 
 
 @triton.jit
+def window_tap(x_ptr, corner, ih0, iw0, p_mask, col, j_mask, H, W, x_sh, x_sw, dil_h, dil_w, tap: tl.constexpr,
+               KW: tl.constexpr, ACC: tl.constexpr, RELU: tl.constexpr):
+    """The input under tap ``tap`` of windows whose top-left pixels are ``(ih0, iw0)`` (at offsets ``corner``,
+    int64), as an ACC tile (``load_channels``); zeros outside the image."""
+    dy = (tap // KW) * dil_h
+    dx = (tap % KW) * dil_w
+    ih = ih0 + dy
+    iw = iw0 + dx
+    ok = p_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+    at = corner + (dy.to(tl.int64) * x_sh + dx.to(tl.int64) * x_sw)
+    return load_channels(x_ptr, at, col, ok, j_mask, ACC, RELU)
+
+
+@triton.jit
 def _tap(x_ptr, dw_ptr, n_off, oh, ow, p_mask, j, j_mask, col, H, W, x_sh, x_sw,
          stride_h, stride_w, pad_top, pad_left, dil_h, dil_w, tap, KH: tl.constexpr, KW: tl.constexpr,
          RELU: tl.constexpr):

@@ -27,8 +27,7 @@ import triton
 import triton.language as tl
 
 from ..ops import empty_output, output_shape
-from .common import (INTERPRET, cast, conv_tf32, depthwise_tile, load_channels, mma, row_offsets, split_pixels,
-                     vector_width)
+from .common import INTERPRET, cast, conv_tf32, depthwise_tile, mma, row_offsets, split_pixels, vector_width, window_tap
 
 # Tile configurations per dtype family ("fp32": ieee dot on FMA units, heavier in registers;
 # "16bit": fp16/bf16 on tensor cores). The interpreter runs one cheap config; on GPU a short
@@ -175,13 +174,8 @@ def narrow_forward_kernel(
             col = (j // M).to(tl.int64) * x_sc
             a = tl.zeros((BLOCK_P, BLOCK_K), dtype=tl.float32)
             for tap in tl.static_range(KH * KW):
-                dy = (tap // KW) * dil_h
-                dx = (tap % KW) * dil_w
-                ih = ih0 + dy
-                iw = iw0 + dx
-                ok = p_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-                at = corner + (dy.to(tl.int64) * x_sh + dx.to(tl.int64) * x_sw)
-                xv = load_channels(x_ptr, at, col, ok, j_mask, tl.float32, RELU)
+                xv = window_tap(x_ptr, corner, ih0, iw0, p_mask, col, j_mask, H, W, x_sh, x_sw, dil_h, dil_w, tap,
+                                KW, tl.float32, RELU)
                 a += xv * tl.load(dw_ptr + tap * C_HID + j, mask=j_mask, other=0.0).to(tl.float32)[None, :]
             if HAS_DW_BIAS:
                 a += tl.load(dwb_ptr + j, mask=j_mask, other=0.0).to(tl.float32)[None, :]

@@ -36,7 +36,7 @@ import triton.language as tl
 from ..ops import empty_output, output_shape
 from .backward import empty_backward, launch_grad_input
 from .common import (INTERPRET, accumulator, cast, load_channels, matmul_like_conv, row_offsets, split_pixels,
-                     vector_width)
+                     vector_width, window_tap)
 from .forward import check_pixels, configs_for, device_guard, family, geometry_args, launch
 
 # Untimed guesses (no GPU run of this kernel yet), ranked by the static model
@@ -177,13 +177,8 @@ def depthwise_kernel(
         corner = row_offsets(n, ih0, iw0, x_sn, x_sh, x_sw)
         acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=ACC)
         for tap in tl.static_range(KH * KW):
-            dy = (tap // KW) * dil_h
-            dx = (tap % KW) * dil_w
-            ih = ih0 + dy
-            iw = iw0 + dx
-            ok = p_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-            at = corner + (dy.to(tl.int64) * x_sh + dx.to(tl.int64) * x_sw)
-            xv = load_channels(x_ptr, at, col, ok, j_mask, ACC, RELU)
+            xv = window_tap(x_ptr, corner, ih0, iw0, p_mask, col, j_mask, H, W, x_sh, x_sw, dil_h, dil_w, tap, KW,
+                            ACC, RELU)
             wv = tl.load(dw_ptr + j * (KH * KW) + tap, mask=j_mask, other=0.0).to(ACC)
             acc += xv * wv[None, :]
         if HAS_DW_BIAS:
@@ -259,11 +254,11 @@ INTERPRET_TILE = (3, 2)
 # Pixels (or tiles) per program are a multiple of every config's BLOCK_Q, and about this many programs
 # share them (times the channel blocks of 64): enough to fill a GPU, few enough partial sums.
 PIXEL_QUANTUM = 16
-TARGET_PROGRAMS = 2048
+TARGET_PROGRAMS = 1024
 
 
 @triton.jit
-def _transposed_tiles(gh_ptr, dw_ptr, x_ptr, gx_ptr, pid_g, j, j_mask, col, gx_col,
+def _transposed_tiles(gh_ptr, x_ptr, gx_ptr, weights, dw_acc, bias_acc, pid_g, j, j_mask, col, gx_col,
                       N, C_HID, H, W, OH, OW, Q_PER_PROGRAM, x_sn, x_sh, x_sw, gx_sn, gx_sh, gx_sw, pad_top, pad_left,
                       KH: tl.constexpr, KW: tl.constexpr, RELU: tl.constexpr, WANT_GX: tl.constexpr,
                       WANT_DW: tl.constexpr, BIAS_TAP: tl.constexpr, ACC: tl.constexpr, BLOCK_Q: tl.constexpr,
@@ -271,19 +266,9 @@ def _transposed_tiles(gh_ptr, dw_ptr, x_ptr, gx_ptr, pid_g, j, j_mask, col, gx_c
     """``transposed_depthwise_kernel`` for stride and dilation 1: program ``pid_g`` walks tiles of ROWS x COLS
     input pixels (Q_PER_PROGRAM tiles, BLOCK_Q at a time). A tile's gradients read the g_h window of
     (ROWS + KH - 1) x (COLS + KW - 1) output pixels, each vector loaded once for all the taps that use it.
-    Returns the weight-sum tiles and the bias-sum tile (the latter only where BIAS_TAP >= 0)."""
+    Returns ``dw_acc`` and ``bias_acc`` with the program's sums added (the bias only where BIAS_TAP >= 0)."""
     row_groups = tl.cdiv(H, ROWS)
     col_groups = tl.cdiv(W, COLS)
-    weights = ()
-    for tap in tl.static_range(KH * KW):
-        if WANT_GX:
-            weights = weights + (tl.load(dw_ptr + j * (KH * KW) + tap, mask=j_mask, other=0.0).to(ACC),)
-        else:
-            weights = weights + (0.0,)
-    dw_acc = ()
-    for tap in tl.static_range(KH * KW):
-        dw_acc = dw_acc + (tl.zeros((BLOCK_Q, BLOCK_C), dtype=ACC),)
-    bias_acc = tl.zeros((BLOCK_Q, BLOCK_C), dtype=ACC)
     for s0 in range(pid_g * Q_PER_PROGRAM, (pid_g + 1) * Q_PER_PROGRAM, BLOCK_Q):
         slots = s0 + tl.arange(0, BLOCK_Q)
         slot_mask = slots < N * row_groups * col_groups
@@ -404,22 +389,22 @@ def transposed_depthwise_kernel(
     col = (j // M).to(tl.int64) * x_sc
     gx_col = j.to(tl.int64) * gx_sc
 
+    weights = ()
+    for tap in tl.static_range(KH * KW):
+        if WANT_GX:
+            weights = weights + (tl.load(dw_ptr + j * (KH * KW) + tap, mask=j_mask, other=0.0).to(ACC),)
+        else:
+            weights = weights + (0.0,)
+    dw_acc = ()
+    for tap in tl.static_range(KH * KW):
+        dw_acc = dw_acc + (tl.zeros((BLOCK_Q, BLOCK_C), dtype=ACC),)
+    bias_acc = tl.zeros((BLOCK_Q, BLOCK_C), dtype=ACC)
     if TILED:
         dw_acc, bias_acc = _transposed_tiles(
-            gh_ptr, dw_ptr, x_ptr, gx_ptr, pid_g, j, j_mask, col, gx_col, N, C_HID, H, W, OH, OW,
-            Q_PER_PROGRAM, x_sn_a * ALIGN, x_sh, x_sw, gx_sn_a * ALIGN, gx_sh, gx_sw, pad_top, pad_left,
+            gh_ptr, x_ptr, gx_ptr, weights, dw_acc, bias_acc, pid_g, j, j_mask, col, gx_col, N, C_HID, H, W, OH,
+            OW, Q_PER_PROGRAM, x_sn_a * ALIGN, x_sh, x_sw, gx_sn_a * ALIGN, gx_sh, gx_sw, pad_top, pad_left,
             KH, KW, RELU, WANT_GX, WANT_DW, BIAS_TAP, ACC, BLOCK_Q, BLOCK_C, ROWS, COLS)
     else:
-        weights = ()
-        for tap in tl.static_range(KH * KW):
-            if WANT_GX:
-                weights = weights + (tl.load(dw_ptr + j * (KH * KW) + tap, mask=j_mask, other=0.0).to(ACC),)
-            else:
-                weights = weights + (0.0,)
-        dw_acc = ()
-        for tap in tl.static_range(KH * KW):
-            dw_acc = dw_acc + (tl.zeros((BLOCK_Q, BLOCK_C), dtype=ACC),)
-        bias_acc = tl.zeros((BLOCK_Q, BLOCK_C), dtype=ACC)
         for q0 in range(pid_g * Q_PER_PROGRAM, (pid_g + 1) * Q_PER_PROGRAM, BLOCK_Q):
             offs_q = q0 + tl.arange(0, BLOCK_Q)
             q_mask = offs_q < Q
@@ -472,26 +457,27 @@ def partial_sums_kernel(
     # sizes (C_HID_A = C_HID // ALIGN)
     G, C_HID_A,
     # meta-parameters
-    TAPS: tl.constexpr, ALIGN: tl.constexpr, BLOCK_C: tl.constexpr,
+    TAPS: tl.constexpr, ALIGN: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """The second stage of the depthwise weight and bias gradients, written in their own dtypes and layouts:
-    dw_grad[j, tap] = sum_g part[g, tap, j] (tap < TAPS), db_grad[j] = sum_g part[g, TAPS, j], summed over g
-    in order (deterministic). part: (G, TAPS + 1, C_HID) contiguous; dw_grad: (C_HID, TAPS) contiguous;
-    db_grad: (C_HID,). Grid: (TAPS + 1, cdiv(C_HID, BLOCK_C))."""
+    dw_grad[j, tap] = sum_g part[g, tap, j] (tap < TAPS), db_grad[j] = sum_g part[g, TAPS, j], in an order
+    fixed by the shape (deterministic). part: (G, TAPS + 1, C_HID) contiguous; dw_grad: (C_HID, TAPS)
+    contiguous; db_grad: (C_HID,). Grid: (TAPS + 1, cdiv(C_HID, BLOCK_C)). BLOCK_G partial sums are read at
+    once, so their loads overlap."""
     C_HID = C_HID_A * ALIGN
     tap = tl.program_id(0)
     j = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     j_mask = j < C_HID
-    acc = tl.zeros((BLOCK_C,), dtype=part_ptr.dtype.element_ty)
-    for g in range(0, G):
-        acc += tl.load(part_ptr + (g * (TAPS + 1) + tap).to(tl.int64) * C_HID + j, mask=j_mask, other=0.0)
+    acc = tl.zeros((BLOCK_G, BLOCK_C), dtype=part_ptr.dtype.element_ty)
+    for g0 in range(0, G, BLOCK_G):
+        g = g0 + tl.arange(0, BLOCK_G)
+        rows = (g * (TAPS + 1) + tap).to(tl.int64) * C_HID
+        acc += tl.load(part_ptr + rows[:, None] + j[None, :], mask=(g < G)[:, None] & j_mask[None, :], other=0.0)
+    total = tl.sum(acc, axis=0)
     if tap < TAPS:
-        tl.store(dw_grad_ptr + j * TAPS + tap, cast(acc, dw_grad_ptr.dtype.element_ty), mask=j_mask)
+        tl.store(dw_grad_ptr + j * TAPS + tap, cast(total, dw_grad_ptr.dtype.element_ty), mask=j_mask)
     else:
-        tl.store(db_grad_ptr + j, cast(acc, db_grad_ptr.dtype.element_ty), mask=j_mask)
-
-
-PARTIAL_SUMS_BLOCK = 256
+        tl.store(db_grad_ptr + j, cast(total, db_grad_ptr.dtype.element_ty), mask=j_mask)
 
 
 def partial_sums_launch(partials: torch.Tensor, grad_depthwise: torch.Tensor, grad_depthwise_bias: torch.Tensor):
@@ -499,9 +485,10 @@ def partial_sums_launch(partials: torch.Tensor, grad_depthwise: torch.Tensor, gr
     contiguous; grad_depthwise_bias: (C_hid,)."""
     programs, taps_and_bias, c_hid = partials.shape
     align = vector_width(c_hid)
-    grid = (taps_and_bias, triton.cdiv(c_hid, PARTIAL_SUMS_BLOCK))
+    block_c = 32
+    grid = (taps_and_bias, triton.cdiv(c_hid, block_c))
     args = (partials, grad_depthwise, grad_depthwise_bias, programs, c_hid // align)
-    return grid, args, dict(TAPS=taps_and_bias - 1, ALIGN=align, BLOCK_C=PARTIAL_SUMS_BLOCK)
+    return grid, args, dict(TAPS=taps_and_bias - 1, ALIGN=align, BLOCK_G=32, BLOCK_C=block_c)
 
 
 transposed_autotuned = {
@@ -628,7 +615,7 @@ def backward(grad_output: torch.Tensor, input: torch.Tensor, depthwise_weight: t
                 launch(transposed_autotuned[family(input.dtype)], grid, *args, **constexprs)
                 if want_depthwise:  # fixed-order second stage of the reduction
                     grid, args, constexprs = partial_sums_launch(partials, out[1], out[3])
-                    partial_sums_kernel[grid](*args, **constexprs, num_warps=4)
+                    partial_sums_kernel[grid](*args, **constexprs, num_warps=4, num_stages=1)
             if want_input and not input_here:
                 dw = depthwise_weight.reshape(c_hid, kh * kw).contiguous()
                 launch_grad_input(grad_hidden, dw, input, out[0], out_hw, geometry_args(stride, padding, dilation),
