@@ -60,10 +60,28 @@ INTERPRET_CONFIGS = [triton.Config({"BLOCK_P": 32, "BLOCK_C": 16, "ROWS": 3, "CO
 
 
 @triton.jit
+def tap_weights(dw_ptr, j, j_mask, C_HID, KH: tl.constexpr, KW: tl.constexpr, TAP_MAJOR: tl.constexpr,
+                ACC: tl.constexpr):
+    """The KH*KW taps' weights of hidden channels ``j``, a tuple of ACC vectors, read once a program.
+
+    dw: (KH*KW, C_HID) under TAP_MAJOR (16-bit weights: a tap's channels are one vector load), else
+    the module's own (C_HID, KH*KW) layout (a 32-bit load a weight, and no transposed copy to make)."""
+    weights = ()
+    for tap in tl.static_range(KH * KW):
+        if TAP_MAJOR:
+            at = tap * C_HID + j
+        else:
+            at = j * (KH * KW) + tap
+        weights = weights + (tl.load(dw_ptr + at, mask=j_mask, other=0.0).to(ACC),)
+    return weights
+
+
+@triton.jit
 def _depthwise_tiles(x_ptr, dw_ptr, dwb_ptr, h_ptr, N, C_HID, H, W, OH, OW, M, x_sn, x_sc, x_sh, x_sw,
                      stride_w, pad_top, pad_left, dil_w, KH: tl.constexpr, KW: tl.constexpr,
-                     HAS_DW_BIAS: tl.constexpr, RELU: tl.constexpr, ACC: tl.constexpr, COL_REUSE: tl.constexpr,
-                     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr):
+                     HAS_DW_BIAS: tl.constexpr, RELU: tl.constexpr, ACC: tl.constexpr, TAP_MAJOR: tl.constexpr,
+                     COL_REUSE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, ROWS: tl.constexpr,
+                     COLS: tl.constexpr):
     """``depthwise_kernel`` for a vertical stride and dilation of 1: a pixel slot is ROWS x COLS output pixels.
 
     Each input row a slot reads is loaded once for the up to KH output rows that use it; under COL_REUSE
@@ -86,9 +104,7 @@ def _depthwise_tiles(x_ptr, dw_ptr, dwb_ptr, h_ptr, N, C_HID, H, W, OH, OW, M, x
     corner = row_offsets(n, ih_top, iw_left, x_sn, x_sh, x_sw)
     # The slot's top-left output pixel, as an offset into h (P, C_HID).
     h_corner = ((n * OH + oh_top) * OW + ow_left).to(tl.int64) * C_HID
-    weights = ()
-    for tap in tl.static_range(KH * KW):
-        weights = weights + (tl.load(dw_ptr + j * (KH * KW) + tap, mask=j_mask, other=0.0).to(ACC),)
+    weights = tap_weights(dw_ptr, j, j_mask, C_HID, KH, KW, TAP_MAJOR, ACC)
     if HAS_DW_BIAS:
         bias = tl.load(dwb_ptr + j, mask=j_mask, other=0.0).to(ACC)[None, :]
     # The input columns the slot reads: COLS + KW - 1 shared ones under COL_REUSE, else COLS * KW.
@@ -144,14 +160,13 @@ def depthwise_kernel(
     stride_h, stride_w, pad_top, pad_left, dil_h, dil_w,
     # meta-parameters
     KH: tl.constexpr, KW: tl.constexpr, HAS_DW_BIAS: tl.constexpr, RELU: tl.constexpr,
-    ALIGN: tl.constexpr, ACC: tl.constexpr, ROW_REUSE: tl.constexpr, COL_REUSE: tl.constexpr,
+    ALIGN: tl.constexpr, ACC: tl.constexpr, TAP_MAJOR: tl.constexpr, ROW_REUSE: tl.constexpr, COL_REUSE: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr = 1,
 ):
     """h[p, j] = depthwise(x)[p, j] in h's dtype; h: (P, C_HID) contiguous, p = (n * OH + oh) * OW + ow.
 
-    Sums in ACC (fp32; fp64 for fp64 tensors). dw: (C_HID, KH*KW) contiguous, the module's own layout
-    (each program reads its taps' weights once, so a transposed copy would cost a launch and win
-    nothing). ROW_REUSE (vertical stride and dilation 1): a program covers BLOCK_P
+    Sums in ACC (fp32; fp64 for fp64 tensors). dw: (KH*KW, C_HID) contiguous under TAP_MAJOR, else
+    (C_HID, KH*KW) (``tap_weights``). ROW_REUSE (vertical stride and dilation 1): a program covers BLOCK_P
     pixel slots of ROWS x COLS output pixels each (``_depthwise_tiles``); otherwise BLOCK_P pixels.
     Grid: (cdiv(N * cdiv(OH, ROWS) * cdiv(OW, COLS), BLOCK_P), cdiv(C_HID, BLOCK_C)) under ROW_REUSE,
     else (cdiv(N * OH * OW, BLOCK_P), cdiv(C_HID, BLOCK_C)).
@@ -162,7 +177,7 @@ def depthwise_kernel(
     x_sw = x_sw_a * ALIGN
     if ROW_REUSE:
         _depthwise_tiles(x_ptr, dw_ptr, dwb_ptr, h_ptr, N, C_HID, H, W, OH, OW, M, x_sn, x_sc, x_sh, x_sw,
-                         stride_w, pad_top, pad_left, dil_w, KH, KW, HAS_DW_BIAS, RELU, ACC, COL_REUSE,
+                         stride_w, pad_top, pad_left, dil_w, KH, KW, HAS_DW_BIAS, RELU, ACC, TAP_MAJOR, COL_REUSE,
                          BLOCK_P, BLOCK_C, ROWS, COLS)
     else:
         offs_p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
@@ -175,12 +190,12 @@ def depthwise_kernel(
         iw0 = ow * stride_w - pad_left
         # One int64 offset per pixel (the window's top-left corner); each tap adds a scalar to it.
         corner = row_offsets(n, ih0, iw0, x_sn, x_sh, x_sw)
+        weights = tap_weights(dw_ptr, j, j_mask, C_HID, KH, KW, TAP_MAJOR, ACC)
         acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=ACC)
         for tap in tl.static_range(KH * KW):
             xv = window_tap(x_ptr, corner, ih0, iw0, p_mask, col, j_mask, H, W, x_sh, x_sw, dil_h, dil_w, tap, KW,
                             ACC, RELU)
-            wv = tl.load(dw_ptr + j * (KH * KW) + tap, mask=j_mask, other=0.0).to(ACC)
-            acc += xv * wv[None, :]
+            acc += xv * weights[tap][None, :]
         if HAS_DW_BIAS:
             acc += tl.load(dwb_ptr + j, mask=j_mask, other=0.0).to(ACC)[None, :]
         offs = offs_p.to(tl.int64)[:, None] * C_HID + j[None, :]
@@ -193,6 +208,19 @@ depthwise_autotuned = {name: triton.autotune(configs=configs_for(GPU_CONFIGS, IN
                        for name in GPU_CONFIGS}
 
 
+def tap_major(depthwise_weight: torch.Tensor) -> bool:
+    """Whether the split kernels read ``depthwise_weight`` transposed, (kh*kw, C_hid): for 16-bit weights, so
+    that a tap's channels load as vectors (the module's layout would give 16-bit scalar loads)."""
+    return depthwise_weight.element_size() == 2
+
+
+def weights_for(depthwise_weight: torch.Tensor) -> torch.Tensor:
+    """The depthwise weight as the split kernels read it (``tap_major``): (kh*kw, C_hid) or (C_hid, kh*kw)."""
+    c_hid, _, kh, kw = depthwise_weight.shape
+    flat = depthwise_weight.reshape(c_hid, kh * kw)
+    return flat.t().contiguous() if tap_major(depthwise_weight) else flat.contiguous()
+
+
 def depthwise_launch(input: torch.Tensor, depthwise_weight: torch.Tensor, depthwise_bias: Optional[torch.Tensor],
                      out_hw: Sequence[int], stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int],
                      relu_input: bool):
@@ -201,7 +229,7 @@ def depthwise_launch(input: torch.Tensor, depthwise_weight: torch.Tensor, depthw
     c_hid, _, kh, kw = depthwise_weight.shape
     pixels = batch * out_hw[0] * out_hw[1]
     hidden = torch.empty((pixels, c_hid), dtype=input.dtype, device=input.device)
-    dw = depthwise_weight.contiguous()
+    dw = weights_for(depthwise_weight)
     dwb = depthwise_bias.contiguous() if depthwise_bias is not None else dw
     x_sn, x_sc, x_sh, x_sw = input.stride()
     align = vector_width(c_hid, x_sn, x_sh, x_sw)
@@ -216,7 +244,7 @@ def depthwise_launch(input: torch.Tensor, depthwise_weight: torch.Tensor, depthw
     args = (input, dw, dwb, hidden, batch, c_hid // align, height, width, out_hw[0], out_hw[1], c_hid // channels,
             x_sn // align, x_sc, x_sh // align, x_sw // align, *geometry_args(stride, padding, dilation))
     constexprs = dict(KH=kh, KW=kw, HAS_DW_BIAS=depthwise_bias is not None, RELU=bool(relu_input), ALIGN=align,
-                      ACC=accumulator(input.dtype), ROW_REUSE=row_reuse,
+                      ACC=accumulator(input.dtype), TAP_MAJOR=tap_major(depthwise_weight), ROW_REUSE=row_reuse,
                       COL_REUSE=stride[1] == 1 and dilation[1] == 1)
     return hidden, grid, args, constexprs
 
@@ -356,7 +384,8 @@ def transposed_depthwise_kernel(
     stride_h, stride_w, pad_top, pad_left, dil_h, dil_w,
     # meta-parameters
     KH: tl.constexpr, KW: tl.constexpr, RELU: tl.constexpr, WANT_GX: tl.constexpr, WANT_DW: tl.constexpr,
-    BIAS_TAP: tl.constexpr, ALIGN: tl.constexpr, ACC: tl.constexpr, TILED: tl.constexpr, ROWS: tl.constexpr,
+    BIAS_TAP: tl.constexpr, ALIGN: tl.constexpr, ACC: tl.constexpr, TAP_MAJOR: tl.constexpr, TILED: tl.constexpr,
+    ROWS: tl.constexpr,
     COLS: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """The depthwise convolution's backward from g_h (the gradient of its output), in one pass over the input.
@@ -370,7 +399,7 @@ def transposed_depthwise_kernel(
     maps input pixels one to one onto output pixels (stride 1, "same" padding); otherwise
     (BIAS_TAP < 0) a second loop reads the program's share of output pixels.
 
-    gh: (P, C_HID) contiguous; dw: (C_HID, KH*KW) contiguous; x, gx: (N, C, H, W) any strides;
+    gh: (P, C_HID) contiguous; dw as in ``tap_weights``; x, gx: (N, C, H, W) any strides;
     part: (G, KH*KW + 1, C_HID) in ACC (fp32; fp64 for fp64 tensors), as every sum here.
     TILED (stride and dilation 1): program g takes tiles [g * Q_PER_PROGRAM, (g + 1) * Q_PER_PROGRAM) of
     ROWS x COLS input pixels (``_transposed_tiles``); otherwise input pixels in that range.
@@ -389,12 +418,7 @@ def transposed_depthwise_kernel(
     col = (j // M).to(tl.int64) * x_sc
     gx_col = j.to(tl.int64) * gx_sc
 
-    weights = ()
-    for tap in tl.static_range(KH * KW):
-        if WANT_GX:
-            weights = weights + (tl.load(dw_ptr + j * (KH * KW) + tap, mask=j_mask, other=0.0).to(ACC),)
-        else:
-            weights = weights + (0.0,)
+    weights = tap_weights(dw_ptr, j, j_mask, C_HID, KH, KW, TAP_MAJOR, ACC)  # unused (and dropped) without WANT_GX
     dw_acc = ()
     for tap in tl.static_range(KH * KW):
         dw_acc = dw_acc + (tl.zeros((BLOCK_Q, BLOCK_C), dtype=ACC),)
@@ -539,13 +563,14 @@ def transposed_depthwise_launch(grad_hidden: torch.Tensor, input: torch.Tensor, 
     def grid(meta):
         return (programs, triton.cdiv(c_hid, meta["BLOCK_C"]))
 
-    args = (grad_hidden, depthwise_weight.contiguous(), input, grad_input if want_input else input, partials,
+    args = (grad_hidden, weights_for(depthwise_weight), input, grad_input if want_input else input, partials,
             batch, q, pixels, c_hid // align, height, width, out_hw[0], out_hw[1], c_hid // channels, per_program,
             p_per_program, x_sn // align, x_sc, x_sh // align, x_sw // align,
             gx_sn // align, gx_sc, gx_sh // align, gx_sw // align, *geometry_args(stride, padding, dilation))
     constexprs = dict(KH=kh, KW=kw, RELU=bool(relu_input), WANT_GX=bool(want_input), WANT_DW=bool(want_depthwise),
                       BIAS_TAP=_bias_tap((kh, kw), stride, padding, dilation, (height, width), out_hw), ALIGN=align,
-                      ACC=accumulator(input.dtype), TILED=tiled, ROWS=rows, COLS=cols)
+                      ACC=accumulator(input.dtype), TAP_MAJOR=tap_major(depthwise_weight), TILED=tiled, ROWS=rows,
+                      COLS=cols)
     return partials, grid, args, constexprs
 
 
