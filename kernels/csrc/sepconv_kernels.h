@@ -272,6 +272,10 @@ inline void depthwise_segment3x3_f32(const float* x, const Run3x3& run, int64_t 
 #pragma GCC unroll 9
     for (int t = 0; t < 9; ++t) wv[t] = kMasked ? V::load(m, w + t * w_stride + c) : V::load(w + t * w_stride + c);
     const V::Reg b = bias ? (kMasked ? V::load(m, bias + c) : V::load(bias + c)) : V::zero();
+    // The bottom kernel row's input is the one row not read for the previous output row (it comes
+    // from L3 or memory): fetch its columns two segments on, this channel vector's line of each.
+#pragma GCC unroll 8
+    for (int j = 0; j < kPixels; ++j) prefetch_at(x, at + c + 2 * run.row_step + (2 + 2 * kPixels + j) * run.col_step);
     depthwise_pixels3x3_f32<kRelu, kMasked, kPixels>(x, at + c, run.row_step, run.col_step, wv, b, m, o + c, ld);
   };
   const int64_t full = kc / V::kLanes * V::kLanes;

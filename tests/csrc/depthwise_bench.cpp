@@ -3,11 +3,16 @@
 // Not a test: a developer's measuring tool. Build (AVX-512 host path; add -mno-avx512f for AVX2):
 //   g++ -O3 -march=native -std=c++17 -I kernels/csrc -I $TORCH/include tests/csrc/depthwise_bench.cpp
 // Run: ./a.out CM H [stride] [repeats]  -> ns per output pixel-vector, best of the repeats, and the
-// same for one small block whose input stays in L1.
+// same for one small block whose input stays in L1; ./a.out check -> a hash of the results.
+// Caveat: the image here stays in L2/L3 between repeats and nothing else runs between the blocks,
+// unlike in the forward (the GEMM between blocks, the input from L3 or memory): the previous kernel
+// timed about three times slower here than its share of a perf profile of the forward implied.
+// Check a change in the forward too (perf record on a loop of one layer's forward).
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <new>
 #include <string>
 #include <vector>
 
@@ -15,8 +20,23 @@
 
 using namespace sepconv;
 
-static double time_blocks(const Geometry& g, const std::vector<float>& x, const std::vector<float>& w,
-                          int64_t block_rows, int64_t first, int64_t npix, int repeats, std::vector<float>& tile,
+// 64-byte aligned, as torch allocates tensors: std::vector's large blocks start 16 bytes into a
+// page, so every vector load would straddle two cache lines (an earlier version timed that).
+template <typename T>
+struct AlignedAllocator {
+  using value_type = T;
+  AlignedAllocator() = default;
+  template <typename U>
+  AlignedAllocator(const AlignedAllocator<U>&) {}
+  T* allocate(size_t n) { return static_cast<T*>(::operator new(n * sizeof(T), std::align_val_t(64))); }
+  void deallocate(T* p, size_t) { ::operator delete(p, std::align_val_t(64)); }
+  bool operator==(const AlignedAllocator&) const { return true; }
+  bool operator!=(const AlignedAllocator&) const { return false; }
+};
+using Buffer = std::vector<float, AlignedAllocator<float>>;
+
+static double time_blocks(const Geometry& g, const Buffer& x, const Buffer& w,
+                          int64_t block_rows, int64_t first, int64_t npix, int repeats, Buffer& tile,
                           int64_t ld) {
   double best = 1e30;
   for (int rep = 0; rep < repeats; ++rep) {
@@ -44,12 +64,12 @@ static int check() {
           g.N = 2, g.H = H, g.W = H + 3, g.CM = CM, g.Cout = CM;
           g.kh = g.kw = 3, g.sh = g.sw = stride, g.pt = g.pl = 1, g.dh = g.dw = 1;
           g.OH = (g.H + 2 - 3) / stride + 1, g.OW = (g.W + 2 - 3) / stride + 1;
-          std::vector<float> x(size_t(g.N * g.H * g.W * CM)), w(size_t(9 * CM)), b(static_cast<size_t>(CM));
+          Buffer x(size_t(g.N * g.H * g.W * CM)), w(size_t(9 * CM)), b(static_cast<size_t>(CM));
           for (size_t i = 0; i < x.size(); ++i) x[i] = float(int(i * 37 % 101) - 50) / 7.0f;
           for (size_t i = 0; i < w.size(); ++i) w[i] = float(int(i * 13 % 29) - 14) / 3.0f;
           for (size_t i = 0; i < b.size(); ++i) b[i] = float(int(i * 7 % 11) - 5) / 9.0f;
           const int64_t npix = g.pixels(), ld = round_up(CM, 16) + 16, block = 7;
-          std::vector<float> tile(size_t(npix * ld));
+          Buffer tile(size_t(npix * ld));
           for (int64_t p0 = 0; p0 < npix; p0 += block) {
             depthwise_tile<float>(g, x.data(), w.data(), with_bias ? b.data() : nullptr, relu, p0,
                                   std::min(block, npix - p0), 0, CM, tile.data() + p0 * ld, ld);
@@ -78,12 +98,13 @@ int main(int argc, char** argv) {
   g.N = 1, g.H = H, g.W = H, g.CM = CM, g.Cout = CM;
   g.kh = g.kw = 3, g.sh = g.sw = stride, g.pt = g.pl = 1, g.dh = g.dw = 1;
   g.OH = (H + 2 - 3) / stride + 1, g.OW = g.OH;
-  std::vector<float> x(size_t(g.N * H * H * CM)), w(size_t(9 * CM));
+  Buffer x(size_t(g.N * H * H * CM)), w(size_t(9 * CM));
   for (size_t i = 0; i < x.size(); ++i) x[i] = float(int(i * 37 % 101) - 50) / 16.0f;
   for (size_t i = 0; i < w.size(); ++i) w[i] = float(int(i * 13 % 29) - 14) / 8.0f;
   const int64_t npix = g.pixels(), ld = round_up(CM, 16) + 16;
-  const int64_t block_rows = std::clamp<int64_t>(machine().tile_bytes / (CM * 4), 1, npix);
-  std::vector<float> tile(size_t(block_rows * ld));
+  // The forward's blocks: at most kMaxRows pixels whose tile stays in L2 (forward()).
+  const int64_t block_rows = std::min(npix, std::clamp<int64_t>(machine().tile_bytes / (CM * 4), kRows, kMaxRows));
+  Buffer tile(size_t(block_rows * ld));
   const double vectors = double(CM + VecF32::kLanes - 1) / VecF32::kLanes;
   const double whole = time_blocks(g, x, w, block_rows, 0, npix, repeats, tile, ld);
   // One output row's interior run, repeated: its three input rows stay in L1 when they fit.
