@@ -24,7 +24,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List
+from typing import List
 
 import torch
 import torch.nn.functional as F
@@ -40,8 +40,9 @@ def candidates(kernel: str, family: str) -> List["triton.Config"]:  # noqa: F821
 
     k_16, k_32 = (32, 64) if family == "16bit" else (16, 32)
     if kernel == "depthwise":  # split mode's depthwise kernel (kernels/triton/split.py)
-        return [triton.Config(dict(BLOCK_P=p, BLOCK_C=c, ROWS=r), num_warps=w, num_stages=1)
-                for p, c, r, w in itertools.product((16, 32), (32, 64, 128), (4, 8), (4, 8))]
+        # ROWS x COLS output pixels a slot: input reuse across rows and columns against registers.
+        return [triton.Config(dict(BLOCK_P=16, BLOCK_C=c, ROWS=r, COLS=k), num_warps=w, num_stages=1)
+                for c, r, k, w in itertools.product((32, 64), (5, 10), (1, 4, 8), (4, 8))]
     if kernel == "grad_input":
         return [triton.Config(dict(BLOCK_Q=q, BLOCK_C=c), num_warps=w, num_stages=1)
                 for q, c, w in itertools.product((32, 64, 128), (32, 64), (4, 8))]

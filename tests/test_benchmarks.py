@@ -387,6 +387,9 @@ def test_triton_sweep_candidates_and_errors(capsys):
             # The candidates set the kernel's own tile parameters (a renamed one would fail to launch).
             tiles = set(current[kernel][family][0].kwargs) | {"UNROLL_TAPS"}
             assert all(set(c.kwargs) <= tiles for c in candidates(kernel, family)), (kernel, family, tiles)
+            # ... and every tile parameter the kernel's own configs set (a new one must be swept too).
+            required = set(current[kernel][family][0].kwargs) - {"UNROLL_TAPS"}
+            assert all(required <= set(c.kwargs) for c in candidates(kernel, family)), (kernel, family, required)
     with pytest.raises(SystemExit):
         sweep_main(["--dtypes", "fp64"])
     assert "--dtypes" in capsys.readouterr().err
@@ -431,7 +434,8 @@ def test_gpu_check_script_parses_and_its_selections_collect_tests():
     subprocess.run(["bash", "-n", str(script)], check=True)
     selections = re.findall(r'-k "([^"]+)"', script.read_text())
     assert len(selections) == 2
-    files = ["tests/test_triton.py", "tests/test_triton_split.py", "tests/test_separable_conv.py", "tests/test_model.py"]
+    files = ["tests/test_triton.py", "tests/test_triton_split.py", "tests/test_separable_conv.py",
+             "tests/test_model.py"]
     counts = []
     for expression in selections:
         result = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", *files, "-k", expression],
