@@ -24,7 +24,7 @@ default; ``sepconv_triton_split``: split mode always).
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
+from typing import List, Sequence
 
 import torch
 import torch.nn.functional as F
