@@ -150,7 +150,7 @@ def sweep(args) -> int:
                     return split.depthwise(x, dw, dwb, shape.out_hw, *geometry, False)
             else:
                 def call():
-                    return ops.backward(grad, x, dw, pw, dwb, *geometry, False, [True, True, True])
+                    return ops.backward(grad, x, dw, pw, dwb, *geometry, False, [True] * 5)
             rows = []
             for config in candidates(kernel, family) if not args.interpret else current[kernel][family][:1]:
                 if time.monotonic() > deadline:

@@ -5,13 +5,15 @@ Each backend owns a namespace with the same two ops (``sepconv_<backend>``):
     forward(input, depthwise_weight, pointwise_weight, depthwise_bias?, pointwise_bias?,
             stride[2], padding[4], dilation[2], relu_input) -> output
     backward(grad_output, input, depthwise_weight, pointwise_weight, depthwise_bias?,
-             stride[2], padding[4], dilation[2], relu_input, output_mask[3])
+             stride[2], padding[4], dilation[2], relu_input, output_mask[5])
         -> (grad_input, grad_depthwise_weight, grad_pointwise_weight,
             grad_depthwise_bias, grad_pointwise_bias)
 
-``padding`` is ``[top, bottom, left, right]``. ``output_mask`` says which of
-(input, depthwise weight+bias, pointwise weight+bias) need a gradient; a
-gradient that is not asked for comes back as an empty ``(0,)`` tensor.
+``padding`` is ``[top, bottom, left, right]``. ``output_mask`` has one flag per
+gradient, in the order they are returned (as ``aten::convolution_backward``'s covers
+its bias): a gradient that is not asked for is not computed and comes back as an
+empty ``(0,)`` tensor. A layer without biases asks for neither bias gradient, so no
+backend sums ``grad_output`` over pixels for a pointwise bias that does not exist.
 The backward op recomputes the depthwise intermediate instead of saving it.
 
 The schemas and fake (meta) implementations live here, so ``torch.compile``
@@ -44,7 +46,7 @@ FORWARD_SCHEMA = (
 BACKWARD_SCHEMA = (
     "backward(Tensor grad_output, Tensor input, Tensor depthwise_weight, Tensor pointwise_weight, "
     "Tensor? depthwise_bias, int[2] stride, int[4] padding, int[2] dilation, bool relu_input, "
-    "bool[3] output_mask) -> (Tensor, Tensor, Tensor, Tensor, Tensor)"
+    "bool[5] output_mask) -> (Tensor, Tensor, Tensor, Tensor, Tensor)"
 )
 
 
@@ -91,18 +93,28 @@ def empty_output(input: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
     return torch.empty(shape, dtype=input.dtype, device=input.device, memory_format=memory_format_of(input))
 
 
+def check_output_mask(output_mask: Sequence[bool]) -> List[bool]:
+    """``output_mask`` as five bools (input, depthwise weight, pointwise weight, depthwise bias, pointwise
+    bias); a ValueError naming it otherwise."""
+    if len(output_mask) != 5:
+        raise ValueError(f"output_mask must have 5 entries (input, depthwise_weight, pointwise_weight, "
+                         f"depthwise_bias, pointwise_bias), got {list(output_mask)}")
+    return [bool(v) for v in output_mask]
+
+
 def empty_gradients(grad_output, input, depthwise_weight, pointwise_weight, depthwise_bias, output_mask):
     """The five gradient buffers of ``backward`` (``(0,)`` where ``output_mask`` says no)."""
     def like(tensor, wanted):
         return torch.empty_like(tensor, memory_format=torch.contiguous_format) if wanted else input.new_empty(0)
 
-    want_input, want_depthwise, want_pointwise = output_mask
+    want_input, want_depthwise, want_pointwise, want_depthwise_bias, want_pointwise_bias = check_output_mask(
+        output_mask)
     return (
         torch.empty_like(input, memory_format=memory_format_of(input)) if want_input else input.new_empty(0),
         like(depthwise_weight, want_depthwise),
         like(pointwise_weight, want_pointwise),
-        input.new_empty(depthwise_weight.shape[0] if want_depthwise else 0),
-        input.new_empty(pointwise_weight.shape[0] if want_pointwise else 0),
+        input.new_empty(depthwise_weight.shape[0] if want_depthwise_bias else 0),
+        input.new_empty(pointwise_weight.shape[0] if want_pointwise_bias else 0),
     )
 
 
@@ -186,16 +198,15 @@ def make_backward(backward_op):
     def backward(ctx, grad_output):
         input, depthwise_weight, pointwise_weight, depthwise_bias = ctx.saved_tensors
         stride, padding, dilation, relu_input = ctx.geometry
+        has_depthwise_bias, has_pointwise_bias = ctx.has_biases
         needs = ctx.needs_input_grad
-        mask = [needs[0], needs[1] or needs[3], needs[2] or needs[4]]
+        mask = [needs[0], needs[1], needs[2], needs[3] and has_depthwise_bias, needs[4] and has_pointwise_bias]
         if not any(mask):
             return (None,) * 9
         grads = backward_op(grad_output.contiguous(memory_format=memory_format_of(grad_output)), input,
                             depthwise_weight, pointwise_weight, depthwise_bias,
                             stride, padding, dilation, relu_input, mask)
-        has_depthwise_bias, has_pointwise_bias = ctx.has_biases
-        wanted = (needs[0], needs[1], needs[2], needs[3] and has_depthwise_bias, needs[4] and has_pointwise_bias)
-        return tuple(g if w else None for g, w in zip(grads, wanted)) + (None,) * 4
+        return tuple(g if w else None for g, w in zip(grads, mask)) + (None,) * 4
 
     return backward
 
@@ -264,22 +275,26 @@ def _torch_forward(input, depthwise_weight, pointwise_weight, depthwise_bias, po
 def _torch_backward(grad_output, input, depthwise_weight, pointwise_weight, depthwise_bias,
                     stride, padding, dilation, relu_input, output_mask):
     out = empty_gradients(grad_output, input, depthwise_weight, pointwise_weight, depthwise_bias, output_mask)
-    want_input, want_depthwise, want_pointwise = output_mask
+    want_input, want_depthwise, want_pointwise, want_depthwise_bias, want_pointwise_bias = check_output_mask(
+        output_mask)
+    want_hidden = want_input or want_depthwise or want_depthwise_bias
     padded, conv_padding = _pad_input(input, padding, relu_input)
     channels = input.shape[1]
     hidden = F.conv2d(padded, depthwise_weight, depthwise_bias, stride, conv_padding, dilation, groups=channels)
     grad_hidden, grad_pw_weight, grad_pw_bias = torch.ops.aten.convolution_backward(
         grad_output, hidden, pointwise_weight, [pointwise_weight.shape[0]], [1, 1], [0, 0], [1, 1],
-        False, [0, 0], 1, [want_input or want_depthwise, want_pointwise, want_pointwise])
+        False, [0, 0], 1, [want_hidden, want_pointwise, want_pointwise_bias])
     if want_pointwise:
         out[2].copy_(grad_pw_weight)
+    if want_pointwise_bias:
         out[4].copy_(grad_pw_bias)
-    if want_input or want_depthwise:
+    if want_hidden:
         grad_padded, grad_dw_weight, grad_dw_bias = torch.ops.aten.convolution_backward(
             grad_hidden, padded, depthwise_weight, [depthwise_weight.shape[0]], list(stride), conv_padding,
-            list(dilation), False, [0, 0], channels, [want_input, want_depthwise, want_depthwise])
+            list(dilation), False, [0, 0], channels, [want_input, want_depthwise, want_depthwise_bias])
         if want_depthwise:
             out[1].copy_(grad_dw_weight)
+        if want_depthwise_bias:
             out[3].copy_(grad_dw_bias)
         if want_input:
             top, _, left, _ = padding

@@ -375,7 +375,7 @@ def test_gradients_are_not_views(layout, multiplier):
     pw = torch.randn(24, 8 * multiplier, 1, 1, generator=g)
     grad = torch.randn(2, 24, 9, 9, generator=g).contiguous(memory_format=layout)
     grads = torch.ops.sepconv_cpp.backward.default(grad, x, dw, pw, None, [1, 1], [1, 1, 1, 1], [1, 1], True,
-                                                   [True, True, True])
+                                                   [True] * 5)
     for name, tensor in zip(("input", "depthwise_weight", "pointwise_weight", "depthwise_bias", "pointwise_bias"),
                             grads):
         assert not tensor._is_view(), f"grad of {name} is a view"

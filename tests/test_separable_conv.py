@@ -175,9 +175,68 @@ def test_opcheck(backend, layout):
     torch.library.opcheck(namespace.forward.default, (x, dw, pw, dwb, pwb, stride, padding, dilation, False))
     torch.library.opcheck(namespace.forward.default,
                           (x.requires_grad_(), dw.requires_grad_(), pw, None, pwb, stride, padding, dilation, True))
-    for mask in ([True, True, True], [False, True, False], [True, False, True]):
+    for mask in ([True] * 5, [False, True, False, False, False], [True, False, True, False, True],
+                 [False, False, False, True, True]):
         torch.library.opcheck(namespace.backward.default,
                               (grad, x.detach(), dw.detach(), pw, dwb, stride, padding, dilation, False, mask))
+
+
+GRADIENT_NAMES = ("input", "depthwise_weight", "pointwise_weight", "depthwise_bias", "pointwise_bias")
+
+
+@pytest.mark.parametrize("wanted", GRADIENT_NAMES + ("weights only",))
+def test_backward_op_computes_only_what_the_mask_asks(backend, wanted):
+    """Each gradient the mask leaves out comes back empty; the ones it asks for equal the whole backward's."""
+    device = require_backend(backend)
+    x, dw, pw, dwb, pwb, stride, padding, dilation = _op_args(device, torch.float32, (1, 2, 0, 1))
+    namespace = getattr(torch.ops, kernels.ops.namespace(backend))
+    grad = torch.randn_like(namespace.forward(x, dw, pw, dwb, pwb, stride, padding, dilation, True))
+    full = namespace.backward(grad, x, dw, pw, dwb, stride, padding, dilation, True, [True] * 5)
+    mask = [name == wanted or (wanted == "weights only" and name.endswith("weight")) for name in GRADIENT_NAMES]
+    part = namespace.backward(grad, x, dw, pw, dwb, stride, padding, dilation, True, mask)
+    for name, asked, whole, got in zip(GRADIENT_NAMES, mask, full, part):
+        if asked:
+            torch.testing.assert_close(got, whole, **TOLERANCES[torch.float32], msg=lambda m: f"grad {name}: {m}")
+        else:
+            assert got.shape == (0,), f"grad {name} was not asked for, got shape {tuple(got.shape)}"
+
+
+def test_backward_op_rejects_a_short_mask():
+    x, dw, pw, dwb, pwb, stride, padding, dilation = _op_args(torch.device("cpu"), torch.float32)
+    grad = torch.randn(2, 5, 7, 3)
+    with pytest.raises((ValueError, RuntimeError), match="output_mask"):
+        torch.ops.sepconv_torch.backward(grad, x, dw, pw, dwb, stride, padding, dilation, False, [True] * 3)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_autograd_asks_no_gradient_for_missing_or_frozen_biases(backend, bias):
+    """A layer without biases (Xception's) asks the backward op for neither bias gradient, and a frozen
+    pointwise bias is not asked for either; the gradients asked for still match the reference."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    device = require_backend(backend)
+    x, dw, pw, dwb, pwb = make_case(2, 4, 7, 6, (3, 3), 1, 5, bias, torch.float32, device)
+    masks = []
+
+    class RecordMasks(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func._schema.name.startswith("sepconv_") and func._schema.name.endswith("::backward"):
+                masks.append(list(args[-1]))
+            return func(*args, **(kwargs or {}))
+
+    leaves = [t.clone().requires_grad_(True) for t in (x, dw, pw)] + [dwb, pwb]
+    if bias:
+        leaves[3] = dwb.clone().requires_grad_(True)  # the pointwise bias stays frozen
+    out = kernels.separable_conv2d(*leaves, padding=1, backend=backend)
+    with RecordMasks():
+        out.backward(torch.ones_like(out))
+    assert masks == [[True, True, True, bias, False]]
+    ref, ref_leaves = pair_reference(*leaves, 1, 1, 1)
+    ref.backward(torch.ones_like(ref))
+    for name, leaf, ref_leaf in zip(GRADIENT_NAMES, leaves, ref_leaves):
+        if leaf is not None and leaf.requires_grad:
+            torch.testing.assert_close(leaf.grad.double(), ref_leaf.grad, **TOLERANCES[torch.float32],
+                                       msg=lambda m: f"grad {name}: {m}")
 
 
 def test_torch_compile_fullgraph(backend):

@@ -72,6 +72,16 @@ def test_split_opcheck(split, layout):
     shared.test_opcheck("triton", layout)
 
 
+@pytest.mark.parametrize("wanted", shared.GRADIENT_NAMES + ("weights only",))
+def test_split_backward_op_computes_only_what_the_mask_asks(split, wanted):
+    shared.test_backward_op_computes_only_what_the_mask_asks("triton", wanted)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_split_autograd_asks_no_gradient_for_missing_or_frozen_biases(split, bias):
+    shared.test_autograd_asks_no_gradient_for_missing_or_frozen_biases("triton", bias)
+
+
 def test_split_torch_compile_fullgraph(split):
     shared.test_torch_compile_fullgraph("triton")
 

@@ -6,7 +6,8 @@
 //           depthwise_bias (C*M)?, pointwise_bias (Cout)?, stride[2], padding[4] (top, bottom, left,
 //           right), dilation[2], relu_input) -> (N, Cout, OH, OW)
 //   backward(grad_output, input, depthwise_weight, pointwise_weight, depthwise_bias?, stride, padding,
-//            dilation, relu_input, output_mask[3]) -> 5 gradients ((0,) where not asked for)
+//            dilation, relu_input, output_mask[5]) -> 5 gradients ((0,) where not asked for; the mask has
+//            one flag per gradient, in the order they are returned)
 // Outputs follow the memory format rule of kernels._args.memory_format_of. The kernels run on
 // NHWC buffers; any other input layout is converted once on the way in and out.
 #include <ATen/ATen.h>
@@ -134,14 +135,16 @@ at::Tensor forward_op(const at::Tensor& input, const at::Tensor& depthwise_weigh
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_op(
     const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& depthwise_weight,
     const at::Tensor& pointwise_weight, const std::optional<at::Tensor>& depthwise_bias, at::IntArrayRef stride,
-    at::IntArrayRef padding, at::IntArrayRef dilation, bool relu_input, std::array<bool, 3> output_mask) {
+    at::IntArrayRef padding, at::IntArrayRef dilation, bool relu_input, std::array<bool, 5> output_mask) {
   check_args(input, depthwise_weight, pointwise_weight, stride, padding, dilation);
   const Geometry g = geometry(input, depthwise_weight, pointwise_weight, stride, padding, dilation);
   TORCH_CHECK(grad_output.dim() == 4 && grad_output.size(0) == g.N && grad_output.size(1) == g.Cout &&
                   grad_output.size(2) == g.OH && grad_output.size(3) == g.OW,
               "sepconv_cpp: grad_output must have shape (", g.N, ", ", g.Cout, ", ", g.OH, ", ", g.OW, "), got ",
               grad_output.sizes());
-  const auto [want_input, want_depthwise, want_pointwise] = output_mask;
+  const auto [want_input, want_dw_weight, want_pointwise, want_dw_bias, want_pw_bias] = output_mask;
+  // The depthwise weight and bias gradients come from one reduction; the pointwise bias's is its own sum.
+  const bool want_depthwise = want_dw_weight || want_dw_bias;
   const at::TensorOptions options = input.options();
   const int64_t taps = g.kh * g.kw;
   const int64_t channels = input.size(1), multiplier = g.CM / std::max<int64_t>(channels, 1);
@@ -165,13 +168,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
   at::Tensor grad_dw_taps = want_depthwise ? at::empty({taps, g.CM}, options) : at::Tensor();
   at::Tensor grad_dw_bias = want_depthwise ? at::empty({g.CM}, options) : at::Tensor();
   at::Tensor grad_pw = want_pointwise ? empty_buffer(pointwise_weight.sizes(), options) : at::Tensor();
-  at::Tensor grad_pw_bias = want_pointwise ? at::empty({g.Cout}, options) : at::Tensor();
+  at::Tensor grad_pw_bias = want_pw_bias ? at::empty({g.Cout}, options) : at::Tensor();
 
-  if (want_input || want_depthwise || want_pointwise) {
+  if (want_input || want_depthwise || want_pointwise || want_pw_bias) {
     AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "sepconv_cpp_backward", [&] {
       auto ptr = [](const at::Tensor& t) { return t.defined() ? t.data_ptr<scalar_t>() : nullptr; };
       sepconv::backward<scalar_t>(g, ptr(x), ptr(dw_taps), ptr(dw_bias), ptr(pw2d), ptr(go), relu_input,
-                                  BackwardOutputs{want_input, want_depthwise, want_pointwise}, ptr(grad_x),
+                                  BackwardOutputs{want_input, want_depthwise, want_pointwise, want_pw_bias}, ptr(grad_x),
                                   ptr(grad_dw_taps), ptr(grad_dw_bias), ptr(grad_pw), ptr(grad_pw_bias));
     });
   }
@@ -189,10 +192,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
   }
   return {
       grad_input,
-      want_depthwise ? grad_dw_taps.t().reshape(depthwise_weight.sizes()).contiguous() : none(),
+      want_dw_weight ? grad_dw_taps.t().reshape(depthwise_weight.sizes()).contiguous() : none(),
       want_pointwise ? grad_pw : none(),
-      want_depthwise ? grad_dw_bias : none(),
-      want_pointwise ? grad_pw_bias : none(),
+      want_dw_bias ? grad_dw_bias : none(),
+      want_pw_bias ? grad_pw_bias : none(),
   };
 }
 

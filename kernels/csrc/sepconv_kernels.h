@@ -630,7 +630,8 @@ T* scratch(int64_t elements) {
 }
 
 
-// Panel jp of pw (Cout, CM): panel[k * kCols + j] = pw[(jp * kCols + j) * CM + k], zero past Cout.
+// Panel jp of pw (Cout, CM): panel[panel_offset<T>(CM, k, j)] = pw[(jp * kCols + j) * CM + k], zero
+// past Cout (microkernel.h: with 32-column passes, the row-major CM x kCols panel).
 template <typename T>
 void pack_panel(const T* pw, int64_t Cout, int64_t CM, int64_t jp, T* panel) {
   constexpr int64_t kStep = 16;  // transpose in (kStep x kCols) blocks that stay in L1
@@ -655,12 +656,13 @@ void pack_panel(const T* pw, int64_t Cout, int64_t CM, int64_t jp, T* panel) {
           r[i] = j < cols ? V::load(m, pw + (jp * kCols + j) * CM + k0) : V::zero();
         }
         V::transpose(r);
-        for (int64_t k = 0; k < width; ++k) V::store(panel + (k0 + k) * kCols + j0, r[k]);
+        for (int64_t k = 0; k < width; ++k) V::store(panel + panel_offset<T>(CM, k0 + k, j0), r[k]);
       }
     }
     return;
   }
 #endif
+  static_assert(std::is_same_v<T, float> || panel_pass_cols<T>() == kCols, "this copy writes row-major panels");
   for (int64_t k0 = 0; k0 < CM; k0 += kStep) {
     const int64_t k1 = std::min(CM, k0 + kStep);
     T block[kStep][kCols] = {};
@@ -781,8 +783,10 @@ void forward(const Geometry& g, const T* x, const T* dw_taps, const T* pw, const
       const int64_t first_panel = pack_on_use ? jp0 : jp0 + block * (jp1 - jp0) / blocks;
       for (int64_t step = 0; step < jp1 - jp0; ++step) {
         const int64_t jp = first_panel + step < jp1 ? first_panel + step : first_panel + step - (jp1 - jp0);
-        MicroArgs args{g.CM, ld, 1, kCols, g.Cout, int(std::min<int64_t>(kCols, g.Cout - jp * kCols)), false};
+        MicroArgs args{g.CM, ld, 1, panel_pass_cols<T>(), g.Cout, int(std::min<int64_t>(kCols, g.Cout - jp * kCols)),
+                       false};
         args.stream = stream && args.nr == kCols;
+        args.b_pass = g.CM * args.ldb;
         const T* panel = shared_panels + jp * g.CM * kCols;
         if (pack_on_use) {
           pack_panel(pw, g.Cout, g.CM, jp, own_panel.data());
@@ -805,8 +809,10 @@ void forward(const Geometry& g, const T* x, const T* dw_taps, const T* pw, const
   });
 }
 
+// depthwise: the depthwise weight and bias gradients (one reduction); pointwise: the pointwise weight's;
+// pointwise_bias: the pointwise bias's (a sum of grad_out over pixels, skipped for a layer without one).
 struct BackwardOutputs {
-  bool input, depthwise, pointwise;
+  bool input, depthwise, pointwise, pointwise_bias;
 };
 
 // Gradients, into the buffers that are asked for (any contents: every element is written):
@@ -872,7 +878,7 @@ void backward(const Geometry& g, const T* x, const T* dw_taps, const T* dw_bias,
   Work<T> part_pw(parts > 1 && want.pointwise ? parts * g.Cout * g.CM : 0);
   Work<T> part_dw(parts > 1 && want.depthwise ? parts * taps * g.CM : 0);
   Work<T> part_db(parts > 1 && want.depthwise ? parts * g.CM : 0);
-  Work<T> part_pb(parts > 1 && want.pointwise ? parts * g.Cout : 0);
+  Work<T> part_pb(parts > 1 && want.pointwise_bias ? parts * g.Cout : 0);
   const bool need_hidden_grad = want.input || want.depthwise;
 
   // grad_x is zeroed here, not by the caller: row bands (their tasks' inputs overlap) zero it all up
@@ -898,10 +904,8 @@ void backward(const Geometry& g, const T* x, const T* dw_taps, const T* dw_bias,
     at::parallel_for(0, g.N * g.H * g.W, 1024, [&](int64_t begin, int64_t end) { zero_rows(begin, end, 0, g.CM); });
   }
   if (npix == 0) {  // no pixel: the weight gradients are zero
-    if (want.pointwise) {
-      std::fill_n(grad_pw, g.Cout * g.CM, T(0));
-      std::fill_n(grad_pw_bias, g.Cout, T(0));
-    }
+    if (want.pointwise) std::fill_n(grad_pw, g.Cout * g.CM, T(0));
+    if (want.pointwise_bias) std::fill_n(grad_pw_bias, g.Cout, T(0));
     if (want.depthwise) {
       std::fill_n(grad_dw_taps, taps * g.CM, T(0));
       std::fill_n(grad_dw_bias, g.CM, T(0));
@@ -923,7 +927,7 @@ void backward(const Geometry& g, const T* x, const T* dw_taps, const T* dw_bias,
     at::parallel_for(0, nchunks * phase_parts, 1, [&](int64_t begin, int64_t end) {
       Work<T> hidden(kBlock * ldh), grad_hidden(kBlock * ldh), go(copy_grad_out ? kBlock * ldg : 0);
       Work<T> pw_panels(chunk_panels * g.Cout * kCols);
-      std::vector<T> dw_acc(taps * chunk), db_acc(chunk), pb_acc(want.pointwise ? g.Cout : 0);
+      std::vector<T> dw_acc(taps * chunk), db_acc(chunk), pb_acc(want.pointwise_bias ? g.Cout : 0);
       for (int64_t task = begin; task < end; ++task) {
         const int64_t ci = task / phase_parts, part = std::max<int64_t>(parity, 0) + step * (task % phase_parts);
         const int64_t k0 = chunk_start(ci), kc = chunk_start(ci + 1) - k0;
@@ -934,19 +938,23 @@ void backward(const Geometry& g, const T* x, const T* dw_taps, const T* dw_bias,
         T* gdb = parts > 1 ? part_db.data() + part * g.CM : grad_dw_bias;
         std::fill(dw_acc.begin(), dw_acc.end(), T(0));
         std::fill(db_acc.begin(), db_acc.end(), T(0));
-        const bool sum_bias = want.pointwise && ci == 0;  // the first chunk's tasks sum grad_out
+        const bool sum_bias = want.pointwise_bias && ci == 0;  // the first chunk's tasks sum grad_out
         if (sum_bias) std::fill(pb_acc.begin(), pb_acc.end(), T(0));
         // This task's input pixels (whole images) not zeroed yet: [zeroed, input_end).
         const int64_t plane = g.OH * g.OW;
         int64_t zeroed = first / plane * g.H * g.W, masked = zeroed;
         const int64_t input_end = ceil_div(last, plane) * g.H * g.W;
-        if (need_hidden_grad) {  // pw[:, k0:k0+kc] as (panel, Cout, kCols), zero-padded
+        if (need_hidden_grad) {  // pw[:, k0:k0+kc] as Cout x kCols panels (panel_offset), zero-padded
+          constexpr int64_t kPass = panel_pass_cols<T>();
           for (int64_t j0 = 0; j0 < kc; j0 += kCols) {
-            const int64_t cols = std::min<int64_t>(kCols, kc - j0);
             T* panel = pw_panels.data() + (j0 / kCols) * g.Cout * kCols;
-            for (int64_t co = 0; co < g.Cout; ++co) {
-              std::memcpy(panel + co * kCols, pw + co * g.CM + k0 + j0, sizeof(T) * cols);
-              std::fill(panel + co * kCols + cols, panel + (co + 1) * kCols, T(0));
+            for (int64_t q = 0; q < kCols; q += kPass) {
+              const int64_t cols = std::clamp<int64_t>(kc - j0 - q, 0, kPass);
+              for (int64_t co = 0; co < g.Cout; ++co) {
+                T* row = panel + panel_offset<T>(g.Cout, co, q);
+                std::memcpy(row, pw + co * g.CM + k0 + j0 + q, sizeof(T) * cols);
+                std::fill(row + cols, row + kPass, T(0));
+              }
             }
           }
         }
@@ -966,7 +974,8 @@ void backward(const Geometry& g, const T* x, const T* dw_taps, const T* dw_bias,
           // GEMM's column strips then find it (from L3, 728->728 at 19x19 took 6-9% longer).
           if (need_hidden_grad) {
             for (int64_t j0 = 0; j0 < kc; j0 += kCols) {
-              MicroArgs args{g.Cout, ldg, 1, kCols, ldh, int(std::min<int64_t>(kCols, kc - j0)), false};
+              MicroArgs args{g.Cout, ldg, 1, panel_pass_cols<T>(), ldh, int(std::min<int64_t>(kCols, kc - j0)), false};
+              args.b_pass = g.Cout * args.ldb;
               const T* panel = pw_panels.data() + (j0 / kCols) * g.Cout * kCols;
               for (int64_t r0 = 0; r0 < nrows; r0 += kRows) {
                 micro<T>(int(std::min<int64_t>(kRows, nrows - r0)), gob + r0 * ldg, panel,
@@ -1102,10 +1111,8 @@ void backward(const Geometry& g, const T* x, const T* dw_taps, const T* dw_bias,
         }
       });
     };
-    if (want.pointwise) {
-      reduce(part_pw.data(), grad_pw, g.Cout * g.CM);
-      reduce(part_pb.data(), grad_pw_bias, g.Cout);
-    }
+    if (want.pointwise) reduce(part_pw.data(), grad_pw, g.Cout * g.CM);
+    if (want.pointwise_bias) reduce(part_pb.data(), grad_pw_bias, g.Cout);
     if (want.depthwise) {
       reduce(part_dw.data(), grad_dw_taps, taps * g.CM);
       reduce(part_db.data(), grad_dw_bias, g.CM);

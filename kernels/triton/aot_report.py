@@ -100,7 +100,7 @@ def _transposed_launch(dtype: str, layer):
     grad_input = torch.empty_like(x)
     _, _, args, constexprs = split.transposed_depthwise_launch(
         grad_hidden, x, t["depthwise_weight"], grad_input, t["out_hw"], g["stride"], g["padding"], g["dilation"],
-        True, True, True)
+        True, True, True, True)
     return args, constexprs
 
 

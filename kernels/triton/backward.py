@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..ops import empty_gradients
+from ..ops import check_output_mask, empty_gradients
 from .common import accumulator, cast, conv_tf32, depthwise_tile, mma, row_offsets, split_pixels
 from .forward import check_pixels, configs_for, device_guard, family, geometry_args, launch, launch_config
 
@@ -267,8 +267,7 @@ def empty_backward(grad_output, input, depthwise_weight, pointwise_weight, depth
     out = empty_gradients(grad_output, input, depthwise_weight, pointwise_weight, depthwise_bias, output_mask)
     pixels = input.shape[0] * grad_output.shape[2] * grad_output.shape[3]
     if pixels == 0:
-        want_input, want_depthwise, want_pointwise = (bool(v) for v in output_mask)
-        for grad, wanted in zip(out, (want_input, want_depthwise, want_pointwise, want_depthwise, want_pointwise)):
+        for grad, wanted in zip(out, check_output_mask(output_mask)):
             if wanted:
                 grad.zero_()
         return out, False
@@ -300,10 +299,13 @@ def launch_grad_hidden(grad_output, pw, input, grad_hidden, out, geometry, kh, k
            *grad_output.stride(), *input.stride(), *geometry,
            KH=kh, KW=kw, RELU=relu, STORE_GH=store_gh, NEED_DW=need_dw, TF32=conv_tf32(input))
     if need_dw:
-        # Fixed-order second stage; rows past this config's block count stay zero.
+        # Fixed-order second stage; rows past this config's block count stay zero. The bias sum rides
+        # along in the kernel; it is copied out only where the output mask asked for it (out[3] non-empty).
         sums = partials.sum(0)
-        out[1].copy_(sums[:kh * kw].t().reshape(out[1].shape))
-        out[3].copy_(sums[kh * kw])
+        if out[1].numel():
+            out[1].copy_(sums[:kh * kw].t().reshape(out[1].shape))
+        if out[3].numel():
+            out[3].copy_(sums[kh * kw])
 
 
 def launch_grad_input(grad_hidden, dw, input, grad_input, out_hw, geometry, kh, kw, relu) -> None:
@@ -338,7 +340,9 @@ def backward(grad_output: torch.Tensor, input: torch.Tensor, depthwise_weight: t
     out, work = empty_backward(grad_output, input, depthwise_weight, pointwise_weight, depthwise_bias, output_mask)
     if not work:
         return out
-    want_input, want_depthwise, want_pointwise = (bool(v) for v in output_mask)
+    want_input, want_dw_weight, want_pw_weight, want_dw_bias, want_pw_bias = check_output_mask(output_mask)
+    # The bias sums ride along with their weight's reduction (same kernel, same reads).
+    want_depthwise, want_pointwise = want_dw_weight or want_dw_bias, want_pw_weight or want_pw_bias
     batch, channels, height, width = input.shape
     c_hid, _, kh, kw = depthwise_weight.shape
     c_out = pointwise_weight.shape[0]
@@ -372,6 +376,8 @@ def backward(grad_output: torch.Tensor, input: torch.Tensor, depthwise_weight: t
                    pixels, c_hid, c_out, height, width, oh, ow, c_hid // channels, splits,
                    *input.stride(), *grad_output.stride(), *geometry,
                    KH=kh, KW=kw, HAS_DW_BIAS=depthwise_bias is not None, RELU=relu, TF32=conv_tf32(input))
-            out[2].copy_(part_w.sum(0).reshape(out[2].shape))
-            out[4].copy_(part_b.sum(0))
+            if want_pw_weight:
+                out[2].copy_(part_w.sum(0).reshape(out[2].shape))
+            if want_pw_bias:
+                out[4].copy_(part_b.sum(0))
     return out

@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..ops import empty_output, output_shape
+from ..ops import check_output_mask, empty_output, output_shape
 from .backward import empty_backward, launch_grad_input
 from .common import (INTERPRET, accumulator, cast, load_channels, matmul_like_conv, row_offsets, split_pixels,
                      vector_width, window_tap)
@@ -289,12 +289,14 @@ TARGET_PROGRAMS = 1024
 def _transposed_tiles(gh_ptr, x_ptr, gx_ptr, weights, dw_acc, bias_acc, pid_g, j, j_mask, col, gx_col,
                       N, C_HID, H, W, OH, OW, Q_PER_PROGRAM, x_sn, x_sh, x_sw, gx_sn, gx_sh, gx_sw, pad_top, pad_left,
                       KH: tl.constexpr, KW: tl.constexpr, RELU: tl.constexpr, WANT_GX: tl.constexpr,
-                      WANT_DW: tl.constexpr, BIAS_TAP: tl.constexpr, ACC: tl.constexpr, BLOCK_Q: tl.constexpr,
+                      WANT_DW: tl.constexpr, WANT_DB: tl.constexpr, BIAS_TAP: tl.constexpr, ACC: tl.constexpr,
+                      BLOCK_Q: tl.constexpr,
                       BLOCK_C: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr):
     """``transposed_depthwise_kernel`` for stride and dilation 1: program ``pid_g`` walks tiles of ROWS x COLS
     input pixels (Q_PER_PROGRAM tiles, BLOCK_Q at a time). A tile's gradients read the g_h window of
     (ROWS + KH - 1) x (COLS + KW - 1) output pixels, each vector loaded once for all the taps that use it.
-    Returns ``dw_acc`` and ``bias_acc`` with the program's sums added (the bias only where BIAS_TAP >= 0)."""
+    Returns ``dw_acc`` and ``bias_acc`` with the program's sums added (the bias only under WANT_DB, where
+    BIAS_TAP >= 0)."""
     row_groups = tl.cdiv(H, ROWS)
     col_groups = tl.cdiv(W, COLS)
     for s0 in range(pid_g * Q_PER_PROGRAM, (pid_g + 1) * Q_PER_PROGRAM, BLOCK_Q):
@@ -345,7 +347,7 @@ def _transposed_tiles(gh_ptr, x_ptr, gx_ptr, weights, dw_acc, bias_acc, pid_g, j
                             acc = acc + gs[q + KW - 1 - tap % KW] * xs[(t - (KH - 1) + tap // KW) * COLS + q]
                     updated = updated + (acc,)
                 dw_acc = updated
-                if BIAS_TAP >= 0:
+                if WANT_DB and BIAS_TAP >= 0:
                     # The bias tap maps input pixels one to one onto output pixels: each g_h vector counted once.
                     if t - (KH - 1) + BIAS_TAP // KW >= 0 and t - (KH - 1) + BIAS_TAP // KW < ROWS:
                         for q in tl.static_range(COLS):
@@ -384,7 +386,7 @@ def transposed_depthwise_kernel(
     stride_h, stride_w, pad_top, pad_left, dil_h, dil_w,
     # meta-parameters
     KH: tl.constexpr, KW: tl.constexpr, RELU: tl.constexpr, WANT_GX: tl.constexpr, WANT_DW: tl.constexpr,
-    BIAS_TAP: tl.constexpr, ALIGN: tl.constexpr, ACC: tl.constexpr, TAP_MAJOR: tl.constexpr, TILED: tl.constexpr,
+    WANT_DB: tl.constexpr, BIAS_TAP: tl.constexpr, ALIGN: tl.constexpr, ACC: tl.constexpr, TAP_MAJOR: tl.constexpr, TILED: tl.constexpr,
     ROWS: tl.constexpr,
     COLS: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
@@ -394,7 +396,7 @@ def transposed_depthwise_kernel(
     reads g_h at the output pixel that the tap connects to q (the gather form):
       gx[q, j] = sum_taps g_h[p(q, tap), j] * dw[j, tap]          (WANT_GX; needs M == 1)
       part[g, tap, j] = sum_{q of program g} g_h[p(q, tap), j] * x[q, j // M]   (WANT_DW)
-      part[g, KH*KW, j] = sum_{p of program g} g_h[p, j]                        (WANT_DW; the bias)
+      part[g, KH*KW, j] = sum_{p of program g} g_h[p, j]                  (WANT_DW and WANT_DB; the bias)
     both masked as ReLU's backward under RELU. The bias sum rides on tap BIAS_TAP when that tap
     maps input pixels one to one onto output pixels (stride 1, "same" padding); otherwise
     (BIAS_TAP < 0) a second loop reads the program's share of output pixels.
@@ -427,7 +429,7 @@ def transposed_depthwise_kernel(
         dw_acc, bias_acc = _transposed_tiles(
             gh_ptr, x_ptr, gx_ptr, weights, dw_acc, bias_acc, pid_g, j, j_mask, col, gx_col, N, C_HID, H, W, OH,
             OW, Q_PER_PROGRAM, x_sn_a * ALIGN, x_sh, x_sw, gx_sn_a * ALIGN, gx_sh, gx_sw, pad_top, pad_left,
-            KH, KW, RELU, WANT_GX, WANT_DW, BIAS_TAP, ACC, BLOCK_Q, BLOCK_C, ROWS, COLS)
+            KH, KW, RELU, WANT_GX, WANT_DW, WANT_DB, BIAS_TAP, ACC, BLOCK_Q, BLOCK_C, ROWS, COLS)
     else:
         for q0 in range(pid_g * Q_PER_PROGRAM, (pid_g + 1) * Q_PER_PROGRAM, BLOCK_Q):
             offs_q = q0 + tl.arange(0, BLOCK_Q)
@@ -452,7 +454,7 @@ def transposed_depthwise_kernel(
                     gx += g * weights[tap][None, :]
                 if WANT_DW:
                     new_acc = new_acc + (dw_acc[tap] + g * xv,)
-                    if tap == BIAS_TAP:
+                    if WANT_DB and tap == BIAS_TAP:
                         bias_acc += g
             if WANT_DW:
                 dw_acc = new_acc
@@ -463,7 +465,7 @@ def transposed_depthwise_kernel(
                 tl.store(gx_ptr + gx_offs, cast(gx, gx_ptr.dtype.element_ty), mask=mask)
 
     if WANT_DW:
-        if BIAS_TAP < 0:
+        if WANT_DB and BIAS_TAP < 0:
             for p0 in range(pid_g * P_PER_PROGRAM, (pid_g + 1) * P_PER_PROGRAM, BLOCK_Q):
                 offs_p = p0 + tl.arange(0, BLOCK_Q)
                 bias_acc += tl.load(gh_ptr + offs_p.to(tl.int64)[:, None] * C_HID + j[None, :],
@@ -471,7 +473,8 @@ def transposed_depthwise_kernel(
         part = part_ptr + pid_g.to(tl.int64) * ((KH * KW + 1) * C_HID)
         for tap in tl.static_range(KH * KW):
             tl.store(part + tap * C_HID + j, tl.sum(dw_acc[tap], axis=0), mask=j_mask)
-        tl.store(part + (KH * KW) * C_HID + j, tl.sum(bias_acc, axis=0), mask=j_mask)
+        if WANT_DB:
+            tl.store(part + (KH * KW) * C_HID + j, tl.sum(bias_acc, axis=0), mask=j_mask)
 
 
 @triton.jit
@@ -481,15 +484,17 @@ def partial_sums_kernel(
     # sizes (C_HID_A = C_HID // ALIGN)
     G, C_HID_A,
     # meta-parameters
-    TAPS: tl.constexpr, ALIGN: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_C: tl.constexpr,
+    TAPS: tl.constexpr, FIRST_ROW: tl.constexpr, ALIGN: tl.constexpr, BLOCK_G: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):
     """The second stage of the depthwise weight and bias gradients, written in their own dtypes and layouts:
     dw_grad[j, tap] = sum_g part[g, tap, j] (tap < TAPS), db_grad[j] = sum_g part[g, TAPS, j], in an order
     fixed by the shape (deterministic). part: (G, TAPS + 1, C_HID) contiguous; dw_grad: (C_HID, TAPS)
-    contiguous; db_grad: (C_HID,). Grid: (TAPS + 1, cdiv(C_HID, BLOCK_C)). BLOCK_G partial sums are read at
-    once, so their loads overlap."""
+    contiguous; db_grad: (C_HID,). Grid: (rows, cdiv(C_HID, BLOCK_C)), program r summing row FIRST_ROW + r:
+    rows TAPS + 1 from 0 for both gradients, TAPS from 0 for the weight's alone, 1 from TAPS for the bias's
+    alone. BLOCK_G partial sums are read at once, so their loads overlap."""
     C_HID = C_HID_A * ALIGN
-    tap = tl.program_id(0)
+    tap = tl.program_id(0) + FIRST_ROW
     j = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     j_mask = j < C_HID
     acc = tl.zeros((BLOCK_G, BLOCK_C), dtype=part_ptr.dtype.element_ty)
@@ -504,20 +509,24 @@ def partial_sums_kernel(
         tl.store(db_grad_ptr + j, cast(total, db_grad_ptr.dtype.element_ty), mask=j_mask)
 
 
-def partial_sums_launch(partials: torch.Tensor, grad_depthwise: torch.Tensor, grad_depthwise_bias: torch.Tensor):
+def partial_sums_launch(partials: torch.Tensor, grad_depthwise: torch.Tensor, grad_depthwise_bias: torch.Tensor,
+                        want_weight: bool, want_bias: bool):
     """One ``partial_sums_kernel`` launch: (grid, args, constexprs). grad_depthwise: (C_hid, 1, kh, kw)
-    contiguous; grad_depthwise_bias: (C_hid,)."""
+    contiguous (written under ``want_weight``); grad_depthwise_bias: (C_hid,) (written under ``want_bias``)."""
     programs, taps_and_bias, c_hid = partials.shape
+    taps = taps_and_bias - 1
     align = vector_width(c_hid)
     block_c = 32
-    grid = (taps_and_bias, triton.cdiv(c_hid, block_c))
+    rows = (taps if want_weight else 0) + (1 if want_bias else 0)
+    grid = (rows, triton.cdiv(c_hid, block_c))
     args = (partials, grad_depthwise, grad_depthwise_bias, programs, c_hid // align)
-    return grid, args, dict(TAPS=taps_and_bias - 1, ALIGN=align, BLOCK_G=32, BLOCK_C=block_c)
+    return grid, args, dict(TAPS=taps, FIRST_ROW=0 if want_weight else taps, ALIGN=align, BLOCK_G=32,
+                            BLOCK_C=block_c)
 
 
 transposed_autotuned = {
     name: triton.autotune(configs=configs_for(TRANSPOSED_CONFIGS, TRANSPOSED_CONFIGS_INTERPRET, name),
-                          key=["Q", "C_HID_A", "M", "KH", "KW", "WANT_GX", "WANT_DW", "ALIGN", "TILED"],
+                          key=["Q", "C_HID_A", "M", "KH", "KW", "WANT_GX", "WANT_DW", "WANT_DB", "ALIGN", "TILED"],
                           )(transposed_depthwise_kernel)
     for name in TRANSPOSED_CONFIGS}
 
@@ -537,11 +546,12 @@ def _bias_tap(kernel_hw, stride, padding, dilation, in_hw, out_hw) -> int:
 def transposed_depthwise_launch(grad_hidden: torch.Tensor, input: torch.Tensor, depthwise_weight: torch.Tensor,
                                 grad_input: torch.Tensor, out_hw: Sequence[int], stride: Sequence[int],
                                 padding: Sequence[int], dilation: Sequence[int], relu_input: bool,
-                                want_input: bool, want_depthwise: bool):
+                                want_input: bool, want_depthwise: bool, want_depthwise_bias: bool):
     """One ``transposed_depthwise_kernel`` launch: (partials, grid, args, constexprs).
 
     grad_hidden: (pixels, C_hid) contiguous; grad_input: like input (written only with ``want_input``,
-    which needs a depth multiplier of 1)."""
+    which needs a depth multiplier of 1). ``want_depthwise``: the weight's partial sums (and, under
+    ``want_depthwise_bias``, the bias's) into ``partials``."""
     batch, channels, height, width = input.shape
     c_hid, _, kh, kw = depthwise_weight.shape
     q = batch * height * width
@@ -568,7 +578,7 @@ def transposed_depthwise_launch(grad_hidden: torch.Tensor, input: torch.Tensor, 
             p_per_program, x_sn // align, x_sc, x_sh // align, x_sw // align,
             gx_sn // align, gx_sc, gx_sh // align, gx_sw // align, *geometry_args(stride, padding, dilation))
     constexprs = dict(KH=kh, KW=kw, RELU=bool(relu_input), WANT_GX=bool(want_input), WANT_DW=bool(want_depthwise),
-                      BIAS_TAP=_bias_tap((kh, kw), stride, padding, dilation, (height, width), out_hw), ALIGN=align,
+                      WANT_DB=bool(want_depthwise and want_depthwise_bias), BIAS_TAP=_bias_tap((kh, kw), stride, padding, dilation, (height, width), out_hw), ALIGN=align,
                       ACC=accumulator(input.dtype), TAP_MAJOR=tap_major(depthwise_weight), TILED=tiled, ROWS=rows,
                       COLS=cols)
     return partials, grid, args, constexprs
@@ -619,7 +629,8 @@ def backward(grad_output: torch.Tensor, input: torch.Tensor, depthwise_weight: t
     out, work = empty_backward(grad_output, input, depthwise_weight, pointwise_weight, depthwise_bias, output_mask)
     if not work:
         return out
-    want_input, want_depthwise, want_pointwise = (bool(v) for v in output_mask)
+    want_input, want_dw_weight, want_pw_weight, want_dw_bias, want_pw_bias = check_output_mask(output_mask)
+    want_depthwise = want_dw_weight or want_dw_bias
     channels = input.shape[1]
     c_hid, _, kh, kw = depthwise_weight.shape
     c_out = pointwise_weight.shape[0]
@@ -636,21 +647,23 @@ def backward(grad_output: torch.Tensor, input: torch.Tensor, depthwise_weight: t
             if input_here or want_depthwise:
                 partials, grid, args, constexprs = transposed_depthwise_launch(
                     grad_hidden, input, depthwise_weight, out[0], out_hw, stride, padding, dilation, relu,
-                    input_here, want_depthwise)
+                    input_here, want_depthwise, want_dw_bias)
                 launch(transposed_autotuned[family(input.dtype)], grid, *args, **constexprs)
                 if want_depthwise:  # fixed-order second stage of the reduction
-                    grid, args, constexprs = partial_sums_launch(partials, out[1], out[3])
+                    grid, args, constexprs = partial_sums_launch(partials, out[1], out[3], want_dw_weight,
+                                                                 want_dw_bias)
                     partial_sums_kernel[grid](*args, **constexprs, num_warps=4, num_stages=1)
             if want_input and not input_here:
                 dw = depthwise_weight.reshape(c_hid, kh * kw).contiguous()
                 launch_grad_input(grad_hidden, dw, input, out[0], out_hw, geometry_args(stride, padding, dilation),
                                   kh, kw, relu)
-        if want_pointwise:
+        if want_pw_weight:
             hidden = depthwise(input, depthwise_weight, depthwise_bias, out_hw, stride, padding, dilation, relu)
             if out[2].dtype == hidden.dtype:
                 torch.mm(go.t(), hidden, out=out[2].view(c_out, c_hid))
             else:
                 out[2].copy_((go.t() @ hidden).reshape(out[2].shape))
+        if want_pw_bias:
             # Reduced-precision sums accumulate in fp32 and round once (CPU and CUDA alike).
             torch.sum(go, 0, out=out[4])
     return out
