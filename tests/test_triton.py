@@ -63,11 +63,13 @@ def test_low_precision_within_twice_torch_error(dtype, layout):
 
 def _gpu_tables():
     """kernel name -> (its autotuned launchers per dtype family, its GPU configs per family)."""
-    from kernels.triton import backward, forward
+    from kernels.triton import backward, forward, narrow
 
     return {
         "forward": (forward.forward_autotuned, forward.GPU_CONFIGS),
         "narrow_forward": (forward.narrow_autotuned, forward.NARROW_CONFIGS),
+        # 16-bit inputs only (fp32 narrow layers keep narrow_forward).
+        "narrow_tiled_forward": ({"16bit": narrow.tiled_autotuned}, {"16bit": narrow.TILED_CONFIGS}),
         "grad_hidden": (backward.grad_hidden_autotuned, backward.GRAD_HIDDEN_CONFIGS_GPU),
         "grad_input": (backward.grad_input_autotuned, backward.GRAD_INPUT_CONFIGS_GPU),
         "grad_pointwise": (backward.grad_pointwise_autotuned, backward.GRAD_POINTWISE_CONFIGS_GPU),
@@ -76,19 +78,23 @@ def _gpu_tables():
 
 @pytest.mark.parametrize("index", [0, 1, 2])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("kernel", ["forward", "narrow_forward", "grad_hidden", "grad_input", "grad_pointwise"])
+@pytest.mark.parametrize("kernel", ["forward", "narrow_forward", "narrow_tiled_forward", "grad_hidden", "grad_input",
+                                    "grad_pointwise"])
 def test_every_gpu_config(monkeypatch, kernel, dtype, index):
     """Each GPU tile config of each kernel, pinned, gives the right result (the interpreter runs them too)."""
     device = require_backend("triton", dtype)
-    from kernels.triton import forward
+    from kernels.triton import forward, narrow
 
     if kernel == "forward":  # the test's layer is narrow: make it take the wide-layer kernel
         monkeypatch.setattr(forward, "NARROW_MAX_CHANNELS", 0)
+    if kernel == "narrow_forward":  # in bf16 the test's layer (48 hidden channels, stride 1 down) is the tiled one's
+        monkeypatch.setattr(narrow, "TILED_MAX_HIDDEN", 0)
 
     autotuned, gpu_configs = _gpu_tables()[kernel]
     family = forward.family(dtype)
-    if index >= len(gpu_configs[family]):
-        pytest.skip(f"{kernel} has {len(gpu_configs[family])} {family} configs")
+    configs = gpu_configs.get(family, [])
+    if index >= len(configs):
+        pytest.skip(f"{kernel} has {len(configs)} {family} configs")
     monkeypatch.setitem(forward.forced_configs, autotuned[family].fn, gpu_configs[family][index])
     _check_pinned(dtype, device)
 
@@ -133,6 +139,51 @@ def test_narrow_forward(monkeypatch, layout, stride, padding, dilation, multipli
     case = make_case(2, 16, 9, 11, (3, 3), multiplier, 40, True, torch.float32, device)
     check("triton", *case, stride, padding, dilation, relu_input=True, layout=layout)
     assert aligns == [8 if layout == "channels_last" else 1]
+
+
+@pytest.mark.parametrize("stride,padding,dilation,multiplier,bias", [
+    (1, 1, 1, 1, True), ((1, 2), (2, 0), (1, 2), 2, False), (1, 2, (1, 2), 1, True)], ids=str)
+@pytest.mark.parametrize("layout", ["channels_last", "contiguous", "sliced"])
+def test_narrow_tiled_forward(monkeypatch, layout, stride, padding, dilation, multiplier, bias):
+    """The tiled narrow-layer kernel (bf16, C_hid <= 64, vertical stride and dilation 1): slots cut by the image's
+    bottom and right edges, several slot tiles a persistent program, input columns shared (horizontal stride and
+    dilation 1) or not, a depth multiplier, biases, the fused ReLU, any input strides; 128-bit vectors
+    (ALIGN = 8) with channels_last. Forward only: its error against float64 at most ERROR_RATIO x PyTorch's own
+    bf16 error."""
+    device = require_backend("triton", torch.bfloat16)
+    from kernels.triton import narrow
+
+    launched = []
+    real = narrow.tiled_launch
+
+    def spy(*args, **kwargs):
+        result = real(*args, **kwargs)
+        launched.append(result[-1])
+        return result
+
+    monkeypatch.setattr(narrow, "tiled_launch", spy)
+    # 10 x 11 output pixels with stride 1 (3 x 2 slots in the interpreter): partial slots at both edges.
+    case = make_case(3, 16, 10, 11, (3, 3), multiplier, 40, bias, torch.float64, torch.device("cpu"))
+    kwargs = dict(stride=stride, padding=padding, dilation=dilation, relu_input=True)
+
+    def forward(tensors, backend, target=None):
+        tensors = [t.to(**target) if t is not None and target else t for t in tensors]
+        x = to_layout(tensors[0], layout)
+        with torch.no_grad():
+            return kernels.separable_conv2d(x, *tensors[1:], backend=backend, **kwargs).cpu().double()
+
+    reference = forward(case, "torch")
+    try:
+        own = forward(case, "torch", dict(dtype=torch.bfloat16))
+    except RuntimeError as error:
+        pytest.skip(f"PyTorch's own bf16 convolution is unavailable on CPU: {error}")
+    ours = forward(case, "triton", dict(dtype=torch.bfloat16, device=device))
+    own_error = (own - reference).abs().max().item()
+    error = (ours - reference).abs().max().item()
+    assert error <= ERROR_RATIO * own_error + ERROR_FLOOR, f"triton bf16 error {error:.3g} vs torch's {own_error:.3g}"
+    columns_shared = stride in (1, (1, 1)) and dilation in (1, (1, 1))
+    assert [(c["ALIGN"], c["COL_REUSE"]) for c in launched] == [(8 if layout == "channels_last" else 1,
+                                                                  columns_shared)]
 
 
 def _check_pinned(dtype, device):

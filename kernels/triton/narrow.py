@@ -1,0 +1,225 @@
+"""The narrow-layer fused forward with input reuse: ``narrow_tiled_kernel`` and its launcher (no autograd).
+
+``forward.narrow_forward_kernel`` computes the depthwise result of a pixel tile tap by tap (nine
+gathers a pixel for 3x3) inside the pointwise GEMM's K loop. For 16-bit inputs where the
+vertical stride and dilation are 1 and the hidden channels fit one tile (C_hid <= 64: Xception's
+64->128@147), this kernel walks columns of output pixels instead: a program slot is ROWS x COLS output pixels, and
+each input row a slot reads is loaded once, as in ``split._depthwise_tiles``, for the KH output
+rows that use it (and, with horizontal stride and dilation 1, each input column once for the KW
+output columns that use it). The rows come in through a runtime loop that keeps KH rows of
+partial depthwise sums, all hidden channels wide, and issues the next input row's loads before
+the current row's arithmetic. When an output row of the BLOCK_P slots has all its taps, its
+(BLOCK_P, C_hid) depthwise tile goes through one ``tl.dot`` with the whole pointwise weight and
+the (BLOCK_P, C_out) result is stored: nothing intermediate reaches memory, and no accumulator
+outlives its row. The weights are read once a program (the pointwise one stays in shared memory
+as the wgmma operand, BLOCK_P = 64 = wgmma's M for a warpgroup); a persistent grid walks the
+slot tiles.
+
+Wider hidden layers and fp32 keep ``forward.narrow_forward_kernel`` (``applies``): at C_hid = 128 a (64 x 128) tile's
+partial sums, input rows and taps' weights do not fit in 255 registers (the static model's
+census; ``docs/triton-kernels.md``).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import INTERPRET, cast, load_channels, mma, row_offsets, split_pixels, vector_width
+from .forward import _programs, conv_tf32, geometry_args
+from .split import tap_weights
+
+# The widest hidden layer the kernel takes: all its channels are one (BLOCK_P, C_hid) tile.
+TILED_MAX_HIDDEN = 64
+# 16-bit inputs only; untimed, ranked by the static model (``python -m benchmarks.gpu_model``), each compiles
+# without spills for sm_90 at 64->128@147 (254 registers). ROWS sets only the runtime row loop's length (a
+# slot reads KH - 1 halo rows); 21 and 49 divide 147.
+TILED_CONFIGS = [
+    triton.Config({"BLOCK_P": 64, "ROWS": 49, "COLS": 1}, num_warps=8, num_stages=1),
+    triton.Config({"BLOCK_P": 64, "ROWS": 21, "COLS": 1}, num_warps=8, num_stages=1),
+    triton.Config({"BLOCK_P": 64, "ROWS": 16, "COLS": 1}, num_warps=8, num_stages=1),
+]
+TILED_CONFIGS_INTERPRET = [triton.Config({"BLOCK_P": 16, "ROWS": 3, "COLS": 2}, num_warps=4, num_stages=1)]
+
+
+@triton.jit
+def _program_weights(dw_ptr, dwb_ptr, pw_ptr, j, j_mask, co, co_mask, C_HID: tl.constexpr, C_OUT: tl.constexpr,
+                   KH: tl.constexpr, KW: tl.constexpr, HAS_DW_BIAS: tl.constexpr):
+    """The weights of hidden channels ``j``, read from the module's own layouts (dw: (C_HID, KH*KW), pw: (C_OUT,
+    C_HID)) once a program, so no transposed copy is made: the taps' (a tuple of fp32 vectors), the depthwise
+    bias ((1, BLOCK_K) fp32, zeros without one) and the pointwise block (BLOCK_K, BLOCK_CO) in its dtype."""
+    weights = tap_weights(dw_ptr, j, j_mask, C_HID, KH, KW, False, tl.float32)
+    if HAS_DW_BIAS:
+        bias = tl.load(dwb_ptr + j, mask=j_mask, other=0.0).to(tl.float32)[None, :]
+    else:
+        bias = tl.zeros_like(j.to(tl.float32))[None, :]
+    wt = tl.load(pw_ptr + co[None, :] * C_HID + j[:, None], mask=j_mask[:, None] & co_mask[None, :], other=0.0)
+    return weights, bias, wt
+
+
+@triton.jit
+def _input_row(x_ptr, corner, col_at, col_ok, col, j_mask, slot_mask, ih_top, H, x_sh, t, RELU: tl.constexpr,
+               INPUT_COLS: tl.constexpr):
+    """Input row ``t`` of the slots' windows (offset ``t`` from ``ih_top``): a tuple of INPUT_COLS fp32 tiles."""
+    ih = ih_top + t
+    row_ok = slot_mask & (ih >= 0) & (ih < H)
+    row_at = corner + tl.cast(t, tl.int64) * x_sh
+    xs = ()
+    for c in tl.static_range(INPUT_COLS):
+        xs = xs + (load_channels(x_ptr, row_at + col_at[c], col, row_ok & col_ok[c], j_mask, tl.float32, RELU),)
+    return xs
+
+
+@triton.jit
+def narrow_tiled_kernel(
+    # pointers
+    x_ptr, dw_ptr, dwb_ptr, pw_ptr, pwb_ptr, out_ptr,
+    # sizes
+    N, H, W, OH, OW, M,
+    # strides (elements; the ``_a`` ones divided by ALIGN)
+    x_sn_a, x_sc, x_sh_a, x_sw_a,
+    o_sn_a, o_sc, o_sh_a, o_sw_a,
+    # geometry (the vertical stride and dilation are 1)
+    stride_w, pad_top, pad_left, dil_w,
+    # meta-parameters
+    C_HID: tl.constexpr, C_OUT: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, HAS_DW_BIAS: tl.constexpr,
+    HAS_PW_BIAS: tl.constexpr, RELU: tl.constexpr, ALIGN: tl.constexpr, TF32: tl.constexpr,
+    COL_REUSE: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_P: tl.constexpr,
+    ROWS: tl.constexpr, COLS: tl.constexpr,
+):
+    """out[p, co] = sum_j depthwise(x)[p, j] * pw[co, j] + pw_bias[co], all C_OUT channels per program.
+
+    x: (N, C, H, W) any strides; dw: (C_HID, KH*KW) and pw: (C_OUT, C_HID) contiguous; out: (N, C_OUT, OH, OW)
+    any strides. BLOCK_K >= C_HID, BLOCK_CO >= C_OUT. A tile is BLOCK_P slots of ROWS x COLS output pixels;
+    grid: (programs,), persistent: program g takes tiles g, g + programs, ...
+    """
+    x_sn = x_sn_a * ALIGN
+    x_sh = x_sh_a * ALIGN
+    x_sw = x_sw_a * ALIGN
+    o_sn = o_sn_a * ALIGN
+    o_sh = o_sh_a * ALIGN
+    o_sw = o_sw_a * ALIGN
+    co = tl.arange(0, BLOCK_CO)
+    co_mask = co < C_OUT
+    kk = tl.arange(0, BLOCK_K)
+    if HAS_PW_BIAS:
+        pw_bias = tl.load(pwb_ptr + co, mask=co_mask, other=0.0).to(tl.float32)
+    o_col = co.to(tl.int64) * o_sc
+    row_groups = tl.cdiv(OH, ROWS)
+    col_groups = tl.cdiv(OW, COLS)
+    slot_count = N * row_groups * col_groups
+    # Every weight is loaded once a program: the taps' and the depthwise bias in registers, the pointwise block
+    # wherever the compiler puts a dot operand.
+    weights, bias, wt = _program_weights(dw_ptr, dwb_ptr, pw_ptr, kk, kk < C_HID, co, co_mask, C_HID, C_OUT, KH, KW,
+                                       HAS_DW_BIAS)
+    col = (kk // M).to(tl.int64) * x_sc
+    j_mask = kk < C_HID
+    for tile in range(tl.program_id(0), tl.cdiv(slot_count, BLOCK_P), tl.num_programs(0)):
+        slots = tile * BLOCK_P + tl.arange(0, BLOCK_P)
+        slot_mask = slots < slot_count
+        n, row_group, col_group = split_pixels(slots, row_groups, col_groups)
+        oh_top = row_group * ROWS
+        ow_left = col_group * COLS
+        ih_top = oh_top - pad_top
+        iw_left = ow_left * stride_w - pad_left
+        corner = row_offsets(n, ih_top, iw_left, x_sn, x_sh, x_sw)
+        o_corner = row_offsets(n, oh_top, ow_left, o_sn, o_sh, o_sw)
+        # The input columns a slot reads: COLS + KW - 1 shared ones under COL_REUSE, else COLS * KW.
+        col_ok = ()
+        col_at = ()
+        for c in tl.static_range(COLS + KW - 1 if COL_REUSE else COLS * KW):
+            if COL_REUSE:
+                dx = c
+            else:
+                dx = (c // KW) * stride_w + (c % KW) * dil_w
+            iw = iw_left + dx
+            col_ok = col_ok + ((iw >= 0) & (iw < W),)
+            col_at = col_at + (tl.cast(dx, tl.int64) * x_sw,)
+        # sums[i * COLS + q]: output row t - (KH - 1) + i of the slots, column q, while input row t comes in.
+        sums = ()
+        for i in tl.static_range(KH * COLS):
+            sums = sums + (tl.zeros((BLOCK_P, BLOCK_K), dtype=tl.float32),)
+        xs = _input_row(x_ptr, corner, col_at, col_ok, col, j_mask, slot_mask, ih_top, H, x_sh, 0, RELU,
+                        COLS + KW - 1 if COL_REUSE else COLS * KW)
+        for t in tl.range(0, ROWS + KH - 1, num_stages=1):
+            # The next input row's loads go out before this row's arithmetic (the last one loads nothing).
+            ahead = _input_row(x_ptr, corner, col_at, col_ok, col, j_mask, slot_mask & (t + 1 < ROWS + KH - 1),
+                               ih_top, H, x_sh, t + 1, RELU, COLS + KW - 1 if COL_REUSE else COLS * KW)
+            updated = ()
+            for i in tl.static_range(KH):
+                for q in tl.static_range(COLS):
+                    acc = sums[i * COLS + q]
+                    for tw in tl.static_range(KW):
+                        acc = acc + xs[q * (1 if COL_REUSE else KW) + tw] * weights[(KH - 1 - i) * KW + tw][None, :]
+                    updated = updated + (acc,)
+            if t >= KH - 1:  # output row t - (KH - 1) has all its taps: its products, then its store
+                row_mask = slot_mask & (oh_top + (t - (KH - 1)) < OH)
+                for q in tl.static_range(COLS):
+                    a = updated[q]
+                    if HAS_DW_BIAS:
+                        a += bias
+                    out = mma(cast(a, wt.dtype), wt, tl.zeros((BLOCK_P, BLOCK_CO), dtype=tl.float32), TF32)
+                    if HAS_PW_BIAS:
+                        out += pw_bias[None, :]
+                    at = o_corner + (tl.cast(t - (KH - 1), tl.int64) * o_sh + tl.cast(q, tl.int64) * o_sw)
+                    ok = row_mask & (ow_left + q < OW)
+                    tl.store(out_ptr + at[:, None] + o_col[None, :], cast(out, out_ptr.dtype.element_ty),
+                             mask=ok[:, None] & co_mask[None, :])
+            # The window moves down a row: the finished row leaves, a fresh one joins at the bottom.
+            sums = ()
+            for i in tl.static_range(1, KH):
+                for q in tl.static_range(COLS):
+                    sums = sums + (updated[i * COLS + q],)
+            for q in tl.static_range(COLS):
+                sums = sums + (tl.zeros((BLOCK_P, BLOCK_K), dtype=tl.float32),)
+            xs = ahead
+
+
+tiled_autotuned = triton.autotune(configs=TILED_CONFIGS_INTERPRET if INTERPRET else TILED_CONFIGS,
+                                  key=["N", "OH", "OW", "C_HID", "C_OUT", "KH", "KW", "M", "ALIGN", "COL_REUSE"])(
+    narrow_tiled_kernel)
+
+
+def applies(input: torch.Tensor, c_hid: int, stride: Sequence[int], dilation: Sequence[int]) -> bool:
+    """Whether ``narrow_tiled_kernel`` takes a narrow layer: a 16-bit input, C_hid <= TILED_MAX_HIDDEN, and a
+    vertical stride and dilation of 1 (the rows a slot reads overlap).
+
+    fp32 keeps ``forward.narrow_forward_kernel``: with fp32 tiles the kernel spills (TF32 products) or, with
+    IEEE products on the FMA units, compiles to a stack-frame loop (the static model's census for sm_90)."""
+    return (input.element_size() == 2 and c_hid <= TILED_MAX_HIDDEN and stride[0] == 1 and dilation[0] == 1)
+
+
+def tiled_launch(input: torch.Tensor, depthwise_weight: torch.Tensor, pointwise_weight: torch.Tensor,
+                 depthwise_bias: Optional[torch.Tensor], pointwise_bias: Optional[torch.Tensor], out: torch.Tensor,
+                 stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int], relu_input: bool):
+    """One ``narrow_tiled_kernel`` launch into ``out``: (grid, args, constexprs)."""
+    batch, channels, height, width = input.shape
+    c_hid, _, kh, kw = depthwise_weight.shape
+    _, c_out, oh, ow = out.shape
+    # The module's own layouts (contiguous, as nn.Conv2d keeps them): the kernel reads them once a program.
+    dw = depthwise_weight.contiguous()
+    pw = pointwise_weight.contiguous()
+    dwb = depthwise_bias.contiguous() if depthwise_bias is not None else dw
+    pwb = pointwise_bias.contiguous() if pointwise_bias is not None else pw
+    x_sn, x_sc, x_sh, x_sw = input.stride()
+    o_sn, o_sc, o_sh, o_sw = out.stride()
+    align = vector_width(x_sn, x_sh, x_sw, o_sn, o_sh, o_sw)
+    smallest = min(c.kwargs["BLOCK_P"] * c.kwargs["ROWS"] * c.kwargs["COLS"] for c in tiled_autotuned.configs)
+    programs = _programs(input, triton.cdiv(batch * oh * ow, smallest))
+
+    def grid(meta):
+        slots = batch * triton.cdiv(oh, meta["ROWS"]) * triton.cdiv(ow, meta["COLS"])
+        return (min(programs, triton.cdiv(slots, meta["BLOCK_P"])),)
+
+    _, stride_w, pad_top, pad_left, _, dil_w = geometry_args(stride, padding, dilation)
+    args = (input, dw, dwb, pw, pwb, out, batch, height, width, oh, ow, c_hid // channels,
+            x_sn // align, x_sc, x_sh // align, x_sw // align, o_sn // align, o_sc, o_sh // align, o_sw // align,
+            stride_w, pad_top, pad_left, dil_w)
+    constexprs = dict(C_HID=c_hid, C_OUT=c_out, KH=kh, KW=kw, HAS_DW_BIAS=depthwise_bias is not None,
+                      HAS_PW_BIAS=pointwise_bias is not None, RELU=bool(relu_input), ALIGN=align,
+                      TF32=conv_tf32(input), COL_REUSE=stride[1] == 1 and dilation[1] == 1,
+                      BLOCK_K=max(16, triton.next_power_of_2(c_hid)), BLOCK_CO=max(16, triton.next_power_of_2(c_out)))
+    return grid, args, constexprs
