@@ -223,13 +223,15 @@ def weights_for(depthwise_weight: torch.Tensor) -> torch.Tensor:
 
 def depthwise_launch(input: torch.Tensor, depthwise_weight: torch.Tensor, depthwise_bias: Optional[torch.Tensor],
                      out_hw: Sequence[int], stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int],
-                     relu_input: bool):
-    """One ``depthwise_kernel`` launch: (hidden, grid, args, constexprs); ``aot_report`` compiles the same."""
+                     relu_input: bool, kernel_weights: Optional[torch.Tensor] = None):
+    """One ``depthwise_kernel`` launch: (hidden, grid, args, constexprs); ``aot_report`` compiles the same.
+
+    ``kernel_weights``: ``weights_for(depthwise_weight)`` when the caller already has it (made here otherwise)."""
     batch, channels, height, width = input.shape
     c_hid, _, kh, kw = depthwise_weight.shape
     pixels = batch * out_hw[0] * out_hw[1]
     hidden = torch.empty((pixels, c_hid), dtype=input.dtype, device=input.device)
-    dw = weights_for(depthwise_weight)
+    dw = weights_for(depthwise_weight) if kernel_weights is None else kernel_weights
     dwb = depthwise_bias.contiguous() if depthwise_bias is not None else dw
     x_sn, x_sc, x_sh, x_sw = input.stride()
     align = vector_width(c_hid, x_sn, x_sh, x_sw)
@@ -251,10 +253,10 @@ def depthwise_launch(input: torch.Tensor, depthwise_weight: torch.Tensor, depthw
 
 def depthwise(input: torch.Tensor, depthwise_weight: torch.Tensor, depthwise_bias: Optional[torch.Tensor],
               out_hw: Sequence[int], stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int],
-              relu_input: bool) -> torch.Tensor:
+              relu_input: bool, kernel_weights: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The depthwise result (pixels, C_hid) in input's dtype (ReLU on the input first under ``relu_input``)."""
     hidden, grid, args, constexprs = depthwise_launch(input, depthwise_weight, depthwise_bias, out_hw, stride,
-                                                      padding, dilation, relu_input)
+                                                      padding, dilation, relu_input, kernel_weights)
     launch(depthwise_autotuned[family(input.dtype)], grid, *args, **constexprs)
     return hidden
 
@@ -546,12 +548,13 @@ def _bias_tap(kernel_hw, stride, padding, dilation, in_hw, out_hw) -> int:
 def transposed_depthwise_launch(grad_hidden: torch.Tensor, input: torch.Tensor, depthwise_weight: torch.Tensor,
                                 grad_input: torch.Tensor, out_hw: Sequence[int], stride: Sequence[int],
                                 padding: Sequence[int], dilation: Sequence[int], relu_input: bool,
-                                want_input: bool, want_depthwise: bool, want_depthwise_bias: bool):
+                                want_input: bool, want_depthwise: bool, want_depthwise_bias: bool,
+                                kernel_weights: Optional[torch.Tensor] = None):
     """One ``transposed_depthwise_kernel`` launch: (partials, grid, args, constexprs).
 
     grad_hidden: (pixels, C_hid) contiguous; grad_input: like input (written only with ``want_input``,
     which needs a depth multiplier of 1). ``want_depthwise``: the weight's partial sums (and, under
-    ``want_depthwise_bias``, the bias's) into ``partials``."""
+    ``want_depthwise_bias``, the bias's) into ``partials``. ``kernel_weights``: as in ``depthwise_launch``."""
     batch, channels, height, width = input.shape
     c_hid, _, kh, kw = depthwise_weight.shape
     q = batch * height * width
@@ -573,12 +576,14 @@ def transposed_depthwise_launch(grad_hidden: torch.Tensor, input: torch.Tensor, 
     def grid(meta):
         return (programs, triton.cdiv(c_hid, meta["BLOCK_C"]))
 
-    args = (grad_hidden, weights_for(depthwise_weight), input, grad_input if want_input else input, partials,
+    dw = weights_for(depthwise_weight) if kernel_weights is None else kernel_weights
+    args = (grad_hidden, dw, input, grad_input if want_input else input, partials,
             batch, q, pixels, c_hid // align, height, width, out_hw[0], out_hw[1], c_hid // channels, per_program,
             p_per_program, x_sn // align, x_sc, x_sh // align, x_sw // align,
             gx_sn // align, gx_sc, gx_sh // align, gx_sw // align, *geometry_args(stride, padding, dilation))
     constexprs = dict(KH=kh, KW=kw, RELU=bool(relu_input), WANT_GX=bool(want_input), WANT_DW=bool(want_depthwise),
-                      WANT_DB=bool(want_depthwise and want_depthwise_bias), BIAS_TAP=_bias_tap((kh, kw), stride, padding, dilation, (height, width), out_hw), ALIGN=align,
+                      WANT_DB=bool(want_depthwise and want_depthwise_bias),
+                      BIAS_TAP=_bias_tap((kh, kw), stride, padding, dilation, (height, width), out_hw), ALIGN=align,
                       ACC=accumulator(input.dtype), TAP_MAJOR=tap_major(depthwise_weight), TILED=tiled, ROWS=rows,
                       COLS=cols)
     return partials, grid, args, constexprs
@@ -638,6 +643,8 @@ def backward(grad_output: torch.Tensor, input: torch.Tensor, depthwise_weight: t
     pw = pointwise_weight.reshape(c_out, c_hid).to(grad_output.dtype)
     relu = bool(relu_input)
     go = _pixel_rows(grad_output)  # (P, C_out)
+    # The depthwise weight as both kernels read it, made once (a transposed copy for 16-bit weights).
+    kernel_weights = weights_for(depthwise_weight)
 
     with device_guard(input), matmul_like_conv(input):
         if want_input or want_depthwise:
@@ -647,7 +654,7 @@ def backward(grad_output: torch.Tensor, input: torch.Tensor, depthwise_weight: t
             if input_here or want_depthwise:
                 partials, grid, args, constexprs = transposed_depthwise_launch(
                     grad_hidden, input, depthwise_weight, out[0], out_hw, stride, padding, dilation, relu,
-                    input_here, want_depthwise, want_dw_bias)
+                    input_here, want_depthwise, want_dw_bias, kernel_weights)
                 launch(transposed_autotuned[family(input.dtype)], grid, *args, **constexprs)
                 if want_depthwise:  # fixed-order second stage of the reduction
                     grid, args, constexprs = partial_sums_launch(partials, out[1], out[3], want_dw_weight,
@@ -658,7 +665,8 @@ def backward(grad_output: torch.Tensor, input: torch.Tensor, depthwise_weight: t
                 launch_grad_input(grad_hidden, dw, input, out[0], out_hw, geometry_args(stride, padding, dilation),
                                   kh, kw, relu)
         if want_pw_weight:
-            hidden = depthwise(input, depthwise_weight, depthwise_bias, out_hw, stride, padding, dilation, relu)
+            hidden = depthwise(input, depthwise_weight, depthwise_bias, out_hw, stride, padding, dilation, relu,
+                               kernel_weights)
             if out[2].dtype == hidden.dtype:
                 torch.mm(go.t(), hidden, out=out[2].view(c_out, c_hid))
             else:
