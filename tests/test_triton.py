@@ -68,15 +68,16 @@ def _gpu_tables():
     return {
         "forward": (forward.forward_autotuned, forward.GPU_CONFIGS),
         "narrow_forward": (forward.narrow_autotuned, forward.NARROW_CONFIGS),
-        # 16-bit inputs only (fp32 narrow layers keep narrow_forward).
-        "narrow_tiled_forward": ({"16bit": narrow.tiled_autotuned}, {"16bit": narrow.TILED_CONFIGS}),
+        # 16-bit inputs only (fp32 narrow layers keep narrow_forward); one kernel, configs per hidden width.
+        "narrow_tiled_forward": ({"16bit": narrow.tiled_autotuned[64]},
+                                 {"16bit": [c for configs in narrow.TILED_CONFIGS.values() for c in configs]}),
         "grad_hidden": (backward.grad_hidden_autotuned, backward.GRAD_HIDDEN_CONFIGS_GPU),
         "grad_input": (backward.grad_input_autotuned, backward.GRAD_INPUT_CONFIGS_GPU),
         "grad_pointwise": (backward.grad_pointwise_autotuned, backward.GRAD_POINTWISE_CONFIGS_GPU),
     }
 
 
-@pytest.mark.parametrize("index", [0, 1, 2])
+@pytest.mark.parametrize("index", [0, 1, 2, 3])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("kernel", ["forward", "narrow_forward", "narrow_tiled_forward", "grad_hidden", "grad_input",
                                     "grad_pointwise"])
@@ -142,14 +143,14 @@ def test_narrow_forward(monkeypatch, layout, stride, padding, dilation, multipli
 
 
 @pytest.mark.parametrize("stride,padding,dilation,multiplier,bias", [
-    (1, 1, 1, 1, True), ((1, 2), (2, 0), (1, 2), 2, False), (1, 2, (1, 2), 1, True)], ids=str)
+    (1, 1, 1, 1, True), ((1, 2), (2, 0), (1, 2), 2, False), (1, 2, (1, 2), 1, True), (1, 1, 1, 5, False)], ids=str)
 @pytest.mark.parametrize("layout", ["channels_last", "contiguous", "sliced"])
 def test_narrow_tiled_forward(monkeypatch, layout, stride, padding, dilation, multiplier, bias):
-    """The tiled narrow-layer kernel (bf16, C_hid <= 64, vertical stride and dilation 1): slots cut by the image's
-    bottom and right edges, several slot tiles a persistent program, input columns shared (horizontal stride and
-    dilation 1) or not, a depth multiplier, biases, the fused ReLU, any input strides; 128-bit vectors
-    (ALIGN = 8) with channels_last. Forward only: its error against float64 at most ERROR_RATIO x PyTorch's own
-    bf16 error."""
+    """The tiled narrow-layer kernel (bf16, vertical stride and dilation 1, 16 to 80 hidden channels: both
+    hidden-width classes): slots cut by the image's bottom and right edges, several slot tiles a persistent
+    program, input columns shared (horizontal stride and dilation 1) or not, a depth multiplier, biases, the
+    fused ReLU, any input strides; 128-bit vectors (ALIGN = 8) with channels_last. Forward only: its error
+    against float64 at most ERROR_RATIO x PyTorch's own bf16 error."""
     device = require_backend("triton", torch.bfloat16)
     from kernels.triton import narrow
 

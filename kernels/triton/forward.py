@@ -122,7 +122,7 @@ NARROW_CONFIGS = {
     ],
     "fp32": [
         triton.Config({"BLOCK_P": 64, "BLOCK_K": 8}, num_warps=8, num_stages=1),
-        triton.Config({"BLOCK_P": 32, "BLOCK_K": 16}, num_warps=8, num_stages=1),
+        triton.Config({"BLOCK_P": 32, "BLOCK_K": 8}, num_warps=8, num_stages=1),
     ],
 }
 NARROW_CONFIGS_INTERPRET = [triton.Config({"BLOCK_P": 16, "BLOCK_K": 16}, num_warps=4, num_stages=1)]
@@ -350,12 +350,12 @@ def forward(input: torch.Tensor, depthwise_weight: torch.Tensor, pointwise_weigh
     if is_narrow(c_hid, c_out, input.device):
         from . import narrow  # imports split, which imports this module
 
-        if narrow.applies(input, c_hid, stride, dilation):
+        if narrow.applies(input, c_hid, c_out, stride, dilation):
             with device_guard(input):
-                grid, args, constexprs = narrow.tiled_launch(input, depthwise_weight, pointwise_weight,
-                                                             depthwise_bias, pointwise_bias, out, stride, padding,
-                                                             dilation, relu_input)
-                launch(narrow.tiled_autotuned, grid, *args, **constexprs)
+                autotuned, grid, args, constexprs = narrow.tiled_launch(
+                    input, depthwise_weight, pointwise_weight, depthwise_bias, pointwise_bias, out, stride, padding,
+                    dilation, relu_input)
+                launch(autotuned, grid, *args, **constexprs)
             return out
         with device_guard(input):
             grid, args, constexprs = narrow_launch(input, depthwise_weight, pointwise_weight, depthwise_bias,

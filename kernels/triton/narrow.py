@@ -1,23 +1,26 @@
 """The narrow-layer fused forward with input reuse: ``narrow_tiled_kernel`` and its launcher (no autograd).
 
 ``forward.narrow_forward_kernel`` computes the depthwise result of a pixel tile tap by tap (nine
-gathers a pixel for 3x3) inside the pointwise GEMM's K loop. For 16-bit inputs where the
-vertical stride and dilation are 1 and the hidden channels fit one tile (C_hid <= 64: Xception's
-64->128@147), this kernel walks columns of output pixels instead: a program slot is ROWS x COLS output pixels, and
-each input row a slot reads is loaded once, as in ``split._depthwise_tiles``, for the KH output
-rows that use it (and, with horizontal stride and dilation 1, each input column once for the KW
-output columns that use it). The rows come in through a runtime loop that keeps KH rows of
-partial depthwise sums, all hidden channels wide, and issues the next input row's loads before
-the current row's arithmetic. When an output row of the BLOCK_P slots has all its taps, its
-(BLOCK_P, C_hid) depthwise tile goes through one ``tl.dot`` with the whole pointwise weight and
-the (BLOCK_P, C_out) result is stored: nothing intermediate reaches memory, and no accumulator
-outlives its row. The weights are read once a program (the pointwise one stays in shared memory
-as the wgmma operand, BLOCK_P = 64 = wgmma's M for a warpgroup); a persistent grid walks the
+gathers a pixel for 3x3) inside the pointwise GEMM's K loop. For 16-bit inputs with a vertical
+stride and dilation of 1 and all hidden channels in one tile (C_hid <= 64, or C_hid <= 128 with
+C_out <= 128: Xception's 64->128@147 and 128->128@147), this kernel walks columns of output
+pixels instead. A program slot is ROWS x COLS output pixels; BLOCK_P slots side by side walk down
+their input rows in a runtime loop, each input row loaded once (as in ``split._depthwise_tiles``)
+for the KH output rows that use it, and with a horizontal stride and dilation of 1 each input
+column once for the KW output columns that use it. The loop carries KH rows of partial depthwise
+sums, all hidden channels wide. When an output row of the slots has all its taps, each of its
+(BLOCK_P, C_hid) depthwise tiles goes through one ``tl.dot`` with the whole pointwise weight and
+the (BLOCK_P, C_out) result is stored: nothing intermediate reaches memory, no accumulator
+outlives its row, and the registers do not grow with ROWS. The weights are read once a program
+(the pointwise one stays in shared memory as the dot's operand); a persistent grid walks the
 slot tiles.
 
-Wider hidden layers and fp32 keep ``forward.narrow_forward_kernel`` (``applies``): at C_hid = 128 a (64 x 128) tile's
-partial sums, input rows and taps' weights do not fit in 255 registers (the static model's
-census; ``docs/triton-kernels.md``).
+Two register budgets (the static model's census for sm_90): at C_hid <= 64, 64-pixel tiles (wgmma's
+M for a warpgroup) fit with the next input row's loads issued before the current row's arithmetic
+(PREFETCH). At C_hid = 128 they spill at every setting tried; 16-pixel tiles (mma.sync) fit with
+the taps' weights kept 16-bit and widened where they are used (PACKED). fp32, C_out = 256 with
+more than 64 hidden channels, and other geometries keep ``forward.narrow_forward_kernel``
+(``applies``).
 """
 
 from __future__ import annotations
@@ -28,36 +31,63 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import INTERPRET, cast, load_channels, mma, row_offsets, split_pixels, vector_width
+from .common import DOT_IN_FP32, INTERPRET, cast, load_channels, mma, row_offsets, split_pixels, vector_width
 from .forward import _programs, conv_tf32, geometry_args
 from .split import tap_weights
 
-# The widest hidden layer the kernel takes: all its channels are one (BLOCK_P, C_hid) tile.
-TILED_MAX_HIDDEN = 64
-# 16-bit inputs only; untimed, ranked by the static model (``python -m benchmarks.gpu_model``), each compiles
-# without spills for sm_90 at 64->128@147 (254 registers). ROWS sets only the runtime row loop's length (a
-# slot reads KH - 1 halo rows); 21 and 49 divide 147.
-TILED_CONFIGS = [
-    triton.Config({"BLOCK_P": 64, "ROWS": 49, "COLS": 1}, num_warps=8, num_stages=1),
-    triton.Config({"BLOCK_P": 64, "ROWS": 21, "COLS": 1}, num_warps=8, num_stages=1),
-    triton.Config({"BLOCK_P": 64, "ROWS": 16, "COLS": 1}, num_warps=8, num_stages=1),
-]
-TILED_CONFIGS_INTERPRET = [triton.Config({"BLOCK_P": 16, "ROWS": 3, "COLS": 2}, num_warps=4, num_stages=1)]
+# The widest hidden layer the kernel takes (all its channels are one (BLOCK_P, C_hid) tile), and with more than 64
+# hidden channels the widest output (at C_out = 256 the 16-pixel tiles spill too).
+TILED_MAX_HIDDEN = 128
+TILED_MAX_OUTPUT_WIDE = 128
+# Per hidden width (C_hid <= 64, <= 128), 16-bit inputs: untimed, ranked by the static model (``python -m
+# benchmarks.gpu_model``); each compiles without spills for sm_90 at 64->128@147 and 128->128@147 (fp16 and
+# bf16). ROWS sets only the runtime row loop's length (a slot reads KH - 1 halo rows); 21 and 49 divide 147.
+TILED_CONFIGS = {
+    64: [
+        triton.Config({"BLOCK_P": 64, "ROWS": 49, "COLS": 1, "PREFETCH": True, "PACKED": False}, num_warps=8,
+                      num_stages=1),
+        triton.Config({"BLOCK_P": 64, "ROWS": 21, "COLS": 1, "PREFETCH": True, "PACKED": False}, num_warps=8,
+                      num_stages=1),
+    ],
+    128: [
+        triton.Config({"BLOCK_P": 16, "ROWS": 49, "COLS": 1, "PREFETCH": False, "PACKED": True}, num_warps=4,
+                      num_stages=1),
+        triton.Config({"BLOCK_P": 16, "ROWS": 21, "COLS": 1, "PREFETCH": False, "PACKED": True}, num_warps=4,
+                      num_stages=1),
+    ],
+}
+TILED_CONFIGS_INTERPRET = [triton.Config({"BLOCK_P": 16, "ROWS": 3, "COLS": 2, "PREFETCH": True, "PACKED": True},
+                                         num_warps=4, num_stages=1)]
 
 
 @triton.jit
 def _program_weights(dw_ptr, dwb_ptr, pw_ptr, j, j_mask, co, co_mask, C_HID: tl.constexpr, C_OUT: tl.constexpr,
-                   KH: tl.constexpr, KW: tl.constexpr, HAS_DW_BIAS: tl.constexpr):
+                     KH: tl.constexpr, KW: tl.constexpr, HAS_DW_BIAS: tl.constexpr, PACKED: tl.constexpr):
     """The weights of hidden channels ``j``, read from the module's own layouts (dw: (C_HID, KH*KW), pw: (C_OUT,
-    C_HID)) once a program, so no transposed copy is made: the taps' (a tuple of fp32 vectors), the depthwise
-    bias ((1, BLOCK_K) fp32, zeros without one) and the pointwise block (BLOCK_K, BLOCK_CO) in its dtype."""
-    weights = tap_weights(dw_ptr, j, j_mask, C_HID, KH, KW, False, tl.float32)
+    C_HID)) once a program, so no transposed copy is made: the taps' (a tuple of vectors: fp32, or the weight's
+    16-bit dtype under PACKED), the depthwise bias ((1, BLOCK_K) fp32, zeros without one) and the pointwise
+    block (BLOCK_K, BLOCK_CO) in its dtype."""
+    weights = tap_weights(dw_ptr, j, j_mask, C_HID, KH, KW, False, dw_ptr.dtype.element_ty if PACKED else tl.float32)
     if HAS_DW_BIAS:
         bias = tl.load(dwb_ptr + j, mask=j_mask, other=0.0).to(tl.float32)[None, :]
     else:
         bias = tl.zeros_like(j.to(tl.float32))[None, :]
     wt = tl.load(pw_ptr + co[None, :] * C_HID + j[:, None], mask=j_mask[:, None] & co_mask[None, :], other=0.0)
     return weights, bias, wt
+
+
+@triton.jit
+def _widen(w):
+    """``w`` (a 16-bit vector) as fp32, converted where it is used: the conversion is opaque to the compiler, which
+    would otherwise hoist it out of the row loop and keep the fp32 copies live (twice the registers)."""
+    if DOT_IN_FP32:
+        return w.to(tl.float32)
+    elif w.dtype == tl.bfloat16:
+        return tl.inline_asm_elementwise("cvt.f32.bf16 $0, $1;", "=r,h", [w], dtype=tl.float32, is_pure=False,
+                                         pack=1)
+    else:
+        return tl.inline_asm_elementwise("cvt.f32.f16 $0, $1;", "=r,h", [w], dtype=tl.float32, is_pure=False,
+                                         pack=1)
 
 
 @triton.jit
@@ -88,7 +118,7 @@ def narrow_tiled_kernel(
     C_HID: tl.constexpr, C_OUT: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, HAS_DW_BIAS: tl.constexpr,
     HAS_PW_BIAS: tl.constexpr, RELU: tl.constexpr, ALIGN: tl.constexpr, TF32: tl.constexpr,
     COL_REUSE: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_P: tl.constexpr,
-    ROWS: tl.constexpr, COLS: tl.constexpr,
+    ROWS: tl.constexpr, COLS: tl.constexpr, PREFETCH: tl.constexpr, PACKED: tl.constexpr,
 ):
     """out[p, co] = sum_j depthwise(x)[p, j] * pw[co, j] + pw_bias[co], all C_OUT channels per program.
 
@@ -114,7 +144,7 @@ def narrow_tiled_kernel(
     # Every weight is loaded once a program: the taps' and the depthwise bias in registers, the pointwise block
     # wherever the compiler puts a dot operand.
     weights, bias, wt = _program_weights(dw_ptr, dwb_ptr, pw_ptr, kk, kk < C_HID, co, co_mask, C_HID, C_OUT, KH, KW,
-                                       HAS_DW_BIAS)
+                                         HAS_DW_BIAS, PACKED)
     col = (kk // M).to(tl.int64) * x_sc
     j_mask = kk < C_HID
     for tile in range(tl.program_id(0), tl.cdiv(slot_count, BLOCK_P), tl.num_programs(0)):
@@ -142,19 +172,33 @@ def narrow_tiled_kernel(
         sums = ()
         for i in tl.static_range(KH * COLS):
             sums = sums + (tl.zeros((BLOCK_P, BLOCK_K), dtype=tl.float32),)
-        xs = _input_row(x_ptr, corner, col_at, col_ok, col, j_mask, slot_mask, ih_top, H, x_sh, 0, RELU,
-                        COLS + KW - 1 if COL_REUSE else COLS * KW)
+        if PREFETCH:
+            xs = _input_row(x_ptr, corner, col_at, col_ok, col, j_mask, slot_mask, ih_top, H, x_sh, 0, RELU,
+                            COLS + KW - 1 if COL_REUSE else COLS * KW)
         for t in tl.range(0, ROWS + KH - 1, num_stages=1):
-            # The next input row's loads go out before this row's arithmetic (the last one loads nothing).
-            ahead = _input_row(x_ptr, corner, col_at, col_ok, col, j_mask, slot_mask & (t + 1 < ROWS + KH - 1),
-                               ih_top, H, x_sh, t + 1, RELU, COLS + KW - 1 if COL_REUSE else COLS * KW)
-            updated = ()
-            for i in tl.static_range(KH):
-                for q in tl.static_range(COLS):
-                    acc = sums[i * COLS + q]
-                    for tw in tl.static_range(KW):
-                        acc = acc + xs[q * (1 if COL_REUSE else KW) + tw] * weights[(KH - 1 - i) * KW + tw][None, :]
-                    updated = updated + (acc,)
+            if PREFETCH:
+                # The next input row's loads go out before this row's arithmetic (the last one loads nothing).
+                ahead = _input_row(x_ptr, corner, col_at, col_ok, col, j_mask, slot_mask & (t + 1 < ROWS + KH - 1),
+                                   ih_top, H, x_sh, t + 1, RELU, COLS + KW - 1 if COL_REUSE else COLS * KW)
+            else:
+                xs = _input_row(x_ptr, corner, col_at, col_ok, col, j_mask, slot_mask, ih_top, H, x_sh, t, RELU,
+                                COLS + KW - 1 if COL_REUSE else COLS * KW)
+            # Column by column, so that one input tile at a time is live.
+            updated = sums
+            for c in tl.static_range(COLS + KW - 1 if COL_REUSE else COLS * KW):
+                x = xs[c]
+                step = ()
+                for i in tl.static_range(KH):
+                    for q in tl.static_range(COLS):
+                        acc = updated[i * COLS + q]
+                        for tw in tl.static_range(KW):
+                            if q * (1 if COL_REUSE else KW) + tw == c:
+                                w = weights[(KH - 1 - i) * KW + tw]
+                                if PACKED:
+                                    w = _widen(w)
+                                acc = acc + x * w[None, :]
+                        step = step + (acc,)
+                updated = step
             if t >= KH - 1:  # output row t - (KH - 1) has all its taps: its products, then its store
                 row_mask = slot_mask & (oh_top + (t - (KH - 1)) < OH)
                 for q in tl.static_range(COLS):
@@ -175,27 +219,37 @@ def narrow_tiled_kernel(
                     sums = sums + (updated[i * COLS + q],)
             for q in tl.static_range(COLS):
                 sums = sums + (tl.zeros((BLOCK_P, BLOCK_K), dtype=tl.float32),)
-            xs = ahead
+            if PREFETCH:
+                xs = ahead
 
 
-tiled_autotuned = triton.autotune(configs=TILED_CONFIGS_INTERPRET if INTERPRET else TILED_CONFIGS,
-                                  key=["N", "OH", "OW", "C_HID", "C_OUT", "KH", "KW", "M", "ALIGN", "COL_REUSE"])(
-    narrow_tiled_kernel)
+tiled_autotuned = {
+    width: triton.autotune(configs=TILED_CONFIGS_INTERPRET if INTERPRET else configs,
+                           key=["N", "OH", "OW", "C_HID", "C_OUT", "KH", "KW", "M", "ALIGN", "COL_REUSE"])(
+        narrow_tiled_kernel)
+    for width, configs in TILED_CONFIGS.items()
+}
 
 
-def applies(input: torch.Tensor, c_hid: int, stride: Sequence[int], dilation: Sequence[int]) -> bool:
-    """Whether ``narrow_tiled_kernel`` takes a narrow layer: a 16-bit input, C_hid <= TILED_MAX_HIDDEN, and a
-    vertical stride and dilation of 1 (the rows a slot reads overlap).
+def applies(input: torch.Tensor, c_hid: int, c_out: int, stride: Sequence[int], dilation: Sequence[int]) -> bool:
+    """Whether ``narrow_tiled_kernel`` takes a narrow layer: a 16-bit input, C_hid <= 64 (or C_hid <=
+    TILED_MAX_HIDDEN and C_out <= TILED_MAX_OUTPUT_WIDE), and a vertical stride and dilation of 1 (the rows a
+    slot reads overlap).
 
     fp32 keeps ``forward.narrow_forward_kernel``: with fp32 tiles the kernel spills (TF32 products) or, with
     IEEE products on the FMA units, compiles to a stack-frame loop (the static model's census for sm_90)."""
-    return (input.element_size() == 2 and c_hid <= TILED_MAX_HIDDEN and stride[0] == 1 and dilation[0] == 1)
+    fits = c_hid <= min(TILED_MAX_HIDDEN, 64) or (c_hid <= TILED_MAX_HIDDEN and c_out <= TILED_MAX_OUTPUT_WIDE)
+    return input.element_size() == 2 and fits and stride[0] == 1 and dilation[0] == 1
+
+
+def _hidden_width(c_hid: int) -> int:
+    return 64 if c_hid <= 64 else 128
 
 
 def tiled_launch(input: torch.Tensor, depthwise_weight: torch.Tensor, pointwise_weight: torch.Tensor,
                  depthwise_bias: Optional[torch.Tensor], pointwise_bias: Optional[torch.Tensor], out: torch.Tensor,
                  stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int], relu_input: bool):
-    """One ``narrow_tiled_kernel`` launch into ``out``: (grid, args, constexprs)."""
+    """One ``narrow_tiled_kernel`` launch into ``out``: (autotuned, grid, args, constexprs)."""
     batch, channels, height, width = input.shape
     c_hid, _, kh, kw = depthwise_weight.shape
     _, c_out, oh, ow = out.shape
@@ -207,7 +261,8 @@ def tiled_launch(input: torch.Tensor, depthwise_weight: torch.Tensor, pointwise_
     x_sn, x_sc, x_sh, x_sw = input.stride()
     o_sn, o_sc, o_sh, o_sw = out.stride()
     align = vector_width(x_sn, x_sh, x_sw, o_sn, o_sh, o_sw)
-    smallest = min(c.kwargs["BLOCK_P"] * c.kwargs["ROWS"] * c.kwargs["COLS"] for c in tiled_autotuned.configs)
+    autotuned = tiled_autotuned[_hidden_width(c_hid)]
+    smallest = min(c.kwargs["BLOCK_P"] * c.kwargs["ROWS"] * c.kwargs["COLS"] for c in autotuned.configs)
     programs = _programs(input, triton.cdiv(batch * oh * ow, smallest))
 
     def grid(meta):
@@ -222,4 +277,4 @@ def tiled_launch(input: torch.Tensor, depthwise_weight: torch.Tensor, pointwise_
                       HAS_PW_BIAS=pointwise_bias is not None, RELU=bool(relu_input), ALIGN=align,
                       TF32=conv_tf32(input), COL_REUSE=stride[1] == 1 and dilation[1] == 1,
                       BLOCK_K=max(16, triton.next_power_of_2(c_hid)), BLOCK_CO=max(16, triton.next_power_of_2(c_out)))
-    return grid, args, constexprs
+    return autotuned, grid, args, constexprs
