@@ -217,6 +217,29 @@ print(json.dumps(out))
         assert row["seconds"] and 1e-6 < row["seconds"] < 1.0, row
 
 
+def test_recorded_fp32_launches_follow_the_tf32_flag():
+    """Recording for a GPU, the launchers choose TF32 for fp32 as they would for a CUDA tensor (PyTorch's
+    cuDNN flag, on by default); the flag off gives IEEE products. Outside a recording CPU tensors never do."""
+    code = """
+import json, torch
+from benchmarks.cases import XCEPTION_LAYERS
+from benchmarks.gpu_model import layers
+from kernels.triton import common
+shape = [s for s in XCEPTION_LAYERS if s.name == "728->728@19"][0]
+out = {}
+for flag in (True, False):
+    torch.backends.cudnn.allow_tf32 = flag
+    rec = layers.record(shape, 2, "fp32", "fused", "fwd")
+    out[str(flag)] = [launch.kwargs.get("TF32") for launch in rec.kernels]
+out["after"] = common.conv_tf32(torch.empty(1))
+print(json.dumps(out))
+"""
+    out = json.loads(_child(code).splitlines()[-1])
+    assert out["True"] and all(value is True for value in out["True"]), out
+    assert out["False"] and all(value is False for value in out["False"]), out
+    assert out["after"] is False
+
+
 # Fused mode's original kernels (the wide-layer forward and the three backward kernels): they gather
 # one 16-bit element per thread (the depthwise weights are read with a stride of kh*kw, the channel
 # counts carry no alignment hint) and are known to fail the load check; the narrow-layer forward and

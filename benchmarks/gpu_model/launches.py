@@ -173,13 +173,10 @@ def recording(capability: int = 90) -> Iterator[Recording]:
         rec.kernels.append(KernelLaunch(self.fn, args, kwargs, grid, list(self.configs), self.fn.__name__))
         return None
 
-    # Launchers that size a persistent grid by the SM count read it from here for CPU tensors.
-    import sys
-
-    forward = sys.modules.get("kernels.triton.forward")
-    stand_in = getattr(forward, "STAND_IN_MULTIPROCESSORS", None) if forward else None
-    if forward is not None and hasattr(forward, "STAND_IN_MULTIPROCESSORS"):
-        forward.STAND_IN_MULTIPROCESSORS = const("sms")
+    # The launchers' device choices for CPU tensors: the persistent grids' SM count, and fp32 products
+    # in TF32 where PyTorch's flag would give them on a GPU (as the recorded GEMMs are priced).
+    stand_ins = _set_stand_ins({"kernels.triton.forward": {"STAND_IN_MULTIPROCESSORS": const("sms")},
+                                "kernels.triton.common": {"STAND_IN_CUDA": True}})
     previous_driver = driver._active
     driver.set_active(_StandInDriver(capability))
     JITFunction.run, Autotuner.run = run, autotune_run
@@ -188,9 +185,22 @@ def recording(capability: int = 90) -> Iterator[Recording]:
             yield rec
     finally:
         JITFunction.run, Autotuner.run = real_run, real_autotune_run
-        if forward is not None and hasattr(forward, "STAND_IN_MULTIPROCESSORS"):
-            forward.STAND_IN_MULTIPROCESSORS = stand_in
+        _set_stand_ins(stand_ins)
         driver._active = previous_driver
+
+
+def _set_stand_ins(values: Dict[str, Dict[str, object]]) -> Dict[str, Dict[str, object]]:
+    """Set module attributes that already exist (modules imported so far); returns the previous values."""
+    import sys
+
+    previous: Dict[str, Dict[str, object]] = {}
+    for module_name, attributes in values.items():
+        module = sys.modules.get(module_name)
+        for name, value in attributes.items():
+            if module is not None and hasattr(module, name):
+                previous.setdefault(module_name, {})[name] = getattr(module, name)
+                setattr(module, name, value)
+    return previous
 
 
 def compile_launch(launch: KernelLaunch, config, capability: int = 90):

@@ -39,10 +39,16 @@ def cast(x, dtype: tl.constexpr):
         return x.to(dtype)
 
 
+# Whether CPU tensors stand for CUDA ones in the choices a launcher makes for the device (TF32).
+# benchmarks.gpu_model sets it while it records launches for a GPU; the interpreter leaves it off.
+STAND_IN_CUDA = False
+
+
 def conv_tf32(tensor: torch.Tensor) -> bool:
     """Whether PyTorch would run a float32 convolution on ``tensor``'s device with TF32 tensor cores:
     CUDA and ``torch.backends.cudnn.allow_tf32`` (on by default). The kernels' fp32 products follow it."""
-    return tensor.is_cuda and tensor.dtype == torch.float32 and bool(torch.backends.cudnn.allow_tf32)
+    on_cuda = tensor.is_cuda or STAND_IN_CUDA
+    return on_cuda and tensor.dtype == torch.float32 and bool(torch.backends.cudnn.allow_tf32)
 
 
 @contextlib.contextmanager
