@@ -4,6 +4,13 @@ Forward and backward each make one call of the chosen backend's
 ``torch.library`` op, so ``torch.compile`` sees two opaque, fake-able ops.
 Only the input and weights are saved; the backward op recomputes the
 depthwise intermediate.
+
+``SeparableConv2dKeepingHidden`` is the triton backend's face where the pointwise
+weight needs a gradient: in split mode the forward writes the depthwise result
+``hidden`` ((N*OH*OW, C_hid), input dtype) to memory anyway, and keeping it for the
+backward saves recomputing it there (one depthwise pass over the input), at the
+memory the cuDNN pair spends too: ``nn.Conv2d``'s backward keeps the pointwise
+convolution's input, the same tensor. Fused mode computes no such tensor and keeps none.
 """
 
 from __future__ import annotations
@@ -16,6 +23,11 @@ from . import ops
 
 _FORWARD = {name: ops.forward_op(name) for name in ops.IMPLEMENTATIONS}
 _BACKWARD = {name: ops.make_backward(ops.backward_op(name)) for name in ops.IMPLEMENTATIONS}
+_FORWARD_KEEPING_HIDDEN = {name: getattr(torch.ops, ops.namespace(name)).forward_keeping_hidden.default
+                           for name in ops.KEEPS_HIDDEN}
+_BACKWARD_FROM_HIDDEN = {
+    name: ops.make_backward(getattr(torch.ops, ops.namespace(name)).backward_from_hidden.default, keeps_hidden=True)
+    for name in ops.KEEPS_HIDDEN}
 
 
 def forward_op(implementation: str):
@@ -62,3 +74,39 @@ class SeparableConv2dFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
         return _BACKWARD[ctx.backend](ctx, grad_output) + (None,)
+
+
+def keeps_hidden(implementation: str, pointwise_weight: torch.Tensor) -> bool:
+    """Whether a recorded call keeps the depthwise result for its backward: an implementation that can
+    (``kernels.ops.KEEPS_HIDDEN``), and a pointwise weight that needs a gradient (the one reader)."""
+    return implementation in ops.KEEPS_HIDDEN and pointwise_weight.requires_grad
+
+
+class SeparableConv2dKeepingHidden(torch.autograd.Function):
+    """``SeparableConv2dFunction`` for the triton implementations (same ``apply`` arguments): the forward
+    returns ``(output, hidden)`` and saves ``hidden`` (non-differentiable) for the backward."""
+
+    @staticmethod
+    def forward(
+        input: torch.Tensor,
+        depthwise_weight: torch.Tensor,
+        pointwise_weight: torch.Tensor,
+        depthwise_bias: Optional[torch.Tensor],
+        pointwise_bias: Optional[torch.Tensor],
+        stride: List[int],
+        padding: List[int],
+        dilation: List[int],
+        relu_input: bool,
+        backend: str,
+    ):
+        return _FORWARD_KEEPING_HIDDEN[backend](input, depthwise_weight, pointwise_weight, depthwise_bias,
+                                                pointwise_bias, stride, padding, dilation, relu_input)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ops.setup_context_keeping_hidden(ctx, inputs[:9], output)
+        ctx.backend = inputs[9]
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor, grad_hidden: Optional[torch.Tensor]):
+        return _BACKWARD_FROM_HIDDEN[ctx.backend](ctx, grad_output) + (None,)

@@ -7,7 +7,7 @@ from typing import Optional, Union
 import torch
 
 from ._args import IntOrPair, check_tensor, normalize
-from .autograd import SeparableConv2dFunction, forward_op, needs_autograd
+from .autograd import SeparableConv2dFunction, SeparableConv2dKeepingHidden, forward_op, keeps_hidden, needs_autograd
 from . import gpu_dispatch
 from .dispatch import resolve
 
@@ -80,5 +80,7 @@ def separable_conv2d(
 
 def _run(name: str, args: tuple, grad: bool) -> torch.Tensor:
     if grad:
+        if keeps_hidden(name, args[2]):
+            return SeparableConv2dKeepingHidden.apply(*args, name)[0]
         return SeparableConv2dFunction.apply(*args, name)
     return forward_op(name)(*args)  # no graph to record: the op itself (Function.apply binds its signature, ~20 us)

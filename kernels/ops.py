@@ -14,7 +14,12 @@ gradient, in the order they are returned (as ``aten::convolution_backward``'s co
 its bias): a gradient that is not asked for is not computed and comes back as an
 empty ``(0,)`` tensor. A layer without biases asks for neither bias gradient, so no
 backend sums ``grad_output`` over pixels for a pointwise bias that does not exist.
-The backward op recomputes the depthwise intermediate instead of saving it.
+The backward op recomputes the depthwise intermediate it needs. The triton
+backend's namespaces have a second pair, ``forward_keeping_hidden`` (which also
+returns split mode's depthwise result) and ``backward_from_hidden`` (which takes it
+back), so that a graph recorded in split mode keeps that result, as the cuDNN pair
+keeps the pointwise convolution's input, instead of recomputing it
+(``kernels.autograd.SeparableConv2dKeepingHidden``).
 
 The schemas and fake (meta) implementations live here, so ``torch.compile``
 and ``opcheck`` see every backend the same way. The ``torch`` namespace is
@@ -47,6 +52,16 @@ BACKWARD_SCHEMA = (
     "backward(Tensor grad_output, Tensor input, Tensor depthwise_weight, Tensor pointwise_weight, "
     "Tensor? depthwise_bias, int[2] stride, int[4] padding, int[2] dilation, bool relu_input, "
     "bool[5] output_mask) -> (Tensor, Tensor, Tensor, Tensor, Tensor)"
+)
+
+# The triton backend's namespaces have two more (see the module docstring). ``hidden`` is the depthwise
+# result, (N*OH*OW, C_hid) row-major in the input's dtype, in split mode; fused mode computes none and
+# returns an empty (0,) tensor, which ``backward_from_hidden`` takes as "recompute it".
+KEEPS_HIDDEN = ("triton", "triton_split")
+HIDDEN_SCHEMAS = (
+    FORWARD_SCHEMA.replace("forward(", "forward_keeping_hidden(").replace(") -> Tensor", ") -> (Tensor, Tensor)"),
+    BACKWARD_SCHEMA.replace("backward(", "backward_from_hidden(").replace(
+        "Tensor input, ", "Tensor input, Tensor hidden, "),
 )
 
 
@@ -128,6 +143,11 @@ def _fake_backward(grad_output, input, depthwise_weight, pointwise_weight, depth
     return empty_gradients(grad_output, input, depthwise_weight, pointwise_weight, depthwise_bias, output_mask)
 
 
+def _fake_backward_from_hidden(grad_output, input, hidden, depthwise_weight, pointwise_weight, depthwise_bias,
+                               stride, padding, dilation, relu_input, output_mask):
+    return empty_gradients(grad_output, input, depthwise_weight, pointwise_weight, depthwise_bias, output_mask)
+
+
 def _fake_max_pool2d_add(input, residual, kernel_size, stride, padding):
     return empty_output(input, pooled_shape(input, kernel_size, stride, padding))
 
@@ -192,18 +212,29 @@ def setup_context(ctx, inputs, output) -> None:
     ctx.has_biases = (depthwise_bias is not None, pointwise_bias is not None)
 
 
-def make_backward(backward_op):
-    """The autograd backward for one backend's ops: one call of its backward op."""
+def setup_context_keeping_hidden(ctx, inputs, output) -> None:
+    """``setup_context`` for ``forward_keeping_hidden``: the weights, the input and the depthwise result."""
+    input, depthwise_weight, pointwise_weight, depthwise_bias, pointwise_bias, stride, padding, dilation, relu_input = inputs
+    _, hidden = output
+    ctx.save_for_backward(input, depthwise_weight, pointwise_weight, depthwise_bias, hidden)
+    ctx.mark_non_differentiable(hidden)
+    ctx.geometry = (list(stride), list(padding), list(dilation), bool(relu_input))
+    ctx.has_biases = (depthwise_bias is not None, pointwise_bias is not None)
 
-    def backward(ctx, grad_output):
-        input, depthwise_weight, pointwise_weight, depthwise_bias = ctx.saved_tensors
+
+def make_backward(backward_op, keeps_hidden: bool = False):
+    """The autograd backward for one backend's ops: one call of its backward op (``backward_from_hidden``, given
+    the saved depthwise result, under ``keeps_hidden``)."""
+
+    def backward(ctx, grad_output, *_):  # under keeps_hidden, also the (unused) gradient of hidden
+        input, depthwise_weight, pointwise_weight, depthwise_bias, *hidden = ctx.saved_tensors
         stride, padding, dilation, relu_input = ctx.geometry
         has_depthwise_bias, has_pointwise_bias = ctx.has_biases
         needs = ctx.needs_input_grad
         mask = [needs[0], needs[1], needs[2], needs[3] and has_depthwise_bias, needs[4] and has_pointwise_bias]
         if not any(mask):
             return (None,) * 9
-        grads = backward_op(grad_output.contiguous(memory_format=memory_format_of(grad_output)), input,
+        grads = backward_op(grad_output.contiguous(memory_format=memory_format_of(grad_output)), input, *hidden,
                             depthwise_weight, pointwise_weight, depthwise_bias,
                             stride, padding, dilation, relu_input, mask)
         return tuple(g if w else None for g, w in zip(grads, mask)) + (None,) * 4
@@ -227,6 +258,10 @@ def define(backend: str) -> torch.library.Library:
     backward_op = getattr(torch.ops, ns).backward.default
     torch.library.register_autograd(f"{ns}::forward", make_backward(backward_op),
                                     setup_context=setup_context, lib=lib)
+    if backend in KEEPS_HIDDEN:  # the forward's fake is the backend's (its hidden depends on the mode)
+        for schema in HIDDEN_SCHEMAS:
+            lib.define(schema)
+        torch.library.register_fake(f"{ns}::backward_from_hidden", _fake_backward_from_hidden, lib=lib)
     if backend == "cpp":
         for schema in POOL_SCHEMAS + BATCH_NORM_SCHEMAS + CACHE_SCHEMAS:
             lib.define(schema)

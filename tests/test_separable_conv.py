@@ -220,7 +220,7 @@ def test_autograd_asks_no_gradient_for_missing_or_frozen_biases(backend, bias):
 
     class RecordMasks(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func._schema.name.startswith("sepconv_") and func._schema.name.endswith("::backward"):
+            if func._schema.name.startswith("sepconv_") and "::backward" in func._schema.name:
                 masks.append(list(args[-1]))
             return func(*args, **(kwargs or {}))
 

@@ -45,7 +45,7 @@ def test_split_geometry(split, monkeypatch, kernel, stride, dilation, padding):
     require_backend("triton")
     calls = _split_calls(monkeypatch)
     shared.test_geometry("triton", kernel, stride, dilation, padding)
-    assert len(calls) == 2, "forward and the pointwise-weight gradient each run the depthwise kernel"
+    assert len(calls) == 1, "the forward runs the depthwise kernel; the backward takes its result from the forward"
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "sliced"])
@@ -80,6 +80,60 @@ def test_split_backward_op_computes_only_what_the_mask_asks(split, wanted):
 @pytest.mark.parametrize("bias", [False, True])
 def test_split_autograd_asks_no_gradient_for_missing_or_frozen_biases(split, bias):
     shared.test_autograd_asks_no_gradient_for_missing_or_frozen_biases("triton", bias)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_split_opcheck_keeping_hidden(split, layout):
+    """forward_keeping_hidden returns the forward's output and its depthwise result; backward_from_hidden,
+    given that result, returns the gradients that backward (which recomputes it) returns, bit for bit."""
+    device = require_backend("triton")
+    x, dw, pw, dwb, pwb, stride, padding, dilation = shared._op_args(device, torch.float32, (1, 2, 0, 1))
+    x = shared.to_layout(x, layout)
+    ops = torch.ops.sepconv_triton
+    args = (x, dw, pw, dwb, pwb, stride, padding, dilation, True)
+    out, hidden = ops.forward_keeping_hidden(*args)
+    assert torch.equal(out, ops.forward(*args))
+    assert hidden.shape == (out.shape[0] * out.shape[2] * out.shape[3], dw.shape[0])
+    torch.library.opcheck(ops.forward_keeping_hidden.default, args)
+    grad = torch.randn_like(out)
+    geometry = (stride, padding, dilation, True)
+    for mask in ([True] * 5, [False, False, True, False, False], [True, True, False, True, True]):
+        kept = ops.backward_from_hidden(grad, x, hidden, dw, pw, dwb, *geometry, mask)
+        recomputed = ops.backward(grad, x, dw, pw, dwb, *geometry, mask)
+        for a, b in zip(kept, recomputed):
+            assert torch.equal(a, b)
+        torch.library.opcheck(ops.backward_from_hidden.default, (grad, x, hidden, dw, pw, dwb, *geometry, mask))
+    with pytest.raises(ValueError, match="hidden must be"):
+        ops.backward_from_hidden(grad, x, hidden[1:], dw, pw, dwb, *geometry, [True] * 5)
+
+
+@pytest.mark.parametrize("pointwise_grad", [True, False])
+def test_split_graph_keeps_the_depthwise_result(split, monkeypatch, pointwise_grad):
+    """A recorded graph saves the depthwise result, (N*OH*OW, C_hid), where the pointwise weight needs a
+    gradient (its one reader), and the backward runs no depthwise kernel; otherwise nothing extra is saved."""
+    device = require_backend("triton")
+    calls = _split_calls(monkeypatch)
+    x, dw, pw, dwb, pwb = make_case(2, 4, 7, 6, (3, 3), 2, 5, True, torch.float32, device)
+    leaves = [t.clone().requires_grad_(True) for t in (x, dw, pw, dwb, pwb)]
+    leaves[2].requires_grad_(pointwise_grad)
+    saved = []
+
+    def pack(tensor):
+        saved.append(tuple(tensor.shape))
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = kernels.separable_conv2d(*leaves, padding=1, backend="triton", relu_input=True)
+    hidden_shape = (2 * 7 * 6, 8)
+    assert (hidden_shape in saved) == pointwise_grad
+    out.backward(torch.ones_like(out))
+    assert len(calls) == 1, "only the forward runs the depthwise kernel"
+    ref, ref_leaves = shared.pair_reference(*leaves, 1, 1, 1, relu_input=True)
+    ref.backward(torch.ones_like(ref))
+    for name, leaf, ref_leaf in zip(shared.GRADIENT_NAMES, leaves, ref_leaves):
+        assert (leaf.grad is not None) == leaf.requires_grad, name
+        if leaf.requires_grad:
+            torch.testing.assert_close(leaf.grad.double(), ref_leaf.grad, atol=1e-4, rtol=1e-4)
 
 
 def test_split_torch_compile_fullgraph(split):

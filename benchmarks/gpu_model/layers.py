@@ -99,7 +99,9 @@ def record(shape: Shape, batch: int, dtype_name: str, mode: str, direction: str,
 
     Without ``biases`` by default: Xception's separable convolutions have none, nor have the benchmark
     suite's layers (eager pair and ``kernels.SeparableConv2d`` alike), so the backward is asked for the
-    three weight and input gradients only, as autograd asks for them."""
+    three weight and input gradients only, as autograd asks for them. Split mode's backward is given the
+    depthwise result as a recorded graph keeps it from the forward (``kernels.autograd``), so it runs no
+    depthwise kernel of its own."""
     dtype = DTYPES[dtype_name]
     x, dw, pw, grad = make_inputs(shape, batch, dtype, layout)
     dwb = torch.empty(shape.cin, dtype=dtype) if biases else None
@@ -111,8 +113,12 @@ def record(shape: Shape, batch: int, dtype_name: str, mode: str, direction: str,
     try:
         if direction == "fwd":
             return launches.record_call(lambda: forward_fn(x, dw, pw, dwb, pwb, *geometry, False), capability)
+        kept = {}
+        if mode == "split":
+            kept["hidden"] = torch.empty((grad.shape[0] * grad.shape[2] * grad.shape[3], dw.shape[0]), dtype=dtype)
         return launches.record_call(
-            lambda: backward_fn(grad, x, dw, pw, dwb, *geometry, False, [True] * 3 + [biases] * 2), capability)
+            lambda: backward_fn(grad, x, dw, pw, dwb, *geometry, False, [True] * 3 + [biases] * 2, **kept),
+            capability)
     finally:
         if previous is None:
             os.environ.pop("SEPCONV_TRITON_MODE", None)

@@ -11,7 +11,7 @@ import os
 
 import torch
 
-from ..ops import define, namespace
+from ..ops import define, empty_output, namespace, output_shape
 from . import backward, forward, split
 
 _registered = []
@@ -46,13 +46,41 @@ def mode() -> str:
     return forward.mode()
 
 
-def _register(implementation: str, forward_op, backward_op) -> None:
+def _fused_forward_keeping_hidden(input, *args):
+    """Fused mode computes no depthwise result to keep: an empty one, which the backward recomputes."""
+    return forward.forward(input, *args), input.new_empty(0)
+
+
+def _fused_backward_from_hidden(grad_output, input, hidden, *args):
+    return backward.backward(grad_output, input, *args)
+
+
+def _split_backward_from_hidden(grad_output, input, hidden, *args):
+    return split.backward(grad_output, input, *args, hidden=hidden)
+
+
+def _fake_keeping_hidden(split_mode):
+    """The fake of ``forward_keeping_hidden``: split mode's hidden is (N*OH*OW, C_hid), fused mode's empty."""
+
+    def fake(input, depthwise_weight, pointwise_weight, depthwise_bias, pointwise_bias, stride, padding, dilation,
+             relu_input):
+        shape = output_shape(input, depthwise_weight, pointwise_weight, stride, padding, dilation)
+        pixels = shape[0] * shape[2] * shape[3]
+        hidden_shape = (pixels, depthwise_weight.shape[0]) if split_mode() else (0,)
+        return empty_output(input, shape), input.new_empty(hidden_shape)
+
+    return fake
+
+
+def _register(implementation: str, launchers, split_mode) -> None:
+    """``launchers``: op name -> launcher; ``split_mode()``: whether the namespace runs split mode now."""
     define(implementation)
     lib = torch.library.Library(namespace(implementation), "IMPL")
-    lib.impl("forward", forward_op, "CUDA")
-    lib.impl("backward", backward_op, "CUDA")
-    lib.impl("forward", _interpreter_only(forward_op), "CPU")
-    lib.impl("backward", _interpreter_only(backward_op), "CPU")
+    for name, launcher in launchers.items():
+        lib.impl(name, launcher, "CUDA")
+        lib.impl(name, _interpreter_only(launcher), "CPU")
+    torch.library.register_fake(f"{namespace(implementation)}::forward_keeping_hidden",
+                                _fake_keeping_hidden(split_mode), lib=lib)
     _registered.append(lib)
 
 
@@ -60,5 +88,15 @@ def register() -> None:
     """Register once: CUDA -> launchers, CPU -> launchers under the interpreter."""
     if _registered:
         return
-    _register("triton", _by_mode(forward.forward, split.forward), _by_mode(backward.backward, split.backward))
-    _register("triton_split", split.forward, split.backward)
+    _register("triton", {
+        "forward": _by_mode(forward.forward, split.forward),
+        "backward": _by_mode(backward.backward, split.backward),
+        "forward_keeping_hidden": _by_mode(_fused_forward_keeping_hidden, split.forward_keeping_hidden),
+        "backward_from_hidden": _by_mode(_fused_backward_from_hidden, _split_backward_from_hidden),
+    }, lambda: forward.mode() == "split")
+    _register("triton_split", {
+        "forward": split.forward,
+        "backward": split.backward,
+        "forward_keeping_hidden": split.forward_keeping_hidden,
+        "backward_from_hidden": _split_backward_from_hidden,
+    }, lambda: True)

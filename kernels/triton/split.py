@@ -598,11 +598,20 @@ def forward(input: torch.Tensor, depthwise_weight: torch.Tensor, pointwise_weigh
             depthwise_bias: Optional[torch.Tensor], pointwise_bias: Optional[torch.Tensor],
             stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int], relu_input: bool) -> torch.Tensor:
     """``sepconv_triton::forward`` in split mode (same contract as ``forward.forward``)."""
+    return forward_keeping_hidden(input, depthwise_weight, pointwise_weight, depthwise_bias, pointwise_bias, stride,
+                                  padding, dilation, relu_input)[0]
+
+
+def forward_keeping_hidden(input: torch.Tensor, depthwise_weight: torch.Tensor, pointwise_weight: torch.Tensor,
+                           depthwise_bias: Optional[torch.Tensor], pointwise_bias: Optional[torch.Tensor],
+                           stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int], relu_input: bool):
+    """``sepconv_triton::forward_keeping_hidden`` in split mode: (output, hidden), hidden the depthwise result
+    (pixels, C_hid) in input's dtype that the forward computes anyway, for ``backward(..., hidden=hidden)``."""
     shape = output_shape(input, depthwise_weight, pointwise_weight, stride, padding, dilation)
     out = empty_output(input, shape)
     batch, c_out, oh, ow = shape
     if batch * oh * ow == 0:
-        return out
+        return out, input.new_empty((0, depthwise_weight.shape[0]))
     check_pixels(batch * oh * ow, input)
     pw = pointwise_weight.reshape(c_out, -1)
     with device_guard(input), matmul_like_conv(input):
@@ -617,19 +626,21 @@ def forward(input: torch.Tensor, depthwise_weight: torch.Tensor, pointwise_weigh
             torch.addmm(pointwise_bias, hidden, pw.t(), out=target)
         if not in_place:
             out.copy_(target.view(batch, oh, ow, c_out).permute(0, 3, 1, 2))
-    return out
+    return out, hidden
 
 
 def backward(grad_output: torch.Tensor, input: torch.Tensor, depthwise_weight: torch.Tensor,
              pointwise_weight: torch.Tensor, depthwise_bias: Optional[torch.Tensor],
              stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int], relu_input: bool,
-             output_mask: Sequence[bool]):
+             output_mask: Sequence[bool], hidden: Optional[torch.Tensor] = None):
     """``sepconv_triton::backward`` in split mode (same contract as ``backward.backward``).
 
     ``g_h = grad_out @ W_pw`` (GEMM, input dtype), then one ``transposed_depthwise_kernel`` pass gives the
     input gradient and the depthwise weight and bias gradients (a depth multiplier above 1 takes the input
     gradient from ``grad_input_kernel`` instead); ``grad_W_pw = grad_out^T @ h`` (GEMM) with the depthwise
-    result ``h`` recomputed. Transient memory: ``g_h`` and ``h``, each (pixels, C_hid) in the input dtype.
+    result ``h``: the forward's own (``hidden``, from ``forward_keeping_hidden``) where it is given, else
+    recomputed by ``depthwise_kernel``. Transient memory: ``g_h``, and ``h`` when it is recomputed, each
+    (pixels, C_hid) in the input dtype.
     """
     out, work = empty_backward(grad_output, input, depthwise_weight, pointwise_weight, depthwise_bias, output_mask)
     if not work:
@@ -665,8 +676,12 @@ def backward(grad_output: torch.Tensor, input: torch.Tensor, depthwise_weight: t
                 launch_grad_input(grad_hidden, dw, input, out[0], out_hw, geometry_args(stride, padding, dilation),
                                   kh, kw, relu)
         if want_pw_weight:
-            hidden = depthwise(input, depthwise_weight, depthwise_bias, out_hw, stride, padding, dilation, relu,
-                               kernel_weights)
+            if hidden is not None and hidden.numel() and tuple(hidden.shape) != (go.shape[0], c_hid):
+                raise ValueError(f"hidden must be the forward's depthwise result of shape {(go.shape[0], c_hid)}, "
+                                 f"got {tuple(hidden.shape)}")
+            if hidden is None or hidden.numel() == 0:
+                hidden = depthwise(input, depthwise_weight, depthwise_bias, out_hw, stride, padding, dilation, relu,
+                                   kernel_weights)
             if out[2].dtype == hidden.dtype:
                 torch.mm(go.t(), hidden, out=out[2].view(c_out, c_hid))
             else:
