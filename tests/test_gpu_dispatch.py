@@ -152,7 +152,9 @@ def test_auto_runs_what_the_table_recorded(gpu, write_table):
     leaves = make_case(requires_grad=True, device=device)
     with OpsRun() as ops:  # a call that needs gradients is chosen by the forward + backward entry
         kernels.separable_conv2d(*leaves, padding=1).sum().backward()
-    assert ops.names == ["sepconv_triton::forward", "sepconv_triton::backward"]
+    # A recorded graph whose pointwise weight needs a gradient runs the triton pair that keeps the
+    # depthwise result (kernels.autograd.SeparableConv2dKeepingHidden); the namespace says which mode.
+    assert ops.names == ["sepconv_triton::forward_keeping_hidden", "sepconv_triton::backward_from_hidden"]
     expected = make_case(requires_grad=True)
     reference(*expected).sum().backward()
     for leaf, want in zip(leaves, expected):
@@ -291,7 +293,8 @@ def test_tuner_keys_on_gradients_and_keeps_results_correct(gpu):
         out = kernels.separable_conv2d(*leaves, padding=1)
         out.sum().backward()
     assert sorted(calls) == ["torch", "triton", "triton_split"]
-    assert ops.names[-2:] == ["sepconv_triton_split::forward", "sepconv_triton_split::backward"]
+    assert ops.names[-2:] == ["sepconv_triton_split::forward_keeping_hidden",
+                              "sepconv_triton_split::backward_from_hidden"]
     expected = make_case(requires_grad=True)
     want = reference(*expected)
     want.sum().backward()
