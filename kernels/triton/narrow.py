@@ -33,7 +33,7 @@ import triton.language as tl
 
 from .common import DOT_IN_FP32, INTERPRET, cast, load_channels, mma, row_offsets, split_pixels, vector_width
 from .forward import _programs, conv_tf32, geometry_args
-from .split import tap_weights
+from .split import slot_columns, tap_weights
 
 # The widest hidden layer the kernel takes (all its channels are one (BLOCK_P, C_hid) tile), and with more than 64
 # hidden channels the widest output (at C_out = 256 the 16-pixel tiles spill too).
@@ -157,17 +157,7 @@ def narrow_tiled_kernel(
         iw_left = ow_left * stride_w - pad_left
         corner = row_offsets(n, ih_top, iw_left, x_sn, x_sh, x_sw)
         o_corner = row_offsets(n, oh_top, ow_left, o_sn, o_sh, o_sw)
-        # The input columns a slot reads: COLS + KW - 1 shared ones under COL_REUSE, else COLS * KW.
-        col_ok = ()
-        col_at = ()
-        for c in tl.static_range(COLS + KW - 1 if COL_REUSE else COLS * KW):
-            if COL_REUSE:
-                dx = c
-            else:
-                dx = (c // KW) * stride_w + (c % KW) * dil_w
-            iw = iw_left + dx
-            col_ok = col_ok + ((iw >= 0) & (iw < W),)
-            col_at = col_at + (tl.cast(dx, tl.int64) * x_sw,)
+        col_ok, col_at = slot_columns(iw_left, W, x_sw, stride_w, dil_w, KW, COLS, COL_REUSE)
         # sums[i * COLS + q]: output row t - (KH - 1) + i of the slots, column q, while input row t comes in.
         sums = ()
         for i in tl.static_range(KH * COLS):

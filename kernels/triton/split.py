@@ -77,6 +77,24 @@ def tap_weights(dw_ptr, j, j_mask, C_HID, KH: tl.constexpr, KW: tl.constexpr, TA
 
 
 @triton.jit
+def slot_columns(iw_left, W, x_sw, stride_w, dil_w, KW: tl.constexpr, COLS: tl.constexpr, COL_REUSE: tl.constexpr):
+    """The input columns a slot of COLS output columns reads, left edge ``iw_left``: COLS + KW - 1 shared ones
+    under COL_REUSE (horizontal stride and dilation 1), else COLS * KW. Two tuples: whether each column lies
+    inside the input, and its offset from the slot's corner (int64, elements)."""
+    col_ok = ()
+    col_at = ()
+    for c in tl.static_range(COLS + KW - 1 if COL_REUSE else COLS * KW):
+        if COL_REUSE:
+            dx = c
+        else:
+            dx = (c // KW) * stride_w + (c % KW) * dil_w
+        iw = iw_left + dx
+        col_ok = col_ok + ((iw >= 0) & (iw < W),)
+        col_at = col_at + (tl.cast(dx, tl.int64) * x_sw,)
+    return col_ok, col_at
+
+
+@triton.jit
 def _depthwise_tiles(x_ptr, dw_ptr, dwb_ptr, h_ptr, N, C_HID, H, W, OH, OW, M, x_sn, x_sc, x_sh, x_sw,
                      stride_w, pad_top, pad_left, dil_w, KH: tl.constexpr, KW: tl.constexpr,
                      HAS_DW_BIAS: tl.constexpr, RELU: tl.constexpr, ACC: tl.constexpr, TAP_MAJOR: tl.constexpr,
@@ -107,17 +125,7 @@ def _depthwise_tiles(x_ptr, dw_ptr, dwb_ptr, h_ptr, N, C_HID, H, W, OH, OW, M, x
     weights = tap_weights(dw_ptr, j, j_mask, C_HID, KH, KW, TAP_MAJOR, ACC)
     if HAS_DW_BIAS:
         bias = tl.load(dwb_ptr + j, mask=j_mask, other=0.0).to(ACC)[None, :]
-    # The input columns the slot reads: COLS + KW - 1 shared ones under COL_REUSE, else COLS * KW.
-    col_ok = ()
-    col_at = ()
-    for c in tl.static_range(COLS + KW - 1 if COL_REUSE else COLS * KW):
-        if COL_REUSE:
-            dx = c
-        else:
-            dx = (c // KW) * stride_w + (c % KW) * dil_w
-        iw = iw_left + dx
-        col_ok = col_ok + ((iw >= 0) & (iw < W),)
-        col_at = col_at + (tl.cast(dx, tl.int64) * x_sw,)
+    col_ok, col_at = slot_columns(iw_left, W, x_sw, stride_w, dil_w, KW, COLS, COL_REUSE)
     accs = ()
     for i in tl.static_range(ROWS * COLS):
         accs = accs + (tl.zeros((BLOCK_P, BLOCK_C), dtype=ACC),)
