@@ -205,21 +205,19 @@ def _batch_norm_backward(ctx, grad_output, *_):
 
 # --- autograd for the ops themselves (the autograd.Function reuses these two) ---------------
 
-def setup_context(ctx, inputs, output) -> None:
-    input, depthwise_weight, pointwise_weight, depthwise_bias, pointwise_bias, stride, padding, dilation, relu_input = inputs
-    ctx.save_for_backward(input, depthwise_weight, pointwise_weight, depthwise_bias)
-    ctx.geometry = (list(stride), list(padding), list(dilation), bool(relu_input))
+def setup_context(ctx, inputs, output, kept: tuple = ()) -> None:
+    """Saves the input and weights (and ``kept``, tensors the backward op takes after the input)."""
+    input, depthwise_weight, pointwise_weight, depthwise_bias, pointwise_bias, stride, padding, dilation, relu = inputs
+    ctx.save_for_backward(input, depthwise_weight, pointwise_weight, depthwise_bias, *kept)
+    ctx.geometry = (list(stride), list(padding), list(dilation), bool(relu))
     ctx.has_biases = (depthwise_bias is not None, pointwise_bias is not None)
 
 
 def setup_context_keeping_hidden(ctx, inputs, output) -> None:
     """``setup_context`` for ``forward_keeping_hidden``: the weights, the input and the depthwise result."""
-    input, depthwise_weight, pointwise_weight, depthwise_bias, pointwise_bias, stride, padding, dilation, relu_input = inputs
     _, hidden = output
-    ctx.save_for_backward(input, depthwise_weight, pointwise_weight, depthwise_bias, hidden)
+    setup_context(ctx, inputs, output, kept=(hidden,))
     ctx.mark_non_differentiable(hidden)
-    ctx.geometry = (list(stride), list(padding), list(dilation), bool(relu_input))
-    ctx.has_biases = (depthwise_bias is not None, pointwise_bias is not None)
 
 
 def make_backward(backward_op, keeps_hidden: bool = False):

@@ -396,9 +396,8 @@ def transposed_depthwise_kernel(
     stride_h, stride_w, pad_top, pad_left, dil_h, dil_w,
     # meta-parameters
     KH: tl.constexpr, KW: tl.constexpr, RELU: tl.constexpr, WANT_GX: tl.constexpr, WANT_DW: tl.constexpr,
-    WANT_DB: tl.constexpr, BIAS_TAP: tl.constexpr, ALIGN: tl.constexpr, ACC: tl.constexpr, TAP_MAJOR: tl.constexpr, TILED: tl.constexpr,
-    ROWS: tl.constexpr,
-    COLS: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_C: tl.constexpr,
+    WANT_DB: tl.constexpr, BIAS_TAP: tl.constexpr, ALIGN: tl.constexpr, ACC: tl.constexpr, TAP_MAJOR: tl.constexpr,
+    TILED: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """The depthwise convolution's backward from g_h (the gradient of its output), in one pass over the input.
 
