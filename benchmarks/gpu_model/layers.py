@@ -93,6 +93,17 @@ def _launchers(mode: str):
     return forward.forward, backward.backward
 
 
+def _backward_mask(biases: bool) -> List[bool]:
+    """The ``output_mask`` the imported kernels' backward op takes: one flag per gradient (the input, both
+    weights, both biases), or three (input, depthwise, pointwise) in the kernels of a commit from before the
+    bias flags, which ``--validate`` imports to model the kernels a recorded GPU run timed."""
+    from kernels import ops
+
+    if "bool[3] output_mask" in ops.BACKWARD_SCHEMA:
+        return [True] * 3
+    return [True] * 3 + [biases] * 2
+
+
 def record(shape: Shape, batch: int, dtype_name: str, mode: str, direction: str, capability: int = 90,
            biases: bool = False, layout: str = "channels_last") -> launches.Recording:
     """What the backend launches for the layer's forward (``fwd``) or backward (``bwd``).
@@ -117,7 +128,7 @@ def record(shape: Shape, batch: int, dtype_name: str, mode: str, direction: str,
         if mode == "split":
             kept["hidden"] = torch.empty((grad.shape[0] * grad.shape[2] * grad.shape[3], dw.shape[0]), dtype=dtype)
         return launches.record_call(
-            lambda: backward_fn(grad, x, dw, pw, dwb, *geometry, False, [True] * 3 + [biases] * 2, **kept),
+            lambda: backward_fn(grad, x, dw, pw, dwb, *geometry, False, _backward_mask(biases), **kept),
             capability)
     finally:
         if previous is None:
