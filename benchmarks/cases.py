@@ -137,8 +137,9 @@ class Case:
         return f"{self.suite} {self.shape.name} N={self.batch} {self.dtype} {self.layout} {self.mode} {self.provider}"
 
 
-def _resolve_shapes(names: Optional[Sequence[str]], default: Iterable[Shape]) -> List[Shape]:
-    """``names``: shape-set names (``xception``, ``sweep``, ``tiny``) or substrings of shape names."""
+def resolve_shapes(names: Optional[Sequence[str]], default: Iterable[Shape], option: str = "--shapes") -> List[Shape]:
+    """``names``: shape-set names (``xception``, ``sweep``, ``tiny``) or substrings of shape names; a name that
+    matches nothing is a ValueError naming the command-line ``option`` it came from."""
     if not names:
         return list(default)
     pool = list(XCEPTION_LAYERS) + list(SWEEP_LAYERS) + list(TINY_LAYERS)
@@ -146,7 +147,7 @@ def _resolve_shapes(names: Optional[Sequence[str]], default: Iterable[Shape]) ->
     for name in names:
         matches = list(SHAPE_SETS[name]) if name in SHAPE_SETS else [s for s in pool if name in s.name]
         if not matches:
-            raise ValueError(f"--shapes: {name!r} matches no shape; use one of {list(SHAPE_SETS)} or part of a "
+            raise ValueError(f"{option}: {name!r} matches no shape; use one of {list(SHAPE_SETS)} or part of a "
                              f"name such as {XCEPTION_LAYERS[0].name!r}")
         chosen.extend(s for s in matches if s not in chosen)
     return chosen
@@ -191,7 +192,7 @@ def build_cases(
             continue
         default = TINY_LAYERS if suite == "smoke" else (
             XCEPTION_LAYERS + SWEEP_LAYERS if full else XCEPTION_LAYERS)
-        for shape in _resolve_shapes(shapes, default):
+        for shape in resolve_shapes(shapes, default):
             for batch, dtype, mode in itertools.product(batches, dtypes, modes):
                 ordered = sorted(providers, key=lambda p: p != BASELINE_PROVIDER)
                 for provider in ordered:

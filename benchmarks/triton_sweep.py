@@ -29,7 +29,7 @@ from typing import List
 import torch
 import torch.nn.functional as F
 
-from .cases import DTYPES, XCEPTION_LAYERS, Shape, _resolve_shapes
+from .cases import DTYPES, XCEPTION_LAYERS, Shape, resolve_shapes
 
 KERNELS = ("forward", "grad_hidden", "grad_input", "grad_pointwise", "depthwise")
 
@@ -221,7 +221,10 @@ def main(argv=None) -> int:
     else:
         if not torch.cuda.is_available():
             parser.error("the sweep times GPU kernels: CUDA is not available here (--interpret for a CPU smoke run)")
-        args.shapes = _resolve_shapes([s.strip() for s in args.shapes.split(",") if s.strip()], XCEPTION_LAYERS)
+        try:
+            args.shapes = resolve_shapes([s.strip() for s in args.shapes.split(",") if s.strip()], XCEPTION_LAYERS)
+        except ValueError as error:
+            parser.error(str(error))
     import kernels
 
     reason = kernels.available_backends()["triton"]

@@ -11,7 +11,7 @@ import torch
 
 from benchmarks import providers, timing
 from benchmarks.__main__ import main
-from benchmarks.cases import XCEPTION_LAYERS, Shape, build_cases, separable_bytes, separable_flops
+from benchmarks.cases import XCEPTION_LAYERS, Shape, build_cases, resolve_shapes, separable_bytes, separable_flops
 from benchmarks.machine import device_slug
 from benchmarks.plot import main as plot_main
 from benchmarks.results import ROW_KEYS, JsonlLog, latest_run, read_rows
@@ -371,6 +371,16 @@ def test_triton_sweep_interpreted(tmp_path, capsys):
     assert [row["kernel"] for row in rows] == ["forward", "grad_input", "depthwise"]
     assert all(row["ms"] > 0 and row["error"] is None and row["current"] for row in rows)
     assert "eager pair forward" in capsys.readouterr().out
+
+
+def test_resolve_shapes_names_the_option():
+    """Shape names resolve by substring; one that matches nothing names the caller's flag."""
+    assert [s.name for s in resolve_shapes(["1536->2048", "@19"], XCEPTION_LAYERS)] == [
+        "1536->2048@10", "728->728@19", "728->1024@19"]
+    with pytest.raises(ValueError, match="^--layers: '1536-2048' matches no shape"):
+        resolve_shapes(["1536-2048"], XCEPTION_LAYERS, "--layers")
+    with pytest.raises(ValueError, match="^--shapes: 'nope'"):
+        resolve_shapes(["nope"], XCEPTION_LAYERS)
 
 
 def test_triton_sweep_candidates_and_errors(capsys):

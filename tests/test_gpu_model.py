@@ -194,6 +194,19 @@ def test_report_reproduces_the_h200_diagnosis(tmp_path):
     assert out["registers"] >= 240                                       # near the 255 limit
 
 
+def test_cli_rejects_bad_arguments_naming_the_flag(capsys):
+    """Checked before the environment (the tests run with TRITON_INTERPRET=1, which the model refuses)."""
+    from benchmarks.gpu_model.__main__ import main
+
+    for argv, message in ((["--layers", "1536-2048"], "--layers: '1536-2048' matches no shape"),
+                          (["--dtypes", "fp64"], "--dtypes: ['fp64'] not in"),
+                          (["--modes", "fused,tiled"], "--modes: ['tiled'] not in")):
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        assert exit_info.value.code == 2
+        assert message in capsys.readouterr().err
+
+
 @needs_tools
 def test_model_predicts_every_current_kernel_at_one_layer():
     """Both modes, forward and backward, at 128->256@74 bf16: every launch compiles, its loops match the IR."""

@@ -20,7 +20,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import List, Optional
 
-from ..cases import XCEPTION_LAYERS, _resolve_shapes, separable_bytes, separable_flops
+from ..cases import XCEPTION_LAYERS, resolve_shapes, separable_bytes, separable_flops
 from . import layers, model, sass
 
 
@@ -193,13 +193,11 @@ def main(argv=None) -> int:
     parser.add_argument("--check", action="store_true", help="structural checks at every Xception layer")
     parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="compile processes for --check")
     args = parser.parse_args(argv)
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        parser.error("unset TRITON_INTERPRET: the model compiles the kernels for a GPU")
-    if not sass.tool("nvdisasm"):
-        print("nvdisasm is missing (Triton's NVIDIA backend bundles it); cannot read SASS", file=sys.stderr)
-        return 2
     names = [n.strip() for n in args.layers.split(",") if n.strip()]
-    args.layers = list(XCEPTION_LAYERS) if names == ["all"] else _resolve_shapes(names, XCEPTION_LAYERS)
+    try:
+        args.layers = list(XCEPTION_LAYERS) if names == ["all"] else resolve_shapes(names, XCEPTION_LAYERS, "--layers")
+    except ValueError as error:
+        parser.error(str(error))
     args.dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
     args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     args.directions = [d.strip() for d in args.directions.split(",") if d.strip()]
@@ -209,6 +207,11 @@ def main(argv=None) -> int:
         bad = [v for v in values if v not in allowed]
         if bad or not values:
             parser.error(f"{name}: {bad or values!r} not in {list(allowed)}")
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        parser.error("unset TRITON_INTERPRET: the model compiles the kernels for a GPU")
+    if not sass.tool("nvdisasm"):
+        print("nvdisasm is missing (Triton's NVIDIA backend bundles it); cannot read SASS", file=sys.stderr)
+        return 2
     import torch
 
     if args.no_tf32:
