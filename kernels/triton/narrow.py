@@ -61,19 +61,14 @@ TILED_CONFIGS_INTERPRET = [triton.Config({"BLOCK_P": 16, "ROWS": 3, "COLS": 2, "
 
 
 @triton.jit
-def _program_weights(dw_ptr, dwb_ptr, pw_ptr, j, j_mask, co, co_mask, C_HID: tl.constexpr, C_OUT: tl.constexpr,
-                     KH: tl.constexpr, KW: tl.constexpr, HAS_DW_BIAS: tl.constexpr, PACKED: tl.constexpr):
+def _program_weights(dw_ptr, pw_ptr, j, j_mask, co, co_mask, C_HID: tl.constexpr, KH: tl.constexpr,
+                     KW: tl.constexpr, PACKED: tl.constexpr):
     """The weights of hidden channels ``j``, read from the module's own layouts (dw: (C_HID, KH*KW), pw: (C_OUT,
     C_HID)) once a program, so no transposed copy is made: the taps' (a tuple of vectors: fp32, or the weight's
-    16-bit dtype under PACKED), the depthwise bias ((1, BLOCK_K) fp32, zeros without one) and the pointwise
-    block (BLOCK_K, BLOCK_CO) in its dtype."""
+    16-bit dtype under PACKED) and the pointwise block (BLOCK_K, BLOCK_CO) in its dtype."""
     weights = tap_weights(dw_ptr, j, j_mask, C_HID, KH, KW, False, dw_ptr.dtype.element_ty if PACKED else tl.float32)
-    if HAS_DW_BIAS:
-        bias = tl.load(dwb_ptr + j, mask=j_mask, other=0.0).to(tl.float32)[None, :]
-    else:
-        bias = tl.zeros_like(j.to(tl.float32))[None, :]
     wt = tl.load(pw_ptr + co[None, :] * C_HID + j[:, None], mask=j_mask[:, None] & co_mask[None, :], other=0.0)
-    return weights, bias, wt
+    return weights, wt
 
 
 @triton.jit
@@ -106,7 +101,7 @@ def _input_row(x_ptr, corner, col_at, col_ok, col, j_mask, slot_mask, ih_top, H,
 @triton.jit
 def narrow_tiled_kernel(
     # pointers
-    x_ptr, dw_ptr, dwb_ptr, pw_ptr, pwb_ptr, out_ptr,
+    x_ptr, dw_ptr, pw_ptr, pwb_ptr, out_ptr,
     # sizes
     N, H, W, OH, OW, M,
     # strides (elements; the ``_a`` ones divided by ALIGN)
@@ -115,14 +110,16 @@ def narrow_tiled_kernel(
     # geometry (the vertical stride and dilation are 1)
     stride_w, pad_top, pad_left, dil_w,
     # meta-parameters
-    C_HID: tl.constexpr, C_OUT: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, HAS_DW_BIAS: tl.constexpr,
-    HAS_PW_BIAS: tl.constexpr, RELU: tl.constexpr, ALIGN: tl.constexpr, TF32: tl.constexpr,
+    C_HID: tl.constexpr, C_OUT: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, HAS_PW_BIAS: tl.constexpr,
+    RELU: tl.constexpr, ALIGN: tl.constexpr, TF32: tl.constexpr,
     COL_REUSE: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_P: tl.constexpr,
     ROWS: tl.constexpr, COLS: tl.constexpr, PREFETCH: tl.constexpr, PACKED: tl.constexpr,
 ):
     """out[p, co] = sum_j depthwise(x)[p, j] * pw[co, j] + pw_bias[co], all C_OUT channels per program.
 
-    x: (N, C, H, W) any strides; dw: (C_HID, KH*KW) and pw: (C_OUT, C_HID) contiguous; out: (N, C_OUT, OH, OW)
+    x: (N, C, H, W) any strides; dw: (C_HID, KH*KW) and pw: (C_OUT, C_HID) contiguous; pw_bias: (C_OUT,) fp32, with
+    the depthwise bias folded in (``tiled_launch``: the loop carries no bias and nothing 16-bit is loaded one value
+    a thread); out: (N, C_OUT, OH, OW)
     any strides. BLOCK_K >= C_HID, BLOCK_CO >= C_OUT. A tile is BLOCK_P slots of ROWS x COLS output pixels;
     grid: (programs,), persistent: program g takes tiles g, g + programs, ...
     """
@@ -135,16 +132,13 @@ def narrow_tiled_kernel(
     co = tl.arange(0, BLOCK_CO)
     co_mask = co < C_OUT
     kk = tl.arange(0, BLOCK_K)
-    if HAS_PW_BIAS:
-        pw_bias = tl.load(pwb_ptr + co, mask=co_mask, other=0.0).to(tl.float32)
     o_col = co.to(tl.int64) * o_sc
     row_groups = tl.cdiv(OH, ROWS)
     col_groups = tl.cdiv(OW, COLS)
     slot_count = N * row_groups * col_groups
     # Every weight is loaded once a program: the taps' and the depthwise bias in registers, the pointwise block
     # wherever the compiler puts a dot operand.
-    weights, bias, wt = _program_weights(dw_ptr, dwb_ptr, pw_ptr, kk, kk < C_HID, co, co_mask, C_HID, C_OUT, KH, KW,
-                                         HAS_DW_BIAS, PACKED)
+    weights, wt = _program_weights(dw_ptr, pw_ptr, kk, kk < C_HID, co, co_mask, C_HID, KH, KW, PACKED)
     col = (kk // M).to(tl.int64) * x_sc
     j_mask = kk < C_HID
     for tile in range(tl.program_id(0), tl.cdiv(slot_count, BLOCK_P), tl.num_programs(0)):
@@ -193,11 +187,10 @@ def narrow_tiled_kernel(
                 row_mask = slot_mask & (oh_top + (t - (KH - 1)) < OH)
                 for q in tl.static_range(COLS):
                     a = updated[q]
-                    if HAS_DW_BIAS:
-                        a += bias
                     out = mma(cast(a, wt.dtype), wt, tl.zeros((BLOCK_P, BLOCK_CO), dtype=tl.float32), TF32)
                     if HAS_PW_BIAS:
-                        out += pw_bias[None, :]
+                        # Read where it is added (an L1 hit), not held in registers through the loop.
+                        out += tl.load(pwb_ptr + co, mask=co_mask, other=0.0)[None, :]
                     at = o_corner + (tl.cast(t - (KH - 1), tl.int64) * o_sh + tl.cast(q, tl.int64) * o_sw)
                     ok = row_mask & (ow_left + q < OW)
                     tl.store(out_ptr + at[:, None] + o_col[None, :], cast(out, out_ptr.dtype.element_ty),
@@ -246,8 +239,13 @@ def tiled_launch(input: torch.Tensor, depthwise_weight: torch.Tensor, pointwise_
     # The module's own layouts (contiguous, as nn.Conv2d keeps them): the kernel reads them once a program.
     dw = depthwise_weight.contiguous()
     pw = pointwise_weight.contiguous()
-    dwb = depthwise_bias.contiguous() if depthwise_bias is not None else dw
-    pwb = pointwise_bias.contiguous() if pointwise_bias is not None else pw
+    # One fp32 output bias: pw_bias + pw @ dw_bias (exact in real arithmetic: the depthwise bias is added to every
+    # hidden pixel, so its pointwise image is one vector), computed in fp32 here; None without either bias.
+    bias = pointwise_bias.float() if pointwise_bias is not None else None
+    if depthwise_bias is not None:
+        folded = pw.reshape(c_out, c_hid).float() @ depthwise_bias.float()
+        bias = folded if bias is None else bias + folded
+    pwb = bias.contiguous() if bias is not None else pw
     x_sn, x_sc, x_sh, x_sw = input.stride()
     o_sn, o_sc, o_sh, o_sw = out.stride()
     align = vector_width(x_sn, x_sh, x_sw, o_sn, o_sh, o_sw)
@@ -260,11 +258,11 @@ def tiled_launch(input: torch.Tensor, depthwise_weight: torch.Tensor, pointwise_
         return (min(programs, triton.cdiv(slots, meta["BLOCK_P"])),)
 
     _, stride_w, pad_top, pad_left, _, dil_w = geometry_args(stride, padding, dilation)
-    args = (input, dw, dwb, pw, pwb, out, batch, height, width, oh, ow, c_hid // channels,
+    args = (input, dw, pw, pwb, out, batch, height, width, oh, ow, c_hid // channels,
             x_sn // align, x_sc, x_sh // align, x_sw // align, o_sn // align, o_sc, o_sh // align, o_sw // align,
             stride_w, pad_top, pad_left, dil_w)
-    constexprs = dict(C_HID=c_hid, C_OUT=c_out, KH=kh, KW=kw, HAS_DW_BIAS=depthwise_bias is not None,
-                      HAS_PW_BIAS=pointwise_bias is not None, RELU=bool(relu_input), ALIGN=align,
+    constexprs = dict(C_HID=c_hid, C_OUT=c_out, KH=kh, KW=kw, HAS_PW_BIAS=bias is not None, RELU=bool(relu_input),
+                      ALIGN=align,
                       TF32=conv_tf32(input), COL_REUSE=stride[1] == 1 and dilation[1] == 1,
                       BLOCK_K=max(16, triton.next_power_of_2(c_hid)), BLOCK_CO=max(16, triton.next_power_of_2(c_out)))
     return autotuned, grid, args, constexprs
