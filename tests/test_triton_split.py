@@ -136,6 +136,34 @@ def test_split_graph_keeps_the_depthwise_result(split, monkeypatch, pointwise_gr
             torch.testing.assert_close(leaf.grad.double(), ref_leaf.grad, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_split_reads_the_depthwise_weight_in_place(split, monkeypatch, dtype):
+    """Both depthwise kernels read the module's (C, 1, kh, kw) weight itself: a contiguous weight is passed as a
+    view, so neither pass makes a copy (on a GPU, a launch of its own); a non-contiguous one is copied."""
+    device = require_backend("triton", dtype)
+    from kernels.triton import split as split_module
+
+    seen = []
+    real = split_module.weights_for
+
+    def spy(weight):
+        view = real(weight)
+        seen.append((view.data_ptr() == weight.data_ptr(), view.is_contiguous(), tuple(view.shape)))
+        return view
+
+    monkeypatch.setattr(split_module, "weights_for", spy)
+    x, dw, pw, _, _ = make_case(2, 8, 6, 6, (3, 3), 1, 16, False, dtype, device)
+    leaves = [t.clone().requires_grad_(True) for t in (x, dw, pw)]
+    out = kernels.separable_conv2d(*leaves, padding=1, backend="triton")
+    out.backward(torch.ones_like(out))
+    assert seen and all(entry == (True, True, (8, 9)) for entry in seen), seen
+    seen.clear()
+    wide = torch.zeros(8, 1, 3, 6, dtype=dtype, device=device)[..., ::2]  # (8, 1, 3, 3), not contiguous
+    wide.copy_(dw)
+    kernels.separable_conv2d(x, wide, pw, padding=1, backend="triton")
+    assert seen == [(False, True, (8, 9))]
+
+
 def test_split_torch_compile_fullgraph(split):
     shared.test_torch_compile_fullgraph("triton")
 

@@ -15,7 +15,7 @@ It prints one row per (kernel, config, dtype, target[, layer]) and exits non-zer
 when any compile fails or spills, or when a shaped compile loads 16-bit values one
 at a time (``LDG.E.U16``: a channel count that is a multiple of 8 must give vectors;
 a kernel that reads some 16-bit weights once a program, outside its loops, says so in
-its spec and must still show 128-bit loads).
+its spec and must still show vector loads).
 ``tests/test_triton.py`` runs it in a subprocess (the kernels must be imported with
 ``TRITON_INTERPRET`` unset).
 """
@@ -143,13 +143,13 @@ def kernel_specs() -> Dict[str, dict]:
     constexprs)`` (compiled per layer with the runtime's specialization; ``layers`` and ``targets``, where
     given, restrict where) or its pointer args (fp32 ones) and non-tile constexprs (compiled once, generic).
     ``prologue_16bit_loads``: the kernel loads some 16-bit values one at a time once a program, outside its loops
-    (reported, not a failure; its rows must still show 128-bit loads)."""
+    (reported, not a failure; its rows must still show vector loads)."""
     from . import backward, forward, narrow, split
 
     kh, kw = KERNEL_SIZE
-    # The tiled narrow forward reads the depthwise weight in the module's (C, KH*KW) layout, once a program: rows
-    # of KH*KW 16-bit values, loaded one at a time before the loops (no transposed copy, no extra launch). Its
-    # loops' loads are checked by ``python -m benchmarks.gpu_model --check``.
+    # The tiled narrow forward and split mode's two depthwise kernels read the depthwise weight in the module's
+    # (C, KH*KW) layout, once a program: rows of KH*KW 16-bit values, loaded one at a time before the loops (no
+    # transposed copy, no extra launch). Their loops' loads are checked by ``python -m benchmarks.gpu_model --check``.
     tiled = {f"narrow_tiled_{width}": dict(fn=narrow.narrow_tiled_kernel, configs={"16bit": configs, "fp32": []},
                                            launch=_tiled_launch, layers=TILED_LAYERS[width], targets=(90,),
                                            prologue_16bit_loads=True)
@@ -162,12 +162,13 @@ def kernel_specs() -> Dict[str, dict]:
                             consts=dict(KH=kh, KW=kw, RELU=True, STORE_GH=True, NEED_DW=True)),
         "grad_input": dict(fn=backward.grad_input_kernel, fp32_ptrs=("gh_ptr",),
                            configs=backward.GRAD_INPUT_CONFIGS_GPU, consts=dict(KH=kh, KW=kw, RELU=True)),
-        "depthwise": dict(fn=split.depthwise_kernel, configs=split.GPU_CONFIGS, launch=_depthwise_launch),
+        "depthwise": dict(fn=split.depthwise_kernel, configs=split.GPU_CONFIGS, launch=_depthwise_launch,
+                          prologue_16bit_loads=True),
         "narrow_forward": dict(fn=forward.narrow_forward_kernel, configs=forward.NARROW_CONFIGS,
                                launch=_narrow_launch, layers=NARROW_LAYERS, targets=(90,)),
         **tiled,
         "transposed_depthwise": dict(fn=split.transposed_depthwise_kernel, configs=split.TRANSPOSED_CONFIGS,
-                                     launch=_transposed_launch),
+                                     launch=_transposed_launch, prologue_16bit_loads=True),
         "grad_pointwise": dict(fn=backward.grad_pointwise_kernel, fp32_ptrs=("part_w_ptr", "part_b_ptr"),
                                configs=backward.GRAD_POINTWISE_CONFIGS_GPU,
                                consts=dict(KH=kh, KW=kw, HAS_DW_BIAS=True, RELU=True)),
@@ -246,6 +247,11 @@ def global_loads(cubin: bytes) -> Dict[str, int]:
     for opcode in _LDG_RE.findall(sass):
         counts[opcode] = counts.get(opcode, 0) + 1
     return counts
+
+
+def vector_loads(global_loads: str) -> bool:
+    """Whether a row's SASS global loads (``Row.global_loads``) include 64- or 128-bit ones."""
+    return any(op.split(":")[0].endswith((".64", ".128")) for op in global_loads.split())
 
 
 def compile_one(name: str, config_index, dtype: str, capability: int, layer=None) -> Row:
@@ -384,7 +390,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     def scalar_loads_bad(row: Row) -> bool:
         if specs[row.kernel].get("prologue_16bit_loads"):
-            return bool(row.layer) and "LDG.E.128" not in row.global_loads
+            return bool(row.layer) and not vector_loads(row.global_loads)
         return bool(row.scalar_16bit_loads)
 
     bad = [r for r in rows if r.error or r.spill_stores or r.spill_loads or scalar_loads_bad(r)]

@@ -66,7 +66,7 @@ def _program_weights(dw_ptr, pw_ptr, j, j_mask, co, co_mask, C_HID: tl.constexpr
     """The weights of hidden channels ``j``, read from the module's own layouts (dw: (C_HID, KH*KW), pw: (C_OUT,
     C_HID)) once a program, so no transposed copy is made: the taps' (a tuple of vectors: fp32, or the weight's
     16-bit dtype under PACKED) and the pointwise block (BLOCK_K, BLOCK_CO) in its dtype."""
-    weights = tap_weights(dw_ptr, j, j_mask, C_HID, KH, KW, False, dw_ptr.dtype.element_ty if PACKED else tl.float32)
+    weights = tap_weights(dw_ptr, j, j_mask, C_HID, KH, KW, dw_ptr.dtype.element_ty if PACKED else tl.float32)
     wt = tl.load(pw_ptr + co[None, :] * C_HID + j[:, None], mask=j_mask[:, None] & co_mask[None, :], other=0.0)
     return weights, wt
 

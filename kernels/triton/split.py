@@ -60,19 +60,15 @@ INTERPRET_CONFIGS = [triton.Config({"BLOCK_P": 32, "BLOCK_C": 16, "ROWS": 3, "CO
 
 
 @triton.jit
-def tap_weights(dw_ptr, j, j_mask, C_HID, KH: tl.constexpr, KW: tl.constexpr, TAP_MAJOR: tl.constexpr,
-                ACC: tl.constexpr):
+def tap_weights(dw_ptr, j, j_mask, C_HID, KH: tl.constexpr, KW: tl.constexpr, ACC: tl.constexpr):
     """The KH*KW taps' weights of hidden channels ``j``, a tuple of ACC vectors, read once a program.
 
-    dw: (KH*KW, C_HID) under TAP_MAJOR (16-bit weights: a tap's channels are one vector load), else
-    the module's own (C_HID, KH*KW) layout (a 32-bit load a weight, and no transposed copy to make)."""
+    dw: the module's own (C_HID, KH*KW) layout, one load a weight (16-bit weights too: KH*KW scalar loads per
+    channel a thread holds, before the loops). A tap-major copy would make them vector loads but is a launch
+    of its own each call (about 5 us in the static model, a third of a wide layer's depthwise kernel)."""
     weights = ()
     for tap in tl.static_range(KH * KW):
-        if TAP_MAJOR:
-            at = tap * C_HID + j
-        else:
-            at = j * (KH * KW) + tap
-        weights = weights + (tl.load(dw_ptr + at, mask=j_mask, other=0.0).to(ACC),)
+        weights = weights + (tl.load(dw_ptr + j * (KH * KW) + tap, mask=j_mask, other=0.0).to(ACC),)
     return weights
 
 
@@ -97,7 +93,7 @@ def slot_columns(iw_left, W, x_sw, stride_w, dil_w, KW: tl.constexpr, COLS: tl.c
 @triton.jit
 def _depthwise_tiles(x_ptr, dw_ptr, dwb_ptr, h_ptr, N, C_HID, H, W, OH, OW, M, x_sn, x_sc, x_sh, x_sw,
                      stride_w, pad_top, pad_left, dil_w, KH: tl.constexpr, KW: tl.constexpr,
-                     HAS_DW_BIAS: tl.constexpr, RELU: tl.constexpr, ACC: tl.constexpr, TAP_MAJOR: tl.constexpr,
+                     HAS_DW_BIAS: tl.constexpr, RELU: tl.constexpr, ACC: tl.constexpr,
                      COL_REUSE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, ROWS: tl.constexpr,
                      COLS: tl.constexpr):
     """``depthwise_kernel`` for a vertical stride and dilation of 1: a pixel slot is ROWS x COLS output pixels.
@@ -122,7 +118,7 @@ def _depthwise_tiles(x_ptr, dw_ptr, dwb_ptr, h_ptr, N, C_HID, H, W, OH, OW, M, x
     corner = row_offsets(n, ih_top, iw_left, x_sn, x_sh, x_sw)
     # The slot's top-left output pixel, as an offset into h (P, C_HID).
     h_corner = ((n * OH + oh_top) * OW + ow_left).to(tl.int64) * C_HID
-    weights = tap_weights(dw_ptr, j, j_mask, C_HID, KH, KW, TAP_MAJOR, ACC)
+    weights = tap_weights(dw_ptr, j, j_mask, C_HID, KH, KW, ACC)
     if HAS_DW_BIAS:
         bias = tl.load(dwb_ptr + j, mask=j_mask, other=0.0).to(ACC)[None, :]
     col_ok, col_at = slot_columns(iw_left, W, x_sw, stride_w, dil_w, KW, COLS, COL_REUSE)
@@ -168,14 +164,14 @@ def depthwise_kernel(
     stride_h, stride_w, pad_top, pad_left, dil_h, dil_w,
     # meta-parameters
     KH: tl.constexpr, KW: tl.constexpr, HAS_DW_BIAS: tl.constexpr, RELU: tl.constexpr,
-    ALIGN: tl.constexpr, ACC: tl.constexpr, TAP_MAJOR: tl.constexpr, ROW_REUSE: tl.constexpr, COL_REUSE: tl.constexpr,
+    ALIGN: tl.constexpr, ACC: tl.constexpr, ROW_REUSE: tl.constexpr, COL_REUSE: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr = 1,
 ):
     """h[p, j] = depthwise(x)[p, j] in h's dtype; h: (P, C_HID) contiguous, p = (n * OH + oh) * OW + ow.
 
-    Sums in ACC (fp32; fp64 for fp64 tensors). dw: (KH*KW, C_HID) contiguous under TAP_MAJOR, else
-    (C_HID, KH*KW) (``tap_weights``). ROW_REUSE (vertical stride and dilation 1): a program covers BLOCK_P
-    pixel slots of ROWS x COLS output pixels each (``_depthwise_tiles``); otherwise BLOCK_P pixels.
+    Sums in ACC (fp32; fp64 for fp64 tensors). dw: (C_HID, KH*KW) contiguous (``tap_weights``). ROW_REUSE
+    (vertical stride and dilation 1): a program covers BLOCK_P pixel slots of ROWS x COLS output pixels each
+    (``_depthwise_tiles``); otherwise BLOCK_P pixels.
     Grid: (cdiv(N * cdiv(OH, ROWS) * cdiv(OW, COLS), BLOCK_P), cdiv(C_HID, BLOCK_C)) under ROW_REUSE,
     else (cdiv(N * OH * OW, BLOCK_P), cdiv(C_HID, BLOCK_C)).
     """
@@ -185,7 +181,7 @@ def depthwise_kernel(
     x_sw = x_sw_a * ALIGN
     if ROW_REUSE:
         _depthwise_tiles(x_ptr, dw_ptr, dwb_ptr, h_ptr, N, C_HID, H, W, OH, OW, M, x_sn, x_sc, x_sh, x_sw,
-                         stride_w, pad_top, pad_left, dil_w, KH, KW, HAS_DW_BIAS, RELU, ACC, TAP_MAJOR, COL_REUSE,
+                         stride_w, pad_top, pad_left, dil_w, KH, KW, HAS_DW_BIAS, RELU, ACC, COL_REUSE,
                          BLOCK_P, BLOCK_C, ROWS, COLS)
     else:
         offs_p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
@@ -198,7 +194,7 @@ def depthwise_kernel(
         iw0 = ow * stride_w - pad_left
         # One int64 offset per pixel (the window's top-left corner); each tap adds a scalar to it.
         corner = row_offsets(n, ih0, iw0, x_sn, x_sh, x_sw)
-        weights = tap_weights(dw_ptr, j, j_mask, C_HID, KH, KW, TAP_MAJOR, ACC)
+        weights = tap_weights(dw_ptr, j, j_mask, C_HID, KH, KW, ACC)
         acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=ACC)
         for tap in tl.static_range(KH * KW):
             xv = window_tap(x_ptr, corner, ih0, iw0, p_mask, col, j_mask, H, W, x_sh, x_sw, dil_h, dil_w, tap, KW,
@@ -216,17 +212,11 @@ depthwise_autotuned = {name: triton.autotune(configs=configs_for(GPU_CONFIGS, IN
                        for name in GPU_CONFIGS}
 
 
-def tap_major(depthwise_weight: torch.Tensor) -> bool:
-    """Whether the split kernels read ``depthwise_weight`` transposed, (kh*kw, C_hid): for 16-bit weights, so
-    that a tap's channels load as vectors (the module's layout would give 16-bit scalar loads)."""
-    return depthwise_weight.element_size() == 2
-
-
 def weights_for(depthwise_weight: torch.Tensor) -> torch.Tensor:
-    """The depthwise weight as the split kernels read it (``tap_major``): (kh*kw, C_hid) or (C_hid, kh*kw)."""
+    """The depthwise weight as the split kernels read it, (C_hid, kh*kw) contiguous: a view of a contiguous module
+    weight (no copy, no launch)."""
     c_hid, _, kh, kw = depthwise_weight.shape
-    flat = depthwise_weight.reshape(c_hid, kh * kw)
-    return flat.t().contiguous() if tap_major(depthwise_weight) else flat.contiguous()
+    return depthwise_weight.reshape(c_hid, kh * kw).contiguous()
 
 
 def depthwise_launch(input: torch.Tensor, depthwise_weight: torch.Tensor, depthwise_bias: Optional[torch.Tensor],
@@ -254,7 +244,7 @@ def depthwise_launch(input: torch.Tensor, depthwise_weight: torch.Tensor, depthw
     args = (input, dw, dwb, hidden, batch, c_hid // align, height, width, out_hw[0], out_hw[1], c_hid // channels,
             x_sn // align, x_sc, x_sh // align, x_sw // align, *geometry_args(stride, padding, dilation))
     constexprs = dict(KH=kh, KW=kw, HAS_DW_BIAS=depthwise_bias is not None, RELU=bool(relu_input), ALIGN=align,
-                      ACC=accumulator(input.dtype), TAP_MAJOR=tap_major(depthwise_weight), ROW_REUSE=row_reuse,
+                      ACC=accumulator(input.dtype), ROW_REUSE=row_reuse,
                       COL_REUSE=stride[1] == 1 and dilation[1] == 1)
     return hidden, grid, args, constexprs
 
@@ -396,7 +386,7 @@ def transposed_depthwise_kernel(
     stride_h, stride_w, pad_top, pad_left, dil_h, dil_w,
     # meta-parameters
     KH: tl.constexpr, KW: tl.constexpr, RELU: tl.constexpr, WANT_GX: tl.constexpr, WANT_DW: tl.constexpr,
-    WANT_DB: tl.constexpr, BIAS_TAP: tl.constexpr, ALIGN: tl.constexpr, ACC: tl.constexpr, TAP_MAJOR: tl.constexpr,
+    WANT_DB: tl.constexpr, BIAS_TAP: tl.constexpr, ALIGN: tl.constexpr, ACC: tl.constexpr,
     TILED: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """The depthwise convolution's backward from g_h (the gradient of its output), in one pass over the input.
@@ -429,7 +419,7 @@ def transposed_depthwise_kernel(
     col = (j // M).to(tl.int64) * x_sc
     gx_col = j.to(tl.int64) * gx_sc
 
-    weights = tap_weights(dw_ptr, j, j_mask, C_HID, KH, KW, TAP_MAJOR, ACC)  # unused (and dropped) without WANT_GX
+    weights = tap_weights(dw_ptr, j, j_mask, C_HID, KH, KW, ACC)  # unused (and dropped) without WANT_GX
     dw_acc = ()
     for tap in tl.static_range(KH * KW):
         dw_acc = dw_acc + (tl.zeros((BLOCK_Q, BLOCK_C), dtype=ACC),)
@@ -591,7 +581,7 @@ def transposed_depthwise_launch(grad_hidden: torch.Tensor, input: torch.Tensor, 
     constexprs = dict(KH=kh, KW=kw, RELU=bool(relu_input), WANT_GX=bool(want_input), WANT_DW=bool(want_depthwise),
                       WANT_DB=bool(want_depthwise and want_depthwise_bias),
                       BIAS_TAP=_bias_tap((kh, kw), stride, padding, dilation, (height, width), out_hw), ALIGN=align,
-                      ACC=accumulator(input.dtype), TAP_MAJOR=tap_major(depthwise_weight), TILED=tiled, ROWS=rows,
+                      ACC=accumulator(input.dtype), TILED=tiled, ROWS=rows,
                       COLS=cols)
     return partials, grid, args, constexprs
 
@@ -661,7 +651,7 @@ def backward(grad_output: torch.Tensor, input: torch.Tensor, depthwise_weight: t
     pw = pointwise_weight.reshape(c_out, c_hid).to(grad_output.dtype)
     relu = bool(relu_input)
     go = _pixel_rows(grad_output)  # (P, C_out)
-    # The depthwise weight as both kernels read it, made once (a transposed copy for 16-bit weights).
+    # The depthwise weight as both kernels read it (a view of a contiguous weight), made once.
     kernel_weights = weights_for(depthwise_weight)
 
     with device_guard(input), matmul_like_conv(input):
