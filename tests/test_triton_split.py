@@ -164,6 +164,39 @@ def test_split_reads_the_depthwise_weight_in_place(split, monkeypatch, dtype):
     assert seen == [(False, True, (8, 9))]
 
 
+@pytest.mark.parametrize("programs,want_weight,want_bias", [(3, True, True), (700, True, False), (5000, False, True),
+                                                          (5000, True, True)])
+def test_partial_sums_any_count(programs, want_weight, want_bias):
+    """The fixed-order second stage of the depthwise weight and bias gradients at any number of per-program
+    partial sums (its block of rows grows with the count, up to 1024 rows a trip and 16 warps): the sums of
+    ``part`` over its first axis, in the gradients' layouts and dtypes, and the same bits on a second run."""
+    device = require_backend("triton")
+    from kernels.triton import split as split_module
+
+    taps, c_hid = 9, 40
+    generator = torch.Generator().manual_seed(programs)
+    part = torch.randn(programs, taps + 1, c_hid, generator=generator, dtype=torch.float64).float().to(device)
+    results = []
+    for _ in range(2):
+        grad_dw = torch.full((c_hid, 1, 3, 3), float("nan"), device=device)
+        grad_db = torch.full((c_hid,), float("nan"), device=device)
+        grid, args, constexprs = split_module.partial_sums_launch(part, grad_dw, grad_db, want_weight, want_bias)
+        assert constexprs["BLOCK_G"] >= min(1024, programs // 4)
+        split_module.partial_sums_kernel[grid](*args, **constexprs, num_stages=1)
+        results.append((grad_dw.cpu(), grad_db.cpu()))
+    expected = part.double().sum(0).cpu()
+    grad_dw, grad_db = results[0]
+    if want_weight:
+        torch.testing.assert_close(grad_dw.reshape(c_hid, taps).double(), expected[:taps].t(), atol=1e-4, rtol=1e-5)
+    else:
+        assert grad_dw.isnan().all()
+    if want_bias:
+        torch.testing.assert_close(grad_db.double(), expected[taps], atol=1e-4, rtol=1e-5)
+    else:
+        assert grad_db.isnan().all()
+    assert all(torch.equal(a.nan_to_num(), b.nan_to_num()) for a, b in zip(results[0], results[1]))
+
+
 def test_split_torch_compile_fullgraph(split):
     shared.test_torch_compile_fullgraph("triton")
 
