@@ -42,7 +42,7 @@ def candidates(kernel: str, family: str) -> List["triton.Config"]:  # noqa: F821
     if kernel == "depthwise":  # split mode's depthwise kernel (kernels/triton/split.py)
         # ROWS x COLS output pixels a slot: input reuse across rows and columns against registers.
         return [triton.Config(dict(BLOCK_P=16, BLOCK_C=c, ROWS=r, COLS=k), num_warps=w, num_stages=1)
-                for c, r, k, w in itertools.product((32, 64), (5, 10), (1, 4, 8), (4, 8))]
+                for c, r, k, w in itertools.product((32, 64), (5, 10), (1, 4, 5, 8), (4, 8))]
     if kernel == "grad_input":
         return [triton.Config(dict(BLOCK_Q=q, BLOCK_C=c), num_warps=w, num_stages=1)
                 for q, c, w in itertools.product((32, 64, 128), (32, 64), (4, 8))]

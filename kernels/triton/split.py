@@ -43,17 +43,22 @@ from .forward import check_pixels, configs_for, device_guard, family, geometry_a
 # (``python -m benchmarks.gpu_model``). Each compiles without spills for sm_90 and, with ALIGN = 8,
 # loads and stores only 128-bit vectors. A program slot covers ROWS x COLS output pixels where the
 # vertical stride and dilation are 1 (COLS reuses input columns where the horizontal ones are 1 too).
+# Slots 5 columns wide tile 10 and 19 columns with little waste (8-column slots leave 6 of 16 columns of a 10x10
+# image empty): the model ranks them first at the 10x10 and 19x19 layers.
 GPU_CONFIGS = {
     "16bit": [
         # 4 channels a thread (64-bit loads): fewer registers for the taps' weights, so 8 columns fit.
         triton.Config({"BLOCK_P": 16, "BLOCK_C": 32, "ROWS": 10, "COLS": 8}, num_warps=4, num_stages=1),
         triton.Config({"BLOCK_P": 16, "BLOCK_C": 32, "ROWS": 5, "COLS": 8}, num_warps=4, num_stages=1),
         triton.Config({"BLOCK_P": 16, "BLOCK_C": 64, "ROWS": 5, "COLS": 4}, num_warps=4, num_stages=1),
+        triton.Config({"BLOCK_P": 16, "BLOCK_C": 32, "ROWS": 10, "COLS": 5}, num_warps=4, num_stages=1),
+        triton.Config({"BLOCK_P": 16, "BLOCK_C": 32, "ROWS": 5, "COLS": 5}, num_warps=4, num_stages=1),
     ],
     "fp32": [
         triton.Config({"BLOCK_P": 16, "BLOCK_C": 32, "ROWS": 10, "COLS": 8}, num_warps=4, num_stages=1),
         triton.Config({"BLOCK_P": 16, "BLOCK_C": 32, "ROWS": 5, "COLS": 8}, num_warps=4, num_stages=1),
         triton.Config({"BLOCK_P": 16, "BLOCK_C": 32, "ROWS": 5, "COLS": 4}, num_warps=4, num_stages=1),
+        triton.Config({"BLOCK_P": 16, "BLOCK_C": 32, "ROWS": 10, "COLS": 5}, num_warps=4, num_stages=1),
     ],
 }
 INTERPRET_CONFIGS = [triton.Config({"BLOCK_P": 32, "BLOCK_C": 16, "ROWS": 3, "COLS": 2}, num_warps=4, num_stages=1)]
