@@ -66,7 +66,7 @@ def _program_weights(dw_ptr, pw_ptr, j, j_mask, co, co_mask, C_HID: tl.constexpr
     """The weights of hidden channels ``j``, read from the module's own layouts (dw: (C_HID, KH*KW), pw: (C_OUT,
     C_HID)) once a program, so no transposed copy is made: the taps' (a tuple of vectors: fp32, or the weight's
     16-bit dtype under PACKED) and the pointwise block (BLOCK_K, BLOCK_CO) in its dtype."""
-    weights = tap_weights(dw_ptr, j, j_mask, C_HID, KH, KW, dw_ptr.dtype.element_ty if PACKED else tl.float32)
+    weights = tap_weights(dw_ptr, j, j_mask, KH, KW, dw_ptr.dtype.element_ty if PACKED else tl.float32)
     wt = tl.load(pw_ptr + co[None, :] * C_HID + j[:, None], mask=j_mask[:, None] & co_mask[None, :], other=0.0)
     return weights, wt
 
@@ -118,8 +118,7 @@ def narrow_tiled_kernel(
     """out[p, co] = sum_j depthwise(x)[p, j] * pw[co, j] + pw_bias[co], all C_OUT channels per program.
 
     x: (N, C, H, W) any strides; dw: (C_HID, KH*KW) and pw: (C_OUT, C_HID) contiguous; pw_bias: (C_OUT,) fp32, with
-    the depthwise bias folded in (``tiled_launch``: the loop carries no bias and nothing 16-bit is loaded one value
-    a thread); out: (N, C_OUT, OH, OW)
+    the depthwise bias folded in (``tiled_launch``: the loop carries no bias); out: (N, C_OUT, OH, OW)
     any strides. BLOCK_K >= C_HID, BLOCK_CO >= C_OUT. A tile is BLOCK_P slots of ROWS x COLS output pixels;
     grid: (programs,), persistent: program g takes tiles g, g + programs, ...
     """
@@ -136,8 +135,8 @@ def narrow_tiled_kernel(
     row_groups = tl.cdiv(OH, ROWS)
     col_groups = tl.cdiv(OW, COLS)
     slot_count = N * row_groups * col_groups
-    # Every weight is loaded once a program: the taps' and the depthwise bias in registers, the pointwise block
-    # wherever the compiler puts a dot operand.
+    # Every weight is loaded once a program: the taps' in registers, the pointwise block wherever the compiler puts
+    # a dot operand (the output bias is read where it is added).
     weights, wt = _program_weights(dw_ptr, pw_ptr, kk, kk < C_HID, co, co_mask, C_HID, KH, KW, PACKED)
     col = (kk // M).to(tl.int64) * x_sc
     j_mask = kk < C_HID

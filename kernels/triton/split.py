@@ -65,7 +65,7 @@ INTERPRET_CONFIGS = [triton.Config({"BLOCK_P": 32, "BLOCK_C": 16, "ROWS": 3, "CO
 
 
 @triton.jit
-def tap_weights(dw_ptr, j, j_mask, C_HID, KH: tl.constexpr, KW: tl.constexpr, ACC: tl.constexpr):
+def tap_weights(dw_ptr, j, j_mask, KH: tl.constexpr, KW: tl.constexpr, ACC: tl.constexpr):
     """The KH*KW taps' weights of hidden channels ``j``, a tuple of ACC vectors, read once a program.
 
     dw: the module's own (C_HID, KH*KW) layout, one load a weight (16-bit weights too: KH*KW scalar loads per
@@ -123,7 +123,7 @@ def _depthwise_tiles(x_ptr, dw_ptr, dwb_ptr, h_ptr, N, C_HID, H, W, OH, OW, M, x
     corner = row_offsets(n, ih_top, iw_left, x_sn, x_sh, x_sw)
     # The slot's top-left output pixel, as an offset into h (P, C_HID).
     h_corner = ((n * OH + oh_top) * OW + ow_left).to(tl.int64) * C_HID
-    weights = tap_weights(dw_ptr, j, j_mask, C_HID, KH, KW, ACC)
+    weights = tap_weights(dw_ptr, j, j_mask, KH, KW, ACC)
     if HAS_DW_BIAS:
         bias = tl.load(dwb_ptr + j, mask=j_mask, other=0.0).to(ACC)[None, :]
     col_ok, col_at = slot_columns(iw_left, W, x_sw, stride_w, dil_w, KW, COLS, COL_REUSE)
@@ -199,7 +199,7 @@ def depthwise_kernel(
         iw0 = ow * stride_w - pad_left
         # One int64 offset per pixel (the window's top-left corner); each tap adds a scalar to it.
         corner = row_offsets(n, ih0, iw0, x_sn, x_sh, x_sw)
-        weights = tap_weights(dw_ptr, j, j_mask, C_HID, KH, KW, ACC)
+        weights = tap_weights(dw_ptr, j, j_mask, KH, KW, ACC)
         acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=ACC)
         for tap in tl.static_range(KH * KW):
             xv = window_tap(x_ptr, corner, ih0, iw0, p_mask, col, j_mask, H, W, x_sh, x_sw, dil_h, dil_w, tap, KW,
@@ -424,7 +424,7 @@ def transposed_depthwise_kernel(
     col = (j // M).to(tl.int64) * x_sc
     gx_col = j.to(tl.int64) * gx_sc
 
-    weights = tap_weights(dw_ptr, j, j_mask, C_HID, KH, KW, ACC)  # unused (and dropped) without WANT_GX
+    weights = tap_weights(dw_ptr, j, j_mask, KH, KW, ACC)  # unused (and dropped) without WANT_GX
     dw_acc = ()
     for tap in tl.static_range(KH * KW):
         dw_acc = dw_acc + (tl.zeros((BLOCK_Q, BLOCK_C), dtype=ACC),)
@@ -661,7 +661,7 @@ def backward(grad_output: torch.Tensor, input: torch.Tensor, depthwise_weight: t
     pw = pointwise_weight.reshape(c_out, c_hid).to(grad_output.dtype)
     relu = bool(relu_input)
     go = _pixel_rows(grad_output)  # (P, C_out)
-    # The depthwise weight as both kernels read it (a view of a contiguous weight), made once.
+    # The depthwise weight as the depthwise kernels and grad_input_kernel read it (a view of a contiguous weight).
     kernel_weights = weights_for(depthwise_weight)
 
     with device_guard(input), matmul_like_conv(input):
@@ -679,9 +679,8 @@ def backward(grad_output: torch.Tensor, input: torch.Tensor, depthwise_weight: t
                                                                  want_dw_bias)
                     partial_sums_kernel[grid](*args, **constexprs, num_stages=1)
             if want_input and not input_here:
-                dw = depthwise_weight.reshape(c_hid, kh * kw).contiguous()
-                launch_grad_input(grad_hidden, dw, input, out[0], out_hw, geometry_args(stride, padding, dilation),
-                                  kh, kw, relu)
+                launch_grad_input(grad_hidden, kernel_weights, input, out[0], out_hw,
+                                  geometry_args(stride, padding, dilation), kh, kw, relu)
         if want_pw_weight:
             if hidden is not None and hidden.numel() and tuple(hidden.shape) != (go.shape[0], c_hid):
                 raise ValueError(f"hidden must be the forward's depthwise result of shape {(go.shape[0], c_hid)}, "
