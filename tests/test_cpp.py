@@ -66,6 +66,30 @@ def test_forward_bitwise_across_thread_counts(threads):
     torch.testing.assert_close(outputs[0].double(), expected, **TOLERANCES[torch.float32])
 
 
+def test_forward_with_a_weight_of_a_quarter_of_l3(threads):
+    """A pointwise weight of a quarter of L3 or more (sized here from the cache sizes the library
+    read) takes one block of pixels a thread, each panel packed once per thread, with the depthwise
+    tile past L2: the output is the same to the bit at 1, 2 and 3 threads (one, two and three
+    blocks) and matches the reference."""
+    require_backend("cpp")
+    info = kernels.cpp_build_info()
+    channels = 512
+    out_channels = -(-info["l3_bytes"] // 4 // (channels * 4)) + 5  # the last panel partial
+    side = int((2 * info["tile_bytes"] / (channels * 4)) ** 0.5) + 4  # a tile over twice L2's share
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, channels, side, side, generator=g).contiguous(memory_format=torch.channels_last)
+    dw = torch.randn(channels, 1, 3, 3, generator=g) / 3
+    pw = torch.randn(out_channels, channels, 1, 1, generator=g) / channels ** 0.5
+    assert pw.numel() * 4 >= info["l3_bytes"] // 4 and side * side * channels * 4 > 2 * info["tile_bytes"]
+    outputs = []
+    for count in (1, 2, 3):
+        torch.set_num_threads(count)
+        outputs.append(kernels.separable_conv2d(x, dw, pw, padding=1, backend="cpp"))
+    assert torch.equal(outputs[0], outputs[1]) and torch.equal(outputs[0], outputs[2])
+    expected = F.conv2d(F.conv2d(x.double(), dw.double(), padding=1, groups=channels), pw.double())
+    torch.testing.assert_close(outputs[0].double(), expected, **TOLERANCES[torch.float32])
+
+
 @pytest.mark.parametrize("batch,channels,out_channels,size", [(2, 64, 128, 37), (1, 728, 728, 10), (1, 256, 100, 19)])
 @pytest.mark.parametrize("layout", ["channels_last", "contiguous"])
 def test_realistic_shapes(batch, channels, out_channels, size, layout):
