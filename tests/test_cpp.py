@@ -90,6 +90,16 @@ def test_forward_with_a_weight_of_a_quarter_of_l3(threads):
     torch.testing.assert_close(outputs[0].double(), expected, **TOLERANCES[torch.float32])
 
 
+@pytest.mark.parametrize("out_channels", [1024, 1536, 256], ids=["rows-4KB-apart", "rows-6KB-apart", "rows-1KB-apart"])
+def test_backward_grad_out_row_strides(out_channels):
+    """The backward copies blocks of grad_out to padded rows when its rows are a multiple of 4 KB
+    apart (all of a micro-kernel call's rows in one L1 set) and reads them in place otherwise:
+    output and every gradient match the reference either way."""
+    device = require_backend("cpp")
+    case = make_case(2, 24, 9, 9, (3, 3), 1, out_channels, True, torch.float32, device)
+    check("cpp", *case, padding=1, layout="channels_last")
+
+
 @pytest.mark.parametrize("batch,channels,out_channels,size", [(2, 64, 128, 37), (1, 728, 728, 10), (1, 256, 100, 19)])
 @pytest.mark.parametrize("layout", ["channels_last", "contiguous"])
 def test_realistic_shapes(batch, channels, out_channels, size, layout):
