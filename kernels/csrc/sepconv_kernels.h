@@ -732,14 +732,14 @@ void forward(const Geometry& g, const T* x, const T* dw_taps, const T* pw, const
     // pixels are split and each thread packs the whole weight for its own share of the tile, which
     // then stays in L2 (728->728 at 19x19: 1.00 ms -> 0.88 ms; 1536->2048 at 10x10 is the other way).
     blocks = weight_bytes > 4 * tile_bytes ? 1 : std::min(groups, threads);
-  } else if (weight_bytes >= machine().l3_bytes / 4) {
+  } else if (const int64_t l3_share = machine().l3_bytes / 4; weight_bytes >= l3_share) {
     // A pointwise weight of a quarter of L3 or more (1536->2048: 12.6 MB) read again from L3 for
     // every L2-sized block of pixels kept each panel's reuse to ~8 micro-kernel calls. Instead each
     // thread takes one block (a tile of up to a quarter of L3 a thread, read from L3) and packs each
     // panel once, into L2, for all its pixels: 1536->2048 at 10x10, batch 8, 7% less time (30
     // interleaved pairs in one process, Zen 5); at 6.3 MB (1024->1536) no change, and at 3 MB
     // (728->1024 at 19x19) the L2 tile is 7% faster, hence the threshold.
-    blocks = std::min(groups, round_up(ceil_div(tile_bytes, machine().l3_bytes / 4), threads));
+    blocks = std::min(groups, round_up(ceil_div(tile_bytes, l3_share), threads));
   } else {
     blocks = std::min(groups, round_up(blocks, threads));
   }
