@@ -447,3 +447,23 @@ def test_large_output_forward(out_channels):
     assert out.numel() * 4 > 24 << 20
     expected = F.conv2d(F.conv2d(F.relu(x).double(), dw.double(), padding=1, groups=24), pw.double())
     torch.testing.assert_close(out.double(), expected, **TOLERANCES[torch.float32])
+
+
+@pytest.mark.parametrize("out_channels", [1024, 2048])
+def test_forward_with_rows_4kb_apart(threads, out_channels):
+    """Output rows a multiple of 4 KB apart (1024 or 2048 float32 channels) leave the forward through
+    non-temporal stores at any size (here 0.1-0.3 MB): the result is complete once the call returns,
+    the same to the bit at 1 and 2 threads, and matches the reference."""
+    require_backend("cpp")
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 40, 5, 3, generator=g).contiguous(memory_format=torch.channels_last)
+    dw = torch.randn(40, 1, 3, 3, generator=g) / 3
+    pw = torch.randn(out_channels, 40, 1, 1, generator=g) / 40 ** 0.5
+    bias = torch.randn(out_channels, generator=g)
+    outputs = []
+    for count in (1, 2):
+        torch.set_num_threads(count)
+        outputs.append(kernels.separable_conv2d(x, dw, pw, pointwise_bias=bias, padding=1, backend="cpp"))
+    assert torch.equal(outputs[0], outputs[1])
+    expected = F.conv2d(F.conv2d(x.double(), dw.double(), padding=1, groups=40), pw.double(), bias.double())
+    torch.testing.assert_close(outputs[0].double(), expected, **TOLERANCES[torch.float32])

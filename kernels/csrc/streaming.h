@@ -15,17 +15,23 @@
 
 namespace sepconv {
 
+// Whether rows of `row_bytes` at `data` can be written with streaming stores: float32 rows of
+// 64-byte multiples at a 64-byte aligned address, on an ISA that has the stores.
+template <typename T>
+inline bool can_stream(const T* data, int64_t row_bytes) {
+#if defined(SEPCONV_HAS_VEC)
+  return VecF32::kStreams && std::is_same_v<T, float> && row_bytes % 64 == 0 && reinterpret_cast<uintptr_t>(data) % 64 == 0;
+#else
+  (void)data, (void)row_bytes;
+  return false;
+#endif
+}
+
 // Whether a float32 output of `bytes` in rows of `row_bytes` at `data` should be streamed: above
 // three quarters of the last-level cache (machine.h; 24 MB of the 32 MB L3 of the development machine).
 template <typename T>
 inline bool should_stream(const T* data, int64_t row_bytes, int64_t bytes) {
-#if defined(SEPCONV_HAS_VEC)
-  return VecF32::kStreams && std::is_same_v<T, float> && bytes > machine().stream_bytes && row_bytes % 64 == 0 &&
-         reinterpret_cast<uintptr_t>(data) % 64 == 0;
-#else
-  (void)data, (void)row_bytes, (void)bytes;
-  return false;
-#endif
+  return can_stream(data, row_bytes) && bytes > machine().stream_bytes;
 }
 
 // dst[0, n) = src[0, n) with streaming stores; n a multiple of 16, dst 64-byte aligned.
