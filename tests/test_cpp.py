@@ -130,7 +130,8 @@ def test_strided_depth_multiplier_relu():
     check("cpp", *case, stride=2, padding=1, dilation=1, relu_input=True, layout="channels_last")
 
 
-@pytest.mark.parametrize("kernel,stride,dilation,height", [((3, 3), 1, 1, 29), ((5, 5), 2, 2, 41), ((3, 5), 1, 3, 30)])
+@pytest.mark.parametrize("kernel,stride,dilation,height",
+                         [((3, 3), 1, 1, 29), ((3, 3), 1, 1, 37), ((5, 5), 2, 2, 41), ((3, 5), 1, 3, 30)])
 def test_single_image_row_bands(threads, kernel, stride, dilation, height):
     """Batch 1 with <= 256 channels: the backward splits the image into row bands run in two phases.
 
