@@ -20,7 +20,8 @@ namespace sepconv {
 template <typename T>
 inline bool can_stream(const T* data, int64_t row_bytes) {
 #if defined(SEPCONV_HAS_VEC)
-  return VecF32::kStreams && std::is_same_v<T, float> && row_bytes % 64 == 0 && reinterpret_cast<uintptr_t>(data) % 64 == 0;
+  return VecF32::kStreams && std::is_same_v<T, float> && row_bytes % 64 == 0 &&
+         reinterpret_cast<uintptr_t>(data) % 64 == 0;
 #else
   (void)data, (void)row_bytes;
   return false;
