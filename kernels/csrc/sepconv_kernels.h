@@ -1120,12 +1120,21 @@ void backward(const Geometry& g, const T* x, const T* dw_taps, const T* dw_bias,
     for (int64_t part = 0; part < parts; ++part) {
       if (part_first_pixel(part) < part_first_pixel(part + 1)) filled.push_back(part);
     }
+    // dst = part 0 + part 1 + ..., element by element in that order, a span of dst at a time (it
+    // stays in L1 while each part is added to it): the part loop inside the element loop kept the
+    // element loop scalar (batch 1, 256->728 at 37x37: four 0.75 MB parts, 5% of the backward).
     auto reduce = [&](const T* partial, T* dst, int64_t size) {
       at::parallel_for(0, size, 4096, [&](int64_t begin, int64_t end) {
-        for (int64_t i = begin; i < end; ++i) {
-          T sum = partial[filled[0] * size + i];
-          for (size_t f = 1; f < filled.size(); ++f) sum += partial[filled[f] * size + i];
-          dst[i] = sum;
+        constexpr int64_t kSpan = 1024;
+        for (int64_t i0 = begin; i0 < end; i0 += kSpan) {
+          const int64_t n = std::min(kSpan, end - i0);
+          T* d = dst + i0;
+          std::copy_n(partial + filled[0] * size + i0, n, d);
+          for (size_t f = 1; f < filled.size(); ++f) {
+            const T* src = partial + filled[f] * size + i0;
+#pragma omp simd
+            for (int64_t i = 0; i < n; ++i) d[i] += src[i];
+          }
         }
       });
     };
