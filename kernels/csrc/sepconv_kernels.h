@@ -46,6 +46,11 @@ struct Geometry {
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 inline int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
 
+// Rows a multiple of 4 KB apart (1024 or 2048 float32 channels): the kRows rows one micro-kernel
+// call reads or writes together then all map to the same L1 sets (the forward streams such
+// outputs, the backward copies such grad_out blocks to padded rows).
+inline bool rows_share_l1_sets(int64_t row_bytes) { return row_bytes % 4096 == 0; }
+
 // Prefetches the cache line at p + offset (elements) into L1. The address is formed as an integer:
 // it may lie past either end of the buffer (a prefetch never faults).
 template <typename T>
@@ -779,7 +784,7 @@ void forward(const Geometry& g, const T* x, const T* dw_taps, const T* pw, const
   // layer reading the output from memory did not show in the whole network (batch 1 and 8).
   const int64_t row_bytes = g.Cout * int64_t(sizeof(T));
   const bool stream =
-      should_stream(out, row_bytes, npix * row_bytes) || (row_bytes % 4096 == 0 && can_stream(out, row_bytes));
+      should_stream(out, row_bytes, npix * row_bytes) || (rows_share_l1_sets(row_bytes) && can_stream(out, row_bytes));
   // Row stride of the tile: padded by one cache line so the kRows rows the micro-kernel reads
   // together do not map to the same L1 sets (CM is often a multiple of 512 bytes).
   const int64_t ld = round_up(g.CM, 16) + 16;
@@ -936,12 +941,14 @@ void backward(const Geometry& g, const T* x, const T* dw_taps, const T* dw_bias,
   // block is copied to padded rows first (without the copy, fwd+bwd at batch 8 7-10% slower). Rows
   // 1, 2 or 3 KB apart (256, 512, 768, 1536 channels) spread over 2-4 sets, few enough for L1's ways:
   // copying them cost 1-2% (1024->1536 at 10x10, batch 8, AVX-512 and AVX2, interleaved pairs).
-  const bool copy_grad_out = (g.Cout * int64_t(sizeof(T))) % 4096 == 0;
+  const bool copy_grad_out = rows_share_l1_sets(g.Cout * int64_t(sizeof(T)));
   const int64_t ldg = copy_grad_out ? round_up(g.Cout, 16) + 16 : g.Cout, ldh = round_up(chunk, 16) + 16;
   const int64_t chunk_panels = ceil_div(chunk, kCols);
-  // Panel j0 / kCols of pw[:, k0:k0+kc] as a Cout x kCols panel (panel_offset), zero-padded.
-  auto pack_chunk_panel = [&](T* panel, int64_t k0, int64_t kc, int64_t j0) {
+  // Panel j0 / kCols of pw[:, k0:k0+kc], into its place in `panels`, as a Cout x kCols panel
+  // (panel_offset), zero-padded.
+  auto pack_chunk_panel = [&](T* panels, int64_t k0, int64_t kc, int64_t j0) {
     constexpr int64_t kPass = panel_pass_cols<T>();
+    T* panel = panels + (j0 / kCols) * g.Cout * kCols;
     for (int64_t q = 0; q < kCols; q += kPass) {
       const int64_t cols = std::clamp<int64_t>(kc - j0 - q, 0, kPass);
       for (int64_t co = 0; co < g.Cout; ++co) {
@@ -959,7 +966,7 @@ void backward(const Geometry& g, const T* x, const T* dw_taps, const T* dw_bias,
   if (shared_chunk) {
     at::parallel_for(0, chunk_panels, 1, [&](int64_t begin, int64_t end) {
       for (int64_t jp = begin; jp < end; ++jp) {
-        pack_chunk_panel(chunk_pw.data() + jp * g.Cout * kCols, 0, g.CM, jp * kCols);
+        pack_chunk_panel(chunk_pw.data(), 0, g.CM, jp * kCols);
       }
     });
   }
@@ -989,7 +996,7 @@ void backward(const Geometry& g, const T* x, const T* dw_taps, const T* dw_bias,
         const int64_t input_end = ceil_div(last, plane) * g.H * g.W;
         if (need_hidden_grad && !shared_chunk) {
           for (int64_t j0 = 0; j0 < kc; j0 += kCols) {
-            pack_chunk_panel(pw_panels + (j0 / kCols) * g.Cout * kCols, k0, kc, j0);
+            pack_chunk_panel(pw_panels, k0, kc, j0);
           }
         }
         for (int64_t p0 = first; p0 < last; p0 += kBlock) {
