@@ -100,6 +100,19 @@ def test_backward_grad_out_row_strides(out_channels):
     check("cpp", *case, padding=1, layout="channels_last")
 
 
+@pytest.mark.parametrize("out_channels", [1536, 512, 1024, 200])
+def test_backward_pointwise_grad_row_strides(threads, out_channels):
+    """With 1024 hidden channels (pointwise weight rows 4 KB apart) each backward task sums its part of
+    the pointwise weight gradient in a padded buffer and copies it out at the end; grad_out rows a
+    multiple of 2 KB apart (512, 1536 channels) are read from a padded copy, 4 KB apart (1024) block
+    by block as before, others in place. Every gradient matches the reference, at 1 and 2 threads."""
+    device = require_backend("cpp")
+    case = make_case(2, 1024, 9, 12, (3, 3), 1, out_channels, True, torch.float32, device)  # blocks of pixels
+    for count in (1, 2):  # one task per chunk of channels, or chunks split into parts
+        torch.set_num_threads(count)
+        check("cpp", *case, padding=1, layout="channels_last")
+
+
 @pytest.mark.parametrize("batch,channels,out_channels,size", [(2, 64, 128, 37), (1, 728, 728, 10), (1, 256, 100, 19)])
 @pytest.mark.parametrize("layout", ["channels_last", "contiguous"])
 def test_realistic_shapes(batch, channels, out_channels, size, layout):

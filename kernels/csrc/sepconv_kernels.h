@@ -940,9 +940,25 @@ void backward(const Geometry& g, const T* x, const T* dw_taps, const T* dw_bias,
   // channels): then the kRows rows a micro-kernel call reads together all fall in one L1 set, and a
   // block is copied to padded rows first (without the copy, fwd+bwd at batch 8 7-10% slower). Rows
   // 1, 2 or 3 KB apart (256, 512, 768, 1536 channels) spread over 2-4 sets, few enough for L1's ways:
-  // copying them cost 1-2% (1024->1536 at 10x10, batch 8, AVX-512 and AVX2, interleaved pairs).
+  // copying each block cost 1-2% (1024->1536 at 10x10, batch 8, AVX-512 and AVX2, interleaved pairs).
   const bool copy_grad_out = rows_share_l1_sets(g.Cout * int64_t(sizeof(T)));
-  const int64_t ldg = copy_grad_out ? round_up(g.Cout, 16) + 16 : g.Cout, ldh = round_up(chunk, 16) + 16;
+  // The pointwise weight gradient's rows a multiple of 4 KB apart (1024 or 2048 hidden channels):
+  // the rows of grad_pw that a micro-kernel call adds to then share L1 sets, so each task sums its
+  // chunk of grad_pw in a buffer of padded rows and copies it out once, at the end. The same GEMM
+  // reads grad_out transposed, all kBlock rows of a block at once: rows a multiple of 2 KB apart
+  // (1536 channels) put those in two sets, so grad_out is then copied to padded rows, once for every
+  // chunk. 1024->1536 at 10x10, batch 8: the grad_pw GEMM 13-15% faster, the backward 3-5% (AVX-512
+  // and AVX2, interleaved pairs in one process, Zen 5); alone, neither helped with AVX-512 (the copy lost 3%).
+  const bool pad_grad_pw = want.pointwise && rows_share_l1_sets(g.CM * int64_t(sizeof(T)));
+  const bool pad_grad_out = pad_grad_pw && !copy_grad_out && g.Cout * int64_t(sizeof(T)) % 2048 == 0;
+  const int64_t ldg = copy_grad_out || pad_grad_out ? round_up(g.Cout, 16) + 16 : g.Cout;
+  const int64_t ldh = round_up(chunk, 16) + 16;
+  Work<T> padded_grad_out(pad_grad_out ? npix * ldg : 0);
+  if (pad_grad_out) {
+    at::parallel_for(0, npix, 64, [&](int64_t begin, int64_t end) {
+      for (int64_t p = begin; p < end; ++p) std::memcpy(padded_grad_out.data() + p * ldg, grad_out + p * g.Cout, sizeof(T) * g.Cout);
+    });
+  }
   const int64_t chunk_panels = ceil_div(chunk, kCols);
   // Panel j0 / kCols of pw[:, k0:k0+kc], into its place in `panels`, as a Cout x kCols panel
   // (panel_offset), zero-padded.
@@ -975,7 +991,7 @@ void backward(const Geometry& g, const T* x, const T* dw_taps, const T* dw_bias,
     const int64_t step = parity < 0 ? 1 : 2, phase_parts = parity < 0 ? parts : (parts - parity + 1) / 2;
     at::parallel_for(0, nchunks * phase_parts, 1, [&](int64_t begin, int64_t end) {
       Work<T> hidden(kBlock * ldh), grad_hidden(kBlock * ldh), go(copy_grad_out ? kBlock * ldg : 0);
-      Work<T> own_pw(shared_chunk ? 0 : chunk_panels * g.Cout * kCols);
+      Work<T> own_pw(shared_chunk ? 0 : chunk_panels * g.Cout * kCols), padded_pw_grad(pad_grad_pw ? g.Cout * ldh : 0);
       T* pw_panels = shared_chunk ? chunk_pw.data() : own_pw.data();
       std::vector<T> dw_acc(taps * chunk), db_acc(chunk), pb_acc(want.pointwise_bias ? g.Cout : 0);
       for (int64_t task = begin; task < end; ++task) {
@@ -984,6 +1000,9 @@ void backward(const Geometry& g, const T* x, const T* dw_taps, const T* dw_bias,
         const int64_t first = part_first_pixel(part), last = part_first_pixel(part + 1);
         if (first >= last) continue;
         T* gpw = parts > 1 ? part_pw.data() + part * g.Cout * g.CM : grad_pw;
+        // Where this task sums its chunk of grad_pw: (co, j) at gpw_sum[co * ldp + j].
+        T* gpw_sum = pad_grad_pw ? padded_pw_grad.data() : gpw + k0;
+        const int64_t ldp = pad_grad_pw ? ldh : g.CM;
         T* gdw = parts > 1 ? part_dw.data() + part * taps * g.CM : grad_dw_taps;
         T* gdb = parts > 1 ? part_db.data() + part * g.CM : grad_dw_bias;
         std::fill(dw_acc.begin(), dw_acc.end(), T(0));
@@ -1001,7 +1020,9 @@ void backward(const Geometry& g, const T* x, const T* dw_taps, const T* dw_bias,
         }
         for (int64_t p0 = first; p0 < last; p0 += kBlock) {
           const int64_t nrows = std::min(kBlock, last - p0);
-          const T* gob = copy_grad_out ? go.data() : grad_out + p0 * g.Cout;
+          const T* gob = copy_grad_out   ? go.data()
+                         : pad_grad_out ? padded_grad_out.data() + p0 * ldg
+                                        : grad_out + p0 * g.Cout;
           for (int64_t r = 0; r < nrows; ++r) {
             const T* src = grad_out + (p0 + r) * g.Cout;
             if (copy_grad_out) std::memcpy(go.data() + r * ldg, src, sizeof(T) * g.Cout);
@@ -1028,16 +1049,16 @@ void backward(const Geometry& g, const T* x, const T* dw_taps, const T* dw_bias,
             // grad_pw[:, chunk] += grad_out[block]^T @ hidden[block, chunk]
             depthwise_tile<T>(g, x, dw_taps, dw_bias, relu, p0, nrows, k0, kc, hidden.data(), ldh);
             for (int64_t j0 = 0; j0 < kc; j0 += kCols) {  // the task's first block overwrites
-              MicroArgs args{nrows, 1, ldg, ldh, g.CM, int(std::min<int64_t>(kCols, kc - j0)), p0 != first};
+              MicroArgs args{nrows, 1, ldg, ldh, ldp, int(std::min<int64_t>(kCols, kc - j0)), p0 != first};
               for (int64_t co = 0; co < g.Cout; co += kRows) {
                 if (args.accumulate) {  // the next call's rows of grad_pw, which it adds to after its K loop
                   for (int64_t r = co + kRows; r < std::min(g.Cout, co + 2 * kRows); ++r) {
-                    prefetch_at(gpw, r * g.CM + k0 + j0, true);
-                    prefetch_at(gpw, r * g.CM + k0 + j0 + args.nr - 1, true);
+                    prefetch_at(gpw_sum, r * ldp + j0, true);
+                    prefetch_at(gpw_sum, r * ldp + j0 + args.nr - 1, true);
                   }
                 }
-                micro<T>(int(std::min<int64_t>(kRows, g.Cout - co)), gob + co, hidden.data() + j0,
-                         gpw + co * g.CM + k0 + j0, nullptr, args);
+                micro<T>(int(std::min<int64_t>(kRows, g.Cout - co)), gob + co, hidden.data() + j0, gpw_sum + co * ldp + j0,
+                         nullptr, args);
               }
             }
           }
@@ -1118,6 +1139,9 @@ void backward(const Geometry& g, const T* x, const T* dw_taps, const T* dw_bias,
         if (lazy_zero) {
           zero_rows(zeroed, input_end, k0, kc);  // rows no tap reached
           if (mask_relu) mask_rows(masked, input_end, k0, kc);
+        }
+        if (pad_grad_pw) {
+          for (int64_t co = 0; co < g.Cout; ++co) std::memcpy(gpw + co * g.CM + k0, gpw_sum + co * ldp, sizeof(T) * kc);
         }
         if (sum_bias) std::copy_n(pb_acc.data(), g.Cout, parts > 1 ? part_pb.data() + part * g.Cout : grad_pw_bias);
         if (want.depthwise) {
