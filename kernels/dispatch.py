@@ -156,6 +156,8 @@ def _warn_once(message: str) -> None:
         warnings.warn(message, RuntimeWarning, stacklevel=level)
 
 
+# What the tuner times on a CPU where "auto" takes cpp; torch first: it wins a tie.
+CPU_CANDIDATES = ("torch", "cpp")
 _resolved: Dict[tuple, str] = {}
 _resolved_layers: Dict[tuple, str] = {}
 
@@ -172,7 +174,9 @@ def resolve(backend: str, device: torch.device, dtype: torch.dtype, layer: Optio
     ``"auto"``) picks the fastest backend that loads and supports the tensors,
     warning once for each faster backend it had to skip; on CUDA, given the call's
     ``layer`` (the fields of ``kernels.gpu_dispatch.Layer``), it picks per layer
-    between cuDNN and the two Triton modes (``kernels.gpu_dispatch``). A backend named
+    between cuDNN and the two Triton modes (``kernels.gpu_dispatch``); on CPU, with
+    tuning on (``SEPCONV_TUNE=1``) and given the layer, it times cpp against torch once
+    per layer where it would take cpp, and keeps the faster. A backend named
     explicitly raises ``BackendUnavailableError`` when it cannot run; ``"triton"`` runs
     the mode ``SEPCONV_TRITON_MODE`` names at each call (fused by default).
     """
@@ -182,9 +186,12 @@ def resolve(backend: str, device: torch.device, dtype: torch.dtype, layer: Optio
     if name is None:
         name = _resolve_uncached(backend, device, dtype)
         _resolved[key] = name
-    if (layer is not None and backend == "auto" and (backend_env or "auto") == "auto"
-            and gpu_dispatch.shape_dispatch_applies(device)):
-        return _resolve_layer(device, dtype, layer)
+    if layer is not None and backend == "auto" and (backend_env or "auto") == "auto":
+        if gpu_dispatch.shape_dispatch_applies(device):
+            return _resolve_layer(device, dtype, layer)
+        if name == "cpp" and gpu_dispatch.cpu_tuning_applies(device):
+            # Tuning on a CPU: cpp where it measured faster on this layer, else the oneDNN pair.
+            return gpu_dispatch.tuned(device, dtype, gpu_dispatch.Layer(*layer), CPU_CANDIDATES)
     return name
 
 

@@ -39,7 +39,8 @@ def separable_conv2d(
         stride, dilation: int or pair. padding: int, pair, ``"same"`` or ``"valid"``.
         backend: ``"auto"``, ``"torch"``, ``"cpp"`` or ``"triton"`` (see
             ``kernels.available_backends()``). On CUDA, ``"auto"`` picks cuDNN or a
-            Triton mode per layer (docs/gpu-dispatch.md).
+            Triton mode per layer (docs/gpu-dispatch.md); on CPU with ``SEPCONV_TUNE=1``,
+            cpp or torch per layer, whichever measured faster.
         relu_input: apply ReLU to ``input`` first, inside the same kernel.
 
     Returns:
@@ -63,10 +64,11 @@ def separable_conv2d(
     geometry = normalize(input, depthwise_weight, pointwise_weight, depthwise_bias, pointwise_bias,
                          stride, padding, dilation)
     grad = needs_autograd((input, depthwise_weight, pointwise_weight, depthwise_bias, pointwise_bias))
-    # On CUDA, "auto" chooses per layer (kernels.gpu_dispatch), so it is told the layer.
+    # On CUDA, and on CPU with tuning on, "auto" chooses per layer (kernels.gpu_dispatch): it is told the layer.
+    per_layer = gpu_dispatch.shape_dispatch_applies(input.device) or gpu_dispatch.cpu_tuning_applies(input.device)
     layer = (gpu_dispatch.layer_of(input, pointwise_weight, depthwise_bias, pointwise_bias, geometry, relu_input,
                                    grad)
-             if gpu_dispatch.shape_dispatch_applies(input.device) else None)
+             if per_layer else None)
     name = resolve(backend, input.device, input.dtype, layer)
     args = (input, depthwise_weight, pointwise_weight, depthwise_bias, pointwise_bias,
             geometry.stride, geometry.padding, geometry.dilation, bool(relu_input))

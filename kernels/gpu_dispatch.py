@@ -16,6 +16,11 @@ as a GEMM). ``auto`` picks one per layer:
 A call that needs gradients is chosen by the forward + backward time, any other
 call by the forward time. The layer key and the device lookups are small
 functions here, so tests can stand in for a GPU.
+
+The tuner serves CPU calls too: with tuning on, ``auto`` on a CPU whose build of
+the cpp backend has a vector path (where ``auto`` takes cpp) times cpp against
+torch (the oneDNN pair) for each new layer and keeps the faster. Tuning off, a
+CPU call runs cpp there, with no per-layer choice (``kernels.dispatch``).
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import os
 import re
 import statistics
 import threading
+import time
 import warnings
 from pathlib import Path
 from typing import Callable, Dict, NamedTuple, Optional, Sequence, Tuple
@@ -48,6 +54,10 @@ DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp
 # then the median of timed calls.
 TUNE_WARMUP_CALLS = 3
 TUNE_TIMED_CALLS = 10
+# On CPU a call of a large layer takes up to ~0.2 s: after one untimed call, at least
+# TUNE_MIN_CPU_CALLS timed ones, more (up to TUNE_TIMED_CALLS) while under TUNE_CPU_SECONDS.
+TUNE_MIN_CPU_CALLS = 3
+TUNE_CPU_SECONDS = 0.5
 
 # (candidate name, a call of it) -> milliseconds per call.
 Timer = Callable[[str, Callable[[], object]], float]
@@ -74,8 +84,14 @@ class Layer(NamedTuple):
 
 
 def shape_dispatch_applies(device: torch.device) -> bool:
-    """Whether ``auto`` chooses per layer on this device (CUDA only; CPU has its own rule)."""
+    """Whether ``auto`` chooses per layer on this device from the table or the tuner (CUDA; on CPU
+    only the tuner chooses per layer: ``cpu_tuning_applies``)."""
     return device.type == "cuda"
+
+
+def cpu_tuning_applies(device: torch.device) -> bool:
+    """Whether ``auto`` times cpp against torch per layer on this device (a CPU, with tuning on)."""
+    return device.type == "cpu" and tuning_enabled()
 
 
 def layer_of(input: torch.Tensor, pointwise_weight: torch.Tensor, depthwise_bias: Optional[torch.Tensor],
@@ -221,13 +237,15 @@ _tuned_times: Dict[tuple, Dict[str, object]] = {}
 
 
 def tune(enabled: bool = True, *, timer: Optional[Timer] = None) -> None:
-    """Time the candidates of every new CUDA layer once and keep the fastest (``backend="auto"`` only).
+    """Time the candidates of every new layer once and keep the fastest (``backend="auto"`` only).
 
     Like ``torch.backends.cudnn.benchmark``: the first call of each new layer (shape, dtype,
-    layout, with or without gradients) runs torch, triton and triton split mode on random
-    tensors of that layer, and that and later calls use the fastest for the rest of the process.
-    Overrides ``SEPCONV_TUNE``. ``timer(name, call)`` returns milliseconds per call (default:
-    CUDA events after warm-up calls), for tests or another clock.
+    layout, with or without gradients) runs the candidates on random tensors of that layer, and
+    that and later calls use the fastest for the rest of the process. On CUDA the candidates are
+    torch (cuDNN), triton and triton split mode; on a CPU where ``auto`` takes the cpp backend,
+    cpp and torch (oneDNN), timed at the current ``torch.get_num_threads()``. Overrides
+    ``SEPCONV_TUNE``. ``timer(name, call)`` returns milliseconds per call (default: CUDA events
+    after warm-up calls, ``cpu_timer`` on CPU), for tests or another clock.
     """
     global _tune_setting, _timer
     if not isinstance(enabled, bool):
@@ -243,13 +261,13 @@ def tuning_enabled() -> bool:
     value = os.environ.get(TUNE_ENV, "0")
     if value not in ("0", "1"):
         raise ValueError(f"{TUNE_ENV}={value!r} is not valid; set it to 1 (time the candidates of each new "
-                         "CUDA layer once) or 0 (the recorded table, the default)")
+                         "layer once) or 0 (the default: the recorded table on CUDA, cpp on CPU)")
     return value == "1"
 
 
 def tuned_choices() -> Dict[tuple, Dict[str, object]]:
-    """What the tuner measured so far: per (device, dtype, layer), the milliseconds of each candidate
-    (or why it could not run) and the choice."""
+    """What the tuner measured so far: per (device type, device index, dtype, layer), on CPU with the
+    thread count last, the milliseconds of each candidate (or why it could not run) and the choice."""
     return {key: dict(value) for key, value in _tuned_times.items()}
 
 
@@ -266,6 +284,20 @@ def cuda_event_timer(name: str, call: Callable[[], object]) -> float:
         end.record()
     torch.cuda.synchronize()
     return statistics.median(start.elapsed_time(end) for start, end in events)
+
+
+def cpu_timer(name: str, call: Callable[[], object]) -> float:
+    """Milliseconds per call on the host clock: the median of the timed calls after one untimed call
+    (at least ``TUNE_MIN_CPU_CALLS``, at most ``TUNE_TIMED_CALLS``, stopping past ``TUNE_CPU_SECONDS``)."""
+    call()
+    times = []
+    started = time.perf_counter()
+    while len(times) < TUNE_TIMED_CALLS and (len(times) < TUNE_MIN_CPU_CALLS
+                                             or time.perf_counter() - started < TUNE_CPU_SECONDS):
+        start = time.perf_counter()
+        call()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
 
 
 def candidate_call(implementation: str, device: torch.device, dtype: torch.dtype, layer: Layer) -> Callable[[], object]:
@@ -307,12 +339,14 @@ def candidate_call(implementation: str, device: torch.device, dtype: torch.dtype
 
 def tuned(device: torch.device, dtype: torch.dtype, layer: Layer, candidates: Sequence[str]) -> str:
     """The fastest of ``candidates`` for this layer, timed on the first call and cached for the process."""
+    # CPU speeds depend on the thread count; TF32 changes CUDA float32 math.
     key = (device.type, device.index, dtype, layer, torch.backends.cudnn.allow_tf32,
-           torch.backends.cuda.matmul.allow_tf32, tuple(candidates))
+           torch.backends.cuda.matmul.allow_tf32, tuple(candidates),
+           torch.get_num_threads() if device.type == "cpu" else None)
     choice = _tuned.get(key)
     if choice is not None:
         return choice
-    timer = _timer or cuda_event_timer
+    timer = _timer or (cuda_event_timer if device.type == "cuda" else cpu_timer)
     times: Dict[str, object] = {}
     # The CUDA events and synchronisations of the timer act on the current device: make it the layer's.
     with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
@@ -328,7 +362,7 @@ def tuned(device: torch.device, dtype: torch.dtype, layer: Layer, candidates: Se
     measured = {name: ms for name, ms in times.items() if isinstance(ms, float)}
     choice = min(measured, key=lambda name: (measured[name], candidates.index(name)))
     _tuned[key] = choice
-    _tuned_times[key[:4]] = {"times_ms": times, "choice": choice}
+    _tuned_times[key[:4] if device.type != "cpu" else (*key[:4], key[-1])] = {"times_ms": times, "choice": choice}
     logger.info("separable_conv2d auto: %s for %s on %s (tuned: %s)", choice, describe(layer, dtype), device,
                 ", ".join(f"{name} {ms:.3f} ms" if isinstance(ms, float) else f"{name} failed"
                           for name, ms in times.items()))

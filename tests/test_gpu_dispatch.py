@@ -1,6 +1,7 @@
-"""How ``backend="auto"`` chooses on CUDA: the recorded table, the tuner, and the table's builder.
+"""How ``backend="auto"`` chooses per layer: on CUDA the recorded table, the tuner, and the table's
+builder; on CPU the tuner (cpp against the oneDNN pair).
 
-These run without a GPU: what a CUDA device would report (capability, name) and
+The CUDA cases run without a GPU: what a CUDA device would report (capability, name) and
 whether ``auto`` chooses per layer are small functions of ``kernels.gpu_dispatch``
 that the tests stand in for, and the Triton candidates run on CPU tensors in
 Triton's interpreter (tests/conftest.py sets ``TRITON_INTERPRET=1`` there).
@@ -366,6 +367,127 @@ def test_compile_fullgraph_with_the_tuner(gpu):
     assert sorted(calls) == ["torch", "triton", "triton_split"]
     expected = kernels.separable_conv2d_reference(*make_case(), padding=1, relu_input=True)
     torch.testing.assert_close(out.cpu(), expected, atol=1e-4, rtol=1e-4)
+
+
+# --- the tuner on CPU: cpp against the oneDNN pair -------------------------------------------
+
+@pytest.fixture
+def cpu_auto_takes_cpp(monkeypatch):
+    """``auto`` takes cpp on CPU here (as on any CPU its build has a vector path for)."""
+    require_backend("cpp")
+    monkeypatch.setattr(dispatch.BACKENDS["cpp"], "auto_check", lambda: None)
+    monkeypatch.setattr(dispatch, "_resolved", {})
+
+
+def test_cpu_tuner_keeps_the_faster_per_layer(cpu_auto_takes_cpp, caplog):
+    calls, times = [], {"torch": 2.0, "cpp": 1.0}
+    kernels.tune(True, timer=fake_timer(times, calls))
+    x, dw, pw = make_case()
+    with caplog.at_level(logging.INFO, logger="kernels.gpu_dispatch"), OpsRun() as ops:
+        first = kernels.separable_conv2d(x, dw, pw, padding=1)
+        kernels.separable_conv2d(x, dw, pw, padding=1)
+    assert calls == ["torch", "cpp"]  # timed once for the layer, then the cached choice
+    assert ops.names[-2:] == ["sepconv_cpp::forward", "sepconv_cpp::forward"]
+    torch.testing.assert_close(first, reference(x, dw, pw), atol=1e-5, rtol=1e-5)
+    times["cpp"] = 3.0  # another layer (a larger batch), where the oneDNN pair measures faster
+    wide = torch.cat([x, x])
+    with OpsRun() as ops:
+        out = kernels.separable_conv2d(wide, dw, pw, padding=1)
+        kernels.separable_conv2d(x, dw, pw, padding=1)  # the first layer keeps its choice
+    assert calls == ["torch", "cpp"] * 2
+    assert ops.names[-2:] == ["sepconv_torch::forward", "sepconv_cpp::forward"]  # after the timed calls
+    torch.testing.assert_close(out, reference(wide, dw, pw), atol=1e-5, rtol=1e-5)
+    logged = [r.getMessage() for r in caplog.records if "separable_conv2d auto" in r.getMessage()]
+    assert logged == [("separable_conv2d auto: cpp for 4->5@6x6 k3x3 s1 M1 N2 fp32 nchw forward on cpu "
+                       "(tuned: torch 2.000 ms, cpp 1.000 ms)")]
+    choices = gpu_dispatch.tuned_choices()
+    key = ("cpu", None, torch.float32, layer_of_case(), torch.get_num_threads())
+    assert choices[key] == {"times_ms": {"torch": 2.0, "cpp": 1.0}, "choice": "cpp"}
+    assert {value["choice"] for value in choices.values()} == {"cpp", "torch"}
+
+
+def test_cpu_tuner_keys_on_gradients_and_threads(cpu_auto_takes_cpp, threads):
+    calls = []
+    kernels.tune(True, timer=fake_timer({"torch": 1.0, "cpp": 2.0}, calls))
+    leaves = make_case(requires_grad=True)
+    with OpsRun() as ops:
+        out = kernels.separable_conv2d(*leaves, padding=1)
+        out.sum().backward()
+    assert calls == ["torch", "cpp"]
+    assert ops.names[-2:] == ["sepconv_torch::forward", "sepconv_torch::backward"]
+    expected = make_case(requires_grad=True)
+    reference(*expected).sum().backward()
+    for leaf, reference_leaf in zip(leaves, expected):
+        torch.testing.assert_close(leaf.grad, reference_leaf.grad, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():  # no graph: the forward alone, timed as a layer of its own
+        kernels.separable_conv2d(*leaves, padding=1)
+    assert len(calls) == 4
+    torch.set_num_threads(1 if torch.get_num_threads() > 1 else 2)  # speeds differ: timed again
+    with torch.no_grad():
+        kernels.separable_conv2d(*leaves, padding=1)
+    assert len(calls) == 6
+
+
+def test_cpu_tuner_times_nothing_where_auto_would_not_take_cpp(cpu_auto_takes_cpp, monkeypatch):
+    calls = []
+    kernels.tune(True, timer=fake_timer({"torch": 2.0, "cpp": 1.0}, calls))
+    x, dw, pw = make_case()
+    with OpsRun() as ops:
+        kernels.separable_conv2d(x, dw, pw, padding=1, backend="torch")  # a backend named: no tuning
+        monkeypatch.setenv(dispatch.ENV_VAR, "torch")  # the variable names one: no tuning
+        kernels.separable_conv2d(x, dw, pw, padding=1)
+        monkeypatch.delenv(dispatch.ENV_VAR)
+        # A build without a vector path for this CPU: auto runs torch, untimed.
+        monkeypatch.setattr(dispatch.BACKENDS["cpp"], "auto_check", lambda: "no vector path (test)")
+        monkeypatch.setattr(dispatch, "_resolved", {})
+        with pytest.warns(RuntimeWarning, match="no vector path"):
+            kernels.separable_conv2d(x, dw, pw, padding=1)
+    assert calls == [] and ops.names == ["sepconv_torch::forward"] * 3
+
+
+def test_cpu_tuner_off_runs_cpp_and_builds_no_layer(cpu_auto_takes_cpp, monkeypatch):
+    calls, seen = [], []
+    resolve = dispatch.resolve
+
+    def spy(backend, device, dtype, layer=None):
+        seen.append(layer)
+        return resolve(backend, device, dtype, layer)
+
+    monkeypatch.setattr(kernels.functional, "resolve", spy)
+    monkeypatch.setattr(gpu_dispatch, "_timer", fake_timer({"torch": 1.0, "cpp": 2.0}, calls))
+    with OpsRun() as ops:
+        kernels.separable_conv2d(*make_case(), padding=1)
+        monkeypatch.setenv(gpu_dispatch.TUNE_ENV, "1")
+        kernels.separable_conv2d(*make_case(), padding=1)
+    assert seen == [None, tuple(layer_of_case())]
+    assert (ops.names[0], ops.names[-1]) == ("sepconv_cpp::forward", "sepconv_torch::forward")
+    assert calls == ["torch", "cpp"]
+    monkeypatch.setenv(gpu_dispatch.TUNE_ENV, "on")
+    with pytest.raises(ValueError, match="SEPCONV_TUNE='on' is not valid"):
+        kernels.separable_conv2d(*make_case(), padding=1)
+
+
+@pytest.mark.parametrize("budget_s, calls", [(0.0, 1 + gpu_dispatch.TUNE_MIN_CPU_CALLS),
+                                             (60.0, 1 + gpu_dispatch.TUNE_TIMED_CALLS)])
+def test_cpu_timer_call_counts(monkeypatch, budget_s, calls):
+    monkeypatch.setattr(gpu_dispatch, "TUNE_CPU_SECONDS", budget_s)
+    made = []
+    ms = gpu_dispatch.cpu_timer("cpp", lambda: made.append(1))
+    assert len(made) == calls and 0.0 <= ms < 50.0
+
+
+def test_cpu_tuner_with_the_host_clock(cpu_auto_takes_cpp):
+    kernels.tune(True)
+    generator = torch.Generator().manual_seed(0)
+    x, dw, pw = (torch.randn(shape, generator=generator) for shape in ((2, 32, 12, 12), (32, 1, 3, 3), (48, 32, 1, 1)))
+    x = x.contiguous(memory_format=torch.channels_last)
+    out = kernels.separable_conv2d(x, dw, pw, padding=1)
+    (measured,) = gpu_dispatch.tuned_choices().values()
+    times = measured["times_ms"]
+    assert sorted(times) == ["cpp", "torch"]
+    assert all(isinstance(ms, float) and ms > 0 for ms in times.values()), times
+    assert measured["choice"] == min(times, key=lambda name: (times[name], name != "torch"))
+    torch.testing.assert_close(out, reference(x, dw, pw), atol=1e-4, rtol=1e-4)
 
 
 # --- the table's builder ---------------------------------------------------------------------
