@@ -106,6 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--cuda-graphs", action="store_true", help="GPU: time through CUDA graphs")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     parser.add_argument("--no-peak", action="store_true", help="skip measuring the machine peak (no %% of peak)")
+    parser.add_argument("--tune", action="store_true",
+                        help="backend='auto' times its candidates once per layer and runs the faster "
+                             "(kernels.tune(True), as SEPCONV_TUNE=1): the auto rows show what a tuned process gets")
     parser.add_argument("--isa", choices=tuple(ISA_ENVIRONMENTS), default="native",
                         help="CPU: avx2 holds the cpp library, oneDNN and ATen's kernels to AVX2+FMA (what a CPU "
                              "without AVX-512 runs), for a like-for-like comparison; rows go to <machine>-avx2.*")
@@ -180,6 +183,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             os.environ.update(missing)
             os.execv(sys.executable, [sys.executable, "-m", "benchmarks", *argv])
     args = resolve_defaults(args)
+    from kernels import gpu_dispatch
+
+    if args.tune:
+        gpu_dispatch.tune(True)
+    try:
+        gpu_dispatch.tuning_enabled()  # a bad SEPCONV_TUNE: the error names it
+    except ValueError as error:
+        parser.error(str(error))
     try:
         set_threads(args.threads)
         layer_suites = [s for s in args.suite if s != "model"]

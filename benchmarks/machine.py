@@ -134,6 +134,9 @@ class RunInfo:
     cpp_build: Dict[str, object] = field(default_factory=dict)
     onednn_isa: Optional[str] = None
     aten_cpu_capability: Optional[str] = None
+    # Whether backend="auto" tuned per layer in this run (SEPCONV_TUNE=1 or --tune): the `auto` rows then
+    # ran the candidate that measured faster on each layer (on CPU: cpp or the oneDNN pair).
+    auto_tuning: Optional[bool] = None
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -156,8 +159,15 @@ def run_info(device: str, argv: str = "") -> RunInfo:
         argv=argv,
         load_average=round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
         transparent_hugepage=transparent_hugepage_mode(),
+        auto_tuning=auto_tuning(),
         **(cuda_settings() if device == "cuda" else cpu_settings()),
     )
+
+
+def auto_tuning() -> bool:
+    from kernels import gpu_dispatch
+
+    return gpu_dispatch.tuning_enabled()
 
 
 def cpu_settings() -> Dict[str, object]:

@@ -235,6 +235,8 @@ def render_markdown(rows: Sequence[dict], run: Dict, unavailable: Dict[str, str]
         *([f"- GPU {run.get('gpu_capability')}; TF32: cuDNN convolutions "
            f"{'on' if run.get('cudnn_allow_tf32') else 'off'}, matmuls {'on' if run.get('matmul_allow_tf32') else 'off'} "
            "(torch.backends flags in force for every provider)"] if run.get("gpu_capability") else []),
+        *([f"- backend='auto': {'tuned per layer (SEPCONV_TUNE=1 or --tune)' if run['auto_tuning'] else 'untuned'}"]
+          if run.get("auto_tuning") is not None else []),
         f"- torch {run.get('torch_version')}, triton {run.get('triton_version') or 'not installed'}, "
         f"python {run.get('python')}",
         f"- measured peak compute: {peaks or 'not measured'}; memory bandwidth: "

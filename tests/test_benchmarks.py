@@ -560,3 +560,25 @@ def test_markdown_header_states_the_gpu_and_its_tf32_flags():
     text = render_markdown([], run, {}, None)
     assert "GPU sm_90; TF32: cuDNN convolutions on, matmuls off" in text
     assert "TF32" not in render_markdown([], {"run_id": "r", "device": "cpu"}, {}, None)
+
+
+def test_tune_flag_tunes_the_auto_rows_and_says_so(tmp_path, monkeypatch):
+    from kernels import dispatch, gpu_dispatch
+
+    require_backend("cpp")
+    monkeypatch.setattr(dispatch.BACKENDS["cpp"], "auto_check", lambda: None)  # auto takes cpp here
+    monkeypatch.setattr(dispatch, "_resolved", {})
+    for name, value in (("_tune_setting", None), ("_timer", None), ("_tuned", {}), ("_tuned_times", {})):
+        monkeypatch.setattr(gpu_dispatch, name, value)  # restored after the test
+    monkeypatch.delenv(gpu_dispatch.TUNE_ENV, raising=False)
+    assert _run(tmp_path, "--providers", "eager,auto", "--layout", "channels_last", "--tune") == 0
+    rows = [r for r in _rows(tmp_path) if r["status"] == "ok"]
+    assert {r["provider"] for r in rows} == {"eager", "auto"} and all(r["run"]["auto_tuning"] for r in rows)
+    tuned = gpu_dispatch.tuned_choices()
+    # Each smoke shape in each mode (forward; forward+backward) was timed once, as a layer of its own.
+    assert len(tuned) == len({(r["shape"], r["mode"]) for r in rows if r["provider"] == "auto"})
+    assert all(set(v["times_ms"]) == {"torch", "cpp"} and v["choice"] in ("torch", "cpp") for v in tuned.values())
+    assert "backend='auto': tuned per layer" in (tmp_path / f"{device_slug('cpu')}.md").read_text()
+    monkeypatch.setattr(gpu_dispatch, "_tune_setting", None)
+    assert _run(tmp_path / "untuned", "--providers", "eager", "--layout", "channels_last") == 0
+    assert "backend='auto': untuned" in (tmp_path / "untuned" / f"{device_slug('cpu')}.md").read_text()
