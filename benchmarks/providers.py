@@ -31,6 +31,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from .cases import DTYPES, Case, Shape
 
@@ -51,6 +52,29 @@ class Prepared:
     fn: Callable[[], object]
     grad_to_none: List[torch.Tensor] = field(default_factory=list)
     keepalive: list = field(default_factory=list)
+    # backend="auto" cases: the implementations one call ran ("cpp", "torch", "triton_split", or several
+    # joined by commas for a model whose layers differ), seen on an untimed call after preparing.
+    ran: Optional[str] = None
+
+
+class _ImplementationsSeen(TorchDispatchMode):
+    """Collects the implementations whose separable-conv ops run (namespaces ``sepconv_<name>``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.names: set = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace.startswith("sepconv_"):
+            self.names.add(func.namespace[len("sepconv_"):])
+        return func(*args, **(kwargs or {}))
+
+
+def implementations_run(call: Callable[[], object]) -> str:
+    """The implementations one call of ``call`` runs, sorted and joined by commas ("none" if no op ran)."""
+    with _ImplementationsSeen() as seen:
+        call()
+    return ",".join(sorted(seen.names)) or "none"
 
 
 def model_providers_for(backends: Sequence[str], compile: bool = True) -> List[str]:
@@ -276,6 +300,11 @@ def prepare(case: Case, device: str, model_kwargs: Optional[Dict] = None) -> Pre
             with triton_mode(mode):
                 return call()
         prepared.fn = in_mode
+    if backend_and_mode(backend)[0] == "auto":
+        # One untimed call first: the tuner (when on) times its candidates on a layer's first call,
+        # and those calls would be recorded as run.
+        prepared.fn()
+        prepared.ran = implementations_run(prepared.fn)
     return prepared
 
 

@@ -25,7 +25,7 @@ DEFAULT_DIR = Path(__file__).resolve().parent / "results"
 ROW_KEYS = (
     "suite", "shape", "cin", "cout", "h", "w", "k", "stride", "batch", "dtype", "layout", "mode", "provider",
     "status", "reason", "p20_ms", "p50_ms", "p80_ms", "repeats", "gflop", "gflop_s", "gb_s", "pct_peak",
-    "speedup_vs_eager_cl", MEMORY_COLUMN, "threads", "case_wall_s", "images_per_s", "minor_faults",
+    "speedup_vs_eager_cl", MEMORY_COLUMN, "threads", "case_wall_s", "images_per_s", "minor_faults", "ran",
 )
 
 
@@ -210,6 +210,11 @@ def _targets_suite(row: dict) -> str:
     return row["suite"]
 
 
+def _provider_cell(row: dict) -> str:
+    """The provider, and for ``auto`` what it ran: ``auto → cpp``."""
+    return f"{row['provider']} → {row['ran']}" if row.get("ran") else row["provider"]
+
+
 def _baseline_of(rows: Sequence[dict], row: dict) -> Optional[dict]:
     for other in rows:
         if (other["provider"] == BASELINE_PROVIDER and other["layout"] == BASELINE_LAYOUT
@@ -253,7 +258,8 @@ def render_markdown(rows: Sequence[dict], run: Dict, unavailable: Dict[str, str]
         f"{MEMORY_DOC.get(run.get('device'), MEMORY_DOC['cpu'])}. ⚠ marks a p20–p80 spread wider than "
         f"{NOISY_SPREAD:.0%} of the median (a busy machine). `page faults`: minor page faults (4 KiB pages "
         "mapped in afresh) during a timed call, median over the rounds (CPU): buffers that glibc handed back "
-        "to the kernel and that the call faults in again, the usual cause of a case that moves between runs.",
+        "to the kernel and that the call faults in again, the usual cause of a case that moves between runs. "
+        "`auto → cpp`: the implementation `backend=\"auto\"` ran in that case (seen on an untimed call).",
         "",
     ]
     if unavailable:
@@ -275,7 +281,7 @@ def render_markdown(rows: Sequence[dict], run: Dict, unavailable: Dict[str, str]
         ]
         for r in suite_rows:
             lines.append(
-                f"| {r['shape']} | {r['batch']} | {r['dtype']} | {r['mode']} | {r['provider']} | {r['layout']} | "
+                f"| {r['shape']} | {r['batch']} | {r['dtype']} | {r['mode']} | {_provider_cell(r)} | {r['layout']} | "
                 f"{_fmt(r['p50_ms'], 3)} [{_fmt(r['p20_ms'], 3)}–{_fmt(r['p80_ms'], 3)}]{_noise_mark(r)} | {_fmt(r['gflop_s'])} | "
                 f"{_fmt(r.get(throughput_key))} | {_fmt(r['pct_peak'], 1, '%')} | {_speedup(r['speedup_vs_eager_cl'])} | "
                 f"{_fmt(r[MEMORY_COLUMN])} | {_fmt(r.get('minor_faults'), 0)} |")

@@ -78,7 +78,7 @@ def _finish_row(case: Case, prepared: providers.Prepared, timing: Timing, option
     flops, nbytes = work(case, options)
     seconds = timing.p50_ms / 1e3
     row.update(status="ok", p20_ms=timing.p20_ms, p50_ms=timing.p50_ms, p80_ms=timing.p80_ms,
-               repeats=timing.repeats, gflop=flops / 1e9)
+               repeats=timing.repeats, gflop=flops / 1e9, ran=prepared.ran)
     if flops:
         row["gflop_s"] = flops / seconds / 1e9
         peak = run.peak_gflops.get(case.dtype)

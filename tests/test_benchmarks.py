@@ -578,7 +578,15 @@ def test_tune_flag_tunes_the_auto_rows_and_says_so(tmp_path, monkeypatch):
     # Each smoke shape in each mode (forward; forward+backward) was timed once, as a layer of its own.
     assert len(tuned) == len({(r["shape"], r["mode"]) for r in rows if r["provider"] == "auto"})
     assert all(set(v["times_ms"]) == {"torch", "cpp"} and v["choice"] in ("torch", "cpp") for v in tuned.values())
-    assert "backend='auto': tuned per layer" in (tmp_path / f"{device_slug('cpu')}.md").read_text()
+    summary = (tmp_path / f"{device_slug('cpu')}.md").read_text()
+    assert "backend='auto': tuned per layer" in summary
+    # Each auto row names what ran: the tuner's choice for that layer.
+    choices = {(layer.grad, layer.in_channels, layer.out_channels, layer.height): v["choice"]
+               for (_, _, _, layer, _), v in tuned.items()}
+    for row in (r for r in rows if r["provider"] == "auto"):
+        assert row["ran"] == choices[(row["mode"] == "full", row["cin"], row["cout"], row["h"])], row
+        assert f"| auto → {row['ran']} |" in summary
+    assert all(r["ran"] is None for r in rows if r["provider"] == "eager")
     monkeypatch.setattr(gpu_dispatch, "_tune_setting", None)
     assert _run(tmp_path / "untuned", "--providers", "eager", "--layout", "channels_last") == 0
     assert "backend='auto': untuned" in (tmp_path / "untuned" / f"{device_slug('cpu')}.md").read_text()
