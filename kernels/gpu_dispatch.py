@@ -54,10 +54,11 @@ DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp
 # then the median of timed calls.
 TUNE_WARMUP_CALLS = 3
 TUNE_TIMED_CALLS = 10
-# On CPU a call of a large layer takes up to ~0.2 s: after one untimed call, at least
-# TUNE_MIN_CPU_CALLS timed ones, more (up to TUNE_TIMED_CALLS) while under TUNE_CPU_SECONDS.
+# On CPU a call of a large layer takes up to ~0.2 s: the candidates are timed in rounds (one call of
+# each in turn) after an untimed round, at least TUNE_MIN_CPU_CALLS rounds, more (up to
+# TUNE_TIMED_CALLS) while under TUNE_CPU_SECONDS in all (cpu_round_times).
 TUNE_MIN_CPU_CALLS = 3
-TUNE_CPU_SECONDS = 0.5
+TUNE_CPU_SECONDS = 1.0
 
 # (candidate name, a call of it) -> milliseconds per call.
 Timer = Callable[[str, Callable[[], object]], float]
@@ -244,8 +245,9 @@ def tune(enabled: bool = True, *, timer: Optional[Timer] = None) -> None:
     that and later calls use the fastest for the rest of the process. On CUDA the candidates are
     torch (cuDNN), triton and triton split mode; on a CPU where ``auto`` takes the cpp backend,
     cpp and torch (oneDNN), timed at the current ``torch.get_num_threads()``. Overrides
-    ``SEPCONV_TUNE``. ``timer(name, call)`` returns milliseconds per call (default: CUDA events
-    after warm-up calls, ``cpu_timer`` on CPU), for tests or another clock.
+    ``SEPCONV_TUNE``. ``timer(name, call)`` returns milliseconds per call, for tests or another
+    clock (default: CUDA events after warm-up calls; on CPU the host clock, all candidates timed
+    in alternating rounds: ``cpu_round_times``).
     """
     global _tune_setting, _timer
     if not isinstance(enabled, bool):
@@ -286,18 +288,35 @@ def cuda_event_timer(name: str, call: Callable[[], object]) -> float:
     return statistics.median(start.elapsed_time(end) for start, end in events)
 
 
-def cpu_timer(name: str, call: Callable[[], object]) -> float:
-    """Milliseconds per call on the host clock: the median of the timed calls after one untimed call
-    (at least ``TUNE_MIN_CPU_CALLS``, at most ``TUNE_TIMED_CALLS``, stopping past ``TUNE_CPU_SECONDS``)."""
-    call()
-    times = []
-    started = time.perf_counter()
-    while len(times) < TUNE_TIMED_CALLS and (len(times) < TUNE_MIN_CPU_CALLS
-                                             or time.perf_counter() - started < TUNE_CPU_SECONDS):
-        start = time.perf_counter()
-        call()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+def cpu_round_times(calls: Dict[str, Callable[[], object]],
+                    on_error: Callable[[str, Exception], None]) -> Dict[str, float]:
+    """Milliseconds per call of each candidate on the host clock, timed in rounds: one call of each
+    in turn (the order reversed every other round), so a slow spell of a shared machine falls on all
+    of them. One untimed round, then at least ``TUNE_MIN_CPU_CALLS`` rounds, more (up to
+    ``TUNE_TIMED_CALLS``) while under ``TUNE_CPU_SECONDS`` in all; the median of each. A candidate
+    that raises is dropped and handed to ``on_error``."""
+    live = dict(calls)
+    samples: Dict[str, list] = {name: [] for name in calls}
+
+    def run(name: str, timed: bool) -> None:
+        try:
+            start = time.perf_counter()
+            live[name]()
+            if timed:
+                samples[name].append((time.perf_counter() - start) * 1e3)
+        except Exception as error:  # noqa: BLE001 - handed on: a candidate that fails is not chosen
+            del live[name]
+            on_error(name, error)
+
+    for name in list(live):
+        run(name, False)
+    started, rounds = time.perf_counter(), 0
+    while live and rounds < TUNE_TIMED_CALLS and (rounds < TUNE_MIN_CPU_CALLS
+                                                 or time.perf_counter() - started < TUNE_CPU_SECONDS):
+        for name in list(live)[::-1 if rounds % 2 else 1]:
+            run(name, True)
+        rounds += 1
+    return {name: statistics.median(samples[name]) for name in live}
 
 
 def candidate_call(implementation: str, device: torch.device, dtype: torch.dtype, layer: Layer) -> Callable[[], object]:
@@ -346,19 +365,32 @@ def tuned(device: torch.device, dtype: torch.dtype, layer: Layer, candidates: Se
     choice = _tuned.get(key)
     if choice is not None:
         return choice
-    timer = _timer or (cuda_event_timer if device.type == "cuda" else cpu_timer)
     times: Dict[str, object] = {}
+
+    def failed(name: str, error: Exception) -> None:
+        if name == "torch":
+            raise error
+        times[name] = f"{type(error).__name__}: {error}"[:300]
+        warnings.warn(f"separable_conv2d tuner: {name} could not run {describe(layer, dtype)}: {times[name]}",
+                      RuntimeWarning, stacklevel=3)
+
     # The CUDA events and synchronisations of the timer act on the current device: make it the layer's.
     with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
-        for name in candidates:
-            try:
-                times[name] = float(timer(name, candidate_call(name, device, dtype, layer)))
-            except Exception as error:  # noqa: BLE001 - a candidate that fails here is not chosen
-                if name == "torch":
-                    raise
-                times[name] = f"{type(error).__name__}: {error}"[:300]
-                warnings.warn(f"separable_conv2d tuner: {name} could not run {describe(layer, dtype)}: "
-                              f"{times[name]}", RuntimeWarning, stacklevel=2)
+        if _timer is None and device.type != "cuda":  # the host clock, the candidates in alternating rounds
+            calls = {}
+            for name in candidates:
+                try:
+                    calls[name] = candidate_call(name, device, dtype, layer)
+                except Exception as error:  # noqa: BLE001 - a candidate that fails here is not chosen
+                    failed(name, error)
+            times.update(cpu_round_times(calls, failed))
+        else:
+            for name in candidates:
+                try:
+                    times[name] = float((_timer or cuda_event_timer)(name, candidate_call(name, device, dtype, layer)))
+                except Exception as error:  # noqa: BLE001 - a candidate that fails here is not chosen
+                    failed(name, error)
+    times = {name: times[name] for name in candidates if name in times}
     measured = {name: ms for name, ms in times.items() if isinstance(ms, float)}
     choice = min(measured, key=lambda name: (measured[name], candidates.index(name)))
     _tuned[key] = choice

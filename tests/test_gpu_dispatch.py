@@ -467,13 +467,49 @@ def test_cpu_tuner_off_runs_cpp_and_builds_no_layer(cpu_auto_takes_cpp, monkeypa
         kernels.separable_conv2d(*make_case(), padding=1)
 
 
-@pytest.mark.parametrize("budget_s, calls", [(0.0, 1 + gpu_dispatch.TUNE_MIN_CPU_CALLS),
-                                             (60.0, 1 + gpu_dispatch.TUNE_TIMED_CALLS)])
-def test_cpu_timer_call_counts(monkeypatch, budget_s, calls):
+@pytest.mark.parametrize("budget_s, rounds", [(0.0, gpu_dispatch.TUNE_MIN_CPU_CALLS),
+                                              (60.0, gpu_dispatch.TUNE_TIMED_CALLS)])
+def test_cpu_round_times_alternate_the_candidates(monkeypatch, budget_s, rounds):
     monkeypatch.setattr(gpu_dispatch, "TUNE_CPU_SECONDS", budget_s)
-    made = []
-    ms = gpu_dispatch.cpu_timer("cpp", lambda: made.append(1))
-    assert len(made) == calls and 0.0 <= ms < 50.0
+    order = []
+    times = gpu_dispatch.cpu_round_times({"torch": lambda: order.append("torch"), "cpp": lambda: order.append("cpp")},
+                                         on_error=pytest.fail)
+    # An untimed round, then `rounds` timed ones, the order reversed every other round.
+    expected = ["torch", "cpp"] + [name for r in range(rounds) for name in (("cpp", "torch") if r % 2 else
+                                                                            ("torch", "cpp"))]
+    assert order == expected
+    assert sorted(times) == ["cpp", "torch"] and all(0.0 <= ms < 50.0 for ms in times.values())
+
+
+def test_cpu_round_times_drop_a_failing_candidate(cpu_auto_takes_cpp, monkeypatch):
+    monkeypatch.setattr(gpu_dispatch, "TUNE_CPU_SECONDS", 0.0)
+    calls = {"cpp": 0}
+
+    def cpp():
+        calls["cpp"] += 1
+        if calls["cpp"] == 2:
+            raise RuntimeError("cpp failed (test)")
+
+    errors = []
+    times = gpu_dispatch.cpu_round_times({"torch": lambda: None, "cpp": cpp},
+                                         on_error=lambda name, error: errors.append((name, str(error))))
+    assert list(times) == ["torch"] and errors == [("cpp", "cpp failed (test)")] and calls["cpp"] == 2
+    # Through the tuner: the failure is a warning and the layer runs torch.
+    real = gpu_dispatch.candidate_call
+
+    def failing_cpp(implementation, *args):
+        call = real(implementation, *args)
+        if implementation != "cpp":
+            return call
+
+        def broken():
+            raise RuntimeError("cpp failed (test)")
+        return broken
+
+    monkeypatch.setattr(gpu_dispatch, "candidate_call", failing_cpp)
+    kernels.tune(True)
+    with pytest.warns(RuntimeWarning, match="tuner: cpp could not run .*cpp failed"):
+        assert dispatch.resolve("auto", torch.device("cpu"), torch.float32, layer_of_case()) == "torch"
 
 
 def test_cpu_tuner_with_the_host_clock(cpu_auto_takes_cpp):
