@@ -5,6 +5,7 @@ import itertools
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import kernels
 from conftest import ALL_BACKENDS, TOLERANCES, require_backend
@@ -199,6 +200,53 @@ def test_backward_op_computes_only_what_the_mask_asks(backend, wanted):
             torch.testing.assert_close(got, whole, **TOLERANCES[torch.float32], msg=lambda m: f"grad {name}: {m}")
         else:
             assert got.shape == (0,), f"grad {name} was not asked for, got shape {tuple(got.shape)}"
+
+
+class _Copies(TorchDispatchMode):
+    """Records the shape of every ``aten.copy_`` destination."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten.copy_.default:
+            self.shapes.append(tuple(args[0].shape))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("size, padding, copies_input_grad", [(6, (1, 1, 1, 1), False), (1, (1, 1, 1, 1), False),
+                                                            (6, (0, 1, 1, 2), True)],
+                         ids=["6x6", "1x1", "asymmetric"])
+def test_torch_backend_returns_results_in_the_promised_strides_without_copying(layout, size, padding,
+                                                                                 copies_input_grad):
+    """The torch backend hands back what ATen computed when it already has the strides its fake kernel
+    promises (no pass over the output); a padded-then-sliced input gradient is copied."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, size, size, generator=generator).contiguous(memory_format=layout)
+    dw, pw = torch.randn(4, 1, 3, 3, generator=generator), torch.randn(5, 4, 1, 1, generator=generator)
+    geometry = ([1, 1], list(padding), [1, 1], False)
+    promised = kernels._args.memory_format_of(x)  # what the fake kernels give (either, for a 1x1 image)
+    out = torch.ops.sepconv_torch.forward(x, dw, pw, None, None, *geometry)
+    assert out.stride() == torch.empty(out.shape, memory_format=promised).stride()
+    grad = torch.randn(out.shape, generator=generator).contiguous(memory_format=layout)
+    mask = [True, True, True, False, False]
+    grads = torch.ops.sepconv_torch.backward(grad, x, dw, pw, None, *geometry, mask)
+    assert grads[0].stride() == torch.empty(x.shape, memory_format=promised).stride()
+    # The ops' Python kernels, called directly: a mode does not see inside the op it dispatches.
+    with _Copies() as copies:
+        kernels.ops._torch_forward(x, dw, pw, None, None, *geometry)
+    assert tuple(out.shape) not in copies.shapes, copies.shapes
+    with _Copies() as copies:
+        kernels.ops._torch_backward(grad, x, dw, pw, None, *geometry, mask)
+    assert (tuple(x.shape) in copies.shapes) == copies_input_grad, copies.shapes
+    top, bottom, left, right = padding
+    x.requires_grad_(), dw.requires_grad_(), pw.requires_grad_()
+    expected = kernels.separable_conv2d_reference(F.pad(x, [left, right, top, bottom]), dw, pw)
+    torch.testing.assert_close(out, expected)
+    for got, want in zip(grads, torch.autograd.grad(expected, (x, dw, pw), grad)):
+        torch.testing.assert_close(got, want)
 
 
 def test_backward_op_rejects_a_short_mask():
