@@ -5,12 +5,13 @@ Forward and backward each make one call of the chosen backend's
 Only the input and weights are saved; the backward op recomputes the
 depthwise intermediate.
 
-``SeparableConv2dKeepingHidden`` is the triton backend's face where the pointwise
-weight needs a gradient: in split mode the forward writes the depthwise result
-``hidden`` ((N*OH*OW, C_hid), input dtype) to memory anyway, and keeping it for the
-backward saves recomputing it there (one depthwise pass over the input), at the
-memory the cuDNN pair spends too: ``nn.Conv2d``'s backward keeps the pointwise
-convolution's input, the same tensor. Fused mode computes no such tensor and keeps none.
+``SeparableConv2dKeepingHidden`` is the face of the torch and triton backends where the
+pointwise weight needs a gradient: the torch backend's forward and split mode's write the
+depthwise result ``hidden`` to memory anyway (torch: (N, C_hid, OH, OW) in the input's memory
+format; split mode: (N*OH*OW, C_hid) rows, input dtype), and keeping it for the backward saves
+recomputing it there (one depthwise pass over the input), at the memory the eager pair spends
+too: ``nn.Conv2d``'s backward keeps the pointwise convolution's input, the same tensor. Fused
+mode computes no such tensor and keeps none; cpp does not keep one (``kernels.ops.KEEPS_HIDDEN``).
 """
 
 from __future__ import annotations
@@ -83,7 +84,7 @@ def keeps_hidden(implementation: str, pointwise_weight: torch.Tensor) -> bool:
 
 
 class SeparableConv2dKeepingHidden(torch.autograd.Function):
-    """``SeparableConv2dFunction`` for the triton implementations (same ``apply`` arguments): the forward
+    """``SeparableConv2dFunction`` for the torch and triton implementations (same ``apply`` arguments): the forward
     returns ``(output, hidden)`` and saves ``hidden`` (non-differentiable) for the backward."""
 
     @staticmethod

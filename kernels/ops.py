@@ -14,12 +14,13 @@ gradient, in the order they are returned (as ``aten::convolution_backward``'s co
 its bias): a gradient that is not asked for is not computed and comes back as an
 empty ``(0,)`` tensor. A layer without biases asks for neither bias gradient, so no
 backend sums ``grad_output`` over pixels for a pointwise bias that does not exist.
-The backward op recomputes the depthwise intermediate it needs. The triton
-backend's namespaces have a second pair, ``forward_keeping_hidden`` (which also
-returns split mode's depthwise result) and ``backward_from_hidden`` (which takes it
-back), so that a graph recorded in split mode keeps that result, as the cuDNN pair
-keeps the pointwise convolution's input, instead of recomputing it
-(``kernels.autograd.SeparableConv2dKeepingHidden``).
+The backward op recomputes the depthwise intermediate it needs. The torch and
+triton backends' namespaces have a second pair, ``forward_keeping_hidden`` (which
+also returns the depthwise result: the torch backend's, and split mode's) and
+``backward_from_hidden`` (which takes it back), so that a graph recorded there keeps
+that result, as the eager ``nn.Conv2d`` pair keeps the pointwise convolution's input,
+instead of recomputing it (``kernels.autograd.SeparableConv2dKeepingHidden``). The cpp
+backend's fused backward recomputes it tile by tile instead, and keeps nothing.
 
 The schemas and fake (meta) implementations live here, so ``torch.compile``
 and ``opcheck`` see every backend the same way. The ``torch`` namespace is
@@ -56,10 +57,11 @@ BACKWARD_SCHEMA = (
     "bool[5] output_mask) -> (Tensor, Tensor, Tensor, Tensor, Tensor)"
 )
 
-# The triton backend's namespaces have two more (see the module docstring). ``hidden`` is the depthwise
-# result, (N*OH*OW, C_hid) row-major in the input's dtype, in split mode; fused mode computes none and
+# The torch and triton backends' namespaces have two more (see the module docstring). ``hidden`` is the
+# depthwise result: for torch the depthwise convolution's output, (N, C_hid, OH, OW) in the input's memory
+# format; in split mode (N*OH*OW, C_hid) row-major in the input's dtype; fused mode computes none and
 # returns an empty (0,) tensor, which ``backward_from_hidden`` takes as "recompute it".
-KEEPS_HIDDEN = ("triton", "triton_split")
+KEEPS_HIDDEN = ("torch", "triton", "triton_split")
 HIDDEN_SCHEMAS = (
     FORWARD_SCHEMA.replace("forward(", "forward_keeping_hidden(").replace(") -> Tensor", ") -> (Tensor, Tensor)"),
     BACKWARD_SCHEMA.replace("backward(", "backward_from_hidden(").replace(
@@ -317,15 +319,32 @@ def _pad_input(input: torch.Tensor, padding: Sequence[int], relu_input: bool):
     return F.pad(input, [left, right, top, bottom]), [0, 0]
 
 
-def _torch_forward(input, depthwise_weight, pointwise_weight, depthwise_bias, pointwise_bias,
-                   stride, padding, dilation, relu_input):
+def _torch_forward_keeping_hidden(input, depthwise_weight, pointwise_weight, depthwise_bias, pointwise_bias,
+                                  stride, padding, dilation, relu_input):
     padded, conv_padding = _pad_input(input, padding, relu_input)
     hidden = F.conv2d(padded, depthwise_weight, depthwise_bias, stride, conv_padding, dilation, groups=input.shape[1])
-    return as_returned(F.conv2d(hidden, pointwise_weight, pointwise_bias), memory_format_of(input))
+    memory_format = memory_format_of(input)
+    output = F.conv2d(hidden, pointwise_weight, pointwise_bias)
+    return as_returned(output, memory_format), as_returned(hidden, memory_format)
 
 
-def _torch_backward(grad_output, input, depthwise_weight, pointwise_weight, depthwise_bias,
-                    stride, padding, dilation, relu_input, output_mask):
+def _torch_forward(*args):
+    return _torch_forward_keeping_hidden(*args)[0]
+
+
+def _fake_torch_forward_keeping_hidden(input, depthwise_weight, pointwise_weight, depthwise_bias, pointwise_bias,
+                                       stride, padding, dilation, relu_input):
+    shape = output_shape(input, depthwise_weight, pointwise_weight, stride, padding, dilation)
+    return empty_output(input, shape), empty_output(input, [shape[0], depthwise_weight.shape[0], *shape[2:]])
+
+
+def _torch_backward(grad_output, input, *args):
+    return _torch_backward_from_hidden(grad_output, input, input.new_empty(0), *args)
+
+
+def _torch_backward_from_hidden(grad_output, input, hidden, depthwise_weight, pointwise_weight, depthwise_bias,
+                                stride, padding, dilation, relu_input, output_mask):
+    """The torch backend's backward; ``hidden``: the forward's depthwise result, or empty to recompute it."""
     want_input, want_depthwise, want_pointwise, want_depthwise_bias, want_pointwise_bias = check_output_mask(
         output_mask)
     # The input gradient is returned as computed where its strides allow (as_returned), not copied.
@@ -334,7 +353,8 @@ def _torch_backward(grad_output, input, depthwise_weight, pointwise_weight, dept
     want_hidden = want_input or want_depthwise or want_depthwise_bias
     padded, conv_padding = _pad_input(input, padding, relu_input)
     channels = input.shape[1]
-    hidden = F.conv2d(padded, depthwise_weight, depthwise_bias, stride, conv_padding, dilation, groups=channels)
+    if hidden.numel() == 0:
+        hidden = F.conv2d(padded, depthwise_weight, depthwise_bias, stride, conv_padding, dilation, groups=channels)
     grad_hidden, grad_pw_weight, grad_pw_bias = torch.ops.aten.convolution_backward(
         grad_output, hidden, pointwise_weight, [pointwise_weight.shape[0]], [1, 1], [0, 0], [1, 1],
         False, [0, 0], 1, [want_hidden, want_pointwise, want_pointwise_bias])
@@ -363,5 +383,9 @@ def _torch_backward(grad_output, input, depthwise_weight, pointwise_weight, dept
 _torch_lib = define("torch")
 _torch_lib.impl("forward", _torch_forward, "CompositeExplicitAutograd")
 _torch_lib.impl("backward", _torch_backward, "CompositeExplicitAutograd")
+_torch_lib.impl("forward_keeping_hidden", _torch_forward_keeping_hidden, "CompositeExplicitAutograd")
+_torch_lib.impl("backward_from_hidden", _torch_backward_from_hidden, "CompositeExplicitAutograd")
+torch.library.register_fake("sepconv_torch::forward_keeping_hidden", _fake_torch_forward_keeping_hidden,
+                            lib=_torch_lib)
 for _implementation in IMPLEMENTATIONS:
     define(_implementation)

@@ -329,19 +329,32 @@ def test_torch_compile_before_any_eager_call(monkeypatch):
     torch.testing.assert_close(out, module(x))
 
 
-def test_backward_saves_no_intermediate():
-    """Only the input and weights are saved for backward, not the depthwise result."""
-    x, dw, pw, dwb, pwb = make_case(2, 4, 9, 9, (3, 3), 1, 6, True, torch.float32, torch.device("cpu"))
+@pytest.mark.parametrize("backend_name, pointwise_grad", [("cpp", True), ("torch", True), ("torch", False)])
+def test_what_backward_saves(backend_name, pointwise_grad):
+    """cpp saves the input and weights only (its backward recomputes the depthwise result tile by tile);
+    torch also keeps the depthwise result, as the eager nn.Conv2d pair does, where the pointwise weight's
+    gradient (its one reader) is wanted."""
+    device = require_backend(backend_name)
+    x, dw, pw, dwb, pwb = make_case(2, 4, 9, 9, (3, 3), 1, 6, True, torch.float32, device)
     leaves = [t.requires_grad_(True) for t in (x, dw, pw, dwb, pwb)]
+    pw.requires_grad_(pointwise_grad)
     saved = []
 
     def pack(tensor):
-        saved.append(tensor.shape)
+        saved.append(tuple(tensor.shape))
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        kernels.separable_conv2d(*leaves, padding=1, backend="torch")
-    assert sorted(map(tuple, saved)) == sorted([tuple(x.shape), tuple(dw.shape), tuple(pw.shape), tuple(dwb.shape)])
+        out = kernels.separable_conv2d(*leaves, padding=1, backend=backend_name)
+    expected = [tuple(x.shape), tuple(dw.shape), tuple(pw.shape), tuple(dwb.shape)]
+    if backend_name == "torch" and pointwise_grad:
+        expected.append((2, dw.shape[0], 9, 9))
+    assert sorted(saved) == sorted(expected)
+    grads = torch.autograd.grad(out, [t for t in leaves if t.requires_grad], torch.ones_like(out))
+    want = kernels.separable_conv2d_reference(*leaves, padding=1)
+    for got, reference in zip(grads, torch.autograd.grad(want, [t for t in leaves if t.requires_grad],
+                                                         torch.ones_like(want))):
+        torch.testing.assert_close(got, reference, **TOLERANCES[torch.float32])
 
 
 @pytest.mark.parametrize("backend_name", ALL_BACKENDS)
