@@ -182,6 +182,28 @@ def test_opcheck(backend, layout):
                               (grad, x.detach(), dw.detach(), pw, dwb, stride, padding, dilation, False, mask))
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_torch_opcheck_keeping_hidden(layout):
+    """The torch backend's forward_keeping_hidden returns its output and the depthwise convolution's
+    (N, C_hid, OH, OW) result; backward_from_hidden, given it, returns backward's gradients bit for bit."""
+    x, dw, pw, dwb, pwb, stride, padding, dilation = _op_args(torch.device("cpu"), torch.float32, (1, 2, 0, 1))
+    x = to_layout(x, layout)
+    ops = torch.ops.sepconv_torch
+    args = (x, dw, pw, dwb, pwb, stride, padding, dilation, True)
+    out, hidden = ops.forward_keeping_hidden(*args)
+    assert torch.equal(out, ops.forward(*args))
+    assert hidden.shape == (out.shape[0], dw.shape[0], out.shape[2], out.shape[3])
+    torch.library.opcheck(ops.forward_keeping_hidden.default, args)
+    grad = torch.randn_like(out)
+    geometry = (stride, padding, dilation, True)
+    for mask in ([True] * 5, [False, False, True, False, False], [True, True, False, True, True]):
+        kept = ops.backward_from_hidden(grad, x, hidden, dw, pw, dwb, *geometry, mask)
+        recomputed = ops.backward(grad, x, dw, pw, dwb, *geometry, mask)
+        for a, b in zip(kept, recomputed):
+            assert torch.equal(a, b)
+        torch.library.opcheck(ops.backward_from_hidden.default, (grad, x, hidden, dw, pw, dwb, *geometry, mask))
+
+
 GRADIENT_NAMES = ("input", "depthwise_weight", "pointwise_weight", "depthwise_bias", "pointwise_bias")
 
 
