@@ -182,17 +182,13 @@ def test_opcheck(backend, layout):
                               (grad, x.detach(), dw.detach(), pw, dwb, stride, padding, dilation, False, mask))
 
 
-@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-def test_torch_opcheck_keeping_hidden(layout):
-    """The torch backend's forward_keeping_hidden returns its output and the depthwise convolution's
-    (N, C_hid, OH, OW) result; backward_from_hidden, given it, returns backward's gradients bit for bit."""
-    x, dw, pw, dwb, pwb, stride, padding, dilation = _op_args(torch.device("cpu"), torch.float32, (1, 2, 0, 1))
-    x = to_layout(x, layout)
-    ops = torch.ops.sepconv_torch
+def check_keeping_hidden_ops(ops, x, dw, pw, dwb, pwb, stride, padding, dilation):
+    """``ops.forward_keeping_hidden`` returns ``ops.forward``'s output (and the depthwise result, returned
+    for the caller to check); ``ops.backward_from_hidden``, given that result, returns ``ops.backward``'s
+    gradients bit for bit, for several masks; both pass opcheck."""
     args = (x, dw, pw, dwb, pwb, stride, padding, dilation, True)
     out, hidden = ops.forward_keeping_hidden(*args)
     assert torch.equal(out, ops.forward(*args))
-    assert hidden.shape == (out.shape[0], dw.shape[0], out.shape[2], out.shape[3])
     torch.library.opcheck(ops.forward_keeping_hidden.default, args)
     grad = torch.randn_like(out)
     geometry = (stride, padding, dilation, True)
@@ -202,6 +198,16 @@ def test_torch_opcheck_keeping_hidden(layout):
         for a, b in zip(kept, recomputed):
             assert torch.equal(a, b)
         torch.library.opcheck(ops.backward_from_hidden.default, (grad, x, hidden, dw, pw, dwb, *geometry, mask))
+    return out, hidden, grad
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_torch_opcheck_keeping_hidden(layout):
+    """The torch backend keeps the depthwise convolution's (N, C_hid, OH, OW) result."""
+    x, dw, pw, dwb, pwb, stride, padding, dilation = _op_args(torch.device("cpu"), torch.float32, (1, 2, 0, 1))
+    out, hidden, _ = check_keeping_hidden_ops(torch.ops.sepconv_torch, to_layout(x, layout), dw, pw, dwb, pwb,
+                                              stride, padding, dilation)
+    assert hidden.shape == (out.shape[0], dw.shape[0], out.shape[2], out.shape[3])
 
 
 GRADIENT_NAMES = ("input", "depthwise_weight", "pointwise_weight", "depthwise_bias", "pointwise_bias")

@@ -90,19 +90,9 @@ def test_split_opcheck_keeping_hidden(split, layout):
     x, dw, pw, dwb, pwb, stride, padding, dilation = shared._op_args(device, torch.float32, (1, 2, 0, 1))
     x = shared.to_layout(x, layout)
     ops = torch.ops.sepconv_triton
-    args = (x, dw, pw, dwb, pwb, stride, padding, dilation, True)
-    out, hidden = ops.forward_keeping_hidden(*args)
-    assert torch.equal(out, ops.forward(*args))
+    out, hidden, grad = shared.check_keeping_hidden_ops(ops, x, dw, pw, dwb, pwb, stride, padding, dilation)
     assert hidden.shape == (out.shape[0] * out.shape[2] * out.shape[3], dw.shape[0])
-    torch.library.opcheck(ops.forward_keeping_hidden.default, args)
-    grad = torch.randn_like(out)
     geometry = (stride, padding, dilation, True)
-    for mask in ([True] * 5, [False, False, True, False, False], [True, True, False, True, True]):
-        kept = ops.backward_from_hidden(grad, x, hidden, dw, pw, dwb, *geometry, mask)
-        recomputed = ops.backward(grad, x, dw, pw, dwb, *geometry, mask)
-        for a, b in zip(kept, recomputed):
-            assert torch.equal(a, b)
-        torch.library.opcheck(ops.backward_from_hidden.default, (grad, x, hidden, dw, pw, dwb, *geometry, mask))
     with pytest.raises(ValueError, match="hidden must be"):
         ops.backward_from_hidden(grad, x, hidden[1:], dw, pw, dwb, *geometry, [True] * 5)
 
