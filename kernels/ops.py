@@ -36,7 +36,6 @@ from typing import List, Sequence
 
 import torch
 import torch.nn.functional as F
-
 from torch._prims_common import make_channels_last_strides_for, make_contiguous_strides_for
 
 from ._args import memory_format_of, output_size, pooled_shape
