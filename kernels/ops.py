@@ -346,9 +346,10 @@ def _torch_backward_from_hidden(grad_output, input, hidden, depthwise_weight, po
     """The torch backend's backward; ``hidden``: the forward's depthwise result, or empty to recompute it."""
     want_input, want_depthwise, want_pointwise, want_depthwise_bias, want_pointwise_bias = check_output_mask(
         output_mask)
-    # The input gradient is returned as computed where its strides allow (as_returned), not copied.
-    out = list(empty_gradients(grad_output, input, depthwise_weight, pointwise_weight, depthwise_bias,
-                               [False, want_depthwise, want_pointwise, want_depthwise_bias, want_pointwise_bias]))
+    # Each gradient is returned as ATen computed it where its strides allow (as_returned), not copied;
+    # one not asked for is an empty (0,) tensor.
+    out = [input.new_empty(0) for _ in range(5)]
+    contiguous = torch.contiguous_format
     want_hidden = want_input or want_depthwise or want_depthwise_bias
     padded, conv_padding = _pad_input(input, padding, relu_input)
     channels = input.shape[1]
@@ -358,17 +359,17 @@ def _torch_backward_from_hidden(grad_output, input, hidden, depthwise_weight, po
         grad_output, hidden, pointwise_weight, [pointwise_weight.shape[0]], [1, 1], [0, 0], [1, 1],
         False, [0, 0], 1, [want_hidden, want_pointwise, want_pointwise_bias])
     if want_pointwise:
-        out[2].copy_(grad_pw_weight)
+        out[2] = as_returned(grad_pw_weight, contiguous)
     if want_pointwise_bias:
-        out[4].copy_(grad_pw_bias)
+        out[4] = as_returned(grad_pw_bias, contiguous)
     if want_hidden:
         grad_padded, grad_dw_weight, grad_dw_bias = torch.ops.aten.convolution_backward(
             grad_hidden, padded, depthwise_weight, [depthwise_weight.shape[0]], list(stride), conv_padding,
             list(dilation), False, [0, 0], channels, [want_input, want_depthwise, want_depthwise_bias])
         if want_depthwise:
-            out[1].copy_(grad_dw_weight)
+            out[1] = as_returned(grad_dw_weight, contiguous)
         if want_depthwise_bias:
-            out[3].copy_(grad_dw_bias)
+            out[3] = as_returned(grad_dw_bias, contiguous)
         if want_input:
             top, _, left, _ = padding
             if conv_padding == [0, 0] and grad_padded.shape != input.shape:
