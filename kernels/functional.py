@@ -65,7 +65,8 @@ def separable_conv2d(
                          stride, padding, dilation)
     grad = needs_autograd((input, depthwise_weight, pointwise_weight, depthwise_bias, pointwise_bias))
     # On CUDA, and on CPU with tuning on, "auto" chooses per layer (kernels.gpu_dispatch): it is told the layer.
-    per_layer = gpu_dispatch.shape_dispatch_applies(input.device) or gpu_dispatch.cpu_tuning_applies(input.device)
+    per_layer = gpu_dispatch.shape_dispatch_applies(input.device) or (
+        backend == "auto" and gpu_dispatch.cpu_tuning_applies(input.device))
     layer = (gpu_dispatch.layer_of(input, pointwise_weight, depthwise_bias, pointwise_bias, geometry, relu_input,
                                    grad)
              if per_layer else None)

@@ -318,17 +318,22 @@ def _pad_input(input: torch.Tensor, padding: Sequence[int], relu_input: bool):
     return F.pad(input, [left, right, top, bottom]), [0, 0]
 
 
-def _torch_forward_keeping_hidden(input, depthwise_weight, pointwise_weight, depthwise_bias, pointwise_bias,
-                                  stride, padding, dilation, relu_input):
+def _torch_pair(input, depthwise_weight, pointwise_weight, depthwise_bias, pointwise_bias,
+                stride, padding, dilation, relu_input):
+    """(output, depthwise result) as ATen computes them."""
     padded, conv_padding = _pad_input(input, padding, relu_input)
     hidden = F.conv2d(padded, depthwise_weight, depthwise_bias, stride, conv_padding, dilation, groups=input.shape[1])
+    return F.conv2d(hidden, pointwise_weight, pointwise_bias), hidden
+
+
+def _torch_forward(input, *args):
+    return as_returned(_torch_pair(input, *args)[0], memory_format_of(input))
+
+
+def _torch_forward_keeping_hidden(input, *args):
+    output, hidden = _torch_pair(input, *args)
     memory_format = memory_format_of(input)
-    output = F.conv2d(hidden, pointwise_weight, pointwise_bias)
     return as_returned(output, memory_format), as_returned(hidden, memory_format)
-
-
-def _torch_forward(*args):
-    return _torch_forward_keeping_hidden(*args)[0]
 
 
 def _fake_torch_forward_keeping_hidden(input, depthwise_weight, pointwise_weight, depthwise_bias, pointwise_bias,
@@ -351,8 +356,10 @@ def _torch_backward_from_hidden(grad_output, input, hidden, depthwise_weight, po
     out = [input.new_empty(0) for _ in range(5)]
     contiguous = torch.contiguous_format
     want_hidden = want_input or want_depthwise or want_depthwise_bias
-    padded, conv_padding = _pad_input(input, padding, relu_input)
     channels = input.shape[1]
+    # The ReLU'd, padded input: for recomputing the depthwise result and for its backward only.
+    if hidden.numel() == 0 or want_hidden:
+        padded, conv_padding = _pad_input(input, padding, relu_input)
     if hidden.numel() == 0:
         hidden = F.conv2d(padded, depthwise_weight, depthwise_bias, stride, conv_padding, dilation, groups=channels)
     grad_hidden, grad_pw_weight, grad_pw_bias = torch.ops.aten.convolution_backward(
