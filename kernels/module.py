@@ -6,12 +6,39 @@ import copy
 from typing import Tuple, Union
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from ._args import memory_format_of
 from .dispatch import BackendAttribute
 from .functional import separable_conv2d
 
 _size_2_t = Union[int, Tuple[int, int]]
+PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
+
+
+def _explicit_padding(conv: nn.Conv2d) -> Tuple[int, int, int, int]:
+    """``conv``'s padding as ``F.pad`` takes it, (left, right, top, bottom), as ``nn.Conv2d`` pads
+    for a padding mode other than zeros ("same": the odd element on the right and the bottom)."""
+    if conv.padding == "valid":
+        return (0, 0, 0, 0)
+    if conv.padding == "same":
+        pads = []
+        for size, dilation in ((conv.kernel_size[1], conv.dilation[1]), (conv.kernel_size[0], conv.dilation[0])):
+            total = dilation * (size - 1)
+            pads += [total // 2, total - total // 2]
+        return tuple(pads)
+    top, left = conv.padding
+    return (left, left, top, top)
+
+
+def _pad(input: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+    """``input`` padded by ``conv``'s padding in its padding mode, in ``input``'s memory format (``F.pad``
+    returns some modes' results contiguous)."""
+    padded = F.pad(input, _explicit_padding(conv), mode=conv.padding_mode)
+    if input.dim() == 4 and memory_format_of(input) is torch.channels_last:
+        padded = padded.contiguous(memory_format=torch.channels_last)
+    return padded
 
 
 class SeparableConv2d(BackendAttribute, nn.Module):
@@ -30,6 +57,9 @@ class SeparableConv2d(BackendAttribute, nn.Module):
         depth_multiplier: depthwise output channels per input channel (M).
         backend: ``"auto"``, ``"torch"``, ``"cpp"`` or ``"triton"``.
         relu_input: apply ReLU to the input inside the kernel (used by fused inference).
+        padding_mode: as ``nn.Conv2d``: ``"zeros"`` (inside the kernel), or ``"reflect"``,
+            ``"replicate"`` or ``"circular"`` (the input is padded by ``F.pad`` first, as
+            ``nn.Conv2d`` does, and the kernel runs without padding).
 
     Shape: ``(N, in_channels, H, W)`` or ``(in_channels, H, W)`` to
     ``(N, out_channels, H_out, W_out)``, in the input's memory format.
@@ -50,15 +80,18 @@ class SeparableConv2d(BackendAttribute, nn.Module):
         dtype=None,
         *,
         relu_input: bool = False,
+        padding_mode: str = "zeros",
     ) -> None:
         super().__init__()
+        if padding_mode not in PADDING_MODES:
+            raise ValueError(f"padding_mode must be one of {', '.join(map(repr, PADDING_MODES))}, got {padding_mode!r}")
         for name, value in (("in_channels", in_channels), ("out_channels", out_channels),
                             ("depth_multiplier", depth_multiplier)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         factory = {"device": device, "dtype": dtype}
         self.conv1 = nn.Conv2d(in_channels, in_channels * depth_multiplier, kernel_size, stride, padding,
-                               dilation, groups=in_channels, bias=bias, **factory)
+                               dilation, groups=in_channels, bias=bias, padding_mode=padding_mode, **factory)
         self.pointwise = nn.Conv2d(in_channels * depth_multiplier, out_channels, 1, bias=bias, **factory)
         self.backend = backend
         self.relu_input = relu_input
@@ -79,18 +112,26 @@ class SeparableConv2d(BackendAttribute, nn.Module):
     def depth_multiplier(self) -> int:
         return self.conv1.out_channels // self.conv1.in_channels
 
+    @property
+    def padding_mode(self) -> str:
+        return self.conv1.padding_mode
+
     def reset_parameters(self) -> None:
         self.conv1.reset_parameters()
         self.pointwise.reset_parameters()
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         conv = self.conv1
+        padding = conv.padding
+        if conv.padding_mode != "zeros":  # relu(pad(x)) == pad(relu(x)): these modes copy input values
+            input, padding = _pad(input, conv), 0
         return separable_conv2d(
             input, conv.weight, self.pointwise.weight, conv.bias, self.pointwise.bias,
-            conv.stride, conv.padding, conv.dilation, backend=self.backend, relu_input=self.relu_input)
+            conv.stride, padding, conv.dilation, backend=self.backend, relu_input=self.relu_input)
 
     def extra_repr(self) -> str:
-        return f"backend={self.backend!r}" + (", relu_input=True" if self.relu_input else "")
+        return (f"backend={self.backend!r}" + (", relu_input=True" if self.relu_input else "")
+                + (f", padding_mode={self.padding_mode!r}" if self.padding_mode != "zeros" else ""))
 
     @classmethod
     def from_conv2d(cls, depthwise: nn.Conv2d, pointwise: nn.Conv2d, backend: str = "auto") -> "SeparableConv2d":
@@ -106,8 +147,6 @@ class SeparableConv2d(BackendAttribute, nn.Module):
             if overridden:  # the fused op would compute nn.Conv2d's convolution, not what this class does
                 raise TypeError(f"{name} is a {type(conv).__name__}, an nn.Conv2d subclass that overrides "
                                 f"{' and '.join(overridden)}; only what nn.Conv2d computes can be fused")
-            if conv.padding_mode != "zeros":
-                raise ValueError(f"{name}.padding_mode must be 'zeros', got {conv.padding_mode!r}")
         if depthwise.groups != depthwise.in_channels:
             raise ValueError(f"depthwise.groups must equal depthwise.in_channels={depthwise.in_channels}, "
                              f"got {depthwise.groups}")
@@ -122,7 +161,7 @@ class SeparableConv2d(BackendAttribute, nn.Module):
         module = cls(depthwise.in_channels, pointwise.out_channels, depthwise.kernel_size, depthwise.stride,
                      depthwise.padding, depthwise.dilation, bias=False,
                      depth_multiplier=depthwise.out_channels // depthwise.in_channels,
-                     backend=backend, device=weight.device, dtype=weight.dtype)
+                     backend=backend, device=weight.device, dtype=weight.dtype, padding_mode=depthwise.padding_mode)
         module.conv1 = copy.deepcopy(depthwise)
         module.pointwise = copy.deepcopy(pointwise)
         return module

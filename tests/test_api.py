@@ -5,6 +5,7 @@ import warnings
 
 import pytest
 import torch
+from conftest import require_backend
 from torch import nn
 
 import kernels
@@ -162,12 +163,63 @@ def test_from_conv2d_converts_a_pair():
     (nn.Conv2d(6, 6, 3, groups=3), nn.Conv2d(6, 4, 1), "groups"),
     (nn.Conv2d(6, 6, 3, groups=6), nn.Conv2d(6, 4, 3), "1x1"),
     (nn.Conv2d(6, 6, 3, groups=6), nn.Conv2d(5, 4, 1), "in_channels"),
-    (nn.Conv2d(6, 6, 3, groups=6, padding=1, padding_mode="reflect"), nn.Conv2d(6, 4, 1), "padding_mode"),
     (nn.Linear(6, 6), nn.Conv2d(6, 4, 1), "nn.Conv2d"),
 ])
 def test_from_conv2d_rejects(depthwise, pointwise, text):
     with pytest.raises((ValueError, TypeError), match=text):
         kernels.SeparableConv2d.from_conv2d(depthwise, pointwise)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp", "triton"])
+@pytest.mark.parametrize("padding_mode", ["reflect", "replicate", "circular"])
+@pytest.mark.parametrize("padding,kernel_size,dilation,relu_input", [
+    (1, 3, 1, False),
+    ((2, 1), (3, 5), (1, 2), True),
+    ("same", (2, 4), (1, 3), False),  # asymmetric: the odd element on the right and the bottom
+])
+def test_module_padding_modes_match_the_conv2d_pair(backend, padding_mode, padding, kernel_size, dilation,
+                                                     relu_input):
+    """padding_mode as in nn.Conv2d: output and every gradient equal the nn.Conv2d pair's, in the
+    input's memory format (F.pad returns circular padding contiguous)."""
+    device = require_backend(backend)
+    torch.manual_seed(0)
+    module = kernels.SeparableConv2d(4, 6, kernel_size, padding=padding, dilation=dilation, bias=True,
+                                     depth_multiplier=2, backend=backend, relu_input=relu_input,
+                                     padding_mode=padding_mode).to(device)
+    torch.manual_seed(0)
+    depthwise = nn.Conv2d(4, 8, kernel_size, padding=padding, dilation=dilation, groups=4, bias=True,
+                          padding_mode=padding_mode).to(device)
+    pointwise = nn.Conv2d(8, 6, 1, bias=True).to(device)
+    assert module.padding_mode == padding_mode and f"padding_mode={padding_mode!r}" in repr(module)
+    x = torch.randn(2, 4, 9, 11, device=device).contiguous(memory_format=torch.channels_last)
+    x_mine, x_pair = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out = module(x_mine)
+    expected = pointwise(depthwise(torch.relu(x_pair) if relu_input else x_pair))
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
+    grad = torch.randn_like(expected)
+    out.backward(grad)
+    expected.backward(grad)
+    torch.testing.assert_close(x_mine.grad, x_pair.grad, rtol=1e-4, atol=1e-4)
+    for mine, theirs in ((module.conv1, depthwise), (module.pointwise, pointwise)):
+        torch.testing.assert_close(mine.weight.grad, theirs.weight.grad, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(mine.bias.grad, theirs.bias.grad, rtol=1e-4, atol=1e-4)
+    unbatched = module(x[0])  # (C, H, W), as nn.Conv2d takes it
+    torch.testing.assert_close(unbatched, expected[0].detach(), rtol=1e-4, atol=1e-4)
+
+
+def test_module_rejects_an_unknown_padding_mode():
+    with pytest.raises(ValueError, match="padding_mode.*'mirror'"):
+        kernels.SeparableConv2d(4, 4, 3, padding=1, padding_mode="mirror")
+
+
+def test_from_conv2d_keeps_the_padding_mode():
+    depthwise = nn.Conv2d(6, 6, 3, groups=6, padding=1, padding_mode="reflect")
+    pointwise = nn.Conv2d(6, 4, 1)
+    module = kernels.SeparableConv2d.from_conv2d(depthwise, pointwise, backend="torch")
+    assert module.padding_mode == "reflect"
+    x = torch.randn(2, 6, 7, 7)
+    torch.testing.assert_close(module(x), pointwise(depthwise(x)))
 
 
 def _small_net(sepconv_factory):
