@@ -328,6 +328,28 @@ def _bundled_ptxas():
     return next((p for p in (root / "ptxas-blackwell", root / "ptxas") if p.exists()), None)
 
 
+def test_dot_tiles_are_at_least_16_wide():
+    """Every GPU config of a kernel that calls tl.dot (through ``common.mma``) gives each dot dimension at
+    least 16: Triton 3.6, the oldest version the project supports, refuses a smaller K at compile time
+    ("K >= 16"; 3.9 accepts 8 for fp32), which took the fp32 narrow forward's BLOCK_K=8 configs down."""
+    import inspect
+
+    from kernels.triton import aot_report
+
+    checked = 0
+    for name, spec in aot_report.kernel_specs().items():
+        if "mma(" not in inspect.getsource(spec["fn"].fn):
+            continue
+        for kind, configs in spec["configs"].items():
+            for config in configs:
+                tiles = {key: value for key, value in config.kwargs.items() if key.startswith("BLOCK_")}
+                assert tiles, f"{name} {kind}: no BLOCK_ tile in {config}"
+                small = {key: value for key, value in tiles.items() if value < 16}
+                assert not small, f"{name} {kind} {aot_report.config_name(config)}: dot tiles below 16: {small}"
+                checked += 1
+    assert checked >= 10, checked  # forward, narrow_forward, narrow_tiled, grad_hidden, grad_pointwise
+
+
 @pytest.mark.skipif(_bundled_ptxas() is None, reason="triton (with its bundled NVIDIA ptxas) is not installed")
 def test_aot_compiles_without_spills(tmp_path):
     """Every kernel (split mode's too) x GPU config x {bf16, fp32} compiles for sm_90 and sm_80 with 0 bytes spilled;
