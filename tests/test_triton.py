@@ -350,15 +350,15 @@ def test_dot_tiles_are_at_least_16_wide():
     assert checked >= 10, checked  # forward, narrow_forward, narrow_tiled, grad_hidden, grad_pointwise
 
 
-@pytest.mark.skipif(_bundled_ptxas() is None, reason="triton (with its bundled NVIDIA ptxas) is not installed")
-def test_aot_compiles_without_spills(tmp_path):
-    """Every kernel (split mode's too) x GPU config x {bf16, fp32} compiles for sm_90 and sm_80 with 0 bytes spilled;
-    the split path's kernels, compiled as launched at Xception layers, load channel vectors (no 16-bit scalars)."""
+def _aot_report(python: str, tmp_path: Path):
+    """Runs ``python -m kernels.triton.aot_report`` (every kernel x GPU config x {bf16, fp32}, sm_90 and sm_80)
+    under ``python`` and checks its rows: all compiled, none spills, and the split path's kernels, compiled as
+    launched at Xception layers, load channel vectors (no 16-bit scalars)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     report = tmp_path / "aot.json"
-    result = subprocess.run([sys.executable, "-m", "kernels.triton.aot_report", "--json", str(report)],
+    result = subprocess.run([python, "-m", "kernels.triton.aot_report", "--json", str(report)],
                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
     assert report.exists(), f"aot_report failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
     rows = json.loads(report.read_text())
@@ -386,3 +386,30 @@ def test_aot_compiles_without_spills(tmp_path):
                 assert aot_report.vector_loads(row["global_loads"]), f"{where}: {row['global_loads']}"
             else:
                 assert row["scalar_16bit_loads"] == 0, f"{where}: {row['global_loads']}"
+    assert result.returncode == 0, result.stdout[-3000:]
+
+
+@pytest.mark.skipif(_bundled_ptxas() is None, reason="triton (with its bundled NVIDIA ptxas) is not installed")
+def test_aot_compiles_without_spills(tmp_path):
+    """Every kernel (split mode's too) x GPU config x {bf16, fp32} compiles for sm_90 and sm_80 with 0 bytes spilled,
+    with the installed Triton; the split path's kernels load channel vectors."""
+    _aot_report(sys.executable, tmp_path)
+
+
+OLDEST_TRITON_PYTHON = os.environ.get("SEPCONV_OLDEST_TRITON_PYTHON")
+
+
+@pytest.mark.skipif(not OLDEST_TRITON_PYTHON,
+                    reason="SEPCONV_OLDEST_TRITON_PYTHON is not set: a Python with torch and the oldest supported "
+                           "triton (3.6) to compile every kernel with; .ci/run makes one (docs/verification.md)")
+def test_aot_compiles_with_the_oldest_supported_triton(tmp_path):
+    """The same compile under the oldest Triton the backend accepts (the GPU machine's version): versions
+    differ in what they compile (3.6 refuses a tl.dot with K < 16, which 3.9 accepts for fp32)."""
+    from kernels.triton import MIN_TRITON
+
+    found = subprocess.run([OLDEST_TRITON_PYTHON, "-c", "import triton; print(triton.__version__)"],
+                           capture_output=True, text=True, timeout=120)
+    assert found.returncode == 0, found.stderr[-2000:]
+    version = tuple(int(part) for part in found.stdout.strip().split(".")[:2])
+    assert version == MIN_TRITON, f"{OLDEST_TRITON_PYTHON} has triton {found.stdout.strip()}, not {MIN_TRITON}"
+    _aot_report(OLDEST_TRITON_PYTHON, tmp_path)
