@@ -61,6 +61,16 @@ def check_tensor(name: str, value, ndim: Optional[int] = None) -> None:
         raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(value.shape)}")
 
 
+def same_padding(kernel_size: Sequence[int], dilation: Sequence[int]) -> List[int]:
+    """``padding="same"`` as ``[top, bottom, left, right]``: the odd element on the bottom and the right,
+    as ``nn.Conv2d`` pads."""
+    padding = []
+    for k, d in zip(kernel_size, dilation):
+        total = d * (k - 1)
+        padding += [total // 2, total - total // 2]
+    return padding
+
+
 def normalize(
     input: torch.Tensor,
     depthwise_weight: torch.Tensor,
@@ -118,10 +128,7 @@ def normalize(
         elif padding == "same":
             if stride_ != [1, 1]:
                 raise ValueError(f"padding='same' is not supported for strided convolutions, got stride={stride!r}")
-            padding_ = []
-            for d, k in zip(dilation_, (kh, kw)):
-                total = d * (k - 1)
-                padding_ += [total // 2, total - total // 2]
+            padding_ = same_padding((kh, kw), dilation_)
         else:
             raise ValueError(f"padding must be an int, a pair of ints, 'same' or 'valid', got {padding!r}")
     else:

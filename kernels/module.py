@@ -9,25 +9,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._args import memory_format_of
+from ._args import memory_format_of, same_padding
 from .dispatch import BackendAttribute
 from .functional import separable_conv2d
 
 _size_2_t = Union[int, Tuple[int, int]]
-PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 
 
 def _explicit_padding(conv: nn.Conv2d) -> Tuple[int, int, int, int]:
     """``conv``'s padding as ``F.pad`` takes it, (left, right, top, bottom), as ``nn.Conv2d`` pads
-    for a padding mode other than zeros ("same": the odd element on the right and the bottom)."""
+    for a padding mode other than zeros."""
     if conv.padding == "valid":
         return (0, 0, 0, 0)
     if conv.padding == "same":
-        pads = []
-        for size, dilation in ((conv.kernel_size[1], conv.dilation[1]), (conv.kernel_size[0], conv.dilation[0])):
-            total = dilation * (size - 1)
-            pads += [total // 2, total - total // 2]
-        return tuple(pads)
+        top, bottom, left, right = same_padding(conv.kernel_size, conv.dilation)
+        return (left, right, top, bottom)
     top, left = conv.padding
     return (left, left, top, top)
 
@@ -83,13 +79,12 @@ class SeparableConv2d(BackendAttribute, nn.Module):
         padding_mode: str = "zeros",
     ) -> None:
         super().__init__()
-        if padding_mode not in PADDING_MODES:
-            raise ValueError(f"padding_mode must be one of {', '.join(map(repr, PADDING_MODES))}, got {padding_mode!r}")
         for name, value in (("in_channels", in_channels), ("out_channels", out_channels),
                             ("depth_multiplier", depth_multiplier)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         factory = {"device": device, "dtype": dtype}
+        # nn.Conv2d rejects an unknown padding_mode, naming it and the value.
         self.conv1 = nn.Conv2d(in_channels, in_channels * depth_multiplier, kernel_size, stride, padding,
                                dilation, groups=in_channels, bias=bias, padding_mode=padding_mode, **factory)
         self.pointwise = nn.Conv2d(in_channels * depth_multiplier, out_channels, 1, bias=bias, **factory)
