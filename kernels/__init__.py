@@ -13,6 +13,7 @@ import torch
 from . import ops  # noqa: F401  (defines the torch.library ops)
 from .autograd import SeparableConv2dFunction
 from .batch_norm import BatchNorm2d, batch_norm
+from .decompositions import decompositions
 from .dispatch import BackendUnavailableError, available_backends, cpp_build_info, resolve as resolve_backend
 from .functional import separable_conv2d
 from .gpu_dispatch import tune
@@ -28,6 +29,7 @@ __all__ = [
     "available_backends",
     "batch_norm",
     "cpp_build_info",
+    "decompositions",
     "empty_cache",
     "max_pool2d_add",
     "resolve_backend",
