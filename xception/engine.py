@@ -63,8 +63,11 @@ def init_distributed(device_name: str = "auto") -> Dist:
     return Dist(rank, world_size, local_rank, device)
 
 
-def cleanup_distributed() -> None:
+def cleanup_distributed(synchronize: bool = False) -> None:
+    """Tear the process group down; with ``synchronize``, once every rank has come here (a barrier)."""
     if dist.is_available() and dist.is_initialized():
+        if synchronize:
+            dist.barrier()
         dist.destroy_process_group()
 
 

@@ -310,11 +310,17 @@ def train(args: argparse.Namespace, on_step: Optional[Callable[[int, int], bool]
         torch.set_num_threads(args.threads)
     stop = StopRequest()
     stop.install()
+    finished = False
     try:
-        return _train(args, ctx, stop, on_step, xception)
+        status = _train(args, ctx, stop, on_step, xception)
+        finished = True
+        return status
     finally:
         stop.restore()
-        cleanup_distributed()
+        # A rank that returned waits for the others before the teardown: one tearing down while another
+        # still wrote its checkpoint left that one in destroy_process_group for good, now and then (gloo,
+        # torch 2.6). After an error there is no barrier: the other ranks may never come to it.
+        cleanup_distributed(synchronize=finished)
 
 
 def _train(args, ctx: Dist, stop: StopRequest, on_step, xception) -> int:
