@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 BENCH_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: install test bench clean
+.PHONY: install test bench clean install-oldest test-oldest
 
 install: $(STAMP)
 
@@ -24,5 +24,23 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PYTHON) -m benchmarks $(BENCH_ARGS)
 
+# The same tests on the oldest supported Python and torch (requirements-oldest.txt), in their own venv.
+# The triton backend needs newer releases than these, so only cpp is required to load there.
+OLDEST_VENV ?= .venv-oldest-torch
+OLDEST_PYTHON ?= $(or $(firstword $(wildcard $(HOME)/.pyenv/versions/3.9*/bin/python3.9)),python3)
+OLDEST_STAMP := $(OLDEST_VENV)/.installed
+
+install-oldest: $(OLDEST_STAMP)
+
+$(OLDEST_STAMP): requirements-oldest.txt pyproject.toml setup.py
+	test -x $(OLDEST_VENV)/bin/python || $(OLDEST_PYTHON) -m venv $(OLDEST_VENV)
+	$(OLDEST_VENV)/bin/python -m pip install -q -r requirements-oldest.txt
+	$(OLDEST_VENV)/bin/python -m pip install -q --no-build-isolation --no-deps -e .
+	touch $(OLDEST_STAMP)
+
+test-oldest: $(OLDEST_STAMP)
+	$(OLDEST_VENV)/bin/python -c "import sys, torch; print('test-oldest: Python', sys.version.split()[0], 'torch', torch.__version__)"
+	env -u SEPCONV_OLDEST_TRITON_PYTHON SEPCONV_REQUIRE_BACKENDS=cpp $(OLDEST_VENV)/bin/python -m pytest -q -rs $(PYTEST_ARGS)
+
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) $(OLDEST_VENV) build *.egg-info

@@ -131,7 +131,7 @@ def _jit_build(variant: str = "native") -> str:
         # The compile takes one to two minutes with no output of its own: say why the process waits.
         print(f"kernels: building the C++ backend (once, about 1-2 minutes); cached in {build_directory}",
               file=sys.stderr, flush=True)
-    _library_file = cpp_extension.load(
+    library = cpp_extension.load(
         name=name,
         sources=[str(CSRC / source) for source in SOURCES],
         extra_cflags=CXX_FLAGS + ISA_VARIANT_FLAGS[variant],
@@ -140,6 +140,8 @@ def _jit_build(variant: str = "native") -> str:
         is_python_module=False,
         verbose=os.environ.get("SEPCONV_BUILD_VERBOSE") == "1",
     )
+    # Newer torch returns the library's path; older releases (2.4) return None: it is <name>.so there.
+    _library_file = library if isinstance(library, str) else os.path.join(build_directory, f"{name}.so")
     return f"JIT build ({build_directory})"
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Dict, Optional, Union
 
 import torch
 
@@ -10,6 +10,22 @@ from ._args import IntOrPair, check_tensor, normalize
 from .autograd import SeparableConv2dFunction, SeparableConv2dKeepingHidden, forward_op, keeps_hidden, needs_autograd
 from . import gpu_dispatch
 from .dispatch import resolve
+
+# Whether a device type has autocast, asked once per type. torch.amp.is_autocast_available is a
+# builtin that torch.compile and torch.export cannot trace in torch 2.6 (a graph break, an error under
+# fullgraph=True or export); a lookup in this dict traces everywhere. The usual types are asked at import.
+_AUTOCAST_AVAILABLE: Dict[str, bool] = {}
+
+
+def _autocast_available(device_type: str) -> bool:
+    available = _AUTOCAST_AVAILABLE.get(device_type)
+    if available is None:
+        available = _AUTOCAST_AVAILABLE[device_type] = bool(torch.amp.is_autocast_available(device_type))
+    return available
+
+
+for _device_type in ("cpu", "cuda", "meta"):
+    _autocast_available(_device_type)
 
 
 def separable_conv2d(
@@ -54,7 +70,7 @@ def separable_conv2d(
         input = input.unsqueeze(0)
     device_type = input.device.type
     # is_autocast_enabled raises for device types without autocast (meta, for shape inference)
-    autocast = torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+    autocast = _autocast_available(device_type) and torch.is_autocast_enabled(device_type)
     if autocast:
         dtype = torch.get_autocast_dtype(device_type)
         input, depthwise_weight, pointwise_weight, depthwise_bias, pointwise_bias = (

@@ -234,6 +234,9 @@ def setup_context(ctx, inputs, output, kept: tuple = ()) -> None:
     ctx.save_for_backward(input, depthwise_weight, pointwise_weight, depthwise_bias, *kept)
     ctx.geometry = (list(stride), list(padding), list(dilation), bool(relu))
     ctx.has_biases = (depthwise_bias is not None, pointwise_bias is not None)
+    # The backward gives the op grad_output in the input's (and so the output's) memory format. Read here:
+    # torch.compile and torch.export in torch 2.6 trace a backward strictly and refuse is_contiguous() there.
+    ctx.memory_format = memory_format_of(input)
 
 
 def setup_context_keeping_hidden(ctx, inputs, output) -> None:
@@ -255,7 +258,7 @@ def make_backward(backward_op, keeps_hidden: bool = False):
         mask = [needs[0], needs[1], needs[2], needs[3] and has_depthwise_bias, needs[4] and has_pointwise_bias]
         if not any(mask):
             return (None,) * 9
-        grads = backward_op(grad_output.contiguous(memory_format=memory_format_of(grad_output)), input, *hidden,
+        grads = backward_op(grad_output.contiguous(memory_format=ctx.memory_format), input, *hidden,
                             depthwise_weight, pointwise_weight, depthwise_bias,
                             stride, padding, dilation, relu_input, mask)
         return tuple(g if w else None for g, w in zip(grads, mask)) + (None,) * 4

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks.gpu_model import banks, model, sass, ttir, validate
+import kernels.triton as triton_backend
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -149,11 +150,15 @@ def test_spearman():
 # ---- the real kernels, compiled for sm_90 -------------------------------------------------------
 
 def _tools_missing():
+    unsupported = triton_backend.unsupported()  # the model compiles the backend's kernels
+    if unsupported is not None:
+        return unsupported
     missing = [name for name in ("nvdisasm", "ptxas", "cuobjdump") if sass.tool(name) is None]
     return f"Triton's bundled {', '.join(missing)} not found" if missing else None
 
 
 needs_tools = pytest.mark.skipif(_tools_missing() is not None, reason=str(_tools_missing()))
+needs_triton = pytest.mark.skipif(triton_backend.unsupported() is not None, reason=str(triton_backend.unsupported()))
 
 
 def _child(code: str, *args: str, pythonpath: str = str(ROOT), timeout: int = 900) -> str:
@@ -230,6 +235,7 @@ print(json.dumps(out))
         assert row["seconds"] and 1e-6 < row["seconds"] < 1.0, row
 
 
+@needs_triton
 def test_recorded_fp32_launches_follow_the_tf32_flag():
     """Recording for a GPU, the launchers choose TF32 for fp32 as they would for a CUDA tensor (PyTorch's
     cuDNN flag, on by default); the flag off gives IEEE products. Outside a recording CPU tensors never do."""

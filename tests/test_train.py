@@ -86,7 +86,10 @@ def test_backends_give_the_same_losses(backend, tmp_path):
     losses = step_losses(out)
     assert len(losses) == 3 and all(0 < loss < 10 for loss in losses)
     if backend == "cpp":
-        assert losses == pytest.approx(step_losses(reference), rel=1e-4, abs=1e-5)
+        # The backends round differently (fp32), and this small model at 40x40 (BatchNorm over a few
+        # values at the deepest layers) magnifies that step by step: the third loss differed by 1.5e-4
+        # relative with torch 2.6 (with 2.13 by < 1e-6). A wrong gradient moves the losses far more.
+        assert losses == pytest.approx(step_losses(reference), rel=1e-3, abs=1e-5)
 
 
 def test_resume_after_sigint_matches_uninterrupted_run_bitwise(tmp_path, capsys):

@@ -7,17 +7,30 @@ only runs in Triton's interpreter. The kernel modules are imported inside
 ``load()``: ``@triton.jit`` reads ``TRITON_INTERPRET`` when it decorates.
 """
 
+from __future__ import annotations
+
+from typing import Optional
+
 MIN_TRITON = (3, 6)
 
 
-def load() -> None:
+def unsupported() -> Optional[str]:
+    """Why the installed Triton cannot run this backend (not installed, or older than MIN_TRITON), or None.
+    Imports Triton but none of the kernel modules."""
     try:
         import triton
     except ImportError as error:
-        raise ImportError(f"the triton backend needs the 'triton' package (>= 3.6): {error}") from error
+        return f"the triton backend needs the 'triton' package (>= 3.6): {error}"
     version = tuple(int(part) for part in triton.__version__.split(".")[:2] if part.isdigit())
     if version < MIN_TRITON:
-        raise ImportError(f"the triton backend needs triton >= 3.6, found {triton.__version__}")
+        return f"the triton backend needs triton >= 3.6, found {triton.__version__}"
+    return None
+
+
+def load() -> None:
+    reason = unsupported()
+    if reason is not None:
+        raise ImportError(reason)
     from . import registration
 
     registration.register()
