@@ -153,3 +153,25 @@ def test_decomposed_program_runs_without_the_library(tmp_path):
     result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True,
                             text=True, timeout=300)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]
+
+
+def test_decomposed_network_exports_to_onnx(tmp_path):
+    """The decomposed network goes through the ONNX exporter and runs in ONNX Runtime with the same output;
+    the program before decomposition does not convert (its fused ops have no ONNX translation)."""
+    pytest.importorskip("onnxscript", reason="torch.onnx.export(dynamo=True) needs onnxscript "
+                                             "(requirements-dev.txt installs it)")
+    onnxruntime = pytest.importorskip("onnxruntime", reason="ONNX Runtime is not installed "
+                                                            "(requirements-dev.txt installs it)")
+    backend = "cpp" if kernels.available_backends()["cpp"] is None else "torch"
+    torch.manual_seed(0)
+    model = xception.xception(num_classes=7, backend=backend).eval().fuse_for_inference()
+    x = torch.randn(1, 3, 96, 96)
+    program, decomposed = export_and_decompose(model, (x,))
+    with pytest.raises(Exception, match="ONNX"):
+        torch.onnx.export(program, (x,), dynamo=True)
+    path = tmp_path / "xception.onnx"
+    torch.onnx.export(decomposed, (x,), dynamo=True).save(str(path))
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (got,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    with torch.no_grad():
+        torch.testing.assert_close(torch.from_numpy(got), model(x), atol=1e-4, rtol=1e-4)
