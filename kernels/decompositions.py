@@ -17,7 +17,6 @@ exporter). The fusion is gone from such a program; the results are those of the 
 
 from __future__ import annotations
 
-import os
 from typing import Callable, Dict
 
 import torch
@@ -25,47 +24,27 @@ import torch.nn.functional as F
 
 from . import ops
 from ._args import memory_format_of
-from .dispatch import TRITON_MODE_ENV
+from .triton import mode as triton_mode
 
 
-def _forward(input, depthwise_weight, pointwise_weight, depthwise_bias, pointwise_bias,
-             stride, padding, dilation, relu_input):
-    output, _ = ops._torch_pair(input, depthwise_weight, pointwise_weight, depthwise_bias, pointwise_bias,
-                                stride, padding, dilation, relu_input)
-    return output.contiguous(memory_format=memory_format_of(input))
+def _split_forward_keeping_hidden(input, *args):
+    """Split mode's ``forward_keeping_hidden``: the depthwise result as (N*OH*OW, C_hid), row-major."""
+    output, hidden = ops._torch_forward_keeping_hidden(input, *args)
+    return output, hidden.permute(0, 2, 3, 1).reshape(-1, hidden.shape[1])
 
 
-def _forward_keeping_hidden(hidden_layout: Callable[[], str]):
-    """``forward_keeping_hidden`` with the depthwise result in the layout the namespace keeps it:
-    ``"nchw"`` (the torch backend: (N, C_hid, OH, OW) in the input's memory format), ``"rows"``
-    (split mode: (N*OH*OW, C_hid) row-major) or ``"none"`` (fused mode keeps none: empty)."""
-
-    def forward_keeping_hidden(input, depthwise_weight, pointwise_weight, depthwise_bias, pointwise_bias,
-                               stride, padding, dilation, relu_input):
-        output, hidden = ops._torch_pair(input, depthwise_weight, pointwise_weight, depthwise_bias,
-                                         pointwise_bias, stride, padding, dilation, relu_input)
-        memory_format = memory_format_of(input)
-        layout = hidden_layout()
-        if layout == "rows":
-            hidden = hidden.permute(0, 2, 3, 1).reshape(-1, hidden.shape[1])
-        elif layout == "none":
-            hidden = input.new_empty(0)
-        else:
-            hidden = hidden.contiguous(memory_format=memory_format)
-        return output.contiguous(memory_format=memory_format), hidden
-
-    return forward_keeping_hidden
-
-
-def _triton_hidden_layout() -> str:
-    # The sepconv_triton namespace runs the mode SEPCONV_TRITON_MODE names (kernels.triton.forward.mode),
-    # read here without importing Triton, so that a program exported on a GPU decomposes anywhere.
-    return "rows" if os.environ.get(TRITON_MODE_ENV, "fused") == "split" else "none"
+def _triton_forward_keeping_hidden(input, *args):
+    """``sepconv_triton`` runs the mode ``SEPCONV_TRITON_MODE`` names (read without importing Triton, so
+    that a program exported on a GPU decomposes anywhere): split mode's result, or fused mode's (no
+    depthwise result: an empty one)."""
+    if triton_mode() == "split":
+        return _split_forward_keeping_hidden(input, *args)
+    return ops._torch_forward(input, *args), input.new_empty(0)
 
 
 def _max_pool2d_add(input, residual, kernel_size, stride, padding):
     output = F.max_pool2d(input, list(kernel_size), list(stride), list(padding)) + residual
-    return output.contiguous(memory_format=memory_format_of(input))
+    return ops.as_returned(output, memory_format_of(input))
 
 
 def _batch_norm(input, weight, bias, eps, relu=False):
@@ -83,7 +62,7 @@ def _batch_norm(input, weight, bias, eps, relu=False):
         output = F.relu(output)
     count = input.numel() // input.shape[1] if input.shape[1] else 0
     unbiased = var * (count / (count - 1)) if count > 1 else torch.full_like(var, float("nan"))
-    return output.contiguous(memory_format=memory_format_of(input)), mean, invstd, unbiased
+    return ops.as_returned(output, memory_format_of(input)), mean, invstd, unbiased
 
 
 def decompositions() -> Dict[torch._ops.OpOverload, Callable]:
@@ -97,12 +76,13 @@ def decompositions() -> Dict[torch._ops.OpOverload, Callable]:
         ep = ep.run_decompositions(table)
     """
     table: Dict[torch._ops.OpOverload, Callable] = {}
-    layouts = {"torch": lambda: "nchw", "triton": _triton_hidden_layout, "triton_split": lambda: "rows"}
+    keeping_hidden = {"torch": ops._torch_forward_keeping_hidden, "triton": _triton_forward_keeping_hidden,
+                      "triton_split": _split_forward_keeping_hidden}
     for implementation in ops.IMPLEMENTATIONS:
         namespace = getattr(torch.ops, ops.namespace(implementation))
-        table[namespace.forward.default] = _forward
+        table[namespace.forward.default] = ops._torch_forward
         if implementation in ops.KEEPS_HIDDEN:
-            table[namespace.forward_keeping_hidden.default] = _forward_keeping_hidden(layouts[implementation])
+            table[namespace.forward_keeping_hidden.default] = keeping_hidden[implementation]
     table[torch.ops.sepconv_cpp.max_pool2d_add.default] = _max_pool2d_add
     table[torch.ops.sepconv_cpp.batch_norm.default] = _batch_norm
     return table

@@ -23,9 +23,10 @@ from typing import Callable, Dict, Optional
 import torch
 
 from . import gpu_dispatch
+from . import triton as triton_package
 
 ENV_VAR = "XCEPTION_SEPCONV_BACKEND"
-TRITON_MODE_ENV = "SEPCONV_TRITON_MODE"
+TRITON_MODE_ENV = triton_package.MODE_ENV  # kernels.triton imports no Triton until load()
 
 
 class BackendUnavailableError(RuntimeError):
@@ -196,9 +197,7 @@ def resolve(backend: str, device: torch.device, dtype: torch.dtype, layer: Optio
 
 
 def _triton_mode() -> str:
-    from .triton import registration  # loaded: only a loaded triton backend is resolved
-
-    return registration.mode()
+    return triton_package.mode()
 
 
 def _resolve_layer(device: torch.device, dtype: torch.dtype, layer: tuple) -> str:

@@ -21,9 +21,9 @@ MODE = "SEPCONV_TRITON_MODE"
 def split(monkeypatch):
     require_backend("triton")  # the kernel modules import only where the backend can run
     monkeypatch.setenv(MODE, "split")
-    from kernels.triton import forward
+    from kernels.triton import mode
 
-    assert forward.mode() == "split"
+    assert mode() == "split"
 
 
 def _split_calls(monkeypatch):

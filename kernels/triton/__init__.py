@@ -9,9 +9,23 @@ only runs in Triton's interpreter. The kernel modules are imported inside
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 MIN_TRITON = (3, 6)
+
+MODE_ENV = "SEPCONV_TRITON_MODE"
+MODES = ("fused", "split")
+
+
+def mode() -> str:
+    """``SEPCONV_TRITON_MODE``: "fused" (the default: one kernel per op, nothing intermediate in memory)
+    or "split" (a depthwise kernel, then the pointwise convolution as a GEMM; ``split.py``). Read without
+    importing Triton (``kernels.decompositions`` needs it where Triton is not installed)."""
+    value = os.environ.get(MODE_ENV, "fused")
+    if value not in MODES:
+        raise ValueError(f"{MODE_ENV}={value!r} is not valid; set it to one of {list(MODES)}")
+    return value
 
 
 def unsupported() -> Optional[str]:

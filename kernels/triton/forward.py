@@ -272,19 +272,6 @@ def autotune_enabled() -> bool:
     return value == "1" and not torch.are_deterministic_algorithms_enabled()
 
 
-MODE_ENV = "SEPCONV_TRITON_MODE"
-MODES = ("fused", "split")
-
-
-def mode() -> str:
-    """``SEPCONV_TRITON_MODE``: "fused" (the default: one kernel per op, nothing intermediate in memory)
-    or "split" (a depthwise kernel, then the pointwise convolution as a GEMM; ``split.py``)."""
-    value = os.environ.get(MODE_ENV, "fused")
-    if value not in MODES:
-        raise ValueError(f"{MODE_ENV}={value!r} is not valid; set it to one of {list(MODES)}")
-    return value
-
-
 def launch_config(autotuned) -> Optional[triton.Config]:
     """The config a launch of ``autotuned`` runs with, or None to let the autotuner choose."""
     forced = forced_configs.get(autotuned.fn)

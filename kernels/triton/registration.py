@@ -12,7 +12,7 @@ import os
 import torch
 
 from ..ops import define, empty_output, namespace, output_shape
-from . import backward, forward, split
+from . import backward, forward, mode, split
 
 _registered = []
 
@@ -36,14 +36,9 @@ def _by_mode(fused, split_mode):
     """The launcher that ``SEPCONV_TRITON_MODE`` selects, read at every call."""
 
     def run(*args):
-        return (split_mode if forward.mode() == "split" else fused)(*args)
+        return (split_mode if mode() == "split" else fused)(*args)
 
     return run
-
-
-def mode() -> str:
-    """The mode ``SEPCONV_TRITON_MODE`` names ("fused" when unset); a ValueError naming the variable otherwise."""
-    return forward.mode()
 
 
 def _fused_forward_keeping_hidden(input, *args):
@@ -93,7 +88,7 @@ def register() -> None:
         "backward": _by_mode(backward.backward, split.backward),
         "forward_keeping_hidden": _by_mode(_fused_forward_keeping_hidden, split.forward_keeping_hidden),
         "backward_from_hidden": _by_mode(_fused_backward_from_hidden, _split_backward_from_hidden),
-    }, lambda: forward.mode() == "split")
+    }, lambda: mode() == "split")
     _register("triton_split", {
         "forward": split.forward,
         "backward": split.backward,
