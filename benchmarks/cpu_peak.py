@@ -5,7 +5,7 @@ A library GEMM or 1x1 convolution is a poor yardstick for "% of peak" on CPU: on
 of what the FMA units do in the recorded runs (torch.mm about 40%), and a run that divides
 by it reports the library itself as ~100% efficient. This probe compiles (once, with ``torch.utils.cpp_extension``, cached
 like the project's own C++ kernels) a loop of independent multiply-add chains as wide as
-the host's vectors (``-march=native``), runs it on ``threads`` OpenMP threads and returns
+the host's vectors (``-march=native``, or AVX2 where the backend is held to it), runs it on ``threads`` OpenMP threads and returns
 the achieved float32 GFLOP/s.
 """
 
@@ -35,11 +35,11 @@ static double chains(int64_t threads, int64_t iterations, float b_value) {
   double total = 0.0;
 #pragma omp parallel num_threads(int(threads)) reduction(+ : total)
   {
-    Vec acc[kChains], b, c;
-    for (int l = 0; l < kLanes; ++l) {
-      b[l] = b_value;
-      c[l] = 1e-3f;
-    }
+    // b and c built as whole vectors (not lane by lane) stay in registers: filled lane by lane,
+    // GCC kept b in a stack slot that straddled two cache lines and read it in every FMA, which ran
+    // at 60% of the FMA rate on an Intel Xeon (AVX-512) while Zen 5 hid it.
+    const Vec b = Vec{} + b_value, c = Vec{} + 1e-3f;
+    Vec acc[kChains];
     for (int i = 0; i < kChains; ++i) {
       for (int l = 0; l < kLanes; ++l) acc[i][l] = 1e-4f * float(i + l);
     }
@@ -79,21 +79,32 @@ double fma_gflops(int64_t threads, double seconds) {
 }
 """
 
-_module = None
+_modules = {}  # build variant (kernels.cpp_backend.ISA_VARIANT_FLAGS) -> the compiled probe
 
 
 def fma_gflops(threads: int, seconds: float = 0.25) -> Tuple[Optional[float], Optional[str]]:
-    """(float32 GFLOP/s of the FMA probe on ``threads`` threads, None) or (None, why it could not run)."""
-    global _module
-    if _module is None:
+    """(float32 GFLOP/s of the FMA probe on ``threads`` threads, None) or (None, why it could not run).
+
+    The probe is built for the vector path the cpp backend is held to (``SEPCONV_CPU_ISA``): with
+    ``avx2`` (``python -m benchmarks --isa avx2``) it runs 256-bit FMAs, the peak of a CPU without
+    AVX-512."""
+    from kernels import cpp_backend
+
+    try:
+        variant = cpp_backend.requested_variant()
+    except ValueError as error:
+        return None, str(error)
+    if variant not in _modules:
         if shutil.which("c++") is None:
             return None, "no C++ compiler (c++) to build the FMA probe"
         try:
             from torch.utils import cpp_extension
 
-            _module = cpp_extension.load_inline(
-                name="sepconv_fma_probe", cpp_sources=[_SOURCE], functions=["fma_gflops"],
-                extra_cflags=["-O2", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)
+            _modules[variant] = cpp_extension.load_inline(
+                name=cpp_backend.jit_name(variant).replace(cpp_backend.JIT_NAME, "sepconv_fma_probe"),
+                cpp_sources=[_SOURCE], functions=["fma_gflops"],
+                extra_cflags=["-O2", "-march=native", "-fopenmp"] + cpp_backend.ISA_VARIANT_FLAGS[variant],
+                extra_ldflags=["-fopenmp"], verbose=False)
         except Exception as error:  # noqa: BLE001 - a compiler failure comes in many types
             return None, f"building the FMA probe failed: {type(error).__name__}: {error}"
-    return float(_module.fma_gflops(int(threads), float(seconds))), None
+    return float(_modules[variant].fma_gflops(int(threads), float(seconds))), None

@@ -118,9 +118,12 @@ def test_fma_probe_measures_or_says_why(monkeypatch):
 
     gflops, reason = cpu_peak.fma_gflops(1, seconds=0.02)
     assert reason is None and gflops > 1.0
-    monkeypatch.setattr(cpu_peak, "_module", None)
+    monkeypatch.setattr(cpu_peak, "_modules", {})
     monkeypatch.setattr(cpu_peak.shutil, "which", lambda name: None)
     assert cpu_peak.fma_gflops(1) == (None, "no C++ compiler (c++) to build the FMA probe")
+    monkeypatch.setenv("SEPCONV_CPU_ISA", "avx3")
+    gflops, reason = cpu_peak.fma_gflops(1)
+    assert gflops is None and "SEPCONV_CPU_ISA" in reason and "'avx3'" in reason
 
 
 def test_model_flops_match_paper():
