@@ -6,6 +6,11 @@
 //   tile_bytes    the forward's depthwise tile (pixels x hidden channels) that stays in L2: 3/4 of L2
 //   stream_bytes  outputs above this leave through streaming stores (streaming.h): 3/4 of L3
 //
+// Inside a VM sysfs can report the host's whole L3 (480 MB on a 2-core Intel Xeon guest), so no
+// output is streamed there. Streaming above 24 MB on that machine measured mixed (forward of
+// 64->128@147 at batch 8 3.0x -> 3.3x the eager pair, forward+backward of 128->256@74 1.7x -> 1.2x),
+// so the reported size stands. SEPCONV_TILE_BYTES and SEPCONV_STREAM_BYTES fix either for tuning.
+//
 // sepconv_cpu_build_info() (sepconv_cpu.cpp) reports these with the ISA path, so a benchmark row
 // can say what the kernels chose.
 #pragma once
@@ -79,7 +84,11 @@ inline MachineConfig read_machine_config() {
 #else
   config.tile_bytes = config.l2_bytes / 4 * 3;
 #endif
+#if defined(SEPCONV_STREAM_BYTES)  // a fixed threshold, for tuning runs
+  config.stream_bytes = SEPCONV_STREAM_BYTES;
+#else
   config.stream_bytes = config.l3_bytes / 4 * 3;
+#endif
   return config;
 }
 

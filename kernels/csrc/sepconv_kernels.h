@@ -63,6 +63,17 @@ inline void prefetch_at(const T* p, int64_t offset, bool write = false) {
   }
 }
 
+// Prefetches for writing the cache lines of `rows` rows of `cols` elements at c, rows ldc elements apart.
+template <typename T>
+inline void prefetch_for_write(const T* c, int64_t ldc, int64_t rows, int64_t cols) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const uintptr_t first = reinterpret_cast<uintptr_t>(c + r * ldc), last = first + (cols - 1) * sizeof(T);
+    for (uintptr_t line = first & ~uintptr_t(63); line <= last; line += 64) {
+      __builtin_prefetch(reinterpret_cast<const void*>(line), 1, 3);
+    }
+  }
+}
+
 // One output pixel's depthwise result for kc hidden channels: out[c] = bias[c] +
 // sum over the `valid` in-bounds taps v of relu?(xs[v][c]) * ws[v][c] (bias may be null).
 // Each 64-channel slice accumulates over the taps in registers and is stored once.
@@ -807,8 +818,11 @@ void forward(const Geometry& g, const T* x, const T* dw_taps, const T* pw, const
       // not change any sum). Packing on use, the threads go in step: both read the same rows of pw
       // at about the same time, and one fetch from DRAM serves them.
       const int64_t first_panel = pack_on_use ? jp0 : jp0 + block * (jp1 - jp0) / blocks;
+      auto panel_at = [&](int64_t step) {
+        return first_panel + step < jp1 ? first_panel + step : first_panel + step - (jp1 - jp0);
+      };
       for (int64_t step = 0; step < jp1 - jp0; ++step) {
-        const int64_t jp = first_panel + step < jp1 ? first_panel + step : first_panel + step - (jp1 - jp0);
+        const int64_t jp = panel_at(step);
         MicroArgs args{g.CM, ld, 1, panel_pass_cols<T>(), g.Cout, int(std::min<int64_t>(kCols, g.Cout - jp * kCols)),
                        false};
         args.stream = stream && args.nr == kCols;
@@ -827,6 +841,20 @@ void forward(const Geometry& g, const T* x, const T* dw_taps, const T* pw, const
           // The rows of pw two panels on, a share before each call: in a network they come from
           // DRAM (its weights overflow L3), and the pack stalled on them.
           if (pack_on_use && step + 2 < jp1 - jp0) prefetch_panel_source(pw, g.Cout, g.CM, jp + 2, call, calls);
+          // The output lines the next call writes, fetched for writing while this one computes:
+          // each store at the end of a call otherwise waits for its line, from L3 or memory. Intel
+          // Xeon (2 MB L2), batch 8, against the eager pair, 4 interleaved runs each: 64->128@147
+          // 2.75x -> 3.08x, 256->728@37 1.04x -> 1.11x, 728->728@19 0.97x -> 0.98x; batch 1 0.92x ->
+          // 0.96x at 728->728@19. Streamed outputs need no line first.
+          if (!stream) {
+            if (call + 1 < calls) {
+              prefetch_for_write(out + (p0 + r1) * g.Cout + jp * kCols, g.Cout, (call + 2) * nrows / calls - r1, args.nr);
+            } else if (step + 1 < jp1 - jp0) {
+              const int64_t next = panel_at(step + 1);
+              prefetch_for_write(out + p0 * g.Cout + next * kCols, g.Cout, nrows / calls,
+                                 std::min<int64_t>(kCols, g.Cout - next * kCols));
+            }
+          }
           micro<T>(int(r1 - r0), tile.data() + r0 * ld, panel, out + (p0 + r0) * g.Cout + jp * kCols, init, args);
         }
       }
