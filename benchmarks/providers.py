@@ -33,6 +33,8 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from kernels.triton import MODE_ENV
+
 from .cases import DTYPES, Case, Shape
 
 BACKEND_PROVIDERS = ("cpp", "triton", "torch")
@@ -98,15 +100,15 @@ def triton_mode(mode: Optional[str]):
     if mode is None:
         yield
         return
-    saved = os.environ.get("SEPCONV_TRITON_MODE")
-    os.environ["SEPCONV_TRITON_MODE"] = mode
+    saved = os.environ.get(MODE_ENV)
+    os.environ[MODE_ENV] = mode
     try:
         yield
     finally:
         if saved is None:
-            del os.environ["SEPCONV_TRITON_MODE"]
+            del os.environ[MODE_ENV]
         else:
-            os.environ["SEPCONV_TRITON_MODE"] = saved
+            os.environ[MODE_ENV] = saved
 
 
 def backend_reason(name: str, device: str, dtype: torch.dtype) -> Optional[str]:

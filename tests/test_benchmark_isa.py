@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.__main__ import main
+from benchmarks.__main__ import ISA_ENVIRONMENTS, main
 from benchmarks.machine import device_slug, run_info
 from benchmarks.results import read_rows
 from conftest import require_backend
@@ -29,7 +29,7 @@ def test_cpu_run_metadata_names_the_isas():
 
 def test_isa_flag_from_python_needs_the_environment_set(monkeypatch, capsys):
     """Called as a function (not the command line) main cannot re-execute itself: it says what to set."""
-    for key in ("SEPCONV_CPU_ISA", "ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY"):
+    for key in ISA_ENVIRONMENTS["avx2"]:
         monkeypatch.delenv(key, raising=False)
     with pytest.raises(SystemExit):
         main(["--isa", "avx2", "--device", "cpu", "--suite", "smoke"])
@@ -40,11 +40,11 @@ def test_isa_flag_from_python_needs_the_environment_set(monkeypatch, capsys):
 @pytest.mark.skipif(cpp_backend.host_isa() not in ("avx2", "avx512"),
                     reason="--isa avx2 needs an x86-64 CPU with AVX2 and FMA")
 def test_isa_avx2_run_holds_every_side_to_avx2(tmp_path):
-    """``python -m benchmarks --isa avx2`` re-executes itself with the three variables set; its rows say
-    cpp avx2 and oneDNN AVX2 and go to <machine>-avx2.jsonl, beside the default run's file."""
+    """``python -m benchmarks --isa avx2`` re-executes itself with the variables set (cpp, oneDNN, ATen and
+    MKL); its rows say cpp avx2 and oneDNN AVX2 and go to <machine>-avx2.jsonl, beside the default run's file."""
     require_backend("cpp")
     env = {key: value for key, value in os.environ.items()
-           if key not in ("SEPCONV_CPU_ISA", "ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY")}
+           if key not in ISA_ENVIRONMENTS["avx2"]}
     result = subprocess.run([sys.executable, "-m", "benchmarks", "--isa", "avx2", "--suite", "smoke", "--batch", "2",
                              "--modes", "fwd", "--repeats", "1", "--min-time", "0", "--device", "cpu", "--no-peak",
                              "--no-memory", "--out", str(tmp_path)],

@@ -5,13 +5,13 @@ Every time here is a prediction for an H200 (``model.py``), not a measurement.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence
 
 import torch
 
 from ..cases import DTYPES, Shape
+from ..providers import triton_mode
 from . import banks, launches, model, sass, ttir
 
 DIRECTIONS = ("fwd", "bwd", "full")
@@ -119,9 +119,7 @@ def record(shape: Shape, batch: int, dtype_name: str, mode: str, direction: str,
     pwb = torch.empty(shape.cout, dtype=dtype) if biases else None
     geometry = ([shape.stride] * 2, [shape.padding] * 4, [1, 1])
     forward_fn, backward_fn = _launchers(mode)
-    previous = os.environ.get("SEPCONV_TRITON_MODE")
-    os.environ["SEPCONV_TRITON_MODE"] = mode
-    try:
+    with triton_mode(mode):
         if direction == "fwd":
             return launches.record_call(lambda: forward_fn(x, dw, pw, dwb, pwb, *geometry, False), capability)
         kept = {}
@@ -130,11 +128,6 @@ def record(shape: Shape, batch: int, dtype_name: str, mode: str, direction: str,
         return launches.record_call(
             lambda: backward_fn(grad, x, dw, pw, dwb, *geometry, False, _backward_mask(biases), **kept),
             capability)
-    finally:
-        if previous is None:
-            os.environ.pop("SEPCONV_TRITON_MODE", None)
-        else:
-            os.environ["SEPCONV_TRITON_MODE"] = previous
 
 
 def _dram_bytes(launch: launches.KernelLaunch) -> float:
