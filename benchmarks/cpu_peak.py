@@ -5,8 +5,8 @@ A library GEMM or 1x1 convolution is a poor yardstick for "% of peak" on CPU: on
 of what the FMA units do in the recorded runs (torch.mm about 40%), and a run that divides
 by it reports the library itself as ~100% efficient. This probe compiles (once, with ``torch.utils.cpp_extension``, cached
 like the project's own C++ kernels) a loop of independent multiply-add chains as wide as
-the host's vectors (``-march=native``, or AVX2 where the backend is held to it), runs it on ``threads`` OpenMP threads and returns
-the achieved float32 GFLOP/s.
+the host's vectors (``-march=native``, or AVX2 where the backend is held to it), runs it on
+``threads`` OpenMP threads and returns the achieved float32 GFLOP/s.
 """
 
 from __future__ import annotations
@@ -101,7 +101,7 @@ def fma_gflops(threads: int, seconds: float = 0.25) -> Tuple[Optional[float], Op
             from torch.utils import cpp_extension
 
             _modules[variant] = cpp_extension.load_inline(
-                name=cpp_backend.jit_name(variant).replace(cpp_backend.JIT_NAME, "sepconv_fma_probe"),
+                name=cpp_backend.jit_name(variant, base="sepconv_fma_probe"),
                 cpp_sources=[_SOURCE], functions=["fma_gflops"],
                 extra_cflags=["-O2", "-march=native", "-fopenmp"] + cpp_backend.ISA_VARIANT_FLAGS[variant],
                 extra_ldflags=["-fopenmp"], verbose=False)

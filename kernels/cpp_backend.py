@@ -63,9 +63,9 @@ def requested_variant() -> str:
     return value
 
 
-def jit_name(variant: str) -> str:
-    """The extension's name (and cache directory) for a build variant."""
-    return JIT_NAME if variant == "native" else f"{JIT_NAME}_{variant}"
+def jit_name(variant: str, base: str = JIT_NAME) -> str:
+    """The name (and cache directory) of a build variant of the extension ``base`` (this library's by default)."""
+    return base if variant == "native" else f"{base}_{variant}"
 
 
 def host_isa() -> str:
