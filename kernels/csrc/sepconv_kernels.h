@@ -979,21 +979,13 @@ void backward(const Geometry& g, const T* x, const T* dw_taps, const T* dw_bias,
   const bool copy_grad_out = rows_share_l1_sets(g.Cout * int64_t(sizeof(T)));
   // The pointwise weight gradient's rows a multiple of 4 KB apart (1024 or 2048 hidden channels):
   // the rows of grad_pw that a micro-kernel call adds to then share L1 sets, so each task sums its
-  // chunk of grad_pw in a buffer of padded rows and copies it out once, at the end. The same GEMM
-  // reads grad_out transposed, all kBlock rows of a block at once: rows a multiple of 2 KB apart
-  // (1536 channels) put those in two sets, so grad_out is then copied to padded rows, once for every
-  // chunk. 1024->1536 at 10x10, batch 8: the grad_pw GEMM 13-15% faster, the backward 3-5% (AVX-512
-  // and AVX2, interleaved pairs in one process, Zen 5); alone, neither helped with AVX-512 (the copy lost 3%).
+  // chunk of grad_pw in a buffer of padded rows and copies it out once, at the end (1024->1536 at
+  // 10x10, batch 8, with a padded copy of grad_out that the column copy below has since made
+  // unnecessary: the backward 3-5% faster, Zen 5). Without that grad_out copy, on an Intel Xeon:
+  // forward+backward 2% faster at batch 1 and 8 (4 interleaved runs).
   const bool pad_grad_pw = want.pointwise && rows_share_l1_sets(g.CM * int64_t(sizeof(T)));
-  const bool pad_grad_out = pad_grad_pw && !copy_grad_out && g.Cout * int64_t(sizeof(T)) % 2048 == 0;
-  const int64_t ldg = copy_grad_out || pad_grad_out ? round_up(g.Cout, 16) + 16 : g.Cout;
+  const int64_t ldg = copy_grad_out ? round_up(g.Cout, 16) + 16 : g.Cout;
   const int64_t ldh = round_up(chunk, 16) + 16;
-  Work<T> padded_grad_out(pad_grad_out ? npix * ldg : 0);
-  if (pad_grad_out) {
-    at::parallel_for(0, npix, 64, [&](int64_t begin, int64_t end) {
-      for (int64_t p = begin; p < end; ++p) std::memcpy(padded_grad_out.data() + p * ldg, grad_out + p * g.Cout, sizeof(T) * g.Cout);
-    });
-  }
   const int64_t chunk_panels = ceil_div(chunk, kCols);
   // Panel j0 / kCols of pw[:, k0:k0+kc], into its place in `panels`, as a Cout x kCols panel
   // (panel_offset), zero-padded.
@@ -1026,6 +1018,7 @@ void backward(const Geometry& g, const T* x, const T* dw_taps, const T* dw_bias,
     const int64_t step = parity < 0 ? 1 : 2, phase_parts = parity < 0 ? parts : (parts - parity + 1) / 2;
     at::parallel_for(0, nchunks * phase_parts, 1, [&](int64_t begin, int64_t end) {
       Work<T> hidden(kBlock * ldh), grad_hidden(kBlock * ldh), go(copy_grad_out ? kBlock * ldg : 0);
+      Work<T> grad_out_cols(want.pointwise ? kBlock * kRows : 0);
       Work<T> own_pw(shared_chunk ? 0 : chunk_panels * g.Cout * kCols), padded_pw_grad(pad_grad_pw ? g.Cout * ldh : 0);
       T* pw_panels = shared_chunk ? chunk_pw.data() : own_pw.data();
       std::vector<T> dw_acc(taps * chunk), db_acc(chunk), pb_acc(want.pointwise_bias ? g.Cout : 0);
@@ -1055,9 +1048,7 @@ void backward(const Geometry& g, const T* x, const T* dw_taps, const T* dw_bias,
         }
         for (int64_t p0 = first; p0 < last; p0 += kBlock) {
           const int64_t nrows = std::min(kBlock, last - p0);
-          const T* gob = copy_grad_out   ? go.data()
-                         : pad_grad_out ? padded_grad_out.data() + p0 * ldg
-                                        : grad_out + p0 * g.Cout;
+          const T* gob = copy_grad_out ? go.data() : grad_out + p0 * g.Cout;
           for (int64_t r = 0; r < nrows; ++r) {
             const T* src = grad_out + (p0 + r) * g.Cout;
             if (copy_grad_out) std::memcpy(go.data() + r * ldg, src, sizeof(T) * g.Cout);
@@ -1081,19 +1072,32 @@ void backward(const Geometry& g, const T* x, const T* dw_taps, const T* dw_bias,
             }
           }
           if (want.pointwise) {
-            // grad_pw[:, chunk] += grad_out[block]^T @ hidden[block, chunk]
+            // grad_pw[:, chunk] += grad_out[block]^T @ hidden[block, chunk], kRows rows of grad_pw at a
+            // time. The micro-kernel's A is those kRows columns of grad_out, copied first to kRows-wide
+            // rows (grad_out_cols): read in place, each step of its K loop took the next row of grad_out,
+            // 2.9 KB or more on, further than Intel's stride prefetcher looks (2 KB), once per column
+            // strip. Intel Xeon (2 MB L2), forward+backward at batch 8 against the eager pair, 3
+            // interleaved runs: 728->728@19 1.03x -> 1.07x, 728->728@37 1.12x -> 1.18x, 728->1024@19
+            // 1.00x -> 1.07x; batch 1 within noise. Copying the whole block once instead (strips outer)
+            // lost 6-12% against this. Same sums in the same order: same bits.
             depthwise_tile<T>(g, x, dw_taps, dw_bias, relu, p0, nrows, k0, kc, hidden.data(), ldh);
-            for (int64_t j0 = 0; j0 < kc; j0 += kCols) {  // the task's first block overwrites
-              MicroArgs args{nrows, 1, ldg, ldh, ldp, int(std::min<int64_t>(kCols, kc - j0)), p0 != first};
-              for (int64_t co = 0; co < g.Cout; co += kRows) {
-                if (args.accumulate) {  // the next call's rows of grad_pw, which it adds to after its K loop
-                  for (int64_t r = co + kRows; r < std::min(g.Cout, co + 2 * kRows); ++r) {
-                    prefetch_at(gpw_sum, r * ldp + j0, true);
-                    prefetch_at(gpw_sum, r * ldp + j0 + args.nr - 1, true);
-                  }
+            for (int64_t co = 0; co < g.Cout; co += kRows) {
+              const int64_t rows = std::min<int64_t>(kRows, g.Cout - co);
+              T* a = grad_out_cols.data();
+              for (int64_t k = 0; k < nrows; ++k) {
+                if (rows == kRows) {  // a copy of fixed size, inlined
+                  std::memcpy(a + k * kRows, gob + k * ldg + co, sizeof(T) * kRows);
+                } else {
+                  std::memcpy(a + k * kRows, gob + k * ldg + co, sizeof(T) * rows);
                 }
-                micro<T>(int(std::min<int64_t>(kRows, g.Cout - co)), gob + co, hidden.data() + j0, gpw_sum + co * ldp + j0,
-                         nullptr, args);
+              }
+              for (int64_t j0 = 0; j0 < kc; j0 += kCols) {  // the task's first block overwrites
+                MicroArgs args{nrows, 1, kRows, ldh, ldp, int(std::min<int64_t>(kCols, kc - j0)), p0 != first};
+                if (args.accumulate && co + kRows < g.Cout) {  // the next group's lines here, added to after its K loop
+                  prefetch_for_write(gpw_sum + (co + kRows) * ldp + j0, ldp, std::min<int64_t>(kRows, g.Cout - co - kRows),
+                                     args.nr);
+                }
+                micro<T>(int(rows), a, hidden.data() + j0, gpw_sum + co * ldp + j0, nullptr, args);
               }
             }
           }
