@@ -51,7 +51,22 @@ struct MicroArgs {
   // a row-major B); otherwise pass i at b + i * b_pass, each pass's columns a block of their own
   // (a packed panel, see panel_offset).
   int64_t b_pass = 0;
+  // Lines to fetch for writing while the K loop runs (the next call's C, which it will store to):
+  // rows [0, next_rows) of next_cols elements at next, rows next_ld elements apart. Spread over the
+  // loop, one row per stretch of k: fetched together before the call, 24 lines waited for the fill
+  // buffers (see forward).
+  const void* next = nullptr;
+  int64_t next_ld_bytes = 0;
+  int next_rows = 0, next_bytes = 0;
 };
+
+// Fetches for writing the lines of row `row` of MicroArgs::next.
+inline void prefetch_next_row(const MicroArgs& p, int row) {
+  const char* first = static_cast<const char*>(p.next) + row * p.next_ld_bytes;
+  const char* last = first + p.next_bytes - 1;
+  for (const char* line = first; line < last; line += 64) __builtin_prefetch(line, 1, 3);
+  __builtin_prefetch(last, 1, 3);
+}
 
 // Columns of B that one pass of the micro-kernel reads. A packed panel stores them together, so a
 // pass walks one contiguous stream: AVX2 and NEON passes read half of a 32-column row, and reading
@@ -117,8 +132,7 @@ inline void micro_pass(const float* a, const float* b, float* c, const float* in
   // rate (a 192 x 728 tile times 23 panels, one thread: 163-169 GFLOP/s), two steps 173-189; the
   // layers' ratio to the eager pair 0.97x -> 1.02x (728->728@19 and 1024->1536@10, forward+backward,
   // batch 8, 3 interleaved runs each). AVX2 on the same machine: no change (already ~92%).
-#pragma GCC unroll 2
-  for (int64_t k = 0; k < p.K; ++k) {
+  auto step = [&](int64_t k) {
     typename V::Reg bk[NV];
 #pragma GCC unroll 4
     for (int v = 0; v < NV; ++v) bk[v] = load(v, b + k * ldb + v * V::kLanes);
@@ -129,7 +143,18 @@ inline void micro_pass(const float* a, const float* b, float* c, const float* in
 #pragma GCC unroll 4
       for (int v = 0; v < NV; ++v) acc[r][v] = V::fmadd(av, bk[v], acc[r][v]);
     }
+  };
+  int64_t k = 0;
+  if (p.next != nullptr) {  // one row of the next C after each of next_rows + 1 stretches of k
+    for (int row = 0; row < p.next_rows; ++row) {
+      const int64_t until = (row + 1) * p.K / (p.next_rows + 1);
+#pragma GCC unroll 2
+      for (; k < until; ++k) step(k);
+      prefetch_next_row(p, row);
+    }
   }
+#pragma GCC unroll 2
+  for (; k < p.K; ++k) step(k);
   typename V::Reg bias[NV];
 #pragma GCC unroll 4
   for (int v = 0; v < NV; ++v) bias[v] = init ? load(v, init + v * V::kLanes) : V::zero();
@@ -156,16 +181,19 @@ inline void micro_pass(const float* a, const float* b, float* c, const float* in
 template <int MR>
 inline void micro_f32(const float* a, const float* b, float* c, const float* init, const MicroArgs& p) {
   constexpr int kHalf = kTileVectors / 2 * VecF32::kLanes;
+  MicroArgs later = p;  // the passes after the first fetch no lines
+  later.next = nullptr;
   for (int j0 = 0; j0 < p.nr; j0 += kPassCols) {
+    const MicroArgs& pass_args = j0 == 0 ? p : later;
     const int64_t left = p.nr - j0;
     const float* pass_init = init ? init + j0 : nullptr;
     const float* pass_b = p.b_pass ? b + j0 / kPassCols * p.b_pass : b + j0;
     if (left >= kPassCols) {
-      micro_pass<MR, kTileVectors, false>(a, pass_b, c + j0, pass_init, p, left);
+      micro_pass<MR, kTileVectors, false>(a, pass_b, c + j0, pass_init, pass_args, left);
     } else if (left <= kHalf) {  // half the vectors live: half the FMAs
-      micro_pass<MR, kTileVectors / 2, true>(a, pass_b, c + j0, pass_init, p, left);
+      micro_pass<MR, kTileVectors / 2, true>(a, pass_b, c + j0, pass_init, pass_args, left);
     } else {
-      micro_pass<MR, kTileVectors, true>(a, pass_b, c + j0, pass_init, p, left);
+      micro_pass<MR, kTileVectors, true>(a, pass_b, c + j0, pass_init, pass_args, left);
     }
   }
 }

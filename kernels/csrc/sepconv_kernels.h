@@ -63,17 +63,6 @@ inline void prefetch_at(const T* p, int64_t offset, bool write = false) {
   }
 }
 
-// Prefetches for writing the cache lines of `rows` rows of `cols` elements at c, rows ldc elements apart.
-template <typename T>
-inline void prefetch_for_write(const T* c, int64_t ldc, int64_t rows, int64_t cols) {
-  for (int64_t r = 0; r < rows; ++r) {
-    const uintptr_t first = reinterpret_cast<uintptr_t>(c + r * ldc), last = first + (cols - 1) * sizeof(T);
-    for (uintptr_t line = first & ~uintptr_t(63); line <= last; line += 64) {
-      __builtin_prefetch(reinterpret_cast<const void*>(line), 1, 3);
-    }
-  }
-}
-
 // One output pixel's depthwise result for kc hidden channels: out[c] = bias[c] +
 // sum over the `valid` in-bounds taps v of relu?(xs[v][c]) * ws[v][c] (bias may be null).
 // Each 64-channel slice accumulates over the taps in registers and is stored once.
@@ -867,15 +856,24 @@ void forward(const Geometry& g, const T* x, const T* dw_taps, const T* pw, const
           // each store at the end of a call otherwise waits for its line, from L3 or memory. Intel
           // Xeon (2 MB L2), batch 8, against the eager pair, 4 interleaved runs each: 64->128@147
           // 2.75x -> 3.08x, 256->728@37 1.04x -> 1.11x, 728->728@19 0.97x -> 0.98x; batch 1 0.92x ->
-          // 0.96x at 728->728@19. Streamed outputs need no line first.
+          // 0.96x at 728->728@19. Streamed outputs need no line first. The micro-kernel fetches them
+          // a row at a time across its K loop (MicroArgs::next): fetched all at once before the call,
+          // the 24 fetches waited for fill buffers (13% of the forward's samples at 128->256@74, batch
+          // 1); spread out, batch 8 256->728@37 1.13x -> 1.22x, 256->256@74 2.00x -> 2.12x, batch 1
+          // 128->256@74 0.82x -> 0.87x (3 interleaved runs; the wide layers within noise).
+          args.next = nullptr;
           if (!stream) {
             if (call + 1 < calls) {
-              prefetch_for_write(out + (p0 + r1) * g.Cout + jp * kCols, g.Cout, (call + 2) * nrows / calls - r1, args.nr);
+              args.next = out + (p0 + r1) * g.Cout + jp * kCols;
+              args.next_rows = int((call + 2) * nrows / calls - r1);
+              args.next_bytes = args.nr * int(sizeof(T));
             } else if (step + 1 < jp1 - jp0) {
               const int64_t next = panel_at(step + 1);
-              prefetch_for_write(out + p0 * g.Cout + next * kCols, g.Cout, nrows / calls,
-                                 std::min<int64_t>(kCols, g.Cout - next * kCols));
+              args.next = out + p0 * g.Cout + next * kCols;
+              args.next_rows = int(nrows / calls);
+              args.next_bytes = int(std::min<int64_t>(kCols, g.Cout - next * kCols) * int64_t(sizeof(T)));
             }
+            args.next_ld_bytes = g.Cout * int64_t(sizeof(T));
           }
           micro<T>(int(r1 - r0), tile.data() + r0 * ld, panel, out + (p0 + r0) * g.Cout + jp * kCols, init, args);
         }
@@ -1116,8 +1114,10 @@ void backward(const Geometry& g, const T* x, const T* dw_taps, const T* dw_bias,
               for (int64_t j0 = 0; j0 < kc; j0 += kCols) {  // the task's first block overwrites
                 MicroArgs args{nrows, 1, kRows, ldh, ldp, int(std::min<int64_t>(kCols, kc - j0)), p0 != first};
                 if (args.accumulate && co + kRows < g.Cout) {  // the next group's lines here, added to after its K loop
-                  prefetch_for_write(gpw_sum + (co + kRows) * ldp + j0, ldp, std::min<int64_t>(kRows, g.Cout - co - kRows),
-                                     args.nr);
+                  for (int64_t r = co + kRows; r < std::min(g.Cout, co + 2 * kRows); ++r) {
+                    prefetch_at(gpw_sum, r * ldp + j0, true);
+                    prefetch_at(gpw_sum, r * ldp + j0 + args.nr - 1, true);
+                  }
                 }
                 micro<T>(int(rows), a, hidden.data() + j0, gpw_sum + co * ldp + j0, nullptr, args);
               }
