@@ -52,9 +52,9 @@ struct MicroArgs {
   // (a packed panel, see panel_offset).
   int64_t b_pass = 0;
   // Lines to fetch for writing while the K loop runs (the next call's C, which it will store to):
-  // rows [0, next_rows) of next_cols elements at next, rows next_ld elements apart. Spread over the
-  // loop, one row per stretch of k: fetched together before the call, 24 lines waited for the fill
-  // buffers (see forward).
+  // next_rows rows of next_bytes bytes from next, next_ld_bytes apart; null: none. One row after
+  // each stretch of k: fetched together before the call, 24 lines waited for fill buffers (see
+  // forward).
   const void* next = nullptr;
   int64_t next_ld_bytes = 0;
   int next_rows = 0, next_bytes = 0;

@@ -999,10 +999,10 @@ void backward(const Geometry& g, const T* x, const T* dw_taps, const T* dw_bias,
   const bool copy_grad_out = rows_share_l1_sets(g.Cout * int64_t(sizeof(T)));
   // The pointwise weight gradient's rows a multiple of 4 KB apart (1024 or 2048 hidden channels):
   // the rows of grad_pw that a micro-kernel call adds to then share L1 sets, so each task sums its
-  // chunk of grad_pw in a buffer of padded rows and copies it out once, at the end (1024->1536 at
-  // 10x10, batch 8, with a padded copy of grad_out that the column copy below has since made
-  // unnecessary: the backward 3-5% faster, Zen 5). Without that grad_out copy, on an Intel Xeon:
-  // forward+backward 2% faster at batch 1 and 8 (4 interleaved runs).
+  // chunk of grad_pw in a buffer of padded rows and copies it out once, at the end. 1024->1536 at
+  // 10x10, batch 8: the backward 3-5% faster (Zen 5), measured with a padded copy of grad_out for
+  // the same GEMM, which the column copy below has since replaced (dropping that copy: forward +
+  // backward 2% faster at batch 1 and 8 on an Intel Xeon, 4 interleaved runs).
   const bool pad_grad_pw = want.pointwise && rows_share_l1_sets(g.CM * int64_t(sizeof(T)));
   const int64_t ldg = copy_grad_out ? round_up(g.Cout, 16) + 16 : g.Cout;
   const int64_t ldh = round_up(chunk, 16) + 16;
