@@ -52,7 +52,8 @@ struct MicroArgs {
   // (a packed panel, see panel_offset).
   int64_t b_pass = 0;
   // Lines to fetch for writing while the K loop runs (the next call's C, which it will store to):
-  // next_rows rows of next_bytes bytes from next, next_ld_bytes apart; null: none. One row after
+  // next_rows rows of next_bytes bytes from next, next_ld_bytes apart; null: none (the plain loop
+  // of other dtypes fetches nothing). The float32 kernel's first pass fetches one row after
   // each stretch of k: fetched together before the call, 24 lines waited for fill buffers (see
   // forward).
   const void* next = nullptr;

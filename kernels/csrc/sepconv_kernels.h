@@ -838,6 +838,7 @@ void forward(const Geometry& g, const T* x, const T* dw_taps, const T* pw, const
                        false};
         args.stream = stream && args.nr == kCols;
         args.b_pass = g.CM * args.ldb;
+        args.next_ld_bytes = g.Cout * int64_t(sizeof(T));  // the output's rows, for MicroArgs::next
         const T* panel = shared_panels + jp * g.CM * kCols;
         if (pack_on_use) {
           pack_panel(pw, g.Cout, g.CM, jp, own_panel.data());
@@ -873,7 +874,6 @@ void forward(const Geometry& g, const T* x, const T* dw_taps, const T* pw, const
               args.next_rows = int(nrows / calls);
               args.next_bytes = int(std::min<int64_t>(kCols, g.Cout - next * kCols) * int64_t(sizeof(T)));
             }
-            args.next_ld_bytes = g.Cout * int64_t(sizeof(T));
           }
           micro<T>(int(r1 - r0), tile.data() + r0 * ld, panel, out + (p0 + r0) * g.Cout + jp * kCols, init, args);
         }
