@@ -4,8 +4,9 @@ Xception puts a BatchNorm after every convolution. In training it normalises wit
 statistics, and ATen writes its output, and in the backward its input gradient, into freshly
 allocated buffers: at batch 8 the 147x147 and 74x74 activations are 45-88 MB, which glibc maps
 afresh on each allocation, so the BatchNorm's time there is mostly page faults. The ``cpp``
-backend's ``batch_norm`` / ``batch_norm_backward`` ops compute the same thing (two-pass
-statistics, ATen's formulas, double-precision sums, deterministic) into buffers recycled by its
+backend's ``batch_norm`` / ``batch_norm_backward`` ops compute the same thing (ATen's formulas,
+double-precision sums, deterministic; the variance from per-64-row sums of squared deviations
+merged exactly, so the input is read once for both statistics) into buffers recycled by its
 buffer cache. ``BatchNorm2d`` is ``nn.BatchNorm2d`` with a ``backend``: the same parameters,
 buffers and ``state_dict``, the same running-statistics updates; it calls the op in training on
 channels_last float32/float64 CPU input when ``backend`` resolves to ``cpp``, and
