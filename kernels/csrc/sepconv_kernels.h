@@ -765,7 +765,17 @@ void forward(const Geometry& g, const T* x, const T* dw_taps, const T* pw, const
     // panels split between the threads (each recomputes the cheap depthwise tile); otherwise the
     // pixels are split and each thread packs the whole weight for its own share of the tile, which
     // then stays in L2 (728->728 at 19x19: 1.00 ms -> 0.88 ms; 1536->2048 at 10x10 is the other way).
-    blocks = weight_bytes > 4 * tile_bytes ? 1 : std::min(groups, threads);
+    // A weight of a quarter of L2 or less stays there beside L2-sized blocks, which keep their
+    // output rows in L2 across the panels too: 128->256 at 74x74, batch 1 (a 2.8 MB tile as two
+    // 1.4 MB halves before), forward 8.6% less time with AVX-512 and 4% with AVX2 on an Intel Xeon
+    // (2 MB L2; 4 interleaved runs: 0.90x -> 0.99x and 0.97x -> 1.03x the eager pair).
+    if (weight_bytes > 4 * tile_bytes) {
+      blocks = 1;
+    } else if (4 * weight_bytes <= machine().l2_bytes) {
+      blocks = std::min(groups, std::max(threads, round_up(blocks, threads)));
+    } else {
+      blocks = std::min(groups, threads);
+    }
   } else if (const int64_t l3_share = machine().l3_bytes / 4; weight_bytes >= l3_share) {
     // A pointwise weight of a quarter of L3 or more (1536->2048: 12.6 MB) read again from L3 for
     // every L2-sized block of pixels kept each panel's reuse to ~8 micro-kernel calls. Instead each
