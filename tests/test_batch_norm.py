@@ -100,6 +100,18 @@ def test_matches_nn_batchnorm_in_training(dtype, shape):
         ours.zero_grad(set_to_none=True)
 
 
+def test_variance_of_values_far_from_zero():
+    """1000 + N(0, 1) (about 16 bits of the float32 mantissa above the spread): the kernel's variance
+    within float32 rounding of the float64 variance of the same values. A sum of squares would lose
+    all of it, and so would a merge of 64-row steps that took a float sum's rounded mean as exact."""
+    require_backend("cpp")
+    x = torch.randn(4, 48, 37, 37, generator=torch.Generator().manual_seed(3)) + 1000
+    x = x.contiguous(memory_format=torch.channels_last)
+    _, mean, _, var = torch.ops.sepconv_cpp.batch_norm(x, None, None, 1e-5)
+    torch.testing.assert_close(var.double(), x.double().var(dim=(0, 2, 3)), rtol=2e-6, atol=0)
+    torch.testing.assert_close(mean.double(), x.double().mean(dim=(0, 2, 3)), rtol=1e-7, atol=0)
+
+
 @pytest.mark.parametrize("kwargs", [dict(momentum=None), dict(affine=False), dict(track_running_stats=False),
                                     dict(momentum=0.3, eps=1e-3)],
                          ids=["cumulative-average", "no-affine", "no-running-stats", "momentum-eps"])

@@ -14,10 +14,11 @@
 // the same bits run to run and for any thread count. Every output element is written here.
 //
 // M2 is not a second pass over x from memory: each 64-row step (in L1 or L2 after its sum) gives its
-// own M2 around its own mean, and the steps, then the parts, are merged in order with Chan et al.'s
-// update, M2 = M2_a + M2_b + (mean_b - mean_a)^2 * n_a * n_b / (n_a + n_b), in double; the mean is
-// the plain sum. A second pass from memory for M2 cost the model's training step (batch 8, Intel
-// Xeon, 2 threads) 102-103 ms of BatchNorm forward; one pass 90-91 ms (profiler, 3 steps, 2 runs).
+// own mean and M2, and the steps, then the parts, are merged in order with Chan et al.'s update,
+// M2 = M2_a + M2_b + (mean_b - mean_a)^2 * n_a * n_b / (n_a + n_b), in double; the mean that is
+// returned is the plain sum / M. A second pass from memory for M2 cost the model's training step
+// (batch 8, Intel Xeon, 2 threads) 102-103 ms of BatchNorm forward; one pass 90-91 ms (profiler, 3
+// steps, 2 runs).
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -80,66 +81,71 @@ void column_sums(int64_t M, int64_t C, AddRow add_row, double* out) {
 }
 
 // Per column c: sum[c] = the sum of x[r][c] over the rows (the parts, steps and order of
-// column_sums: the same bits) and m2[c] = the sum of squared deviations from the column mean,
-// merged as the header says.
+// column_sums: the same bits) and m2[c] = the sum of squared deviations from the column mean.
+// Within a step the deviations are taken from the step's rounded mean c: with s1 = sum(x - c) and
+// s2 = sum((x - c)^2), the step's own mean is c + s1 / n and its M2 is s2 - s1^2 / n (exact however
+// far c is off, e.g. by the rounding of a float sum of large values); steps, then parts, are merged
+// in order with Chan's update.
 template <typename T>
 void column_sum_m2(int64_t M, int64_t C, const T* x, double* sum, double* m2) {
   constexpr int64_t kStep = 64;
   const int64_t rows_per_part = std::max<int64_t>(256, (M + 63) / 64);
   const int64_t parts = (M + rows_per_part - 1) / rows_per_part;
-  std::vector<double> partial(static_cast<size_t>(parts * 2 * C), 0.0);  // per part: C sums, then C M2s
-  // Folds (n_b rows: sum_b, m2_b) into (n_a rows: sum_a, m2_a), column by column.
-  auto merge = [C](int64_t n_a, double* sum_a, double* m2_a, int64_t n_b, const auto* sum_b, const double* m2_b) {
-    const double na = static_cast<double>(n_a), nb = static_cast<double>(n_b), w = na * nb / (na + nb);
+  // Per part: C sums, C means, C M2s (the running state of the merge).
+  std::vector<double> partial(static_cast<size_t>(parts * 3 * C), 0.0);
+  // Folds (n_b rows: sum_b, mean_b, m2_b) into (n_a rows: sum_a, mean_a, m2_a), column by column.
+  auto merge = [C](int64_t n_a, double* sum_a, double* mean_a, double* m2_a, int64_t n_b, const auto* sum_b,
+                   const double* mean_b, const double* m2_b) {
+    const double na = static_cast<double>(n_a), nb = static_cast<double>(n_b), n = na + nb;
     for (int64_t c = 0; c < C; ++c) {
-      const double delta = n_a > 0 ? static_cast<double>(sum_b[c]) / nb - sum_a[c] / na : 0.0;
-      m2_a[c] += m2_b[c] + delta * delta * w;
+      const double delta = mean_b[c] - mean_a[c];
+      mean_a[c] += delta * (nb / n);
+      m2_a[c] += m2_b[c] + delta * delta * (na * nb / n);
       sum_a[c] += static_cast<double>(sum_b[c]);
     }
   };
   at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> acc(static_cast<size_t>(2 * C)), step_mean(static_cast<size_t>(C));
-    std::vector<double> exact_mean(static_cast<size_t>(C)), step_m2(static_cast<size_t>(C));
+    std::vector<T> acc(static_cast<size_t>(3 * C)), center(static_cast<size_t>(C));
+    std::vector<double> step_mean(static_cast<size_t>(C)), step_m2(static_cast<size_t>(C));
     for (int64_t part = begin; part < end; ++part) {
-      double* part_sum = partial.data() + part * 2 * C;
+      double* state = partial.data() + part * 3 * C;
       const int64_t last = std::min(M, (part + 1) * rows_per_part);
       int64_t n = 0;
       for (int64_t r0 = part * rows_per_part; r0 < last; r0 += kStep) {
-        const int64_t r1 = std::min(last, r0 + kStep);
+        const int64_t r1 = std::min(last, r0 + kStep), rows = r1 - r0;
         std::fill(acc.begin(), acc.end(), T(0));
         for (int64_t r = r0; r < r1; ++r) {
           const T* row = x + r * C;
 #pragma omp simd
           for (int64_t c = 0; c < C; ++c) acc[c] += row[c];
         }
-        for (int64_t c = 0; c < C; ++c) {
-          exact_mean[c] = static_cast<double>(acc[c]) / static_cast<double>(r1 - r0);
-          step_mean[c] = static_cast<T>(exact_mean[c]);
-        }
+        for (int64_t c = 0; c < C; ++c) center[c] = static_cast<T>(static_cast<double>(acc[c]) / static_cast<double>(rows));
         for (int64_t r = r0; r < r1; ++r) {  // the step's rows again, from cache
           const T* row = x + r * C;
 #pragma omp simd
           for (int64_t c = 0; c < C; ++c) {
-            const T d = row[c] - step_mean[c];
-            acc[C + c] += d * d;
+            const T d = row[c] - center[c];
+            acc[C + c] += d;
+            acc[2 * C + c] += d * d;
           }
         }
-        // Around the rounded step mean M2 is larger by n * (rounding)^2: taken off.
         for (int64_t c = 0; c < C; ++c) {
-          const double off = exact_mean[c] - static_cast<double>(step_mean[c]);
-          step_m2[c] = std::max(0.0, static_cast<double>(acc[C + c]) - static_cast<double>(r1 - r0) * off * off);
+          const double s1 = static_cast<double>(acc[C + c]), s2 = static_cast<double>(acc[2 * C + c]);
+          step_mean[c] = static_cast<double>(center[c]) + s1 / static_cast<double>(rows);
+          step_m2[c] = std::max(0.0, s2 - s1 * s1 / static_cast<double>(rows));
         }
-        merge(n, part_sum, part_sum + C, r1 - r0, acc.data(), step_m2.data());
-        n += r1 - r0;
+        merge(n, state, state + C, state + 2 * C, rows, acc.data(), step_mean.data(), step_m2.data());
+        n += rows;
       }
     }
   });
+  std::vector<double> mean(static_cast<size_t>(C), 0.0);
   std::fill(sum, sum + C, 0.0);
   std::fill(m2, m2 + C, 0.0);
   for (int64_t part = 0; part < parts; ++part) {
     const int64_t first = part * rows_per_part, rows = std::min(M, first + rows_per_part) - first;
-    const double* src = partial.data() + part * 2 * C;
-    merge(first, sum, m2, rows, src, src + C);
+    const double* state = partial.data() + part * 3 * C;
+    merge(first, sum, mean.data(), m2, rows, state, state + C, state + 2 * C);
   }
 }
 
