@@ -17,8 +17,8 @@
 // own mean and M2, and the steps, then the parts, are merged in order with Chan et al.'s update,
 // M2 = M2_a + M2_b + (mean_b - mean_a)^2 * n_a * n_b / (n_a + n_b), in double; the mean that is
 // returned is the plain sum / M. A second pass from memory for M2 cost the model's training step
-// (batch 8, Intel Xeon, 2 threads) 102-103 ms of BatchNorm forward; one pass 90-91 ms (profiler, 3
-// steps, 2 runs).
+// (batch 8, Intel Xeon, 2 threads) 102-110 ms of BatchNorm forward; one pass 90-97 ms (profiler, 3
+// steps, 4 runs each over two sessions of measurements).
 #pragma once
 
 #include <ATen/Parallel.h>
