@@ -18,7 +18,7 @@ from conftest import require_backend
 
 def _input(shape, dtype, seed=0, layout=torch.channels_last):
     g = torch.Generator().manual_seed(seed)
-    # An offset mean, so a one-pass variance would lose digits the two-pass one keeps.
+    # An offset mean, so a sum-of-squares variance would lose digits that deviations from a mean keep.
     x = torch.randn(shape, generator=g, dtype=dtype) * 3 + 20
     return x.contiguous(memory_format=layout)
 
