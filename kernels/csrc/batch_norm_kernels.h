@@ -52,29 +52,41 @@ void write_rows(int64_t M, int64_t C, T* out, Fill fill) {
   });
 }
 
+// Rows summed in the data type before a step's sums go into double.
+constexpr int64_t kSumStep = 64;
+
+// The fixed row parts of the column sums (their number depends on M only): part p holds rows
+// [first(p), end(p)).
+struct RowParts {
+  int64_t M, rows_per_part, count;
+  explicit RowParts(int64_t rows)
+      : M(rows), rows_per_part(std::max<int64_t>(256, (rows + 63) / 64)),
+        count((rows + rows_per_part - 1) / rows_per_part) {}
+  int64_t first(int64_t part) const { return part * rows_per_part; }
+  int64_t end(int64_t part) const { return std::min(M, (part + 1) * rows_per_part); }
+};
+
 // Adds `kSums` column sums of per-row terms into out[k * C + c] (doubles, zeroed here):
 // add_row(row, acc) adds row `row`'s terms into acc[k * C + c].
 template <int kSums, typename T, typename AddRow>
 void column_sums(int64_t M, int64_t C, AddRow add_row, double* out) {
-  constexpr int64_t kStep = 64;
-  const int64_t rows_per_part = std::max<int64_t>(256, (M + 63) / 64);
-  const int64_t parts = (M + rows_per_part - 1) / rows_per_part;
-  std::vector<double> partial(static_cast<size_t>(parts * kSums * C), 0.0);
-  at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
+  const RowParts parts(M);
+  std::vector<double> partial(static_cast<size_t>(parts.count * kSums * C), 0.0);
+  at::parallel_for(0, parts.count, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> acc(static_cast<size_t>(kSums * C));
     for (int64_t part = begin; part < end; ++part) {
       double* dst = partial.data() + part * kSums * C;
-      const int64_t last = std::min(M, (part + 1) * rows_per_part);
-      for (int64_t r0 = part * rows_per_part; r0 < last; r0 += kStep) {
+      const int64_t last = parts.end(part);
+      for (int64_t r0 = parts.first(part); r0 < last; r0 += kSumStep) {
         std::fill(acc.begin(), acc.end(), T(0));
-        for (int64_t r = r0; r < std::min(last, r0 + kStep); ++r) add_row(r, acc.data());
+        for (int64_t r = r0; r < std::min(last, r0 + kSumStep); ++r) add_row(r, acc.data());
 #pragma omp simd
         for (int64_t i = 0; i < kSums * C; ++i) dst[i] += acc[i];
       }
     }
   });
   std::fill(out, out + kSums * C, 0.0);
-  for (int64_t part = 0; part < parts; ++part) {
+  for (int64_t part = 0; part < parts.count; ++part) {
     const double* src = partial.data() + part * kSums * C;
     for (int64_t i = 0; i < kSums * C; ++i) out[i] += src[i];
   }
@@ -88,11 +100,9 @@ void column_sums(int64_t M, int64_t C, AddRow add_row, double* out) {
 // in order with Chan's update.
 template <typename T>
 void column_sum_m2(int64_t M, int64_t C, const T* x, double* sum, double* m2) {
-  constexpr int64_t kStep = 64;
-  const int64_t rows_per_part = std::max<int64_t>(256, (M + 63) / 64);
-  const int64_t parts = (M + rows_per_part - 1) / rows_per_part;
+  const RowParts parts(M);
   // Per part: C sums, C means, C M2s (the running state of the merge).
-  std::vector<double> partial(static_cast<size_t>(parts * 3 * C), 0.0);
+  std::vector<double> partial(static_cast<size_t>(parts.count * 3 * C), 0.0);
   // Folds (n_b rows: sum_b, mean_b, m2_b) into (n_a rows: sum_a, mean_a, m2_a), column by column.
   auto merge = [C](int64_t n_a, double* sum_a, double* mean_a, double* m2_a, int64_t n_b, const auto* sum_b,
                    const double* mean_b, const double* m2_b) {
@@ -104,22 +114,24 @@ void column_sum_m2(int64_t M, int64_t C, const T* x, double* sum, double* m2) {
       sum_a[c] += static_cast<double>(sum_b[c]);
     }
   };
-  at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, parts.count, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> acc(static_cast<size_t>(3 * C)), center(static_cast<size_t>(C));
     std::vector<double> step_mean(static_cast<size_t>(C)), step_m2(static_cast<size_t>(C));
     for (int64_t part = begin; part < end; ++part) {
       double* state = partial.data() + part * 3 * C;
-      const int64_t last = std::min(M, (part + 1) * rows_per_part);
+      const int64_t last = parts.end(part);
       int64_t n = 0;
-      for (int64_t r0 = part * rows_per_part; r0 < last; r0 += kStep) {
-        const int64_t r1 = std::min(last, r0 + kStep), rows = r1 - r0;
+      for (int64_t r0 = parts.first(part); r0 < last; r0 += kSumStep) {
+        const int64_t r1 = std::min(last, r0 + kSumStep), rows = r1 - r0;
         std::fill(acc.begin(), acc.end(), T(0));
         for (int64_t r = r0; r < r1; ++r) {
           const T* row = x + r * C;
 #pragma omp simd
           for (int64_t c = 0; c < C; ++c) acc[c] += row[c];
         }
-        for (int64_t c = 0; c < C; ++c) center[c] = static_cast<T>(static_cast<double>(acc[c]) / static_cast<double>(rows));
+        for (int64_t c = 0; c < C; ++c) {
+          center[c] = static_cast<T>(static_cast<double>(acc[c]) / static_cast<double>(rows));
+        }
         for (int64_t r = r0; r < r1; ++r) {  // the step's rows again, from cache
           const T* row = x + r * C;
 #pragma omp simd
@@ -142,10 +154,10 @@ void column_sum_m2(int64_t M, int64_t C, const T* x, double* sum, double* m2) {
   std::vector<double> mean(static_cast<size_t>(C), 0.0);
   std::fill(sum, sum + C, 0.0);
   std::fill(m2, m2 + C, 0.0);
-  for (int64_t part = 0; part < parts; ++part) {
-    const int64_t first = part * rows_per_part, rows = std::min(M, first + rows_per_part) - first;
+  for (int64_t part = 0; part < parts.count; ++part) {
     const double* state = partial.data() + part * 3 * C;
-    merge(first, sum, mean.data(), m2, rows, state, state + C, state + 2 * C);
+    const int64_t first = parts.first(part);
+    merge(first, sum, mean.data(), m2, parts.end(part) - first, state, state + C, state + 2 * C);
   }
 }
 
@@ -156,12 +168,11 @@ void batch_norm_forward(int64_t M, int64_t C, const T* x, const T* weight, const
                         T* y, T* mean_out, T* invstd_out, T* var_out) {
   std::vector<double> sums(static_cast<size_t>(C)), m2(static_cast<size_t>(C));
   column_sum_m2(M, C, x, sums.data(), m2.data());
-  for (int64_t c = 0; c < C; ++c) mean_out[c] = static_cast<T>(sums[c] / static_cast<double>(M));
-  sums.swap(m2);
   std::vector<T> alpha(static_cast<size_t>(C)), beta(static_cast<size_t>(C));
   for (int64_t c = 0; c < C; ++c) {
-    invstd_out[c] = static_cast<T>(1.0 / std::sqrt(sums[c] / static_cast<double>(M) + eps));
-    var_out[c] = static_cast<T>(M > 1 ? sums[c] / static_cast<double>(M - 1) : NAN);
+    mean_out[c] = static_cast<T>(sums[c] / static_cast<double>(M));
+    invstd_out[c] = static_cast<T>(1.0 / std::sqrt(m2[c] / static_cast<double>(M) + eps));
+    var_out[c] = static_cast<T>(M > 1 ? m2[c] / static_cast<double>(M - 1) : NAN);
     alpha[c] = invstd_out[c] * (weight ? weight[c] : T(1));
     beta[c] = (bias ? bias[c] : T(0)) - mean_out[c] * alpha[c];
   }

@@ -772,7 +772,7 @@ void forward(const Geometry& g, const T* x, const T* dw_taps, const T* pw, const
     if (weight_bytes > 4 * tile_bytes) {
       blocks = 1;
     } else if (4 * weight_bytes <= machine().l2_bytes) {
-      blocks = std::min(groups, std::max(threads, round_up(blocks, threads)));
+      blocks = std::min(groups, round_up(blocks, threads));  // as for more pixels, below
     } else {
       blocks = std::min(groups, threads);
     }
