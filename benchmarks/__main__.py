@@ -83,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Benchmark the fused separable convolution against the eager nn.Conv2d pair and torch.compile.",
         epilog="Defaults on CPU are --quick; on CUDA the GPU grid (batch 32, bf16/fp16/fp32, both layouts).",
     )
-    parser.add_argument("--suite", type=_choices("suite", SUITES), help="layers,model (default both)")
+    parser.add_argument("--suite", type=_choices("suite", SUITES), help="layers,model,shortcut (default: all three on CPU, layers,model on CUDA)")
     parser.add_argument("--backends", type=_choices("backend", providers.BACKEND_PROVIDERS),
                         help=f"project backends to run ({','.join(providers.BACKEND_PROVIDERS)}; default all)")
     parser.add_argument("--providers", type=_choices("provider", ALL_PROVIDERS + MODEL_PROVIDER_NAMES),
@@ -130,7 +130,7 @@ def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
     backends = args.backends or list(providers.BACKEND_PROVIDERS)
     quick_skips: List[str] = []
     if args.suite is None:
-        args.suite = ["layers", "model"]
+        args.suite = ["layers", "model"] + ([] if gpu else ["shortcut"])
     if args.providers is None:
         # On a GPU, triton's split mode (SEPCONV_TRITON_MODE=split) runs beside its fused kernels.
         modes = [m for m, (b, _) in providers.MODE_PROVIDERS.items() if gpu and b in backends]

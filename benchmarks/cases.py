@@ -14,7 +14,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 
-SUITES = ("layers", "model", "smoke")
+SUITES = ("layers", "model", "shortcut", "smoke")
 LAYER_MODES = ("fwd", "bwd", "full")
 MODEL_MODES = ("eval", "train")
 LAYOUTS = ("channels_last", "nchw")
@@ -75,6 +75,15 @@ SWEEP_LAYERS: Tuple[Shape, ...] = tuple(
     Shape(f"sweep {c}->{c}@{hw}", c, c, hw, hw) for c in (32, 128, 512) for hw in (8, 28, 56, 112)
 )
 
+# The 1x1, stride 2 shortcut convolutions of Xception's strided blocks (suite "shortcut": the eager
+# nn.Conv2d against kernels.PointwiseConv2d; depthwise fields k=1 and stride 2 describe the 1x1 conv).
+SHORTCUT_LAYERS: Tuple[Shape, ...] = tuple(
+    Shape(f"shortcut {cin}->{cout}@{hw}", cin, cout, hw, hw, k=1, stride=2)
+    for cin, cout, hw in ((64, 128, 147), (128, 256, 74), (256, 728, 37), (728, 1024, 19))
+)
+# The providers that the shortcut suite compares: on every other backend the module is F.conv2d.
+SHORTCUT_PROVIDERS = ("eager", "cpp")
+
 # Tiny shapes: the pipeline end to end in seconds (tests, smoke runs).
 TINY_LAYERS: Tuple[Shape, ...] = (
     Shape("tiny 8->16@12", 8, 16, 12, 12),
@@ -91,22 +100,25 @@ SHAPE_SETS: Dict[str, Tuple[Shape, ...]] = {
 MODEL_SHAPE = Shape("xception 299x299", 3, 1000, 299, 299, k=3, stride=2)
 
 
-def separable_flops(shape: Shape, batch: int) -> float:
-    """Forward FLOPs (2 per multiply-add) of depthwise + pointwise: ``2*N*Ho*Wo*(C*kh*kw + C*Cout)``."""
+def separable_flops(shape: Shape, batch: int, depthwise: bool = True) -> float:
+    """Forward FLOPs (2 per multiply-add) of depthwise + pointwise: ``2*N*Ho*Wo*(C*kh*kw + C*Cout)``;
+    without ``depthwise`` (the shortcut suite's 1x1 conv), ``2*N*Ho*Wo*C*Cout``."""
     ho, wo = shape.out_hw
-    return 2.0 * batch * ho * wo * (shape.cin * shape.k * shape.k + shape.cin * shape.cout)
+    per_pixel = shape.cin * shape.cout + (shape.cin * shape.k * shape.k if depthwise else 0)
+    return 2.0 * batch * ho * wo * per_pixel
 
 
-def separable_bytes(shape: Shape, batch: int, element_size: int, mode: str) -> float:
+def separable_bytes(shape: Shape, batch: int, element_size: int, mode: str, depthwise: bool = True) -> float:
     """Minimal memory traffic: every tensor read or written once.
 
     fwd: input, both weights, output. bwd: grad_output, input (to recompute),
-    weights, grad_input and both weight gradients. full: the sum.
+    weights, grad_input and both weight gradients. full: the sum. Without ``depthwise``,
+    the pointwise weight only.
     """
     ho, wo = shape.out_hw
     x = batch * shape.cin * shape.h * shape.w
     y = batch * shape.cout * ho * wo
-    weights = shape.cin * shape.k * shape.k + shape.cin * shape.cout
+    weights = (shape.cin * shape.k * shape.k if depthwise else 0) + shape.cin * shape.cout
     forward = x + weights + y
     backward = y + x + weights + x + weights
     return float(element_size * {"fwd": forward, "bwd": backward, "full": forward + backward}[mode])
@@ -189,6 +201,13 @@ def build_cases(
                 for batch, dtype in itertools.product(train_batches, dtypes):
                     cases += [Case("model", MODEL_SHAPE, batch, dtype, layout, "train", p)
                               for p in ordered if not p.endswith("-fused") for layout in model_layouts(p)]
+            continue
+        if suite == "shortcut":  # its own four shapes, eager against cpp only (--shapes picks among the layers)
+            for shape in SHORTCUT_LAYERS:
+                for batch, dtype, mode in itertools.product(batches, dtypes, modes):
+                    for provider in sorted(set(providers) & set(SHORTCUT_PROVIDERS), key=lambda p: p != BASELINE_PROVIDER):
+                        cases += [Case(suite, shape, batch, dtype, layout, mode, provider)
+                                  for layout in ([BASELINE_LAYOUT] if provider == BASELINE_PROVIDER else layouts)]
             continue
         default = TINY_LAYERS if suite == "smoke" else (
             XCEPTION_LAYERS + SWEEP_LAYERS if full else XCEPTION_LAYERS)

@@ -198,6 +198,15 @@ def _compiled(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
 
 def _layer_module(case: Case) -> Tuple[nn.Module, Callable[[torch.Tensor], torch.Tensor]]:
     """(the module holding the parameters, the callable to time)."""
+    shape = case.shape
+    if case.suite == "shortcut":  # a 1x1 strided conv: nn.Conv2d, or kernels.PointwiseConv2d on a backend
+        if case.provider == "eager":
+            conv = nn.Conv2d(shape.cin, shape.cout, 1, shape.stride, bias=False)
+            return conv, conv
+        import kernels
+
+        conv = kernels.PointwiseConv2d(shape.cin, shape.cout, shape.stride, bias=False, backend=case.provider)
+        return conv, conv
     if case.provider in ("eager", "compile"):
         pair = _eager_pair(case.shape)
         return pair, (_compiled(pair) if case.provider == "compile" else pair)

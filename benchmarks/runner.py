@@ -59,8 +59,9 @@ def work(case: Case, options: RunOptions) -> Tuple[float, float]:
         flops = mode_flops((options.model_flops_per_image or 0.0) * case.batch, case.mode)
         image_bytes = case.batch * case.shape.cin * case.shape.h * case.shape.w * element_size
         return flops, float(image_bytes)
-    flops = mode_flops(separable_flops(case.shape, case.batch), case.mode)
-    return flops, separable_bytes(case.shape, case.batch, element_size, case.mode)
+    depthwise = case.suite != "shortcut"
+    flops = mode_flops(separable_flops(case.shape, case.batch, depthwise), case.mode)
+    return flops, separable_bytes(case.shape, case.batch, element_size, case.mode, depthwise)
 
 
 def base_row(case: Case, run: RunInfo) -> dict:

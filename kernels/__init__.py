@@ -18,12 +18,14 @@ from .dispatch import BackendUnavailableError, available_backends, cpp_build_inf
 from .functional import separable_conv2d
 from .gpu_dispatch import tune
 from .module import SeparableConv2d
+from .pointwise import PointwiseConv2d, pointwise_conv2d
 from .pooling import max_pool2d_add
 from .reference import separable_conv2d_reference
 
 __all__ = [
     "BackendUnavailableError",
     "BatchNorm2d",
+    "PointwiseConv2d",
     "SeparableConv2d",
     "SeparableConv2dFunction",
     "available_backends",
@@ -32,6 +34,7 @@ __all__ = [
     "decompositions",
     "empty_cache",
     "max_pool2d_add",
+    "pointwise_conv2d",
     "resolve_backend",
     "separable_conv2d",
     "separable_conv2d_reference",

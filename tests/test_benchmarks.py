@@ -266,6 +266,35 @@ def test_work_counts():
     assert [s.name for s in XCEPTION_LAYERS][:2] == ["64->128@147", "128->128@147"] and len(XCEPTION_LAYERS) == 10
 
 
+def test_shortcut_suite_times_nn_conv2d_against_pointwise_conv2d():
+    """The shortcut suite: Xception's four 1x1 stride-2 convs, eager (nn.Conv2d) first, then cpp
+    (kernels.PointwiseConv2d); other providers have nothing of their own to time there. FLOPs and bytes
+    without a depthwise stage."""
+    from benchmarks.cases import SHORTCUT_LAYERS, Case
+    from benchmarks.runner import RunOptions, work
+
+    cases = build_cases(["shortcut"], ["cpp", "triton", "eager", "compile"], [], ["fp32"], [8], ["full"],
+                        ["channels_last"])
+    assert [(c.shape.name, c.provider) for c in cases[:2]] == [("shortcut 64->128@147", "eager"),
+                                                               ("shortcut 64->128@147", "cpp")]
+    assert len(cases) == 8 and {c.provider for c in cases} == {"eager", "cpp"}
+    assert [(s.cin, s.cout, s.h, s.out_hw) for s in SHORTCUT_LAYERS] == [
+        (64, 128, 147, (74, 74)), (128, 256, 74, (37, 37)), (256, 728, 37, (19, 19)), (728, 1024, 19, (10, 10))]
+    flops, nbytes = work(cases[0], RunOptions(device="cpu", policy=timing.TimingPolicy(), measure_memory=False))
+    assert flops == 3 * 2 * 8 * 74 * 74 * 64 * 128
+    x, y, weight = 8 * 64 * 147 * 147, 8 * 128 * 74 * 74, 64 * 128
+    assert nbytes == 4 * ((x + weight + y) + (y + x + weight + x + weight))
+    eager = providers.prepare_layer(Case("shortcut", SHORTCUT_LAYERS[3], 1, "fp32", "channels_last", "fwd",
+                                         "eager"), "cpu")
+    assert type(eager.keepalive[0]) is torch.nn.Conv2d and eager.keepalive[0].stride == (2, 2)
+    require_backend("cpp")
+    ours = providers.prepare_layer(Case("shortcut", SHORTCUT_LAYERS[3], 1, "fp32", "channels_last", "full",
+                                        "cpp"), "cpu")
+    import kernels
+    assert isinstance(ours.keepalive[0], kernels.PointwiseConv2d) and ours.keepalive[0].backend == "cpp"
+    assert providers.implementations_run(ours.fn) == "cpp"
+
+
 def test_cases_put_the_baseline_first_and_both_eager_layouts():
     cases = build_cases(["layers"], ["cpp", "eager"], [], ["fp32"], [1], ["fwd"], ["channels_last"], ["@10"])
     assert [(c.provider, c.layout) for c in cases[:3]] == [("eager", "channels_last"), ("eager", "nchw"),

@@ -275,6 +275,9 @@ def test_separable_kinds_share_state_dict_keys():
     assert all(isinstance(m, Conv2dSeparable) for m in eager.separable_convs())
     assert all(isinstance(m, kernels.SeparableConv2d) for m in fused.separable_convs())
     assert len(fused.separable_convs()) == 2 * 3 + 3 * 2 + 2 + 2
+    skips = [(a.skip, b.skip) for a, b in zip(fused.modules(), eager.modules()) if getattr(a, "skip", None) is not None]
+    assert len(skips) == 4  # the strided blocks' shortcuts: kernels.PointwiseConv2d, a plain nn.Conv2d
+    assert all(isinstance(a, kernels.PointwiseConv2d) and type(b) is nn.Conv2d for a, b in skips)
 
 
 def test_set_backend_switches_every_separable_conv():
@@ -284,6 +287,8 @@ def test_set_backend_switches_every_separable_conv():
     norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
     assert len(norms) == len(model.separable_convs()) + 6  # + stem (2) and skip (4) BatchNorms
     assert all(isinstance(m, kernels.BatchNorm2d) and m.backend == "torch" for m in norms)
+    skips = [m for m in model.modules() if isinstance(m, kernels.PointwiseConv2d)]
+    assert len(skips) == 4 and all(m.backend == "torch" for m in skips)
     assert not any(isinstance(m, kernels.BatchNorm2d) for m in tiny(separable="conv2d").modules())
 
 
@@ -334,8 +339,8 @@ def test_every_backend_matches_eager_conv2d_model(backend):
 
 
 def test_cpp_training_kernels_match_conv2d_model_channels_last():
-    """channels_last training on cpp runs the BatchNorm and max_pool2d_add kernels too (checked in the
-    profiler trace): logits, every gradient and the running statistics after the step as the
+    """channels_last training on cpp runs the BatchNorm, max_pool2d_add and shortcut (PointwiseConv2d) kernels
+    too (checked in the profiler trace): logits, every gradient and the running statistics after the step as the
     nn.Conv2d model's, in float64."""
     require_backend("cpp", torch.float64)
     shape = {"middle_blocks": 2}
@@ -350,6 +355,8 @@ def test_cpp_training_kernels_match_conv2d_model_channels_last():
     ran = {event.name for event in prof.events()}
     assert {"sepconv_cpp::batch_norm", "sepconv_cpp::batch_norm_backward", "sepconv_cpp::max_pool2d_add",
             "sepconv_cpp::max_pool2d_add_backward"} <= ran
+    forwards = sum(event.name == "sepconv_cpp::forward" for event in prof.events())
+    assert forwards == len(model.separable_convs()) + 4  # and the four shortcut convs
     tolerance = TRAIN_TOLERANCE[torch.float64]
     assert_close(actual[0], expected[0], torch.float64, "logits", tolerance)
     assert_close(actual[1], expected[1], torch.float64, "input gradient", tolerance)

@@ -94,6 +94,14 @@ def batch_norm_relu(kind: str, channels: int, backend: str = "auto", fold_relu: 
     return bn, nn.ReLU(inplace=True)
 
 
+def shortcut_conv(kind: str, in_channels: int, out_channels: int, stride: int, backend: str = "auto") -> nn.Conv2d:
+    """A block's 1x1 shortcut convolution without bias: ``kernels.PointwiseConv2d`` on ``backend`` for the
+    fused kind (the cpp kernel where it records a graph), ``nn.Conv2d`` for the conv2d kind. Same ``state_dict``."""
+    if kind == "fused":
+        return kernels.PointwiseConv2d(in_channels, out_channels, stride, bias=False, backend=backend)
+    return nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False)
+
+
 def is_separable(module: nn.Module) -> bool:
     return isinstance(module, (kernels.SeparableConv2d, Conv2dSeparable))
 
@@ -156,7 +164,7 @@ class Block(nn.Module):
         self.skip: nn.Conv2d | None = None
         self.skipbn: nn.Module | None = None
         if channels != in_channels or spec.stride != 1:
-            self.skip = nn.Conv2d(in_channels, channels, 1, stride=spec.stride, bias=False)
+            self.skip = shortcut_conv(separable, in_channels, channels, spec.stride, backend)
             self.skipbn = batch_norm(separable, channels, backend)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -197,14 +197,14 @@ class Xception(nn.Module):
         return self.conv3.backend
 
     def set_backend(self, name: str) -> Xception:
-        """Run every separable conv and BatchNorm on ``kernels`` backend ``name`` (``"auto"``, ``"torch"``, ...)."""
+        """Run every separable conv, BatchNorm and shortcut conv on ``kernels`` backend ``name`` (``"auto"``, ``"torch"``, ...)."""
         if self.separable != "fused":
             raise ValueError(f"set_backend({name!r}) needs separable='fused'; this model has separable="
                              f"{self.separable!r} (plain nn.Conv2d)")
         if name != "auto" and name not in kernels.dispatch.BACKENDS:
             raise ValueError(f"backend must be one of {['auto', *kernels.dispatch.BACKENDS]}, got {name!r}")
         for module in self.modules():
-            if is_separable(module) or isinstance(module, kernels.BatchNorm2d):
+            if is_separable(module) or isinstance(module, (kernels.BatchNorm2d, kernels.PointwiseConv2d)):
                 module.backend = name
         return self
 
