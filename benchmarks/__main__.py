@@ -21,7 +21,7 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from . import providers
+from . import isolated, providers
 from .cases import DTYPES, LAYER_MODES, LAYOUTS, MODEL_MODES, SHAPE_SETS, SUITES, build_cases
 from .machine import device_slug, measure_peaks, run_info, set_threads
 from .results import DEFAULT_DIR, JsonlLog, atomic_write_text, check_targets, render_markdown
@@ -83,7 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Benchmark the fused separable convolution against the eager nn.Conv2d pair and torch.compile.",
         epilog="Defaults on CPU are --quick; on CUDA the GPU grid (batch 32, bf16/fp16/fp32, both layouts).",
     )
-    parser.add_argument("--suite", type=_choices("suite", SUITES), help="layers,model,shortcut (default: all three on CPU, layers,model on CUDA)")
+    parser.add_argument("--suite", type=_choices("suite", SUITES),
+                        help="layers,model,shortcut (default: all three on CPU, layers,model on CUDA)")
     parser.add_argument("--backends", type=_choices("backend", providers.BACKEND_PROVIDERS),
                         help=f"project backends to run ({','.join(providers.BACKEND_PROVIDERS)}; default all)")
     parser.add_argument("--providers", type=_choices("provider", ALL_PROVIDERS + MODEL_PROVIDER_NAMES),
@@ -112,6 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tune", action="store_true",
                         help="backend='auto' times its candidates once per layer and runs the faster "
                              "(kernels.tune(True), as SEPCONV_TUNE=1): the auto rows show what a tuned process gets")
+    parser.add_argument("--isolate", action="store_true",
+                        help="CPU: time each whole-model provider in a worker process of its own, called in turns "
+                             "(as a training script of its own runs it; see benchmarks/isolated.py)")
     parser.add_argument("--isa", choices=tuple(ISA_ENVIRONMENTS), default="native",
                         help="CPU: avx2 holds the cpp library, oneDNN and ATen's kernels to AVX2+FMA (what a CPU "
                              "without AVX-512 runs), for a like-for-like comparison; rows go to <machine>-avx2.*")
@@ -175,6 +179,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.error(f"--min-time must be >= 0, got {args.min_time}")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: CUDA is not available on this machine")
+    if args.isolate:
+        if args.device == "cuda" or (args.device is None and torch.cuda.is_available()):
+            parser.error("--isolate: a CPU option (add --device cpu)")
+        reason = isolated.supported()
+        if reason:
+            parser.error(reason)
     if args.isa != "native":
         if args.device == "cuda" or (args.device is None and torch.cuda.is_available()):
             parser.error(f"--isa {args.isa}: a CPU option (add --device cpu)")
@@ -224,6 +234,8 @@ def run(args: argparse.Namespace, cases) -> int:
         warmup=2, min_repeats=args.repeats or 5,
         min_seconds=args.min_time if args.min_time is not None else (0.3 if args.quick else 0.5))
     info = run_info(args.device, argv="python -m benchmarks " + shlex.join(args.argv))
+    if args.device == "cpu":
+        info.isolated_models = args.isolate
     console.print(f"[bold]Separable-conv benchmark[/bold] on {info.device_name} ({args.device}), "
                   f"{info.threads} torch threads, torch {info.torch_version}, run {info.run_id}")
     if args.device == "cpu":
@@ -234,7 +246,7 @@ def run(args: argparse.Namespace, cases) -> int:
         # Let cuDNN pick its fastest algorithm for the eager pair (the search runs in the warm-up, untimed).
         torch.backends.cudnn.benchmark = True
     options = RunOptions(device=args.device, policy=policy, measure_memory=not args.no_memory,
-                         cuda_graphs=args.cuda_graphs, interrupt_after=args.interrupt_after)
+                         cuda_graphs=args.cuda_graphs, interrupt_after=args.interrupt_after, isolate=args.isolate)
     if args.tiny_model:
         options.model_kwargs = dict(middle_blocks=1, width=0.125)
     if any(case.suite == "model" for case in cases):

@@ -203,9 +203,10 @@ def build_cases(
                               for p in ordered if not p.endswith("-fused") for layout in model_layouts(p)]
             continue
         if suite == "shortcut":  # its own four shapes, eager against cpp only (--shapes picks among the layers)
+            chosen = sorted(set(providers) & set(SHORTCUT_PROVIDERS), key=lambda p: p != BASELINE_PROVIDER)
             for shape in SHORTCUT_LAYERS:
                 for batch, dtype, mode in itertools.product(batches, dtypes, modes):
-                    for provider in sorted(set(providers) & set(SHORTCUT_PROVIDERS), key=lambda p: p != BASELINE_PROVIDER):
+                    for provider in chosen:
                         cases += [Case(suite, shape, batch, dtype, layout, mode, provider)
                                   for layout in ([BASELINE_LAYOUT] if provider == BASELINE_PROVIDER else layouts)]
             continue

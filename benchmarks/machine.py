@@ -137,6 +137,8 @@ class RunInfo:
     # Whether backend="auto" tuned per layer in this run (SEPCONV_TUNE=1 or --tune): the `auto` rows then
     # ran the candidate that measured faster on each layer (on CPU: cpp or the oneDNN pair).
     auto_tuning: Optional[bool] = None
+    # CPU runs: whether the whole-model cases ran each in a worker process of its own (--isolate).
+    isolated_models: Optional[bool] = None
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)

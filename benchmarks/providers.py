@@ -57,6 +57,9 @@ class Prepared:
     # backend="auto" cases: the implementations one call ran ("cpp", "torch", "triton_split", or several
     # joined by commas for a model whose layers differ), seen on an untimed call after preparing.
     ran: Optional[str] = None
+    # Where the call runs in another process (benchmarks.isolated): its peak memory and its page faults so far.
+    memory: Optional[Callable[[], Optional[float]]] = None
+    faults: Optional[Callable[[], int]] = None
 
 
 class _ImplementationsSeen(TorchDispatchMode):

@@ -242,6 +242,8 @@ def render_markdown(rows: Sequence[dict], run: Dict, unavailable: Dict[str, str]
            "(torch.backends flags in force for every provider)"] if run.get("gpu_capability") else []),
         *([f"- backend='auto': {'tuned per layer (SEPCONV_TUNE=1 or --tune)' if run['auto_tuning'] else 'untuned'}"]
           if run.get("auto_tuning") is not None else []),
+        *(["- whole-model cases: each provider in a worker process of its own (--isolate), called in turns"]
+          if run.get("isolated_models") else []),
         f"- torch {run.get('torch_version')}, triton {run.get('triton_version') or 'not installed'}, "
         f"python {run.get('python')}",
         f"- measured peak compute: {peaks or 'not measured'}; memory bandwidth: "

@@ -12,7 +12,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
-from . import providers
+from . import isolated, providers
 from .cases import BASELINE_LAYOUT, BASELINE_PROVIDER, DTYPES, Case, mode_flops, separable_bytes, separable_flops
 from .machine import RunInfo
 from .memory import COLUMN as MEMORY_COLUMN
@@ -47,6 +47,8 @@ class RunOptions:
     model_flops_per_image: Optional[float] = None
     # Test hook: raise KeyboardInterrupt once this many rows are written.
     interrupt_after: Optional[int] = None
+    # CPU: run each whole-model case in a worker process of its own (benchmarks.isolated).
+    isolate: bool = False
     # Called with (case, what is happening) while a CPU group is prepared and timed: a whole-model
     # group takes minutes before its rows exist, and the caller shows that it is moving.
     on_status: Optional[Callable[[Case, str], None]] = None
@@ -94,7 +96,8 @@ def _finish_row(case: Case, prepared: providers.Prepared, timing: Timing, option
     if case.group in baselines:
         row["speedup_vs_eager_cl"] = baselines[case.group] / timing.p50_ms
     if options.measure_memory:
-        row[MEMORY_COLUMN] = peak_allocated_mb(prepared.fn, options.device)
+        row[MEMORY_COLUMN] = (prepared.memory() if prepared.memory is not None
+                              else peak_allocated_mb(prepared.fn, options.device))
     return row
 
 
@@ -124,6 +127,16 @@ def measure_group(cases: List[Case], options: RunOptions, run: RunInfo,
     the others are still timed. The baseline is the group's first case; each case's
     speedup is the median over rounds of the paired ratio baseline / case.
     """
+    workers: List[isolated.Worker] = []
+    try:
+        return _measure_group(cases, options, run, baselines, workers)
+    finally:
+        for worker in workers:
+            worker.close()
+
+
+def _measure_group(cases: List[Case], options: RunOptions, run: RunInfo, baselines: Dict[tuple, float],
+                   workers: list) -> List[dict]:
     rows: List[Optional[dict]] = [None] * len(cases)
     ready: List[Tuple[int, providers.Prepared]] = []
 
@@ -134,7 +147,11 @@ def measure_group(cases: List[Case], options: RunOptions, run: RunInfo,
     for index, case in enumerate(cases):
         status(case, f"preparing {case.provider} {case.layout} ({index + 1}/{len(cases)}: build, compile, first call)")
         try:
-            prepared = providers.prepare(case, options.device, options.model_kwargs)
+            if options.isolate and case.suite == "model":
+                workers.append(isolated.Worker(case, options.device, options.model_kwargs, torch.get_num_threads()))
+                prepared = workers[-1].prepared
+            else:
+                prepared = providers.prepare(case, options.device, options.model_kwargs)
             prepared.fn()  # compiles, autotunes, builds: outside the rounds
             ready.append((index, prepared))
         except KeyboardInterrupt:
@@ -154,7 +171,8 @@ def measure_group(cases: List[Case], options: RunOptions, run: RunInfo,
         def on_round(done: int) -> None:
             status(lead, f"timed round {done} of at least {policy.min_repeats} ({len(ready)} providers a round)")
     try:
-        rounds = time_cpu_interleaved([p.fn for _, p in ready], policy, faults=faults, on_round=on_round)
+        rounds = time_cpu_interleaved([p.fn for _, p in ready], policy, faults=faults, on_round=on_round,
+                                      fault_counters=[p.faults for _, p in ready])
         timings = [summarize(t) for t in rounds]
     except KeyboardInterrupt:
         raise

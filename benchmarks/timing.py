@@ -95,7 +95,8 @@ def _minor_faults() -> int:
 def time_cpu_interleaved(fns: Sequence[Callable[[], object]], policy: TimingPolicy,
                          clock: Callable[[], float] = time.perf_counter, settle: int = 1,
                          faults: Optional[List[List[int]]] = None,
-                         on_round: Optional[Callable[[int], None]] = None) -> List[List[float]]:
+                         on_round: Optional[Callable[[int], None]] = None,
+                         fault_counters: Optional[Sequence[Optional[Callable[[], int]]]] = None) -> List[List[float]]:
     """Per-call times (ms) of several callables, timed in rounds that call each once, in order.
 
     A shared machine slows down in spells (other tenants of a virtual machine, clock
@@ -115,6 +116,9 @@ def time_cpu_interleaved(fns: Sequence[Callable[[], object]], policy: TimingPoli
     process took during each timed call (read outside the timed window), the usual cause
     when a case's times swing between runs.
 
+    ``fault_counters``, when given, has one entry per callable: what reads its faults (None: this
+    process's), for a callable that runs in another process.
+
     ``on_round``, when given, is called with the number of rounds done after each round
     (outside the timed calls): a whole-model group takes minutes, and a caller can show it.
     """
@@ -127,16 +131,17 @@ def time_cpu_interleaved(fns: Sequence[Callable[[], object]], policy: TimingPoli
     if faults is not None:
         faults[:] = [[] for _ in fns]
     spent = 0.0
+    counters = [counter or _minor_faults for counter in (fault_counters or [None] * len(fns))]
     for done in range(1, policy.max_repeats + 1):
         for slot, (fn, own) in enumerate(zip(fns, times)):
             for _ in range(settle):
                 fn()
-            before = _minor_faults() if faults is not None else 0
+            before = counters[slot]() if faults is not None else 0
             start = clock()
             fn()
             elapsed = clock() - start
             if faults is not None:
-                faults[slot].append(_minor_faults() - before)
+                faults[slot].append(counters[slot]() - before)
             own.append(elapsed * 1e3)
             spent += elapsed
         if on_round is not None:

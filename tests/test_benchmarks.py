@@ -94,6 +94,34 @@ def test_interrupted_run_keeps_finished_rows(tmp_path, capsys):
     assert len(rows) == 4 and len(latest_run(rows)) == 1
 
 
+def test_isolate_runs_each_model_in_its_own_process(tmp_path, monkeypatch):
+    """--isolate: the whole-model cases run in worker processes (this process never builds a model),
+    timed in turns; their rows carry the workers' page faults and peak memory, the run says so."""
+    from benchmarks import isolated
+    from benchmarks.cases import MODEL_SHAPE, Case
+
+    if isolated.supported():
+        pytest.skip(isolated.supported())
+    require_backend("cpp")
+    built = []
+    monkeypatch.setattr(providers, "prepare_model", lambda *args, **kwargs: built.append(args))
+    assert main(["--suite", "model", "--providers", "eager,cpp-unfused", "--batch", "1", "--modes", "full",
+                 "--repeats", "2", "--min-time", "0", "--tiny-model", "--no-peak", "--isolate", "--device", "cpu",
+                 "--out", str(tmp_path)]) == 0
+    assert built == []  # the patch does not reach the spawned workers, which did the work
+    rows = [r for r in _rows(tmp_path) if r["status"] == "ok"]
+    assert {(r["mode"], r["provider"], r["layout"]) for r in rows} >= {
+        ("train", "eager", "channels_last"), ("train", "cpp-unfused", "channels_last")}
+    for row in rows:
+        assert row["run"]["isolated_models"] is True and "--isolate" in row["run"]["argv"]
+        assert row["p50_ms"] > 0 and row["peak_alloc_mb"] > 0 and row["minor_faults"] >= 0
+    assert "each provider in a worker process of its own" in (tmp_path / f"{device_slug('cpu')}.md").read_text()
+    # A worker that cannot prepare its case: the error comes back to this process, naming the cause.
+    with pytest.raises(RuntimeError, match="in the worker process: ValueError: backend must be one of .*got 'nosuch'"):
+        isolated.Worker(Case("model", MODEL_SHAPE, 1, "fp32", "channels_last", "train", "nosuch-unfused"),
+                        "cpu", {"middle_blocks": 1, "width": 0.125}, 1)
+
+
 def test_model_suite_runs_or_says_why(tmp_path, capsys):
     assert main(["--suite", "model", "--providers", "eager", "--batch", "1", "--modes", "fwd", "--repeats", "1",
                  "--min-time", "0", "--tiny-model", "--no-memory", "--device", "cpu", "--out", str(tmp_path)]) == 0
@@ -352,7 +380,7 @@ def test_cpu_speedup_is_the_median_of_paired_ratios(monkeypatch):
     # Slow spells (x3) over rounds 2-5 catch the cases unevenly: the ratio of the medians would be 10/15,
     # the median of the round-by-round ratios (2, 2/3, 2/3, 2, 6) is 2.
     rounds = [[10.0, 10.0, 10.0, 30.0, 30.0], [5.0, 15.0, 15.0, 15.0, 5.0]]
-    def fake_timer(fns, policy, faults, on_round=None):
+    def fake_timer(fns, policy, faults, on_round=None, fault_counters=None):
         faults[:] = [[0, 0, 7, 7, 7], [3, 3, 3, 0, 0]]
         return rounds
     monkeypatch.setattr(runner, "time_cpu_interleaved", fake_timer)
