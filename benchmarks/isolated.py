@@ -4,8 +4,8 @@ In one process the providers share glibc's heap. ATen frees the eager model's ac
 each at batch 8) back to the kernel and maps them afresh on the next step, faulting every page in
 again; how many of those pages come back depends on what the other providers' allocations left in
 the heap, so the in-process rounds time the eager model with fewer page faults than it takes in a
-training script of its own (Intel Xeon, batch 8 training step: 50-130 thousand faults a step beside
-the other providers, 230-580 thousand alone). A worker process per provider runs each model as a
+training script of its own (Intel Xeon, batch 8 training step: 87-129 thousand faults a step beside
+the other providers, 561 thousand alone). A worker process per provider runs each model as a
 script of its own would, and this process still calls them in turns, round by round, so a slow spell
 of the machine falls on every provider alike.
 
