@@ -208,7 +208,7 @@ def _layer_module(case: Case) -> Tuple[nn.Module, Callable[[torch.Tensor], torch
             return conv, conv
         import kernels
 
-        conv = kernels.PointwiseConv2d(shape.cin, shape.cout, shape.stride, bias=False, backend=case.provider)
+        conv = kernels.PointwiseConv2d(shape.cin, shape.cout, stride=shape.stride, bias=False, backend=case.provider)
         return conv, conv
     if case.provider in ("eager", "compile"):
         pair = _eager_pair(case.shape)

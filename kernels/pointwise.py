@@ -85,12 +85,13 @@ class PointwiseConv2d(BackendAttribute, nn.Conv2d):
     """``nn.Conv2d(in_channels, out_channels, 1, stride, bias=bias)`` whose calls go through
     :func:`pointwise_conv2d` on ``backend``.
 
-    The same parameters, initialisation (under the same seed) and ``state_dict`` as that
+    Arguments after ``out_channels`` are keyword-only (``nn.Conv2d``'s third positional argument is the
+    kernel size). The same parameters, initialisation (under the same seed) and ``state_dict`` as that
     ``nn.Conv2d``; ``isinstance(module, nn.Conv2d)`` holds, so code that folds a BatchNorm into a
     convolution or walks a model's convolutions treats it as one.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, stride: Union[int, Tuple[int, int]] = 1,
+    def __init__(self, in_channels: int, out_channels: int, *, stride: Union[int, Tuple[int, int]] = 1,
                  bias: bool = True, backend: str = "auto", device=None, dtype=None) -> None:
         super().__init__(in_channels, out_channels, 1, stride, bias=bias, device=device, dtype=dtype)
         self.backend = backend

@@ -102,6 +102,8 @@ def test_module_is_the_same_conv2d():
     torch.testing.assert_close(module(x), reference(x))
     with pytest.raises(ValueError, match="backend must be one of"):
         module.backend = "cuda"
+    with pytest.raises(TypeError):  # nn.Conv2d(in, out, 1, 2) habits: the kernel size is not an argument here
+        kernels.PointwiseConv2d(8, 16, 1, 2)
 
 
 @pytest.mark.parametrize("kwargs,match", [

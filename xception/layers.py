@@ -98,7 +98,7 @@ def shortcut_conv(kind: str, in_channels: int, out_channels: int, stride: int, b
     """A block's 1x1 shortcut convolution without bias: ``kernels.PointwiseConv2d`` on ``backend`` for the
     fused kind (the cpp kernel where it records a graph), ``nn.Conv2d`` for the conv2d kind. Same ``state_dict``."""
     if kind == "fused":
-        return kernels.PointwiseConv2d(in_channels, out_channels, stride, bias=False, backend=backend)
+        return kernels.PointwiseConv2d(in_channels, out_channels, stride=stride, bias=False, backend=backend)
     return nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False)
 
 
