@@ -1,8 +1,8 @@
 """``--isolate``: each whole-model provider in a process of its own, timed in turns from this one.
 
-In one process the providers share glibc's heap. ATen frees the eager model's activations (45-88 MB
-each at batch 8) back to the kernel and maps them afresh on the next step, faulting every page in
-again; how many of those pages come back depends on what the other providers' allocations left in
+In one process the providers share glibc's heap. glibc hands the eager model's freed activations
+(45-88 MB each at batch 8) back to the kernel and maps them afresh on the next step, faulting every
+page in again; how many of those pages come back depends on what the other providers' allocations left in
 the heap, so the in-process rounds time the eager model with fewer page faults than it takes in a
 training script of its own (Intel Xeon, batch 8 training step: 87-129 thousand faults a step beside
 the other providers, 561 thousand alone). A worker process per provider runs each model as a
@@ -70,7 +70,11 @@ class Worker:
                                         daemon=True)
         self._process.start()
         child.close()
-        ran = self._ask(None)
+        try:
+            ran = self._ask(None)
+        except BaseException:  # the worker could not prepare its case: nothing is left running
+            self.close()
+            raise
         self.prepared = providers.Prepared(self.call, ran=ran)
         self.prepared.memory = lambda: self._ask("memory")
         self.prepared.faults = self.minor_faults
@@ -106,4 +110,3 @@ class Worker:
                 self._process.kill()
                 self._process.join()
         self._conn.close()
-
