@@ -26,21 +26,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._args import memory_format_of
-from .dispatch import BackendAttribute, check_backend_name, resolve
+from .dispatch import BackendAttribute, channels_last_cpp_applies, check_backend_name
 
 
 def _uses_kernel(input: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
                  backend: str) -> bool:
-    if not (input.dim() == 4 and input.device.type == "cpu" and input.dtype in (torch.float32, torch.float64)):
-        return False
-    if input.numel() == 0 or input.shape[0] * input.shape[2] * input.shape[3] < 2:  # ATen's error or empty result
-        return False
-    if memory_format_of(input) != torch.channels_last or torch.is_autocast_enabled("cpu"):
-        return False
-    if any(t is not None and (t.dtype != input.dtype or t.device != input.device) for t in (weight, bias)):
-        return False
-    return resolve(backend, input.device, input.dtype) == "cpp"
+    if input.dim() == 4 and (input.numel() == 0 or input.shape[0] * input.shape[2] * input.shape[3] < 2):
+        return False  # ATen's error or an empty result
+    return channels_last_cpp_applies(input, (weight, bias), backend)
 
 
 def batch_norm(

@@ -23,6 +23,7 @@ from typing import Callable, Dict, Optional
 import torch
 
 from . import gpu_dispatch
+from ._args import memory_format_of
 from . import triton as triton_package
 
 ENV_VAR = "XCEPTION_SEPCONV_BACKEND"
@@ -194,6 +195,20 @@ def resolve(backend: str, device: torch.device, dtype: torch.dtype, layer: Optio
             # Tuning on a CPU: cpp where it measured faster on this layer, else the oneDNN pair.
             return gpu_dispatch.tuned(device, dtype, gpu_dispatch.Layer(*layer), CPU_CANDIDATES)
     return name
+
+
+def channels_last_cpp_applies(input: torch.Tensor, others, backend: str) -> bool:
+    """Whether a cpp kernel written for channels_last activations (the training BatchNorm, the shortcut
+    convolution) takes a call on ``input``: 4-D float32/float64 channels_last CPU input, CPU autocast off,
+    each of ``others`` (tensors or None) in the input's dtype and on its device, and ``backend`` resolving
+    to ``cpp`` (asked last: resolving may warn once)."""
+    if not (input.dim() == 4 and input.device.type == "cpu" and input.dtype in (torch.float32, torch.float64)):
+        return False
+    if memory_format_of(input) != torch.channels_last or torch.is_autocast_enabled("cpu"):
+        return False
+    if any(t is not None and (t.dtype != input.dtype or t.device != input.device) for t in others):
+        return False
+    return resolve(backend, input.device, input.dtype) == "cpp"
 
 
 def _triton_mode() -> str:

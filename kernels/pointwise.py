@@ -14,29 +14,23 @@ graph is recorded, the stride is more than 1 and the input is channels_last; eve
 
 from __future__ import annotations
 
-from typing import Optional, Union, Tuple
+from typing import Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._args import IntOrPair, _pair, check_tensor, memory_format_of
+from ._args import IntOrPair, _pair, check_tensor
 from .autograd import needs_autograd
-from .dispatch import BackendAttribute, check_backend_name, resolve
+from .dispatch import BackendAttribute, channels_last_cpp_applies, check_backend_name
 from .functional import separable_conv2d
 
 
 def _uses_kernel(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], stride: list,
                  backend: str) -> bool:
-    if not (input.dim() == 4 and input.device.type == "cpu" and input.dtype in (torch.float32, torch.float64)):
+    if max(stride) < 2 or not needs_autograd((input, weight, bias)):
         return False
-    if max(stride) < 2 or memory_format_of(input) != torch.channels_last or torch.is_autocast_enabled("cpu"):
-        return False
-    if any(t is not None and (t.dtype != input.dtype or t.device != input.device) for t in (weight, bias)):
-        return False
-    if not needs_autograd((input, weight, bias)):
-        return False
-    return resolve(backend, input.device, input.dtype) == "cpp"
+    return channels_last_cpp_applies(input, (weight, bias), backend)
 
 
 def pointwise_conv2d(

@@ -197,7 +197,8 @@ class Xception(nn.Module):
         return self.conv3.backend
 
     def set_backend(self, name: str) -> Xception:
-        """Run every separable conv, BatchNorm and shortcut conv on ``kernels`` backend ``name`` (``"auto"``, ``"torch"``, ...)."""
+        """Run every separable conv, BatchNorm and shortcut conv on ``kernels`` backend ``name``
+        (``"auto"``, ``"torch"``, ...)."""
         if self.separable != "fused":
             raise ValueError(f"set_backend({name!r}) needs separable='fused'; this model has separable="
                              f"{self.separable!r} (plain nn.Conv2d)")
