@@ -110,6 +110,8 @@ def test_module_is_the_same_conv2d():
     assert "backend='cpp'" in repr(module)
     x = torch.randn(2, 8, 9, 9).contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(module(x), reference(x))
+    with torch.no_grad():  # no graph: nn.Conv2d's own call, the same bits
+        assert torch.equal(module(x), reference(x))
     with pytest.raises(ValueError, match="backend must be one of"):
         module.backend = "cuda"
     with pytest.raises(TypeError):  # nn.Conv2d(in, out, 1, 2) habits: the kernel size is not an argument here

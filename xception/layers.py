@@ -122,7 +122,7 @@ class BlockSpec:
 
 
 class Block(nn.Module):
-    """Xception's residual block: ``rep(x) + shortcut(x)``, no ReLU after the sum.
+    """Xception's residual block: ``rep(x) + shortcut(x)`` (added into rep's output), no ReLU after the sum.
 
     ``rep`` is an ``nn.Sequential`` laid out as in timm's ``legacy_xception``
     (ReLUs occupy indices too, so the ``state_dict`` keys match):
@@ -171,7 +171,13 @@ class Block(nn.Module):
         shortcut = x if self.skip is None else self.skipbn(self.skip(x))
         pool = self.rep[-1]
         if not (self.separable == "fused" and isinstance(pool, nn.MaxPool2d)):
-            return self.rep(x) + shortcut
+            out = self.rep(x)
+            if out.dtype != shortcut.dtype or out.shape != shortcut.shape:
+                return out + shortcut
+            # The sum in place, into rep's output (as timm's Block does): nothing saves that tensor for
+            # the backward, and a new one would be an activation-sized allocation a call.
+            out += shortcut
+            return out
         # The pool and the sum in one pass where the backend has a kernel for it (cpp).
         for module in itertools.islice(self.rep, len(self.rep) - 1):
             x = module(x)
