@@ -29,7 +29,8 @@ BASELINE_LAYOUT = "channels_last"
 class Shape:
     """One separable convolution.
 
-    Depthwise ``k x k`` (``stride``, padding ``k // 2``) on ``(N, cin, h, w)``, then 1x1 to ``cout`` channels.
+    Depthwise ``k x k`` (``stride``, padding ``k // 2`` unless ``pad`` says otherwise) on ``(N, cin, h, w)``,
+    then 1x1 to ``cout`` channels. In the shortcut suite: a dense ``k x k`` convolution instead.
     """
 
     name: str
@@ -39,10 +40,11 @@ class Shape:
     w: int
     k: int = 3
     stride: int = 1
+    pad: Optional[int] = None
 
     @property
     def padding(self) -> int:
-        return self.k // 2
+        return self.k // 2 if self.pad is None else self.pad
 
     @property
     def out_hw(self) -> Tuple[int, int]:
@@ -81,6 +83,11 @@ SHORTCUT_LAYERS: Tuple[Shape, ...] = tuple(
     Shape(f"shortcut {cin}->{cout}@{hw}", cin, cout, hw, hw, k=1, stride=2)
     for cin, cout, hw in ((64, 128, 147), (128, 256, 74), (256, 728, 37), (728, 1024, 19))
 )
+# ... and the stem's two dense 3x3 convolutions without padding (nn.Conv2d against kernels.Conv2d).
+STEM_LAYERS: Tuple[Shape, ...] = (
+    Shape("stem 3->32@299", 3, 32, 299, 299, k=3, stride=2, pad=0),
+    Shape("stem 32->64@149", 32, 64, 149, 149, k=3, stride=1, pad=0),
+)
 # The providers that the shortcut suite compares: on every other backend the module is F.conv2d.
 SHORTCUT_PROVIDERS = ("eager", "cpp")
 
@@ -102,9 +109,10 @@ MODEL_SHAPE = Shape("xception 299x299", 3, 1000, 299, 299, k=3, stride=2)
 
 def separable_flops(shape: Shape, batch: int, depthwise: bool = True) -> float:
     """Forward FLOPs (2 per multiply-add) of depthwise + pointwise: ``2*N*Ho*Wo*(C*kh*kw + C*Cout)``;
-    without ``depthwise`` (the shortcut suite's 1x1 conv), ``2*N*Ho*Wo*C*Cout``."""
+    without ``depthwise`` (the shortcut suite's dense conv), ``2*N*Ho*Wo*C*Cout*kh*kw``."""
     ho, wo = shape.out_hw
-    per_pixel = shape.cin * shape.cout + (shape.cin * shape.k * shape.k if depthwise else 0)
+    dense = shape.cin * shape.cout * shape.k * shape.k
+    per_pixel = shape.cin * shape.cout + shape.cin * shape.k * shape.k if depthwise else dense
     return 2.0 * batch * ho * wo * per_pixel
 
 
@@ -113,12 +121,13 @@ def separable_bytes(shape: Shape, batch: int, element_size: int, mode: str, dept
 
     fwd: input, both weights, output. bwd: grad_output, input (to recompute),
     weights, grad_input and both weight gradients. full: the sum. Without ``depthwise``,
-    the pointwise weight only.
+    the dense conv's weight only.
     """
     ho, wo = shape.out_hw
     x = batch * shape.cin * shape.h * shape.w
     y = batch * shape.cout * ho * wo
-    weights = (shape.cin * shape.k * shape.k if depthwise else 0) + shape.cin * shape.cout
+    dense = shape.cin * shape.cout * shape.k * shape.k
+    weights = shape.cin * shape.k * shape.k + shape.cin * shape.cout if depthwise else dense
     forward = x + weights + y
     backward = y + x + weights + x + weights
     return float(element_size * {"fwd": forward, "bwd": backward, "full": forward + backward}[mode])
@@ -202,9 +211,9 @@ def build_cases(
                     cases += [Case("model", MODEL_SHAPE, batch, dtype, layout, "train", p)
                               for p in ordered if not p.endswith("-fused") for layout in model_layouts(p)]
             continue
-        if suite == "shortcut":  # its own four shapes, eager against cpp only (--shapes picks among the layers)
+        if suite == "shortcut":  # its own six shapes, eager against cpp only (--shapes picks among the layers)
             chosen = sorted(set(providers) & set(SHORTCUT_PROVIDERS), key=lambda p: p != BASELINE_PROVIDER)
-            for shape in SHORTCUT_LAYERS:
+            for shape in SHORTCUT_LAYERS + STEM_LAYERS:
                 for batch, dtype, mode in itertools.product(batches, dtypes, modes):
                     for provider in chosen:
                         cases += [Case(suite, shape, batch, dtype, layout, mode, provider)

@@ -202,13 +202,18 @@ def _compiled(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
 def _layer_module(case: Case) -> Tuple[nn.Module, Callable[[torch.Tensor], torch.Tensor]]:
     """(the module holding the parameters, the callable to time)."""
     shape = case.shape
-    if case.suite == "shortcut":  # a 1x1 strided conv: nn.Conv2d, or kernels.PointwiseConv2d on a backend
+    if case.suite == "shortcut":  # a dense conv: nn.Conv2d, or kernels.PointwiseConv2d / kernels.Conv2d on a backend
         if case.provider == "eager":
-            conv = nn.Conv2d(shape.cin, shape.cout, 1, shape.stride, bias=False)
+            conv = nn.Conv2d(shape.cin, shape.cout, shape.k, shape.stride, shape.padding, bias=False)
             return conv, conv
         import kernels
 
-        conv = kernels.PointwiseConv2d(shape.cin, shape.cout, stride=shape.stride, bias=False, backend=case.provider)
+        if shape.k == 1:
+            conv = kernels.PointwiseConv2d(shape.cin, shape.cout, stride=shape.stride, bias=False,
+                                           backend=case.provider)
+        else:
+            conv = kernels.Conv2d(shape.cin, shape.cout, shape.k, shape.stride, shape.padding, bias=False,
+                                  backend=case.provider)
         return conv, conv
     if case.provider in ("eager", "compile"):
         pair = _eager_pair(case.shape)

@@ -13,6 +13,7 @@ import torch
 from . import ops  # noqa: F401  (defines the torch.library ops)
 from .autograd import SeparableConv2dFunction
 from .batch_norm import BatchNorm2d, batch_norm
+from .conv import Conv2d, conv2d
 from .decompositions import decompositions
 from .dispatch import BackendUnavailableError, available_backends, cpp_build_info, resolve as resolve_backend
 from .functional import separable_conv2d
@@ -25,11 +26,13 @@ from .reference import separable_conv2d_reference
 __all__ = [
     "BackendUnavailableError",
     "BatchNorm2d",
+    "Conv2d",
     "PointwiseConv2d",
     "SeparableConv2d",
     "SeparableConv2dFunction",
     "available_backends",
     "batch_norm",
+    "conv2d",
     "cpp_build_info",
     "decompositions",
     "empty_cache",

@@ -10,7 +10,7 @@ program runs only where this library is imported and that backend loads. ::
 
 replaces every op of this library by the ATen ops that compute the same result (the grouped
 ``F.conv2d`` and the 1x1 ``F.conv2d`` of the torch backend, ``F.max_pool2d`` plus the residual,
-a training-mode BatchNorm), so the program holds ATen ops only: it loads and runs without this
+a training-mode BatchNorm, ``F.conv2d``), so the program holds ATen ops only: it loads and runs without this
 library, on any device, and goes on to tools that know ATen (AOTInductor, ExecuTorch, the ONNX
 exporter). The fusion is gone from such a program; the results are those of the torch backend.
 """
@@ -47,6 +47,11 @@ def _max_pool2d_add(input, residual, kernel_size, stride, padding):
     return ops.as_returned(output, memory_format_of(input))
 
 
+def _conv2d(input, weight, bias, stride, padding, dilation):
+    return ops.as_returned(F.conv2d(input, weight, bias, list(stride), list(padding), list(dilation)),
+                           memory_format_of(input))
+
+
 def _batch_norm(input, weight, bias, eps, relu=False):
     """Training-mode BatchNorm over (N, H, W): the output, and per channel the mean, 1/sqrt(var + eps)
     and the unbiased variance (NaN for a single value), all in the input's dtype, as the cpp op."""
@@ -68,7 +73,7 @@ def _batch_norm(input, weight, bias, eps, relu=False):
 def decompositions() -> Dict[torch._ops.OpOverload, Callable]:
     """A table for ``ExportedProgram.run_decompositions``: every op of this library that a forward pass
     can put in an exported program (each backend's ``forward``, the torch and triton namespaces'
-    ``forward_keeping_hidden``, and the cpp backend's ``max_pool2d_add`` and ``batch_norm``), mapped
+    ``forward_keeping_hidden``, and the cpp backend's ``max_pool2d_add``, ``batch_norm`` and ``conv2d``), mapped
     to ATen ops that compute the same result. Merge it into another table to decompose both::
 
         table = torch.export.default_decompositions()
@@ -85,4 +90,5 @@ def decompositions() -> Dict[torch._ops.OpOverload, Callable]:
             table[namespace.forward_keeping_hidden.default] = keeping_hidden[implementation]
     table[torch.ops.sepconv_cpp.max_pool2d_add.default] = _max_pool2d_add
     table[torch.ops.sepconv_cpp.batch_norm.default] = _batch_norm
+    table[torch.ops.sepconv_cpp.conv2d.default] = _conv2d
     return table

@@ -86,6 +86,10 @@ BATCH_NORM_SCHEMAS = (
     "batch_norm_backward(Tensor grad_output, Tensor input, Tensor? weight, Tensor mean, Tensor invstd, "
     "bool[3] output_mask, Tensor? relu_output=None) -> (Tensor, Tensor, Tensor)",
 )
+# ... a dense convolution (groups 1; its backward is ATen's, see kernels.conv) ...
+CONV_SCHEMA = (
+    "conv2d(Tensor input, Tensor weight, Tensor? bias, int[2] stride, int[2] padding, int[2] dilation) -> Tensor"
+)
 # ... and two for its buffer cache (kernels/csrc/buffer_cache.h): bytes live, idle and the idle
 # cap; and freeing the idle blocks (returns the bytes freed).
 CACHE_SCHEMAS = ("cache_stats() -> int[]", "empty_cache() -> int")
@@ -194,6 +198,33 @@ def _max_pool2d_add_backward(ctx, grad_output):
     return grad_input, grad_output if ctx.needs_input_grad[1] else None, None, None, None
 
 
+def _fake_conv2d(input, weight, bias, stride, padding, dilation):
+    kh, kw = weight.shape[2], weight.shape[3]
+    return empty_output(input, [input.shape[0], weight.shape[0],
+                                output_size(input.shape[2], padding[0], padding[0], kh, stride[0], dilation[0]),
+                                output_size(input.shape[3], padding[1], padding[1], kw, stride[1], dilation[1])])
+
+
+def _setup_conv2d(ctx, inputs, output) -> None:
+    input, weight, bias, stride, padding, dilation = inputs
+    ctx.save_for_backward(input, weight)
+    ctx.geometry = (list(stride), list(padding), list(dilation))
+    ctx.bias_shape = None if bias is None else list(bias.shape)
+
+
+def _conv2d_backward(ctx, grad_output):
+    """ATen's convolution backward (oneDNN on CPU) from the saved input and weight."""
+    input, weight = ctx.saved_tensors
+    stride, padding, dilation = ctx.geometry
+    needs = ctx.needs_input_grad
+    mask = [needs[0], needs[1], needs[2] and ctx.bias_shape is not None]
+    if not any(mask):
+        return None, None, None, None, None, None
+    grads = torch.ops.aten.convolution_backward.default(
+        grad_output, input, weight, ctx.bias_shape, stride, padding, dilation, False, [0, 0], 1, mask)
+    return tuple(g if w else None for g, w in zip(grads, mask)) + (None, None, None)
+
+
 def _fake_batch_norm(input, weight, bias, eps, relu=False):
     stats = [input.new_empty(input.shape[1]) for _ in range(3)]
     return (empty_output(input, input.shape), *stats)
@@ -287,12 +318,14 @@ def define(backend: str) -> torch.library.Library:
             lib.define(schema)
         torch.library.register_fake(f"{ns}::backward_from_hidden", _fake_backward_from_hidden, lib=lib)
     if backend == "cpp":
-        for schema in POOL_SCHEMAS + BATCH_NORM_SCHEMAS + CACHE_SCHEMAS:
+        for schema in POOL_SCHEMAS + BATCH_NORM_SCHEMAS + CACHE_SCHEMAS + (CONV_SCHEMA,):
             lib.define(schema)
         torch.library.register_fake(f"{ns}::batch_norm", _fake_batch_norm, lib=lib)
         torch.library.register_fake(f"{ns}::batch_norm_backward", _fake_batch_norm_backward, lib=lib)
         torch.library.register_autograd(f"{ns}::batch_norm", _batch_norm_backward,
                                         setup_context=_setup_batch_norm, lib=lib)
+        torch.library.register_fake(f"{ns}::conv2d", _fake_conv2d, lib=lib)
+        torch.library.register_autograd(f"{ns}::conv2d", _conv2d_backward, setup_context=_setup_conv2d, lib=lib)
         torch.library.register_fake(f"{ns}::max_pool2d_add", _fake_max_pool2d_add, lib=lib)
         torch.library.register_fake(f"{ns}::max_pool2d_add_backward", _fake_max_pool2d_add_backward, lib=lib)
         torch.library.register_autograd(f"{ns}::max_pool2d_add", _max_pool2d_add_backward,

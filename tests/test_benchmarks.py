@@ -295,19 +295,24 @@ def test_work_counts():
 
 
 def test_shortcut_suite_times_nn_conv2d_against_pointwise_conv2d():
-    """The shortcut suite: Xception's four 1x1 stride-2 convs, eager (nn.Conv2d) first, then cpp
-    (kernels.PointwiseConv2d); other providers have nothing of their own to time there. FLOPs and bytes
-    without a depthwise stage."""
-    from benchmarks.cases import SHORTCUT_LAYERS, Case
+    """The shortcut suite: Xception's four 1x1 stride-2 convs and two stem 3x3 convs, eager (nn.Conv2d)
+    first, then cpp (kernels.PointwiseConv2d, kernels.Conv2d); other providers have nothing of their own to
+    time there. FLOPs and bytes of a dense conv, without a depthwise stage."""
+    from benchmarks.cases import SHORTCUT_LAYERS, STEM_LAYERS, Case
     from benchmarks.runner import RunOptions, work
 
     cases = build_cases(["shortcut"], ["cpp", "triton", "eager", "compile"], [], ["fp32"], [8], ["full"],
                         ["channels_last"])
     assert [(c.shape.name, c.provider) for c in cases[:2]] == [("shortcut 64->128@147", "eager"),
                                                                ("shortcut 64->128@147", "cpp")]
-    assert len(cases) == 8 and {c.provider for c in cases} == {"eager", "cpp"}
+    assert len(cases) == 12 and {c.provider for c in cases} == {"eager", "cpp"}
     assert [(s.cin, s.cout, s.h, s.out_hw) for s in SHORTCUT_LAYERS] == [
         (64, 128, 147, (74, 74)), (128, 256, 74, (37, 37)), (256, 728, 37, (19, 19)), (728, 1024, 19, (10, 10))]
+    assert [(s.cin, s.cout, s.h, s.k, s.padding, s.out_hw) for s in STEM_LAYERS] == [
+        (3, 32, 299, 3, 0, (149, 149)), (32, 64, 149, 3, 0, (147, 147))]
+    stem_case = [c for c in cases if c.shape == STEM_LAYERS[1]][0]
+    flops, nbytes = work(stem_case, RunOptions(device="cpu", policy=timing.TimingPolicy(), measure_memory=False))
+    assert flops == 3 * 2 * 8 * 147 * 147 * 32 * 64 * 9
     flops, nbytes = work(cases[0], RunOptions(device="cpu", policy=timing.TimingPolicy(), measure_memory=False))
     assert flops == 3 * 2 * 8 * 74 * 74 * 64 * 128
     x, y, weight = 8 * 64 * 147 * 147, 8 * 128 * 74 * 74, 64 * 128
@@ -321,6 +326,8 @@ def test_shortcut_suite_times_nn_conv2d_against_pointwise_conv2d():
     import kernels
     assert isinstance(ours.keepalive[0], kernels.PointwiseConv2d) and ours.keepalive[0].backend == "cpp"
     assert providers.implementations_run(ours.fn) == "cpp"
+    stem = providers.prepare_layer(Case("shortcut", STEM_LAYERS[1], 1, "fp32", "channels_last", "fwd", "cpp"), "cpu")
+    assert isinstance(stem.keepalive[0], kernels.Conv2d) and stem.keepalive[0].padding == (0, 0)
 
 
 def test_cases_put_the_baseline_first_and_both_eager_layouts():

@@ -278,6 +278,8 @@ def test_separable_kinds_share_state_dict_keys():
     skips = [(a.skip, b.skip) for a, b in zip(fused.modules(), eager.modules()) if getattr(a, "skip", None) is not None]
     assert len(skips) == 4  # the strided blocks' shortcuts: kernels.PointwiseConv2d, a plain nn.Conv2d
     assert all(isinstance(a, kernels.PointwiseConv2d) and type(b) is nn.Conv2d for a, b in skips)
+    stems = [(getattr(fused, name), getattr(eager, name)) for name in ("conv1", "conv2")]
+    assert all(isinstance(a, kernels.Conv2d) and type(b) is nn.Conv2d for a, b in stems)
 
 
 def test_set_backend_switches_every_separable_conv():
@@ -289,6 +291,7 @@ def test_set_backend_switches_every_separable_conv():
     assert all(isinstance(m, kernels.BatchNorm2d) and m.backend == "torch" for m in norms)
     skips = [m for m in model.modules() if isinstance(m, kernels.PointwiseConv2d)]
     assert len(skips) == 4 and all(m.backend == "torch" for m in skips)
+    assert model.conv1.backend == model.conv2.backend == "torch"
     assert not any(isinstance(m, kernels.BatchNorm2d) for m in tiny(separable="conv2d").modules())
 
 

@@ -102,6 +102,14 @@ def shortcut_conv(kind: str, in_channels: int, out_channels: int, stride: int, b
     return nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False)
 
 
+def stem_conv(kind: str, in_channels: int, out_channels: int, stride: int, backend: str = "auto") -> nn.Conv2d:
+    """A stem 3x3 convolution without padding or bias: ``kernels.Conv2d`` on ``backend`` for the fused kind
+    (the cpp kernel where its result is large), ``nn.Conv2d`` for the conv2d kind. Same ``state_dict``."""
+    if kind == "fused":
+        return kernels.Conv2d(in_channels, out_channels, 3, stride, 0, bias=False, backend=backend)
+    return nn.Conv2d(in_channels, out_channels, 3, stride, 0, bias=False)
+
+
 def is_separable(module: nn.Module) -> bool:
     return isinstance(module, (kernels.SeparableConv2d, Conv2dSeparable))
 

@@ -32,7 +32,7 @@ import kernels
 
 from .fuse import fold_batchnorm, fold_batchnorm_into_separable, fuse_sequential
 from .layers import (SEPARABLE_KINDS, Block, BlockSpec, batch_norm, batch_norm_relu, is_separable, make_divisible,
-                     separable_conv)
+                     separable_conv, stem_conv)
 
 DEFAULT_CFG: dict[str, Any] = {
     "input_size": (3, 299, 299),
@@ -132,9 +132,9 @@ class Xception(nn.Module):
         self.default_cfg = dict(DEFAULT_CFG, num_classes=num_classes)
 
         stem1, stem2 = (make_divisible(c * width) for c in STEM_CHANNELS)
-        self.conv1 = nn.Conv2d(in_chans, stem1, 3, 2, 0, bias=False)
+        self.conv1 = stem_conv(separable, in_chans, stem1, 2, backend)
         self.bn1, self.act1 = batch_norm_relu(separable, stem1, backend, fold_relu)
-        self.conv2 = nn.Conv2d(stem1, stem2, 3, bias=False)
+        self.conv2 = stem_conv(separable, stem1, stem2, 1, backend)
         self.bn2, self.act2 = batch_norm_relu(separable, stem2, backend, fold_relu)
 
         flows = (list(ENTRY_FLOW), [MIDDLE_BLOCK] * middle_blocks, list(EXIT_FLOW))
@@ -197,7 +197,7 @@ class Xception(nn.Module):
         return self.conv3.backend
 
     def set_backend(self, name: str) -> Xception:
-        """Run every separable conv, BatchNorm and shortcut conv on ``kernels`` backend ``name``
+        """Run every separable conv, BatchNorm, shortcut and stem conv on ``kernels`` backend ``name``
         (``"auto"``, ``"torch"``, ...)."""
         if self.separable != "fused":
             raise ValueError(f"set_backend({name!r}) needs separable='fused'; this model has separable="
@@ -205,7 +205,8 @@ class Xception(nn.Module):
         if name != "auto" and name not in kernels.dispatch.BACKENDS:
             raise ValueError(f"backend must be one of {['auto', *kernels.dispatch.BACKENDS]}, got {name!r}")
         for module in self.modules():
-            if is_separable(module) or isinstance(module, (kernels.BatchNorm2d, kernels.PointwiseConv2d)):
+            if is_separable(module) or isinstance(module, (kernels.BatchNorm2d, kernels.PointwiseConv2d,
+                                                           kernels.Conv2d)):
                 module.backend = name
         return self
 

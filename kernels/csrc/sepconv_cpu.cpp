@@ -1,5 +1,6 @@
 // CPU implementations of the sepconv_cpp::forward / sepconv_cpp::backward ops, and of
-// sepconv_cpp::max_pool2d_add (see pool_kernels.h).
+// sepconv_cpp::max_pool2d_add (see pool_kernels.h), batch_norm and conv2d (a dense convolution through
+// the forward's tiled GEMM).
 //
 // The schemas are defined in Python (kernels/ops.py); this file only registers kernels:
 //   forward(input (N, C, H, W), depthwise_weight (C*M, 1, kh, kw), pointwise_weight (Cout, C*M, 1, 1),
@@ -128,6 +129,47 @@ at::Tensor forward_op(const at::Tensor& input, const at::Tensor& depthwise_weigh
       sepconv::forward<scalar_t>(g, x.data_ptr<scalar_t>(), dw_taps.data_ptr<scalar_t>(), pw2d.data_ptr<scalar_t>(),
                                  bias.has_value() ? bias->data_ptr<scalar_t>() : nullptr, relu_input,
                                  result.data_ptr<scalar_t>());
+    });
+  });
+}
+
+// A dense convolution (groups 1) through the forward's tiled GEMM: each block of output pixels' input
+// windows (taps x input channels) is gathered into an L2-resident tile and multiplied by the weight.
+at::Tensor conv2d_op(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation) {
+  TORCH_CHECK(input.dim() == 4, "sepconv_cpp.conv2d: input must be 4-D (N, C, H, W), got shape ", input.sizes());
+  TORCH_CHECK(input.device().is_cpu(), "sepconv_cpp.conv2d: input must be a CPU tensor, got device ", input.device());
+  TORCH_CHECK(weight.dim() == 4 && weight.size(1) == input.size(1),
+              "sepconv_cpp.conv2d: weight must be (Cout, ", input.size(1), ", kh, kw), got ", weight.sizes());
+  TORCH_CHECK(stride.size() == 2 && padding.size() == 2 && dilation.size() == 2,
+              "sepconv_cpp.conv2d: expected stride[2], padding[2], dilation[2], got ", stride, ", ", padding, ", ",
+              dilation);
+  TORCH_CHECK(weight.scalar_type() == input.scalar_type() &&
+                  (!bias.has_value() || bias->scalar_type() == input.scalar_type()),
+              "sepconv_cpp.conv2d: weight and bias must have the input's dtype ", input.scalar_type());
+  Geometry g;
+  g.N = input.size(0);
+  g.H = input.size(2);
+  g.W = input.size(3);
+  g.CM = input.size(1);
+  g.Cout = weight.size(0);
+  g.kh = weight.size(2);
+  g.kw = weight.size(3);
+  g.sh = stride[0];
+  g.sw = stride[1];
+  g.pt = padding[0];
+  g.pl = padding[1];
+  g.dh = dilation[0];
+  g.dw = dilation[1];
+  g.OH = out_size(g.H, padding[0], padding[0], g.kh, g.sh, g.dh);
+  g.OW = out_size(g.W, padding[1], padding[1], g.kw, g.sw, g.dw);
+  return nhwc_result(input, {g.N, g.Cout, g.OH, g.OW}, [&](at::Tensor& result) {
+    const at::Tensor x = to_nhwc(input, 1);
+    const at::Tensor w = weight.permute({0, 2, 3, 1}).reshape({g.Cout, g.kh * g.kw * g.CM}).contiguous();
+    const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
+    AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "sepconv_cpp_conv2d", [&] {
+      sepconv::conv_forward<scalar_t>(g, x.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(),
+                                      b.defined() ? b.data_ptr<scalar_t>() : nullptr, result.data_ptr<scalar_t>());
     });
   });
 }
@@ -348,6 +390,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_op(
 
 TORCH_LIBRARY_IMPL(sepconv_cpp, CPU, m) {
   m.impl("forward", &sepconv::forward_op);
+  m.impl("conv2d", &sepconv::conv2d_op);
   m.impl("backward", &sepconv::backward_op);
   m.impl("max_pool2d_add", &sepconv::max_pool2d_add_op);
   m.impl("max_pool2d_add_backward", &sepconv::max_pool2d_add_backward_op);

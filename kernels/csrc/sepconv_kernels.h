@@ -747,9 +747,11 @@ class PanelSlot {
 // 3/4 of L2), so each pass over the pointwise weight (from L3) serves many pixels.
 constexpr int64_t kMaxRows = SEPCONV_MAX_ROWS;
 
-// out = pointwise(depthwise(x)) + bias; pw is (Cout, CM); bias (Cout) already includes pw @ dw_bias.
-template <typename T>
-void forward(const Geometry& g, const T* x, const T* dw_taps, const T* pw, const T* bias, bool relu, T* out) {
+// out = A @ pw^T + bias, A (pixels x K) formed a block of pixels at a time: fill_tile(p0, rows, tile, ld)
+// writes rows p0..p0+rows-1 of A into the tile (rows x ld, K values a row). pw is (Cout, K). The
+// separable forward's A is the depthwise result (K = CM); a dense convolution's, the input windows.
+template <typename T, typename FillTile>
+void tiled_forward(const Geometry& g, int64_t K, FillTile fill_tile, const T* pw, const T* bias, T* out) {
   const int64_t npix = g.pixels();
   if (npix == 0) return;
   const int64_t threads = at::get_num_threads();
@@ -757,9 +759,9 @@ void forward(const Geometry& g, const T* x, const T* dw_taps, const T* pw, const
 
   // Blocks of pixels whose depthwise tile stays in L2: at most max_groups * kRows pixels each.
   const int64_t groups = ceil_div(npix, kRows);
-  const int64_t max_groups = std::clamp<int64_t>(l2_tile_bytes / (g.CM * int64_t(sizeof(T))), kRows, kMaxRows) / kRows;
+  const int64_t max_groups = std::clamp<int64_t>(l2_tile_bytes / (K * int64_t(sizeof(T))), kRows, kMaxRows) / kRows;
   int64_t blocks = ceil_div(groups, max_groups);
-  const int64_t tile_bytes = npix * g.CM * int64_t(sizeof(T)), weight_bytes = g.Cout * g.CM * int64_t(sizeof(T));
+  const int64_t tile_bytes = npix * K * int64_t(sizeof(T)), weight_bytes = g.Cout * K * int64_t(sizeof(T));
   if (tile_bytes <= 2 * l2_tile_bytes) {
     // Few pixels (late layers at batch 1). A weight much larger than the tile is read once, its
     // panels split between the threads (each recomputes the cheap depthwise tile); otherwise the
@@ -811,7 +813,7 @@ void forward(const Geometry& g, const T* x, const T* dw_taps, const T* pw, const
   T* shared_panels = nullptr;
   std::unique_ptr<PanelSlot[]> panel_slots;
   if (!pack_on_use) {
-    shared_panels = scratch<T, struct PointwisePanels>(npanels * g.CM * kCols);
+    shared_panels = scratch<T, struct PointwisePanels>(npanels * K * kCols);
     panel_slots.reset(new PanelSlot[npanels]);
   }
 
@@ -826,15 +828,15 @@ void forward(const Geometry& g, const T* x, const T* dw_taps, const T* pw, const
       should_stream(out, row_bytes, npix * row_bytes) || (rows_share_l1_sets(row_bytes) && can_stream(out, row_bytes));
   // Row stride of the tile: padded by one cache line so the kRows rows the micro-kernel reads
   // together do not map to the same L1 sets (CM is often a multiple of 512 bytes).
-  const int64_t ld = round_up(g.CM, 16) + 16;
+  const int64_t ld = round_up(K, 16) + 16;
   at::parallel_for(0, blocks * splits, 1, [&](int64_t begin, int64_t end) {
-    Work<T> tile(rows * ld), own_panel(pack_on_use ? g.CM * kCols : 0);
+    Work<T> tile(rows * ld), own_panel(pack_on_use ? K * kCols : 0);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t block = task / splits, split = task % splits;
       const int64_t p0 = first_pixel(block), nrows = first_pixel(block + 1) - p0;
       const int64_t jp0 = split * panels_per_split, jp1 = std::min(npanels, jp0 + panels_per_split);
       if (jp0 >= jp1 || nrows == 0) continue;
-      depthwise_tile<T>(g, x, dw_taps, nullptr, relu, p0, nrows, 0, g.CM, tile.data(), ld);
+      fill_tile(p0, nrows, tile.data(), ld);
       // Blocks reading the shared panels start at evenly spaced ones (the order of the panels does
       // not change any sum). Packing on use, the threads go in step: both read the same rows of pw
       // at about the same time, and one fetch from DRAM serves them.
@@ -844,17 +846,17 @@ void forward(const Geometry& g, const T* x, const T* dw_taps, const T* pw, const
       };
       for (int64_t step = 0; step < jp1 - jp0; ++step) {
         const int64_t jp = panel_at(step);
-        MicroArgs args{g.CM, ld, 1, panel_pass_cols<T>(), g.Cout, int(std::min<int64_t>(kCols, g.Cout - jp * kCols)),
+        MicroArgs args{K, ld, 1, panel_pass_cols<T>(), g.Cout, int(std::min<int64_t>(kCols, g.Cout - jp * kCols)),
                        false};
         args.stream = stream && args.nr == kCols;
-        args.b_pass = g.CM * args.ldb;
+        args.b_pass = K * args.ldb;
         args.next_ld_bytes = g.Cout * int64_t(sizeof(T));  // the output's rows, for MicroArgs::next
-        const T* panel = shared_panels + jp * g.CM * kCols;
+        const T* panel = shared_panels + jp * K * kCols;
         if (pack_on_use) {
-          pack_panel(pw, g.Cout, g.CM, jp, own_panel.data());
+          pack_panel(pw, g.Cout, K, jp, own_panel.data());
           panel = own_panel.data();
         } else {
-          panel_slots[jp].ensure_packed([&] { pack_panel(pw, g.Cout, g.CM, jp, shared_panels + jp * g.CM * kCols); });
+          panel_slots[jp].ensure_packed([&] { pack_panel(pw, g.Cout, K, jp, shared_panels + jp * K * kCols); });
         }
         const T* init = bias ? bias + jp * kCols : nullptr;
         const int64_t calls = ceil_div(nrows, kRows);
@@ -862,7 +864,7 @@ void forward(const Geometry& g, const T* x, const T* dw_taps, const T* pw, const
           const int64_t r0 = call * nrows / calls, r1 = (call + 1) * nrows / calls;
           // The rows of pw two panels on, a share before each call: in a network they come from
           // DRAM (its weights overflow L3), and the pack stalled on them.
-          if (pack_on_use && step + 2 < jp1 - jp0) prefetch_panel_source(pw, g.Cout, g.CM, jp + 2, call, calls);
+          if (pack_on_use && step + 2 < jp1 - jp0) prefetch_panel_source(pw, g.Cout, K, jp + 2, call, calls);
           // The output lines the next call writes, fetched for writing while this one computes:
           // each store at the end of a call otherwise waits for its line, from L3 or memory. Intel
           // Xeon (2 MB L2), batch 8, against the eager pair, 4 interleaved runs each: 64->128@147
@@ -891,6 +893,65 @@ void forward(const Geometry& g, const T* x, const T* dw_taps, const T* pw, const
     }
     if (stream) stream_fence();
   });
+}
+
+// out = pointwise(depthwise(x)) + bias; pw is (Cout, CM); bias (Cout) already includes pw @ dw_bias.
+template <typename T>
+void forward(const Geometry& g, const T* x, const T* dw_taps, const T* pw, const T* bias, bool relu, T* out) {
+  tiled_forward<T>(g, g.CM, [&](int64_t p0, int64_t rows, T* tile, int64_t ld) {
+    depthwise_tile<T>(g, x, dw_taps, nullptr, relu, p0, rows, 0, g.CM, tile, ld);
+  }, pw, bias, out);
+}
+
+// The input windows of output pixels [p0, p0 + rows) as rows of a dense convolution's A: row r holds,
+// tap by tap (tap = i * kw + j), the CM input channels under that tap, zeros where it falls in the
+// padding.
+// A kernel row whose taps all lie inside the input, one pixel apart (dilation 1), is one stretch of x
+// (kw * CM values), copied at once. The copies are inline loops: a library memcpy per tap cost as
+// much as the GEMM at 32 channels (128-byte copies).
+template <typename T>
+void window_tile(const Geometry& g, const T* x, int64_t p0, int64_t rows, T* tile, int64_t ld) {
+  auto copy = [](T* dst, const T* src, int64_t n) {
+#pragma omp simd
+    for (int64_t c = 0; c < n; ++c) dst[c] = src[c];
+  };
+  PixelCursor at(g, p0);
+  for (int64_t r = 0; r < rows; ++r) {
+    T* row = tile + r * ld;
+    const int64_t iw0 = at.ow * g.sw - g.pl, iw_last = iw0 + (g.kw - 1) * g.dw;
+    const bool whole_rows = g.dw == 1 && iw0 >= 0 && iw_last < g.W;
+    for (int64_t i = 0; i < g.kh; ++i) {
+      const int64_t ih = at.oh * g.sh - g.pt + i * g.dh;
+      T* dst = row + i * g.kw * g.CM;
+      if (ih < 0 || ih >= g.H) {
+        std::fill_n(dst, g.kw * g.CM, T(0));
+        continue;
+      }
+      const T* src = x + ((at.n * g.H + ih) * g.W + iw0) * g.CM;
+      if (whole_rows) {
+        copy(dst, src, g.kw * g.CM);
+        continue;
+      }
+      for (int64_t j = 0; j < g.kw; ++j) {
+        const int64_t iw = iw0 + j * g.dw;
+        if (iw < 0 || iw >= g.W) {
+          std::fill_n(dst + j * g.CM, g.CM, T(0));
+        } else {
+          copy(dst + j * g.CM, src + j * g.dw * g.CM, g.CM);
+        }
+      }
+    }
+    at.advance(g, 1);
+  }
+}
+
+// A dense convolution (groups 1): out = conv(x, weight) + bias, x (N, H, W, CM), weight as (Cout, kh*kw*CM)
+// with taps outer and input channels inner, out (N, OH, OW, Cout).
+template <typename T>
+void conv_forward(const Geometry& g, const T* x, const T* weight, const T* bias, T* out) {
+  tiled_forward<T>(g, g.kh * g.kw * g.CM, [&](int64_t p0, int64_t rows, T* tile, int64_t ld) {
+    window_tile<T>(g, x, p0, rows, tile, ld);
+  }, weight, bias, out);
 }
 
 // depthwise: the depthwise weight and bias gradients (one reduction); pointwise: the pointwise weight's;
