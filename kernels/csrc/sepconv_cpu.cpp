@@ -14,6 +14,8 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <array>
+
 #include "batch_norm_kernels.h"
 #include "buffer_cache.h"
 #include "pool_kernels.h"
@@ -50,16 +52,18 @@ void check_args(const at::Tensor& input, const at::Tensor& dw, const at::Tensor&
               "sepconv_cpp: weights must have the input's dtype ", input.scalar_type());
 }
 
-Geometry geometry(const at::Tensor& input, const at::Tensor& dw, const at::Tensor& pw, at::IntArrayRef stride,
-                  at::IntArrayRef padding, at::IntArrayRef dilation) {
+// The geometry of a (kh x kw) window over `input` (N, C, H, W) with CM channels per input pixel (C times
+// the depth multiplier) and Cout outputs; padding (top, bottom, left, right).
+Geometry window_geometry(const at::Tensor& input, int64_t CM, int64_t Cout, int64_t kh, int64_t kw,
+                         at::IntArrayRef stride, std::array<int64_t, 4> padding, at::IntArrayRef dilation) {
   Geometry g;
   g.N = input.size(0);
   g.H = input.size(2);
   g.W = input.size(3);
-  g.CM = dw.size(0);
-  g.Cout = pw.size(0);
-  g.kh = dw.size(2);
-  g.kw = dw.size(3);
+  g.CM = CM;
+  g.Cout = Cout;
+  g.kh = kh;
+  g.kw = kw;
   g.sh = stride[0];
   g.sw = stride[1];
   g.pt = padding[0];
@@ -69,6 +73,12 @@ Geometry geometry(const at::Tensor& input, const at::Tensor& dw, const at::Tenso
   g.OH = out_size(g.H, padding[0], padding[1], g.kh, g.sh, g.dh);
   g.OW = out_size(g.W, padding[2], padding[3], g.kw, g.sw, g.dw);
   return g;
+}
+
+Geometry geometry(const at::Tensor& input, const at::Tensor& dw, const at::Tensor& pw, at::IntArrayRef stride,
+                  at::IntArrayRef padding, at::IntArrayRef dilation) {
+  return window_geometry(input, dw.size(0), pw.size(0), dw.size(2), dw.size(3), stride,
+                         {padding[0], padding[1], padding[2], padding[3]}, dilation);
 }
 
 // A buffer for a large result or copy, recycled through BufferCache (see buffer_cache.h).
@@ -147,22 +157,8 @@ at::Tensor conv2d_op(const at::Tensor& input, const at::Tensor& weight, const st
   TORCH_CHECK(weight.scalar_type() == input.scalar_type() &&
                   (!bias.has_value() || bias->scalar_type() == input.scalar_type()),
               "sepconv_cpp.conv2d: weight and bias must have the input's dtype ", input.scalar_type());
-  Geometry g;
-  g.N = input.size(0);
-  g.H = input.size(2);
-  g.W = input.size(3);
-  g.CM = input.size(1);
-  g.Cout = weight.size(0);
-  g.kh = weight.size(2);
-  g.kw = weight.size(3);
-  g.sh = stride[0];
-  g.sw = stride[1];
-  g.pt = padding[0];
-  g.pl = padding[1];
-  g.dh = dilation[0];
-  g.dw = dilation[1];
-  g.OH = out_size(g.H, padding[0], padding[0], g.kh, g.sh, g.dh);
-  g.OW = out_size(g.W, padding[1], padding[1], g.kw, g.sw, g.dw);
+  const Geometry g = window_geometry(input, input.size(1), weight.size(0), weight.size(2), weight.size(3), stride,
+                                     {padding[0], padding[0], padding[1], padding[1]}, dilation);
   return nhwc_result(input, {g.N, g.Cout, g.OH, g.OW}, [&](at::Tensor& result) {
     const at::Tensor x = to_nhwc(input, 1);
     const at::Tensor w = weight.permute({0, 2, 3, 1}).reshape({g.Cout, g.kh * g.kw * g.CM}).contiguous();
