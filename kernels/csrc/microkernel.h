@@ -59,7 +59,33 @@ struct MicroArgs {
   const void* next = nullptr;
   int64_t next_ld_bytes = 0;
   int next_rows = 0, next_bytes = 0;
+  // A copy that micro_copying makes while its K loop runs: for each k < K, copy_cols (<= kRows)
+  // elements from copy_src + k * copy_ld to copy_dst + k * kRows, where the next call's A goes. The
+  // float32 kernel's first pass moves one row after each step of k, whole vectors at a time, so
+  // copy_dst needs kCopyPad elements past K * kRows and the lanes past copy_cols get zeros; the plain
+  // loop copies up front. null: none.
+  const void* copy_src = nullptr;
+  void* copy_dst = nullptr;
+  int64_t copy_ld = 0;
+  int copy_cols = 0;
 };
+
+// Elements a buffer of MicroArgs::copy_dst needs past its K rows of kRows.
+#if defined(SEPCONV_HAS_VEC)
+constexpr int kCopyVectors = (kRows + VecF32::kLanes - 1) / VecF32::kLanes;  // vectors a copied row takes
+constexpr int kCopyPad = kCopyVectors * VecF32::kLanes - kRows;
+#else
+constexpr int kCopyPad = 0;
+#endif
+
+// The plain loop's MicroArgs::copy: all rows up front.
+template <typename T>
+inline void copy_rows(const MicroArgs& p) {
+  if (p.copy_dst == nullptr) return;
+  const T* src = static_cast<const T*>(p.copy_src);
+  T* dst = static_cast<T*>(p.copy_dst);
+  for (int64_t k = 0; k < p.K; ++k) std::copy_n(src + k * p.copy_ld, p.copy_cols, dst + k * kRows);
+}
 
 // Fetches for writing the lines of row `row` of MicroArgs::next.
 inline void prefetch_next_row(const MicroArgs& p, int row) {
@@ -92,6 +118,7 @@ constexpr int64_t panel_offset(int64_t K, int64_t k, int64_t j) {
 
 template <typename T, int MR>
 inline void micro_generic(const T* a, const T* b, T* c, const T* init, const MicroArgs& p) {
+  copy_rows<T>(p);
   T acc[MR][kCols] = {};
   for (int64_t k = 0; k < p.K; ++k) {
     const T* brow = b + k * p.ldb;
@@ -113,7 +140,7 @@ inline void micro_generic(const T* a, const T* b, T* c, const T* init, const Mic
 #if defined(SEPCONV_HAS_VEC)
 // One pass: columns [0, left) of the pass starting at b, c and init (left >= 1). NV vectors of
 // columns are live (the rest of the pass is past nr); kMasked: the last live one is partial.
-template <int MR, int NV, bool kMasked>
+template <int MR, int NV, bool kMasked, bool kCopy>
 inline void micro_pass(const float* a, const float* b, float* c, const float* init, const MicroArgs& p,
                        int64_t left) {
   using V = VecF32;
@@ -133,29 +160,55 @@ inline void micro_pass(const float* a, const float* b, float* c, const float* in
   // rate (a 192 x 728 tile times 23 panels, one thread: 163-169 GFLOP/s), two steps 173-189; the
   // layers' ratio to the eager pair 0.97x -> 1.02x (728->728@19 and 1024->1536@10, forward+backward,
   // batch 8, 3 interleaved runs each). AVX2 on the same machine: no change (already ~92%).
-  auto step = [&](int64_t k) {
+  // kUnitRows: A's rows are adjacent (a_rs 1: the k-major A of micro_copying), so its addresses are
+  // constant offsets from one pointer and take no register a row (with the copy's pointers, 12 row
+  // offsets in registers left too few for the rest: GCC kept them on the stack).
+  auto step = [&](int64_t k, auto unit_rows) {
+    constexpr bool kUnitRows = decltype(unit_rows)::value;
     typename V::Reg bk[NV];
 #pragma GCC unroll 4
     for (int v = 0; v < NV; ++v) bk[v] = load(v, b + k * ldb + v * V::kLanes);
     const float* ak = a + k * a_ks;
 #pragma GCC unroll 12
     for (int r = 0; r < MR; ++r) {
-      const typename V::Reg av = V::set1(ak[r * a_rs]);
+      const typename V::Reg av = V::set1(ak[kUnitRows ? r : r * a_rs]);
 #pragma GCC unroll 4
       for (int v = 0; v < NV; ++v) acc[r][v] = V::fmadd(av, bk[v], acc[r][v]);
     }
   };
   int64_t k = 0;
-  if (p.next != nullptr) {  // one row of the next C after each of next_rows + 1 stretches of k
-    for (int row = 0; row < p.next_rows; ++row) {
-      const int64_t until = (row + 1) * p.K / (p.next_rows + 1);
+  if constexpr (kCopy) {
+    const int64_t K = p.K;
+    if (p.copy_dst != nullptr) {  // a row of the next call's A after each step (MicroArgs::copy_src)
+      typename V::Mask cm[kCopyVectors];
+#pragma GCC unroll 4
+      for (int v = 0; v < kCopyVectors; ++v) cm[v] = V::mask(p.copy_cols - v * V::kLanes);
+      const float* src = static_cast<const float*>(p.copy_src);
+      float* dst = static_cast<float*>(p.copy_dst);
+      const int64_t copy_ld = p.copy_ld;
 #pragma GCC unroll 2
-      for (; k < until; ++k) step(k);
-      prefetch_next_row(p, row);
+      for (; k < K; ++k) {
+        step(k, std::true_type{});
+#pragma GCC unroll 4
+        for (int v = 0; v < kCopyVectors; ++v) {
+          V::store(dst + k * kRows + v * V::kLanes, V::load(cm[v], src + k * copy_ld + v * V::kLanes));
+        }
+      }
     }
-  }
 #pragma GCC unroll 2
-  for (; k < p.K; ++k) step(k);
+    for (; k < K; ++k) step(k, std::true_type{});
+  } else {
+    if (p.next != nullptr) {  // one row of the next C after each of next_rows + 1 stretches of k
+      for (int row = 0; row < p.next_rows; ++row) {
+        const int64_t until = (row + 1) * p.K / (p.next_rows + 1);
+#pragma GCC unroll 2
+        for (; k < until; ++k) step(k, std::false_type{});
+        prefetch_next_row(p, row);
+      }
+    }
+#pragma GCC unroll 2
+    for (; k < p.K; ++k) step(k, std::false_type{});
+  }
   typename V::Reg bias[NV];
 #pragma GCC unroll 4
   for (int v = 0; v < NV; ++v) bias[v] = init ? load(v, init + v * V::kLanes) : V::zero();
@@ -179,48 +232,57 @@ inline void micro_pass(const float* a, const float* b, float* c, const float* in
   }
 }
 
-template <int MR>
+template <int MR, bool kCopy>
 inline void micro_f32(const float* a, const float* b, float* c, const float* init, const MicroArgs& p) {
   constexpr int kHalf = kTileVectors / 2 * VecF32::kLanes;
-  MicroArgs later = p;  // the passes after the first fetch no lines
+  MicroArgs later = p;  // the passes after the first fetch and copy nothing
   later.next = nullptr;
+  later.copy_dst = nullptr;
   for (int j0 = 0; j0 < p.nr; j0 += kPassCols) {
     const MicroArgs& pass_args = j0 == 0 ? p : later;
     const int64_t left = p.nr - j0;
     const float* pass_init = init ? init + j0 : nullptr;
     const float* pass_b = p.b_pass ? b + j0 / kPassCols * p.b_pass : b + j0;
     if (left >= kPassCols) {
-      micro_pass<MR, kTileVectors, false>(a, pass_b, c + j0, pass_init, pass_args, left);
+      micro_pass<MR, kTileVectors, false, kCopy>(a, pass_b, c + j0, pass_init, pass_args, left);
     } else if (left <= kHalf) {  // half the vectors live: half the FMAs
-      micro_pass<MR, kTileVectors / 2, true>(a, pass_b, c + j0, pass_init, pass_args, left);
+      micro_pass<MR, kTileVectors / 2, true, kCopy>(a, pass_b, c + j0, pass_init, pass_args, left);
     } else {
-      micro_pass<MR, kTileVectors, true>(a, pass_b, c + j0, pass_init, pass_args, left);
+      micro_pass<MR, kTileVectors, true, kCopy>(a, pass_b, c + j0, pass_init, pass_args, left);
     }
   }
 }
 #endif
 
-template <typename T, int MR>
+template <typename T, int MR, bool kCopy>
 inline void micro_fixed(const T* a, const T* b, T* c, const T* init, const MicroArgs& p) {
 #if defined(SEPCONV_HAS_VEC)
   if constexpr (std::is_same_v<T, float>) {
-    micro_f32<MR>(a, b, c, init, p);
+    micro_f32<MR, kCopy>(a, b, c, init, p);
     return;
   }
 #endif
   micro_generic<T, MR>(a, b, c, init, p);
 }
 
-// Dispatch on the number of valid rows (1..kRows).
-template <typename T, int MR = kRows>
+// Dispatch on the number of valid rows (1..kRows). kCopy: micro_copying's kernels.
+template <typename T, int MR = kRows, bool kCopy = false>
 inline void micro(int mr, const T* a, const T* b, T* c, const T* init, const MicroArgs& p) {
   if constexpr (MR > 1) {
     if (mr < MR) {
-      micro<T, MR - 1>(mr, a, b, c, init, p);
+      micro<T, MR - 1, kCopy>(mr, a, b, c, init, p);
       return;
     }
   }
-  micro_fixed<T, MR>(a, b, c, init, p);
+  micro_fixed<T, MR, kCopy>(a, b, c, init, p);
+}
+
+// micro for a k-major A (a_rs 1, a_ks kRows) that also makes MicroArgs::copy_src's copy, if any: the
+// float32 kernels of their own, so the other callers' loops stay as they were (compiled together,
+// the forward's ran 1-5% slower with AVX2).
+template <typename T>
+inline void micro_copying(int mr, const T* a, const T* b, T* c, const T* init, const MicroArgs& p) {
+  micro<T, kRows, true>(mr, a, b, c, init, p);
 }
 
 }  // namespace sepconv

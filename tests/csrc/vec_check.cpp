@@ -55,6 +55,46 @@ void check_micro() {
   }
 }
 
+// micro_copying: the same bits as micro for a k-major A, and the copy it makes on the side (every row
+// of copy_cols elements in place, nothing past the buffer's K * kRows + kCopyPad elements), for every
+// row count, full and partial panels, and each copy width.
+void check_micro_copying() {
+  using namespace sepconv;
+  const int K = 29;
+  const int64_t ldb = kCols + 8, ldc = kCols + 4, copy_ld = kRows + 5;
+  for (int mr = 1; mr <= kRows; ++mr) {
+    for (int nr : {5, 16, 32}) {
+      for (int copy_cols = 0; copy_cols <= kRows; ++copy_cols) {
+        std::vector<float> a(size_t(K * kRows)), b(size_t(K * ldb)), src(size_t(K * copy_ld));
+        for (size_t i = 0; i < a.size(); ++i) a[i] = value(int(i));
+        for (size_t i = 0; i < b.size(); ++i) b[i] = value(int(i) + 11);
+        for (size_t i = 0; i < src.size(); ++i) src[i] = value(int(i) + 41);
+        std::vector<float> c(size_t(kRows * ldc), 0.0f), want(c);
+        const size_t used = size_t(K * kRows + kCopyPad);
+        std::vector<float> dst(used + 8, -7.0f);
+        MicroArgs args{K, 1, kRows, ldb, ldc, nr, false};
+        micro<float>(mr, a.data(), b.data(), want.data(), nullptr, args);
+        if (copy_cols > 0) {
+          args.copy_src = src.data();
+          args.copy_ld = copy_ld;
+          args.copy_dst = dst.data();
+          args.copy_cols = copy_cols;
+        }
+        micro_copying<float>(mr, a.data(), b.data(), c.data(), nullptr, args);
+        for (size_t i = 0; i < c.size(); ++i) expect(c[i] == want[i], "micro_copying value", mr, nr, copy_cols);
+        for (int k = 0; k < K; ++k) {
+          for (int j = 0; j < copy_cols; ++j) {
+            expect(dst[size_t(k * kRows + j)] == src[size_t(k * copy_ld + j)], "micro_copying copy", mr, k, j);
+          }
+        }
+        for (size_t i = copy_cols > 0 ? used : 0; i < dst.size(); ++i) {
+          expect(dst[i] == -7.0f, "micro_copying wrote past its copy", mr, nr, int(i));
+        }
+      }
+    }
+  }
+}
+
 #if defined(SEPCONV_HAS_VEC)
 void check_vector_layer() {
   using V = sepconv::VecF32;
@@ -93,6 +133,7 @@ void check_vector_layer() {
 
 int main() {
   check_micro();
+  check_micro_copying();
 #if defined(SEPCONV_HAS_VEC)
   check_vector_layer();
 #endif
