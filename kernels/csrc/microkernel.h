@@ -78,13 +78,11 @@ constexpr int kCopyPad = kCopyVectors * VecF32::kLanes - kRows;
 constexpr int kCopyPad = 0;
 #endif
 
-// The plain loop's MicroArgs::copy: all rows up front.
+// Rows [0, K) of cols elements from src (rows ld apart) to dst's kRows-wide rows: MicroArgs::copy_src's
+// copy, made all at once.
 template <typename T>
-inline void copy_rows(const MicroArgs& p) {
-  if (p.copy_dst == nullptr) return;
-  const T* src = static_cast<const T*>(p.copy_src);
-  T* dst = static_cast<T*>(p.copy_dst);
-  for (int64_t k = 0; k < p.K; ++k) std::copy_n(src + k * p.copy_ld, p.copy_cols, dst + k * kRows);
+inline void copy_rows(const T* src, int64_t ld, T* dst, int64_t cols, int64_t K) {
+  for (int64_t k = 0; k < K; ++k) std::copy_n(src + k * ld, cols, dst + k * kRows);
 }
 
 // Fetches for writing the lines of row `row` of MicroArgs::next.
@@ -118,7 +116,9 @@ constexpr int64_t panel_offset(int64_t K, int64_t k, int64_t j) {
 
 template <typename T, int MR>
 inline void micro_generic(const T* a, const T* b, T* c, const T* init, const MicroArgs& p) {
-  copy_rows<T>(p);
+  if (p.copy_dst != nullptr) {  // up front
+    copy_rows(static_cast<const T*>(p.copy_src), p.copy_ld, static_cast<T*>(p.copy_dst), p.copy_cols, p.K);
+  }
   T acc[MR][kCols] = {};
   for (int64_t k = 0; k < p.K; ++k) {
     const T* brow = b + k * p.ldb;
@@ -160,18 +160,17 @@ inline void micro_pass(const float* a, const float* b, float* c, const float* in
   // rate (a 192 x 728 tile times 23 panels, one thread: 163-169 GFLOP/s), two steps 173-189; the
   // layers' ratio to the eager pair 0.97x -> 1.02x (728->728@19 and 1024->1536@10, forward+backward,
   // batch 8, 3 interleaved runs each). AVX2 on the same machine: no change (already ~92%).
-  // kUnitRows: A's rows are adjacent (a_rs 1: the k-major A of micro_copying), so its addresses are
+  // kCopy: A's rows are adjacent (a_rs 1: the k-major A of micro_copying), so its addresses are
   // constant offsets from one pointer and take no register a row (with the copy's pointers, 12 row
   // offsets in registers left too few for the rest: GCC kept them on the stack).
-  auto step = [&](int64_t k, auto unit_rows) {
-    constexpr bool kUnitRows = decltype(unit_rows)::value;
+  auto step = [&](int64_t k) {
     typename V::Reg bk[NV];
 #pragma GCC unroll 4
     for (int v = 0; v < NV; ++v) bk[v] = load(v, b + k * ldb + v * V::kLanes);
     const float* ak = a + k * a_ks;
 #pragma GCC unroll 12
     for (int r = 0; r < MR; ++r) {
-      const typename V::Reg av = V::set1(ak[kUnitRows ? r : r * a_rs]);
+      const typename V::Reg av = V::set1(ak[kCopy ? r : r * a_rs]);
 #pragma GCC unroll 4
       for (int v = 0; v < NV; ++v) acc[r][v] = V::fmadd(av, bk[v], acc[r][v]);
     }
@@ -188,7 +187,7 @@ inline void micro_pass(const float* a, const float* b, float* c, const float* in
       const int64_t copy_ld = p.copy_ld;
 #pragma GCC unroll 2
       for (; k < K; ++k) {
-        step(k, std::true_type{});
+        step(k);
 #pragma GCC unroll 4
         for (int v = 0; v < kCopyVectors; ++v) {
           V::store(dst + k * kRows + v * V::kLanes, V::load(cm[v], src + k * copy_ld + v * V::kLanes));
@@ -196,18 +195,18 @@ inline void micro_pass(const float* a, const float* b, float* c, const float* in
       }
     }
 #pragma GCC unroll 2
-    for (; k < K; ++k) step(k, std::true_type{});
+    for (; k < K; ++k) step(k);
   } else {
     if (p.next != nullptr) {  // one row of the next C after each of next_rows + 1 stretches of k
       for (int row = 0; row < p.next_rows; ++row) {
         const int64_t until = (row + 1) * p.K / (p.next_rows + 1);
 #pragma GCC unroll 2
-        for (; k < until; ++k) step(k, std::false_type{});
+        for (; k < until; ++k) step(k);
         prefetch_next_row(p, row);
       }
     }
 #pragma GCC unroll 2
-    for (; k < p.K; ++k) step(k, std::false_type{});
+    for (; k < p.K; ++k) step(k);
   }
   typename V::Reg bias[NV];
 #pragma GCC unroll 4

@@ -1182,11 +1182,7 @@ void backward(const Geometry& g, const T* x, const T* dw_taps, const T* dw_bias,
             // 1.06x -> 1.10x), AVX2 +0.7% to +4.7% but one noisy cell (728->1024@19 b8 0.91x -> 0.94x).
             // Same sums in the same order: same bits.
             depthwise_tile<T>(g, x, dw_taps, dw_bias, relu, p0, nrows, k0, kc, hidden.data(), ldh);
-            {
-              T* a = grad_out_cols.data();
-              const int64_t rows = std::min<int64_t>(kRows, g.Cout);
-              for (int64_t k = 0; k < nrows; ++k) std::memcpy(a + k * kRows, gob + k * ldg, sizeof(T) * rows);
-            }
+            copy_rows(gob, ldg, grad_out_cols.data(), std::min<int64_t>(kRows, g.Cout), nrows);
             for (int64_t co = 0, group = 0; co < g.Cout; co += kRows, ++group) {
               const int64_t rows = std::min<int64_t>(kRows, g.Cout - co);
               const T* a = grad_out_cols.data() + (group % 2) * cols_size;
