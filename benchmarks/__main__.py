@@ -21,6 +21,8 @@ from typing import List, Optional, Sequence
 
 import torch
 
+from kernels.triton import AUTOTUNE_ENV
+
 from . import isolated, providers
 from .cases import DTYPES, LAYER_MODES, LAYOUTS, MODEL_MODES, SHAPE_SETS, SUITES, build_cases
 from .machine import device_slug, measure_peaks, run_info, set_threads
@@ -236,6 +238,9 @@ def run(args: argparse.Namespace, cases) -> int:
     info = run_info(args.device, argv="python -m benchmarks " + shlex.join(args.argv))
     if args.device == "cpu":
         info.isolated_models = args.isolate
+    else:
+        info.cuda_graphs = bool(args.cuda_graphs)
+        info.triton_autotune = os.environ.get(AUTOTUNE_ENV, "1") != "0"
     console.print(f"[bold]Separable-conv benchmark[/bold] on {info.device_name} ({args.device}), "
                   f"{info.threads} torch threads, torch {info.torch_version}, run {info.run_id}")
     if args.device == "cpu":

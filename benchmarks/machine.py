@@ -139,6 +139,11 @@ class RunInfo:
     auto_tuning: Optional[bool] = None
     # CPU runs: whether the whole-model cases ran each in a worker process of its own (--isolate).
     isolated_models: Optional[bool] = None
+    # CUDA runs: whether each case was timed by replaying a CUDA graph (--cuda-graphs: the GPU's time
+    # without the host's launch overhead), and whether the Triton kernels autotuned their tile configs
+    # (False under SEPCONV_TRITON_AUTOTUNE=0: each kernel's first config).
+    cuda_graphs: Optional[bool] = None
+    triton_autotune: Optional[bool] = None
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import tempfile
 from pathlib import Path
 from typing import Dict, Iterable, Iterator, List, Optional, Sequence
@@ -104,6 +105,14 @@ def read_rows(path: Path) -> Iterator[dict]:
                 continue
             if isinstance(row, dict):
                 yield row
+
+
+def timed_through_cuda_graphs(run: Dict) -> bool:
+    """Whether a run timed its cases by replaying CUDA graphs (``--cuda-graphs``): recorded as ``cuda_graphs``,
+    or, for runs from before that field, read from the command line the run recorded."""
+    if run.get("cuda_graphs") is not None:
+        return bool(run["cuda_graphs"])
+    return "--cuda-graphs" in shlex.split(run.get("argv") or "")
 
 
 def latest_run(rows: Iterable[dict]) -> List[dict]:
@@ -223,6 +232,14 @@ def _baseline_of(rows: Sequence[dict], row: dict) -> Optional[dict]:
     return None
 
 
+def _gpu_timing_line(run: Dict) -> str:
+    timing = ("CUDA graph replays (--cuda-graphs: the GPU's time, without the host's launch overhead)"
+              if timed_through_cuda_graphs(run) else "plain calls (the host's launch overhead included)")
+    tiles = {True: "autotuned", False: "fixed (SEPCONV_TRITON_AUTOTUNE=0: each kernel's first config)",
+             None: "not recorded"}[run.get("triton_autotune")]
+    return f"- GPU timing: {timing}; Triton tile configs {tiles}"
+
+
 def render_markdown(rows: Sequence[dict], run: Dict, unavailable: Dict[str, str], target_backend: Optional[str],
                     interrupted: bool = False) -> str:
     lines: List[str] = []
@@ -240,6 +257,7 @@ def render_markdown(rows: Sequence[dict], run: Dict, unavailable: Dict[str, str]
         *([f"- GPU {run.get('gpu_capability')}; TF32: cuDNN convolutions "
            f"{'on' if run.get('cudnn_allow_tf32') else 'off'}, matmuls {'on' if run.get('matmul_allow_tf32') else 'off'} "
            "(torch.backends flags in force for every provider)"] if run.get("gpu_capability") else []),
+        *([_gpu_timing_line(run)] if run.get("device") == "cuda" else []),
         *([f"- backend='auto': {'tuned per layer (SEPCONV_TUNE=1 or --tune)' if run['auto_tuning'] else 'untuned'}"]
           if run.get("auto_tuning") is not None else []),
         *(["- whole-model cases: each provider in a worker process of its own (--isolate), called in turns"]

@@ -627,6 +627,10 @@ def test_markdown_header_states_the_gpu_and_its_tf32_flags():
     text = render_markdown([], run, {}, None)
     assert "GPU sm_90; TF32: cuDNN convolutions on, matmuls off" in text
     assert "TF32" not in render_markdown([], {"run_id": "r", "device": "cpu"}, {}, None)
+    assert "GPU timing: plain calls" in text and "Triton tile configs not recorded" in text
+    graphs = render_markdown([], {**run, "cuda_graphs": True, "triton_autotune": False}, {}, None)
+    assert "GPU timing: CUDA graph replays" in graphs and "Triton tile configs fixed" in graphs
+    assert "GPU timing" not in render_markdown([], {"run_id": "r", "device": "cpu"}, {}, None)
 
 
 def test_tune_flag_tunes_the_auto_rows_and_says_so(tmp_path, monkeypatch):

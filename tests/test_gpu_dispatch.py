@@ -563,6 +563,24 @@ def test_builder_takes_one_run_per_key_and_prefers_the_torch_provider():
     assert only["torch_provider"] == "torch" and only["choice"] == "torch"
 
 
+@pytest.mark.parametrize("recorded", ["field", "argv"])
+def test_builder_leaves_out_runs_timed_through_cuda_graphs(recorded):
+    """auto runs plain calls: a graph-timed run (no launch overhead) says nothing about what it would choose."""
+    graph_rows = [result_row("eager", 1.0, run_id="run-g", utc="2026-02-01T00:00:00+00:00"),
+                  result_row("triton-split", 0.5, run_id="run-g", utc="2026-02-01T00:00:00+00:00")]
+    for _, row in graph_rows:
+        if recorded == "field":
+            row["run"]["cuda_graphs"] = True
+        else:  # runs from before the field: the command line says it
+            row["run"]["argv"] = "python -m benchmarks --device cuda --cuda-graphs --out /tmp/g"
+    (entry,) = dispatch_table.build_entries([result_row("eager", 1.0), result_row("triton-split", 2.0), *graph_rows])
+    assert entry["run_id"] == "run-a" and entry["choice"] == "torch"
+    _, plain = result_row("eager", 1.0)
+    plain["run"]["cuda_graphs"] = False
+    plain["run"]["argv"] = "python -m benchmarks --cuda-graphs"  # the recorded field wins over the command line
+    assert dispatch_table.build_entries([("results.jsonl", plain)])[0]["run_id"] == "run-a"
+
+
 def test_builder_records_tf32_flags_and_skips_fp32_rows_without_them():
     row_flags = dispatch_table.build_entries([
         result_row("eager", 1.0, dtype="fp32", cudnn_allow_tf32=False, matmul_allow_tf32=False),

@@ -15,6 +15,8 @@ from typing import Optional
 MIN_TRITON = (3, 6)
 
 MODE_ENV = "SEPCONV_TRITON_MODE"
+# "0": each kernel runs its first tile config (no timing runs, one compile per kernel); "1" (default) autotunes.
+AUTOTUNE_ENV = "SEPCONV_TRITON_AUTOTUNE"
 MODES = ("fused", "split")
 
 

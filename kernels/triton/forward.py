@@ -27,6 +27,7 @@ import triton
 import triton.language as tl
 
 from ..ops import empty_output, output_shape
+from . import AUTOTUNE_ENV
 from .common import INTERPRET, cast, conv_tf32, depthwise_tile, mma, row_offsets, split_pixels, vector_width, window_tap
 
 # Tile configurations per dtype family ("fp32": ieee dot on FMA units, heavier in registers;
@@ -251,8 +252,6 @@ def narrow_launch(input: torch.Tensor, depthwise_weight: torch.Tensor, pointwise
                       TF32=conv_tf32(input), BLOCK_CO=max(16, triton.next_power_of_2(c_out)))
     return grid, args, constexprs
 
-
-AUTOTUNE_ENV = "SEPCONV_TRITON_AUTOTUNE"
 
 # Tests pin a kernel (its JITFunction) to one config here, to check every GPU config's arithmetic.
 forced_configs: Dict[object, triton.Config] = {}
