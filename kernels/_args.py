@@ -9,16 +9,16 @@ normalised geometry: ``stride`` and ``dilation`` as ``[sh, sw]`` and
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 
 IntOrPair = Union[int, Sequence[int]]
 
 
-@dataclass(frozen=True)
-class Geometry:
+class Geometry(NamedTuple):
+    """The normalised geometry of a call (a NamedTuple: built on every call, so kept cheap to build)."""
+
     stride: List[int]  # [sh, sw]
     padding: List[int]  # [top, bottom, left, right]
     dilation: List[int]  # [dh, dw]
@@ -28,6 +28,8 @@ class Geometry:
 
 
 def _pair(name: str, value, *, minimum: int) -> List[int]:
+    if type(value) is int and value >= minimum:  # the common case, first (a bool is not an int here)
+        return [value, value]
     if isinstance(value, bool) or not isinstance(value, (int, tuple, list, torch.Size)):
         raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
     if isinstance(value, int):

@@ -19,6 +19,7 @@ from __future__ import annotations
 from typing import List, Optional
 
 import torch
+from torch._functorch.utils import unwrap_dead_wrappers
 
 from . import ops
 
@@ -41,7 +42,42 @@ def needs_autograd(tensors) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-class SeparableConv2dFunction(torch.autograd.Function):
+class _PositionalFunction(torch.autograd.Function):
+    """An ``autograd.Function`` whose ``apply`` takes every argument positionally, in ``forward``'s order.
+
+    ``Function.apply`` binds its arguments to ``forward``'s signature (``inspect.signature`` and
+    ``bind`` on every call: ~30 us of host time, more than the cuDNN pair's whole forward launch);
+    with no keyword or default to fill in, the binding changes nothing, so this ``apply`` skips it
+    outside functorch transforms (where ``Function.apply`` runs as it is). ``torch.compile`` traces
+    ``apply`` itself and never calls this method.
+    """
+
+    @classmethod
+    def apply(cls, *args):
+        if torch._C._are_functorch_transforms_active():
+            return super().apply(*args)
+        return super(torch.autograd.Function, cls).apply(*unwrap_dead_wrappers(args))
+
+
+def below_autograd() -> bool:
+    """Whether ``call_below_autograd`` skips the autograd keys: in plain eager calls (``torch.compile`` and
+    ``torch.export`` trace the op as it is; functorch transforms keep their own autograd levels)."""
+    return not (torch.compiler.is_compiling() or torch.compiler.is_exporting()
+                or torch._C._are_functorch_transforms_active())
+
+
+def call_below_autograd(op, args):
+    """``op(*args)`` where no graph is recorded (inside a Function's forward, or a call whose tensors need no
+    gradient). The ops carry an autograd kernel of their own (``torch.library.register_autograd``) for
+    direct callers; there it would only redispatch below autograd, in Python (~25 us). Excluding the
+    autograd keys goes there directly."""
+    if below_autograd():
+        with torch._C._AutoDispatchBelowAutograd():
+            return op(*args)
+    return op(*args)
+
+
+class SeparableConv2dFunction(_PositionalFunction):
     """``apply(input, depthwise_weight, pointwise_weight, depthwise_bias, pointwise_bias,
     stride, padding, dilation, relu_input, backend)``.
 
@@ -64,8 +100,8 @@ class SeparableConv2dFunction(torch.autograd.Function):
         relu_input: bool,
         backend: str,
     ) -> torch.Tensor:
-        return _FORWARD[backend](input, depthwise_weight, pointwise_weight, depthwise_bias, pointwise_bias,
-                                 stride, padding, dilation, relu_input)
+        return call_below_autograd(_FORWARD[backend], (input, depthwise_weight, pointwise_weight, depthwise_bias,
+                                                        pointwise_bias, stride, padding, dilation, relu_input))
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
@@ -83,7 +119,7 @@ def keeps_hidden(implementation: str, pointwise_weight: torch.Tensor) -> bool:
     return implementation in ops.KEEPS_HIDDEN and pointwise_weight.requires_grad
 
 
-class SeparableConv2dKeepingHidden(torch.autograd.Function):
+class SeparableConv2dKeepingHidden(_PositionalFunction):
     """``SeparableConv2dFunction`` for the torch and triton implementations (same ``apply`` arguments): the forward
     returns ``(output, hidden)`` and saves ``hidden`` (non-differentiable) for the backward."""
 
@@ -100,8 +136,9 @@ class SeparableConv2dKeepingHidden(torch.autograd.Function):
         relu_input: bool,
         backend: str,
     ):
-        return _FORWARD_KEEPING_HIDDEN[backend](input, depthwise_weight, pointwise_weight, depthwise_bias,
-                                                pointwise_bias, stride, padding, dilation, relu_input)
+        return call_below_autograd(_FORWARD_KEEPING_HIDDEN[backend], (
+            input, depthwise_weight, pointwise_weight, depthwise_bias, pointwise_bias, stride, padding, dilation,
+            relu_input))
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:

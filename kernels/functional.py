@@ -7,7 +7,8 @@ from typing import Dict, Optional, Union
 import torch
 
 from ._args import IntOrPair, check_tensor, normalize
-from .autograd import SeparableConv2dFunction, SeparableConv2dKeepingHidden, forward_op, keeps_hidden, needs_autograd
+from .autograd import (SeparableConv2dFunction, SeparableConv2dKeepingHidden, call_below_autograd, forward_op,
+                       keeps_hidden, needs_autograd)
 from . import gpu_dispatch
 from .dispatch import resolve
 
@@ -102,4 +103,5 @@ def _run(name: str, args: tuple, grad: bool) -> torch.Tensor:
         if keeps_hidden(name, args[2]):
             return SeparableConv2dKeepingHidden.apply(*args, name)[0]
         return SeparableConv2dFunction.apply(*args, name)
-    return forward_op(name)(*args)  # no graph to record: the op itself (Function.apply binds its signature, ~20 us)
+    # No graph to record: the op itself, below the autograd key (its autograd kernel would only redispatch).
+    return call_below_autograd(forward_op(name), args)

@@ -36,7 +36,7 @@ import triton
 import triton.language as tl
 
 from ..ops import check_output_mask, empty_gradients
-from .common import accumulator, cast, conv_tf32, depthwise_tile, mma, row_offsets, split_pixels
+from .common import accumulator, cast, cdiv, conv_tf32, depthwise_tile, mma, row_offsets, split_pixels
 from .forward import check_pixels, configs_for, device_guard, family, geometry_args, launch, launch_config
 
 # Tile configs per dtype family (see forward.py); every GPU config compiles without spills.
@@ -288,11 +288,11 @@ def launch_grad_hidden(grad_output, pw, input, grad_hidden, out, geometry, kh, k
     pinned = launch_config(tuner)
     block_p_min = min(c.kwargs["BLOCK_P"] for c in (tuner.configs if pinned is None else [pinned]))
     # Never a user tensor: the autotuner zeroes this argument between timing runs.
-    partials = torch.zeros((triton.cdiv(pixels, block_p_min) if need_dw else 1, kh * kw + 1, c_hid),
+    partials = torch.zeros((cdiv(pixels, block_p_min) if need_dw else 1, kh * kw + 1, c_hid),
                            dtype=torch.float32, device=input.device)
 
     def grid(meta):
-        return (triton.cdiv(pixels, meta["BLOCK_P"]), triton.cdiv(c_hid, meta["BLOCK_K"]))
+        return (cdiv(pixels, meta["BLOCK_P"]), cdiv(c_hid, meta["BLOCK_K"]))
 
     launch(tuner, grid, grad_output, pw, input, grad_hidden, partials,
            pixels, c_hid, c_out, height, width, oh, ow, c_hid // channels,
@@ -315,7 +315,7 @@ def launch_grad_input(grad_hidden, dw, input, grad_input, out_hw, geometry, kh, 
     q = batch * height * width
 
     def grid(meta):
-        return (triton.cdiv(q, meta["BLOCK_Q"]), triton.cdiv(channels, meta["BLOCK_C"]))
+        return (cdiv(q, meta["BLOCK_Q"]), cdiv(channels, meta["BLOCK_C"]))
 
     launch(grad_input_autotuned[family(input.dtype)], grid, grad_hidden, dw, input, grad_input,
            q, channels, height, width, out_hw[0], out_hw[1], c_hid // channels, c_hid,
@@ -364,12 +364,12 @@ def backward(grad_output: torch.Tensor, input: torch.Tensor, depthwise_weight: t
                 launch_grad_input(grad_hidden, dw, input, out[0], (oh, ow), geometry, kh, kw, relu)
 
         if want_pointwise:
-            splits = max(1, min(triton.cdiv(pixels, PIXELS_PER_SPLIT), PARTIAL_BUDGET // (c_out * c_hid)))
+            splits = max(1, min(cdiv(pixels, PIXELS_PER_SPLIT), PARTIAL_BUDGET // (c_out * c_hid)))
             part_w = torch.empty((splits, c_out, c_hid), **f32)
             part_b = torch.empty((splits, c_out), **f32)
 
             def grid_pointwise(meta):
-                return (triton.cdiv(c_out, meta["BLOCK_CO"]), triton.cdiv(c_hid, meta["BLOCK_K"]), splits)
+                return (cdiv(c_out, meta["BLOCK_CO"]), cdiv(c_hid, meta["BLOCK_K"]), splits)
 
             launch(grad_pointwise_autotuned[family(input.dtype)], grid_pointwise,
                    input, dw, dwb, grad_output, part_w, part_b,

@@ -167,6 +167,17 @@ def accumulator(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
+def cdiv(a: int, b: int) -> int:
+    """``ceil(a / b)`` for host ints. (``triton.cdiv`` and ``triton.next_power_of_2`` are constexpr functions
+    since Triton 3.5: called from Python, each unwraps its arguments, ~3 us; a launch computes a dozen.)"""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of 2 >= ``n`` for a host int ``n`` >= 1 (0 for 0, as ``triton.next_power_of_2``)."""
+    return 1 << (n - 1).bit_length() if n > 0 else 0
+
+
 def vector_width(*values: int) -> int:
     """The largest of 8, 4, 2, 1 that divides every value (a channel count and pixel strides).
 

@@ -28,7 +28,8 @@ import triton.language as tl
 
 from ..ops import empty_output, output_shape
 from . import AUTOTUNE_ENV
-from .common import INTERPRET, cast, conv_tf32, depthwise_tile, mma, row_offsets, split_pixels, vector_width, window_tap
+from .common import (INTERPRET, cast, cdiv, conv_tf32, depthwise_tile, mma, next_power_of_2, row_offsets,
+                     split_pixels, vector_width, window_tap)
 
 # Tile configurations per dtype family ("fp32": ieee dot on FMA units, heavier in registers;
 # "16bit": fp16/bf16 on tensor cores). The interpreter runs one cheap config; on GPU a short
@@ -239,17 +240,17 @@ def narrow_launch(input: torch.Tensor, depthwise_weight: torch.Tensor, pointwise
     x_sn, x_sc, x_sh, x_sw = input.stride()
     o_sn, o_sc, o_sh, o_sw = out.stride()
     align = vector_width(x_sn, x_sh, x_sw, o_sn, o_sh, o_sw)
-    programs = _programs(input, triton.cdiv(pixels, 16))
+    programs = _programs(input, cdiv(pixels, 16))
 
     def grid(meta):
-        return (min(programs, triton.cdiv(pixels, meta["BLOCK_P"])),)
+        return (min(programs, cdiv(pixels, meta["BLOCK_P"])),)
 
     args = (input, dw, dwb, pw, pwb, out, pixels, height, width, oh, ow, c_hid // channels,
             x_sn // align, x_sc, x_sh // align, x_sw // align, o_sn // align, o_sc, o_sh // align, o_sw // align,
             *geometry_args(stride, padding, dilation))
     constexprs = dict(C_HID=c_hid, C_OUT=c_out, KH=kh, KW=kw, HAS_DW_BIAS=depthwise_bias is not None,
                       HAS_PW_BIAS=pointwise_bias is not None, RELU=bool(relu_input), ALIGN=align,
-                      TF32=conv_tf32(input), BLOCK_CO=max(16, triton.next_power_of_2(c_out)))
+                      TF32=conv_tf32(input), BLOCK_CO=max(16, next_power_of_2(c_out)))
     return grid, args, constexprs
 
 
@@ -356,7 +357,7 @@ def forward(input: torch.Tensor, depthwise_weight: torch.Tensor, pointwise_weigh
     pwb = pointwise_bias.contiguous() if pointwise_bias is not None else pw
 
     def grid(meta):
-        return (triton.cdiv(pixels, meta["BLOCK_P"]), triton.cdiv(c_out, meta["BLOCK_CO"]))
+        return (cdiv(pixels, meta["BLOCK_P"]), cdiv(c_out, meta["BLOCK_CO"]))
 
     with device_guard(input):
         launch(

@@ -31,7 +31,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import DOT_IN_FP32, INTERPRET, cast, load_channels, mma, row_offsets, split_pixels, vector_width
+from .common import (DOT_IN_FP32, INTERPRET, cast, cdiv, load_channels, mma, next_power_of_2, row_offsets,
+                     split_pixels, vector_width)
 from .forward import _programs, conv_tf32, geometry_args
 from .split import slot_columns, tap_weights
 
@@ -250,11 +251,11 @@ def tiled_launch(input: torch.Tensor, depthwise_weight: torch.Tensor, pointwise_
     align = vector_width(x_sn, x_sh, x_sw, o_sn, o_sh, o_sw)
     autotuned = tiled_autotuned[_hidden_width(c_hid)]
     smallest = min(c.kwargs["BLOCK_P"] * c.kwargs["ROWS"] * c.kwargs["COLS"] for c in autotuned.configs)
-    programs = _programs(input, triton.cdiv(batch * oh * ow, smallest))
+    programs = _programs(input, cdiv(batch * oh * ow, smallest))
 
     def grid(meta):
-        slots = batch * triton.cdiv(oh, meta["ROWS"]) * triton.cdiv(ow, meta["COLS"])
-        return (min(programs, triton.cdiv(slots, meta["BLOCK_P"])),)
+        slots = batch * cdiv(oh, meta["ROWS"]) * cdiv(ow, meta["COLS"])
+        return (min(programs, cdiv(slots, meta["BLOCK_P"])),)
 
     _, stride_w, pad_top, pad_left, _, dil_w = geometry_args(stride, padding, dilation)
     args = (input, dw, pw, pwb, out, batch, height, width, oh, ow, c_hid // channels,
@@ -263,5 +264,5 @@ def tiled_launch(input: torch.Tensor, depthwise_weight: torch.Tensor, pointwise_
     constexprs = dict(C_HID=c_hid, C_OUT=c_out, KH=kh, KW=kw, HAS_PW_BIAS=bias is not None, RELU=bool(relu_input),
                       ALIGN=align,
                       TF32=conv_tf32(input), COL_REUSE=stride[1] == 1 and dilation[1] == 1,
-                      BLOCK_K=max(16, triton.next_power_of_2(c_hid)), BLOCK_CO=max(16, triton.next_power_of_2(c_out)))
+                      BLOCK_K=max(16, next_power_of_2(c_hid)), BLOCK_CO=max(16, next_power_of_2(c_out)))
     return autotuned, grid, args, constexprs

@@ -35,8 +35,8 @@ import triton.language as tl
 
 from ..ops import check_output_mask, empty_output, output_shape
 from .backward import empty_backward, launch_grad_input
-from .common import (INTERPRET, accumulator, cast, load_channels, matmul_like_conv, row_offsets, split_pixels,
-                     vector_width, window_tap)
+from .common import (INTERPRET, accumulator, cast, cdiv, load_channels, matmul_like_conv, next_power_of_2,
+                     row_offsets, split_pixels, vector_width, window_tap)
 from .forward import check_pixels, configs_for, device_guard, family, geometry_args, launch
 
 # Untimed guesses (no GPU run of this kernel yet), ranked by the static model
@@ -243,8 +243,8 @@ def depthwise_launch(input: torch.Tensor, depthwise_weight: torch.Tensor, depthw
 
     def grid(meta):
         rows, cols = (meta["ROWS"], meta.get("COLS", 1)) if row_reuse else (1, 1)
-        slots = batch * triton.cdiv(out_hw[0], rows) * triton.cdiv(out_hw[1], cols)
-        return (triton.cdiv(slots, meta["BLOCK_P"]), triton.cdiv(c_hid, meta["BLOCK_C"]))
+        slots = batch * cdiv(out_hw[0], rows) * cdiv(out_hw[1], cols)
+        return (cdiv(slots, meta["BLOCK_P"]), cdiv(c_hid, meta["BLOCK_C"]))
 
     args = (input, dw, dwb, hidden, batch, c_hid // align, height, width, out_hw[0], out_hw[1], c_hid // channels,
             x_sn // align, x_sc, x_sh // align, x_sw // align, *geometry_args(stride, padding, dilation))
@@ -525,9 +525,9 @@ def partial_sums_launch(partials: torch.Tensor, grad_depthwise: torch.Tensor, gr
     taps = taps_and_bias - 1
     align = vector_width(c_hid)
     block_c = 32
-    block_g = max(32, min(1024, triton.next_power_of_2(triton.cdiv(programs, 4))))
+    block_g = max(32, min(1024, next_power_of_2(cdiv(programs, 4))))
     rows = (taps if want_weight else 0) + (1 if want_bias else 0)
-    grid = (rows, triton.cdiv(c_hid, block_c))
+    grid = (rows, cdiv(c_hid, block_c))
     args = (partials, grad_depthwise, grad_depthwise_bias, programs, c_hid // align)
     return grid, args, dict(TAPS=taps, FIRST_ROW=0 if want_weight else taps, ALIGN=align, BLOCK_G=block_g,
                             BLOCK_C=block_c, num_warps=4 if block_g <= 128 else 8 if block_g <= 512 else 16)
@@ -569,11 +569,11 @@ def transposed_depthwise_launch(grad_hidden: torch.Tensor, input: torch.Tensor, 
     tiled = tuple(stride) == (1, 1) and tuple(dilation) == (1, 1)
     rows, cols = (INTERPRET_TILE if INTERPRET else TRANSPOSED_TILES[family(input.dtype)]) if tiled else (1, 1)
     # What programs split: tiles of rows x cols input pixels (tiled), else input pixels.
-    units = batch * triton.cdiv(height, rows) * triton.cdiv(width, cols) if tiled else q
-    c_blocks = triton.cdiv(c_hid, 64)
-    per_program = triton.cdiv(triton.cdiv(units, max(1, TARGET_PROGRAMS // c_blocks)), PIXEL_QUANTUM) * PIXEL_QUANTUM
-    programs = triton.cdiv(units, per_program)
-    p_per_program = triton.cdiv(triton.cdiv(pixels, programs), PIXEL_QUANTUM) * PIXEL_QUANTUM
+    units = batch * cdiv(height, rows) * cdiv(width, cols) if tiled else q
+    c_blocks = cdiv(c_hid, 64)
+    per_program = cdiv(cdiv(units, max(1, TARGET_PROGRAMS // c_blocks)), PIXEL_QUANTUM) * PIXEL_QUANTUM
+    programs = cdiv(units, per_program)
+    p_per_program = cdiv(cdiv(pixels, programs), PIXEL_QUANTUM) * PIXEL_QUANTUM
     partials = torch.empty((programs if want_depthwise else 1, kh * kw + 1, c_hid),
                            dtype=torch.float64 if input.dtype == torch.float64 else torch.float32, device=input.device)
     x_sn, x_sc, x_sh, x_sw = input.stride()
@@ -581,7 +581,7 @@ def transposed_depthwise_launch(grad_hidden: torch.Tensor, input: torch.Tensor, 
     align = vector_width(c_hid, x_sn, x_sh, x_sw, gx_sn, gx_sh, gx_sw)
 
     def grid(meta):
-        return (programs, triton.cdiv(c_hid, meta["BLOCK_C"]))
+        return (programs, cdiv(c_hid, meta["BLOCK_C"]))
 
     dw = weights_for(depthwise_weight) if kernel_weights is None else kernel_weights
     args = (grad_hidden, dw, input, grad_input if want_input else input, partials,
