@@ -1,25 +1,34 @@
 #!/usr/bin/env bash
-# The GPU checks in one short run (about 8 minutes at most), for a time-limited lease on a CUDA
+# The GPU checks in one short run (about 8.5 minutes at most), for a time-limited lease on a CUDA
 # machine, most telling first, each part under its own time limit:
 #   1. correctness of the Triton backend on CUDA tensors, both modes (16-bit accuracy, every GPU
-#      tile config pinned, opcheck, determinism, the whole model), then auto's CUDA dispatch
-#      (tests/test_gpu_dispatch.py, with the tuner timing real candidates);
-#   2. every Xception layer in bf16, forward and forward+backward, batch 32, channels_last:
-#      triton (fused), triton-split, auto and the eager nn.Conv2d pair (cuDNN);
-#   3. the whole model in bf16 (eval and the training step) with the same paths;
-#   4. the dispatch table rebuilt from this GPU's recorded results plus this run's (a preview: see below);
-#   5. the rest of the Triton tests, in the time left.
-# tests/conftest.py runs the Triton tests on CUDA tensors when CUDA is there.
+#      tile config pinned, opcheck, determinism, the whole model);
+#   2. the host time of one call per provider (benchmarks.host_time: a tiny layer, so the Python,
+#      dispatch and launch work is all that is left), and split mode's host path under cProfile;
+#   3. each kernel's device time per call at three layers (benchmarks.kernel_profile), and the tile
+#      configs of split mode's two depthwise kernels at 728->728@19 (benchmarks.triton_sweep);
+#   4. every Xception layer in bf16, forward and forward+backward, batch 32, channels_last, in plain
+#      calls: triton (fused), triton-split, auto and the eager nn.Conv2d pair (cuDNN);
+#   5. the same layers replayed from CUDA graphs (the GPU's time without the host's): triton-split
+#      and the eager pair;
+#   6. the whole model in bf16 (eval and the training step);
+#   7. the dispatch table rebuilt from this GPU's recorded results plus this run's (a preview);
+#   8. the rest of the Triton tests, in the time left.
+# The benchmarks run each kernel's first tile config (SEPCONV_TRITON_AUTOTUNE=0, recorded in the
+# rows): autotuning compiles and times every config of every kernel, about 14 s a layer, which
+# took a whole earlier run's time limit. tests/conftest.py runs the Triton tests on CUDA tensors.
 #
 # Usage: bash benchmarks/gpu_check.sh OUT_DIR [PYTHON]
-# OUT_DIR gets env.txt, quick-tests.log, dispatch-tests.log, layers.log, model.log, table.log, tests.log,
-# results/ (benchmarks/results/cuda-<gpu>.jsonl with this run's rows appended, its .md: the layers
-# report then the model report, and the charts) and gpu_dispatch_table.json.
+# OUT_DIR gets at most seven files, so that a machine that hands back a few files returns them all:
+# check.log (everything printed), gpu_dispatch_table.json and results/: <slug>.jsonl (the committed
+# rows with this run's appended) and <slug>.md (this run's reports), host-time-<slug>.jsonl and
+# kernel-profile-<slug>.txt and triton_sweep-<slug>.jsonl (likewise appended to the committed ones).
 # To record the run: copy OUT_DIR/results/* into benchmarks/results/, then rebuild the committed table
 # from the committed file: python -m benchmarks.dispatch_table benchmarks/results/cuda-<gpu>.jsonl
 # (add --capability sm_XY while that file holds rows from runs that did not record it).
-# QUICK_TIMEOUT, DISPATCH_TIMEOUT, LAYERS_TIMEOUT, MODEL_TIMEOUT and TEST_TIMEOUT bound the parts
-# (seconds; 80 + 40 + 170 + 130 + 60 by default), under a 10-minute call.
+# QUICK_TIMEOUT, HOST_TIMEOUT, PROFILE_TIMEOUT, SWEEP_TIMEOUT, LAYERS_TIMEOUT, GRAPHS_TIMEOUT,
+# MODEL_TIMEOUT and TEST_TIMEOUT bound the parts (seconds; 50 + 30 + 35 + 70 + 90 + 60 + 90 + 20 by
+# default; with the host profile and the table, at most about 8.5 minutes).
 set -uo pipefail
 out=${1:?usage: bash benchmarks/gpu_check.sh OUT_DIR [PYTHON]}
 py=${2:-python3}
@@ -30,62 +39,80 @@ unset SEPCONV_TRITON_MODE SEPCONV_TUNE XCEPTION_SEPCONV_BACKEND
 # The cpp backend is for CPUs: without a compiler it reports itself unavailable instead of
 # spending the lease on its JIT build.
 export CXX=/nonexistent/c++
-# One config per kernel in the tests (SEPCONV_TRITON_AUTOTUNE=0: one compile per kernel size, no
-# timing runs); the test_*every* tests pin every GPU config in turn. The benchmark autotunes.
+# One config per kernel: in the tests (the test_*every* tests pin every GPU config in turn) and the benchmarks.
+export SEPCONV_TRITON_AUTOTUNE=0
+exec > >(tee "$out/check.log") 2>&1
+
 tests() {
-    local limit=$1 log=$2
-    shift 2
-    SEPCONV_REQUIRE_BACKENDS=triton SEPCONV_TRITON_AUTOTUNE=0 timeout "$limit" \
-        "$py" -m pytest -q -rs -p no:cacheprovider "$@" 2>&1 | tee "$out/$log" | tail -25
-    echo "$log: exit status ${PIPESTATUS[0]} after ${SECONDS}s"
+    local limit=$1
+    shift
+    SEPCONV_REQUIRE_BACKENDS=triton timeout "$limit" "$py" -m pytest -q -rs -p no:cacheprovider "$@" | tail -25
+    echo "tests: exit status ${PIPESTATUS[0]} after ${SECONDS}s"
 }
 
 # One benchmark run (SIGINT on timeout: it then writes the report of the cases it finished). Its
-# rows are appended to results/<slug>.jsonl; its report is kept as results/<slug>.<part>.md.
+# rows are appended to results/<slug>.jsonl; its report is added to results/<slug>.md.
 bench() {
     local limit=$1 part=$2
     shift 2
     timeout -s INT "$limit" "$py" -m benchmarks --device cuda --dtypes bf16 --layout channels_last --batch 32 \
-        --modes fwd,full --out "$out/results" "$@" 2>&1 | tee "$out/$part.log" | tail -60
+        --out "$out/parts" "$@" | tail -60
     echo "$part benchmark: exit status ${PIPESTATUS[0]} after ${SECONDS}s"
-    [ -f "$out/results/$slug.md" ] && mv "$out/results/$slug.md" "$out/results/$slug.$part.md"
+    [ -f "$out/parts/$slug.jsonl" ] && cat "$out/parts/$slug.jsonl" >> "$out/results/$slug.jsonl"
+    [ -f "$out/parts/$slug.md" ] && cat "$out/parts/$slug.md" >> "$out/results/$slug.md"
+    rm -rf "$out/parts"
 }
 
-{
-    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
-    "$py" -c "import torch, triton
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
+"$py" -c "import torch, triton
 print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)
 print('gpu', torch.cuda.get_device_name(0), 'capability sm_%d%d' % torch.cuda.get_device_capability(0))
 print('tf32: cudnn.allow_tf32', torch.backends.cudnn.allow_tf32,
       'cuda.matmul.allow_tf32', torch.backends.cuda.matmul.allow_tf32)"
-    git rev-parse HEAD 2>/dev/null && git status --short 2>/dev/null | head -20
-    echo "cpus: $(nproc)"
-} 2>&1 | tee "$out/env.txt"
+git rev-parse HEAD 2>/dev/null && git status --short 2>/dev/null | head -20
+echo "cpus: $(nproc)"
 slug=$("$py" -c "from benchmarks.machine import device_slug; print(device_slug('cuda'))" 2>/dev/null || echo cuda-unknown)
 capability=$("$py" -c "import torch; print('sm_%d%d' % torch.cuda.get_device_capability(0))" 2>/dev/null || echo "")
-[ -f "benchmarks/results/$slug.jsonl" ] && cp "benchmarks/results/$slug.jsonl" "$out/results/$slug.jsonl"
+for committed in "$slug.jsonl" "host-time-$slug.jsonl" "kernel-profile-$slug.txt" "triton_sweep-$slug.jsonl"; do
+    [ -f "benchmarks/results/$committed" ] && cp "benchmarks/results/$committed" "$out/results/$committed"
+done
 
-tests "${QUICK_TIMEOUT:-80}" quick-tests.log tests/test_triton.py tests/test_triton_split.py \
-    tests/test_separable_conv.py tests/test_model.py \
-    -k "triton and not aot and (precision or every or opcheck or deterministic or model or setting)"
-tests "${DISPATCH_TIMEOUT:-40}" dispatch-tests.log tests/test_gpu_dispatch.py
+tests "${QUICK_TIMEOUT:-50}" tests/test_triton.py tests/test_triton_split.py tests/test_separable_conv.py \
+    tests/test_model.py -k "triton and not aot and (precision or every or opcheck or deterministic or model or setting)"
 
-bench "${LAYERS_TIMEOUT:-170}" layers --suite layers --quick --providers triton,triton-split,auto,eager
-bench "${MODEL_TIMEOUT:-130}" model --suite model --no-peak \
-    --providers eager,triton-fused,triton-unfused,triton-split-fused,triton-split-unfused,auto-fused,auto-unfused
-cat "$out/results/$slug".layers.md "$out/results/$slug".model.md > "$out/results/$slug.md" 2>/dev/null
+timeout "${HOST_TIMEOUT:-30}" "$py" -m benchmarks.host_time --device cuda \
+    --providers eager,torch,triton-split,triton,auto --out "$out/results"
+echo "host time: exit status $? after ${SECONDS}s"
+# Where split mode's host time goes (printed only: the profiler's cost inflates what it times).
+timeout 20 "$py" -m benchmarks.host_time --device cuda --providers triton-split --calls 100 --profile 30 \
+    --out "$out/profiled"
+rm -rf "$out/profiled"
+timeout "${PROFILE_TIMEOUT:-35}" "$py" -m benchmarks.kernel_profile --layers "728->728@19,256->728@37,64->128@147" \
+    --providers triton-split,triton,eager --modes fwd,full --out "$out/results"
+echo "kernel profile: exit status $? after ${SECONDS}s"
+timeout "${SWEEP_TIMEOUT:-70}" "$py" -m benchmarks.triton_sweep --kernels transposed,depthwise --shapes "728->728@19" --rep 10 \
+    --dtypes bf16 --budget "$(( ${SWEEP_TIMEOUT:-70} - 15 ))" --jsonl "$out/results/triton_sweep-$slug.jsonl"
+echo "tile sweep: exit status $? after ${SECONDS}s"
 
-timeout 60 "$py" -m benchmarks.dispatch_table "$out/results/$slug.jsonl" ${capability:+--capability "$capability"} \
-    --out "$out/gpu_dispatch_table.json" 2>&1 | tee "$out/table.log"
-"$py" - "$out/gpu_dispatch_table.json" <<'EOF' 2>&1 | tee -a "$out/table.log"
+bench "${LAYERS_TIMEOUT:-90}" layers --suite layers --quick --modes fwd,full --min-time 0.1 \
+    --providers triton,triton-split,auto,eager
+bench "${GRAPHS_TIMEOUT:-60}" graphs --suite layers --quick --modes fwd,full --min-time 0.1 --cuda-graphs \
+    --no-memory --no-peak --providers triton-split,eager
+bench "${MODEL_TIMEOUT:-90}" model --suite model --no-peak \
+    --providers eager,triton-split-fused,triton-split-unfused,auto-fused,auto-unfused
+
+timeout 30 "$py" -m benchmarks.dispatch_table "$out/results/$slug.jsonl" ${capability:+--capability "$capability"} \
+    --out "$out/gpu_dispatch_table.json"
+"$py" - "$out/gpu_dispatch_table.json" <<'PYTHON'
 import json, sys
 table = json.load(open(sys.argv[1]))
 for e in table["entries"]:
     times = ", ".join(f"{name} {ms:.3f}" for name, ms in e["times_ms"].items())
     print(f"{e['device_class']} {e['dtype']} {e['mode']} {e['in_channels']}->{e['out_channels']}@{e['height']} "
           f"N{e['batch']}: {e['choice']} ({times} ms; run {e['run_id']})")
-EOF
+PYTHON
 
-tests "${TEST_TIMEOUT:-60}" tests.log tests/test_triton_split.py tests/test_separable_conv.py tests/test_triton.py \
+tests "${TEST_TIMEOUT:-20}" tests/test_triton_split.py tests/test_separable_conv.py tests/test_triton.py \
     -k "triton and not aot and not (precision or every or opcheck or deterministic or model or setting)"
+rm -f "$out"/results/*.png
 echo "gpu_check: done after ${SECONDS}s"

@@ -1,11 +1,13 @@
 """Tile-config sweep for the Triton kernels: every candidate config of a kernel, pinned, timed per shape.
 
     python -m benchmarks.triton_sweep [--shapes 728->728@19,...] [--dtypes bf16,fp32] [--batch 32]
-                                      [--kernels forward,grad_hidden,grad_input,grad_pointwise,depthwise]
+                                      [--kernels forward,grad_hidden,grad_input,grad_pointwise,depthwise,transposed]
                                       [--budget SECONDS] [--jsonl PATH]
 
 For the forward, each candidate runs the whole op (one kernel); ``depthwise`` is split mode's
-depthwise kernel alone (``kernels/triton/split.py``). For a backward kernel (fused mode), the
+depthwise kernel alone (``kernels/triton/split.py``); ``transposed`` is split mode's backward
+without the pointwise weight's gradient (the g_h GEMM, the transposed depthwise kernel, the
+partial sums), so its rows differ in that kernel's config only. For a backward kernel (fused mode), the
 candidate is pinned and the other two backward kernels run their first config, so rows of one
 kernel differ only in that kernel's config. The eager cuDNN pair is timed next to them, and the
 kernel's current GPU configs are marked, so a better candidate shows up as such. A config that
@@ -21,6 +23,7 @@ import argparse
 import itertools
 import json
 import os
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -30,8 +33,9 @@ import torch
 import torch.nn.functional as F
 
 from .cases import DTYPES, XCEPTION_LAYERS, Shape, resolve_shapes
+from .machine import run_info
 
-KERNELS = ("forward", "grad_hidden", "grad_input", "grad_pointwise", "depthwise")
+KERNELS = ("forward", "grad_hidden", "grad_input", "grad_pointwise", "depthwise", "transposed")
 
 
 def candidates(kernel: str, family: str) -> List["triton.Config"]:  # noqa: F821
@@ -40,9 +44,18 @@ def candidates(kernel: str, family: str) -> List["triton.Config"]:  # noqa: F821
 
     k_16, k_32 = (32, 64) if family == "16bit" else (16, 32)
     if kernel == "depthwise":  # split mode's depthwise kernel (kernels/triton/split.py)
-        # ROWS x COLS output pixels a slot: input reuse across rows and columns against registers.
-        return [triton.Config(dict(BLOCK_P=16, BLOCK_C=c, ROWS=r, COLS=k), num_warps=w, num_stages=1)
-                for c, r, k, w in itertools.product((32, 64), (5, 10), (1, 4, 5, 8), (4, 8))]
+        # ROWS x COLS output pixels a slot: input reuse across rows and columns against registers. Fewer
+        # slots a program (BLOCK_P) and smaller slots make more programs and leave registers for more of
+        # them on an SM: at 728->728@19, batch 32, the first GPU config makes 276 programs of 4 warps, about
+        # two an SM, and its kernel measured 35 us where its bytes take 8 at the copy bandwidth.
+        slots = ((10, 8), (5, 8), (10, 5), (5, 5), (5, 4), (2, 4), (1, 4), (1, 1))
+        return [triton.Config(dict(BLOCK_P=p, BLOCK_C=c, ROWS=r, COLS=k), num_warps=max(1, p * c // 128),
+                              num_stages=1)
+                for (r, k), c, p in itertools.product(slots, (32, 64), (16, 8, 4))]
+    if kernel == "transposed":  # split mode's transposed depthwise kernel: its tile shapes are fixed per dtype
+        return [triton.Config(dict(BLOCK_Q=q, BLOCK_C=c), num_warps=w, num_stages=1)
+                for q, c, w in itertools.product((4, 8, 16, 32), (32, 64, 128), (2, 4, 8))
+                if 2 <= q * c // (w * 32) <= 16]
     if kernel == "grad_input":
         return [triton.Config(dict(BLOCK_Q=q, BLOCK_C=c), num_warps=w, num_stages=1)
                 for q, c, w in itertools.product((32, 64, 128), (32, 64), (4, 8))]
@@ -107,11 +120,13 @@ def sweep(args) -> int:
     ops = torch.ops.sepconv_triton
     tables = {"forward": forward.forward_autotuned, "depthwise": split.depthwise_autotuned,
               "grad_hidden": backward.grad_hidden_autotuned,
-              "grad_input": backward.grad_input_autotuned, "grad_pointwise": backward.grad_pointwise_autotuned}
-    current = {"forward": forward.GPU_CONFIGS, "depthwise": split.GPU_CONFIGS,
+              "grad_input": backward.grad_input_autotuned, "grad_pointwise": backward.grad_pointwise_autotuned,
+              "transposed": split.transposed_autotuned}
+    current = {"forward": forward.GPU_CONFIGS, "depthwise": split.GPU_CONFIGS, "transposed": split.TRANSPOSED_CONFIGS,
                "grad_hidden": backward.GRAD_HIDDEN_CONFIGS_GPU,
                "grad_input": backward.GRAD_INPUT_CONFIGS_GPU, "grad_pointwise": backward.GRAD_POINTWISE_CONFIGS_GPU}
     time_ms = timer(device, args.rep)
+    run = run_info(device, argv="python -m benchmarks.triton_sweep " + shlex.join(args.argv)).as_dict()
     deadline = time.monotonic() + args.budget
     out = open(args.jsonl, "a") if args.jsonl else None
     stopped = False
@@ -140,7 +155,7 @@ def sweep(args) -> int:
             # The other backward kernels run their first config, so rows differ in one kernel only.
             backward_kernels = ("grad_hidden", "grad_input", "grad_pointwise")
             pins = {tables[k][family].fn: current[k][family][0] for k in backward_kernels if k != kernel}
-            if kernel in ("forward", "depthwise"):
+            if kernel in ("forward", "depthwise", "transposed"):
                 pins = {}
             if kernel == "forward":
                 def call():
@@ -148,6 +163,9 @@ def sweep(args) -> int:
             elif kernel == "depthwise":
                 def call():
                     return split.depthwise(x, dw, dwb, shape.out_hw, *geometry, False)
+            elif kernel == "transposed":  # with the g_h GEMM and the partial sums (the same in every row)
+                def call():
+                    return split.backward(grad, x, dw, pw, dwb, *geometry, False, [True, True, False, True, False])
             else:
                 def call():
                     return ops.backward(grad, x, dw, pw, dwb, *geometry, False, [True] * 5)
@@ -171,7 +189,8 @@ def sweep(args) -> int:
                 if out:
                     out.write(json.dumps(dict(shape=shape.name, batch=args.batch, dtype=dtype_name, kernel=kernel,
                                               config=describe(config), current=is_current, ms=ms, error=error,
-                                              eager_forward_ms=eager_ms, eager_full_ms=eager_full_ms)) + "\n")
+                                              eager_forward_ms=eager_ms, eager_full_ms=eager_full_ms,
+                                              run=run)) + "\n")
                     out.flush()
             ok = sorted((r for r in rows if r[0] is not None), key=lambda r: r[0])
             print(f"  {kernel}: {len(ok)}/{len(rows)} configs ran", flush=True)
@@ -207,6 +226,7 @@ def main(argv=None) -> int:
     parser.add_argument("--jsonl", type=Path, help="append one JSON row per (shape, dtype, kernel, config)")
     parser.add_argument("--interpret", action="store_true", help="tiny CPU run in Triton's interpreter (tests)")
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     args.dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
     args.kernels = [k.strip() for k in args.kernels.split(",") if k.strip()]
     for name, values, allowed in (("--dtypes", args.dtypes, DTYPES), ("--kernels", args.kernels, KERNELS)):

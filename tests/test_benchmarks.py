@@ -432,10 +432,10 @@ def test_triton_sweep_interpreted(tmp_path, capsys):
     if torch.cuda.is_available():
         pytest.skip("CUDA is available: the sweep runs on the GPU there, not in the interpreter")
     out = tmp_path / "sweep.jsonl"
-    assert sweep_main(["--interpret", "--dtypes", "fp32", "--kernels", "forward,grad_input,depthwise", "--jsonl",
-                       str(out)]) == 0
+    assert sweep_main(["--interpret", "--dtypes", "fp32", "--kernels", "forward,grad_input,depthwise,transposed",
+                       "--jsonl", str(out)]) == 0
     rows = [json.loads(line) for line in out.read_text().splitlines()]
-    assert [row["kernel"] for row in rows] == ["forward", "grad_input", "depthwise"]
+    assert [row["kernel"] for row in rows] == ["forward", "grad_input", "depthwise", "transposed"]
     assert all(row["ms"] > 0 and row["error"] is None and row["current"] for row in rows)
     assert "eager pair forward" in capsys.readouterr().out
 
@@ -456,7 +456,7 @@ def test_triton_sweep_candidates_and_errors(capsys):
 
     current = {"forward": forward.GPU_CONFIGS, "depthwise": split.GPU_CONFIGS,
                "grad_hidden": backward.GRAD_HIDDEN_CONFIGS_GPU, "grad_input": backward.GRAD_INPUT_CONFIGS_GPU,
-               "grad_pointwise": backward.GRAD_POINTWISE_CONFIGS_GPU}
+               "grad_pointwise": backward.GRAD_POINTWISE_CONFIGS_GPU, "transposed": split.TRANSPOSED_CONFIGS}
     for kernel in KERNELS:
         for family in ("16bit", "fp32"):
             names = [describe(config) for config in candidates(kernel, family)]

@@ -1,0 +1,166 @@
+"""Host time of one separable-conv call: the Python, dispatch, autograd and launch work around the kernels.
+
+    python -m benchmarks.host_time --device cuda
+    python -m benchmarks.host_time --device cpu --stub-triton
+
+Each provider runs a tiny layer (batch 1, 16 -> 16 channels, 4x4, 3x3, channels_last), whose kernels
+take a few microseconds, many times in a row, and the device is synchronised once at the end: the time
+per call is then the host's. On a GPU a plain call (not replayed from a CUDA graph) costs at least
+this much whatever the layer, and a layer whose kernels take less is host-bound: on the H200 a split
+mode forward took 0.14 ms in plain calls against 0.055 ms replayed from a graph
+(``results/cuda-nvidia-h200.md``). Modes: ``fwd`` (no grad) and ``full`` (forward and backward).
+
+On a CPU the kernels are not negligible for every provider (oneDNN's small convolutions take tens of
+microseconds), and the triton providers run Triton's interpreter; ``--stub-triton`` makes its kernel
+launches do nothing, so the triton rows time the Python path alone (the rows say so: a development
+figure, not a speed).
+
+Rows are appended to ``<out>/host-time-<machine>.jsonl`` with the run's machine, versions and commit.
+``--profile N`` also prints, per case, the N Python functions with the most own time (cProfile; the
+profiler's own cost inflates them, so read them as shares, not times).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import cProfile
+import io
+import os
+import pstats
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+import torch
+
+from . import providers
+from .cases import DTYPES, Case, Shape
+from .machine import device_slug, run_info
+from .results import DEFAULT_DIR, JsonlLog
+
+SHAPE = Shape("16->16@4", 16, 16, 4, 4)
+MODES = ("fwd", "full")
+DEFAULT_PROVIDERS = ("eager", "torch", "triton-split", "triton", "auto")
+
+
+def _synchronize(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def host_time_us(fn, device: str, calls: int, rounds: int = 5) -> float:
+    """Microseconds a call, best of ``rounds`` runs of ``calls`` calls (each run synchronised once, at its end)."""
+    for _ in range(max(10, calls // 10)):
+        fn()
+    _synchronize(device)
+    best = float("inf")
+    for _ in range(rounds):
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        _synchronize(device)
+        best = min(best, (time.perf_counter() - start) / calls * 1e6)
+    return best
+
+
+@contextlib.contextmanager
+def stubbed_triton_launches():
+    """Within: the Triton interpreter's kernel launches do nothing (CPU only: the Python path alone is timed)."""
+    from triton.runtime import interpreter
+
+    run = interpreter.InterpretedFunction.run
+    interpreter.InterpretedFunction.run = lambda self, *args, **kwargs: None
+    try:
+        yield
+    finally:
+        interpreter.InterpretedFunction.run = run
+
+
+def print_profile(fn, calls: int, top: int) -> None:
+    """The ``top`` Python functions by own time over ``calls`` calls (cProfile): where the host time goes."""
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(calls):
+        fn()
+    profiler.disable()
+    stream = io.StringIO()
+    pstats.Stats(profiler, stream=stream).sort_stats("tottime").print_stats(top)
+    lines = stream.getvalue().splitlines()
+    start = next((i for i, line in enumerate(lines) if line.strip().startswith("ncalls")), 0)
+    print("\n".join(line[:160] for line in lines[start:] if line.strip()))
+
+
+def measure(device: str, dtype: str, provider_names: Sequence[str], modes: Sequence[str], calls: int,
+            stubbed: bool, profile: int = 0) -> List[dict]:
+    rows = []
+    for provider in provider_names:
+        reason = providers.availability("layers", provider, device, dtype)
+        if reason is not None and not (stubbed and provider.startswith("triton") and device == "cpu"):
+            print(f"{provider}: skipped ({reason})")
+            continue
+        for mode in modes:
+            case = Case("layers", SHAPE, 1, dtype, "channels_last", mode, provider)
+            with providers.triton_mode(providers.backend_and_mode(provider)[1]):
+                prepared = providers.prepare(case, device)
+                microseconds = host_time_us(prepared.fn, device, calls)
+                if profile:
+                    print(f"-- {provider} {mode}: the {profile} functions with the most own time over {calls} calls")
+                    print_profile(prepared.fn, calls, profile)
+            stub = stubbed and provider.startswith("triton")
+            rows.append(dict(provider=provider, mode=mode, dtype=dtype, shape=SHAPE.name, calls=calls,
+                             host_us=round(microseconds, 2), triton_launches_stubbed=stub))
+            print(f"{provider:14s} {mode:5s} {microseconds:9.1f} us a call" + ("  (kernels stubbed)" if stub else ""))
+    return rows
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available, else cpu")
+    parser.add_argument("--providers", default=",".join(DEFAULT_PROVIDERS),
+                        help=f"comma-separated, from {', '.join(providers.LAYER_PROVIDERS)}")
+    parser.add_argument("--modes", default=",".join(MODES), help="fwd,full")
+    parser.add_argument("--dtype", choices=tuple(DTYPES), help="default: bf16 on cuda, fp32 on cpu")
+    parser.add_argument("--calls", type=int, default=300, help="calls a timed run (best of 5 runs)")
+    parser.add_argument("--stub-triton", action="store_true",
+                        help="CPU: the Triton interpreter's launches do nothing (the Python path alone)")
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="also print the N Python functions with the most own time (cProfile) per case")
+    parser.add_argument("--out", type=Path, default=DEFAULT_DIR, help=f"results folder (default {DEFAULT_DIR})")
+    args = parser.parse_args(argv)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device here")
+    names = [p.strip() for p in args.providers.split(",") if p.strip()]
+    unknown = [p for p in names if p not in providers.LAYER_PROVIDERS]
+    if unknown:
+        parser.error(f"--providers: unknown {unknown}; choose from {list(providers.LAYER_PROVIDERS)}")
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    if not modes or any(m not in MODES for m in modes):
+        parser.error(f"--modes must be a comma-separated subset of {list(MODES)}, got {args.modes!r}")
+    if args.calls < 1:
+        parser.error(f"--calls must be >= 1, got {args.calls}")
+    if args.profile < 0:
+        parser.error(f"--profile must be >= 0, got {args.profile}")
+    if args.stub_triton and device != "cpu":
+        parser.error("--stub-triton is for --device cpu (on a GPU the launches are what is timed)")
+    if args.stub_triton and os.environ.get("TRITON_INTERPRET") != "1":
+        parser.error("--stub-triton needs TRITON_INTERPRET=1 in the environment (it stubs the interpreter's launches)")
+    dtype = args.dtype or ("bf16" if device == "cuda" else "fp32")
+    info = run_info(device, argv="python -m benchmarks.host_time " + shlex.join(sys.argv[1:] if argv is None
+                                                                               else list(argv)))
+    print(f"host time a call on {info.device_name} ({device}), torch {info.torch_version}, run {info.run_id}")
+    with stubbed_triton_launches() if args.stub_triton else contextlib.nullcontext():
+        rows = measure(device, dtype, names, modes, args.calls, args.stub_triton, args.profile)
+    path = args.out / f"host-time-{device_slug(device)}.jsonl"
+    with JsonlLog(path) as log:
+        for row in rows:
+            log.append({**row, "run": info.as_dict()})
+    print(f"rows: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
