@@ -605,12 +605,13 @@ def test_results_files_are_named_readably(name, slug):
 
 
 def test_committed_results_rows_record_machine_versions_and_commit():
-    """The suite's and benchmarks.rss's committed logs: every row says where and with what it was measured."""
+    """The suite's, benchmarks.rss's and benchmarks.host_time's committed logs: every row says where and with
+    what it was measured."""
     from pathlib import Path
 
     results = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
     logs = [log for log in sorted(results.glob("*.jsonl"))
-            if log.name.startswith(("cpu-", "cuda-", "rss-"))]
+            if log.name.startswith(("cpu-", "cuda-", "rss-", "host-time-"))]
     assert logs
     for log in logs:
         for row in read_rows(log):
