@@ -24,44 +24,12 @@ import torch
 from kernels.triton import AUTOTUNE_ENV
 
 from . import isolated, providers
+from .cli import choices, positive_int, positive_ints
 from .cases import DTYPES, LAYER_MODES, LAYOUTS, MODEL_MODES, SHAPE_SETS, SUITES, build_cases
 from .machine import device_slug, measure_peaks, run_info, set_threads
 from .results import DEFAULT_DIR, JsonlLog, atomic_write_text, check_targets, render_markdown
 from .runner import RunOptions, RunState, run_cases
 from .timing import TimingPolicy
-
-
-def _choices(kind: str, allowed: Sequence[str]):
-    """An argparse type: a comma-separated list, each item in ``allowed``."""
-    def parse(text: str) -> List[str]:
-        items = [item.strip() for item in text.split(",") if item.strip()]
-        if not items:
-            raise argparse.ArgumentTypeError(f"{kind}: empty list {text!r}")
-        for item in items:
-            if item not in allowed:
-                raise argparse.ArgumentTypeError(f"unknown {kind} {item!r}; choose from {', '.join(allowed)}")
-        return list(dict.fromkeys(items))
-    return parse
-
-
-def _positive_ints(text: str) -> List[int]:
-    try:
-        values = [int(item) for item in text.split(",") if item.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"batch sizes must be positive integers, got {text!r}") from None
-    if not values or any(v < 1 for v in values):
-        raise argparse.ArgumentTypeError(f"batch sizes must be positive integers, got {text!r}")
-    return values
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
 
 
 # --isa: the environment that holds each library to the ISA. oneDNN, ATen and MKL (torch.mm and the
@@ -85,28 +53,28 @@ def build_parser() -> argparse.ArgumentParser:
         description="Benchmark the fused separable convolution against the eager nn.Conv2d pair and torch.compile.",
         epilog="Defaults on CPU are --quick; on CUDA the GPU grid (batch 32, bf16/fp16/fp32, both layouts).",
     )
-    parser.add_argument("--suite", type=_choices("suite", SUITES),
+    parser.add_argument("--suite", type=choices("suite", SUITES),
                         help="layers,model,shortcut (default: all three on CPU, layers,model on CUDA)")
-    parser.add_argument("--backends", type=_choices("backend", providers.BACKEND_PROVIDERS),
+    parser.add_argument("--backends", type=choices("backend", providers.BACKEND_PROVIDERS),
                         help=f"project backends to run ({','.join(providers.BACKEND_PROVIDERS)}; default all)")
-    parser.add_argument("--providers", type=_choices("provider", ALL_PROVIDERS + MODEL_PROVIDER_NAMES),
+    parser.add_argument("--providers", type=choices("provider", ALL_PROVIDERS + MODEL_PROVIDER_NAMES),
                         help=f"layer providers ({','.join(ALL_PROVIDERS)}) and model providers "
                              f"({','.join(MODEL_PROVIDER_NAMES)}); default: every backend plus eager and compile")
-    parser.add_argument("--dtypes", type=_choices("dtype", tuple(DTYPES)), help="fp32,bf16,fp16")
-    parser.add_argument("--batch", type=_positive_ints, help="batch sizes, e.g. 1,8")
-    parser.add_argument("--modes", type=_choices("mode", LAYER_MODES + MODEL_MODES),
+    parser.add_argument("--dtypes", type=choices("dtype", tuple(DTYPES)), help="fp32,bf16,fp16")
+    parser.add_argument("--batch", type=positive_ints, help="batch sizes, e.g. 1,8")
+    parser.add_argument("--modes", type=choices("mode", LAYER_MODES + MODEL_MODES),
                         help="fwd, bwd (backward only), full (fwd+bwd); "
                              "the model suite maps fwd to eval and full to the training step")
-    parser.add_argument("--layout", type=_choices("layout", LAYOUTS), help="channels_last,nchw")
+    parser.add_argument("--layout", type=choices("layout", LAYOUTS), help="channels_last,nchw")
     parser.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available, else cpu")
     parser.add_argument("--shapes", type=lambda s: [x.strip() for x in s.split(",") if x.strip()],
                         help=f"shape sets ({','.join(SHAPE_SETS)}) or parts of shape names, e.g. '@147,@74'")
     speed = parser.add_mutually_exclusive_group()
     speed.add_argument("--quick", action="store_true", help="the short grid (default on CPU; < 10 min on 2 cores)")
     speed.add_argument("--full", action="store_true", help="every shape, mode, layout and provider")
-    parser.add_argument("--threads", type=_positive_int, help="torch.set_num_threads (default: torch's choice)")
+    parser.add_argument("--threads", type=positive_int, help="torch.set_num_threads (default: torch's choice)")
     parser.add_argument("--out", type=Path, default=DEFAULT_DIR, help=f"results folder (default {DEFAULT_DIR})")
-    parser.add_argument("--repeats", type=_positive_int,
+    parser.add_argument("--repeats", type=positive_int,
                         help="minimum timed repeats per case (default 5; whole-model cases at least 9)")
     parser.add_argument("--min-time", type=float, help="minimum timed seconds per case (default 0.5, quick 0.3)")
     parser.add_argument("--cuda-graphs", action="store_true", help="GPU: time through CUDA graphs")

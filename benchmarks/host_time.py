@@ -38,6 +38,7 @@ import torch
 
 from . import providers
 from .cases import DTYPES, Case, Shape
+from .cli import choices, positive_int
 from .machine import device_slug, run_info
 from .results import DEFAULT_DIR, JsonlLog
 
@@ -119,11 +120,11 @@ def measure(device: str, dtype: str, provider_names: Sequence[str], modes: Seque
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available, else cpu")
-    parser.add_argument("--providers", default=",".join(DEFAULT_PROVIDERS),
-                        help=f"comma-separated, from {', '.join(providers.LAYER_PROVIDERS)}")
-    parser.add_argument("--modes", default=",".join(MODES), help="fwd,full")
+    parser.add_argument("--providers", type=choices("provider", providers.LAYER_PROVIDERS),
+                        default=",".join(DEFAULT_PROVIDERS), help="comma-separated layer providers")
+    parser.add_argument("--modes", type=choices("mode", MODES), default=",".join(MODES), help="fwd,full")
     parser.add_argument("--dtype", choices=tuple(DTYPES), help="default: bf16 on cuda, fp32 on cpu")
-    parser.add_argument("--calls", type=int, default=300, help="calls a timed run (best of 5 runs)")
+    parser.add_argument("--calls", type=positive_int, default=300, help="calls a timed run (best of 5 runs)")
     parser.add_argument("--stub-triton", action="store_true",
                         help="CPU: the Triton interpreter's launches do nothing (the Python path alone)")
     parser.add_argument("--profile", type=int, default=0, metavar="N",
@@ -133,15 +134,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device here")
-    names = [p.strip() for p in args.providers.split(",") if p.strip()]
-    unknown = [p for p in names if p not in providers.LAYER_PROVIDERS]
-    if unknown:
-        parser.error(f"--providers: unknown {unknown}; choose from {list(providers.LAYER_PROVIDERS)}")
-    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    if not modes or any(m not in MODES for m in modes):
-        parser.error(f"--modes must be a comma-separated subset of {list(MODES)}, got {args.modes!r}")
-    if args.calls < 1:
-        parser.error(f"--calls must be >= 1, got {args.calls}")
     if args.profile < 0:
         parser.error(f"--profile must be >= 0, got {args.profile}")
     if args.stub_triton and device != "cpu":
@@ -153,7 +145,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                                                                else list(argv)))
     print(f"host time a call on {info.device_name} ({device}), torch {info.torch_version}, run {info.run_id}")
     with stubbed_triton_launches() if args.stub_triton else contextlib.nullcontext():
-        rows = measure(device, dtype, names, modes, args.calls, args.stub_triton, args.profile)
+        rows = measure(device, dtype, args.providers, args.modes, args.calls, args.stub_triton, args.profile)
     path = args.out / f"host-time-{device_slug(device)}.jsonl"
     with JsonlLog(path) as log:
         for row in rows:

@@ -22,6 +22,7 @@ import torch
 
 from . import providers
 from .cases import DTYPES, XCEPTION_LAYERS, Case, resolve_shapes
+from .cli import choices, positive_int
 from .machine import device_slug, run_info
 from .results import DEFAULT_DIR
 
@@ -47,12 +48,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--layers", default="728->728@19,256->728@37,1536->2048@10",
                         help="comma-separated layer names (or parts of names, or a shape set: xception, sweep, tiny)")
-    parser.add_argument("--providers", default="triton-split,eager", help="comma-separated layer providers")
-    parser.add_argument("--modes", default="full", help="fwd,full")
+    parser.add_argument("--providers", type=choices("provider", providers.LAYER_PROVIDERS),
+                        default="triton-split,eager", help="comma-separated layer providers")
+    parser.add_argument("--modes", type=choices("mode", MODES), default="full", help="fwd,full")
     parser.add_argument("--dtype", choices=tuple(DTYPES), default="bf16")
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--steps", type=int, default=5, help="profiled calls")
-    parser.add_argument("--top", type=int, default=8, help="kernels listed per case")
+    parser.add_argument("--batch", type=positive_int, default=32)
+    parser.add_argument("--steps", type=positive_int, default=5, help="profiled calls")
+    parser.add_argument("--top", type=positive_int, default=8, help="kernels listed per case")
     parser.add_argument("--out", type=Path, default=DEFAULT_DIR, help=f"results folder (default {DEFAULT_DIR})")
     args = parser.parse_args(argv)
     try:
@@ -60,16 +62,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                 option="--layers")
     except ValueError as error:
         parser.error(str(error))
-    names = [p.strip() for p in args.providers.split(",") if p.strip()]
-    unknown = [p for p in names if p not in providers.LAYER_PROVIDERS]
-    if unknown:
-        parser.error(f"--providers: unknown {unknown}; choose from {list(providers.LAYER_PROVIDERS)}")
-    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    if not modes or any(m not in MODES for m in modes):
-        parser.error(f"--modes must be a comma-separated subset of {list(MODES)}, got {args.modes!r}")
-    for flag, value in (("--batch", args.batch), ("--steps", args.steps), ("--top", args.top)):
-        if value < 1:
-            parser.error(f"{flag} must be >= 1, got {value}")
     if not torch.cuda.is_available():
         parser.error("kernel_profile needs a CUDA device (it lists CUDA kernels)")
     info = run_info("cuda", argv="python -m benchmarks.kernel_profile " + shlex.join(
@@ -78,12 +70,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
              f"commit {info.git_commit}, run {info.run_id} ({info.utc_time})",
              f"# {args.dtype}, batch {args.batch}, channels_last; device time per call, us (launches per call)"]
     for shape in shapes:
-        for provider in names:
+        for provider in args.providers:
             reason = providers.availability("layers", provider, "cuda", args.dtype)
             if reason is not None:
                 lines.append(f"== {shape.name} {provider}: skipped ({reason})")
                 continue
-            for mode in modes:
+            for mode in args.modes:
                 case = Case("layers", shape, args.batch, args.dtype, "channels_last", mode, provider)
                 with providers.triton_mode(providers.backend_and_mode(provider)[1]):
                     prepared = providers.prepare(case, "cuda")

@@ -168,7 +168,7 @@ def test_host_time_stubs_the_interpreter_only_while_it_runs(tmp_path, monkeypatc
 @pytest.mark.parametrize("argv, named", [
     (["--providers", "eager,tensorrt"], "'tensorrt'"),
     (["--modes", "bwd"], "'bwd'"),
-    (["--calls", "0"], "--calls must be >= 1, got 0"),
+    (["--calls", "0"], "expected a positive integer, got '0'"),
     (["--profile", "-1"], "--profile must be >= 0, got -1"),
     (["--device", "cpu", "--stub-triton"], "TRITON_INTERPRET=1"),
 ])
@@ -190,7 +190,7 @@ def test_kernel_profile_needs_cuda_and_names_bad_layers(capsys):
         main(["--layers", "728->728@19"])
     assert raised.value.code == 2 and "needs a CUDA device" in capsys.readouterr().err
     for argv, named in ((["--layers", "no-such-layer"], "'no-such-layer'"), (["--modes", "bwd"], "'bwd'"),
-                        (["--steps", "0"], "--steps must be >= 1")):
+                        (["--steps", "0"], "--steps: expected a positive integer, got '0'")):
         with pytest.raises(SystemExit):
             main(argv)
         assert named in capsys.readouterr().err
