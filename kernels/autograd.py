@@ -59,11 +59,15 @@ class _PositionalFunction(torch.autograd.Function):
         return super(torch.autograd.Function, cls).apply(*unwrap_dead_wrappers(args))
 
 
+# torch.compiler.is_exporting arrived after torch 2.6; there, export's tracing is seen by its tensors
+# (fake or functional tensors, not plain ones: call_below_autograd checks the first argument).
+_is_exporting = getattr(torch.compiler, "is_exporting", lambda: False)
+
+
 def below_autograd() -> bool:
-    """Whether ``call_below_autograd`` skips the autograd keys: in plain eager calls (``torch.compile`` and
+    """Whether ``call_below_autograd`` may skip the autograd keys: in plain eager calls (``torch.compile`` and
     ``torch.export`` trace the op as it is; functorch transforms keep their own autograd levels)."""
-    return not (torch.compiler.is_compiling() or torch.compiler.is_exporting()
-                or torch._C._are_functorch_transforms_active())
+    return not (torch.compiler.is_compiling() or _is_exporting() or torch._C._are_functorch_transforms_active())
 
 
 def call_below_autograd(op, args):
@@ -71,7 +75,7 @@ def call_below_autograd(op, args):
     gradient). The ops carry an autograd kernel of their own (``torch.library.register_autograd``) for
     direct callers; there it would only redispatch below autograd, in Python (~25 us). Excluding the
     autograd keys goes there directly."""
-    if below_autograd():
+    if type(args[0]) is torch.Tensor and below_autograd():  # a plain tensor: not traced (fake, functional)
         with torch._C._AutoDispatchBelowAutograd():
             return op(*args)
     return op(*args)
