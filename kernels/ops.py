@@ -115,9 +115,6 @@ def empty_output(input: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
     return torch.empty(shape, dtype=input.dtype, device=input.device, memory_format=memory_format_of(input))
 
 
-_STRIDES: dict = {}
-
-
 def _int_strides(shape: tuple, channels_last: bool) -> tuple:
     """``_strides_for`` with int sizes. As torch lays tensors out: contiguous, a size 0 counts as 1;
     channels_last, it does not (the strides of the dimensions outside it become 0)."""
@@ -133,16 +130,10 @@ def _int_strides(shape: tuple, channels_last: bool) -> tuple:
 def _strides_for(shape: Sequence[int], memory_format: torch.memory_format) -> tuple:
     """The strides ``torch.empty(shape, memory_format=memory_format)`` gets."""
     channels_last = memory_format is torch.channels_last
-    try:  # real sizes (every eager call): a dict lookup
-        key = (tuple(shape), channels_last)
-        strides = _STRIDES.get(key)
-    except TypeError:  # symbolic sizes (unhashable), under tracing
-        return tuple(make_channels_last_strides_for(shape) if channels_last else make_contiguous_strides_for(shape))
-    if strides is None:
-        strides = _STRIDES[key] = _int_strides(key[0], channels_last)
-        if len(_STRIDES) > 4096:  # shapes without end (a sweep): start over rather than grow
-            _STRIDES.clear()
-    return strides
+    if all(type(size) is int for size in shape):  # real sizes (every eager call): plain int arithmetic
+        return _int_strides(tuple(shape), channels_last)
+    # Symbolic sizes, under tracing: torch's own rule.
+    return tuple(make_channels_last_strides_for(shape) if channels_last else make_contiguous_strides_for(shape))
 
 
 def as_returned(result: torch.Tensor, memory_format: torch.memory_format) -> torch.Tensor:
