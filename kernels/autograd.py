@@ -70,6 +70,14 @@ def below_autograd() -> bool:
     return not (torch.compiler.is_compiling() or _is_exporting() or torch._C._are_functorch_transforms_active())
 
 
+def plain_eager(input: torch.Tensor) -> bool:
+    """Whether a call on ``input`` may run the torch implementation as its ATen ops under autograd
+    (``kernels.ops.torch_pair_recorded``) instead of its op: a plain tensor, no tracing or functorch
+    transform (``below_autograd``), and no dispatch mode, which sees the ``sepconv_torch`` op as
+    ``torch.compile``, ``torch.export`` and the benchmarks' census of the ops that ran do."""
+    return type(input) is torch.Tensor and below_autograd() and torch._C._len_torch_dispatch_stack() == 0
+
+
 def call_below_autograd(op, args):
     """``op(*args)`` where no graph is recorded (inside a Function's forward, or a call whose tensors need no
     gradient). The ops carry an autograd kernel of their own (``torch.library.register_autograd``) for

@@ -8,9 +8,10 @@ import torch
 
 from ._args import IntOrPair, check_tensor, normalize
 from .autograd import (SeparableConv2dFunction, SeparableConv2dKeepingHidden, call_below_autograd, forward_op,
-                       keeps_hidden, needs_autograd)
+                       keeps_hidden, needs_autograd, plain_eager)
 from . import gpu_dispatch
 from .dispatch import resolve
+from .ops import torch_pair_recorded
 
 # Whether a device type has autocast, asked once per type. torch.amp.is_autocast_available is a
 # builtin that torch.compile and torch.export cannot trace in torch 2.6 (a graph break, an error under
@@ -99,6 +100,9 @@ def separable_conv2d(
 
 
 def _run(name: str, args: tuple, grad: bool) -> torch.Tensor:
+    if name == "torch" and plain_eager(args[0]):
+        # The eager pair itself: autograd saves and the host spends what nn.Conv2d does.
+        return torch_pair_recorded(*args)
     if grad:
         if keeps_hidden(name, args[2]):
             return SeparableConv2dKeepingHidden.apply(*args, name)[0]

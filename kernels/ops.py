@@ -382,6 +382,18 @@ def _torch_pair(input, depthwise_weight, pointwise_weight, depthwise_bias, point
     return F.conv2d(hidden, pointwise_weight, pointwise_bias), hidden
 
 
+def torch_pair_recorded(input, *args) -> torch.Tensor:
+    """The torch implementation's output as the ATen pair itself (ReLU, depthwise and pointwise
+    ``F.conv2d``, under autograd), for plain eager calls (``kernels.autograd.plain_eager``): autograd
+    then records and saves what the ``nn.Conv2d`` pair does, and a call costs the pair's host time,
+    not an op's and an ``autograd.Function``'s on top. The output keeps the input's memory format (a
+    copy only where ATen chose the other one: an NCHW input with channels_last weights)."""
+    output = _torch_pair(input, *args)[0]
+    memory_format = memory_format_of(input)
+    return output if output.is_contiguous(memory_format=memory_format) else output.contiguous(
+        memory_format=memory_format)
+
+
 def _torch_forward(input, *args):
     return as_returned(_torch_pair(input, *args)[0], memory_format_of(input))
 

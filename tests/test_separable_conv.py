@@ -1,5 +1,6 @@
 """Every backend against ``nn.Conv2d(groups=C)`` + 1x1: forward and every gradient."""
 
+import contextlib
 import itertools
 
 import pytest
@@ -303,8 +304,8 @@ def test_autograd_asks_no_gradient_for_missing_or_frozen_biases(backend, bias):
     leaves = [t.clone().requires_grad_(True) for t in (x, dw, pw)] + [dwb, pwb]
     if bias:
         leaves[3] = dwb.clone().requires_grad_(True)  # the pointwise bias stays frozen
-    out = kernels.separable_conv2d(*leaves, padding=1, backend=backend)
-    with RecordMasks():
+    with RecordMasks():  # under a dispatch mode the torch backend runs its ops too (kernels.autograd.plain_eager)
+        out = kernels.separable_conv2d(*leaves, padding=1, backend=backend)
         out.backward(torch.ones_like(out))
     assert masks == [[True, True, True, bias, False]]
     ref, ref_leaves = pair_reference(*leaves, 1, 1, 1)
@@ -357,29 +358,50 @@ def test_torch_compile_before_any_eager_call(monkeypatch):
     torch.testing.assert_close(out, module(x))
 
 
-@pytest.mark.parametrize("backend_name, pointwise_grad", [("cpp", True), ("torch", True), ("torch", False)])
-def test_what_backward_saves(backend_name, pointwise_grad):
-    """cpp saves the input and weights only (its backward recomputes the depthwise result tile by tile);
-    torch also keeps the depthwise result, as the eager nn.Conv2d pair does, where the pointwise weight's
-    gradient (its one reader) is wanted."""
+class _PassThrough(TorchDispatchMode):
+    """A dispatch mode that changes nothing: under one, the torch backend runs through its ops."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("backend_name, pointwise_grad, through_ops", [
+    ("cpp", True, True), ("torch", True, True), ("torch", False, True), ("torch", True, False),
+    ("torch", False, False)])
+def test_what_backward_saves(backend_name, pointwise_grad, through_ops):
+    """cpp saves the input and weights only (its backward recomputes the depthwise result tile by tile).
+    torch through its ops (under tracing or a dispatch mode) also keeps the depthwise result, as the eager
+    nn.Conv2d pair does, where the pointwise weight's gradient (its one reader) is wanted; in plain eager
+    calls it is the ATen pair itself and saves exactly what the pair saves."""
     device = require_backend(backend_name)
     x, dw, pw, dwb, pwb = make_case(2, 4, 9, 9, (3, 3), 1, 6, True, torch.float32, device)
     leaves = [t.requires_grad_(True) for t in (x, dw, pw, dwb, pwb)]
     pw.requires_grad_(pointwise_grad)
-    saved = []
 
-    def pack(tensor):
-        saved.append(tuple(tensor.shape))
-        return tensor
+    def saved_by(call):
+        saved = []
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = kernels.separable_conv2d(*leaves, padding=1, backend=backend_name)
-    expected = [tuple(x.shape), tuple(dw.shape), tuple(pw.shape), tuple(dwb.shape)]
-    if backend_name == "torch" and pointwise_grad:
-        expected.append((2, dw.shape[0], 9, 9))
-    assert sorted(saved) == sorted(expected)
+        def pack(tensor):
+            saved.append(tuple(tensor.shape))
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            return call(), sorted(saved)
+
+    def ours():
+        with _PassThrough() if through_ops else contextlib.nullcontext():
+            return kernels.separable_conv2d(*leaves, padding=1, backend=backend_name)
+
+    out, saved = saved_by(ours)
+    want, saved_by_pair = saved_by(lambda: kernels.separable_conv2d_reference(*leaves, padding=1))
+    if through_ops:
+        expected = [tuple(x.shape), tuple(dw.shape), tuple(pw.shape), tuple(dwb.shape)]
+        if backend_name == "torch" and pointwise_grad:
+            expected.append((2, dw.shape[0], 9, 9))
+        assert saved == sorted(expected)
+    else:
+        assert saved == saved_by_pair
     grads = torch.autograd.grad(out, [t for t in leaves if t.requires_grad], torch.ones_like(out))
-    want = kernels.separable_conv2d_reference(*leaves, padding=1)
     for got, reference in zip(grads, torch.autograd.grad(want, [t for t in leaves if t.requires_grad],
                                                          torch.ones_like(want))):
         torch.testing.assert_close(got, reference, **TOLERANCES[torch.float32])
