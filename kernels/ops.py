@@ -388,10 +388,7 @@ def torch_pair_recorded(input, *args) -> torch.Tensor:
     then records and saves what the ``nn.Conv2d`` pair does, and a call costs the pair's host time,
     not an op's and an ``autograd.Function``'s on top. The output keeps the input's memory format (a
     copy only where ATen chose the other one: an NCHW input with channels_last weights)."""
-    output = _torch_pair(input, *args)[0]
-    memory_format = memory_format_of(input)
-    return output if output.is_contiguous(memory_format=memory_format) else output.contiguous(
-        memory_format=memory_format)
+    return _torch_pair(input, *args)[0].contiguous(memory_format=memory_format_of(input))  # no copy when it is
 
 
 def _torch_forward(input, *args):
