@@ -36,14 +36,35 @@ DATASHEET_TFLOPS = {
 DATASHEET_TBPS = {"H100": 3.35, "H200": 4.8}
 
 
-def cpu_model() -> str:
+def _cpuinfo_fields() -> Dict[str, str]:
+    """The first processor's fields of /proc/cpuinfo, keys lower-case ({} off Linux)."""
+    fields: Dict[str, str] = {}
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
+        text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown CPU"
+        return fields
+    for line in text.splitlines():
+        if not line.strip():
+            break
+        key, sep, value = line.partition(":")
+        if sep:
+            fields.setdefault(key.strip().lower(), value.strip())
+    return fields
+
+
+def cpu_model() -> str:
+    return _cpuinfo_fields().get("model name") or platform.processor() or platform.machine() or "unknown CPU"
+
+
+def cpu_device_name(fields: Optional[Dict[str, str]] = None) -> str:
+    """The CPU's model name; where it names no model number (virtual machines often show a bare "AMD EPYC"
+    or "Intel(R) Xeon(R) Processor"), with the family and model numbers added, so that two generations
+    (an AVX2-only Zen 3 and an AVX-512 Zen 5 both show "AMD EPYC") get results files of their own."""
+    fields = _cpuinfo_fields() if fields is None else fields
+    name = fields.get("model name") or platform.processor() or platform.machine() or "unknown CPU"
+    if re.search(r"\d", _NAME_NOISE.sub(" ", name)) or "cpu family" not in fields or "model" not in fields:
+        return name
+    return f"{name} (family {fields['cpu family']} model {fields['model']})"
 
 
 def transparent_hugepage_mode() -> Optional[str]:
@@ -92,7 +113,7 @@ def slugify(text: str) -> str:
 
 
 def device_name(device: str) -> str:
-    return (gpu_model() or "cuda") if device == "cuda" else cpu_model()
+    return (gpu_model() or "cuda") if device == "cuda" else cpu_device_name()
 
 
 def device_slug(device: str) -> str:

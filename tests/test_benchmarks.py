@@ -604,6 +604,26 @@ def test_results_files_are_named_readably(name, slug):
     assert slugify(name) == slug
 
 
+@pytest.mark.parametrize("fields, name", [
+    ({"model name": "AMD EPYC", "cpu family": "25", "model": "1"}, "AMD EPYC (family 25 model 1)"),
+    ({"model name": "AMD EPYC", "cpu family": "26", "model": "2"}, "AMD EPYC (family 26 model 2)"),
+    ({"model name": "AMD EPYC 7763 64-Core Processor", "cpu family": "25", "model": "1"},
+     "AMD EPYC 7763 64-Core Processor"),
+    ({"model name": "Intel(R) Xeon(R) Processor", "cpu family": "6", "model": "143"},
+     "Intel(R) Xeon(R) Processor (family 6 model 143)"),
+    ({"model name": "AMD EPYC"}, "AMD EPYC"),  # no family/model to add
+])
+def test_generic_cpu_names_get_family_and_model(fields, name):
+    """Two CPU generations under one bare name (a Zen 3 without AVX-512 and a Zen 5 with it, both "AMD EPYC"
+    in a VM) must not append their rows to one results file."""
+    from benchmarks.machine import cpu_device_name, slugify
+
+    assert cpu_device_name(fields) == name
+    if "cpu family" in fields:
+        assert slugify(cpu_device_name(fields)).endswith(f"family-{fields['cpu family']}-model-{fields['model']}") \
+            or any(c.isdigit() for c in slugify(fields["model name"]))
+
+
 def test_committed_results_rows_record_machine_versions_and_commit():
     """The suite's, benchmarks.rss's and benchmarks.host_time's committed logs: every row says where and with
     what it was measured."""
