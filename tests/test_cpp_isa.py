@@ -53,6 +53,9 @@ def test_build_info_names_the_vector_path_and_the_blocking():
     if info["isa"] != "scalar":  # accumulators + B vectors + one broadcast fit the register file
         registers = 16 if info["isa"] == "avx2" else 32
         assert (info["tile_rows"] + 1) * info["tile_vectors"] + 1 <= registers
+    # The backward's pixel block is whole register tiles: 8 x 12 rows with AVX-512, 48 x 6 with 6-row tiles.
+    assert info["backward_block"] % info["tile_rows"] == 0
+    assert info["backward_block"] == (96 if info["tile_rows"] >= 12 else 48 * info["tile_rows"])
     assert info["l2_bytes"] > 0 and info["l3_bytes"] > 0
     assert info["tile_bytes"] == info["l2_bytes"] // 4 * 3 and info["stream_bytes"] == info["l3_bytes"] // 4 * 3
     if info["cache_source"] == "sysfs":

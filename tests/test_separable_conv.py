@@ -76,7 +76,19 @@ def check(backend, x, dw, pw, dwb, pwb, stride=1, padding=0, dilation=1, relu_in
         if leaf is None:
             continue
         assert leaf.grad is not None, f"no gradient for {name}"
-        torch.testing.assert_close(leaf.grad.double(), ref_leaf.grad, **tol, msg=lambda m: f"grad {name}: {m}")
+        torch.testing.assert_close(leaf.grad.double(), ref_leaf.grad, **grad_tolerance(tol, ref_leaf.grad, x.dtype),
+                                   msg=lambda m: f"grad {name}: {m}")
+
+
+def grad_tolerance(tol, ref_grad, dtype):
+    """A weight gradient sums a product per pixel (8,712 of them at batch 2, 66x66), so in float32 its
+    rounding error grows with the gradient's scale, not with each element: an element that cancels to
+    near zero among elements of 1e3 keeps an error of ~1e-4 to 1e-3 (about 5e-7 of the largest, in
+    either accumulation order). Float32 allows 1e-5 of the largest |element| as the absolute error; a
+    real fault (a block left out, a wrong index) is off by the order of the elements themselves."""
+    if dtype != torch.float32 or ref_grad.numel() == 0:
+        return tol
+    return dict(tol, atol=max(tol["atol"], 1e-5 * ref_grad.abs().max().item()))
 
 
 GEOMETRIES = [

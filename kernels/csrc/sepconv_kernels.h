@@ -43,6 +43,22 @@ struct Geometry {
   int64_t pixels() const { return N * OH * OW; }
 };
 
+// Output pixels per block of the backward: the K of its pointwise-weight-gradient GEMM, which reads
+// and writes its C (the chunk of grad_pw, Cout x up to 256 channels) once per block, and the rows of
+// its grad_hidden GEMM and depthwise tiles. AVX-512's 12-row tiles take 8 x 12 = 96. The 6-row tiles
+// of AVX2 (and NEON, not measured) took 8 x 6 = 48 until 48 x 6 = 288 measured faster on a 2-core
+// AMD EPYC without AVX-512 (Zen 3, 512 KB L2 a core): forward+backward 1-8% less time on every
+// Xception layer from 128->256@74 on, batch 1 and 8 (728->1024@19 batch 8 82-84 -> 77-78 ms,
+// 728->728@37 batch 1 28.3 -> 26.9 ms; 144 was between). SEPCONV_BWD_BLOCK fixes it for tuning runs.
+// The sums over a block's pixels run in order and each block's are added once, so the bits depend on
+// this size (and on nothing else but the thread count).
+#if defined(SEPCONV_BWD_BLOCK)
+constexpr int64_t kBackwardBlock = SEPCONV_BWD_BLOCK;
+#else
+constexpr int64_t kBackwardBlock = kRows >= 12 ? 8 * kRows : 48 * kRows;
+#endif
+static_assert(kBackwardBlock > 0 && kBackwardBlock % kRows == 0, "a backward block is whole micro-kernel tiles");
+
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 inline int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
 
@@ -971,7 +987,7 @@ void backward(const Geometry& g, const T* x, const T* dw_taps, const T* dw_bias,
   const int64_t taps = g.kh * g.kw;
   // Pixel block: a fixed size, so the summation order depends only on how the pixels are split
   // into parts below (the same on every run with the same thread count: bitwise deterministic).
-  constexpr int64_t kBlock = 8 * kRows;
+  constexpr int64_t kBlock = kBackwardBlock;
   const int64_t threads = at::get_num_threads();
   // A single image is split into bands of output rows when its hidden channels fit one chunk:
   // bands b and b + 2 never write the same grad_input rows, so the even bands run together, then
