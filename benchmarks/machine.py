@@ -52,8 +52,10 @@ def _cpuinfo_fields() -> Dict[str, str]:
     return fields
 
 
-def cpu_model() -> str:
-    return _cpuinfo_fields().get("model name") or platform.processor() or platform.machine() or "unknown CPU"
+def cpu_model(fields: Optional[Dict[str, str]] = None) -> str:
+    """The CPU's model name as the system gives it (``fields``: /proc/cpuinfo's, read when not given)."""
+    fields = _cpuinfo_fields() if fields is None else fields
+    return fields.get("model name") or platform.processor() or platform.machine() or "unknown CPU"
 
 
 def cpu_device_name(fields: Optional[Dict[str, str]] = None) -> str:
@@ -61,7 +63,7 @@ def cpu_device_name(fields: Optional[Dict[str, str]] = None) -> str:
     or "Intel(R) Xeon(R) Processor"), with the family and model numbers added, so that two generations
     (an AVX2-only Zen 3 and an AVX-512 Zen 5 both show "AMD EPYC") get results files of their own."""
     fields = _cpuinfo_fields() if fields is None else fields
-    name = fields.get("model name") or platform.processor() or platform.machine() or "unknown CPU"
+    name = cpu_model(fields)
     if re.search(r"\d", _NAME_NOISE.sub(" ", name)) or "cpu family" not in fields or "model" not in fields:
         return name
     return f"{name} (family {fields['cpu family']} model {fields['model']})"

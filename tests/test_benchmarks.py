@@ -619,9 +619,8 @@ def test_generic_cpu_names_get_family_and_model(fields, name):
     from benchmarks.machine import cpu_device_name, slugify
 
     assert cpu_device_name(fields) == name
-    if "cpu family" in fields:
-        assert slugify(cpu_device_name(fields)).endswith(f"family-{fields['cpu family']}-model-{fields['model']}") \
-            or any(c.isdigit() for c in slugify(fields["model name"]))
+    if name != fields["model name"]:  # the numbers added reach the results file's name
+        assert slugify(name).endswith(f"family-{fields['cpu family']}-model-{fields['model']}")
 
 
 def test_committed_results_rows_record_machine_versions_and_commit():
