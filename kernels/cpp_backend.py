@@ -181,7 +181,8 @@ def build_info() -> Optional[Dict[str, Union[str, int]]]:
     avx512, avx2, neon or scalar), ``lanes``, ``tile_rows`` x ``tile_vectors`` (the micro-kernel's
     register tile), ``backward_block`` (output pixels per block of the backward, chosen per tile), the
     cache sizes it read (``l1d_bytes``, ``l2_bytes``, ``l3_bytes``, ``cache_source``: sysfs, sysconf or
-    default) and the blocking chosen from them (``tile_bytes``, ``stream_bytes``)."""
+    default) and the blocking chosen from them (``tile_bytes``, ``stream_bytes``, and
+    ``l3_usable_bytes``: the L3 the forward counts on for its weight, at most 16 MB per online CPU)."""
     if _library_file is None:
         return None
     function = ctypes.CDLL(_library_file).sepconv_cpu_build_info

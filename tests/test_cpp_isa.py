@@ -58,6 +58,8 @@ def test_build_info_names_the_vector_path_and_the_blocking():
     assert info["backward_block"] == (96 if info["tile_rows"] >= 12 else 48 * info["tile_rows"])
     assert info["l2_bytes"] > 0 and info["l3_bytes"] > 0
     assert info["tile_bytes"] == info["l2_bytes"] // 4 * 3 and info["stream_bytes"] == info["l3_bytes"] // 4 * 3
+    # A guest can report its host's whole L3 (480 MB on a 2-core Xeon): the weight rule counts on 16 MB a CPU at most.
+    assert info["l3_usable_bytes"] == min(info["l3_bytes"], (16 << 20) * os.cpu_count())
     if info["cache_source"] == "sysfs":
         assert info["l2_bytes"] == _sysfs_cache_bytes(2)
 

@@ -5,11 +5,20 @@
 //
 //   tile_bytes    the forward's depthwise tile (pixels x hidden channels) that stays in L2: 3/4 of L2
 //   stream_bytes  outputs above this leave through streaming stores (streaming.h): 3/4 of L3
+//   l3_usable_bytes  the L3 that the forward's blocking counts on for the pointwise weight: the
+//                 reported L3, at most 16 MB per online CPU
 //
 // Inside a VM sysfs can report the host's whole L3 (480 MB on a 2-core Intel Xeon guest), so no
 // output is streamed there. Streaming above 24 MB on that machine measured mixed (forward of
 // 64->128@147 at batch 8 3.0x -> 3.3x the eager pair, forward+backward of 128->256@74 1.7x -> 1.2x),
-// so the reported size stands. SEPCONV_TILE_BYTES and SEPCONV_STREAM_BYTES fix either for tuning.
+// so the reported size stands there. The forward's rule for a pointwise weight too large to stay in
+// L3 (tiled_forward) counts on no more than 16 MB a CPU: that guest's 480 MB put its threshold (a
+// quarter of L3) at 120 MB, above every layer's weight, where the 32 MB of the AMD machine that
+// the rule was measured on put it at 8 MB; at 8 MB the Xeon's forward of 1536->2048@10 (a 12.6 MB
+// weight) at batch 8 took 4% less time (interleaved calls, AVX-512). 16 MB a CPU is four times
+// the share of a core in current server parts (1.9-4 MB), so it changes nothing on a machine whose
+// L3 is its own. SEPCONV_TILE_BYTES and SEPCONV_STREAM_BYTES fix the tile and the stream threshold
+// for tuning.
 //
 // sepconv_cpu_build_info() (sepconv_cpu.cpp) reports these with the ISA path, so a benchmark row
 // can say what the kernels chose.
@@ -17,6 +26,7 @@
 
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstdlib>
 #include <fstream>
@@ -27,8 +37,10 @@ namespace sepconv {
 struct MachineConfig {
   int64_t l1d_bytes = 48 << 10, l2_bytes = 1 << 20, l3_bytes = 32 << 20;  // L1d and L2 per core, L3 shared
   std::string cache_source = "default";
-  int64_t tile_bytes = 0, stream_bytes = 0;
+  int64_t tile_bytes = 0, stream_bytes = 0, l3_usable_bytes = 0;
 };
+
+constexpr int64_t kL3PerCpuCap = int64_t(16) << 20;
 
 // "48K", "1024K", "32M" -> bytes (0 when unreadable).
 inline int64_t parse_cache_size(const std::string& text) {
@@ -89,6 +101,8 @@ inline MachineConfig read_machine_config() {
 #else
   config.stream_bytes = config.l3_bytes / 4 * 3;
 #endif
+  const long cpus = sysconf(_SC_NPROCESSORS_ONLN);
+  config.l3_usable_bytes = std::min(config.l3_bytes, kL3PerCpuCap * std::max<long>(cpus, 1));
   return config;
 }
 
