@@ -92,9 +92,8 @@ def test_forward_with_a_weight_of_a_quarter_of_l3(threads):
 
 @pytest.mark.parametrize("out_channels", [1024, 1536, 256], ids=["rows-4KB-apart", "rows-6KB-apart", "rows-1KB-apart"])
 def test_backward_grad_out_row_strides(out_channels):
-    """The backward copies blocks of grad_out to padded rows when its rows are a multiple of 4 KB
-    apart (all of a micro-kernel call's rows in one L1 set) and reads them in place otherwise:
-    output and every gradient match the reference either way."""
+    """grad_out rows a multiple of 4 KB apart (all of a micro-kernel call's rows in one L1 set), 6 KB
+    and 1 KB apart, read in place: output and every gradient match the reference in each case."""
     device = require_backend("cpp")
     case = make_case(2, 24, 9, 9, (3, 3), 1, out_channels, True, torch.float32, device)
     check("cpp", *case, padding=1, layout="channels_last")
@@ -103,9 +102,9 @@ def test_backward_grad_out_row_strides(out_channels):
 @pytest.mark.parametrize("out_channels", [1536, 512, 1024, 200])
 def test_backward_pointwise_grad_row_strides(threads, out_channels):
     """With 1024 hidden channels (pointwise weight rows 4 KB apart) each backward task sums its part of
-    the pointwise weight gradient in a padded buffer and copies it out at the end; grad_out rows a
-    multiple of 2 KB apart (512, 1536 channels) are read from a padded copy, 4 KB apart (1024) block
-    by block as before, others in place. Every gradient matches the reference, at 1 and 2 threads."""
+    the pointwise weight gradient in a padded buffer and copies it out at the end, with grad_out rows
+    of several strides (1536, 512, 1024 and 200 channels). Every gradient matches the reference, at 1
+    and 2 threads."""
     device = require_backend("cpp")
     case = make_case(2, 1024, 9, 12, (3, 3), 1, out_channels, True, torch.float32, device)  # blocks of pixels
     for count in (1, 2):  # one task per chunk of channels, or chunks split into parts

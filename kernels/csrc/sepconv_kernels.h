@@ -64,7 +64,7 @@ inline int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
 
 // Rows a multiple of 4 KB apart (1024 or 2048 float32 channels): the kRows rows one micro-kernel
 // call reads or writes together then all map to the same L1 sets (the forward streams such
-// outputs, the backward copies such grad_out blocks to padded rows).
+// outputs, the backward sums such weight-gradient rows in a padded buffer).
 inline bool rows_share_l1_sets(int64_t row_bytes) { return row_bytes % 4096 == 0; }
 
 // Prefetches the cache line at p + offset (elements) into L1. The address is formed as an integer:
@@ -1085,13 +1085,13 @@ void backward(const Geometry& g, const T* x, const T* dw_taps, const T* dw_bias,
   }
   const bool lazy_zero = want.input && !bands;
 
-  // Padded row strides (see forward): rows read together must not share L1 sets.
-  // grad_out is read in place, unless its rows are a multiple of 4 KB apart (1024 or 2048 float
-  // channels): then the kRows rows a micro-kernel call reads together all fall in one L1 set, and a
-  // block is copied to padded rows first (without the copy, fwd+bwd at batch 8 7-10% slower). Rows
-  // 1, 2 or 3 KB apart (256, 512, 768, 1536 channels) spread over 2-4 sets, few enough for L1's ways:
-  // copying each block cost 1-2% (1024->1536 at 10x10, batch 8, AVX-512 and AVX2, interleaved pairs).
-  const bool copy_grad_out = rows_share_l1_sets(g.Cout * int64_t(sizeof(T)));
+  // grad_out is read in place, even where its rows are a multiple of 4 KB apart (1024 or 2048
+  // channels) and the kRows rows a micro-kernel call reads together fall in one L1 set. A padded copy
+  // of each block for such rows measured 7-10% faster when the weight-gradient GEMM still read
+  // grad_out transposed in place (96 rows a column strip, all in one set); since that GEMM reads its
+  // columns from a copy of their own (below), the padded copy only cost: each chunk of channels made
+  // it again. Intel Xeon, backward of 728->1024@19 and 1536->2048@10 at batch 8 without it: 4.5% less
+  // time with AVX-512, 3% with AVX2 (interleaved calls, same bits; 728->1024@19 at batch 1 within 1-2%).
   // The pointwise weight gradient's rows a multiple of 4 KB apart (1024 or 2048 hidden channels):
   // the rows of grad_pw that a micro-kernel call adds to then share L1 sets, so each task sums its
   // chunk of grad_pw in a buffer of padded rows and copies it out once, at the end. 1024->1536 at
@@ -1099,7 +1099,7 @@ void backward(const Geometry& g, const T* x, const T* dw_taps, const T* dw_bias,
   // the same GEMM, which the column copy below has since replaced (dropping that copy: forward +
   // backward 2% faster at batch 1 and 8 on an Intel Xeon, 4 interleaved runs).
   const bool pad_grad_pw = want.pointwise && rows_share_l1_sets(g.CM * int64_t(sizeof(T)));
-  const int64_t ldg = copy_grad_out ? round_up(g.Cout, 16) + 16 : g.Cout;
+  const int64_t ldg = g.Cout;
   const int64_t ldh = round_up(chunk, 16) + 16;
   const int64_t chunk_panels = ceil_div(chunk, kCols);
   // Panel j0 / kCols of pw[:, k0:k0+kc], into its place in `panels`, as a Cout x kCols panel
@@ -1132,7 +1132,7 @@ void backward(const Geometry& g, const T* x, const T* dw_taps, const T* dw_bias,
   auto run_tasks = [&](int64_t parity) {
     const int64_t step = parity < 0 ? 1 : 2, phase_parts = parity < 0 ? parts : (parts - parity + 1) / 2;
     at::parallel_for(0, nchunks * phase_parts, 1, [&](int64_t begin, int64_t end) {
-      Work<T> hidden(kBlock * ldh), grad_hidden(kBlock * ldh), go(copy_grad_out ? kBlock * ldg : 0);
+      Work<T> hidden(kBlock * ldh), grad_hidden(kBlock * ldh);
       // Two buffers of grad_out columns (see below): the group's and the next group's.
       const int64_t cols_size = kBlock * kRows + kCopyPad;
       Work<T> grad_out_cols(want.pointwise ? 2 * cols_size : 0);
@@ -1165,14 +1165,11 @@ void backward(const Geometry& g, const T* x, const T* dw_taps, const T* dw_bias,
         }
         for (int64_t p0 = first; p0 < last; p0 += kBlock) {
           const int64_t nrows = std::min(kBlock, last - p0);
-          const T* gob = copy_grad_out ? go.data() : grad_out + p0 * g.Cout;
-          for (int64_t r = 0; r < nrows; ++r) {
-            const T* src = grad_out + (p0 + r) * g.Cout;
-            if (copy_grad_out) std::memcpy(go.data() + r * ldg, src, sizeof(T) * g.Cout);
-            if (sum_bias) {  // grad_pw_bias: the part's sum over pixels, in pixel order
+          const T* gob = grad_out + p0 * ldg;
+          for (int64_t r = 0; sum_bias && r < nrows; ++r) {  // grad_pw_bias: the part's sum over pixels, in pixel order
+            const T* src = gob + r * ldg;
 #pragma omp simd
-              for (int64_t c = 0; c < g.Cout; ++c) pb_acc[c] += src[c];
-            }
+            for (int64_t c = 0; c < g.Cout; ++c) pb_acc[c] += src[c];
           }
           // grad_hidden[block, chunk] = grad_out[block] @ pw[:, chunk]. Before the pointwise weight
           // gradient: its row-by-row reads bring the block of grad_out into L2, where the other
