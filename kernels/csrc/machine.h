@@ -12,12 +12,11 @@
 // output is streamed there. Streaming above 24 MB on that machine measured mixed (forward of
 // 64->128@147 at batch 8 3.0x -> 3.3x the eager pair, forward+backward of 128->256@74 1.7x -> 1.2x),
 // so the reported size stands there. The forward's rule for a pointwise weight too large to stay in
-// L3 (tiled_forward) counts on no more than 16 MB a CPU: that guest's 480 MB put its threshold (a
-// quarter of L3) at 120 MB, above every layer's weight, where the 32 MB of the AMD machine that
-// the rule was measured on put it at 8 MB; at 8 MB the Xeon's forward of 1536->2048@10 (a 12.6 MB
-// weight) at batch 8 took 4% less time (interleaved calls, AVX-512). 16 MB a CPU is four times
-// the share of a core in current server parts (1.9-4 MB), so it changes nothing on a machine whose
-// L3 is its own. SEPCONV_TILE_BYTES and SEPCONV_STREAM_BYTES fix the tile and the stream threshold
+// L3 counts on no more than 16 MB a CPU (tiled_forward says what that measured): that guest's 480 MB
+// put its threshold (a quarter of L3) at 120 MB, above every layer's weight, where the 32 MB of the
+// AMD machine the rule was tuned on put it at 8 MB. 16 MB a CPU is four times a core's share in
+// current server parts (1.9-4 MB), so it changes nothing on a machine whose L3 is its own.
+// SEPCONV_TILE_BYTES and SEPCONV_STREAM_BYTES fix the tile and the stream threshold
 // for tuning.
 //
 // sepconv_cpu_build_info() (sepconv_cpu.cpp) reports these with the ISA path, so a benchmark row

@@ -1103,6 +1103,7 @@ void backward(const Geometry& g, const T* x, const T* dw_taps, const T* dw_bias,
   // backward 2% faster at batch 1 and 8 on an Intel Xeon, 4 interleaved runs).
   const bool pad_grad_pw = want.pointwise && rows_share_l1_sets(g.CM * int64_t(sizeof(T)));
   const int64_t ldg = g.Cout;
+  // Padded row stride of the hidden tiles (see forward): rows read together must not share L1 sets.
   const int64_t ldh = round_up(chunk, 16) + 16;
   const int64_t chunk_panels = ceil_div(chunk, kCols);
   // Panel j0 / kCols of pw[:, k0:k0+kc], into its place in `panels`, as a Cout x kCols panel
@@ -1169,10 +1170,12 @@ void backward(const Geometry& g, const T* x, const T* dw_taps, const T* dw_bias,
         for (int64_t p0 = first; p0 < last; p0 += kBlock) {
           const int64_t nrows = std::min(kBlock, last - p0);
           const T* gob = grad_out + p0 * ldg;
-          for (int64_t r = 0; sum_bias && r < nrows; ++r) {  // grad_pw_bias: the part's sum over pixels, in pixel order
-            const T* src = gob + r * ldg;
+          if (sum_bias) {  // grad_pw_bias: the part's sum over pixels, in pixel order
+            for (int64_t r = 0; r < nrows; ++r) {
+              const T* src = gob + r * ldg;
 #pragma omp simd
-            for (int64_t c = 0; c < g.Cout; ++c) pb_acc[c] += src[c];
+              for (int64_t c = 0; c < g.Cout; ++c) pb_acc[c] += src[c];
+            }
           }
           // grad_hidden[block, chunk] = grad_out[block] @ pw[:, chunk]. Before the pointwise weight
           // gradient: its row-by-row reads bring the block of grad_out into L2, where the other
