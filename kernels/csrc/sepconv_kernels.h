@@ -64,7 +64,7 @@ inline int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
 
 // Rows a multiple of 4 KB apart (1024 or 2048 float32 channels): the kRows rows one micro-kernel
 // call reads or writes together then all map to the same L1 sets (the forward streams such
-// outputs, the backward sums such weight-gradient rows in a padded buffer).
+// outputs).
 inline bool rows_share_l1_sets(int64_t row_bytes) { return row_bytes % 4096 == 0; }
 
 // Prefetches the cache line at p + offset (elements) into L1. The address is formed as an integer:
@@ -1095,13 +1095,17 @@ void backward(const Geometry& g, const T* x, const T* dw_taps, const T* dw_bias,
   // columns from a copy of their own (below), the padded copy only cost: each chunk of channels made
   // it again. Intel Xeon, backward of 728->1024@19 and 1536->2048@10 at batch 8 without it: 4.5% less
   // time with AVX-512, 3% with AVX2 (interleaved calls, same bits; 728->1024@19 at batch 1 within 1-2%).
-  // The pointwise weight gradient's rows a multiple of 4 KB apart (1024 or 2048 hidden channels):
-  // the rows of grad_pw that a micro-kernel call adds to then share L1 sets, so each task sums its
-  // chunk of grad_pw in a buffer of padded rows and copies it out once, at the end. 1024->1536 at
-  // 10x10, batch 8: the backward 3-5% faster (Zen 5), measured with a padded copy of grad_out for
-  // the same GEMM, which the column copy below has since replaced (dropping that copy: forward +
-  // backward 2% faster at batch 1 and 8 on an Intel Xeon, 4 interleaved runs).
-  const bool pad_grad_pw = want.pointwise && rows_share_l1_sets(g.CM * int64_t(sizeof(T)));
+  // Each task sums its chunk of grad_pw in a buffer of its own, rows ldh apart, and copies it out
+  // once, at the end. Summed in place, the rows a micro-kernel call adds to lie CM floats apart:
+  // with 728 hidden channels every other row starts 32 bytes into a cache line, so each 64-byte
+  // AVX-512 load and store of C spans two lines; with 1024 or 2048 they map to the same L1 sets; and
+  // a narrow chunk of a wide layer's rows is spread over many pages (2048 rows 6 KB apart at
+  // 1536->2048). Intel Xeon, backward with the padded buffer against in place (interleaved calls,
+  // same bits), AVX-512: 728->728@19 and 728->1024@19 at batch 8 3.7-4.6% less time, 728->728@37
+  // 4.1-5.9% (batch 1: 4.6%), 1536->2048@10 at batch 1 4.5-6.8% (batch 8 within 2%), the layers of
+  // 64-256 hidden channels (whole-line rows) within 2% either way; AVX2 (32-byte accesses) within 0.5% at batch 8
+  // and 2-3% less at batch 1; the model's training step at batch 8 1.7% less. (It began as the rule
+  // for 4 KB rows only: 1024->1536 at 10x10, batch 8, 3-5% faster on Zen 5.)
   const int64_t ldg = g.Cout;
   // Padded row stride of the hidden tiles (see forward): rows read together must not share L1 sets.
   const int64_t ldh = round_up(chunk, 16) + 16;
@@ -1140,7 +1144,7 @@ void backward(const Geometry& g, const T* x, const T* dw_taps, const T* dw_bias,
       // Two buffers of grad_out columns (see below): the group's and the next group's.
       const int64_t cols_size = kBlock * kRows + kCopyPad;
       Work<T> grad_out_cols(want.pointwise ? 2 * cols_size : 0);
-      Work<T> own_pw(shared_chunk ? 0 : chunk_panels * g.Cout * kCols), padded_pw_grad(pad_grad_pw ? g.Cout * ldh : 0);
+      Work<T> own_pw(shared_chunk ? 0 : chunk_panels * g.Cout * kCols), gpw_sum(want.pointwise ? g.Cout * ldh : 0);
       T* pw_panels = shared_chunk ? chunk_pw.data() : own_pw.data();
       std::vector<T> dw_acc(taps * chunk), db_acc(chunk), pb_acc(want.pointwise_bias ? g.Cout : 0);
       for (int64_t task = begin; task < end; ++task) {
@@ -1149,9 +1153,6 @@ void backward(const Geometry& g, const T* x, const T* dw_taps, const T* dw_bias,
         const int64_t first = part_first_pixel(part), last = part_first_pixel(part + 1);
         if (first >= last) continue;
         T* gpw = parts > 1 ? part_pw.data() + part * g.Cout * g.CM : grad_pw;
-        // Where this task sums its chunk of grad_pw: (co, j) at gpw_sum[co * ldp + j].
-        T* gpw_sum = pad_grad_pw ? padded_pw_grad.data() : gpw + k0;
-        const int64_t ldp = pad_grad_pw ? ldh : g.CM;
         T* gdw = parts > 1 ? part_dw.data() + part * taps * g.CM : grad_dw_taps;
         T* gdb = parts > 1 ? part_db.data() + part * g.CM : grad_dw_bias;
         std::fill(dw_acc.begin(), dw_acc.end(), T(0));
@@ -1214,7 +1215,7 @@ void backward(const Geometry& g, const T* x, const T* dw_taps, const T* dw_bias,
               const int64_t rows = std::min<int64_t>(kRows, g.Cout - co);
               const T* a = grad_out_cols.data() + (group % 2) * cols_size;
               for (int64_t j0 = 0; j0 < kc; j0 += kCols) {  // the task's first block overwrites
-                MicroArgs args{nrows, 1, kRows, ldh, ldp, int(std::min<int64_t>(kCols, kc - j0)), p0 != first};
+                MicroArgs args{nrows, 1, kRows, ldh, ldh, int(std::min<int64_t>(kCols, kc - j0)), p0 != first};
                 if (j0 == 0 && co + kRows < g.Cout) {
                   args.copy_src = gob + co + kRows;
                   args.copy_ld = ldg;
@@ -1223,11 +1224,11 @@ void backward(const Geometry& g, const T* x, const T* dw_taps, const T* dw_bias,
                 }
                 if (args.accumulate && co + kRows < g.Cout) {  // the next group's lines here, added to after its K loop
                   for (int64_t r = co + kRows; r < std::min(g.Cout, co + 2 * kRows); ++r) {
-                    prefetch_at(gpw_sum, r * ldp + j0, true);
-                    prefetch_at(gpw_sum, r * ldp + j0 + args.nr - 1, true);
+                    prefetch_at(gpw_sum.data(), r * ldh + j0, true);
+                    prefetch_at(gpw_sum.data(), r * ldh + j0 + args.nr - 1, true);
                   }
                 }
-                micro_copying<T>(int(rows), a, hidden.data() + j0, gpw_sum + co * ldp + j0, nullptr, args);
+                micro_copying<T>(int(rows), a, hidden.data() + j0, gpw_sum.data() + co * ldh + j0, nullptr, args);
               }
             }
           }
@@ -1309,8 +1310,8 @@ void backward(const Geometry& g, const T* x, const T* dw_taps, const T* dw_bias,
           zero_rows(zeroed, input_end, k0, kc);  // rows no tap reached
           if (mask_relu) mask_rows(masked, input_end, k0, kc);
         }
-        if (pad_grad_pw) {
-          for (int64_t co = 0; co < g.Cout; ++co) std::memcpy(gpw + co * g.CM + k0, gpw_sum + co * ldp, sizeof(T) * kc);
+        if (want.pointwise) {
+          for (int64_t co = 0; co < g.Cout; ++co) std::memcpy(gpw + co * g.CM + k0, gpw_sum.data() + co * ldh, sizeof(T) * kc);
         }
         if (sum_bias) std::copy_n(pb_acc.data(), g.Cout, parts > 1 ? part_pb.data() + part * g.Cout : grad_pw_bias);
         if (want.depthwise) {
