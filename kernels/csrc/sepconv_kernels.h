@@ -1103,9 +1103,9 @@ void backward(const Geometry& g, const T* x, const T* dw_taps, const T* dw_bias,
   // 1536->2048). Intel Xeon, backward with the padded buffer against in place (interleaved calls,
   // same bits), AVX-512: 728->728@19 and 728->1024@19 at batch 8 3.7-4.6% less time, 728->728@37
   // 4.1-5.9% (batch 1: 4.6%), 1536->2048@10 at batch 1 4.5-6.8% (batch 8 within 2%), the layers of
-  // 64-256 hidden channels (whole-line rows) within 2% either way; AVX2 (32-byte accesses) within 0.5% at batch 8
-  // and 2-3% less at batch 1; the model's training step at batch 8 1.7% less. (It began as the rule
-  // for 4 KB rows only: 1024->1536 at 10x10, batch 8, 3-5% faster on Zen 5.)
+  // 64-256 hidden channels (whole-line rows) within 2% either way; AVX2 (32-byte accesses) within
+  // 0.5% at batch 8 and 2-3% less at batch 1; the model's training step at batch 8 1.7% less. (It
+  // began as the rule for 4 KB rows only: 1024->1536 at 10x10, batch 8, 3-5% faster on Zen 5.)
   const int64_t ldg = g.Cout;
   // Padded row stride of the hidden tiles (see forward): rows read together must not share L1 sets.
   const int64_t ldh = round_up(chunk, 16) + 16;
@@ -1311,7 +1311,9 @@ void backward(const Geometry& g, const T* x, const T* dw_taps, const T* dw_bias,
           if (mask_relu) mask_rows(masked, input_end, k0, kc);
         }
         if (want.pointwise) {
-          for (int64_t co = 0; co < g.Cout; ++co) std::memcpy(gpw + co * g.CM + k0, gpw_sum.data() + co * ldh, sizeof(T) * kc);
+          for (int64_t co = 0; co < g.Cout; ++co) {
+            std::memcpy(gpw + co * g.CM + k0, gpw_sum.data() + co * ldh, sizeof(T) * kc);
+          }
         }
         if (sum_bias) std::copy_n(pb_acc.data(), g.Cout, parts > 1 ? part_pb.data() + part * g.Cout : grad_pw_bias);
         if (want.depthwise) {
