@@ -45,6 +45,20 @@ def _pair(name: str, value, *, minimum: int) -> List[int]:
     return values
 
 
+_Pair = Tuple[int, int]
+
+
+def conv_module_args(kernel_size, stride, padding, dilation) -> Tuple[_Pair, _Pair, Union[_Pair, str], _Pair]:
+    """A convolution module's kernel_size, stride, padding and dilation, checked when it is built (``nn.Conv2d``
+    takes a zero stride or kernel and fails only when called): pairs of ints, or a padding string, which
+    ``nn.Conv2d`` checks itself."""
+    kernel = tuple(_pair("kernel_size", kernel_size, minimum=1))
+    step = tuple(_pair("stride", stride, minimum=1))
+    spacing = tuple(_pair("dilation", dilation, minimum=1))
+    pad = padding if isinstance(padding, str) else tuple(_pair("padding", padding, minimum=0))
+    return kernel, step, pad, spacing
+
+
 def output_size(size: int, pad_before: int, pad_after: int, kernel: int, stride: int, dilation: int) -> int:
     return (size + pad_before + pad_after - dilation * (kernel - 1) - 1) // stride + 1
 
@@ -92,10 +106,10 @@ def normalize(
     check_tensor("pointwise_weight", pointwise_weight, 4)
     channels = input.shape[1]
     hidden, one, kh, kw = depthwise_weight.shape
-    if one != 1 or hidden == 0 or channels == 0 or hidden % channels != 0:
+    if one != 1 or hidden == 0 or channels == 0 or hidden % channels != 0 or kh == 0 or kw == 0:
         raise ValueError(
-            f"depthwise_weight must have shape (C*M, 1, kh, kw) with C = input channels = {channels}, "
-            f"got {tuple(depthwise_weight.shape)}"
+            f"depthwise_weight must have shape (C*M, 1, kh, kw) with C = input channels = {channels} and "
+            f"kh, kw >= 1, got {tuple(depthwise_weight.shape)}"
         )
     out_channels = pointwise_weight.shape[0]
     if tuple(pointwise_weight.shape[1:]) != (hidden, 1, 1) or out_channels == 0:
@@ -103,7 +117,8 @@ def normalize(
             f"pointwise_weight must have shape (C_out, {hidden}, 1, 1) to follow a depthwise_weight with "
             f"{hidden} output channels, got {tuple(pointwise_weight.shape)}"
         )
-    for name, bias, length in (("depthwise_bias", depthwise_bias, hidden), ("pointwise_bias", pointwise_bias, out_channels)):
+    for name, bias, length in (("depthwise_bias", depthwise_bias, hidden),
+                               ("pointwise_bias", pointwise_bias, out_channels)):
         if bias is None:
             continue
         check_tensor(name, bias, 1)

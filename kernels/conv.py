@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._args import IntOrPair, _pair, check_tensor, output_size
+from ._args import IntOrPair, _pair, check_tensor, conv_module_args, output_size
 from .dispatch import BackendAttribute, channels_last_cpp_applies, check_backend_name
 
 # glibc's largest mmap threshold on 64-bit (DEFAULT_MMAP_THRESHOLD_MAX): blocks this large or larger
@@ -65,6 +65,8 @@ def conv2d(
     """
     check_tensor("input", input)
     check_tensor("weight", weight, 4)
+    if weight.shape[2] == 0 or weight.shape[3] == 0:
+        raise ValueError(f"weight must have a kernel of at least 1x1, got shape {tuple(weight.shape)}")
     if bias is not None:
         check_tensor("bias", bias, 1)
     step = _pair("stride", stride, minimum=1)
@@ -89,6 +91,7 @@ class Conv2d(BackendAttribute, nn.Conv2d):
                  stride: Union[int, Tuple[int, int]] = 1, padding: Union[int, Tuple[int, int], str] = 0,
                  dilation: Union[int, Tuple[int, int]] = 1, groups: int = 1, bias: bool = True,
                  padding_mode: str = "zeros", device=None, dtype=None, *, backend: str = "auto") -> None:
+        kernel_size, stride, padding, dilation = conv_module_args(kernel_size, stride, padding, dilation)
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
                          padding_mode, device=device, dtype=dtype)
         self.backend = backend

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._args import memory_format_of, same_padding
+from ._args import conv_module_args, memory_format_of, same_padding
 from .dispatch import BackendAttribute
 from .functional import separable_conv2d
 
@@ -83,8 +83,9 @@ class SeparableConv2d(BackendAttribute, nn.Module):
                             ("depth_multiplier", depth_multiplier)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
+        kernel_size, stride, padding, dilation = conv_module_args(kernel_size, stride, padding, dilation)
         factory = {"device": device, "dtype": dtype}
-        # nn.Conv2d rejects an unknown padding_mode, naming it and the value.
+        # nn.Conv2d rejects an unknown padding_mode or padding string, naming it and the value.
         self.conv1 = nn.Conv2d(in_channels, in_channels * depth_multiplier, kernel_size, stride, padding,
                                dilation, groups=in_channels, bias=bias, padding_mode=padding_mode, **factory)
         self.pointwise = nn.Conv2d(in_channels * depth_multiplier, out_channels, 1, bias=bias, **factory)

@@ -99,9 +99,20 @@ def namespace(backend: str) -> str:
     return f"sepconv_{backend}"
 
 
+def check_window(kh: int, kw: int, stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int]) -> None:
+    """The checks of the C++ ops (check_window in sepconv_cpu.cpp) for the ops implemented in Python: they are
+    public (``torch.ops.sepconv_*``), and ``separable_conv2d``'s own checks are not on their path."""
+    if kh < 1 or kw < 1:
+        raise ValueError(f"the kernel must be at least 1x1, got {kh}x{kw}")
+    for name, values, minimum in (("stride", stride, 1), ("dilation", dilation, 1), ("padding", padding, 0)):
+        if min(values) < minimum:
+            raise ValueError(f"{name} must be >= {minimum}, got {list(values)}")
+
+
 def output_shape(input: torch.Tensor, depthwise_weight: torch.Tensor, pointwise_weight: torch.Tensor,
                  stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int]) -> List[int]:
     kh, kw = depthwise_weight.shape[2], depthwise_weight.shape[3]
+    check_window(kh, kw, stride, padding, dilation)
     return [
         input.shape[0],
         pointwise_weight.shape[0],

@@ -27,6 +27,7 @@ BAD_INPUTS = [
     ("channel mismatch", dict(input=torch.randn(2, 5, 8, 8)), ValueError, "depthwise_weight"),
     ("depthwise not depthwise", dict(depthwise_weight=torch.randn(4, 2, 3, 3)), ValueError, "depthwise_weight"),
     ("depthwise 3-D", dict(depthwise_weight=torch.randn(4, 3, 3)), ValueError, "depthwise_weight"),
+    ("depthwise empty kernel", dict(depthwise_weight=torch.randn(4, 1, 0, 3)), ValueError, "kh, kw >= 1"),
     ("pointwise not 1x1", dict(pointwise_weight=torch.randn(6, 4, 3, 3)), ValueError, "pointwise_weight"),
     ("pointwise wrong inputs", dict(pointwise_weight=torch.randn(6, 8, 1, 1)), ValueError, "pointwise_weight"),
     ("depthwise bias length", dict(depthwise_bias=torch.randn(5)), ValueError, "depthwise_bias"),
@@ -146,6 +147,46 @@ def test_module_rejects_bad_arguments():
         kernels.SeparableConv2d(4, 4, 3, backend="fast")
     with pytest.raises(ValueError, match="in_channels"):
         kernels.SeparableConv2d(0, 4, 3)
+
+
+@pytest.mark.parametrize("module", [kernels.SeparableConv2d, kernels.Conv2d])
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(kernel_size=0), r"kernel_size must be >= 1 in every dimension, got 0"),
+    (dict(kernel_size=(3, 0)), r"kernel_size must be >= 1 in every dimension, got \(3, 0\)"),
+    (dict(stride=0), r"stride must be >= 1 in every dimension, got 0"),
+    (dict(dilation=(1, 0)), r"dilation must be >= 1 in every dimension, got \(1, 0\)"),
+    (dict(padding=-1), r"padding must be >= 0 in every dimension, got -1"),
+], ids=["kernel 0", "kernel (3, 0)", "stride 0", "dilation (1, 0)", "padding -1"])
+def test_modules_check_the_window_when_built(module, kwargs, match):
+    """nn.Conv2d builds with a zero kernel or stride and fails only when called (oneDNN's message, or none:
+    a 0x0 kernel ran); these modules say which argument is wrong when they are built."""
+    arguments = dict(kernel_size=3)
+    arguments.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        module(4, 4, **arguments)
+
+
+@pytest.mark.parametrize("implementation", ["cpp", "triton", "triton_split"])
+@pytest.mark.parametrize("window,match", [
+    (dict(stride=[0, 1]), r"stride must be >= 1, got \[0, 1\]"),
+    (dict(padding=[1, 1, -1, 1]), r"padding must be >= 0, got \[1, 1, -1, 1\]"),
+    (dict(dilation=[1, 0]), r"dilation must be >= 1, got \[1, 0\]"),
+    (dict(kernel=(0, 3)), r"the kernel must be at least 1x1, got 0x3"),
+], ids=["stride 0", "padding -1", "dilation 0", "kernel 0x3"])
+def test_ops_reject_a_bad_window_without_crashing(implementation, window, match):
+    """The registered ops are public (torch.ops.sepconv_*) and skip separable_conv2d's checks; a zero stride
+    divided by zero in the C++ kernels (the process died of SIGFPE), a 0x0 kernel returned zeros."""
+    require_backend("triton" if implementation.startswith("triton") else implementation)
+    op = getattr(torch.ops, f"sepconv_{implementation}")
+    call = dict(stride=[1, 1], padding=[1, 1, 1, 1], dilation=[1, 1], kernel=(3, 3))
+    call.update(window)
+    x, go = torch.randn(1, 4, 6, 6), torch.randn(1, 6, 6, 6)
+    dw, pw = torch.randn(4, 1, *call["kernel"]), torch.randn(6, 4, 1, 1)
+    geometry = [call["stride"], call["padding"], call["dilation"]]
+    with pytest.raises((RuntimeError, ValueError), match=match):
+        op.forward.default(x, dw, pw, None, None, *geometry, False)
+    with pytest.raises((RuntimeError, ValueError), match=match):
+        op.backward.default(go, x, dw, pw, None, *geometry, False, [True, True, True, False, False])
 
 
 def test_from_conv2d_converts_a_pair():

@@ -115,6 +115,7 @@ def test_module_is_the_same_conv2d():
 
 @pytest.mark.parametrize("kwargs,match", [
     (dict(weight=torch.zeros(8, 4, 3)), "weight must be 4-D"),
+    (dict(weight=torch.zeros(8, 4, 0, 3)), r"weight must have a kernel of at least 1x1, got shape \(8, 4, 0, 3\)"),
     (dict(stride=0), "stride must be >= 1"),
     (dict(padding=-1), "padding must be >= 0"),
     (dict(dilation=(1, 0)), "dilation must be >= 1"),
@@ -137,6 +138,13 @@ def test_op_errors_name_the_argument():
         _op(x, torch.zeros(8, 4, 3, 3), None, [1, 1], [0, 0, 0, 0], [1, 1])
     with pytest.raises(RuntimeError, match="must have the input's dtype"):
         _op(x, torch.zeros(8, 4, 3, 3, dtype=torch.float64), None, [1, 1], [0, 0], [1, 1])
+    # A zero stride divided by zero in the kernel (SIGFPE: the process died); a 0x0 kernel ran.
+    with pytest.raises(RuntimeError, match=r"stride must be >= 1, got \[1, 0\]"):
+        _op(x, torch.zeros(8, 4, 3, 3), None, [1, 0], [0, 0], [1, 1])
+    with pytest.raises(RuntimeError, match="the kernel must be at least 1x1, got 0x0"):
+        _op(x, torch.zeros(8, 4, 0, 0), None, [1, 1], [0, 0], [1, 1])
+    with pytest.raises(RuntimeError, match=r"padding must be >= 0, got \[-1, 0\]"):
+        _op(x, torch.zeros(8, 4, 3, 3), None, [1, 1], [-1, 0], [1, 1])
 
 
 def test_decomposes_to_conv2d():

@@ -14,6 +14,7 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <array>
 
 #include "batch_norm_kernels.h"
@@ -36,6 +37,17 @@ int64_t out_size(int64_t size, int64_t before, int64_t after, int64_t kernel, in
   return span < 0 ? 0 : span / stride + 1;
 }
 
+// A window of kh x kw taps, each at least 1, with strides and dilations of at least 1 and no negative
+// padding: the ops are public (torch.ops.sepconv_cpp), and a zero stride divides by zero.
+void check_window(const char* op, int64_t kh, int64_t kw, at::IntArrayRef stride, at::IntArrayRef padding,
+                  at::IntArrayRef dilation) {
+  TORCH_CHECK(kh >= 1 && kw >= 1, op, ": the kernel must be at least 1x1, got ", kh, "x", kw);
+  TORCH_CHECK(*std::min_element(stride.begin(), stride.end()) >= 1, op, ": stride must be >= 1, got ", stride);
+  TORCH_CHECK(*std::min_element(dilation.begin(), dilation.end()) >= 1, op, ": dilation must be >= 1, got ",
+              dilation);
+  TORCH_CHECK(*std::min_element(padding.begin(), padding.end()) >= 0, op, ": padding must be >= 0, got ", padding);
+}
+
 void check_args(const at::Tensor& input, const at::Tensor& dw, const at::Tensor& pw, at::IntArrayRef stride,
                 at::IntArrayRef padding, at::IntArrayRef dilation) {
   TORCH_CHECK(input.dim() == 4, "sepconv_cpp: input must be 4-D (N, C, H, W), got shape ", input.sizes());
@@ -48,6 +60,7 @@ void check_args(const at::Tensor& input, const at::Tensor& dw, const at::Tensor&
   TORCH_CHECK(stride.size() == 2 && padding.size() == 4 && dilation.size() == 2,
               "sepconv_cpp: expected stride[2], padding[4], dilation[2], got ", stride, ", ", padding, ", ",
               dilation);
+  check_window("sepconv_cpp", dw.size(2), dw.size(3), stride, padding, dilation);
   TORCH_CHECK(dw.scalar_type() == input.scalar_type() && pw.scalar_type() == input.scalar_type(),
               "sepconv_cpp: weights must have the input's dtype ", input.scalar_type());
 }
@@ -154,6 +167,7 @@ at::Tensor conv2d_op(const at::Tensor& input, const at::Tensor& weight, const st
   TORCH_CHECK(stride.size() == 2 && padding.size() == 2 && dilation.size() == 2,
               "sepconv_cpp.conv2d: expected stride[2], padding[2], dilation[2], got ", stride, ", ", padding, ", ",
               dilation);
+  check_window("sepconv_cpp.conv2d", weight.size(2), weight.size(3), stride, padding, dilation);
   TORCH_CHECK(weight.scalar_type() == input.scalar_type() &&
                   (!bias.has_value() || bias->scalar_type() == input.scalar_type()),
               "sepconv_cpp.conv2d: weight and bias must have the input's dtype ", input.scalar_type());

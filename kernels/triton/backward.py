@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..ops import check_output_mask, empty_gradients
+from ..ops import check_output_mask, check_window, empty_gradients
 from .common import accumulator, cast, cdiv, conv_tf32, depthwise_tile, mma, row_offsets, split_pixels
 from .forward import check_pixels, configs_for, device_guard, family, geometry_args, launch, launch_config
 
@@ -337,6 +337,7 @@ def backward(grad_output: torch.Tensor, input: torch.Tensor, depthwise_weight: t
 
         return split.backward(grad_output, input, depthwise_weight, pointwise_weight, depthwise_bias, stride,
                               padding, dilation, relu_input, output_mask)
+    check_window(depthwise_weight.shape[2], depthwise_weight.shape[3], stride, padding, dilation)
     out, work = empty_backward(grad_output, input, depthwise_weight, pointwise_weight, depthwise_bias, output_mask)
     if not work:
         return out

@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..ops import check_output_mask, empty_output, output_shape
+from ..ops import check_output_mask, check_window, empty_output, output_shape
 from .backward import empty_backward, launch_grad_input
 from .common import (INTERPRET, accumulator, cast, cdiv, load_channels, matmul_like_conv, next_power_of_2,
                      row_offsets, split_pixels, vector_width, window_tap)
@@ -649,6 +649,7 @@ def backward(grad_output: torch.Tensor, input: torch.Tensor, depthwise_weight: t
     recomputed by ``depthwise_kernel``. Transient memory: ``g_h``, and ``h`` when it is recomputed, each
     (pixels, C_hid) in the input dtype.
     """
+    check_window(depthwise_weight.shape[2], depthwise_weight.shape[3], stride, padding, dilation)
     out, work = empty_backward(grad_output, input, depthwise_weight, pointwise_weight, depthwise_bias, output_mask)
     if not work:
         return out
