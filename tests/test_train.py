@@ -74,6 +74,49 @@ def test_sharded_batches_split_the_global_batch():
         ShardedBatches(20, 6, world_size=4)
 
 
+@pytest.mark.parametrize("argv,message", [
+    (["--threads", "0"], "argument --threads: must be >= 1, got 0"),
+    (["--workers", "-1"], "argument --workers: must be >= 0, got -1"),
+    (["--weight-decay", "-0.0001"], "argument --weight-decay: must be >= 0.0, got -0.0001"),
+    (["--momentum", "-0.5"], "argument --momentum: must be >= 0.0, got -0.5"),
+    (["--warmup-epochs", "-1"], "argument --warmup-epochs: must be >= 0, got -1"),
+    (["--log-interval", "-1"], "argument --log-interval: must be >= 0, got -1"),
+    (["--max-steps", "-1"], "argument --max-steps: must be >= 0, got -1"),
+    (["--threads", "two"], "argument --threads: invalid int value: 'two'"),
+])
+def test_train_options_out_of_range_are_named(argv, message, capsys):
+    """Values argparse rejects, naming the option (--threads -2 was torch's RuntimeError, --threads 0 silently
+    torch's default, a negative --weight-decay or --log-interval ran)."""
+    with pytest.raises(SystemExit) as info:
+        train.parse_args(argv)
+    assert info.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--lr-decay", "0"], "--lr-decay must be positive, got 0.0"),
+    (["--crop-scale", "0.9", "0.1"], "--crop-scale MIN MAX must have 0 < MIN <= MAX <= 1, got 0.9 0.1"),
+    (["--crop-scale", "0", "0.5"], "--crop-scale MIN MAX must have 0 < MIN <= MAX <= 1, got 0.0 0.5"),
+    (["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
+])
+def test_train_settings_out_of_range_are_named(argv, message):
+    with pytest.raises(ValueError) as info:
+        train.parse_args(argv)
+    assert str(info.value) == message
+
+
+@pytest.mark.parametrize("main,argv,message", [
+    (evaluate.main, ["--weights", "w.pt", "--batch-size", "0"], "argument --batch-size: must be >= 1, got 0"),
+    (evaluate.main, ["--weights", "w.pt", "--threads", "-2"], "argument --threads: must be >= 1, got -2"),
+    (evaluate.main, ["--weights", "w.pt", "--img-size", "8"], "argument --img-size: must be >= 32, got 8"),
+    (predict.main, ["x.png", "--weights", "w.pt", "--top", "0"], "argument --top: must be >= 1, got 0"),
+])
+def test_evaluate_and_predict_options_out_of_range_are_named(main, argv, message, capsys):
+    """--batch-size 0 was "range() arg 3 must not be zero", --threads -2 torch's RuntimeError."""
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2 and message in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("backend", ["torch", "cpp"])
 def test_backends_give_the_same_losses(backend, tmp_path):
     if backend == "cpp":

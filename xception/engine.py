@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Dict, Optional
+from typing import Callable, Dict, Optional, Union
 
 import torch
 import torch.distributed as dist
@@ -15,6 +16,20 @@ import torch.nn.functional as F
 from torch import nn
 
 from .data import DataError
+
+
+def at_least(minimum: Union[int, float], kind: type = int) -> Callable[[str], Union[int, float]]:
+    """An argparse ``type``: a number of ``kind`` no smaller than ``minimum`` (argparse's error names the option
+    and the value)."""
+
+    def parse(text: str) -> Union[int, float]:
+        value = kind(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse's "invalid int value: 'x'" for text that is not a number
+    return parse
 
 
 @dataclass

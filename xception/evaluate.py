@@ -30,7 +30,7 @@ from kernels import BackendUnavailableError
 
 from . import checkpoint as ckpt
 from .data import DataError, ImageFolder, Preprocess, SkippedImages, find_images, folder_splits, synthetic_splits
-from .engine import Dist, evaluate_model, pick_device
+from .engine import Dist, at_least, evaluate_model, pick_device
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,21 +42,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--val-split", type=float, default=None,
                         help="hold-out fraction of DIR to evaluate (default: as trained when DIR is the run's data, "
                              "else DIR/val, else all of DIR; on the embedded set: as trained, else 0.2)")
-    parser.add_argument("--per-class", type=int, default=None,
+    parser.add_argument("--per-class", type=at_least(1), default=None,
                         help="embedded set: images per class (default: as trained, else 600)")
     parser.add_argument("--model", default=None, choices=("xception", "xception_tiny"),
                         help="the model of a weights file without one (default: found from its names and shapes)")
-    parser.add_argument("--img-size", type=int, default=None,
+    parser.add_argument("--img-size", type=at_least(32), default=None,
                         help="eval crop size (default: as trained, else the model's 299)")
     parser.add_argument("--max-bad-images", type=float, default=0.01, metavar="FRACTION",
                         help="skip unreadable images with a warning; stop past this fraction (default: 0.01)")
-    parser.add_argument("--batch-size", type=int, default=100)
-    parser.add_argument("--workers", type=int, default=0)
+    parser.add_argument("--batch-size", type=at_least(1), default=100)
+    parser.add_argument("--workers", type=at_least(0), default=0)
     parser.add_argument("--backend", default="auto", choices=("auto", "torch", "cpp", "triton"))
     parser.add_argument("--device", default="auto")
     parser.add_argument("--amp", action="store_true", help="bf16 autocast on CPU, fp16 on GPU")
     parser.add_argument("--channels-last", action="store_true")
-    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--threads", type=at_least(1), default=None)
     parser.add_argument("--json", action="store_true", help="print the result as one JSON line")
     return parser
 

@@ -23,7 +23,7 @@ from kernels import BackendUnavailableError
 
 from . import checkpoint as ckpt
 from .data import DataError, eval_transform_pil, load_image
-from .engine import pick_device
+from .engine import at_least, pick_device
 from .evaluate import preprocess_of
 
 
@@ -64,8 +64,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                                                           "(default: the checkpoint's, else 'class <index>')")
     parser.add_argument("--model", default=None, choices=("xception", "xception_tiny"),
                         help="the model of a weights file without one (default: found from its names and shapes)")
-    parser.add_argument("--img-size", type=int, default=None, help="eval crop size (default: as trained, else 299)")
-    parser.add_argument("--top", type=int, default=5, help="how many classes to print (default: 5)")
+    parser.add_argument("--img-size", type=at_least(32), default=None,
+                        help="eval crop size (default: as trained, else 299)")
+    parser.add_argument("--top", type=at_least(1), default=5, help="how many classes to print (default: 5)")
     parser.add_argument("--backend", default="auto", choices=("auto", "torch", "cpp", "triton"))
     parser.add_argument("--device", default="auto")
     args = parser.parse_args(argv)

@@ -53,7 +53,8 @@ from kernels import BackendUnavailableError, resolve_backend
 from . import checkpoint as ckpt
 from .data import DataError, Preprocess, ShardedBatches, SkippedImages, collate, folder_splits, synthetic_splits
 from .weights import classifier_outputs, load_weights, matching_model, read_checkpoint
-from .engine import Dist, Progress, all_reduce_sum, autocast, cleanup_distributed, evaluate_model, init_distributed
+from .engine import (Dist, Progress, all_reduce_sum, at_least, autocast, cleanup_distributed, evaluate_model,
+                     init_distributed)
 
 # The paper's schedule (Chollet 2017, ImageNet): SGD momentum 0.9, lr 0.045 decayed x0.94 every 2 epochs.
 PAPER = dict(model="xception", img_size=299, epochs=60, batch_size=32, lr=0.045, lr_decay=0.94, lr_step=2,
@@ -93,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="random-resized-crop area range " + preset("scale"))
     data.add_argument("--crop-pct", type=float, default=0.8975, help="eval center-crop fraction (default: 0.8975)")
     data.add_argument("--per-class", type=int, default=600, help="embedded set: images per class (default: 600)")
-    data.add_argument("--workers", type=int, default=0, help="data loader worker processes (default: 0)")
+    data.add_argument("--workers", type=at_least(0), default=0, help="data loader worker processes (default: 0)")
     data.add_argument("--max-bad-images", type=float, default=0.01, metavar="FRACTION",
                       help="skip unreadable images with a warning naming each; stop when more than this fraction "
                            "of the training set is unreadable (default: 0.01)")
@@ -114,9 +115,10 @@ def build_parser() -> argparse.ArgumentParser:
     optim.add_argument("--lr-decay", type=float, default=None, help="lr multiplier every --lr-step epochs "
                        + preset("lr_decay"))
     optim.add_argument("--lr-step", type=int, default=None, help=preset("lr_step"))
-    optim.add_argument("--warmup-epochs", type=int, default=None, help="linear lr warmup " + preset("warmup_epochs"))
-    optim.add_argument("--weight-decay", type=float, default=None, help=preset("weight_decay"))
-    optim.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default: 0.9)")
+    optim.add_argument("--warmup-epochs", type=at_least(0), default=None,
+                       help="linear lr warmup " + preset("warmup_epochs"))
+    optim.add_argument("--weight-decay", type=at_least(0.0, float), default=None, help=preset("weight_decay"))
+    optim.add_argument("--momentum", type=at_least(0.0, float), default=0.9, help="SGD momentum (default: 0.9)")
     run = parser.add_argument_group("run")
     run.add_argument("--seed", type=int, default=0, help="seeds the model init, data order and augmentation")
     run.add_argument("--out", default=None, metavar="DIR",
@@ -131,9 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="autocast dtype (default: bfloat16 on CPU, float16 on GPU)")
     run.add_argument("--channels-last", action="store_true", help="channels_last model and inputs")
     run.add_argument("--device", default="auto", help="auto, cpu, cuda (default: auto)")
-    run.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
-    run.add_argument("--log-interval", type=int, default=0, help="also log every N steps to metrics.jsonl")
-    run.add_argument("--max-steps", type=int, default=0,
+    run.add_argument("--threads", type=at_least(1), default=None, help="torch.set_num_threads (default: torch's)")
+    run.add_argument("--log-interval", type=at_least(0), default=0, help="also log every N steps to metrics.jsonl")
+    run.add_argument("--max-steps", type=at_least(0), default=0,
                      help="stop after this many steps in total as if interrupted (for tests and smoke runs)")
     return parser
 
@@ -187,6 +189,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         raise ValueError(f"--img-size must be >= 32, got {args.img_size}")
     if args.lr <= 0:
         raise ValueError(f"--lr must be positive, got {args.lr}")
+    if args.lr_decay <= 0:
+        raise ValueError(f"--lr-decay must be positive, got {args.lr_decay}")
+    low, high = args.crop_scale
+    if not 0.0 < low <= high <= 1.0:
+        raise ValueError(f"--crop-scale MIN MAX must have 0 < MIN <= MAX <= 1, got {low} {high}")
     if not 0.0 < args.crop_pct <= 1.0:
         raise ValueError(f"--crop-pct must be in (0, 1], got {args.crop_pct}")
     if not 0.0 <= args.max_bad_images <= 1.0:
