@@ -87,6 +87,7 @@ class PointwiseConv2d(BackendAttribute, nn.Conv2d):
 
     def __init__(self, in_channels: int, out_channels: int, *, stride: Union[int, Tuple[int, int]] = 1,
                  bias: bool = True, backend: str = "auto", device=None, dtype=None) -> None:
+        stride = tuple(_pair("stride", stride, minimum=1))  # nn.Conv2d takes a zero stride and fails when called
         super().__init__(in_channels, out_channels, 1, stride, bias=bias, device=device, dtype=dtype)
         self.backend = backend
 

@@ -134,3 +134,14 @@ def test_bad_arguments_are_named(kwargs, match):
     args.update(kwargs)
     with pytest.raises((ValueError, TypeError), match=match):
         kernels.pointwise_conv2d(**args)
+
+
+@pytest.mark.parametrize("stride,match", [
+    (0, "stride must be >= 1 in every dimension, got 0"),
+    ((2, 0), r"stride must be >= 1 in every dimension, got \(2, 0\)"),
+    (1.5, "stride must be an int or a pair of ints, got 1.5"),
+])
+def test_module_checks_its_stride_when_built(stride, match):
+    """nn.Conv2d builds with a zero stride and fails only when called."""
+    with pytest.raises((ValueError, TypeError), match=match):
+        kernels.PointwiseConv2d(8, 16, stride=stride)
