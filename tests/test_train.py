@@ -20,6 +20,7 @@ from conftest import require_backend
 from xception import checkpoint as ckpt
 from xception import evaluate, predict, train
 from xception.data import SYNTHETIC_CLASSES, Preprocess, ShardedBatches, make_synthetic, synthetic_splits
+from xception.engine import pick_device
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # 40 images: 32 train (4 steps of 8) + 8 val.
@@ -115,6 +116,18 @@ def test_evaluate_and_predict_options_out_of_range_are_named(main, argv, message
     with pytest.raises(SystemExit) as info:
         main(argv)
     assert info.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name,message", [
+    ("tpu", "--device 'tpu' is not a device: use auto, cpu, cuda or cuda:INDEX"),
+    ("cpu:x", "--device 'cpu:x' is not a device: use auto, cpu, cuda or cuda:INDEX"),
+])
+def test_an_unknown_device_is_named(name, message):
+    """torch.device's own RuntimeError escaped the CLIs' error handling as a traceback."""
+    with pytest.raises(ValueError) as info:
+        pick_device(name)
+    assert str(info.value) == message
+    assert pick_device("cpu") == torch.device("cpu")
 
 
 @pytest.mark.parametrize("backend", ["torch", "cpp"])
