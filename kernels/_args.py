@@ -105,14 +105,19 @@ def normalize(
     check_tensor("depthwise_weight", depthwise_weight, 4)
     check_tensor("pointwise_weight", pointwise_weight, 4)
     channels = input.shape[1]
+    if channels == 0:
+        raise ValueError(f"input must have at least one channel, got shape {tuple(input.shape)}")
     hidden, one, kh, kw = depthwise_weight.shape
-    if one != 1 or hidden == 0 or channels == 0 or hidden % channels != 0 or kh == 0 or kw == 0:
+    if one != 1 or hidden == 0 or hidden % channels != 0 or kh == 0 or kw == 0:
         raise ValueError(
             f"depthwise_weight must have shape (C*M, 1, kh, kw) with C = input channels = {channels} and "
             f"kh, kw >= 1, got {tuple(depthwise_weight.shape)}"
         )
     out_channels = pointwise_weight.shape[0]
-    if tuple(pointwise_weight.shape[1:]) != (hidden, 1, 1) or out_channels == 0:
+    if out_channels == 0:
+        raise ValueError(f"pointwise_weight must have at least one output channel (C_out >= 1), got shape "
+                         f"{tuple(pointwise_weight.shape)}")
+    if tuple(pointwise_weight.shape[1:]) != (hidden, 1, 1):
         raise ValueError(
             f"pointwise_weight must have shape (C_out, {hidden}, 1, 1) to follow a depthwise_weight with "
             f"{hidden} output channels, got {tuple(pointwise_weight.shape)}"

@@ -30,6 +30,8 @@ BAD_INPUTS = [
     ("depthwise empty kernel", dict(depthwise_weight=torch.randn(4, 1, 0, 3)), ValueError, "kh, kw >= 1"),
     ("pointwise not 1x1", dict(pointwise_weight=torch.randn(6, 4, 3, 3)), ValueError, "pointwise_weight"),
     ("pointwise wrong inputs", dict(pointwise_weight=torch.randn(6, 8, 1, 1)), ValueError, "pointwise_weight"),
+    ("no input channels", dict(input=torch.randn(2, 0, 8, 8)), ValueError, "at least one channel"),
+    ("no output channels", dict(pointwise_weight=torch.randn(0, 4, 1, 1)), ValueError, "C_out >= 1"),
     ("depthwise bias length", dict(depthwise_bias=torch.randn(5)), ValueError, "depthwise_bias"),
     ("pointwise bias length", dict(pointwise_bias=torch.randn(4)), ValueError, "pointwise_bias"),
     ("dtype mismatch", dict(pointwise_weight=torch.randn(6, 4, 1, 1, dtype=torch.float64)), TypeError,
