@@ -53,9 +53,11 @@ def test_build_info_names_the_vector_path_and_the_blocking():
     if info["isa"] != "scalar":  # accumulators + B vectors + one broadcast fit the register file
         registers = 16 if info["isa"] == "avx2" else 32
         assert (info["tile_rows"] + 1) * info["tile_vectors"] + 1 <= registers
-    # The backward's pixel block is whole register tiles: 8 x 12 rows with AVX-512, 48 x 6 with 6-row tiles.
+    # The backward's pixel block is whole register tiles: 8 x 12 rows with AVX-512; with 6-row tiles 16 x 6 where
+    # L2 has 2 MB a core or more, 48 x 6 below.
     assert info["backward_block"] % info["tile_rows"] == 0
-    assert info["backward_block"] == (96 if info["tile_rows"] >= 12 else 48 * info["tile_rows"])
+    six_row_tiles = 16 if info["l2_bytes"] >= 2 << 20 else 48
+    assert info["backward_block"] == (96 if info["tile_rows"] >= 12 else six_row_tiles * info["tile_rows"])
     assert info["l2_bytes"] > 0 and info["l3_bytes"] > 0
     assert info["tile_bytes"] == info["l2_bytes"] // 4 * 3 and info["stream_bytes"] == info["l3_bytes"] // 4 * 3
     # A guest can report its host's whole L3 (480 MB on a 2-core Xeon): the weight rule counts on 16 MB a CPU at most.

@@ -46,18 +46,28 @@ struct Geometry {
 // Output pixels per block of the backward: the K of its pointwise-weight-gradient GEMM, which reads
 // and writes its C (the chunk of grad_pw, Cout x up to 256 channels) once per block, and the rows of
 // its grad_hidden GEMM and depthwise tiles. AVX-512's 12-row tiles take 8 x 12 = 96. The 6-row tiles
-// of AVX2 (and NEON, not measured) took 8 x 6 = 48 until 48 x 6 = 288 measured faster on a 2-core
-// AMD EPYC without AVX-512 (Zen 3, 512 KB L2 a core): forward+backward 1-8% less time on every
-// Xception layer from 128->256@74 on, batch 1 and 8 (728->1024@19 batch 8 82-84 -> 77-78 ms,
-// 728->728@37 batch 1 28.3 -> 26.9 ms; 144 was between). SEPCONV_BWD_BLOCK fixes it for tuning runs.
-// The sums over a block's pixels run in order and each block's are added once, so the bits depend on
-// this size (and on nothing else but the thread count).
+// of AVX2 (and NEON, not measured) depend on the L2: with less than 2 MB a core they take 48 x 6 =
+// 288, which on a 2-core AMD EPYC without AVX-512 (Zen 3, 512 KB L2 a core) took 1-8% off
+// forward+backward of every Xception layer from 128->256@74 on, batch 1 and 8, against 8 x 6 = 48
+// (728->1024@19 batch 8 82-84 -> 77-78 ms, 728->728@37 batch 1 28.3 -> 26.9 ms; 144 was between).
+// With 2 MB or more they take 16 x 6 = 96: on a 2-core Intel Xeon held to AVX2 (2 MB L2 a core)
+// forward+backward at batch 8 took 1-4.5% less time than with 288 on all ten Xception layers (two
+// builds alternated twice, `python -m benchmarks.cpp_tune`); a block of 288 pixels with its grad_out
+// rows (1.2 MB at 1024 channels), its gradient chunk and two hidden tiles no longer fits that L2, one
+// of 96 does. SEPCONV_BWD_BLOCK fixes it for tuning runs. The sums over a block's pixels run in order
+// and each block's are added once, so the bits depend on this size (so on the L2 size, with 6-row
+// tiles) and on nothing else but the thread count.
 #if defined(SEPCONV_BWD_BLOCK)
-constexpr int64_t kBackwardBlock = SEPCONV_BWD_BLOCK;
-#else
-constexpr int64_t kBackwardBlock = kRows >= 12 ? 8 * kRows : 48 * kRows;
+static_assert(SEPCONV_BWD_BLOCK > 0 && SEPCONV_BWD_BLOCK % kRows == 0, "a backward block is whole micro-kernel tiles");
 #endif
-static_assert(kBackwardBlock > 0 && kBackwardBlock % kRows == 0, "a backward block is whole micro-kernel tiles");
+inline int64_t backward_block() {
+#if defined(SEPCONV_BWD_BLOCK)
+  return SEPCONV_BWD_BLOCK;
+#else
+  if (kRows >= 12) return 8 * kRows;
+  return machine().l2_bytes >= (int64_t(2) << 20) ? 16 * kRows : 48 * kRows;
+#endif
+}
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 inline int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
@@ -993,9 +1003,10 @@ void backward(const Geometry& g, const T* x, const T* dw_taps, const T* dw_bias,
               T* grad_pw_bias) {
   const int64_t npix = g.pixels();
   const int64_t taps = g.kh * g.kw;
-  // Pixel block: a fixed size, so the summation order depends only on how the pixels are split
-  // into parts below (the same on every run with the same thread count: bitwise deterministic).
-  constexpr int64_t kBlock = kBackwardBlock;
+  // Pixel block: fixed for the machine (backward_block), so the summation order depends only on how the
+  // pixels are split into parts below (the same on every run with the same thread count: bitwise
+  // deterministic).
+  const int64_t pixel_block = backward_block();
   const int64_t threads = at::get_num_threads();
   // A single image is split into bands of output rows when its hidden channels fit one chunk:
   // bands b and b + 2 never write the same grad_input rows, so the even bands run together, then
@@ -1140,9 +1151,9 @@ void backward(const Geometry& g, const T* x, const T* dw_taps, const T* dw_bias,
   auto run_tasks = [&](int64_t parity) {
     const int64_t step = parity < 0 ? 1 : 2, phase_parts = parity < 0 ? parts : (parts - parity + 1) / 2;
     at::parallel_for(0, nchunks * phase_parts, 1, [&](int64_t begin, int64_t end) {
-      Work<T> hidden(kBlock * ldh), grad_hidden(kBlock * ldh);
+      Work<T> hidden(pixel_block * ldh), grad_hidden(pixel_block * ldh);
       // Two buffers of grad_out columns (see below): the group's and the next group's.
-      const int64_t cols_size = kBlock * kRows + kCopyPad;
+      const int64_t cols_size = pixel_block * kRows + kCopyPad;
       Work<T> grad_out_cols(want.pointwise ? 2 * cols_size : 0);
       Work<T> own_pw(shared_chunk ? 0 : chunk_panels * g.Cout * kCols), gpw_sum(want.pointwise ? g.Cout * ldh : 0);
       T* pw_panels = shared_chunk ? chunk_pw.data() : own_pw.data();
@@ -1168,8 +1179,8 @@ void backward(const Geometry& g, const T* x, const T* dw_taps, const T* dw_bias,
             pack_chunk_panel(pw_panels, k0, kc, j0);
           }
         }
-        for (int64_t p0 = first; p0 < last; p0 += kBlock) {
-          const int64_t nrows = std::min(kBlock, last - p0);
+        for (int64_t p0 = first; p0 < last; p0 += pixel_block) {
+          const int64_t nrows = std::min(pixel_block, last - p0);
           const T* gob = grad_out + p0 * ldg;
           if (sum_bias) {  // grad_pw_bias: the part's sum over pixels, in pixel order
             for (int64_t r = 0; r < nrows; ++r) {
