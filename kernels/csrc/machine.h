@@ -8,6 +8,8 @@
 //   l3_usable_bytes  the L3 that the forward's blocking counts on for the pointwise weight: the
 //                 reported L3, at most 16 MB per online CPU
 //
+// The backward's pixel block (sepconv_kernels.h, backward_block) follows l2_bytes too with 6-row tiles.
+//
 // Inside a VM sysfs can report the host's whole L3 (480 MB on a 2-core Intel Xeon guest), so no
 // output is streamed there. Streaming above 24 MB on that machine measured mixed (forward of
 // 64->128@147 at batch 8 3.0x -> 3.3x the eager pair, forward+backward of 128->256@74 1.7x -> 1.2x),
