@@ -254,6 +254,20 @@ def vector_loads(global_loads: str) -> bool:
     return any(op.split(":")[0].endswith((".64", ".128")) for op in global_loads.split())
 
 
+@contextlib.contextmanager
+def _environ(name: str, value: str):
+    """``os.environ[name] = value`` inside the block; the caller's value (or its absence) restored afterwards."""
+    previous = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = previous
+
+
 def compile_one(name: str, config_index, dtype: str, capability: int, layer=None) -> Row:
     """Compile one kernel/config/dtype for ``sm_<capability>`` (at ``layer`` for launch-built kernels)."""
     import triton
@@ -284,20 +298,13 @@ def compile_one(name: str, config_index, dtype: str, capability: int, layer=None
         return row
     start = time.perf_counter()
     log = io.StringIO()
-    previous = os.environ.get("TRITON_DUMP_PTXAS_LOG")
-    os.environ["TRITON_DUMP_PTXAS_LOG"] = "1"
     try:
-        with contextlib.redirect_stdout(log):
+        with _environ("TRITON_DUMP_PTXAS_LOG", "1"), contextlib.redirect_stdout(log):
             compiled = triton.compile(ASTSource(fn, signature, constexprs, attrs),
                                       target=GPUTarget("cuda", capability, 32), options=options)
     except Exception as error:  # noqa: BLE001 - reported per row
         row.error = f"{type(error).__name__}: {str(error)[:500]}"
         return row
-    finally:
-        if previous is None:
-            os.environ.pop("TRITON_DUMP_PTXAS_LOG", None)
-        else:
-            os.environ["TRITON_DUMP_PTXAS_LOG"] = previous
     row.compile_s = round(time.perf_counter() - start, 2)
     row.shared_bytes = int(compiled.metadata.shared)
     _parse_ptxas(log.getvalue(), row)
@@ -366,16 +373,8 @@ def _fresh_triton_cache(fresh: bool):
     if not fresh:
         yield
         return
-    previous = os.environ.get("TRITON_CACHE_DIR")
-    with tempfile.TemporaryDirectory(prefix="sepconv-aot-") as cache:
-        os.environ["TRITON_CACHE_DIR"] = cache
-        try:
-            yield
-        finally:
-            if previous is None:
-                os.environ.pop("TRITON_CACHE_DIR", None)
-            else:
-                os.environ["TRITON_CACHE_DIR"] = previous
+    with tempfile.TemporaryDirectory(prefix="sepconv-aot-") as cache, _environ("TRITON_CACHE_DIR", cache):
+        yield
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
