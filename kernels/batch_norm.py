@@ -12,6 +12,11 @@ buffers and ``state_dict``, the same running-statistics updates; it calls the op
 channels_last float32/float64 CPU input when ``backend`` resolves to ``cpp``, and
 ``F.batch_norm`` everywhere else (evaluation, other layouts, devices and dtypes, autocast).
 
+``separable_conv2d_batch_norm(conv, bn, x)`` is ``bn(conv(x))`` for a separable conv and the BatchNorm
+after it; in training on cpp the conv's forward gathers its output's per-channel mean and M2 as it
+stores it (``sepconv_cpp::forward_with_moments``) and the BatchNorm kernel takes them as ``moments``,
+so it does not read the output once more for them.
+
 ``relu_output=True`` applies a ReLU to the output: in the kernel's pass, and in its backward as
 ReLU's own backward does (the gradient is zero where the output is), so a ``BN -> ReLU`` pair costs
 no pass of its own and no fresh buffer either way; elsewhere ``F.relu`` runs in place after
@@ -26,7 +31,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import gpu_dispatch
+from ._args import normalize
 from .dispatch import BackendAttribute, channels_last_cpp_applies, check_backend_name
+from .module import SeparableConv2d
 
 
 def _uses_kernel(input: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
@@ -62,7 +70,14 @@ def batch_norm(
     if not (training and _uses_kernel(input, weight, bias, backend)):
         output = F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
         return F.relu(output, inplace=True) if relu_output else output
-    output, mean, _, var = torch.ops.sepconv_cpp.batch_norm.default(input, weight, bias, float(eps), relu_output)
+    return _batch_norm_kernel(input, running_mean, running_var, weight, bias, momentum, eps, relu_output, None)
+
+
+def _batch_norm_kernel(input, running_mean, running_var, weight, bias, momentum, eps, relu_output, moments):
+    """The cpp op in training mode and the running-statistics update; ``moments``: input's mean and M2 per
+    channel as ``sepconv_cpp::forward_with_moments`` returns them (None: the op takes them itself)."""
+    output, mean, _, var = torch.ops.sepconv_cpp.batch_norm.default(input, weight, bias, float(eps), relu_output,
+                                                                    moments)
     with torch.no_grad():
         if running_mean is not None:
             running_mean.mul_(1.0 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
@@ -91,6 +106,11 @@ class BatchNorm2d(BackendAttribute, nn.BatchNorm2d):
         self.backend = backend
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return self._forward(input, None)
+
+    def _forward(self, input: torch.Tensor, moments: Optional[torch.Tensor]) -> torch.Tensor:
+        """``forward``; given ``moments`` (input's per-channel mean and M2 from the separable forward that
+        wrote it, ``separable_conv2d_batch_norm``), the training-mode kernel takes them."""
         self._check_input_dim(input)
         # The running-average factor, as nn.BatchNorm2d computes it: `momentum`, or with
         # momentum=None the cumulative average 1 / (batches seen so far).
@@ -102,10 +122,68 @@ class BatchNorm2d(BackendAttribute, nn.BatchNorm2d):
         # Batch statistics in training, and in evaluation too when there are no running ones.
         batch_stats = self.training or (self.running_mean is None and self.running_var is None)
         keep_running = not self.training or self.track_running_stats
-        return batch_norm(input, self.running_mean if keep_running else None,
-                          self.running_var if keep_running else None, self.weight, self.bias,
-                          batch_stats, factor, self.eps, relu_output=self.relu_output, backend=self.backend)
+        running_mean = self.running_mean if keep_running else None
+        running_var = self.running_var if keep_running else None
+        if moments is not None:
+            return _batch_norm_kernel(input, running_mean, running_var, self.weight, self.bias, factor, self.eps,
+                                      self.relu_output, moments)
+        return batch_norm(input, running_mean, running_var, self.weight, self.bias, batch_stats, factor, self.eps,
+                          relu_output=self.relu_output, backend=self.backend)
 
     def extra_repr(self) -> str:
         extra = ", relu_output=True" if self.relu_output else ""
         return super().extra_repr() + extra + (f", backend={self.backend!r}" if self.backend != "auto" else "")
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or module._backward_pre_hooks)
+
+
+def _moments_apply(conv: nn.Module, bn: nn.Module, input: torch.Tensor) -> bool:
+    """Whether ``separable_conv2d_batch_norm`` takes BatchNorm's statistics from the separable forward: the two
+    modules as this library defines them (no subclass's forward, no hooks), BatchNorm in training, and a call
+    both would run on their cpp kernels (channels_last float32/float64 CPU input, more than one value a
+    channel; with CPU tuning on, ``auto`` chooses per layer, so not there)."""
+    if not (type(conv).forward is SeparableConv2d.forward and isinstance(conv, SeparableConv2d)
+            and type(bn).forward is BatchNorm2d.forward and isinstance(bn, BatchNorm2d)):
+        return False
+    if not (bn.training and conv.conv1.padding_mode == "zeros" and isinstance(input, torch.Tensor)
+            and input.dim() == 4):
+        return False
+    if _has_hooks(conv) or _has_hooks(bn) or _has_hooks(conv.conv1) or _has_hooks(conv.pointwise):
+        return False
+    if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
+        return False
+    if torch._C._are_functorch_transforms_active():
+        return False
+    depthwise, pointwise = conv.conv1, conv.pointwise
+    weights = (depthwise.weight, pointwise.weight, depthwise.bias, pointwise.bias)
+    if conv.backend == "auto" and gpu_dispatch.cpu_tuning_applies(input.device):
+        return False
+    return (channels_last_cpp_applies(input, weights, conv.backend)
+            and channels_last_cpp_applies(input, (bn.weight, bn.bias), bn.backend))
+
+
+def separable_conv2d_batch_norm(conv: nn.Module, bn: nn.Module, input: torch.Tensor) -> torch.Tensor:
+    """``bn(conv(input))`` for a separable convolution followed by a BatchNorm (Xception's ``SepConv -> BN``).
+
+    Where ``conv`` is a ``kernels.SeparableConv2d`` and ``bn`` a ``kernels.BatchNorm2d`` in training mode, and
+    both run their cpp kernels on this input (channels_last float32/float64 on a CPU), the separable forward
+    gathers its output's per-channel mean and variance as it stores the output
+    (``sepconv_cpp::forward_with_moments``) and the BatchNorm kernel takes them instead of reading the output
+    once more for them: the same output, gradients, running statistics and ``num_batches_tracked`` as the two
+    calls, up to rounding (the sums run in another order). Anywhere else (other modules, evaluation, other
+    backends, devices, layouts or dtypes, hooks on either module) it is ``bn(conv(input))``.
+    """
+    if not _moments_apply(conv, bn, input):
+        return bn(conv(input))
+    depthwise, pointwise = conv.conv1, conv.pointwise
+    geometry = normalize(input, depthwise.weight, pointwise.weight, depthwise.bias, pointwise.bias,
+                         depthwise.stride, depthwise.padding, depthwise.dilation)
+    if input.shape[0] * geometry.out_size[0] * geometry.out_size[1] < 2:
+        return bn(conv(input))  # BatchNorm's own error, or ATen's, as the two calls give it
+    output, moments = torch.ops.sepconv_cpp.forward_with_moments.default(
+        input, depthwise.weight, pointwise.weight, depthwise.bias, pointwise.bias, geometry.stride,
+        geometry.padding, geometry.dilation, bool(conv.relu_input))
+    return bn._forward(output, moments)

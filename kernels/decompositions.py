@@ -52,10 +52,27 @@ def _conv2d(input, weight, bias, stride, padding, dilation):
                            memory_format_of(input))
 
 
-def _batch_norm(input, weight, bias, eps, relu=False):
+def _moments(output):
+    """Per channel the mean and the sum of squared deviations from it, (2, C) float64."""
+    count = output.numel() // output.shape[1] if output.shape[1] else 0
+    var, mean = torch.var_mean(output.double(), [0, 2, 3], correction=0)
+    return torch.stack([mean, var * count])
+
+
+def _forward_with_moments(input, *args):
+    output = ops._torch_forward(input, *args)
+    return output, _moments(output)
+
+
+def _batch_norm(input, weight, bias, eps, relu=False, moments=None):
     """Training-mode BatchNorm over (N, H, W): the output, and per channel the mean, 1/sqrt(var + eps)
-    and the unbiased variance (NaN for a single value), all in the input's dtype, as the cpp op."""
-    var, mean = torch.var_mean(input, [0, 2, 3], correction=0)
+    and the unbiased variance (NaN for a single value), all in the input's dtype, as the cpp op (from
+    ``moments``, the input's mean and M2, where given)."""
+    if moments is None:
+        var, mean = torch.var_mean(input, [0, 2, 3], correction=0)
+    else:
+        count = input.numel() // input.shape[1] if input.shape[1] else 0
+        mean, var = moments[0].to(input.dtype), (moments[1] / count).to(input.dtype)
     invstd = torch.rsqrt(var + eps)
     shape = (1, -1, 1, 1)
     output = (input - mean.view(shape)) * invstd.view(shape)
@@ -73,7 +90,8 @@ def _batch_norm(input, weight, bias, eps, relu=False):
 def decompositions() -> Dict[torch._ops.OpOverload, Callable]:
     """A table for ``ExportedProgram.run_decompositions``: every op of this library that a forward pass
     can put in an exported program (each backend's ``forward``, the torch and triton namespaces'
-    ``forward_keeping_hidden``, and the cpp backend's ``max_pool2d_add``, ``batch_norm`` and ``conv2d``), mapped
+    ``forward_keeping_hidden``, and the cpp backend's ``forward_with_moments``, ``max_pool2d_add``, ``batch_norm`` and
+    ``conv2d``), mapped
     to ATen ops that compute the same result. Merge it into another table to decompose both::
 
         table = torch.export.default_decompositions()
@@ -90,5 +108,6 @@ def decompositions() -> Dict[torch._ops.OpOverload, Callable]:
             table[namespace.forward_keeping_hidden.default] = keeping_hidden[implementation]
     table[torch.ops.sepconv_cpp.max_pool2d_add.default] = _max_pool2d_add
     table[torch.ops.sepconv_cpp.batch_norm.default] = _batch_norm
+    table[torch.ops.sepconv_cpp.forward_with_moments.default] = _forward_with_moments
     table[torch.ops.sepconv_cpp.conv2d.default] = _conv2d
     return table

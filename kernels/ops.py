@@ -79,9 +79,15 @@ POOL_SCHEMAS = (
 
 # ... training-mode BatchNorm on channels_last activations (see kernels.batch_norm): batch
 # statistics, the output (ReLU'd with relu), and mean / invstd / unbiased variance per channel; its
-# backward (given the ReLU'd output, it first masks grad_output as ReLU's backward does) ...
+# backward (given the ReLU'd output, it first masks grad_output as ReLU's backward does). The batch
+# statistics come from a pass over the input, or, as ``moments`` ((2, C) float64: the per-channel mean
+# and sum of squared deviations), from the separable forward that wrote the input: the forward's
+# variant ``forward_with_moments`` gathers them as it stores its output (see
+# kernels.batch_norm.separable_conv2d_batch_norm) ...
+FORWARD_WITH_MOMENTS_SCHEMA = FORWARD_SCHEMA.replace("forward(", "forward_with_moments(").replace(
+    ") -> Tensor", ") -> (Tensor, Tensor)")
 BATCH_NORM_SCHEMAS = (
-    "batch_norm(Tensor input, Tensor? weight, Tensor? bias, float eps, bool relu=False) "
+    "batch_norm(Tensor input, Tensor? weight, Tensor? bias, float eps, bool relu=False, Tensor? moments=None) "
     "-> (Tensor, Tensor, Tensor, Tensor)",
     "batch_norm_backward(Tensor grad_output, Tensor input, Tensor? weight, Tensor mean, Tensor invstd, "
     "bool[3] output_mask, Tensor? relu_output=None) -> (Tensor, Tensor, Tensor)",
@@ -256,7 +262,19 @@ def _conv2d_backward(ctx, grad_output):
     return tuple(g if w else None for g, w in zip(grads, mask)) + (None, None, None)
 
 
-def _fake_batch_norm(input, weight, bias, eps, relu=False):
+def _fake_forward_with_moments(input, depthwise_weight, pointwise_weight, depthwise_bias, pointwise_bias,
+                               stride, padding, dilation, relu_input):
+    output = _fake_forward(input, depthwise_weight, pointwise_weight, depthwise_bias, pointwise_bias,
+                           stride, padding, dilation, relu_input)
+    return output, input.new_empty((2, output.shape[1]), dtype=torch.float64)
+
+
+def _setup_forward_with_moments(ctx, inputs, output) -> None:
+    setup_context(ctx, inputs, output)
+    ctx.mark_non_differentiable(output[1])
+
+
+def _fake_batch_norm(input, weight, bias, eps, relu=False, moments=None):
     stats = [input.new_empty(input.shape[1]) for _ in range(3)]
     return (empty_output(input, input.shape), *stats)
 
@@ -269,11 +287,13 @@ def _fake_batch_norm_backward(grad_output, input, weight, mean, invstd, output_m
 
 
 def _setup_batch_norm(ctx, inputs, output) -> None:
-    input, weight, _, _, *relu = inputs
+    input, weight, _, _, *rest = inputs
+    relu = bool(rest[0]) if rest else False
     result, mean, invstd, var = output
     # With relu the output's zeros mask the gradient, as ReLU's backward does (the next layer
     # usually saves the same tensor, so this keeps nothing alive that would not be anyway).
-    ctx.save_for_backward(input, weight, mean, invstd, result if relu and relu[0] else None)
+    # Given moments are input's statistics: the backward is BatchNorm's whole one either way.
+    ctx.save_for_backward(input, weight, mean, invstd, result if relu else None)
     ctx.mark_non_differentiable(mean, invstd, var)
 
 
@@ -282,10 +302,10 @@ def _batch_norm_backward(ctx, grad_output, *_):
     needs = ctx.needs_input_grad
     mask = [needs[0], needs[1] and weight is not None, needs[2]]
     if not any(mask):
-        return None, None, None, None, None
+        return None, None, None, None, None, None
     grads = torch.ops.sepconv_cpp.batch_norm_backward.default(grad_output, input, weight, mean, invstd, mask,
                                                               relu_output)
-    return tuple(g if w else None for g, w in zip(grads, mask)) + (None, None)
+    return tuple(g if w else None for g, w in zip(grads, mask)) + (None, None, None)
 
 
 # --- autograd for the ops themselves (the autograd.Function reuses these two) ---------------
@@ -349,8 +369,11 @@ def define(backend: str) -> torch.library.Library:
             lib.define(schema)
         torch.library.register_fake(f"{ns}::backward_from_hidden", _fake_backward_from_hidden, lib=lib)
     if backend == "cpp":
-        for schema in POOL_SCHEMAS + BATCH_NORM_SCHEMAS + CACHE_SCHEMAS + (CONV_SCHEMA,):
+        for schema in POOL_SCHEMAS + BATCH_NORM_SCHEMAS + CACHE_SCHEMAS + (CONV_SCHEMA, FORWARD_WITH_MOMENTS_SCHEMA):
             lib.define(schema)
+        torch.library.register_fake(f"{ns}::forward_with_moments", _fake_forward_with_moments, lib=lib)
+        torch.library.register_autograd(f"{ns}::forward_with_moments", make_backward(backward_op),
+                                        setup_context=_setup_forward_with_moments, lib=lib)
         torch.library.register_fake(f"{ns}::batch_norm", _fake_batch_norm, lib=lib)
         torch.library.register_fake(f"{ns}::batch_norm_backward", _fake_batch_norm_backward, lib=lib)
         torch.library.register_autograd(f"{ns}::batch_norm", _batch_norm_backward,

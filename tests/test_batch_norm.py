@@ -304,3 +304,151 @@ def test_large_output_matches_nn_batchnorm(channels):
     relu_expected.backward(grad)
     relu_got = _step(fused, x, grad)
     assert torch.equal(relu_got[0], relu_expected.detach()) and torch.equal(relu_got[1], leaf.grad)
+
+
+# --- separable_conv2d_batch_norm: BatchNorm's statistics from the separable forward ----------------
+
+def _conv_bn(cin, cout, dtype, seed=2, bn_kwargs=None, **conv_kwargs):
+    """A cpp SeparableConv2d and BatchNorm2d, and copies of both (the two calls' reference)."""
+    torch.manual_seed(seed)
+    conv = kernels.SeparableConv2d(cin, cout, 3, backend="cpp", dtype=dtype, **conv_kwargs)
+    bn = kernels.BatchNorm2d(cout, backend="cpp", dtype=dtype, **(bn_kwargs or {}))
+    if bn.affine:
+        with torch.no_grad():
+            bn.weight.uniform_(0.5, 1.5)
+            bn.bias.uniform_(-0.5, 0.5)
+    return conv, bn, copy.deepcopy(conv), copy.deepcopy(bn)
+
+
+def _ops_ran(fn) -> dict:
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    names = [event.name for event in prof.events()]
+    return {name: names.count(f"sepconv_cpp::{name}") for name in ("forward", "forward_with_moments", "batch_norm")}
+
+
+def _train_step(fn, x, grad, modules):
+    x = x.detach().clone().requires_grad_(True)
+    out = fn(x)
+    out.backward(grad)
+    grads = [p.grad for module in modules for p in module.parameters()]
+    return out.detach(), x.grad, grads
+
+
+CONV_BN_CASES = {
+    "728ch": dict(cin=728, cout=728, size=19, batch=2),
+    "relu-input": dict(cin=16, cout=40, size=13, batch=3, conv=dict(padding=1, relu_input=True)),
+    "stride-dilation-biases": dict(cin=6, cout=10, size=17, batch=2,
+                                   conv=dict(stride=2, padding=2, dilation=2, bias=True)),
+    "depth-multiplier": dict(cin=5, cout=7, size=8, batch=4, conv=dict(padding=1, depth_multiplier=3)),
+    "batch-1-large-map": dict(cin=32, cout=64, size=74, batch=1, conv=dict(padding=1)),
+    "momentum-none-no-affine": dict(cin=8, cout=12, size=6, batch=2, conv=dict(padding=1),
+                                    bn=dict(momentum=None, affine=False)),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("case", CONV_BN_CASES.values(), ids=CONV_BN_CASES.keys())
+def test_separable_conv2d_batch_norm_matches_the_two_calls(case, dtype):
+    """In training on cpp the separable forward hands BatchNorm its output's moments
+    (forward_with_moments, then no pass of BatchNorm's own): output, every gradient, the running
+    statistics and num_batches_tracked as conv then BatchNorm, over two steps."""
+    require_backend("cpp", dtype)
+    conv, bn, ref_conv, ref_bn = _conv_bn(case["cin"], case["cout"], dtype, bn_kwargs=case.get("bn"),
+                                          **case.get("conv", {}))
+    rel = 2e-5 if dtype == torch.float32 else 1e-12
+    for step in range(2):
+        x = _input((case["batch"], case["cin"], case["size"], case["size"]), dtype, seed=step)
+        shape = conv(x).shape
+        grad = torch.randn(shape, generator=torch.Generator().manual_seed(7 + step), dtype=dtype)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            got = _train_step(lambda t: kernels.separable_conv2d_batch_norm(conv, bn, t), x, grad, (conv, bn))
+        ran = [event.name for event in prof.events()]
+        assert ran.count("sepconv_cpp::forward_with_moments") == 1 and "sepconv_cpp::forward" not in ran
+        want = _train_step(lambda t: ref_bn(ref_conv(t)), x, grad, (ref_conv, ref_bn))
+        _assert_near(got[0], want[0], rel, "output")
+        _assert_near(got[1], want[1], rel, "input gradient")
+        for a, b in zip(got[2], want[2]):  # the biases before a BatchNorm: gradients that are 0 but for rounding
+            _assert_near(a, b, rel, "parameter gradient", scale=1.0)
+        for module in (conv, bn, ref_conv, ref_bn):
+            module.zero_grad(set_to_none=True)
+    for name, buffer in ref_bn.named_buffers():
+        _assert_near(dict(bn.named_buffers())[name].double(), buffer.double(), rel, name)
+
+
+def test_separable_conv2d_batch_norm_falls_back_to_the_two_calls():
+    """Anywhere the moments path does not apply, exactly bn(conv(x)): the same ops, the same bits."""
+    require_backend("cpp")
+    conv, bn, ref_conv, ref_bn = _conv_bn(6, 8, torch.float32, padding=1)
+    x = _input((2, 6, 9, 9), torch.float32)
+    cases = {
+        "eval": lambda: (conv.eval(), bn.eval()),
+        "nchw": None,
+        "torch backend": lambda: setattr(conv, "backend", "torch"),
+        "hook on the conv": lambda: conv.register_forward_hook(lambda *args: None),
+        "hook on the BatchNorm": lambda: bn.register_forward_pre_hook(lambda *args: None),
+        "an nn.BatchNorm2d": lambda: None,
+    }
+    for name, prepare in cases.items():
+        conv, bn, ref_conv, ref_bn = _conv_bn(6, 8, torch.float32, padding=1)
+        input = x.contiguous() if name == "nchw" else x
+        if name == "an nn.BatchNorm2d":
+            bn, ref_bn = nn.BatchNorm2d(8), nn.BatchNorm2d(8)
+        if prepare is not None:
+            prepare()
+        ref_conv.load_state_dict(conv.state_dict())
+        ref_conv.backend = conv.backend
+        ref_bn.train(bn.training)
+        ref_conv.train(conv.training)
+        ran = _ops_ran(lambda: kernels.separable_conv2d_batch_norm(conv, bn, input))
+        assert ran["forward_with_moments"] == 0, name
+        assert torch.equal(kernels.separable_conv2d_batch_norm(conv, bn, input), ref_bn(ref_conv(input))), name
+    # A module that is not a separable conv (the model's eager flavour): the two calls.
+    pair = nn.Conv2d(6, 8, 3, padding=1), nn.BatchNorm2d(8)
+    torch.testing.assert_close(kernels.separable_conv2d_batch_norm(*pair, x), pair[1](pair[0](x)))
+    # One value per channel: BatchNorm's own error, as the two calls give it.
+    conv, bn, _, _ = _conv_bn(6, 8, torch.float32)
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
+        kernels.separable_conv2d_batch_norm(conv, bn, _input((1, 6, 3, 3), torch.float32))
+
+
+@pytest.mark.parametrize("shape", [(8, 64, 37, 37), (1, 128, 74, 74), (2, 1024, 10, 10), (3, 40, 7, 5)],
+                         ids=["many-blocks", "batch-1", "4k-rows", "small"])
+def test_forward_with_moments_output_and_moments(shape):
+    """The output is forward's, bit for bit (moments or not; 1024 channels: not streamed, same sums); the
+    moments are the output's mean and sum of squared deviations, within float32 rounding of float64, also for
+    values 1000 times their spread; run to run the same bits."""
+    require_backend("cpp")
+    ops = torch.ops.sepconv_cpp
+    n, cout, size, _ = shape
+    cin = 48
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(n, cin, size, size, generator=g).contiguous(memory_format=torch.channels_last)
+    args = (x, torch.randn(cin, 1, 3, 3, generator=g), torch.randn(cout, cin, 1, 1, generator=g) / cin ** 0.5,
+            None, torch.randn(cout, generator=g) + 1000, [1, 1], [1, 1, 1, 1], [1, 1], True)
+    out, moments = ops.forward_with_moments(*args)
+    assert moments.dtype == torch.float64 and moments.shape == (2, cout)
+    assert torch.equal(out, ops.forward(*args))
+    var, mean = torch.var_mean(out.double(), (0, 2, 3), correction=0)
+    count = out.numel() // cout
+    torch.testing.assert_close(moments[0], mean, rtol=1e-7, atol=0)
+    torch.testing.assert_close(moments[1] / count, var, rtol=2e-6, atol=0)
+    again = ops.forward_with_moments(*args)
+    assert torch.equal(again[0], out) and torch.equal(again[1], moments)
+
+
+def test_forward_with_moments_opcheck_and_errors():
+    require_backend("cpp")
+    ops = torch.ops.sepconv_cpp
+    x = _input((2, 4, 6, 5), torch.float32)
+    args = (x, torch.randn(4, 1, 3, 3), torch.randn(6, 4, 1, 1), None, None, [1, 1], [1, 1, 1, 1], [1, 1], False)
+    torch.library.opcheck(ops.forward_with_moments.default, args)
+    leaves = tuple(a.detach().clone().requires_grad_() if isinstance(a, torch.Tensor) else a for a in args)
+    torch.library.opcheck(ops.forward_with_moments.default, leaves)
+    out, moments = ops.forward_with_moments(*args)
+    torch.library.opcheck(ops.batch_norm.default, (out, torch.rand(6) + 0.5, torch.randn(6), 1e-5, True, moments))
+    torch.library.opcheck(ops.batch_norm.default, (out.requires_grad_(), None, None, 1e-5, False, moments))
+    with pytest.raises(RuntimeError, match="moments must be a \\(2, 6\\) float64 CPU tensor .*got \\[2, 5\\] Float"):
+        ops.batch_norm(out.detach(), None, None, 1e-5, False, torch.zeros(2, 5))
+    with pytest.raises(RuntimeError, match="forward_with_moments: needs at least one output pixel"):
+        ops.forward_with_moments(torch.randn(0, 4, 6, 5), *args[1:])

@@ -87,17 +87,53 @@ def test_decomposed_training_batch_norm_matches(relu_output):
     model[0].weight.data.uniform_(0.5, 1.5)
     model[0].bias.data.uniform_(-0.5, 0.5)
     x = (torch.randn(4, 5, 6, 7) * 3 + 1).contiguous(memory_format=torch.channels_last)
+    _check_decomposed_training(model, x, {"sepconv_cpp.batch_norm.default"}, "0")
+
+
+def _check_decomposed_training(model, x, library_ops_exported, bn_name):
+    """``model`` (training mode) exported holds ``library_ops_exported``; decomposed, none, and two steps give
+    its outputs and leave the running statistics of its BatchNorm ``bn_name`` as the model's."""
     # The exported program holds the module's own buffer tensors (its running statistics are updated in
     # place by the program): export a copy, so that the reference keeps buffers of its own.
     program = torch.export.export(copy.deepcopy(model), (x,))
-    assert library_ops(program) == {"sepconv_cpp.batch_norm.default"}
+    assert library_ops(program) == library_ops_exported
     decomposed = program.run_decompositions(kernels.decompositions()).module()
     assert library_ops(decomposed) == set()
     for _ in range(2):
         torch.testing.assert_close(decomposed(x), model(x), atol=1e-5, rtol=1e-5)
     buffers = dict(decomposed.named_buffers())
+    bn = model.get_submodule(bn_name)
     for name in ("running_mean", "running_var", "num_batches_tracked"):
-        torch.testing.assert_close(buffers[f"0.{name}"], getattr(model[0], name), atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(buffers[f"{bn_name}.{name}"], getattr(bn, name), atol=1e-6, rtol=1e-5)
+
+
+class _ConvBatchNorm(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = kernels.SeparableConv2d(5, 7, 3, padding=1, backend="cpp", relu_input=True)
+        self.bn = kernels.BatchNorm2d(7, backend="cpp")
+
+    def forward(self, x):
+        return kernels.separable_conv2d_batch_norm(self.conv, self.bn, x)
+
+
+def test_decomposed_training_conv_batch_norm_matches():
+    """A separable conv and its BatchNorm in training on cpp export as forward_with_moments and batch_norm given
+    the moments; decomposed, the program gives the same output and running statistics."""
+    require_backend("cpp")
+    torch.manual_seed(0)
+    model = _ConvBatchNorm().train()
+    x = (torch.randn(3, 5, 8, 9) * 2 + 1).contiguous(memory_format=torch.channels_last)
+    _check_decomposed_training(
+        model, x, {"sepconv_cpp.forward_with_moments.default", "sepconv_cpp.batch_norm.default"}, "bn")
+    overload = torch.ops.sepconv_cpp.forward_with_moments.default
+    args = (x, model.conv.conv1.weight.detach(), model.conv.pointwise.weight.detach(), None, None, [1, 1],
+            [1, 1, 1, 1], [1, 1], True)
+    got, promised = kernels.decompositions()[overload](*args), overload(*(
+        a.to("meta") if isinstance(a, torch.Tensor) else a for a in args))
+    for value, fake in zip(got, promised):
+        assert (value.shape, value.stride(), value.dtype) == (fake.shape, fake.stride(), fake.dtype)
+    torch.testing.assert_close(got[1], overload(*args)[1], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("implementation", ops.IMPLEMENTATIONS)

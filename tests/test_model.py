@@ -343,8 +343,9 @@ def test_every_backend_matches_eager_conv2d_model(backend):
 
 def test_cpp_training_kernels_match_conv2d_model_channels_last():
     """channels_last training on cpp runs the BatchNorm, max_pool2d_add and shortcut (PointwiseConv2d) kernels
-    too (checked in the profiler trace): logits, every gradient and the running statistics after the step as the
-    nn.Conv2d model's, in float64."""
+    too, and every separable conv as forward_with_moments, whose moments its BatchNorm takes (checked in the
+    profiler trace): logits, every gradient and the running statistics after the step as the nn.Conv2d model's,
+    in float64."""
     require_backend("cpp", torch.float64)
     shape = {"middle_blocks": 2}
     reference = tiny(separable="conv2d", **shape).double().to(memory_format=torch.channels_last)
@@ -358,8 +359,9 @@ def test_cpp_training_kernels_match_conv2d_model_channels_last():
     ran = {event.name for event in prof.events()}
     assert {"sepconv_cpp::batch_norm", "sepconv_cpp::batch_norm_backward", "sepconv_cpp::max_pool2d_add",
             "sepconv_cpp::max_pool2d_add_backward"} <= ran
-    forwards = sum(event.name == "sepconv_cpp::forward" for event in prof.events())
-    assert forwards == len(model.separable_convs()) + 4  # and the four shortcut convs
+    count = {name: sum(event.name == f"sepconv_cpp::{name}" for event in prof.events())
+             for name in ("forward", "forward_with_moments")}
+    assert count == {"forward": 4, "forward_with_moments": len(model.separable_convs())}  # 4: the shortcut convs
     tolerance = TRAIN_TOLERANCE[torch.float64]
     assert_close(actual[0], expected[0], torch.float64, "logits", tolerance)
     assert_close(actual[1], expected[1], torch.float64, "input gradient", tolerance)

@@ -11,6 +11,7 @@ are identical and weights move freely between them.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -110,6 +111,23 @@ def stem_conv(kind: str, in_channels: int, out_channels: int, stride: int, backe
     return nn.Conv2d(in_channels, out_channels, 3, stride, 0, bias=False)
 
 
+def run_layers(layers: Iterable[nn.Module], x: torch.Tensor) -> torch.Tensor:
+    """The modules called in turn, each separable convolution and the module after it as one call of
+    ``kernels.separable_conv2d_batch_norm`` (where that module is a BatchNorm in training on cpp, it takes its
+    statistics from the convolution's forward; otherwise the two are called in turn)."""
+    modules = list(layers)
+    index = 0
+    while index < len(modules):
+        module = modules[index]
+        if index + 1 < len(modules) and isinstance(module, kernels.SeparableConv2d):
+            x = kernels.separable_conv2d_batch_norm(module, modules[index + 1], x)
+            index += 2
+            continue
+        x = module(x)
+        index += 1
+    return x
+
+
 def is_separable(module: nn.Module) -> bool:
     return isinstance(module, (kernels.SeparableConv2d, Conv2dSeparable))
 
@@ -179,7 +197,8 @@ class Block(nn.Module):
         shortcut = x if self.skip is None else self.skipbn(self.skip(x))
         pool = self.rep[-1]
         if not (self.separable == "fused" and isinstance(pool, nn.MaxPool2d)):
-            out = self.rep(x)
+            # rep's modules in turn (rep itself where it has hooks of its own).
+            out = self.rep(x) if self.rep._forward_hooks or self.rep._forward_pre_hooks else run_layers(self.rep, x)
             if out.dtype != shortcut.dtype or out.shape != shortcut.shape:
                 return out + shortcut
             # The sum in place, into rep's output (as timm's Block does): nothing saves that tensor for
@@ -187,8 +206,7 @@ class Block(nn.Module):
             out += shortcut
             return out
         # The pool and the sum in one pass where the backend has a kernel for it (cpp).
-        for module in itertools.islice(self.rep, len(self.rep) - 1):
-            x = module(x)
+        x = run_layers(itertools.islice(self.rep, len(self.rep) - 1), x)
         last_conv = self.rep[-3]  # [..., SepConv, BN (or Identity once fused), MaxPool]
         return kernels.max_pool2d_add(x, shortcut, pool.kernel_size, pool.stride, pool.padding,
                                       backend=last_conv.backend)

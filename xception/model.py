@@ -217,8 +217,8 @@ class Xception(nn.Module):
         return self.act2(self.bn2(self.conv2(x)))
 
     def _exit(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.act3(self.bn3(self.conv3(x)))
-        return self.act4(self.bn4(self.conv4(x)))
+        x = self.act3(kernels.separable_conv2d_batch_norm(self.conv3, self.bn3, x))
+        return self.act4(kernels.separable_conv2d_batch_norm(self.conv4, self.bn4, x))
 
     def _check_input(self, x: torch.Tensor) -> None:
         if not isinstance(x, torch.Tensor):

@@ -162,15 +162,23 @@ void column_sum_m2(int64_t M, int64_t C, const T* x, double* sum, double* m2) {
 }
 
 // mean, invstd and the unbiased variance (for the running estimate; NaN when M == 1) per channel,
-// and y (ReLU'd with relu). weight / bias may be null (1 and 0).
+// and y (ReLU'd with relu). weight / bias may be null (1 and 0). moments: x's per-channel mean and M2
+// (2 x C doubles) where the layer that wrote x gathered them (sepconv_cpp::forward_with_moments),
+// which saves the pass over x that takes them here; null: taken here.
 template <typename T>
 void batch_norm_forward(int64_t M, int64_t C, const T* x, const T* weight, const T* bias, double eps, bool relu,
-                        T* y, T* mean_out, T* invstd_out, T* var_out) {
-  std::vector<double> sums(static_cast<size_t>(C)), m2(static_cast<size_t>(C));
-  column_sum_m2(M, C, x, sums.data(), m2.data());
+                        T* y, T* mean_out, T* invstd_out, T* var_out, const double* moments = nullptr) {
+  std::vector<double> mean(static_cast<size_t>(C)), m2(static_cast<size_t>(C));
+  if (moments != nullptr) {
+    std::copy_n(moments, C, mean.data());
+    std::copy_n(moments + C, C, m2.data());
+  } else {
+    column_sum_m2(M, C, x, mean.data(), m2.data());  // the sums, then their means
+    for (int64_t c = 0; c < C; ++c) mean[c] /= static_cast<double>(M);
+  }
   std::vector<T> alpha(static_cast<size_t>(C)), beta(static_cast<size_t>(C));
   for (int64_t c = 0; c < C; ++c) {
-    mean_out[c] = static_cast<T>(sums[c] / static_cast<double>(M));
+    mean_out[c] = static_cast<T>(mean[c]);
     invstd_out[c] = static_cast<T>(1.0 / std::sqrt(m2[c] / static_cast<double>(M) + eps));
     var_out[c] = static_cast<T>(M > 1 ? m2[c] / static_cast<double>(M - 1) : NAN);
     alpha[c] = invstd_out[c] * (weight ? weight[c] : T(1));

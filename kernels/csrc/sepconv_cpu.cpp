@@ -135,11 +135,21 @@ at::Tensor nhwc_result(const at::Tensor& like, at::IntArrayRef sizes, Fill fill)
   return out;
 }
 
-at::Tensor forward_op(const at::Tensor& input, const at::Tensor& depthwise_weight, const at::Tensor& pointwise_weight,
-                   const std::optional<at::Tensor>& depthwise_bias, const std::optional<at::Tensor>& pointwise_bias,
-                   at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, bool relu_input) {
+// The forward's work. With moments, that tensor becomes the output's per-channel moments: (2, Cout)
+// float64, the mean in row 0 and the sum of squared deviations from it (M2) in row 1, for the
+// batch_norm op after the layer (forward_with_moments).
+at::Tensor run_forward(const char* op, const at::Tensor& input, const at::Tensor& depthwise_weight,
+                       const at::Tensor& pointwise_weight, const std::optional<at::Tensor>& depthwise_bias,
+                       const std::optional<at::Tensor>& pointwise_bias, at::IntArrayRef stride, at::IntArrayRef padding,
+                       at::IntArrayRef dilation, bool relu_input, at::Tensor* moments) {
   check_args(input, depthwise_weight, pointwise_weight, stride, padding, dilation);
   const Geometry g = geometry(input, depthwise_weight, pointwise_weight, stride, padding, dilation);
+  std::optional<OutputMoments> sink;
+  if (moments != nullptr) {
+    TORCH_CHECK(g.pixels() > 0, op, ": needs at least one output pixel, got input ", input.sizes());
+    *moments = at::empty({2, g.Cout}, input.options().dtype(at::kDouble));
+    sink = OutputMoments{moments->data_ptr<double>(), moments->data_ptr<double>() + g.Cout};
+  }
   return nhwc_result(input, {g.N, g.Cout, g.OH, g.OW}, [&](at::Tensor& result) {
     const int64_t multiplier = g.CM / input.size(1);
     const at::Tensor x = to_nhwc(input, multiplier);
@@ -151,9 +161,26 @@ at::Tensor forward_op(const at::Tensor& input, const at::Tensor& depthwise_weigh
     AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "sepconv_cpp_forward", [&] {
       sepconv::forward<scalar_t>(g, x.data_ptr<scalar_t>(), dw_taps.data_ptr<scalar_t>(), pw2d.data_ptr<scalar_t>(),
                                  bias.has_value() ? bias->data_ptr<scalar_t>() : nullptr, relu_input,
-                                 result.data_ptr<scalar_t>());
+                                 result.data_ptr<scalar_t>(), sink ? &*sink : nullptr);
     });
   });
+}
+
+at::Tensor forward_op(const at::Tensor& input, const at::Tensor& depthwise_weight, const at::Tensor& pointwise_weight,
+                      const std::optional<at::Tensor>& depthwise_bias, const std::optional<at::Tensor>& pointwise_bias,
+                      at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, bool relu_input) {
+  return run_forward("sepconv_cpp::forward", input, depthwise_weight, pointwise_weight, depthwise_bias,
+                     pointwise_bias, stride, padding, dilation, relu_input, nullptr);
+}
+
+std::tuple<at::Tensor, at::Tensor> forward_with_moments_op(
+    const at::Tensor& input, const at::Tensor& depthwise_weight, const at::Tensor& pointwise_weight,
+    const std::optional<at::Tensor>& depthwise_bias, const std::optional<at::Tensor>& pointwise_bias,
+    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, bool relu_input) {
+  at::Tensor moments;
+  at::Tensor out = run_forward("sepconv_cpp::forward_with_moments", input, depthwise_weight, pointwise_weight,
+                               depthwise_bias, pointwise_bias, stride, padding, dilation, relu_input, &moments);
+  return {out, moments};
 }
 
 // A dense convolution (groups 1) through the forward's tiled GEMM: each block of output pixels' input
@@ -334,13 +361,20 @@ const scalar_t* data_or_null(const at::Tensor& t) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_op(const at::Tensor& input,
                                                                          const std::optional<at::Tensor>& weight,
                                                                          const std::optional<at::Tensor>& bias,
-                                                                         double eps, bool relu) {
+                                                                         double eps, bool relu,
+                                                                         const std::optional<at::Tensor>& moments) {
   constexpr const char* kOp = "sepconv_cpp::batch_norm";
   check_input(kOp, input);
   check_channel_vector(kOp, "weight", weight, input);
   check_channel_vector(kOp, "bias", bias, input);
   const int64_t C = input.size(1), M = input.size(0) * input.size(2) * input.size(3);
   TORCH_CHECK(M > 0, kOp, ": needs at least one value per channel, got input ", input.sizes());
+  TORCH_CHECK(!moments.has_value() || (moments->dim() == 2 && moments->size(0) == 2 && moments->size(1) == C &&
+                                       moments->scalar_type() == at::kDouble && moments->device().is_cpu()),
+              kOp, ": moments must be a (2, ", C, ") float64 CPU tensor (input's per-channel mean and M2), got ",
+              moments.has_value() ? moments->sizes() : at::IntArrayRef{}, " ",
+              moments.has_value() ? moments->scalar_type() : at::kDouble);
+  const at::Tensor given = moments.has_value() ? moments->contiguous() : at::Tensor();
   at::Tensor mean = at::empty({C}, input.options()), invstd = at::empty({C}, input.options()),
              var = at::empty({C}, input.options());
   const at::Tensor w = weight.has_value() ? weight->contiguous() : at::Tensor();
@@ -350,7 +384,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_op(const a
     AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "sepconv_cpp_batch_norm", [&] {
       batch_norm_forward<scalar_t>(M, C, x.data_ptr<scalar_t>(), data_or_null<scalar_t>(w),
                                    data_or_null<scalar_t>(b), eps, relu, result.data_ptr<scalar_t>(),
-                                   mean.data_ptr<scalar_t>(), invstd.data_ptr<scalar_t>(), var.data_ptr<scalar_t>());
+                                   mean.data_ptr<scalar_t>(), invstd.data_ptr<scalar_t>(), var.data_ptr<scalar_t>(),
+                                   given.defined() ? given.data_ptr<double>() : nullptr);
     });
   });
   return {out, mean, invstd, var};
@@ -400,6 +435,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_op(
 
 TORCH_LIBRARY_IMPL(sepconv_cpp, CPU, m) {
   m.impl("forward", &sepconv::forward_op);
+  m.impl("forward_with_moments", &sepconv::forward_with_moments_op);
   m.impl("conv2d", &sepconv::conv2d_op);
   m.impl("backward", &sepconv::backward_op);
   m.impl("max_pool2d_add", &sepconv::max_pool2d_add_op);

@@ -773,11 +773,114 @@ class PanelSlot {
 // 3/4 of L2), so each pass over the pointwise weight (from L3) serves many pixels.
 constexpr int64_t kMaxRows = SEPCONV_MAX_ROWS;
 
+// Per-channel mean and sum of squared deviations (M2) of an output, in double: what a training-mode
+// BatchNorm after the layer needs, gathered as the output is written (see tiled_forward).
+struct OutputMoments {
+  double* mean;  // Cout
+  double* m2;    // Cout
+};
+
+// The moments of one panel's columns (nr <= kCols) over a block's rows, gathered call by call as the
+// rows are stored (add: n rows ld apart, in L1). Rows are summed as deviations from a shift x0 (the
+// shifted-data sums s1 = sum(x - x0), s2 = sum((x - x0)^2), in T: small where the mean is large against
+// the spread): the block's first row, then the mean so far (rounded to T). Every kMomentRows rows or
+// more (at a call's end)
+// those rows' mean x0 + s1 / n and M2 s2 - s1^2 / n go into the double state with Chan et al.'s update,
+// as in batch_norm_kernels.h. finish() flushes and leaves the block's mean and M2 in its arrays.
+template <typename T>
+class PanelMoments {
+ public:
+  static constexpr int64_t kMomentRows = 64;
+
+  PanelMoments(double* mean, double* m2, int nr) : mean_(mean), m2_(m2), nr_(nr) {}
+
+  void add(const T* rows, int64_t ld, int64_t n) {
+    if (nr_ == kCols) {
+      add_rows<kCols>(rows, ld, n, kCols);
+    } else {
+      add_rows<0>(rows, ld, n, nr_);
+    }
+    pending_ += n;
+    if (pending_ >= kMomentRows) flush();
+  }
+
+  void finish() { flush(); }
+
+ private:
+  // kNr: nr as a constant (a whole panel), 0: nr at run time.
+  template <int kNr>
+  void add_rows(const T* rows, int64_t ld, int64_t n, int nr) {
+    if constexpr (kNr > 0) nr = kNr;
+    T shift[kCols], s1[kCols], s2[kCols];
+    if (pending_ == 0) {
+#pragma omp simd
+      for (int j = 0; j < nr; ++j) {
+        shift[j] = merged_ > 0 ? static_cast<T>(mean_[j]) : rows[j];
+        s1[j] = s2[j] = T(0);
+      }
+    } else {
+#pragma omp simd
+      for (int j = 0; j < nr; ++j) {
+        shift[j] = shift_[j];
+        s1[j] = s1_[j];
+        s2[j] = s2_[j];
+      }
+    }
+    for (int64_t r = 0; r < n; ++r) {
+      const T* row = rows + r * ld;
+#pragma omp simd
+      for (int j = 0; j < nr; ++j) {
+        const T d = row[j] - shift[j];
+        s1[j] += d;
+        s2[j] += d * d;
+      }
+    }
+#pragma omp simd
+    for (int j = 0; j < nr; ++j) {
+      shift_[j] = shift[j];
+      s1_[j] = s1[j];
+      s2_[j] = s2[j];
+    }
+  }
+
+  void flush() {
+    if (pending_ == 0) return;
+    const double nb = static_cast<double>(pending_), na = static_cast<double>(merged_), inv = 1.0 / nb,
+                 share = nb / (na + nb), weight = na * nb / (na + nb);
+    const bool first = merged_ == 0;
+#pragma omp simd
+    for (int j = 0; j < nr_; ++j) {
+      const double d1 = static_cast<double>(s1_[j]);
+      const double rows_mean = static_cast<double>(shift_[j]) + d1 * inv;
+      const double rows_m2 = std::max(0.0, static_cast<double>(s2_[j]) - d1 * d1 * inv);
+      const double delta = rows_mean - mean_[j];
+      mean_[j] = first ? rows_mean : mean_[j] + delta * share;
+      m2_[j] = first ? rows_m2 : m2_[j] + rows_m2 + delta * delta * weight;
+    }
+    merged_ += pending_;
+    pending_ = 0;
+  }
+
+  double* mean_;
+  double* m2_;
+  int nr_;
+  int64_t pending_ = 0, merged_ = 0;
+  T shift_[kCols], s1_[kCols], s2_[kCols];
+};
+
 // out = A @ pw^T + bias, A (pixels x K) formed a block of pixels at a time: fill_tile(p0, rows, tile, ld)
 // writes rows p0..p0+rows-1 of A into the tile (rows x ld, K values a row). pw is (Cout, K). The
 // separable forward's A is the depthwise result (K = CM); a dense convolution's, the input windows.
+// With moments, also the output's per-channel moments (OutputMoments): each micro-kernel call's rows
+// are added in right after it stores them (PanelMoments), in call order within a block, and the
+// blocks are merged in block order at the end, so the result depends on the blocking (the machine's
+// L2 and the thread count) and on nothing else. Such an output is never streamed (its rows are read
+// back from L1). Gathering them costs the forward 0.3-1% from 728->728@37 on and up to 9% at 147x147
+// (short calls, K = 64 or 128), less than the pass over the output they save BatchNorm (Intel Xeon,
+// batch 8: forward and BatchNorm together 0.3-12% less time; docs/cpu-backends.md).
 template <typename T, typename FillTile>
-void tiled_forward(const Geometry& g, int64_t K, FillTile fill_tile, const T* pw, const T* bias, T* out) {
+void tiled_forward(const Geometry& g, int64_t K, FillTile fill_tile, const T* pw, const T* bias, T* out,
+                   const OutputMoments* moments = nullptr) {
   const int64_t npix = g.pixels();
   if (npix == 0) return;
   const int64_t threads = at::get_num_threads();
@@ -858,8 +961,10 @@ void tiled_forward(const Geometry& g, int64_t K, FillTile fill_tile, const T* pw
   // 728->1024 at 19x19, batch 8: 5% less time (interleaved pairs in one process, Zen 5); the next
   // layer reading the output from memory did not show in the whole network (batch 1 and 8).
   const int64_t row_bytes = g.Cout * int64_t(sizeof(T));
-  const bool stream =
-      should_stream(out, row_bytes, npix * row_bytes) || (rows_share_l1_sets(row_bytes) && can_stream(out, row_bytes));
+  const bool stream = moments == nullptr && (should_stream(out, row_bytes, npix * row_bytes) ||
+                                             (rows_share_l1_sets(row_bytes) && can_stream(out, row_bytes)));
+  // Each block's moments (mean, then M2, Cout each), merged in block order after the blocks.
+  std::vector<double> block_moments(moments ? blocks * 2 * g.Cout : 0);
   // Row stride of the tile: padded by one cache line so the kRows rows the micro-kernel reads
   // together do not map to the same L1 sets (CM is often a multiple of 512 bytes).
   const int64_t ld = round_up(K, 16) + 16;
@@ -894,6 +999,8 @@ void tiled_forward(const Geometry& g, int64_t K, FillTile fill_tile, const T* pw
         }
         const T* init = bias ? bias + jp * kCols : nullptr;
         const int64_t calls = ceil_div(nrows, kRows);
+        double* state = moments ? block_moments.data() + block * 2 * g.Cout + jp * kCols : nullptr;
+        PanelMoments<T> panel_moments(state, state ? state + g.Cout : nullptr, args.nr);
         for (int64_t call = 0; call < calls; ++call) {
           const int64_t r0 = call * nrows / calls, r1 = (call + 1) * nrows / calls;
           // The rows of pw two panels on, a share before each call: in a network they come from
@@ -921,20 +1028,44 @@ void tiled_forward(const Geometry& g, int64_t K, FillTile fill_tile, const T* pw
               args.next_bytes = int(std::min<int64_t>(kCols, g.Cout - next * kCols) * int64_t(sizeof(T)));
             }
           }
-          micro<T>(int(r1 - r0), tile.data() + r0 * ld, panel, out + (p0 + r0) * g.Cout + jp * kCols, init, args);
+          T* const c = out + (p0 + r0) * g.Cout + jp * kCols;
+          micro<T>(int(r1 - r0), tile.data() + r0 * ld, panel, c, init, args);
+          if (moments) panel_moments.add(c, g.Cout, r1 - r0);
         }
+        if (moments) panel_moments.finish();
       }
     }
     if (stream) stream_fence();
   });
+  if (moments) {
+    for (int64_t block = 0, n = 0; block < blocks; ++block) {
+      const int64_t rows_b = first_pixel(block + 1) - first_pixel(block);
+      if (rows_b == 0) continue;
+      const double* state = block_moments.data() + block * 2 * g.Cout;
+      const double na = static_cast<double>(n), nb = static_cast<double>(rows_b);
+      for (int64_t c = 0; c < g.Cout; ++c) {
+        if (n == 0) {
+          moments->mean[c] = state[c];
+          moments->m2[c] = state[g.Cout + c];
+          continue;
+        }
+        const double delta = state[c] - moments->mean[c];
+        moments->mean[c] += delta * (nb / (na + nb));
+        moments->m2[c] += state[g.Cout + c] + delta * delta * (na * nb / (na + nb));
+      }
+      n += rows_b;
+    }
+  }
 }
 
 // out = pointwise(depthwise(x)) + bias; pw is (Cout, CM); bias (Cout) already includes pw @ dw_bias.
+// With moments, also out's per-channel mean and M2 (tiled_forward).
 template <typename T>
-void forward(const Geometry& g, const T* x, const T* dw_taps, const T* pw, const T* bias, bool relu, T* out) {
+void forward(const Geometry& g, const T* x, const T* dw_taps, const T* pw, const T* bias, bool relu, T* out,
+             const OutputMoments* moments = nullptr) {
   tiled_forward<T>(g, g.CM, [&](int64_t p0, int64_t rows, T* tile, int64_t ld) {
     depthwise_tile<T>(g, x, dw_taps, nullptr, relu, p0, rows, 0, g.CM, tile, ld);
-  }, pw, bias, out);
+  }, pw, bias, out, moments);
 }
 
 // The input windows of output pixels [p0, p0 + rows) as rows of a dense convolution's A: row r holds,
