@@ -153,7 +153,9 @@ def _moments_apply(conv: nn.Module, bn: nn.Module, input: torch.Tensor) -> bool:
         return False
     if _has_hooks(conv) or _has_hooks(bn) or _has_hooks(conv.conv1) or _has_hooks(conv.pointwise):
         return False
-    if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
+    module_hooks = nn.modules.module
+    if (module_hooks._global_forward_hooks or module_hooks._global_forward_pre_hooks
+            or module_hooks._global_backward_hooks or module_hooks._global_backward_pre_hooks):
         return False
     if torch._C._are_functorch_transforms_active():
         return False
