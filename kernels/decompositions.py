@@ -90,9 +90,9 @@ def _batch_norm(input, weight, bias, eps, relu=False, moments=None):
 def decompositions() -> Dict[torch._ops.OpOverload, Callable]:
     """A table for ``ExportedProgram.run_decompositions``: every op of this library that a forward pass
     can put in an exported program (each backend's ``forward``, the torch and triton namespaces'
-    ``forward_keeping_hidden``, and the cpp backend's ``forward_with_moments``, ``max_pool2d_add``, ``batch_norm`` and
-    ``conv2d``), mapped
-    to ATen ops that compute the same result. Merge it into another table to decompose both::
+    ``forward_keeping_hidden``, and the cpp backend's ``forward_with_moments``, ``max_pool2d_add``,
+    ``batch_norm`` and ``conv2d``), mapped to ATen ops that compute the same result. Merge it into
+    another table to decompose both::
 
         table = torch.export.default_decompositions()
         table.update(kernels.decompositions())
