@@ -28,6 +28,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "moments.h"
 #include "streaming.h"
 
 namespace sepconv {
@@ -106,11 +107,9 @@ void column_sum_m2(int64_t M, int64_t C, const T* x, double* sum, double* m2) {
   // Folds (n_b rows: sum_b, mean_b, m2_b) into (n_a rows: sum_a, mean_a, m2_a), column by column.
   auto merge = [C](int64_t n_a, double* sum_a, double* mean_a, double* m2_a, int64_t n_b, const auto* sum_b,
                    const double* mean_b, const double* m2_b) {
-    const double na = static_cast<double>(n_a), nb = static_cast<double>(n_b), n = na + nb;
+    const double na = static_cast<double>(n_a), nb = static_cast<double>(n_b);
     for (int64_t c = 0; c < C; ++c) {
-      const double delta = mean_b[c] - mean_a[c];
-      mean_a[c] += delta * (nb / n);
-      m2_a[c] += m2_b[c] + delta * delta * (na * nb / n);
+      merge_moments(na, nb, mean_b[c], m2_b[c], mean_a[c], m2_a[c]);
       sum_a[c] += static_cast<double>(sum_b[c]);
     }
   };

@@ -372,8 +372,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_op(const a
   TORCH_CHECK(!moments.has_value() || (moments->dim() == 2 && moments->size(0) == 2 && moments->size(1) == C &&
                                        moments->scalar_type() == at::kDouble && moments->device().is_cpu()),
               kOp, ": moments must be a (2, ", C, ") float64 CPU tensor (input's per-channel mean and M2), got ",
-              moments.has_value() ? moments->sizes() : at::IntArrayRef{}, " ",
-              moments.has_value() ? moments->scalar_type() : at::kDouble);
+              moments->sizes(), " ", moments->scalar_type());  // (only reached with moments given)
   const at::Tensor given = moments.has_value() ? moments->contiguous() : at::Tensor();
   at::Tensor mean = at::empty({C}, input.options()), invstd = at::empty({C}, input.options()),
              var = at::empty({C}, input.options());

@@ -32,6 +32,7 @@
 
 #include "machine.h"
 #include "microkernel.h"
+#include "moments.h"
 #include "streaming.h"
 #include "vec.h"
 
@@ -785,8 +786,8 @@ struct OutputMoments {
 // shifted-data sums s1 = sum(x - x0), s2 = sum((x - x0)^2), in T: small where the mean is large against
 // the spread): the block's first row, then the mean so far (rounded to T). Every kMomentRows rows or
 // more (at a call's end)
-// those rows' mean x0 + s1 / n and M2 s2 - s1^2 / n go into the double state with Chan et al.'s update,
-// as in batch_norm_kernels.h. finish() flushes and leaves the block's mean and M2 in its arrays.
+// those rows' mean x0 + s1 / n and M2 s2 - s1^2 / n go into the double state with Chan et al.'s update
+// (merge_moments). finish() flushes and leaves the block's mean and M2 in its arrays.
 template <typename T>
 class PanelMoments {
  public:
@@ -845,17 +846,19 @@ class PanelMoments {
 
   void flush() {
     if (pending_ == 0) return;
-    const double nb = static_cast<double>(pending_), na = static_cast<double>(merged_), inv = 1.0 / nb,
-                 share = nb / (na + nb), weight = na * nb / (na + nb);
+    const double nb = static_cast<double>(pending_), na = static_cast<double>(merged_), inv = 1.0 / nb;
     const bool first = merged_ == 0;
 #pragma omp simd
     for (int j = 0; j < nr_; ++j) {
       const double d1 = static_cast<double>(s1_[j]);
       const double rows_mean = static_cast<double>(shift_[j]) + d1 * inv;
       const double rows_m2 = std::max(0.0, static_cast<double>(s2_[j]) - d1 * d1 * inv);
-      const double delta = rows_mean - mean_[j];
-      mean_[j] = first ? rows_mean : mean_[j] + delta * share;
-      m2_[j] = first ? rows_m2 : m2_[j] + rows_m2 + delta * delta * weight;
+      if (first) {
+        mean_[j] = rows_mean;
+        m2_[j] = rows_m2;
+      } else {
+        merge_moments(na, nb, rows_mean, rows_m2, mean_[j], m2_[j]);
+      }
     }
     merged_ += pending_;
     pending_ = 0;
@@ -1042,16 +1045,14 @@ void tiled_forward(const Geometry& g, int64_t K, FillTile fill_tile, const T* pw
       const int64_t rows_b = first_pixel(block + 1) - first_pixel(block);
       if (rows_b == 0) continue;
       const double* state = block_moments.data() + block * 2 * g.Cout;
-      const double na = static_cast<double>(n), nb = static_cast<double>(rows_b);
       for (int64_t c = 0; c < g.Cout; ++c) {
         if (n == 0) {
           moments->mean[c] = state[c];
           moments->m2[c] = state[g.Cout + c];
-          continue;
+        } else {
+          merge_moments(static_cast<double>(n), static_cast<double>(rows_b), state[c], state[g.Cout + c],
+                        moments->mean[c], moments->m2[c]);
         }
-        const double delta = state[c] - moments->mean[c];
-        moments->mean[c] += delta * (nb / (na + nb));
-        moments->m2[c] += state[g.Cout + c] + delta * delta * (na * nb / (na + nb));
       }
       n += rows_b;
     }
