@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-import os
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -33,7 +32,7 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from kernels.triton import MODE_ENV
+from kernels.triton import MODE_ENV, environ
 
 from .cases import DTYPES, Case, Shape
 
@@ -103,15 +102,8 @@ def triton_mode(mode: Optional[str]):
     if mode is None:
         yield
         return
-    saved = os.environ.get(MODE_ENV)
-    os.environ[MODE_ENV] = mode
-    try:
+    with environ(MODE_ENV, mode):
         yield
-    finally:
-        if saved is None:
-            del os.environ[MODE_ENV]
-        else:
-            os.environ[MODE_ENV] = saved
 
 
 def backend_reason(name: str, device: str, dtype: torch.dtype) -> Optional[str]:

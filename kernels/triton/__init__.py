@@ -9,6 +9,7 @@ only runs in Triton's interpreter. The kernel modules are imported inside
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Optional
 
@@ -28,6 +29,21 @@ def mode() -> str:
     if value not in MODES:
         raise ValueError(f"{MODE_ENV}={value!r} is not valid; set it to one of {list(MODES)}")
     return value
+
+
+@contextlib.contextmanager
+def environ(name: str, value: str):
+    """``os.environ[name] = value`` inside the block; the caller's value (or its absence) restored afterwards
+    (the backend's and Triton's settings: SEPCONV_TRITON_MODE, TRITON_CACHE_DIR, TRITON_DUMP_PTXAS_LOG)."""
+    previous = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = previous
 
 
 def unsupported() -> Optional[str]:

@@ -37,6 +37,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
+from . import environ
+
 # One representative geometry: Xception's 3x3 kernels, both biases, relu_input on.
 KERNEL_SIZE = (3, 3)
 # Layers (C_in, C_out, H = W) that launch builders compile at, batch 32, channels_last, stride 1.
@@ -254,20 +256,6 @@ def vector_loads(global_loads: str) -> bool:
     return any(op.split(":")[0].endswith((".64", ".128")) for op in global_loads.split())
 
 
-@contextlib.contextmanager
-def _environ(name: str, value: str):
-    """``os.environ[name] = value`` inside the block; the caller's value (or its absence) restored afterwards."""
-    previous = os.environ.get(name)
-    os.environ[name] = value
-    try:
-        yield
-    finally:
-        if previous is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = previous
-
-
 def compile_one(name: str, config_index, dtype: str, capability: int, layer=None) -> Row:
     """Compile one kernel/config/dtype for ``sm_<capability>`` (at ``layer`` for launch-built kernels)."""
     import triton
@@ -299,7 +287,7 @@ def compile_one(name: str, config_index, dtype: str, capability: int, layer=None
     start = time.perf_counter()
     log = io.StringIO()
     try:
-        with _environ("TRITON_DUMP_PTXAS_LOG", "1"), contextlib.redirect_stdout(log):
+        with environ("TRITON_DUMP_PTXAS_LOG", "1"), contextlib.redirect_stdout(log):
             compiled = triton.compile(ASTSource(fn, signature, constexprs, attrs),
                                       target=GPUTarget("cuda", capability, 32), options=options)
     except Exception as error:  # noqa: BLE001 - reported per row
@@ -373,7 +361,7 @@ def _fresh_triton_cache(fresh: bool):
     if not fresh:
         yield
         return
-    with tempfile.TemporaryDirectory(prefix="sepconv-aot-") as cache, _environ("TRITON_CACHE_DIR", cache):
+    with tempfile.TemporaryDirectory(prefix="sepconv-aot-") as cache, environ("TRITON_CACHE_DIR", cache):
         yield
 
 
