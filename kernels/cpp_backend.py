@@ -176,22 +176,24 @@ def load() -> None:
         _loaded = where
 
 
-def build_info() -> Optional[Dict[str, Union[str, int]]]:
+def build_info() -> Optional[Dict[str, Union[str, int, bool]]]:
     """What the loaded library runs (None before ``load()``): ``isa`` (the vector path compiled in:
     avx512, avx2, neon or scalar), ``lanes``, ``tile_rows`` x ``tile_vectors`` (the micro-kernel's
     register tile), ``backward_block`` (output pixels per block of the backward: 96 with 12-row tiles;
     with 6-row tiles 96 where L2 has 2 MB a core or more, 288 below), the cache sizes it read
     (``l1d_bytes``, ``l2_bytes``, ``l3_bytes``, ``cache_source``: sysfs, sysconf or default) and the
-    blocking chosen from them (``tile_bytes``, ``stream_bytes``, and ``l3_usable_bytes``: the L3 the
-    forward counts on for its weight, at most 16 MB per online CPU)."""
+    blocking chosen from them (``tile_bytes``, ``stream_bytes``, ``l3_usable_bytes``: the L3 the
+    forward counts on for its weight, at most 16 MB per online CPU, and ``stream_strided_rows``: whether
+    the forward streams outputs whose rows lie a multiple of 4 KB apart, True with 48 KB of L1d or more)."""
     if _library_file is None:
         return None
     function = ctypes.CDLL(_library_file).sepconv_cpu_build_info
     function.restype = ctypes.c_char_p
-    info: Dict[str, Union[str, int]] = {}
+    info: Dict[str, Union[str, int, bool]] = {}
     for item in function().decode().split(";"):
         key, _, value = item.partition("=")
         info[key] = int(value) if value.isdigit() else value
+    info["stream_strided_rows"] = bool(info.get("stream_strided_rows"))
     return info
 
 

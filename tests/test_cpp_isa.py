@@ -62,6 +62,8 @@ def test_build_info_names_the_vector_path_and_the_blocking():
     assert info["tile_bytes"] == info["l2_bytes"] // 4 * 3 and info["stream_bytes"] == info["l3_bytes"] // 4 * 3
     # A guest can report its host's whole L3 (480 MB on a 2-core Xeon): the weight rule counts on 16 MB a CPU at most.
     assert info["l3_usable_bytes"] == min(info["l3_bytes"], (16 << 20) * os.cpu_count())
+    # Outputs with 4 KB-strided rows are streamed with 48 KB of L1d or more (Zen 5), not with 32 KB (Zen 4).
+    assert info["stream_strided_rows"] is (info["l1d_bytes"] >= 48 << 10)
     if info["cache_source"] == "sysfs":
         assert info["l2_bytes"] == _sysfs_cache_bytes(2)
 

@@ -958,14 +958,18 @@ void tiled_forward(const Geometry& g, int64_t K, FillTile fill_tile, const T* pw
   }
 
   // An output larger than the cache goes out with streaming stores, in full 32-column panels
-  // (streaming.h; 64->128@147 at batch 8, an 88 MB output: 6% faster). So does one of any size whose
-  // rows lie a multiple of 4 KB apart (1024 or 2048 channels): a micro-kernel call's rows then all
-  // map to the same cache sets, and stored normally they pushed the tile and the panel out of them.
-  // 728->1024 at 19x19, batch 8: 5% less time (interleaved pairs in one process, Zen 5); the next
-  // layer reading the output from memory did not show in the whole network (batch 1 and 8).
+  // (streaming.h; 64->128@147 at batch 8, an 88 MB output: 6% faster on Zen 5, 5-7% on Zen 4). So
+  // does one of any size whose rows lie a multiple of 4 KB apart (1024 or 2048 channels), where the
+  // machine's rule says so (MachineConfig::stream_strided_rows: 48 KB of L1d or more): a
+  // micro-kernel call's rows then all map to the same cache sets, and stored normally they pushed
+  // the tile and the panel out of them. 728->1024 at 19x19, batch 8: 5% less time (interleaved
+  // pairs in one process, Zen 5); the next layer reading the output from memory did not show in the
+  // whole network (batch 1 and 8). On Zen 4 (32 KB of L1d) the same outputs stored normally took
+  // 6-7% less time (728->1024@19 and 1536->2048@10, batch 1 and 8).
   const int64_t row_bytes = g.Cout * int64_t(sizeof(T));
+  const bool strided_rows = rows_share_l1_sets(row_bytes) && machine().stream_strided_rows;
   const bool stream = moments == nullptr && (should_stream(out, row_bytes, npix * row_bytes) ||
-                                             (rows_share_l1_sets(row_bytes) && can_stream(out, row_bytes)));
+                                             (strided_rows && can_stream(out, row_bytes)));
   // Each block's moments (mean, then M2, Cout each), merged in block order after the blocks.
   std::vector<double> block_moments(moments ? blocks * 2 * g.Cout : 0);
   // Row stride of the tile: padded by one cache line so the kRows rows the micro-kernel reads
