@@ -43,6 +43,7 @@ CXX_FLAGS = ["-O3", "-march=native", "-fopenmp"] + os.environ.get("SEPCONV_EXTRA
 LD_FLAGS = ["-fopenmp"]
 
 ISA_ENV = "SEPCONV_CPU_ISA"
+L1D_WAYS_ENV = "SEPCONV_L1D_WAYS"
 # Extra compiler flags of each build variant ("native": the host's best path).
 ISA_VARIANT_FLAGS = {"native": [], "avx2": ["-mno-avx512f"]}
 # The x86 paths in order: a library built for one runs on a CPU that has it or a later one.
@@ -61,6 +62,17 @@ def requested_variant() -> str:
     if value == "avx2" and host_isa() not in ("avx2", "avx512"):
         raise ValueError(f"{ISA_ENV}=avx2 needs an x86-64 CPU with AVX2 and FMA; this one runs {host_isa()!r}")
     return value
+
+
+def l1d_ways_override() -> Optional[int]:
+    """``SEPCONV_L1D_WAYS``: the L1d associativity the blocking rules take instead of the one the library
+    reads from the machine (None when unset); ValueError unless a whole number >= 1."""
+    value = os.environ.get(L1D_WAYS_ENV, "")
+    if not value:
+        return None
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"{L1D_WAYS_ENV} must be a whole number >= 1, got {value!r}")
+    return int(value)
 
 
 def jit_name(variant: str, base: str = JIT_NAME) -> str:
@@ -153,6 +165,7 @@ def load() -> None:
             return
         try:
             variant = requested_variant()
+            l1d_ways_override()
         except ValueError as error:
             raise RuntimeError(str(error)) from error
         ops.define("cpp")
@@ -181,7 +194,8 @@ def build_info() -> Optional[Dict[str, Union[str, int, bool]]]:
     avx512, avx2, neon or scalar), ``lanes``, ``tile_rows`` x ``tile_vectors`` (the micro-kernel's
     register tile), ``backward_block`` (output pixels per block of the backward: 96 with 12-row tiles;
     with 6-row tiles 96 where L2 has 2 MB a core or more, 288 below), the cache sizes it read
-    (``l1d_bytes``, ``l2_bytes``, ``l3_bytes``, ``cache_source``: sysfs, sysconf or default) and the
+    (``l1d_bytes``, ``l1d_ways``, ``l2_bytes``, ``l3_bytes``, ``cache_source``: sysfs, sysconf or default;
+    ``l1d_ways`` is ``SEPCONV_L1D_WAYS`` where set) and the
     blocking chosen from them (``tile_bytes``, ``stream_bytes``, ``l3_usable_bytes``: the L3 the
     forward counts on for its weight, at most 16 MB per online CPU, and ``stream_strided_rows``: whether
     the forward streams outputs whose rows lie a multiple of 4 KB apart, True with 48 KB of L1d or more)."""

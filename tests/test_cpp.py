@@ -377,6 +377,41 @@ else:
     _run_checks(body, SEPCONV_CACHE_MB=setting)
 
 
+def test_grad_out_rows_in_place_or_padded(tmp_path):
+    """The backward reads grad_out in place, or from padded rows where a micro-kernel call's rows need more
+    ways of one L1 set than the L1 has (1024 channels: rows 4 KB apart). SEPCONV_L1D_WAYS sets the ways the
+    rule sees: 4 pads on every vector path (6- and 12-row tiles), 16 on none. Each setting runs in a fresh
+    interpreter; both match float64 and give the same bits."""
+    require_backend("cpp")
+    for ways in ("4", "16"):
+        _run_checks(f"""
+from kernels import cpp_backend
+x = torch.randn(2, 40, 9, 9, generator=g).contiguous(memory_format=torch.channels_last)
+dw, pw = torch.randn(40, 1, 3, 3, generator=g), torch.randn(1024, 40, 1, 1, generator=g) / 6
+out = check(x, dw, pw)
+assert cpp_backend.build_info()["l1d_ways"] == {ways}, cpp_backend.build_info()
+leaves = [t.detach().requires_grad_() for t in (x, dw, pw)]
+out = kernels.separable_conv2d(*leaves, padding=1, backend="cpp")
+torch.save(torch.autograd.grad(out, leaves, torch.randn(out.shape, generator=g)), {str(tmp_path / ways)!r})
+""", SEPCONV_L1D_WAYS=ways)
+    for padded, in_place in zip(torch.load(tmp_path / "4"), torch.load(tmp_path / "16")):
+        assert torch.equal(padded, in_place)
+
+
+def test_l1d_ways_setting_is_checked():
+    """A SEPCONV_L1D_WAYS that is not a whole number >= 1 keeps the backend from loading, saying why."""
+    require_backend("cpp")
+    _run_checks("""
+from kernels import cpp_backend
+try:
+    cpp_backend.load()
+except RuntimeError as error:
+    assert "SEPCONV_L1D_WAYS must be a whole number >= 1, got '0'" in str(error), error
+else:
+    raise AssertionError("no error")
+""", SEPCONV_L1D_WAYS="0")
+
+
 def test_buffer_cache_in_forked_children():
     """Children forked while another thread recycles blocks (as DataLoader workers are) use the cache.
     (The pthread_atfork handlers make a child that inherits a held lock impossible; 20 forks during

@@ -64,8 +64,14 @@ def test_build_info_names_the_vector_path_and_the_blocking():
     assert info["l3_usable_bytes"] == min(info["l3_bytes"], (16 << 20) * os.cpu_count())
     # Outputs with 4 KB-strided rows are streamed with 48 KB of L1d or more (Zen 5), not with 32 KB (Zen 4).
     assert info["stream_strided_rows"] is (info["l1d_bytes"] >= 48 << 10)
+    assert info["l1d_ways"] >= 1
     if info["cache_source"] == "sysfs":
         assert info["l2_bytes"] == _sysfs_cache_bytes(2)
+        l1d = [index for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*")
+               if (index / "level").read_text().strip() == "1" and (index / "type").read_text().strip() == "Data"]
+        ways = l1d[0] / "ways_of_associativity" if l1d else None
+        if not os.environ.get("SEPCONV_L1D_WAYS") and ways is not None and ways.exists() and int(ways.read_text()) > 0:
+            assert info["l1d_ways"] == int(ways.read_text())
 
 
 @pytest.fixture

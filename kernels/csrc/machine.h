@@ -37,6 +37,7 @@ namespace sepconv {
 
 struct MachineConfig {
   int64_t l1d_bytes = 48 << 10, l2_bytes = 1 << 20, l3_bytes = 32 << 20;  // L1d and L2 per core, L3 shared
+  int64_t l1d_ways = 0;  // L1d associativity (0 until read: then l1d_bytes / 4 KB, as x86 L1s have 64 sets)
   std::string cache_source = "default";
   int64_t tile_bytes = 0, stream_bytes = 0, l3_usable_bytes = 0;
   bool stream_strided_rows = true;  // stream outputs whose rows lie a multiple of 4 KB apart (forward)
@@ -62,7 +63,12 @@ inline bool read_sysfs_caches(MachineConfig& config) {
     std::string type, size;
     if (!(level_file >> level) || !(type_file >> type) || !(size_file >> size)) continue;
     const int64_t bytes = parse_cache_size(size);
-    if (level == 1 && type == "Data") l1d = bytes;
+    if (level == 1 && type == "Data") {
+      l1d = bytes;
+      std::ifstream ways_file(dir + "ways_of_associativity");
+      int64_t ways = 0;
+      if (ways_file >> ways && ways > 0) config.l1d_ways = ways;
+    }
     if (level == 2 && type != "Instruction") l2 = bytes;
     if (level == 3 && type != "Instruction") l3 = bytes;
   }
@@ -80,6 +86,10 @@ inline bool read_sysconf_caches(MachineConfig& config) {
   if (l2 <= 0) return false;
   const long l1d = sysconf(_SC_LEVEL1_DCACHE_SIZE), l3 = sysconf(_SC_LEVEL3_CACHE_SIZE);
   config.l1d_bytes = l1d > 0 ? l1d : config.l1d_bytes;
+#if defined(_SC_LEVEL1_DCACHE_ASSOC)
+  const long ways = sysconf(_SC_LEVEL1_DCACHE_ASSOC);
+  if (ways > 0) config.l1d_ways = ways;
+#endif
   config.l2_bytes = l2;
   config.l3_bytes = l3 > 0 ? l3 : config.l3_bytes;
   config.cache_source = "sysconf";
@@ -93,6 +103,14 @@ inline bool read_sysconf_caches(MachineConfig& config) {
 inline MachineConfig read_machine_config() {
   MachineConfig config;
   if (!read_sysfs_caches(config)) read_sysconf_caches(config);
+  if (config.l1d_ways <= 0) config.l1d_ways = std::max<int64_t>(config.l1d_bytes >> 12, 1);
+  // SEPCONV_L1D_WAYS overrides the associativity (tests take both sides of the rules that use it with it;
+  // kernels.cpp_backend checks the value before the library loads, so only a whole number >= 1 gets here).
+  if (const char* ways = std::getenv("SEPCONV_L1D_WAYS"); ways != nullptr && *ways != '\0') {
+    char* end = nullptr;
+    const long long value = std::strtoll(ways, &end, 10);
+    if (end != ways && *end == '\0' && value >= 1) config.l1d_ways = value;
+  }
 #if defined(SEPCONV_TILE_BYTES)  // a fixed tile, for tuning runs
   config.tile_bytes = SEPCONV_TILE_BYTES;
 #else

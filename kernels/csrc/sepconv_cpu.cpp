@@ -464,7 +464,8 @@ extern "C" __attribute__((visibility("default"))) const char* sepconv_cpu_build_
     return std::string("isa=") + sepconv::kIsa + ";lanes=" + std::to_string(lanes) +
            ";tile_rows=" + std::to_string(sepconv::kRows) + ";tile_vectors=" + std::to_string(tile_vectors) +
            ";backward_block=" + std::to_string(sepconv::backward_block()) +
-           ";l1d_bytes=" + std::to_string(config.l1d_bytes) + ";l2_bytes=" + std::to_string(config.l2_bytes) +
+           ";l1d_bytes=" + std::to_string(config.l1d_bytes) + ";l1d_ways=" + std::to_string(config.l1d_ways) +
+           ";l2_bytes=" + std::to_string(config.l2_bytes) +
            ";l3_bytes=" + std::to_string(config.l3_bytes) + ";cache_source=" + config.cache_source +
            ";tile_bytes=" + std::to_string(config.tile_bytes) + ";stream_bytes=" + std::to_string(config.stream_bytes) +
            ";l3_usable_bytes=" + std::to_string(config.l3_usable_bytes) +

@@ -78,6 +78,21 @@ inline int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
 // outputs).
 inline bool rows_share_l1_sets(int64_t row_bytes) { return row_bytes % 4096 == 0; }
 
+// Whether `rows` rows row_bytes apart, read together, need more ways of one L1 set than the L1 has
+// (64-byte lines; sets = L1d / (64 x ways)): then they evict each other on every step of a K loop.
+// 12 rows of 1024 or 2048 float32 channels (4 or 8 KB apart) all fall in one set, which an 8-way
+// 32 KB L1 (Zen 4) cannot hold and a 12-way 48 KB one (Zen 5, Intel from Ice Lake on) can; 6 rows
+// (AVX2's tile) fit either. 1536 channels (6 KB) split 12 rows over two sets.
+inline bool rows_overflow_l1_set(int64_t row_bytes, int64_t rows) {
+  const int64_t ways = machine().l1d_ways, sets = std::max<int64_t>(machine().l1d_bytes / (64 * ways), 1);
+  if (rows <= ways) return false;
+  std::vector<int64_t> count(sets, 0);
+  for (int64_t r = 0; r < rows; ++r) {
+    if (++count[(r * row_bytes / 64) % sets] > ways) return true;
+  }
+  return false;
+}
+
 // Prefetches the cache line at p + offset (elements) into L1. The address is formed as an integer:
 // it may lie past either end of the buffer (a prefetch never faults).
 template <typename T>
@@ -1235,13 +1250,16 @@ void backward(const Geometry& g, const T* x, const T* dw_taps, const T* dw_bias,
   }
   const bool lazy_zero = want.input && !bands;
 
-  // grad_out is read in place, even where its rows are a multiple of 4 KB apart (1024 or 2048
-  // channels) and the kRows rows a micro-kernel call reads together fall in one L1 set. A padded copy
-  // of each block for such rows measured 7-10% faster when the weight-gradient GEMM still read
-  // grad_out transposed in place (96 rows a column strip, all in one set); since that GEMM reads its
-  // columns from a copy of their own (below), the padded copy only cost: each chunk of channels made
-  // it again. Intel Xeon, backward of 728->1024@19 and 1536->2048@10 at batch 8 without it: 4.5% less
-  // time with AVX-512, 3% with AVX2 (interleaved calls, same bits; 728->1024@19 at batch 1 within 1-2%).
+  // grad_out is read in place unless the kRows rows a micro-kernel call reads together need more
+  // ways of one L1 set than the L1 has (rows_overflow_l1_set: 1024 or 2048 channels with AVX-512's
+  // 12-row tiles on an 8-way L1, Zen 4); then each block is first copied to padded rows, once per
+  // chunk of channels. Zen 4, forward + backward against in place (interleaved calls, same bits):
+  // 728->1024@19 3-5% less time at batch 8 and 8% at batch 1, 1536->2048@10 1.4-2%. Where the rows fit
+  // the L1's ways (12-way L1s with AVX-512, any L1 with AVX2's 6-row tiles) the copy only costs: Intel
+  // Xeon, backward of 728->1024@19 and 1536->2048@10 at batch 8 without it 4.5% less time with AVX-512,
+  // 3% with AVX2 (728->1024@19 at batch 1 within 1-2%). (Before the weight-gradient GEMM read grad_out's
+  // columns from a copy of their own, below, it read grad_out transposed in place, 96 rows a column
+  // strip, and the padded copy was 7-10% faster on every machine.)
   // Each task sums its chunk of grad_pw in a buffer of its own, rows ldh apart, and copies it out
   // once, at the end. Summed in place, the rows a micro-kernel call adds to lie CM floats apart:
   // with 728 hidden channels every other row starts 32 bytes into a cache line, so each 64-byte
@@ -1253,7 +1271,8 @@ void backward(const Geometry& g, const T* x, const T* dw_taps, const T* dw_bias,
   // 64-256 hidden channels (whole-line rows) within 2% either way; AVX2 (32-byte accesses) within
   // 0.5% at batch 8 and 2-3% less at batch 1; the model's training step at batch 8 1.7% less. (It
   // began as the rule for 4 KB rows only: 1024->1536 at 10x10, batch 8, 3-5% faster on Zen 5.)
-  const int64_t ldg = g.Cout;
+  const bool pad_grad_out = rows_overflow_l1_set(g.Cout * int64_t(sizeof(T)), kRows);
+  const int64_t ldg = pad_grad_out ? round_up(g.Cout, 16) + 16 : g.Cout;
   // Padded row stride of the hidden tiles (see forward): rows read together must not share L1 sets.
   const int64_t ldh = round_up(chunk, 16) + 16;
   const int64_t chunk_panels = ceil_div(chunk, kCols);
@@ -1287,7 +1306,7 @@ void backward(const Geometry& g, const T* x, const T* dw_taps, const T* dw_bias,
   auto run_tasks = [&](int64_t parity) {
     const int64_t step = parity < 0 ? 1 : 2, phase_parts = parity < 0 ? parts : (parts - parity + 1) / 2;
     at::parallel_for(0, nchunks * phase_parts, 1, [&](int64_t begin, int64_t end) {
-      Work<T> hidden(pixel_block * ldh), grad_hidden(pixel_block * ldh);
+      Work<T> hidden(pixel_block * ldh), grad_hidden(pixel_block * ldh), padded(pad_grad_out ? pixel_block * ldg : 0);
       // Two buffers of grad_out columns (see below): the group's and the next group's.
       const int64_t cols_size = pixel_block * kRows + kCopyPad;
       Work<T> grad_out_cols(want.pointwise ? 2 * cols_size : 0);
@@ -1317,7 +1336,11 @@ void backward(const Geometry& g, const T* x, const T* dw_taps, const T* dw_bias,
         }
         for (int64_t p0 = first; p0 < last; p0 += pixel_block) {
           const int64_t nrows = std::min(pixel_block, last - p0);
-          const T* gob = grad_out + p0 * ldg;
+          const T* gob = grad_out + p0 * g.Cout;
+          if (pad_grad_out) {
+            for (int64_t r = 0; r < nrows; ++r) std::copy_n(gob + r * g.Cout, g.Cout, padded.data() + r * ldg);
+            gob = padded.data();
+          }
           if (sum_bias) {  // grad_pw_bias: the part's sum over pixels, in pixel order
             for (int64_t r = 0; r < nrows; ++r) {
               const T* src = gob + r * ldg;
