@@ -380,8 +380,8 @@ else:
 def test_grad_out_rows_in_place_or_padded(tmp_path):
     """The backward reads grad_out in place, or from padded rows where a micro-kernel call's rows need more
     ways of one L1 set than the L1 has (1024 channels: rows 4 KB apart). SEPCONV_L1D_WAYS sets the ways the
-    rule sees: 4 pads on every vector path (6- and 12-row tiles), 16 on none. Each setting runs in a fresh
-    interpreter; both match float64 and give the same bits."""
+    rule sees (the sets stay the machine's): 4 pads on every vector path (6 or 12 rows in one set), 16 on
+    none. Each setting runs in a fresh interpreter; both match float64 and give the same bits."""
     require_backend("cpp")
     for ways in ("4", "16"):
         _run_checks(f"""

@@ -38,6 +38,7 @@ namespace sepconv {
 struct MachineConfig {
   int64_t l1d_bytes = 48 << 10, l2_bytes = 1 << 20, l3_bytes = 32 << 20;  // L1d and L2 per core, L3 shared
   int64_t l1d_ways = 0;  // L1d associativity (0 until read: then l1d_bytes / 4 KB, as x86 L1s have 64 sets)
+  int64_t l1d_sets = 64;  // L1d sets of 64-byte lines, from the size and the associativity read
   std::string cache_source = "default";
   int64_t tile_bytes = 0, stream_bytes = 0, l3_usable_bytes = 0;
   bool stream_strided_rows = true;  // stream outputs whose rows lie a multiple of 4 KB apart (forward)
@@ -104,8 +105,10 @@ inline MachineConfig read_machine_config() {
   MachineConfig config;
   if (!read_sysfs_caches(config)) read_sysconf_caches(config);
   if (config.l1d_ways <= 0) config.l1d_ways = std::max<int64_t>(config.l1d_bytes >> 12, 1);
-  // SEPCONV_L1D_WAYS overrides the associativity (tests take both sides of the rules that use it with it;
-  // kernels.cpp_backend checks the value before the library loads, so only a whole number >= 1 gets here).
+  config.l1d_sets = std::max<int64_t>(config.l1d_bytes / (64 * config.l1d_ways), 1);
+  // SEPCONV_L1D_WAYS overrides the associativity, not the sets (tests take both sides of the rules that use
+  // it with it; kernels.cpp_backend checks the value before the library loads, so only a whole number >= 1
+  // gets here).
   if (const char* ways = std::getenv("SEPCONV_L1D_WAYS"); ways != nullptr && *ways != '\0') {
     char* end = nullptr;
     const long long value = std::strtoll(ways, &end, 10);

@@ -79,12 +79,12 @@ inline int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
 inline bool rows_share_l1_sets(int64_t row_bytes) { return row_bytes % 4096 == 0; }
 
 // Whether `rows` rows row_bytes apart, read together, need more ways of one L1 set than the L1 has
-// (64-byte lines; sets = L1d / (64 x ways)): then they evict each other on every step of a K loop.
-// 12 rows of 1024 or 2048 float32 channels (4 or 8 KB apart) all fall in one set, which an 8-way
-// 32 KB L1 (Zen 4) cannot hold and a 12-way 48 KB one (Zen 5, Intel from Ice Lake on) can; 6 rows
-// (AVX2's tile) fit either. 1536 channels (6 KB) split 12 rows over two sets.
+// (64-byte lines, MachineConfig::l1d_sets sets): then they evict each other on every step of a K loop.
+// 12 rows of 1024 or 2048 float32 channels (4 or 8 KB apart) all fall in one of the 64 sets of an x86
+// L1, which an 8-way 32 KB L1 (Zen 4) cannot hold and a 12-way 48 KB one (Zen 5, Intel from Ice Lake
+// on) can; 6 rows (AVX2's tile) fit either. 1536 channels (6 KB) split 12 rows over two sets.
 inline bool rows_overflow_l1_set(int64_t row_bytes, int64_t rows) {
-  const int64_t ways = machine().l1d_ways, sets = std::max<int64_t>(machine().l1d_bytes / (64 * ways), 1);
+  const int64_t ways = machine().l1d_ways, sets = machine().l1d_sets;
   if (rows <= ways) return false;
   std::vector<int64_t> count(sets, 0);
   for (int64_t r = 0; r < rows; ++r) {
