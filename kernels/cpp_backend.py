@@ -198,7 +198,8 @@ def build_info() -> Optional[Dict[str, Union[str, int, bool]]]:
     ``l1d_ways`` is ``SEPCONV_L1D_WAYS`` where set) and the
     blocking chosen from them (``tile_bytes``, ``stream_bytes``, ``l3_usable_bytes``: the L3 the
     forward counts on for its weight, at most 16 MB per online CPU, and ``stream_strided_rows``: whether
-    the forward streams outputs whose rows lie a multiple of 4 KB apart, True with 48 KB of L1d or more)."""
+    the forward streams outputs whose rows lie a multiple of 4 KB apart: where a micro-kernel call's
+    ``tile_rows`` rows fit the ways of the L1 set they share)."""
     if _library_file is None:
         return None
     function = ctypes.CDLL(_library_file).sepconv_cpu_build_info

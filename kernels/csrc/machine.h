@@ -41,7 +41,6 @@ struct MachineConfig {
   int64_t l1d_sets = 64;  // L1d sets of 64-byte lines, from the size and the associativity read
   std::string cache_source = "default";
   int64_t tile_bytes = 0, stream_bytes = 0, l3_usable_bytes = 0;
-  bool stream_strided_rows = true;  // stream outputs whose rows lie a multiple of 4 KB apart (forward)
 };
 
 constexpr int64_t kL3PerCpuCap = int64_t(16) << 20;
@@ -123,14 +122,6 @@ inline MachineConfig read_machine_config() {
   config.stream_bytes = SEPCONV_STREAM_BYTES;
 #else
   config.stream_bytes = config.l3_bytes / 4 * 3;
-#endif
-  // Outputs with rows a multiple of 4 KB apart (1024 or 2048 float32 channels) were faster streamed on
-  // a CPU with 48 KB of L1d (Zen 5: 728->1024@19 forward 5% less time) and slower on one with 32 KB
-  // (Zen 4: 728->1024@19 and 1536->2048@10 forward 6-7% more time at batch 1 and 8); see tiled_forward.
-#if defined(SEPCONV_STREAM_STRIDED_ROWS)  // fixed, for tuning runs
-  config.stream_strided_rows = SEPCONV_STREAM_STRIDED_ROWS;
-#else
-  config.stream_strided_rows = config.l1d_bytes >= (48 << 10);
 #endif
   const long cpus = sysconf(_SC_NPROCESSORS_ONLN);
   config.l3_usable_bytes = std::min(config.l3_bytes, kL3PerCpuCap * std::max<long>(cpus, 1));

@@ -93,6 +93,14 @@ inline bool rows_overflow_l1_set(int64_t row_bytes, int64_t rows) {
   return false;
 }
 
+// Whether the forward streams an output whose rows lie a multiple of 4 KB apart (1024 or 2048 channels;
+// tiled_forward): where a micro-kernel call's rows fit one L1 set's ways. Measured, stores of such outputs
+// against streaming stores: Zen 5 (12-way L1) with AVX-512's 12-row tiles, streaming 5% faster
+// (728->1024@19 forward, batch 8); Zen 4 (8-way) with 12-row tiles, streaming 6-7% slower (728->1024@19
+// and 1536->2048@10, batch 1 and 8); Zen 4 with AVX2's 6-row tiles, streaming 0.7-1.7% faster at
+// 728->1024@19 and within 3% either way at 1536->2048@10 (batch 8).
+inline bool stream_strided_rows() { return !rows_overflow_l1_set(4096, kRows); }
+
 // Prefetches the cache line at p + offset (elements) into L1. The address is formed as an integer:
 // it may lie past either end of the buffer (a prefetch never faults).
 template <typename T>
@@ -974,15 +982,15 @@ void tiled_forward(const Geometry& g, int64_t K, FillTile fill_tile, const T* pw
 
   // An output larger than the cache goes out with streaming stores, in full 32-column panels
   // (streaming.h; 64->128@147 at batch 8, an 88 MB output: 6% faster on Zen 5, 5-7% on Zen 4). So
-  // does one of any size whose rows lie a multiple of 4 KB apart (1024 or 2048 channels), where the
-  // machine's rule says so (MachineConfig::stream_strided_rows: 48 KB of L1d or more): a
-  // micro-kernel call's rows then all map to the same cache sets, and stored normally they pushed
-  // the tile and the panel out of them. 728->1024 at 19x19, batch 8: 5% less time (interleaved
-  // pairs in one process, Zen 5); the next layer reading the output from memory did not show in the
-  // whole network (batch 1 and 8). On Zen 4 (32 KB of L1d) the same outputs stored normally took
-  // 6-7% less time (728->1024@19 and 1536->2048@10, batch 1 and 8).
+  // does one of any size whose rows lie a multiple of 4 KB apart (1024 or 2048 channels) where a
+  // micro-kernel call's rows fit the ways of the L1 set they all map to (stream_strided_rows): stored
+  // normally they pushed the tile and the panel out of it. 728->1024 at 19x19, batch 8: 5% less time
+  // (interleaved pairs in one process, Zen 5); the next layer reading the output from memory did not
+  // show in the whole network (batch 1 and 8). Where the rows overflow the set (12-row tiles on Zen 4's
+  // 8-way L1) the same outputs stored normally took 6-7% less time (728->1024@19 and 1536->2048@10,
+  // batch 1 and 8).
   const int64_t row_bytes = g.Cout * int64_t(sizeof(T));
-  const bool strided_rows = rows_share_l1_sets(row_bytes) && machine().stream_strided_rows;
+  const bool strided_rows = rows_share_l1_sets(row_bytes) && stream_strided_rows();
   const bool stream = moments == nullptr && (should_stream(out, row_bytes, npix * row_bytes) ||
                                              (strided_rows && can_stream(out, row_bytes)));
   // Each block's moments (mean, then M2, Cout each), merged in block order after the blocks.
