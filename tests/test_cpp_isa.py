@@ -24,16 +24,23 @@ ROOT = Path(__file__).resolve().parent.parent
 CPU = torch.device("cpu")
 
 
-def _sysfs_cache_bytes(level: int) -> int:
-    """Linux's size of the level-`level` data or unified cache of cpu0 (0 when not listed)."""
+def _sysfs_cache_value(level: int, name: str) -> str:
+    """Linux's `name` (size, ways_of_associativity, ...) of the level-`level` data or unified cache of cpu0
+    ("" when not listed)."""
     base = Path("/sys/devices/system/cpu/cpu0/cache")
     for index in sorted(base.glob("index*")):
         try:
             if int((index / "level").read_text()) == level and (index / "type").read_text().strip() != "Instruction":
-                return _size_bytes((index / "size").read_text().strip())
+                return (index / name).read_text().strip()
         except (OSError, ValueError):
             continue
-    return 0
+    return ""
+
+
+def _sysfs_cache_bytes(level: int) -> int:
+    """Linux's size of the level-`level` data or unified cache of cpu0 (0 when not listed)."""
+    size = _sysfs_cache_value(level, "size")
+    return _size_bytes(size) if size else 0
 
 
 def _size_bytes(text: str) -> int:
@@ -71,11 +78,9 @@ def test_build_info_names_the_vector_path_and_the_blocking():
         assert info["stream_strided_rows"] is (busiest <= info["l1d_ways"])
     if info["cache_source"] == "sysfs":
         assert info["l2_bytes"] == _sysfs_cache_bytes(2)
-        l1d = [index for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*")
-               if (index / "level").read_text().strip() == "1" and (index / "type").read_text().strip() == "Data"]
-        ways = l1d[0] / "ways_of_associativity" if l1d else None
-        if not os.environ.get("SEPCONV_L1D_WAYS") and ways is not None and ways.exists() and int(ways.read_text()) > 0:
-            assert info["l1d_ways"] == int(ways.read_text())
+        ways = _sysfs_cache_value(1, "ways_of_associativity")
+        if not os.environ.get("SEPCONV_L1D_WAYS") and ways.isdigit() and int(ways) > 0:
+            assert info["l1d_ways"] == int(ways)
 
 
 @pytest.fixture

@@ -86,9 +86,11 @@ inline bool rows_share_l1_sets(int64_t row_bytes) { return row_bytes % 4096 == 0
 inline bool rows_overflow_l1_set(int64_t row_bytes, int64_t rows) {
   const int64_t ways = machine().l1d_ways, sets = machine().l1d_sets;
   if (rows <= ways) return false;
-  std::vector<int64_t> count(sets, 0);
-  for (int64_t r = 0; r < rows; ++r) {
-    if (++count[(r * row_bytes / 64) % sets] > ways) return true;
+  auto set_of = [&](int64_t r) { return (r * row_bytes / 64) % sets; };
+  for (int64_t r = 0; r < rows; ++r) {  // rows <= kRows: counting the rows that share r's set is cheap
+    int64_t sharing = 0;
+    for (int64_t q = 0; q < rows; ++q) sharing += set_of(q) == set_of(r);
+    if (sharing > ways) return true;
   }
   return false;
 }
@@ -99,7 +101,10 @@ inline bool rows_overflow_l1_set(int64_t row_bytes, int64_t rows) {
 // (728->1024@19 forward, batch 8); Zen 4 (8-way) with 12-row tiles, streaming 6-7% slower (728->1024@19
 // and 1536->2048@10, batch 1 and 8); Zen 4 with AVX2's 6-row tiles, streaming 0.7-1.7% faster at
 // 728->1024@19 and within 3% either way at 1536->2048@10 (batch 8).
-inline bool stream_strided_rows() { return !rows_overflow_l1_set(4096, kRows); }
+inline bool stream_strided_rows() {
+  static const bool stream = !rows_overflow_l1_set(4096, kRows);  // the machine's L1 is read once, too
+  return stream;
+}
 
 // Prefetches the cache line at p + offset (elements) into L1. The address is formed as an integer:
 // it may lie past either end of the buffer (a prefetch never faults).
