@@ -47,6 +47,31 @@ def test_op_equals_conv2d(layout, dtype, shape, cout, kernel, stride, padding, d
     assert got.numel() == 0 or got.is_contiguous(memory_format=layout)  # an empty input has no layout of its own
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape,cout,stride,dilation", [
+    ((2, 32, 14, 40), 64, 1, 1),   # the stem's second conv: micro-kernel calls run across rows' ends
+    ((1, 16, 21, 33), 20, 2, 1),
+    ((1, 3, 19, 30), 8, 1, 2),     # three channels: a tap is a stretch of 3 columns of A
+    ((1, 8, 9, 256), 4, 1, 1)])    # 8 channels a 32-byte row: windows at many offsets within a line
+def test_windows_read_in_place_or_gathered_give_the_same_bits(dtype, shape, cout, stride, dilation):
+    """Windows inside the input are read from it in place and the others (over the padding, or in a
+    micro-kernel call that runs across the end of an output row) gathered into a tile; both sum the
+    same products in the same order. So the op with padding equals, bit for bit, the op without
+    padding on the zero-padded input, where the pixels' windows take the other path in many places."""
+    require_backend("cpp", dtype)
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(shape, generator=g, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(cout, shape[1], 3, 3, generator=g, dtype=dtype)
+    b = torch.randn(cout, generator=g, dtype=dtype)
+    pad = dilation
+    got = _op(x, w, b, [stride, stride], [pad, pad], [dilation, dilation])
+    padded = F.pad(x, (pad, pad, pad, pad)).contiguous(memory_format=torch.channels_last)
+    assert torch.equal(got, _op(padded, w, b, [stride, stride], [0, 0], [dilation, dilation]))
+    expected = F.conv2d(x.double(), w.double(), b.double(), stride, pad, dilation)
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got, expected.to(dtype), **tol)
+
+
 def test_gradients_and_opcheck():
     """The op's backward (ATen's, from the saved input and weight) passes gradcheck; opcheck on the op."""
     require_backend("cpp", torch.float64)

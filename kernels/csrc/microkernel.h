@@ -3,7 +3,8 @@
 //   C[r][j] (+)= init[j] + sum_k A(r, k) * B[k * ldb + j]      r < mr <= kRows, j < nr <= kCols
 //
 // A is addressed through two strides (A(r, k) = a[r * a_rs + k * a_ks]) so the same kernel
-// multiplies a row-major tile (a_ks = 1) or a transposed one (a_rs = 1). B rows are read as
+// multiplies a row-major tile (a_ks = 1) or a transposed one (a_rs = 1); or, for a convolution read in
+// place, K is taps of tap_k columns each at an offset of its own (MicroArgs::tap_offsets). B rows are read as
 // vectors (masked at the right edge); each A element is broadcast. The float32 kernel keeps a
 // register tile of kRows x kTileVectors accumulators (vec.h): kTileVectors vectors of columns per
 // pass over k, as many passes as the kCols = 32 columns of a panel need. The tile is sized from the
@@ -68,7 +69,13 @@ struct MicroArgs {
   void* copy_dst = nullptr;
   int64_t copy_ld = 0;
   int copy_cols = 0;
+  // A convolution's input read in place (micro_taps): K = taps * tap_k, and A(r, t * tap_k + c) =
+  // a[r * a_rs + tap_offsets[t] + c] (a_ks 1): row r is an output pixel, tap t the input pixel under
+  // it, c an input channel. The sums run k = 0..K-1 in order as for a tile holding the same values.
+  const int64_t* tap_offsets = nullptr;
+  int64_t tap_k = 0;
 };
+
 
 // Elements a buffer of MicroArgs::copy_dst needs past its K rows of kRows.
 #if defined(SEPCONV_HAS_VEC)
@@ -122,8 +129,9 @@ inline void micro_generic(const T* a, const T* b, T* c, const T* init, const Mic
   T acc[MR][kCols] = {};
   for (int64_t k = 0; k < p.K; ++k) {
     const T* brow = b + k * p.ldb;
+    const T* ak = p.tap_offsets != nullptr ? a + p.tap_offsets[k / p.tap_k] + k % p.tap_k : a + k * p.a_ks;
     for (int r = 0; r < MR; ++r) {
-      const T av = a[r * p.a_rs + k * p.a_ks];
+      const T av = ak[r * p.a_rs];
       for (int j = 0; j < p.nr; ++j) acc[r][j] += av * brow[j];
     }
   }
@@ -140,7 +148,7 @@ inline void micro_generic(const T* a, const T* b, T* c, const T* init, const Mic
 #if defined(SEPCONV_HAS_VEC)
 // One pass: columns [0, left) of the pass starting at b, c and init (left >= 1). NV vectors of
 // columns are live (the rest of the pass is past nr); kMasked: the last live one is partial.
-template <int MR, int NV, bool kMasked, bool kCopy>
+template <int MR, int NV, bool kMasked, bool kCopy, bool kTaps = false>
 inline void micro_pass(const float* a, const float* b, float* c, const float* init, const MicroArgs& p,
                        int64_t left) {
   using V = VecF32;
@@ -196,6 +204,31 @@ inline void micro_pass(const float* a, const float* b, float* c, const float* in
     }
 #pragma GCC unroll 2
     for (; k < K; ++k) step(k);
+  } else if constexpr (kTaps) {
+    // step, with A's columns k of tap t at a + shift + k (shift = tap_offsets[t] - t * tap_k, a_ks 1). A
+    // lambda of its own: a second argument to step made GCC leave it out of line in the kCopy kernels.
+    auto tap_step = [&](int64_t k, int64_t shift) {
+      typename V::Reg bk[NV];
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) bk[v] = load(v, b + k * ldb + v * V::kLanes);
+      const float* ak = a + shift + k;
+#pragma GCC unroll 12
+      for (int r = 0; r < MR; ++r) {
+        const typename V::Reg av = V::set1(ak[r * a_rs]);
+#pragma GCC unroll 4
+        for (int v = 0; v < NV; ++v) acc[r][v] = V::fmadd(av, bk[v], acc[r][v]);
+      }
+    };
+    const int64_t K = p.K, tap_k = p.tap_k, taps = K / tap_k;
+    for (int64_t t = 0; t < taps; ++t) {
+      const int64_t shift = p.tap_offsets[t] - t * tap_k, end = k + tap_k;
+#pragma GCC unroll 2
+      for (; k < end; ++k) tap_step(k, shift);
+      if (p.next != nullptr) {  // the next C's rows spread over the taps
+        const int first = int(t * p.next_rows / taps), last = int((t + 1) * p.next_rows / taps);
+        for (int row = first; row < last; ++row) prefetch_next_row(p, row);
+      }
+    }
   } else {
     if (p.next != nullptr) {  // one row of the next C after each of next_rows + 1 stretches of k
       for (int row = 0; row < p.next_rows; ++row) {
@@ -231,7 +264,7 @@ inline void micro_pass(const float* a, const float* b, float* c, const float* in
   }
 }
 
-template <int MR, bool kCopy>
+template <int MR, bool kCopy, bool kTaps>
 inline void micro_f32(const float* a, const float* b, float* c, const float* init, const MicroArgs& p) {
   constexpr int kHalf = kTileVectors / 2 * VecF32::kLanes;
   MicroArgs later = p;  // the passes after the first fetch and copy nothing
@@ -243,37 +276,50 @@ inline void micro_f32(const float* a, const float* b, float* c, const float* ini
     const float* pass_init = init ? init + j0 : nullptr;
     const float* pass_b = p.b_pass ? b + j0 / kPassCols * p.b_pass : b + j0;
     if (left >= kPassCols) {
-      micro_pass<MR, kTileVectors, false, kCopy>(a, pass_b, c + j0, pass_init, pass_args, left);
+      micro_pass<MR, kTileVectors, false, kCopy, kTaps>(a, pass_b, c + j0, pass_init, pass_args, left);
     } else if (left <= kHalf) {  // half the vectors live: half the FMAs
-      micro_pass<MR, kTileVectors / 2, true, kCopy>(a, pass_b, c + j0, pass_init, pass_args, left);
+      micro_pass<MR, kTileVectors / 2, true, kCopy, kTaps>(a, pass_b, c + j0, pass_init, pass_args, left);
     } else {
-      micro_pass<MR, kTileVectors, true, kCopy>(a, pass_b, c + j0, pass_init, pass_args, left);
+      micro_pass<MR, kTileVectors, true, kCopy, kTaps>(a, pass_b, c + j0, pass_init, pass_args, left);
     }
   }
 }
 #endif
 
-template <typename T, int MR, bool kCopy>
+#if defined(SEPCONV_HAS_VEC)
+// micro_taps' float32 kernels, kept out of line: inlined into tiled_forward, GCC kept their accumulators
+// on the stack (the stem's 32->64 convolution took 1.45x the time of gathering its windows into a tile).
+template <int MR>
+[[gnu::noinline]] void micro_f32_taps(const float* a, const float* b, float* c, const float* init,
+                                      const MicroArgs& p) {
+  micro_f32<MR, false, true>(a, b, c, init, p);
+}
+#endif
+
+template <typename T, int MR, bool kCopy, bool kTaps>
 inline void micro_fixed(const T* a, const T* b, T* c, const T* init, const MicroArgs& p) {
 #if defined(SEPCONV_HAS_VEC)
-  if constexpr (std::is_same_v<T, float>) {
-    micro_f32<MR, kCopy>(a, b, c, init, p);
+  if constexpr (std::is_same_v<T, float> && kTaps) {
+    micro_f32_taps<MR>(a, b, c, init, p);
+    return;
+  } else if constexpr (std::is_same_v<T, float>) {
+    micro_f32<MR, kCopy, kTaps>(a, b, c, init, p);
     return;
   }
 #endif
   micro_generic<T, MR>(a, b, c, init, p);
 }
 
-// Dispatch on the number of valid rows (1..kRows). kCopy: micro_copying's kernels.
-template <typename T, int MR = kRows, bool kCopy = false>
+// Dispatch on the number of valid rows (1..kRows). kCopy: micro_copying's kernels; kTaps: micro_taps'.
+template <typename T, int MR = kRows, bool kCopy = false, bool kTaps = false>
 inline void micro(int mr, const T* a, const T* b, T* c, const T* init, const MicroArgs& p) {
   if constexpr (MR > 1) {
     if (mr < MR) {
-      micro<T, MR - 1, kCopy>(mr, a, b, c, init, p);
+      micro<T, MR - 1, kCopy, kTaps>(mr, a, b, c, init, p);
       return;
     }
   }
-  micro_fixed<T, MR, kCopy>(a, b, c, init, p);
+  micro_fixed<T, MR, kCopy, kTaps>(a, b, c, init, p);
 }
 
 // micro for a k-major A (a_rs 1, a_ks kRows) that also makes MicroArgs::copy_src's copy, if any: the
@@ -282,6 +328,13 @@ inline void micro(int mr, const T* a, const T* b, T* c, const T* init, const Mic
 template <typename T>
 inline void micro_copying(int mr, const T* a, const T* b, T* c, const T* init, const MicroArgs& p) {
   micro<T, kRows, true>(mr, a, b, c, init, p);
+}
+
+// micro for A read in place through MicroArgs::tap_offsets (a convolution's input), kernels of their
+// own for the same reason.
+template <typename T>
+inline void micro_taps(int mr, const T* a, const T* b, T* c, const T* init, const MicroArgs& p) {
+  micro<T, kRows, false, true>(mr, a, b, c, init, p);
 }
 
 }  // namespace sepconv
