@@ -12,10 +12,11 @@ buffers and ``state_dict``, the same running-statistics updates; it calls the op
 channels_last float32/float64 CPU input when ``backend`` resolves to ``cpp``, and
 ``F.batch_norm`` everywhere else (evaluation, other layouts, devices and dtypes, autocast).
 
-``separable_conv2d_batch_norm(conv, bn, x)`` is ``bn(conv(x))`` for a separable conv and the BatchNorm
-after it; in training on cpp the conv's forward gathers its output's per-channel mean and M2 as it
-stores it (``sepconv_cpp::forward_with_moments``) and the BatchNorm kernel takes them as ``moments``,
-so it does not read the output once more for them.
+``separable_conv2d_batch_norm(conv, bn, x)`` is ``bn(conv(x))`` for a separable conv (or a strided
+``PointwiseConv2d`` shortcut, which runs as the separable op) and the BatchNorm after it; in training
+on cpp the conv's forward gathers its output's per-channel mean and M2 as it stores it
+(``sepconv_cpp::forward_with_moments``) and the BatchNorm kernel takes them as ``moments``, so it
+does not read the output once more for them.
 
 ``relu_output=True`` applies a ReLU to the output: in the kernel's pass, and in its backward as
 ReLU's own backward does (the gradient is zero where the output is), so a ``BN -> ReLU`` pair costs
@@ -33,8 +34,10 @@ from torch import nn
 
 from . import gpu_dispatch
 from ._args import normalize
+from .autograd import needs_autograd
 from .dispatch import BackendAttribute, channels_last_cpp_applies, check_backend_name
 from .module import SeparableConv2d
+from .pointwise import PointwiseConv2d
 
 
 def _uses_kernel(input: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
@@ -140,18 +143,40 @@ def _has_hooks(module: nn.Module) -> bool:
                 or module._backward_pre_hooks)
 
 
-def _moments_apply(conv: nn.Module, bn: nn.Module, input: torch.Tensor) -> bool:
+def _separable_args(conv: nn.Module, input: torch.Tensor):
+    """The separable op's arguments after the input for a module whose forward on ``input`` is that op (the
+    separable conv, or a PointwiseConv2d whose call takes the kernel: an identity depthwise stage, as
+    ``pointwise_conv2d`` runs it): depthwise weight and bias, pointwise weight and bias, stride, padding,
+    dilation, relu_input; the submodules whose hooks would run; and the backend. None otherwise."""
+    if type(conv).forward is SeparableConv2d.forward and isinstance(conv, SeparableConv2d):
+        if conv.conv1.padding_mode != "zeros":
+            return None
+        depthwise, pointwise = conv.conv1, conv.pointwise
+        return ((depthwise.weight, depthwise.bias, pointwise.weight, pointwise.bias, depthwise.stride,
+                 depthwise.padding, depthwise.dilation, bool(conv.relu_input)), (conv, depthwise, pointwise),
+                conv.backend)
+    if type(conv).forward is PointwiseConv2d.forward and isinstance(conv, PointwiseConv2d):
+        # pointwise_conv2d's kernel: only where the call records a graph and the stride is above 1 (and
+        # for its own checks' input: other channel counts get its error from the two calls).
+        if (not isinstance(input, torch.Tensor) or input.dim() != 4 or input.shape[1] != conv.in_channels
+                or max(conv.stride) < 2 or not needs_autograd((input, conv.weight, conv.bias))):
+            return None
+        identity = torch.ones((conv.in_channels, 1, 1, 1), dtype=input.dtype, device=input.device)
+        return (identity, None, conv.weight, conv.bias, conv.stride, 0, 1, False), (conv,), conv.backend
+    return None
+
+
+def _moments_apply(conv: nn.Module, bn: nn.Module, input: torch.Tensor, args) -> bool:
     """Whether ``separable_conv2d_batch_norm`` takes BatchNorm's statistics from the separable forward: the two
     modules as this library defines them (no subclass's forward, no hooks), BatchNorm in training, and a call
     both would run on their cpp kernels (channels_last float32/float64 CPU input, more than one value a
-    channel; with CPU tuning on, ``auto`` chooses per layer, so not there)."""
-    if not (type(conv).forward is SeparableConv2d.forward and isinstance(conv, SeparableConv2d)
-            and type(bn).forward is BatchNorm2d.forward and isinstance(bn, BatchNorm2d)):
+    channel; with CPU tuning on, ``auto`` chooses per layer, so not there). ``args``: ``_separable_args(conv)``."""
+    if args is None or not (type(bn).forward is BatchNorm2d.forward and isinstance(bn, BatchNorm2d)):
         return False
-    if not (bn.training and conv.conv1.padding_mode == "zeros" and isinstance(input, torch.Tensor)
-            and input.dim() == 4):
+    if not (bn.training and isinstance(input, torch.Tensor) and input.dim() == 4):
         return False
-    if _has_hooks(conv) or _has_hooks(bn) or _has_hooks(conv.conv1) or _has_hooks(conv.pointwise):
+    (depthwise_weight, depthwise_bias, pointwise_weight, pointwise_bias, *_), modules, backend = args
+    if _has_hooks(bn) or any(_has_hooks(module) for module in modules):
         return False
     module_hooks = nn.modules.module
     if (module_hooks._global_forward_hooks or module_hooks._global_forward_pre_hooks
@@ -159,18 +184,18 @@ def _moments_apply(conv: nn.Module, bn: nn.Module, input: torch.Tensor) -> bool:
         return False
     if torch._C._are_functorch_transforms_active():
         return False
-    depthwise, pointwise = conv.conv1, conv.pointwise
-    weights = (depthwise.weight, pointwise.weight, depthwise.bias, pointwise.bias)
-    if conv.backend == "auto" and gpu_dispatch.cpu_tuning_applies(input.device):
+    weights = (depthwise_weight, pointwise_weight, depthwise_bias, pointwise_bias)
+    if backend == "auto" and gpu_dispatch.cpu_tuning_applies(input.device):
         return False
-    return (channels_last_cpp_applies(input, weights, conv.backend)
+    return (channels_last_cpp_applies(input, weights, backend)
             and channels_last_cpp_applies(input, (bn.weight, bn.bias), bn.backend))
 
 
 def separable_conv2d_batch_norm(conv: nn.Module, bn: nn.Module, input: torch.Tensor) -> torch.Tensor:
     """``bn(conv(input))`` for a separable convolution followed by a BatchNorm (Xception's ``SepConv -> BN``).
 
-    Where ``conv`` is a ``kernels.SeparableConv2d`` and ``bn`` a ``kernels.BatchNorm2d`` in training mode, and
+    Where ``conv`` is a ``kernels.SeparableConv2d`` (or a ``kernels.PointwiseConv2d`` whose call runs the
+    separable op: a strided shortcut in training) and ``bn`` a ``kernels.BatchNorm2d`` in training mode, and
     both run their cpp kernels on this input (channels_last float32/float64 on a CPU), the separable forward
     gathers its output's per-channel mean and variance as it stores the output
     (``sepconv_cpp::forward_with_moments``) and the BatchNorm kernel takes them instead of reading the output
@@ -178,14 +203,16 @@ def separable_conv2d_batch_norm(conv: nn.Module, bn: nn.Module, input: torch.Ten
     calls, up to rounding (the sums run in another order). Anywhere else (other modules, evaluation, other
     backends, devices, layouts or dtypes, hooks on either module) it is ``bn(conv(input))``.
     """
-    if not _moments_apply(conv, bn, input):
+    args = _separable_args(conv, input)
+    if not _moments_apply(conv, bn, input, args):
         return bn(conv(input))
-    depthwise, pointwise = conv.conv1, conv.pointwise
-    geometry = normalize(input, depthwise.weight, pointwise.weight, depthwise.bias, pointwise.bias,
-                         depthwise.stride, depthwise.padding, depthwise.dilation)
+    (depthwise_weight, depthwise_bias, pointwise_weight, pointwise_bias, stride, padding, dilation,
+     relu_input), _, _ = args
+    geometry = normalize(input, depthwise_weight, pointwise_weight, depthwise_bias, pointwise_bias, stride,
+                         padding, dilation)
     if input.shape[0] * geometry.out_size[0] * geometry.out_size[1] < 2:
         return bn(conv(input))  # BatchNorm's own error, or ATen's, as the two calls give it
     output, moments = torch.ops.sepconv_cpp.forward_with_moments.default(
-        input, depthwise.weight, pointwise.weight, depthwise.bias, pointwise.bias, geometry.stride,
-        geometry.padding, geometry.dilation, bool(conv.relu_input))
+        input, depthwise_weight, pointwise_weight, depthwise_bias, pointwise_bias, geometry.stride,
+        geometry.padding, geometry.dilation, relu_input)
     return bn._forward(output, moments)

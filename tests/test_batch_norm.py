@@ -308,10 +308,14 @@ def test_large_output_matches_nn_batchnorm(channels):
 
 # --- separable_conv2d_batch_norm: BatchNorm's statistics from the separable forward ----------------
 
-def _conv_bn(cin, cout, dtype, seed=2, bn_kwargs=None, **conv_kwargs):
-    """A cpp SeparableConv2d and BatchNorm2d, and copies of both (the two calls' reference)."""
+def _conv_bn(cin, cout, dtype, seed=2, bn_kwargs=None, pointwise=False, **conv_kwargs):
+    """A cpp SeparableConv2d (with ``pointwise``, a PointwiseConv2d shortcut) and BatchNorm2d, and copies of both
+    (the two calls' reference)."""
     torch.manual_seed(seed)
-    conv = kernels.SeparableConv2d(cin, cout, 3, backend="cpp", dtype=dtype, **conv_kwargs)
+    if pointwise:
+        conv = kernels.PointwiseConv2d(cin, cout, backend="cpp", dtype=dtype, **conv_kwargs)
+    else:
+        conv = kernels.SeparableConv2d(cin, cout, 3, backend="cpp", dtype=dtype, **conv_kwargs)
     bn = kernels.BatchNorm2d(cout, backend="cpp", dtype=dtype, **(bn_kwargs or {}))
     if bn.affine:
         with torch.no_grad():
@@ -344,15 +348,18 @@ CONV_BN_CASES = {
     "batch-1-large-map": dict(cin=32, cout=64, size=74, batch=1, conv=dict(padding=1)),
     "momentum-none-no-affine": dict(cin=8, cout=12, size=6, batch=2, conv=dict(padding=1),
                                     bn=dict(momentum=None, affine=False)),
+    "pointwise-shortcut": dict(cin=24, cout=40, size=15, batch=2, conv=dict(pointwise=True, stride=2, bias=False)),
+    "pointwise-shortcut-bias": dict(cin=7, cout=9, size=9, batch=3, conv=dict(pointwise=True, stride=(2, 3))),
 }
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("case", CONV_BN_CASES.values(), ids=CONV_BN_CASES.keys())
 def test_separable_conv2d_batch_norm_matches_the_two_calls(case, dtype):
-    """In training on cpp the separable forward hands BatchNorm its output's moments
-    (forward_with_moments, then no pass of BatchNorm's own): output, every gradient, the running
-    statistics and num_batches_tracked as conv then BatchNorm, over two steps."""
+    """In training on cpp the separable forward (also a strided PointwiseConv2d's: the separable op with an
+    identity depthwise stage) hands BatchNorm its output's moments (forward_with_moments, then no pass of
+    BatchNorm's own): output, every gradient, the running statistics and num_batches_tracked as conv then
+    BatchNorm, over two steps."""
     require_backend("cpp", dtype)
     conv, bn, ref_conv, ref_bn = _conv_bn(case["cin"], case["cout"], dtype, bn_kwargs=case.get("bn"),
                                           **case.get("conv", {}))
@@ -404,6 +411,17 @@ def test_separable_conv2d_batch_norm_falls_back_to_the_two_calls():
         assert ran["forward_with_moments"] == 0, name
         assert torch.equal(kernels.separable_conv2d_batch_norm(conv, bn, input), ref_bn(ref_conv(input))), name
     # A module that is not a separable conv (the model's eager flavour): the two calls.
+    # A PointwiseConv2d whose call is F.conv2d (stride 1, or no graph recorded): the two calls. Other channel
+    # counts: the conv's own error.
+    for stride, grad in ((1, True), (2, False)):
+        conv, bn, ref_conv, ref_bn = _conv_bn(6, 8, torch.float32, pointwise=True, stride=stride)
+        with torch.set_grad_enabled(grad):
+            ran = _ops_ran(lambda: kernels.separable_conv2d_batch_norm(conv, bn, x))
+            assert ran["forward_with_moments"] == 0 and ran["forward"] == 0, (stride, grad)
+            assert torch.equal(kernels.separable_conv2d_batch_norm(conv, bn, x), ref_bn(ref_conv(x))), (stride, grad)
+    conv, bn, _, _ = _conv_bn(6, 8, torch.float32, pointwise=True, stride=2)
+    with pytest.raises(ValueError, match=r"weight must be \(C_out, 5, 1, 1\)"):
+        kernels.separable_conv2d_batch_norm(conv, bn, _input((2, 5, 9, 9), torch.float32))
     pair = nn.Conv2d(6, 8, 3, padding=1), nn.BatchNorm2d(8)
     torch.testing.assert_close(kernels.separable_conv2d_batch_norm(*pair, x), pair[1](pair[0](x)))
     # One value per channel: BatchNorm's own error, as the two calls give it.

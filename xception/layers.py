@@ -194,7 +194,9 @@ class Block(nn.Module):
             self.skipbn = batch_norm(separable, channels, backend)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shortcut = x if self.skip is None else self.skipbn(self.skip(x))
+        # The shortcut and its BatchNorm as one call: in training on cpp the 1x1 conv's forward hands the
+        # BatchNorm its output's statistics (kernels.separable_conv2d_batch_norm).
+        shortcut = x if self.skip is None else kernels.separable_conv2d_batch_norm(self.skip, self.skipbn, x)
         pool = self.rep[-1]
         if not (self.separable == "fused" and isinstance(pool, nn.MaxPool2d)):
             # rep's modules in turn (rep itself where it has hooks of its own).

@@ -76,7 +76,6 @@ struct MicroArgs {
   int64_t tap_k = 0;
 };
 
-
 // Elements a buffer of MicroArgs::copy_dst needs past its K rows of kRows.
 #if defined(SEPCONV_HAS_VEC)
 constexpr int kCopyVectors = (kRows + VecF32::kLanes - 1) / VecF32::kLanes;  // vectors a copied row takes
