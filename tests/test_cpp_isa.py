@@ -142,8 +142,8 @@ _AVX2_REASON = "the AVX2 build needs an x86-64 CPU with AVX2 and FMA"
 @pytest.mark.skipif(cpp_backend.host_isa() not in ("avx2", "avx512"), reason=_AVX2_REASON)
 def test_avx2_build_passes_the_cpp_grid():
     """The library held to AVX2+FMA (SEPCONV_CPU_ISA=avx2: its own name and cache, so the default build
-    stays) runs the shared cpp grid and the row-kernel, determinism and work-split tests of test_cpp.py
-    in a fresh interpreter, and reports the avx2 path."""
+    stays) runs the shared cpp grid, the row-kernel, determinism and work-split tests of test_cpp.py and
+    the dense convolution's in a fresh interpreter, and reports the avx2 path."""
     require_backend("cpp")  # the compiler and ninja are there
     check_isa = ("from kernels import cpp_backend; cpp_backend.load(); "
                  "assert cpp_backend.build_info()['isa'] == 'avx2', cpp_backend.build_info()")
@@ -157,8 +157,9 @@ def test_avx2_build_passes_the_cpp_grid():
                  "test_large_output_forward", "test_two_consumers_accumulate_in_place"]
     result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
                              *[f"tests/test_cpp.py::{name}" for name in cpp_tests],
-                             "tests/test_batch_norm.py", "tests/test_pooling.py",
-                             "tests/test_separable_conv.py", "-k", "(cpp and not compile) or test_batch_norm"],
+                             "tests/test_batch_norm.py", "tests/test_pooling.py", "tests/test_conv.py",
+                             "tests/test_separable_conv.py", "-k",
+                             "(cpp and not compile) or test_batch_norm or test_op_equals_conv2d or test_windows_read"],
                             env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
     assert " passed" in result.stdout and " failed" not in result.stdout, result.stdout[-1000:]

@@ -95,6 +95,53 @@ void check_micro_copying() {
   }
 }
 
+// micro_taps: the same bits as micro on a tile holding the same A (each row's taps gathered one after the
+// other: the same sums in the same order), for every row count, full and partial panels, with and without
+// init, accumulate and the next call's rows to fetch; nothing written outside its tile.
+void check_micro_taps() {
+  using namespace sepconv;
+  const int taps = 5, tap_k = 7, K = taps * tap_k;
+  const int64_t a_rs = 9, ldb = kCols + 8, ldc = kCols + 4, lda = K + 3;
+  const int64_t tap_offsets[taps] = {0, 3, 40, 41, 90};  // overlapping and far apart, as a window's taps are
+  std::vector<float> x(size_t(kRows * a_rs + 90 + tap_k)), b(size_t(K * ldb)), tile(size_t(kRows * lda));
+  // Values with full mantissas, so that a sum in another order would show in the bits.
+  for (size_t i = 0; i < x.size(); ++i) x[i] = std::sin(0.7f * float(i) + 0.3f);
+  for (size_t i = 0; i < b.size(); ++i) b[i] = std::cos(1.3f * float(i));
+  for (int r = 0; r < kRows; ++r) {
+    for (int k = 0; k < K; ++k) tile[size_t(r * lda + k)] = x[size_t(r * a_rs + tap_offsets[k / tap_k] + k % tap_k)];
+  }
+  std::vector<float> init(kCols);
+  for (int j = 0; j < kCols; ++j) init[j] = value(j + 5);
+  for (int mr = 1; mr <= kRows; ++mr) {
+    for (int nr : {5, 16, 17, 31, 32}) {
+      for (int variant = 0; variant < 8; ++variant) {
+        const bool accumulate = variant & 1, with_init = variant & 2, fetch = variant & 4;
+        std::vector<float> c(size_t(kRows * ldc)), want;
+        for (size_t i = 0; i < c.size(); ++i) c[i] = value(int(i) + 23);
+        const std::vector<float> before = c;
+        want = c;
+        MicroArgs args{K, lda, 1, ldb, ldc, nr, accumulate};
+        micro<float>(mr, tile.data(), b.data(), want.data(), with_init ? init.data() : nullptr, args);
+        args.a_rs = a_rs;
+        args.tap_offsets = tap_offsets;
+        args.tap_k = tap_k;
+        if (fetch) {
+          args.next = before.data();
+          args.next_ld_bytes = ldc * int64_t(sizeof(float));
+          args.next_rows = mr;
+          args.next_bytes = nr * int(sizeof(float));
+        }
+        micro_taps<float>(mr, x.data(), b.data(), c.data(), with_init ? init.data() : nullptr, args);
+        for (size_t i = 0; i < c.size(); ++i) {
+          const bool inside = int(i / ldc) < mr && int(i % ldc) < nr;
+          expect(c[i] == (inside ? want[i] : before[i]), inside ? "micro_taps value" : "micro_taps wrote outside",
+                 mr, nr, variant);
+        }
+      }
+    }
+  }
+}
+
 #if defined(SEPCONV_HAS_VEC)
 void check_vector_layer() {
   using V = sepconv::VecF32;
@@ -134,6 +181,7 @@ void check_vector_layer() {
 int main() {
   check_micro();
   check_micro_copying();
+  check_micro_taps();
 #if defined(SEPCONV_HAS_VEC)
   check_vector_layer();
 #endif
