@@ -18,6 +18,10 @@ void expect(bool condition, const char* what, int a, int b, int c) {
 
 float value(int i) { return float((i * 37 % 101) - 50) / 16.0f; }
 
+// Values with full mantissas: sums of their products come out differently in another order (value()'s
+// products are multiples of 1/256 and sum exactly in any order), so bit-for-bit checks see the order.
+float full_mantissa(int i) { return std::sin(0.7f * float(i) + 0.3f); }
+
 // Every row count, column count of a panel, both A layouts, with and without init and accumulate.
 void check_micro() {
   using namespace sepconv;
@@ -55,9 +59,9 @@ void check_micro() {
   }
 }
 
-// micro_copying: the same bits as micro for a k-major A, and the copy it makes on the side (every row
-// of copy_cols elements in place, nothing past the buffer's K * kRows + kCopyPad elements), for every
-// row count, full and partial panels, and each copy width.
+// micro_copying: the same bits as micro for a k-major A (the same sums in the same order), and the copy it
+// makes on the side (every row of copy_cols elements in place, nothing past the buffer's K * kRows +
+// kCopyPad elements), for every row count, full and partial panels, and each copy width.
 void check_micro_copying() {
   using namespace sepconv;
   const int K = 29;
@@ -66,8 +70,8 @@ void check_micro_copying() {
     for (int nr : {5, 16, 32}) {
       for (int copy_cols = 0; copy_cols <= kRows; ++copy_cols) {
         std::vector<float> a(size_t(K * kRows)), b(size_t(K * ldb)), src(size_t(K * copy_ld));
-        for (size_t i = 0; i < a.size(); ++i) a[i] = value(int(i));
-        for (size_t i = 0; i < b.size(); ++i) b[i] = value(int(i) + 11);
+        for (size_t i = 0; i < a.size(); ++i) a[i] = full_mantissa(int(i));
+        for (size_t i = 0; i < b.size(); ++i) b[i] = full_mantissa(int(i) + 11);
         for (size_t i = 0; i < src.size(); ++i) src[i] = value(int(i) + 41);
         std::vector<float> c(size_t(kRows * ldc), 0.0f), want(c);
         const size_t used = size_t(K * kRows + kCopyPad);
@@ -104,9 +108,8 @@ void check_micro_taps() {
   const int64_t a_rs = 9, ldb = kCols + 8, ldc = kCols + 4, lda = K + 3;
   const int64_t tap_offsets[taps] = {0, 3, 40, 41, 90};  // overlapping and far apart, as a window's taps are
   std::vector<float> x(size_t(kRows * a_rs + 90 + tap_k)), b(size_t(K * ldb)), tile(size_t(kRows * lda));
-  // Values with full mantissas, so that a sum in another order would show in the bits.
-  for (size_t i = 0; i < x.size(); ++i) x[i] = std::sin(0.7f * float(i) + 0.3f);
-  for (size_t i = 0; i < b.size(); ++i) b[i] = std::cos(1.3f * float(i));
+  for (size_t i = 0; i < x.size(); ++i) x[i] = full_mantissa(int(i));
+  for (size_t i = 0; i < b.size(); ++i) b[i] = full_mantissa(int(i) + 1000);
   for (int r = 0; r < kRows; ++r) {
     for (int k = 0; k < K; ++k) tile[size_t(r * lda + k)] = x[size_t(r * a_rs + tap_offsets[k / tap_k] + k % tap_k)];
   }
