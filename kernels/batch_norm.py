@@ -34,10 +34,10 @@ from torch import nn
 
 from . import gpu_dispatch
 from ._args import normalize
-from .autograd import needs_autograd
 from .dispatch import BackendAttribute, channels_last_cpp_applies, check_backend_name
 from .module import SeparableConv2d
-from .pointwise import PointwiseConv2d
+from .pointwise import PointwiseConv2d, identity_depthwise
+from .pointwise import _uses_kernel as _pointwise_uses_kernel
 
 
 def _uses_kernel(input: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
@@ -156,13 +156,13 @@ def _separable_args(conv: nn.Module, input: torch.Tensor):
                  depthwise.padding, depthwise.dilation, bool(conv.relu_input)), (conv, depthwise, pointwise),
                 conv.backend)
     if type(conv).forward is PointwiseConv2d.forward and isinstance(conv, PointwiseConv2d):
-        # pointwise_conv2d's kernel: only where the call records a graph and the stride is above 1 (and
-        # for its own checks' input: other channel counts get its error from the two calls).
+        # Where pointwise_conv2d runs its kernel (and for input its own checks pass: other channel counts get
+        # its error from the two calls).
         if (not isinstance(input, torch.Tensor) or input.dim() != 4 or input.shape[1] != conv.in_channels
-                or max(conv.stride) < 2 or not needs_autograd((input, conv.weight, conv.bias))):
+                or not _pointwise_uses_kernel(input, conv.weight, conv.bias, conv.stride, conv.backend)):
             return None
-        identity = torch.ones((conv.in_channels, 1, 1, 1), dtype=input.dtype, device=input.device)
-        return (identity, None, conv.weight, conv.bias, conv.stride, 0, 1, False), (conv,), conv.backend
+        return ((identity_depthwise(input), None, conv.weight, conv.bias, conv.stride, 0, 1, False), (conv,),
+                conv.backend)
     return None
 
 

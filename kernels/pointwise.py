@@ -33,6 +33,11 @@ def _uses_kernel(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
     return channels_last_cpp_applies(input, (weight, bias), backend)
 
 
+def identity_depthwise(input: torch.Tensor) -> torch.Tensor:
+    """The (C, 1, 1, 1) weight of ones that runs a 1x1 convolution as the separable op (times 1.0: exact)."""
+    return torch.ones((input.shape[-3], 1, 1, 1), dtype=input.dtype, device=input.device)
+
+
 def pointwise_conv2d(
     input: torch.Tensor,
     weight: torch.Tensor,
@@ -71,8 +76,7 @@ def pointwise_conv2d(
     check_backend_name(backend)
     if not _uses_kernel(input, weight, bias, step, backend):
         return F.conv2d(input, weight, bias, step)
-    identity = torch.ones((channels, 1, 1, 1), dtype=input.dtype, device=input.device)
-    return separable_conv2d(input, identity, weight, None, bias, step, 0, backend="cpp")
+    return separable_conv2d(input, identity_depthwise(input), weight, None, bias, step, 0, backend="cpp")
 
 
 class PointwiseConv2d(BackendAttribute, nn.Conv2d):
