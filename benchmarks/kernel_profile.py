@@ -7,7 +7,9 @@ few untimed calls, then ``--steps`` profiled ones; the CUDA kernels' device time
 largest first, with how many times each ran per call. Against the layer's time in plain calls
 (``python -m benchmarks``) the gap is the host's share; against the bytes and FLOPs of each kernel it
 says which kernel is far from its floor. GPU only (the profiler's CUDA activity). The listing is
-appended to ``<out>/kernel-profile-<machine>.txt`` under a header with the machine, versions and commit.
+appended to ``<out>/kernel-profile-<machine>.txt`` under a header with the machine, versions, commit, the TF32
+flag and whether the Triton kernels were autotuned or ran their first tile config;
+``python -m benchmarks.gpu_model --validate`` compares each Triton kernel's time there with the static model.
 """
 
 from __future__ import annotations
@@ -44,6 +46,19 @@ def kernel_times(fn, steps: int, top: int) -> List[tuple]:
     return [(e.device_time_total / steps, e.count / steps, e.key) for e in events[:top] if e.device_time_total > 0]
 
 
+def header(info, dtype: str, batch: int) -> List[str]:
+    """The lines above a run's listing (``benchmarks.gpu_model.validate.parse_kernel_profile`` reads them back):
+    machine, versions, commit and run; dtype, batch and the TF32 flag; which tile config each Triton kernel ran."""
+    from kernels.triton.forward import autotune_enabled
+
+    configs = "autotuned" if autotune_enabled() else "the first of each kernel (autotuning off)"
+    return [f"# {info.device_name}, torch {info.torch_version}, triton {info.triton_version}, "
+            f"commit {info.git_commit}, run {info.run_id} ({info.utc_time})",
+            f"# {dtype}, batch {batch}, channels_last; device time per call, us (launches per call); "
+            f"cudnn.allow_tf32 {torch.backends.cudnn.allow_tf32}",
+            f"# tile configs: {configs}"]
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--layers", default="728->728@19,256->728@37,1536->2048@10",
@@ -66,9 +81,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.error("kernel_profile needs a CUDA device (it lists CUDA kernels)")
     info = run_info("cuda", argv="python -m benchmarks.kernel_profile " + shlex.join(
         sys.argv[1:] if argv is None else list(argv)))
-    lines = [f"# {info.device_name}, torch {info.torch_version}, triton {info.triton_version}, "
-             f"commit {info.git_commit}, run {info.run_id} ({info.utc_time})",
-             f"# {args.dtype}, batch {args.batch}, channels_last; device time per call, us (launches per call)"]
+    lines = header(info, args.dtype, args.batch)
     for shape in shapes:
         for provider in args.providers:
             reason = providers.availability("layers", provider, "cuda", args.dtype)

@@ -147,6 +147,51 @@ def test_spearman():
     assert validate.spearman([1, 1, 2], [5, 5, 6]) == pytest.approx(1.0)
 
 
+def test_kernel_profile_is_read_back_with_its_run_header(monkeypatch):
+    """``parse_kernel_profile`` reads what ``benchmarks.kernel_profile`` writes: each Triton section with its run's
+    commit, dtype, batch, TF32 flag and tile-config setting; eager sections and runs whose header does not say
+    which tile configs ran are left out."""
+    import dataclasses
+
+    import torch
+
+    from benchmarks import kernel_profile
+    from benchmarks.machine import run_info
+
+    info = dataclasses.replace(run_info("cpu"), git_commit="0123456789abcdef0123456789abcdef01234567")
+    monkeypatch.setenv("SEPCONV_TRITON_AUTOTUNE", "0")
+    first = kernel_profile.header(info, "bf16", 32)
+    monkeypatch.setenv("SEPCONV_TRITON_AUTOTUNE", "1")
+    autotuned = kernel_profile.header(dataclasses.replace(info, git_commit="fedcba9"), "fp32", 8)
+    text = "\n".join(first + [
+        "== 728->728@19 full triton-split: 85.1 us in the kernels listed",
+        "      50.4  (1)  transposed_depthwise_kernel",
+        "      34.7  (1)  depthwise_kernel",
+        "== 728->728@19 full eager: 10.0 us in the kernels listed",
+        "      10.0  (2)  some_cudnn_kernel",
+        "== 64->128@147 triton: skipped (no GPU)",
+        "== 64->128@147 fwd triton: 90.0 us in the kernels listed",
+        "      80.0  (1)  narrow_tiled_kernel",
+        "      10.0  (2)  vectorized_elementwise_kernel<FillFunctor>",
+    ] + autotuned + [
+        "== 1536->2048@10 fwd triton-split: 30.0 us in the kernels listed",
+        "      30.0  (1)  depthwise_kernel",
+    ] + [line for line in first if not line.startswith("# tile configs")] + [
+        "== 728->728@19 fwd triton-split: 1.0 us in the kernels listed",
+        "       1.0  (1)  depthwise_kernel",
+    ])
+    rows = validate.parse_kernel_profile(text)
+    assert [(r["shape"], r["mode"], r["provider"]) for r in rows] == [
+        ("728->728@19", "full", "triton-split"), ("64->128@147", "fwd", "triton"),
+        ("1536->2048@10", "fwd", "triton-split")]
+    split, fused, later = rows
+    assert split["kernels"] == {"transposed_depthwise_kernel": 50.4, "depthwise_kernel": 34.7}
+    assert fused["kernels"] == {"narrow_tiled_kernel": 80.0, "vectorized_elementwise_kernel<FillFunctor>": 10.0}
+    assert (split["commit"], split["dtype"], split["batch"], split["autotuned"]) == (info.git_commit, "bf16", 32, False)
+    assert split["tf32"] is bool(torch.backends.cudnn.allow_tf32)
+    assert (later["commit"], later["dtype"], later["batch"], later["autotuned"]) == ("fedcba9", "fp32", 8, True)
+
+
 # ---- the real kernels, compiled for sm_90 -------------------------------------------------------
 
 def _tools_missing():
@@ -161,24 +206,29 @@ needs_tools = pytest.mark.skipif(_tools_missing() is not None, reason=str(_tools
 needs_triton = pytest.mark.skipif(triton_backend.unsupported() is not None, reason=str(triton_backend.unsupported()))
 
 
-def _child(code: str, *args: str, pythonpath: str = str(ROOT), timeout: int = 900) -> str:
+def _child(code: str, *args: str, pythonpath: str = str(ROOT), timeout: int = 900, cwd: Path = ROOT) -> str:
+    """Runs ``code`` in a Python without the interpreter setting. ``python -c`` puts ``cwd`` first on sys.path,
+    ahead of ``pythonpath``: to import another tree's ``kernels``, run it from outside this checkout."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = pythonpath
     done = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env,
-                          cwd=ROOT, timeout=timeout)
+                          cwd=cwd, timeout=timeout)
     assert done.returncode == 0, done.stderr[-3000:]
     return done.stdout
 
 
 _DIAGNOSIS = """
 import json
+import kernels
 from benchmarks.cases import XCEPTION_LAYERS
+from benchmarks.gpu_model import validate
+validate.adapt_recorded_tree()
 from benchmarks.gpu_model import launches, layers
 shape = [s for s in XCEPTION_LAYERS if s.name == "728->728@19"][0]
 rec = layers.record(shape, 32, "bf16", "fused", "fwd")
 report = layers.analyse(rec.kernels[0], launches.parse_config("BLOCK_P=64,BLOCK_CO=256,BLOCK_K=32,warps=8,stages=2"))
 loads = [i.access_bytes() for loop in report.sass.all_loops() for i in loop.instructions if i.klass == "ldg"]
-print(json.dumps(dict(census=report.dynamic_census(), loads=loads, error=report.error,
+print(json.dumps(dict(census=report.dynamic_census(), loads=loads, error=report.error, tree=kernels.__file__,
                       registers=report.prediction.registers, ms=report.prediction.seconds * 1e3)))
 """
 
@@ -189,7 +239,9 @@ def test_report_reproduces_the_h200_diagnosis(tmp_path):
     """The forward as the H200 timed it (its commit's kernels): scalar 16-bit loads, index math, ~0.1% MMA."""
     record = next(r for r in validate.RECORDS if r.kind == "sweep")
     tree = validate.extract_kernels(record.commit, tmp_path)
-    out = json.loads(_child(_DIAGNOSIS, pythonpath=os.pathsep.join([str(tree), str(ROOT)])).splitlines()[-1])
+    out = json.loads(_child(_DIAGNOSIS, pythonpath=os.pathsep.join([str(tree), str(ROOT)]),
+                            cwd=tmp_path).splitlines()[-1])
+    assert Path(out["tree"]).is_relative_to(tree)                       # the recorded commit's kernels ran
     census = out["census"]
     total = sum(census.values())
     assert out["error"] == ""

@@ -1,4 +1,4 @@
-"""The model against the recorded H200 timings: Spearman per tile sweep, predicted/measured per layer.
+"""The model against the recorded H200 timings: Spearman per tile sweep, predicted/measured per layer and per kernel.
 
 The recorded runs timed the kernels as they were at a given commit, so each
 record is checked against that commit's ``kernels/`` (extracted with
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import tarfile
@@ -18,6 +19,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Sequence
+from unittest import mock
 
 ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -29,13 +31,16 @@ class Record:
 
     path: str
     commit: str
-    kind: str          # "sweep" (tile-config sweep) or "layers" (the benchmark suite's layer rows)
+    kind: str          # "sweep" (tile-config sweep), "layers" (the benchmark suite's layer rows) or "kernels"
+    runs: tuple = ()   # layers: the runs compared (a later run of other kernels, or other configs, is left out)
 
 
 # The commits are those whose kernels ran on the GPU (benchmarks/results/README.md says how each run was made).
+# A kernel profile (``benchmarks.kernel_profile``) names the commit of each of its runs in the run's header.
 RECORDS = (
     Record("triton_sweep-cuda-nvidia-h200.jsonl", "b7c27d0", "sweep"),
-    Record("cuda-nvidia-h200.jsonl", "d623454", "layers"),
+    Record("cuda-nvidia-h200.jsonl", "d623454", "layers", runs=("20261130T183631Z-cfbfbf",)),
+    Record("kernel-profile-cuda-nvidia-h200.txt", "", "kernels"),
 )
 
 # Targets of the validation: rank agreement on each forward sweep, and per-layer ratio bounds.
@@ -84,7 +89,59 @@ def _read(path: Path) -> List[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+TRITON_PROVIDERS = {"triton": "fused", "triton-split": "split"}
+
+
+def parse_kernel_profile(text: str) -> List[dict]:
+    """The Triton sections of a ``kernel-profile-<machine>.txt`` (``benchmarks.kernel_profile``): one dict per
+    layer, mode and provider, with the commit, dtype, batch, TF32 flag and tile-config setting of the run header
+    above it, and ``kernels``: device microseconds a call by kernel name. Sections of runs whose header does not
+    say which tile configs ran are left out (the model could not know which config to compile)."""
+    rows: List[dict] = []
+    header: dict = {}
+    row = None
+    for line in text.splitlines():
+        if line.startswith("#"):
+            commit = re.search(r", commit ([0-9a-f]{7,40}),", line)
+            if commit:
+                header = dict(commit=commit.group(1))
+            sizes = re.match(r"# (\w+), batch (\d+), (\w+);", line)
+            if sizes:
+                header.update(dtype=sizes.group(1), batch=int(sizes.group(2)), layout=sizes.group(3),
+                              tf32="allow_tf32 False" not in line)
+            if line.startswith("# tile configs:"):
+                header["autotuned"] = line.split(":", 1)[1].strip() == "autotuned"
+            continue
+        section = re.match(r"== (\S+) (fwd|full) (\S+): ", line)
+        if section:
+            row = dict(header, shape=section.group(1), mode=section.group(2), provider=section.group(3), kernels={})
+            wanted = row["provider"] in TRITON_PROVIDERS and {"commit", "dtype", "autotuned"} <= row.keys()
+            if wanted:
+                rows.append(row)
+            else:
+                row = None
+            continue
+        kernel = re.match(r"\s*([0-9.]+)\s+\(([0-9.]+)\)\s+(\S.*)$", line)
+        if row is not None and kernel:
+            name = kernel.group(3).strip()
+            row["kernels"][name] = row["kernels"].get(name, 0.0) + float(kernel.group(1))
+    return rows
+
+
 # ---- run inside the child process, with the recorded commit's kernels first on sys.path ----
+
+def adapt_recorded_tree() -> None:
+    """Let this checkout's ``benchmarks`` import a recorded commit's ``kernels``, which may predate names that
+    ``benchmarks.providers`` imports from ``kernels.triton``: the mode variable's name (older trees had no split
+    mode and ignore it) and ``environ`` (the same context manager: ``mock.patch.dict`` on ``os.environ``). Call
+    it before importing ``benchmarks.providers`` (``layers`` does)."""
+    import kernels.triton as backend
+
+    if not hasattr(backend, "MODE_ENV"):
+        backend.MODE_ENV = "SEPCONV_TRITON_MODE"
+    if not hasattr(backend, "environ"):
+        backend.environ = lambda name, value: mock.patch.dict(os.environ, {name: value})
+
 
 def _sweep_predictions(rows: List[dict]) -> List[dict]:
     from ..cases import XCEPTION_LAYERS
@@ -136,9 +193,49 @@ def _layer_predictions(rows: List[dict], with_backward: bool) -> List[dict]:
     return out
 
 
+def _kernel_predictions(rows: List[dict]) -> List[dict]:
+    """Per profiled section, each Triton kernel's predicted microseconds a call (summed over its launches in the
+    forward and, for ``full``, the backward), in the config the run used: the first of each kernel when
+    autotuning was off, else the best the model finds among the autotuner's configs; and the library calls'."""
+    from ..cases import XCEPTION_LAYERS
+    from . import layers, model
+
+    shapes = {s.name: s for s in XCEPTION_LAYERS}
+    out = []
+    for row in rows:
+        shape = shapes.get(row["shape"])
+        if shape is None:
+            out.append(dict(row, predicted_us={}, predicted_library_us=None,
+                            model_error=f"{row['shape']} is not an Xception layer"))
+            continue
+        predicted: Dict[str, float] = {}
+        library, errors = 0.0, []
+        for direction in ("fwd",) if row["mode"] == "fwd" else ("fwd", "bwd"):
+            recording = layers.record(shape, row["batch"], row["dtype"], TRITON_PROVIDERS[row["provider"]],
+                                      direction)
+            for launch in recording.kernels:
+                configs = launch.configs if row["autotuned"] else launch.configs[:1]
+                reports = [layers.analyse(launch, config) for config in configs]
+                seconds = [r.prediction.seconds for r in reports if r.prediction is not None]
+                if not seconds:
+                    errors.append(f"{launch.name}: {reports[0].error[:120]}")
+                    continue
+                predicted[launch.name] = predicted.get(launch.name, 0.0) + min(seconds) * 1e6
+            library += sum(model.library_seconds(call.op, call.flops, call.bytes, row["dtype"], row["tf32"])
+                           for call in recording.library) * 1e6
+        out.append(dict(row, predicted_us=predicted, predicted_library_us=library, model_error="; ".join(errors)))
+    return out
+
+
 def child(kind: str, rows_path: str, with_backward: bool) -> None:
+    adapt_recorded_tree()
     rows = _read(Path(rows_path))
-    result = _sweep_predictions(rows) if kind == "sweep" else _layer_predictions(rows, with_backward)
+    if kind == "sweep":
+        result = _sweep_predictions(rows)
+    elif kind == "kernels":
+        result = _kernel_predictions(rows)
+    else:
+        result = _layer_predictions(rows, with_backward)
     print("\n".join(json.dumps(r) for r in result))
 
 
@@ -168,11 +265,14 @@ def validate(with_backward: bool = False, results: Path = RESULTS) -> int:
         if not path.exists():
             failures.append(f"{path} is missing")
             continue
-        rows = _read(path)
+        if record.kind == "kernels":
+            _validate_kernels(record, path, with_backward)
+            continue
+        recorded = [r for r in _read(path) if not record.runs or r["run"]["run_id"] in record.runs]
         if record.kind == "sweep":
-            rows = [r for r in rows if r.get("ms") is not None]
+            rows = [r for r in recorded if r.get("ms") is not None]
         else:
-            rows = [r for r in rows if r.get("suite") == "layers" and r.get("provider") == "triton"
+            rows = [r for r in recorded if r.get("suite") == "layers" and r.get("provider") == "triton"
                     and r.get("status") == "ok"]
         print(f"\n{record.path} (kernels at {record.commit}; {len(rows)} timed rows; all times in ms; "
               f"'predicted' columns come from the model, not a GPU)")
@@ -181,7 +281,7 @@ def validate(with_backward: bool = False, results: Path = RESULTS) -> int:
             failures += _print_sweeps(predicted)
         else:
             failures += _print_layers(predicted)
-            _print_network(predicted, _read(path))
+            _print_network(predicted, recorded)
     print()
     if failures:
         print("targets missed:")
@@ -191,6 +291,47 @@ def validate(with_backward: bool = False, results: Path = RESULTS) -> int:
     print(f"targets met: Spearman >= {SPEARMAN_TARGET} on every forward sweep; every per-layer forward prediction "
           f"within {RATIO_BOUNDS[0]}-{RATIO_BOUNDS[1]}x of the measurement")
     return 0
+
+
+def _validate_kernels(record: Record, path: Path, with_backward: bool) -> None:
+    """Each profiled Triton kernel against its prediction, one child process per recorded commit. Shown for
+    information (no target): the layer rows above time whole ops, this says which kernel the model misjudges."""
+    rows = parse_kernel_profile(path.read_text())
+    commits = list(dict.fromkeys(r["commit"] for r in rows))
+    for commit in commits:
+        group = [r for r in rows if r["commit"] == commit]
+        print(f"\n{record.path} (kernels at {commit[:7]}; {len(group)} profiled sections; device time a call in us; "
+              f"'predicted' columns come from the model, not a GPU)")
+        _print_kernels(predict_record(Record(record.path, commit, "kernels"), group, with_backward))
+
+
+def _print_kernels(rows: List[dict]) -> None:
+    print(f"{'layer':<15} {'mode':<4} {'provider':<12} {'kernel':<30} {'measured':>9} {'predicted':>9} "
+          f"{'pred/meas':>9}")
+    ratios = []
+    for row in rows:
+        head = f"{row['shape']:<15} {row['mode']:<4} {row['provider']:<12}"
+        if row["model_error"]:
+            print(f"{head} not modelled: {row['model_error'][:100]}")
+        others = 0.0
+        for name, measured in sorted(row["kernels"].items(), key=lambda kv: -kv[1]):
+            if name not in row["predicted_us"]:
+                others += measured
+                continue
+            predicted = row["predicted_us"][name]
+            ratios.append(predicted / measured)
+            print(f"{head} {name[:30]:<30} {measured:>9.1f} {predicted:>9.1f} {predicted / measured:>9.2f}")
+        missing = [name for name in row["predicted_us"] if name not in row["kernels"]]
+        if missing:
+            print(f"{head} predicted but not in the profile: {', '.join(missing)}")
+        if row["predicted_library_us"] and others:
+            library = row["predicted_library_us"]
+            print(f"{head} {'other kernels (cuBLAS, ATen)':<30} {others:>9.1f} {library:>9.1f} "
+                  f"{library / others:>9.2f}")
+    if ratios:
+        ratios.sort()
+        print(f"Triton kernels: {len(ratios)}, predicted/measured {ratios[0]:.2f}-{ratios[-1]:.2f} "
+              f"(median {ratios[len(ratios) // 2]:.2f}; shown for information)")
 
 
 def _print_sweeps(rows: List[dict]) -> List[str]:
