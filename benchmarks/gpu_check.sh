@@ -6,7 +6,8 @@
 #   2. the host time of one call per provider (benchmarks.host_time: a tiny layer, so the Python,
 #      dispatch and launch work is all that is left), and split mode's host path under cProfile;
 #   3. each kernel's device time per call at three layers (benchmarks.kernel_profile), and the tile
-#      configs of split mode's two depthwise kernels at 728->728@19 (benchmarks.triton_sweep);
+#      configs of split mode's two depthwise kernels at 728->728@19, the transposed one's tile sizes
+#      first (benchmarks.triton_sweep);
 #   4. every Xception layer in bf16, forward and forward+backward, batch 32, channels_last, in plain
 #      calls: triton (fused), triton-split, auto and the eager nn.Conv2d pair (cuDNN);
 #   5. the same layers replayed from CUDA graphs (the GPU's time without the host's): triton-split
@@ -25,7 +26,8 @@
 # kernel-profile-<slug>.txt and triton_sweep-<slug>.jsonl (likewise appended to the committed ones).
 # To record the run: copy OUT_DIR/results/* into benchmarks/results/, then rebuild the committed table
 # from the committed file: python -m benchmarks.dispatch_table benchmarks/results/cuda-<gpu>.jsonl
-# (add --capability sm_XY while that file holds rows from runs that did not record it).
+# (add --capability sm_XY while that file holds rows from runs that did not record it); then
+# python -m benchmarks.gpu_model --validate compares each profiled Triton kernel with the static model.
 # QUICK_TIMEOUT, HOST_TIMEOUT, PROFILE_TIMEOUT, SWEEP_TIMEOUT, LAYERS_TIMEOUT, GRAPHS_TIMEOUT,
 # MODEL_TIMEOUT and TEST_TIMEOUT bound the parts (seconds; 50 + 30 + 35 + 70 + 90 + 60 + 90 + 20 by
 # default; with the host profile and the table, at most about 8.5 minutes).
@@ -90,9 +92,13 @@ rm -rf "$out/profiled"
 timeout "${PROFILE_TIMEOUT:-35}" "$py" -m benchmarks.kernel_profile --layers "728->728@19,256->728@37,64->128@147" \
     --providers triton-split,triton,eager --modes fwd,full --out "$out/results"
 echo "kernel profile: exit status $? after ${SECONDS}s"
-timeout "${SWEEP_TIMEOUT:-70}" "$py" -m benchmarks.triton_sweep --kernels transposed,depthwise --shapes "728->728@19" --rep 10 \
-    --dtypes bf16 --budget "$(( ${SWEEP_TIMEOUT:-70} - 15 ))" --jsonl "$out/results/triton_sweep-$slug.jsonl"
-echo "tile sweep: exit status $? after ${SECONDS}s"
+# Half the sweep's time each: the transposed kernel (its tiles first) and the depthwise kernel.
+for kernel in transposed depthwise; do
+    limit=$(( ${SWEEP_TIMEOUT:-70} / 2 ))
+    timeout "$limit" "$py" -m benchmarks.triton_sweep --kernels "$kernel" --shapes "728->728@19" --rep 10 \
+        --dtypes bf16 --budget "$(( limit - 12 ))" --jsonl "$out/results/triton_sweep-$slug.jsonl"
+    echo "tile sweep ($kernel): exit status $? after ${SECONDS}s"
+done
 
 bench "${LAYERS_TIMEOUT:-90}" layers --suite layers --quick --modes fwd,full --min-time 0.1 \
     --providers triton,triton-split,auto,eager

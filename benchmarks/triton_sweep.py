@@ -20,6 +20,7 @@ case in Triton's interpreter, to test the script).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import os
@@ -27,7 +28,7 @@ import shlex
 import sys
 import time
 from pathlib import Path
-from typing import List
+from typing import List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -48,10 +49,12 @@ def candidates(kernel: str, family: str) -> List["triton.Config"]:  # noqa: F821
         # slots a program (BLOCK_P) and smaller slots make more programs and leave registers for more of
         # them on an SM: at 728->728@19, batch 32, the first GPU config makes 276 programs of 4 warps, about
         # two an SM, and its kernel measured 35 us where its bytes take 8 at the copy bandwidth.
+        # Round robin over the slot shapes, so that a sweep cut short by its budget has timed every shape.
         slots = ((10, 8), (5, 8), (10, 5), (5, 5), (5, 4), (2, 4), (1, 4), (1, 1))
-        return [triton.Config(dict(BLOCK_P=p, BLOCK_C=c, ROWS=r, COLS=k), num_warps=max(1, p * c // 128),
-                              num_stages=1)
-                for (r, k), c, p in itertools.product(slots, (32, 64), (16, 8, 4))]
+        per_slot = [[triton.Config(dict(BLOCK_P=p, BLOCK_C=c, ROWS=r, COLS=k), num_warps=max(1, p * c // 128),
+                                   num_stages=1)
+                     for c, p in itertools.product((32, 64), (16, 8, 4))] for r, k in slots]
+        return [config for group in zip(*per_slot) for config in group]
     if kernel == "transposed":  # split mode's transposed depthwise kernel: its tile shapes are fixed per dtype
         return [triton.Config(dict(BLOCK_Q=q, BLOCK_C=c), num_warps=w, num_stages=1)
                 for q, c, w in itertools.product((4, 8, 16, 32), (32, 64, 128), (2, 4, 8))
@@ -78,9 +81,50 @@ def candidates(kernel: str, family: str) -> List["triton.Config"]:  # noqa: F821
     return configs
 
 
-def describe(config) -> str:
+# The transposed depthwise kernel's tile (input pixels a program slot covers) is set per dtype family by
+# ``split.TRANSPOSED_TILES``, not by its configs: the largest that compile without spills, 232 registers and 2 to 4
+# programs an SM at 728->728@19 in 16-bit. Smaller tiles read g_h more often but leave registers for more programs;
+# the static model ranks them within 1.5x of each other and misjudges this kernel by about 2x (docs/gpu-model.md),
+# so a GPU decides. Swept: every tile with the kernel's own configs, then the other candidates with the current tile.
+TRANSPOSED_TILE_CANDIDATES = {"16bit": ((4, 3), (2, 3), (2, 2), (1, 1)), "fp32": ((3, 3), (2, 2), (1, 1))}
+
+
+def sweep_candidates(kernel: str, family: str) -> List[tuple]:
+    """(tile, config) pairs in the order the sweep times them; the tile is None but for the transposed kernel."""
+    if kernel != "transposed":
+        return [(None, config) for config in candidates(kernel, family)]
+    from kernels.triton import split
+
+    own = split.TRANSPOSED_CONFIGS[family]
+    current = split.TRANSPOSED_TILES[family]
+    tiles = [current] + [t for t in TRANSPOSED_TILE_CANDIDATES[family] if t != current]
+    pairs = [(tile, config) for tile in tiles for config in own]
+    seen = {describe(config) for config in own}
+    return pairs + [(current, config) for config in candidates(kernel, family) if describe(config) not in seen]
+
+
+@contextlib.contextmanager
+def transposed_tile(family: str, tile: Optional[tuple]):
+    """The transposed kernel's tile for ``family`` set to ``tile`` inside the block (the interpreter's tile too,
+    so that the interpreted sweep exercises it); nothing when ``tile`` is None."""
+    from kernels.triton import split
+
+    if tile is None:
+        yield
+        return
+    saved = split.TRANSPOSED_TILES[family], split.INTERPRET_TILE
+    split.TRANSPOSED_TILES[family] = tile
+    split.INTERPRET_TILE = tile
+    try:
+        yield
+    finally:
+        split.TRANSPOSED_TILES[family], split.INTERPRET_TILE = saved
+
+
+def describe(config, tile: Optional[tuple] = None) -> str:
     meta = ",".join(f"{k}={v}" for k, v in config.kwargs.items() if not (k == "UNROLL_TAPS" and not v))
-    return f"{meta},warps={config.num_warps},stages={config.num_stages}"
+    prefix = f"TILE={tile[0]}x{tile[1]}," if tile is not None else ""
+    return f"{prefix}{meta},warps={config.num_warps},stages={config.num_stages}"
 
 
 def make_inputs(shape: Shape, batch: int, dtype: torch.dtype, device: str):
@@ -170,7 +214,12 @@ def sweep(args) -> int:
                 def call():
                     return ops.backward(grad, x, dw, pw, dwb, *geometry, False, [True] * 5)
             rows = []
-            for config in candidates(kernel, family) if not args.interpret else current[kernel][family][:1]:
+            pairs = sweep_candidates(kernel, family)
+            if args.interpret:  # the kernel's first config (the transposed kernel's in its first two tiles)
+                tiles = list(dict.fromkeys(tile for tile, _ in pairs))[:2]
+                pairs = [(tile, current[kernel][family][0]) for tile in tiles]
+            own_tile = split.TRANSPOSED_TILES[family] if kernel == "transposed" else None
+            for tile, config in pairs:
                 if time.monotonic() > deadline:
                     stopped = True
                     break
@@ -178,17 +227,18 @@ def sweep(args) -> int:
                 forward.forced_configs.update(pins)
                 forward.forced_configs[table[family].fn] = config
                 try:
-                    ms, error = time_ms(call), None
+                    with transposed_tile(family, tile):
+                        ms, error = time_ms(call), None
                 except Exception as exc:  # a config that does not fit this GPU: report it, go on
                     ms, error = None, f"{type(exc).__name__}: {str(exc).splitlines()[0][:100]}"
                 finally:
                     forward.forced_configs.clear()
                     forward.forced_configs.update(saved)
-                is_current = any(describe(config) == describe(c) for c in current[kernel][family])
-                rows.append((ms, describe(config), is_current, error))
+                is_current = tile == own_tile and any(describe(config) == describe(c) for c in current[kernel][family])
+                rows.append((ms, describe(config, tile), is_current, error))
                 if out:
                     out.write(json.dumps(dict(shape=shape.name, batch=args.batch, dtype=dtype_name, kernel=kernel,
-                                              config=describe(config), current=is_current, ms=ms, error=error,
+                                              config=describe(config, tile), current=is_current, ms=ms, error=error,
                                               eager_forward_ms=eager_ms, eager_full_ms=eager_full_ms,
                                               run=run)) + "\n")
                     out.flush()

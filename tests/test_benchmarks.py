@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 import types
@@ -15,7 +16,8 @@ from benchmarks.cases import XCEPTION_LAYERS, Shape, build_cases, resolve_shapes
 from benchmarks.machine import device_slug
 from benchmarks.plot import main as plot_main
 from benchmarks.results import ROW_KEYS, JsonlLog, latest_run, read_rows
-from benchmarks.triton_sweep import KERNELS, candidates, describe
+from benchmarks.triton_sweep import (KERNELS, TRANSPOSED_TILE_CANDIDATES, candidates, describe, sweep_candidates,
+                                     transposed_tile)
 from benchmarks.triton_sweep import main as sweep_main
 from conftest import require_backend
 
@@ -427,17 +429,32 @@ def test_rss_script(tmp_path, capsys):
 
 
 def test_triton_sweep_interpreted(tmp_path, capsys):
-    """The sweep end to end on a tiny shape in Triton's interpreter: one row per kernel, each timed."""
+    """The sweep end to end on a tiny shape in Triton's interpreter: one row per kernel, each timed; the transposed
+    kernel in two tiles (its own, then another), restored afterwards."""
     require_backend("triton")
     if torch.cuda.is_available():
         pytest.skip("CUDA is available: the sweep runs on the GPU there, not in the interpreter")
+    from kernels.triton import split
+
+    tiles = dict(split.TRANSPOSED_TILES), split.INTERPRET_TILE
     out = tmp_path / "sweep.jsonl"
     assert sweep_main(["--interpret", "--dtypes", "fp32", "--kernels", "forward,grad_input,depthwise,transposed",
                        "--jsonl", str(out)]) == 0
     rows = [json.loads(line) for line in out.read_text().splitlines()]
-    assert [row["kernel"] for row in rows] == ["forward", "grad_input", "depthwise", "transposed"]
-    assert all(row["ms"] > 0 and row["error"] is None and row["current"] for row in rows)
+    assert [row["kernel"] for row in rows] == ["forward", "grad_input", "depthwise", "transposed", "transposed"]
+    assert all(row["ms"] > 0 and row["error"] is None for row in rows)
+    assert [row["current"] for row in rows] == [True, True, True, True, False]
+    own, other = (row["config"] for row in rows[3:])
+    assert own.startswith("TILE=3x3,") and other.startswith("TILE=2x2,") and own[9:] == other[9:]
+    assert (dict(split.TRANSPOSED_TILES), split.INTERPRET_TILE) == tiles
     assert "eager pair forward" in capsys.readouterr().out
+    # The launcher reads the tile at each call, so the sweep's setting is the one launched.
+    x = torch.zeros(1, 8, 5, 5)
+    launch = functools.partial(split.transposed_depthwise_launch, torch.zeros(25, 8), x, torch.zeros(8, 1, 3, 3),
+                               torch.zeros_like(x), (5, 5), (1, 1), (1, 1, 1, 1), (1, 1), False, True, True, False)
+    with transposed_tile("fp32", (1, 2)):
+        assert (launch()[3]["ROWS"], launch()[3]["COLS"]) == (1, 2)
+    assert (launch()[3]["ROWS"], launch()[3]["COLS"]) == split.INTERPRET_TILE
 
 
 def test_resolve_shapes_names_the_option():
@@ -467,6 +484,14 @@ def test_triton_sweep_candidates_and_errors(capsys):
             # ... and every tile parameter the kernel's own configs set (a new one must be swept too).
             required = set(current[kernel][family][0].kwargs) - {"UNROLL_TAPS"}
             assert all(required <= set(c.kwargs) for c in candidates(kernel, family)), (kernel, family, required)
+    # The transposed kernel: its own configs in every candidate tile (its own tile first), then the rest in its own.
+    for family, own_tile in split.TRANSPOSED_TILES.items():
+        pairs = sweep_candidates("transposed", family)
+        names = [describe(config, tile) for tile, config in pairs]
+        assert len(set(names)) == len(names) and pairs[0] == (own_tile, split.TRANSPOSED_CONFIGS[family][0])
+        assert own_tile in TRANSPOSED_TILE_CANDIDATES[family]
+        for tile in TRANSPOSED_TILE_CANDIDATES[family]:
+            assert [c for t, c in pairs if t == tile][:3] == split.TRANSPOSED_CONFIGS[family]
     with pytest.raises(SystemExit):
         sweep_main(["--dtypes", "fp64"])
     assert "--dtypes" in capsys.readouterr().err
