@@ -90,7 +90,7 @@ timeout 20 "$py" -m benchmarks.host_time --device cuda --providers triton-split 
     --out "$out/profiled"
 rm -rf "$out/profiled"
 timeout "${PROFILE_TIMEOUT:-35}" "$py" -m benchmarks.kernel_profile --layers "728->728@19,256->728@37,64->128@147" \
-    --providers triton-split,triton,eager --modes fwd,full --out "$out/results"
+    --providers triton-split,triton,eager --modes fwd,full --top 12 --out "$out/results"
 echo "kernel profile: exit status $? after ${SECONDS}s"
 # Half the sweep's time each: the transposed kernel (its tiles first) and the depthwise kernel.
 for kernel in transposed depthwise; do
