@@ -147,6 +147,21 @@ def test_spearman():
     assert validate.spearman([1, 1, 2], [5, 5, 6]) == pytest.approx(1.0)
 
 
+# ---- the real kernels, compiled for sm_90 -------------------------------------------------------
+
+def _tools_missing():
+    unsupported = triton_backend.unsupported()  # the model compiles the backend's kernels
+    if unsupported is not None:
+        return unsupported
+    missing = [name for name in ("nvdisasm", "ptxas", "cuobjdump") if sass.tool(name) is None]
+    return f"Triton's bundled {', '.join(missing)} not found" if missing else None
+
+
+needs_tools = pytest.mark.skipif(_tools_missing() is not None, reason=str(_tools_missing()))
+needs_triton = pytest.mark.skipif(triton_backend.unsupported() is not None, reason=str(triton_backend.unsupported()))
+
+
+@needs_triton  # the header reads the backend's autotune setting
 def test_kernel_profile_is_read_back_with_its_run_header(monkeypatch):
     """``parse_kernel_profile`` reads what ``benchmarks.kernel_profile`` writes: each Triton section with its run's
     commit, dtype, batch, TF32 flag and tile-config setting; eager sections and runs whose header does not say
@@ -190,20 +205,6 @@ def test_kernel_profile_is_read_back_with_its_run_header(monkeypatch):
     assert (split["commit"], split["dtype"], split["batch"], split["autotuned"]) == (info.git_commit, "bf16", 32, False)
     assert split["tf32"] is bool(torch.backends.cudnn.allow_tf32)
     assert (later["commit"], later["dtype"], later["batch"], later["autotuned"]) == ("fedcba9", "fp32", 8, True)
-
-
-# ---- the real kernels, compiled for sm_90 -------------------------------------------------------
-
-def _tools_missing():
-    unsupported = triton_backend.unsupported()  # the model compiles the backend's kernels
-    if unsupported is not None:
-        return unsupported
-    missing = [name for name in ("nvdisasm", "ptxas", "cuobjdump") if sass.tool(name) is None]
-    return f"Triton's bundled {', '.join(missing)} not found" if missing else None
-
-
-needs_tools = pytest.mark.skipif(_tools_missing() is not None, reason=str(_tools_missing()))
-needs_triton = pytest.mark.skipif(triton_backend.unsupported() is not None, reason=str(triton_backend.unsupported()))
 
 
 def _child(code: str, *args: str, pythonpath: str = str(ROOT), timeout: int = 900, cwd: Path = ROOT) -> str:
