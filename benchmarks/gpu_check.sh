@@ -93,8 +93,8 @@ timeout "${PROFILE_TIMEOUT:-35}" "$py" -m benchmarks.kernel_profile --layers "72
     --providers triton-split,triton,eager --modes fwd,full --top 12 --out "$out/results"
 echo "kernel profile: exit status $? after ${SECONDS}s"
 # Half the sweep's time each: the transposed kernel (its tiles first) and the depthwise kernel.
+limit=$(( ${SWEEP_TIMEOUT:-70} / 2 ))
 for kernel in transposed depthwise; do
-    limit=$(( ${SWEEP_TIMEOUT:-70} / 2 ))
     timeout "$limit" "$py" -m benchmarks.triton_sweep --kernels "$kernel" --shapes "728->728@19" --rep 10 \
         --dtypes bf16 --budget "$(( limit - 12 ))" --jsonl "$out/results/triton_sweep-$slug.jsonl"
     echo "tile sweep ($kernel): exit status $? after ${SECONDS}s"

@@ -29,6 +29,7 @@ import sys
 import time
 from pathlib import Path
 from typing import List, Optional
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
@@ -103,22 +104,16 @@ def sweep_candidates(kernel: str, family: str) -> List[tuple]:
     return pairs + [(current, config) for config in candidates(kernel, family) if describe(config) not in seen]
 
 
-@contextlib.contextmanager
 def transposed_tile(family: str, tile: Optional[tuple]):
-    """The transposed kernel's tile for ``family`` set to ``tile`` inside the block (the interpreter's tile too,
-    so that the interpreted sweep exercises it); nothing when ``tile`` is None."""
+    """A context in which the transposed kernel's tile for ``family`` is ``tile`` (the interpreter's tile too, so
+    that the interpreted sweep exercises it), restored afterwards; no change when ``tile`` is None."""
     from kernels.triton import split
 
-    if tile is None:
-        yield
-        return
-    saved = split.TRANSPOSED_TILES[family], split.INTERPRET_TILE
-    split.TRANSPOSED_TILES[family] = tile
-    split.INTERPRET_TILE = tile
-    try:
-        yield
-    finally:
-        split.TRANSPOSED_TILES[family], split.INTERPRET_TILE = saved
+    stack = contextlib.ExitStack()
+    if tile is not None:
+        stack.enter_context(mock.patch.dict(split.TRANSPOSED_TILES, {family: tile}))
+        stack.enter_context(mock.patch.object(split, "INTERPRET_TILE", tile))
+    return stack
 
 
 def describe(config, tile: Optional[tuple] = None) -> str:

@@ -266,7 +266,7 @@ def validate(with_backward: bool = False, results: Path = RESULTS) -> int:
             failures.append(f"{path} is missing")
             continue
         if record.kind == "kernels":
-            _validate_kernels(record, path, with_backward)
+            _validate_kernels(record, path)
             continue
         recorded = [r for r in _read(path) if not record.runs or r["run"]["run_id"] in record.runs]
         if record.kind == "sweep":
@@ -293,7 +293,7 @@ def validate(with_backward: bool = False, results: Path = RESULTS) -> int:
     return 0
 
 
-def _validate_kernels(record: Record, path: Path, with_backward: bool) -> None:
+def _validate_kernels(record: Record, path: Path) -> None:
     """Each profiled Triton kernel against its prediction, one child process per recorded commit. Shown for
     information (no target): the layer rows above time whole ops, this says which kernel the model misjudges."""
     rows = parse_kernel_profile(path.read_text())
@@ -302,7 +302,7 @@ def _validate_kernels(record: Record, path: Path, with_backward: bool) -> None:
         group = [r for r in rows if r["commit"] == commit]
         print(f"\n{record.path} (kernels at {commit[:7]}; {len(group)} profiled sections; device time a call in us; "
               f"'predicted' columns come from the model, not a GPU)")
-        _print_kernels(predict_record(Record(record.path, commit, "kernels"), group, with_backward))
+        _print_kernels(predict_record(Record(record.path, commit, "kernels"), group, with_backward=False))
 
 
 def _print_kernels(rows: List[dict]) -> None:
