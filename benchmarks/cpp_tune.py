@@ -5,6 +5,12 @@
 Baseline and fused runs are interleaved (the machine is shared) and the median of
 ``--repeats`` timings is reported, with the speedup and GFLOP/s, and the fastest call of each. ``--peak`` also
 times a large oneDNN 1x1 convolution as the machine's practical fp32 peak.
+
+    python -m benchmarks.cpp_tune --packing [--batch 1 8] [--repeats 15]
+
+times the fused-for-inference Xception on cpp (299x299, channels_last) with its pointwise weights packed
+once (``fuse_for_inference()``'s default) against packing them on every call (``pack_weights=False``),
+interleaved call by call, and checks that both give the same logits to the bit.
 Not the official benchmark suite (``python -m benchmarks``).
 """
 
@@ -62,6 +68,38 @@ def measure_peak(repeats: int) -> float:
     return 2.0 * x.numel() * 1024 / statistics.median(times) / 1e9
 
 
+def measure_packing(batches, repeats: int) -> None:
+    """The fused Xception's eval with packed pointwise weights against packing them per call (see the docstring)."""
+    import xception
+
+    torch.manual_seed(0)
+    model = xception.xception(backend="cpp").eval().fuse_for_inference().to(memory_format=torch.channels_last)
+    separable = [m for m in model.modules() if isinstance(m, kernels.SeparableConv2d)]
+
+    def run(packed: bool, x: torch.Tensor) -> torch.Tensor:
+        for module in separable:
+            if module._pack != packed:
+                module.pack_for_inference(packed)
+        return model(x)
+
+    with torch.inference_mode():
+        for batch in batches:
+            x = torch.randn(batch, 3, 299, 299).contiguous(memory_format=torch.channels_last)
+            if not torch.equal(run(False, x), run(True, x)):
+                raise SystemExit(f"batch {batch}: packed and unpacked logits differ")
+            times = {False: [], True: []}
+            for _ in range(repeats):
+                for packed in (False, True):
+                    run(packed, x)  # the first packed call after a switch packs
+                    start = time.perf_counter()
+                    run(packed, x)
+                    times[packed].append(time.perf_counter() - start)
+            per_call, once = statistics.median(times[False]), statistics.median(times[True])
+            print(f"eval N={batch}: packed per call {per_call * 1e3:8.2f} ms  packed once {once * 1e3:8.2f} ms  "
+                  f"speedup {per_call / once:5.3f}x  (fastest calls: {min(times[False]) * 1e3:.2f} ms, "
+                  f"{min(times[True]) * 1e3:.2f} ms; logits equal to the bit)", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
@@ -69,8 +107,14 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--shapes", type=int, nargs="+", default=list(range(len(XCEPTION_SHAPES))))
     parser.add_argument("--peak", action="store_true")
+    parser.add_argument("--packing", action="store_true", help="the fused model's eval, pointwise weights packed "
+                                                                "once against per call, instead of the layers")
     args = parser.parse_args()
     print(f"threads={torch.get_num_threads()}")
+    if args.packing:
+        kernels.available_backends()
+        measure_packing(args.batch, args.repeats)
+        return
     if args.peak:
         print(f"peak (oneDNN 1x1, 8x1024x28x28 -> 1024): {measure_peak(args.repeats):.0f} GFLOP/s")
     kernels.available_backends()

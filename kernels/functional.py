@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Dict, Optional, Union
+from typing import Callable, Dict, Optional, Union
 
 import torch
 
@@ -42,6 +42,7 @@ def separable_conv2d(
     *,
     backend: str = "auto",
     relu_input: bool = False,
+    _packed_pointwise: Optional[Callable[[torch.Tensor], Optional[torch.Tensor]]] = None,
 ) -> torch.Tensor:
     """Depthwise KxK convolution then pointwise 1x1 convolution, fused.
 
@@ -60,6 +61,9 @@ def separable_conv2d(
             Triton mode per layer (docs/gpu-dispatch.md); on CPU with ``SEPCONV_TUNE=1``,
             cpp or torch per layer, whichever measured faster.
         relu_input: apply ReLU to ``input`` first, inside the same kernel.
+        _packed_pointwise: internal (``SeparableConv2d.pack_for_inference``): called with the pointwise
+            weight where the call runs cpp's forward without a graph; returns that weight packed
+            (``sepconv_cpp::pack_pointwise``) or None.
 
     Returns:
         ``(N, C_out, H_out, W_out)`` (or ``(C_out, H_out, W_out)`` for unbatched input).
@@ -91,6 +95,11 @@ def separable_conv2d(
     name = resolve(backend, input.device, input.dtype, layer)
     args = (input, depthwise_weight, pointwise_weight, depthwise_bias, pointwise_bias,
             geometry.stride, geometry.padding, geometry.dilation, bool(relu_input))
+    if _packed_pointwise is not None and name == "cpp" and not grad:
+        packed = _packed_pointwise(pointwise_weight)
+        if packed is not None:
+            output = call_below_autograd(torch.ops.sepconv_cpp.forward_packed.default, args[:3] + (packed,) + args[3:])
+            return output.squeeze(0) if unbatched else output
     if autocast:  # the op runs in the dtype chosen above (autocast off inside: ~2.5 us a call otherwise)
         with torch.autocast(device_type, enabled=False):
             output = _run(name, args, grad)

@@ -96,6 +96,13 @@ BATCH_NORM_SCHEMAS = (
 CONV_SCHEMA = (
     "conv2d(Tensor input, Tensor weight, Tensor? bias, int[2] stride, int[2] padding, int[2] dilation) -> Tensor"
 )
+# ... the forward with its pointwise weight packed ahead (for inference: a weight that serves many calls is
+# not packed again on each; kernels.module.SeparableConv2d.pack_for_inference) and that packing, in the
+# build's own panel layout (ceil(Cout / 32) * K * 32 elements; no graph: the packed copy is a snapshot) ...
+FORWARD_PACKED_SCHEMA = FORWARD_SCHEMA.replace("forward(", "forward_packed(").replace(
+    "Tensor pointwise_weight, ", "Tensor pointwise_weight, Tensor packed_pointwise, ")
+PACK_SCHEMA = "pack_pointwise(Tensor pointwise_weight) -> Tensor"
+PACK_COLUMNS = 32  # the panel width (csrc/microkernel.h kCols)
 # ... and two for its buffer cache (kernels/csrc/buffer_cache.h): bytes live, idle and the idle
 # cap; and freeing the idle blocks (returns the bytes freed).
 CACHE_SCHEMAS = ("cache_stats() -> int[]", "empty_cache() -> int")
@@ -200,6 +207,17 @@ def empty_gradients(grad_output, input, depthwise_weight, pointwise_weight, dept
 def _fake_forward(input, depthwise_weight, pointwise_weight, depthwise_bias, pointwise_bias,
                   stride, padding, dilation, relu_input):
     return empty_output(input, output_shape(input, depthwise_weight, pointwise_weight, stride, padding, dilation))
+
+
+def _fake_forward_packed(input, depthwise_weight, pointwise_weight, packed_pointwise, depthwise_bias,
+                         pointwise_bias, stride, padding, dilation, relu_input):
+    return _fake_forward(input, depthwise_weight, pointwise_weight, depthwise_bias, pointwise_bias, stride, padding,
+                         dilation, relu_input)
+
+
+def _fake_pack_pointwise(pointwise_weight):
+    cout, k = pointwise_weight.shape[:2]
+    return pointwise_weight.new_empty(((cout + PACK_COLUMNS - 1) // PACK_COLUMNS * k * PACK_COLUMNS,))
 
 
 def _fake_backward(grad_output, input, depthwise_weight, pointwise_weight, depthwise_bias,
@@ -369,8 +387,11 @@ def define(backend: str) -> torch.library.Library:
             lib.define(schema)
         torch.library.register_fake(f"{ns}::backward_from_hidden", _fake_backward_from_hidden, lib=lib)
     if backend == "cpp":
-        for schema in POOL_SCHEMAS + BATCH_NORM_SCHEMAS + CACHE_SCHEMAS + (CONV_SCHEMA, FORWARD_WITH_MOMENTS_SCHEMA):
+        for schema in POOL_SCHEMAS + BATCH_NORM_SCHEMAS + CACHE_SCHEMAS + (
+                CONV_SCHEMA, FORWARD_WITH_MOMENTS_SCHEMA, FORWARD_PACKED_SCHEMA, PACK_SCHEMA):
             lib.define(schema)
+        torch.library.register_fake(f"{ns}::forward_packed", _fake_forward_packed, lib=lib)
+        torch.library.register_fake(f"{ns}::pack_pointwise", _fake_pack_pointwise, lib=lib)
         torch.library.register_fake(f"{ns}::forward_with_moments", _fake_forward_with_moments, lib=lib)
         torch.library.register_autograd(f"{ns}::forward_with_moments", make_backward(backward_op),
                                         setup_context=_setup_forward_with_moments, lib=lib)

@@ -365,3 +365,48 @@ def test_backend_warning_points_at_the_callers_line(monkeypatch):
         with pytest.warns(RuntimeWarning, match="backend 'cpp' skipped") as record:
             call()
         assert [w.filename for w in record if "skipped" in str(w.message)][0] == __file__
+
+
+def test_pack_for_inference_same_bits_and_follows_the_weight(threads):
+    """A module keeping its pointwise weight packed gives the unpacked results to the bit in no-grad calls,
+    packs again when the weight changes through PyTorch, records graphs as before, and keeps the copy out
+    of its state_dict, deep copies and pickles."""
+    require_backend("cpp")
+    torch.manual_seed(0)
+    module = kernels.SeparableConv2d(24, 70, 3, padding=1, bias=True, backend="cpp")
+    x = torch.randn(2, 24, 11, 11).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        expected = module(x)
+        assert module.pack_for_inference() is module
+        assert torch.equal(module(x), expected)
+        packed = module._packed
+        assert packed is not None and torch.equal(module(x), expected) and module._packed is packed  # reused
+        module.pointwise.weight.mul_(-2)  # an in-place update: packed again
+        changed = module(x)
+        assert module._packed is not packed
+        module.pack_for_inference(False)
+        assert module._packed is None and torch.equal(module(x), changed) and module._packed is None
+        module.pack_for_inference()
+        module.pointwise.weight = nn.Parameter(torch.randn_like(module.pointwise.weight))  # replaced
+        replaced = module(x)
+        module.pack_for_inference(False)
+        assert torch.equal(module(x), replaced)
+    module.pack_for_inference()
+    y = module(x.requires_grad_())  # records a graph: the op with autograd, not the packed forward
+    y.sum().backward()
+    assert module._packed is None and x.grad is not None and module.pointwise.weight.grad is not None
+    with torch.no_grad():
+        module(x)
+    assert module._packed is not None and list(module.state_dict()) == [
+        "conv1.weight", "conv1.bias", "pointwise.weight", "pointwise.bias"]
+    copied = copy.deepcopy(module)
+    assert copied._packed is None and copied._pack
+    with torch.no_grad():
+        assert torch.equal(copied(x), module(x))
+
+
+def test_pack_for_inference_is_ignored_off_cpp():
+    module = kernels.SeparableConv2d(4, 6, 3, padding=1, backend="torch").pack_for_inference()
+    with torch.no_grad():
+        module(torch.randn(1, 4, 8, 8))
+    assert module._packed is None

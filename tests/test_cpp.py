@@ -515,3 +515,57 @@ def test_forward_with_rows_4kb_apart(threads, out_channels):
     assert torch.equal(outputs[0], outputs[1])
     expected = F.conv2d(F.conv2d(x.double(), dw.double(), padding=1, groups=40), pw.double(), bias.double())
     torch.testing.assert_close(outputs[0].double(), expected, **TOLERANCES[torch.float32])
+
+
+def _packed_call(case, stride, dilation, relu_input, packed=None):
+    x, dw, pw, dwb, pwb = case
+    kh, kw = dw.shape[2:]
+    padding = [dilation * (kh // 2)] * 2 + [dilation * (kw // 2)] * 2
+    args = (x, dw, pw, dwb, pwb, [stride, stride], padding, [dilation, dilation], relu_input)
+    if packed is None:
+        return torch.ops.sepconv_cpp.forward(*args)
+    return torch.ops.sepconv_cpp.forward_packed(*args[:3], packed, *args[3:])
+
+
+@pytest.mark.parametrize("batch, channels, size, multiplier, out_channels, stride, dilation, bias, layout", [
+    (1, 40, 9, 1, 70, 1, 1, False, torch.channels_last),  # a partial last panel, a block or two a thread
+    (2, 17, 12, 2, 32, 2, 2, True, torch.contiguous_format),  # NCHW in, depth multiplier, both biases
+    (8, 64, 64, 1, 100, 1, 1, True, torch.channels_last),  # many blocks: shared panels when not packed
+], ids=["batch1-partial-panel", "nchw-multiplier-strided", "many-blocks"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_forward_packed_equals_forward(threads, batch, channels, size, multiplier, out_channels, stride, dilation,
+                                       bias, layout, dtype):
+    """The forward given its pointwise weight packed ahead (pack_pointwise) reads the same panels that it
+    packs per call otherwise: the same output to the bit, at 1 and 2 threads, with and without ReLU."""
+    require_backend("cpp")
+    case = list(make_case(batch, channels, size, size, (3, 3), multiplier, out_channels, bias, dtype,
+                          torch.device("cpu")))
+    case[0] = case[0].contiguous(memory_format=layout)
+    packed = torch.ops.sepconv_cpp.pack_pointwise(case[2])
+    assert packed.shape == (-(-out_channels // 32) * channels * multiplier * 32,) and packed.dtype == dtype
+    for count in (1, 2):
+        torch.set_num_threads(count)
+        for relu_input in (False, True):
+            expected = _packed_call(case, stride, dilation, relu_input)
+            got = _packed_call(case, stride, dilation, relu_input, packed)
+            assert got.is_contiguous(memory_format=layout) and torch.equal(got, expected), (count, relu_input)
+
+
+def test_forward_packed_checks_the_packed_weight():
+    require_backend("cpp")
+    case = make_case(1, 8, 5, 5, (3, 3), 1, 40, False, torch.float32, torch.device("cpu"))
+    packed = torch.ops.sepconv_cpp.pack_pointwise(case[2])
+    for bad in (packed[:-1], packed.double(), packed.view(2, -1)):
+        with pytest.raises(RuntimeError, match="packed_pointwise must be what sepconv_cpp::pack_pointwise returns"):
+            _packed_call(case, 1, 1, False, bad)
+    with pytest.raises(RuntimeError, match="pointwise_weight must be a \\(Cout, K, 1, 1\\)"):
+        torch.ops.sepconv_cpp.pack_pointwise(torch.randn(4, 3, 3, 3))
+
+
+def test_forward_packed_opcheck():
+    require_backend("cpp")
+    case = make_case(2, 8, 6, 6, (3, 3), 1, 40, True, torch.float32, torch.device("cpu"))
+    packed = torch.ops.sepconv_cpp.pack_pointwise(case[2])
+    torch.library.opcheck(torch.ops.sepconv_cpp.pack_pointwise.default, (case[2],))
+    torch.library.opcheck(torch.ops.sepconv_cpp.forward_packed.default,
+                          (*case[:3], packed, *case[3:], [1, 1], [1, 1, 1, 1], [1, 1], True))

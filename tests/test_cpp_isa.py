@@ -142,8 +142,8 @@ _AVX2_REASON = "the AVX2 build needs an x86-64 CPU with AVX2 and FMA"
 @pytest.mark.skipif(cpp_backend.host_isa() not in ("avx2", "avx512"), reason=_AVX2_REASON)
 def test_avx2_build_passes_the_cpp_grid():
     """The library held to AVX2+FMA (SEPCONV_CPU_ISA=avx2: its own name and cache, so the default build
-    stays) runs the shared cpp grid, the row-kernel, determinism and work-split tests of test_cpp.py and
-    the dense convolution's in a fresh interpreter, and reports the avx2 path."""
+    stays) runs the shared cpp grid, the row-kernel, determinism, work-split and packed-weight tests of
+    test_cpp.py and the dense convolution's in a fresh interpreter, and reports the avx2 path."""
     require_backend("cpp")  # the compiler and ninja are there
     check_isa = ("from kernels import cpp_backend; cpp_backend.load(); "
                  "assert cpp_backend.build_info()['isa'] == 'avx2', cpp_backend.build_info()")
@@ -154,7 +154,8 @@ def test_avx2_build_passes_the_cpp_grid():
     cpp_tests = ["test_gradients_bitwise_deterministic", "test_thread_counts_agree", "test_realistic_shapes",
                  "test_3x3_row_kernel_edges", "test_strided_depth_multiplier_relu", "test_single_image_row_bands",
                  "test_grad_input_written_everywhere", "test_relu_input_gradient_is_relu_backward",
-                 "test_large_output_forward", "test_two_consumers_accumulate_in_place"]
+                 "test_large_output_forward", "test_two_consumers_accumulate_in_place",
+                 "test_forward_packed_equals_forward"]
     result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
                              *[f"tests/test_cpp.py::{name}" for name in cpp_tests],
                              "tests/test_batch_norm.py", "tests/test_pooling.py", "tests/test_conv.py",

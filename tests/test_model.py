@@ -562,6 +562,25 @@ def test_fuse_for_inference_full_model_and_channels_last():
     assert_close(actual, expected, torch.float32, "fused full-model logits")
 
 
+def test_fused_model_packs_its_pointwise_weights():
+    """fuse_for_inference keeps the separable convs' pointwise weights packed for cpp by default: the same
+    logits to the bit as without (pack_weights=False), and nothing new in the state_dict."""
+    require_backend("cpp")
+    model = tiny(backend="cpp")
+    randomize_batchnorm(model, seed=4)
+    model.eval()
+    x = torch.randn(2, 3, 48, 48).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        model.fuse_for_inference(pack_weights=False)
+        keys = list(model.state_dict())
+        expected = model(x)
+        assert all(m._packed is None for m in model.separable_convs())
+        model.fuse_for_inference()
+        actual = model(x)
+    assert torch.equal(actual, expected)
+    assert all(m._packed is not None for m in model.separable_convs()) and list(model.state_dict()) == keys
+
+
 def test_fuse_needs_eval_mode():
     with pytest.raises(RuntimeError, match="eval"):
         tiny().fuse_for_inference()

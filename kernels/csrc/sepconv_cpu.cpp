@@ -6,6 +6,8 @@
 //   forward(input (N, C, H, W), depthwise_weight (C*M, 1, kh, kw), pointwise_weight (Cout, C*M, 1, 1),
 //           depthwise_bias (C*M)?, pointwise_bias (Cout)?, stride[2], padding[4] (top, bottom, left,
 //           right), dilation[2], relu_input) -> (N, Cout, OH, OW)
+//   forward_packed(input, depthwise_weight, pointwise_weight, packed_pointwise, ...): forward, with the pointwise
+//           weight also as pack_pointwise(pointwise_weight) returned it (not packed again)
 //   backward(grad_output, input, depthwise_weight, pointwise_weight, depthwise_bias?, stride, padding,
 //            dilation, relu_input, output_mask[5]) -> 5 gradients ((0,) where not asked for; the mask has
 //            one flag per gradient, in the order they are returned)
@@ -138,12 +140,22 @@ at::Tensor nhwc_result(const at::Tensor& like, at::IntArrayRef sizes, Fill fill)
 // The forward's work. With moments, that tensor becomes the output's per-channel moments: (2, Cout)
 // float64, the mean in row 0 and the sum of squared deviations from it (M2) in row 1, for the
 // batch_norm op after the layer (forward_with_moments).
+// With packed, pointwise_weight as pack_pointwise returned it, read instead of packing the weight again.
 at::Tensor run_forward(const char* op, const at::Tensor& input, const at::Tensor& depthwise_weight,
                        const at::Tensor& pointwise_weight, const std::optional<at::Tensor>& depthwise_bias,
                        const std::optional<at::Tensor>& pointwise_bias, at::IntArrayRef stride, at::IntArrayRef padding,
-                       at::IntArrayRef dilation, bool relu_input, at::Tensor* moments) {
+                       at::IntArrayRef dilation, bool relu_input, at::Tensor* moments,
+                       const at::Tensor* packed = nullptr) {
   check_args(input, depthwise_weight, pointwise_weight, stride, padding, dilation);
   const Geometry g = geometry(input, depthwise_weight, pointwise_weight, stride, padding, dilation);
+  if (packed != nullptr) {
+    const int64_t size = packed_pointwise_size(g.Cout, g.CM);
+    TORCH_CHECK(packed->dim() == 1 && packed->numel() == size && packed->scalar_type() == input.scalar_type() &&
+                    packed->device().is_cpu() && packed->is_contiguous(),
+                op, ": packed_pointwise must be what sepconv_cpp::pack_pointwise returns for a (", g.Cout, ", ",
+                g.CM, ", 1, 1) ", input.scalar_type(), " weight: a contiguous 1-D CPU tensor of ", size,
+                " elements, got ", packed->scalar_type(), " ", packed->sizes(), " on ", packed->device());
+  }
   std::optional<OutputMoments> sink;
   if (moments != nullptr) {
     TORCH_CHECK(g.pixels() > 0, op, ": needs at least one output pixel, got input ", input.sizes());
@@ -161,7 +173,8 @@ at::Tensor run_forward(const char* op, const at::Tensor& input, const at::Tensor
     AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "sepconv_cpp_forward", [&] {
       sepconv::forward<scalar_t>(g, x.data_ptr<scalar_t>(), dw_taps.data_ptr<scalar_t>(), pw2d.data_ptr<scalar_t>(),
                                  bias.has_value() ? bias->data_ptr<scalar_t>() : nullptr, relu_input,
-                                 result.data_ptr<scalar_t>(), sink ? &*sink : nullptr);
+                                 result.data_ptr<scalar_t>(), sink ? &*sink : nullptr,
+                                 packed != nullptr ? packed->data_ptr<scalar_t>() : nullptr);
     });
   });
 }
@@ -171,6 +184,31 @@ at::Tensor forward_op(const at::Tensor& input, const at::Tensor& depthwise_weigh
                       at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, bool relu_input) {
   return run_forward("sepconv_cpp::forward", input, depthwise_weight, pointwise_weight, depthwise_bias,
                      pointwise_bias, stride, padding, dilation, relu_input, nullptr);
+}
+
+// forward with the pointwise weight also given packed (pack_pointwise), for a weight that serves many calls.
+at::Tensor forward_packed_op(const at::Tensor& input, const at::Tensor& depthwise_weight,
+                             const at::Tensor& pointwise_weight, const at::Tensor& packed_pointwise,
+                             const std::optional<at::Tensor>& depthwise_bias,
+                             const std::optional<at::Tensor>& pointwise_bias, at::IntArrayRef stride,
+                             at::IntArrayRef padding, at::IntArrayRef dilation, bool relu_input) {
+  return run_forward("sepconv_cpp::forward_packed", input, depthwise_weight, pointwise_weight, depthwise_bias,
+                     pointwise_bias, stride, padding, dilation, relu_input, nullptr, &packed_pointwise);
+}
+
+// pointwise_weight (Cout, K, 1, 1) in the panel layout this build's forward reads (its ISA's pass width).
+at::Tensor pack_pointwise_op(const at::Tensor& pointwise_weight) {
+  TORCH_CHECK(pointwise_weight.dim() == 4 && pointwise_weight.size(2) == 1 && pointwise_weight.size(3) == 1 &&
+                  pointwise_weight.device().is_cpu() && pointwise_weight.is_floating_point(),
+              "sepconv_cpp::pack_pointwise: pointwise_weight must be a (Cout, K, 1, 1) floating-point CPU tensor, got ",
+              pointwise_weight.scalar_type(), " ", pointwise_weight.sizes(), " on ", pointwise_weight.device());
+  const int64_t Cout = pointwise_weight.size(0), K = pointwise_weight.size(1);
+  const at::Tensor pw2d = pointwise_weight.reshape({Cout, K}).contiguous();
+  at::Tensor packed = at::empty({packed_pointwise_size(Cout, K)}, pointwise_weight.options());
+  AT_DISPATCH_FLOATING_TYPES(pointwise_weight.scalar_type(), "sepconv_cpp_pack_pointwise", [&] {
+    pack_pointwise<scalar_t>(pw2d.data_ptr<scalar_t>(), Cout, K, packed.data_ptr<scalar_t>());
+  });
+  return packed;
 }
 
 std::tuple<at::Tensor, at::Tensor> forward_with_moments_op(
@@ -435,6 +473,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_op(
 TORCH_LIBRARY_IMPL(sepconv_cpp, CPU, m) {
   m.impl("forward", &sepconv::forward_op);
   m.impl("forward_with_moments", &sepconv::forward_with_moments_op);
+  m.impl("forward_packed", &sepconv::forward_packed_op);
+  m.impl("pack_pointwise", &sepconv::pack_pointwise_op);
   m.impl("conv2d", &sepconv::conv2d_op);
   m.impl("backward", &sepconv::backward_op);
   m.impl("max_pool2d_add", &sepconv::max_pool2d_add_op);

@@ -914,9 +914,12 @@ class PanelMoments {
 // micro-kernel call as in_place(first pixel, rows, first panel of the task?, the call's tile rows,
 // ld, MicroArgs&): either sets the args' tap_offsets and returns where A starts in the input, or
 // returns null after (on the task's first panel) filling the call's rows of the tile.
+//
+// packed (optional): pw already packed (pack_pointwise: every panel, in order), read in place of a
+// pack per call. The panels hold the same values, so the output has the same bits.
 template <typename T, typename FillTile, typename InPlace = std::nullptr_t>
 void tiled_forward(const Geometry& g, int64_t K, FillTile fill_tile, const T* pw, const T* bias, T* out,
-                   const OutputMoments* moments = nullptr, InPlace in_place = nullptr) {
+                   const OutputMoments* moments = nullptr, InPlace in_place = nullptr, const T* packed = nullptr) {
   const int64_t npix = g.pixels();
   if (npix == 0) return;
   const int64_t threads = at::get_num_threads();
@@ -982,11 +985,13 @@ void tiled_forward(const Geometry& g, int64_t K, FillTile fill_tile, const T* pw
   // different panels, so each packs its share. (A packing pass ahead of the blocks cost its own
   // parallel region, wrote the whole packed weight out and read it back: 0.2-0.7 ms of a 12-27 ms
   // forward of the 10x10 layers at batch 8.)
-  const bool pack_on_use = blocks <= 2 * threads;
-  T* shared_panels = nullptr;
+  // A prepacked weight (packed) is read where it lies, by every block; with a block or two per thread the
+  // threads go through its panels in step, as they do packing on use.
+  const bool in_step = blocks <= 2 * threads, pack_on_use = packed == nullptr && in_step;
+  T* packed_here = nullptr;  // the shared panels this call packs
   std::unique_ptr<PanelSlot[]> panel_slots;
-  if (!pack_on_use) {
-    shared_panels = scratch<T, struct PointwisePanels>(npanels * K * kCols);
+  if (packed == nullptr && !pack_on_use) {
+    packed_here = scratch<T, struct PointwisePanels>(npanels * K * kCols);
     panel_slots.reset(new PanelSlot[npanels]);
   }
 
@@ -1019,7 +1024,7 @@ void tiled_forward(const Geometry& g, int64_t K, FillTile fill_tile, const T* pw
       // Blocks reading the shared panels start at evenly spaced ones (the order of the panels does
       // not change any sum). Packing on use, the threads go in step: both read the same rows of pw
       // at about the same time, and one fetch from DRAM serves them.
-      const int64_t first_panel = pack_on_use ? jp0 : jp0 + block * (jp1 - jp0) / blocks;
+      const int64_t first_panel = in_step ? jp0 : jp0 + block * (jp1 - jp0) / blocks;
       auto panel_at = [&](int64_t step) {
         return first_panel + step < jp1 ? first_panel + step : first_panel + step - (jp1 - jp0);
       };
@@ -1030,12 +1035,12 @@ void tiled_forward(const Geometry& g, int64_t K, FillTile fill_tile, const T* pw
         args.stream = stream && args.nr == kCols;
         args.b_pass = K * args.ldb;
         args.next_ld_bytes = g.Cout * int64_t(sizeof(T));  // the output's rows, for MicroArgs::next
-        const T* panel = shared_panels + jp * K * kCols;
+        const T* panel = (packed != nullptr ? packed : packed_here) + jp * K * kCols;
         if (pack_on_use) {
           pack_panel(pw, g.Cout, K, jp, own_panel.data());
           panel = own_panel.data();
-        } else {
-          panel_slots[jp].ensure_packed([&] { pack_panel(pw, g.Cout, K, jp, shared_panels + jp * K * kCols); });
+        } else if (packed == nullptr) {
+          panel_slots[jp].ensure_packed([&] { pack_panel(pw, g.Cout, K, jp, packed_here + jp * K * kCols); });
         }
         const T* init = bias ? bias + jp * kCols : nullptr;
         const int64_t calls = ceil_div(nrows, kRows);
@@ -1104,13 +1109,25 @@ void tiled_forward(const Geometry& g, int64_t K, FillTile fill_tile, const T* pw
 }
 
 // out = pointwise(depthwise(x)) + bias; pw is (Cout, CM); bias (Cout) already includes pw @ dw_bias.
-// With moments, also out's per-channel mean and M2 (tiled_forward).
+// With moments, also out's per-channel mean and M2; with packed, pw as pack_pointwise packed it (tiled_forward).
 template <typename T>
 void forward(const Geometry& g, const T* x, const T* dw_taps, const T* pw, const T* bias, bool relu, T* out,
-             const OutputMoments* moments = nullptr) {
+             const OutputMoments* moments = nullptr, const T* packed = nullptr) {
   tiled_forward<T>(g, g.CM, [&](int64_t p0, int64_t rows, T* tile, int64_t ld) {
     depthwise_tile<T>(g, x, dw_taps, nullptr, relu, p0, rows, 0, g.CM, tile, ld);
-  }, pw, bias, out, moments);
+  }, pw, bias, out, moments, nullptr, packed);
+}
+
+// Elements of pw (Cout, CM) packed as the forward reads it: every kCols-wide panel, in order.
+inline int64_t packed_pointwise_size(int64_t Cout, int64_t CM) { return ceil_div(Cout, kCols) * CM * kCols; }
+
+// pw (Cout, CM) packed into `packed` (packed_pointwise_size elements): what tiled_forward packs per call,
+// once, for a weight that serves many calls (inference).
+template <typename T>
+void pack_pointwise(const T* pw, int64_t Cout, int64_t CM, T* packed) {
+  at::parallel_for(0, ceil_div(Cout, kCols), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t jp = begin; jp < end; ++jp) pack_panel(pw, Cout, CM, jp, packed + jp * CM * kCols);
+  });
 }
 
 // The input windows of output pixels [p0, p0 + rows) as rows of a dense convolution's A: row r holds,
