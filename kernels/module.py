@@ -138,7 +138,8 @@ class SeparableConv2d(BackendAttribute, nn.Module):
         takes as much memory again as the pointwise weight, and is made again when the weight changes
         through PyTorch (an in-place update, ``load_state_dict``, ``.to()``); a write that PyTorch does not
         count, through ``weight.data`` or a NumPy view, is not seen: call ``pack_for_inference()`` again after
-        one. Calls that record a graph, other backends and ``torch.compile`` run as before.
+        one. Calls that record a graph, other backends, weights made under ``torch.inference_mode()`` (they
+        count no changes) and ``torch.compile`` run as before.
         ``enabled=False`` turns it off and frees the copy. Returns ``self``.
         """
         self._pack = bool(enabled)
@@ -151,9 +152,10 @@ class SeparableConv2d(BackendAttribute, nn.Module):
 
     def _packed_pointwise(self, weight: torch.Tensor):
         """``weight`` packed (``sepconv_cpp::pack_pointwise``), packed again when it changed since; None for a
-        weight other than this module's own (a cast under autocast) and under ``torch.compile``."""
+        weight other than this module's own (a cast under autocast), for an inference tensor (made under
+        ``torch.inference_mode()``: it counts no changes) and under ``torch.compile``."""
         own = self.pointwise.weight
-        if weight is not own or torch.compiler.is_compiling():
+        if weight is not own or own.is_inference() or torch.compiler.is_compiling():
             return None
         key = (own.data_ptr(), own._version, own.dtype, own.shape)
         if self._packed is None or self._packed_key != key:

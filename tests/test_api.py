@@ -410,3 +410,15 @@ def test_pack_for_inference_is_ignored_off_cpp():
     with torch.no_grad():
         module(torch.randn(1, 4, 8, 8))
     assert module._packed is None
+
+
+def test_pack_for_inference_skips_inference_tensor_weights():
+    """Weights made under torch.inference_mode() count no changes, so nothing is packed for them (and
+    nothing fails): such a module runs as unpacked."""
+    require_backend("cpp")
+    with torch.inference_mode():
+        module = kernels.SeparableConv2d(8, 40, 3, padding=1, backend="cpp")
+        x = torch.randn(2, 8, 10, 10)
+        expected = module(x)
+        module.pack_for_inference()
+        assert torch.equal(module(x), expected) and module._packed is None
