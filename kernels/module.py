@@ -131,8 +131,9 @@ class SeparableConv2d(BackendAttribute, nn.Module):
     def pack_for_inference(self, enabled: bool = True) -> "SeparableConv2d":
         """Keep the pointwise weight packed for the cpp backend's forward, instead of packing it on every call.
 
-        The cpp forward rearranges the pointwise weight into the panels its GEMM reads on each call; at
-        batch 1 that costs as much as a tenth of a network's inference. With packing on, the calls that run
+        The cpp forward rearranges the pointwise weight into the panels its GEMM reads on each call; in the
+        fused Xception's eval at batch 1 that took about 6% of the time with AVX-512 on an AMD Zen 4 (about 1%
+        with AVX2; docs/cpu-backends.md). With packing on, the calls that run
         the cpp forward without recording a graph (inference: ``torch.no_grad()``, or weights that do not
         require grad) pack it once and reuse the packed copy, with the same results to the bit. The copy
         takes as much memory again as the pointwise weight, and is made again when the weight changes
