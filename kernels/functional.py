@@ -95,7 +95,7 @@ def separable_conv2d(
     name = resolve(backend, input.device, input.dtype, layer)
     args = (input, depthwise_weight, pointwise_weight, depthwise_bias, pointwise_bias,
             geometry.stride, geometry.padding, geometry.dilation, bool(relu_input))
-    if _packed_pointwise is not None and name == "cpp" and not grad:
+    if _packed_pointwise is not None and name == "cpp" and not grad and not torch.compiler.is_compiling():
         packed = _packed_pointwise(pointwise_weight)
         if packed is not None:
             output = call_below_autograd(torch.ops.sepconv_cpp.forward_packed.default, args[:3] + (packed,) + args[3:])

@@ -156,7 +156,7 @@ class SeparableConv2d(BackendAttribute, nn.Module):
         weight other than this module's own (a cast under autocast), for an inference tensor (made under
         ``torch.inference_mode()``: it counts no changes) and under ``torch.compile``."""
         own = self.pointwise.weight
-        if weight is not own or own.is_inference() or torch.compiler.is_compiling():
+        if torch.compiler.is_compiling() or weight is not own or own.is_inference():
             return None
         key = (own.data_ptr(), own._version, own.dtype, own.shape)
         if self._packed is None or self._packed_key != key:
