@@ -153,10 +153,11 @@ class SeparableConv2d(BackendAttribute, nn.Module):
 
     def _packed_pointwise(self, weight: torch.Tensor):
         """``weight`` packed (``sepconv_cpp::pack_pointwise``), packed again when it changed since; None for a
-        weight other than this module's own (a cast under autocast), for an inference tensor (made under
-        ``torch.inference_mode()``: it counts no changes) and under ``torch.compile``."""
+        weight other than this module's own (a cast under autocast) and for an inference tensor (made under
+        ``torch.inference_mode()``: it counts no changes). ``separable_conv2d`` calls it only outside
+        ``torch.compile`` (Dynamo cannot trace ``is_inference()``)."""
         own = self.pointwise.weight
-        if torch.compiler.is_compiling() or weight is not own or own.is_inference():
+        if weight is not own or own.is_inference():
             return None
         key = (own.data_ptr(), own._version, own.dtype, own.shape)
         if self._packed is None or self._packed_key != key:
@@ -167,8 +168,7 @@ class SeparableConv2d(BackendAttribute, nn.Module):
     def __getstate__(self):
         # The packed copy is this process's (its panel layout is the loaded library's): never pickled or
         # deep-copied; the copy packs again on its first call.
-        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__.copy()
-        state = dict(state)
+        state = super().__getstate__()  # nn.Module's: a copy of __dict__
         state["_packed"] = None
         state["_packed_key"] = None
         return state
