@@ -2,6 +2,7 @@
 
 import contextlib
 import itertools
+import random
 
 import pytest
 import torch
@@ -150,6 +151,40 @@ def test_relu_input_gradient_with_non_finite_grad_output(backend):
     window = x.grad[0, :, 3:6, 3:6]
     assert not torch.isfinite(window[x.detach()[0, :, 3:6, 3:6] > 0]).any()  # inf (or inf - inf) reached them
     assert (x.grad[x.detach() <= 0] == 0).all()
+
+
+def random_geometry(seed):
+    """A seeded geometry unlike the grid's: kernel size, stride, dilation and padding chosen per dimension, a
+    depth multiplier, any channel counts, batch 0 to 3, with or without biases and relu_input, either layout."""
+    rng = random.Random(seed)
+    while True:
+        kernel = (rng.randint(1, 5), rng.randint(1, 5))
+        stride, dilation = (rng.randint(1, 3), rng.randint(1, 3)), (rng.randint(1, 3), rng.randint(1, 2))
+        padding = (rng.randint(0, 3), rng.randint(0, 3))
+        height, width = rng.randint(1, 16), rng.randint(1, 16)
+        if (height + 2 * padding[0] >= dilation[0] * (kernel[0] - 1) + 1
+                and width + 2 * padding[1] >= dilation[1] * (kernel[1] - 1) + 1):
+            break
+    return dict(batch=rng.randint(0, 3), channels=rng.randint(1, 40), multiplier=rng.choice([1, 1, 2, 3]),
+                out_channels=rng.randint(1, 70), size=(height, width), kernel=kernel, stride=stride,
+                dilation=dilation, padding=padding, bias=rng.random() < 0.5, relu_input=rng.random() < 0.5,
+                layout=rng.choice(["contiguous", "channels_last"]))
+
+
+RANDOM_GEOMETRIES = [random_geometry(seed) for seed in range(8)]
+
+
+@pytest.mark.parametrize("geometry", RANDOM_GEOMETRIES,
+                         ids=lambda g: "-".join(f"{k}={v}" for k, v in g.items()).replace(" ", ""))
+def test_random_geometries(backend, geometry):
+    """Eight seeded geometries beyond the grid (each argument drawn per dimension), in float32 and float64."""
+    for dtype in (torch.float32, torch.float64):
+        device = require_backend(backend, dtype)
+        g = geometry
+        case = make_case(g["batch"], g["channels"], *g["size"], g["kernel"], g["multiplier"], g["out_channels"],
+                         g["bias"], dtype, device, seed=7)
+        check(backend, *case, g["stride"], g["padding"], g["dilation"], relu_input=g["relu_input"],
+              layout=g["layout"])
 
 
 def test_float64_matches(backend):
