@@ -178,9 +178,9 @@ RANDOM_GEOMETRIES = [random_geometry(seed) for seed in range(8)]
                          ids=lambda g: "-".join(f"{k}={v}" for k, v in g.items()).replace(" ", ""))
 def test_random_geometries(backend, geometry):
     """Eight seeded geometries beyond the grid (each argument drawn per dimension), in float32 and float64."""
+    g = geometry
     for dtype in (torch.float32, torch.float64):
         device = require_backend(backend, dtype)
-        g = geometry
         case = make_case(g["batch"], g["channels"], *g["size"], g["kernel"], g["multiplier"], g["out_channels"],
                          g["bias"], dtype, device, seed=7)
         check(backend, *case, g["stride"], g["padding"], g["dilation"], relu_input=g["relu_input"],
