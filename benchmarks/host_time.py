@@ -104,12 +104,12 @@ def measure(device: str, dtype: str, provider_names: Sequence[str], modes: Seque
             continue
         for mode in modes:
             case = Case("layers", SHAPE, 1, dtype, "channels_last", mode, provider)
-            with providers.triton_mode(providers.backend_and_mode(provider)[1]):
-                prepared = providers.prepare(case, device)
-                microseconds = host_time_us(prepared.fn, device, calls)
+            prepared = providers.prepare(case, device)
+            with prepared.timed() as call:
+                microseconds = host_time_us(call, device, calls)
                 if profile:
                     print(f"-- {provider} {mode}: the {profile} functions with the most own time over {calls} calls")
-                    print_profile(prepared.fn, calls, profile)
+                    print_profile(call, calls, profile)
             stub = stubbed and provider.startswith("triton")
             rows.append(dict(provider=provider, mode=mode, dtype=dtype, shape=SHAPE.name, calls=calls,
                              host_us=round(microseconds, 2), triton_launches_stubbed=stub))

@@ -90,9 +90,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 continue
             for mode in args.modes:
                 case = Case("layers", shape, args.batch, args.dtype, "channels_last", mode, provider)
-                with providers.triton_mode(providers.backend_and_mode(provider)[1]):
-                    prepared = providers.prepare(case, "cuda")
-                    listed = kernel_times(prepared.fn, args.steps, args.top)
+                prepared = providers.prepare(case, "cuda")
+                with prepared.timed() as call:
+                    listed = kernel_times(call, args.steps, args.top)
                 total = sum(us for us, _, _ in listed)
                 lines.append(f"== {shape.name} {mode} {provider}: {total:.1f} us in the kernels listed")
                 lines += [f"{us:10.1f}  ({count:g})  {name[:100]}" for us, count, name in listed]

@@ -24,9 +24,10 @@ model, ``eval`` (no grad) and ``train`` (forward, loss, backward, SGD step).
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, ContextManager, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -59,6 +60,21 @@ class Prepared:
     # Where the call runs in another process (benchmarks.isolated): its peak memory and its page faults so far.
     memory: Optional[Callable[[], Optional[float]]] = None
     faults: Optional[Callable[[], int]] = None
+    # A provider with a Triton mode (triton, triton-split): ``fn`` sets SEPCONV_TRITON_MODE around each call;
+    # ``bare`` is the call without it and ``setting`` enters the mode (see ``timed``).
+    bare: Optional[Callable[[], object]] = None
+    setting: Optional[Callable[[], ContextManager]] = None
+
+    @contextlib.contextmanager
+    def timed(self) -> Iterator[Callable[[], object]]:
+        """The callable to time many calls of in a row: ``fn``, or inside the provider's Triton mode, entered once
+        for all of them, the call without the per-call switch (a few microseconds of environment updates that
+        would otherwise be timed with every call of a triton provider, and not with the eager pair's)."""
+        if self.setting is None:
+            yield self.fn
+            return
+        with self.setting():
+            yield self.bare
 
 
 class _ImplementationsSeen(TorchDispatchMode):
@@ -310,7 +326,7 @@ def prepare(case: Case, device: str, model_kwargs: Optional[Dict] = None) -> Pre
         def in_mode():
             with triton_mode(mode):
                 return call()
-        prepared.fn = in_mode
+        prepared.fn, prepared.bare, prepared.setting = in_mode, call, functools.partial(triton_mode, mode)
     if backend_and_mode(backend)[0] == "auto":
         # One untimed call first: the tuner (when on) times its candidates on a layer's first call,
         # and those calls would be recorded as run.

@@ -107,7 +107,8 @@ def measure_case(case: Case, options: RunOptions, run: RunInfo, baselines: Dict[
     cuda_options = {}
     if options.device == "cuda":
         cuda_options = dict(use_cuda_graph=options.cuda_graphs, grad_to_none=prepared.grad_to_none or None)
-    timing = measure(prepared.fn, options.device, options.policy, **cuda_options)
+    with prepared.timed() as call:
+        timing = measure(call, options.device, options.policy, **cuda_options)
     row = _finish_row(case, prepared, timing, options, run, baselines)
     del prepared
     return row

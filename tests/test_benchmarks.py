@@ -525,6 +525,48 @@ def test_mode_provider_runs_its_backend_in_that_mode(monkeypatch, suite, provide
     assert providers.availability(suite, provider, "cpu", "fp32") == providers.TRITON_CPU_REASON
 
 
+def test_mode_provider_is_timed_inside_its_mode_entered_once(monkeypatch):
+    """A timer of many calls (runner.measure_case, host_time, kernel_profile) takes ``prepared.timed()``: for a
+    triton provider, its mode set once around all the calls and a callable that does not switch it (the
+    switch, a few microseconds of environment updates, is not timed with every call); for the others, fn."""
+    import os
+
+    from benchmarks import runner
+    from benchmarks.cases import Case
+    from benchmarks.machine import run_info
+
+    monkeypatch.setenv("SEPCONV_TRITON_MODE", "fused")
+    seen = []
+    monkeypatch.setattr(providers, "prepare_layer", lambda case, device: providers.Prepared(
+        lambda: seen.append(os.environ.get("SEPCONV_TRITON_MODE"))))
+    case = Case("layers", XCEPTION_LAYERS[0], 1, "fp32", "channels_last", "fwd", "triton-split")
+    prepared = providers.prepare(case, "cpu")
+    with prepared.timed() as call:
+        assert os.environ["SEPCONV_TRITON_MODE"] == "split"
+        call()
+        call()
+    assert seen == ["split", "split"] and os.environ["SEPCONV_TRITON_MODE"] == "fused"
+    call()  # outside the block the bare call runs in whatever mode is set: it switches nothing itself
+    prepared.fn()  # fn still sets the mode around each call (the interleaved CPU rounds time it so)
+    assert seen[2:] == ["fused", "split"] and os.environ["SEPCONV_TRITON_MODE"] == "fused"
+    plain = providers.Prepared(lambda: None)
+    with plain.timed() as call:
+        assert call is plain.fn
+
+    timed = []
+
+    def measure(fn, device, policy, **options):
+        timed.append((fn is prepared.bare, os.environ.get("SEPCONV_TRITON_MODE")))
+        return timing.summarize([1.0, 1.0, 1.0])
+
+    monkeypatch.setattr(providers, "prepare", lambda case, device, model_kwargs=None: prepared)
+    monkeypatch.setattr(runner, "measure", measure)
+    options = runner.RunOptions(device="cpu", policy=timing.TimingPolicy(), measure_memory=False)
+    row = runner.measure_case(case, options, run_info("cpu", argv="test"), {})
+    assert timed == [(True, "split")] and row["status"] == "ok"
+    assert os.environ["SEPCONV_TRITON_MODE"] == "fused"
+
+
 def test_gpu_check_script_parses_and_its_selections_collect_tests():
     """benchmarks/gpu_check.sh (run only where a GPU is lent) is valid bash and each -k selects Triton tests."""
     import re
