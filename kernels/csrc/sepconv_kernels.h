@@ -1231,9 +1231,9 @@ void backward(const Geometry& g, const T* x, const T* dw_taps, const T* dw_bias,
   // A part's last few pixels (up to a quarter block) join the block before them: each block reads and
   // writes its chunk of the weight gradient once (2 MB at 2048 x 256), whatever its pixel count, and
   // a 10x10 image is 96 + 4 pixels. Backward of 1536->2048@10 at batch 1, 2 threads: 6% and 1.7% less
-  // time in two interleaved runs, 1024->1536@10 3.6% and 1.3% (one thread 4%); the 19x19 layers at
-  // batch 8 (1444-pixel parts: 15 x 96 + 4) within noise. Still a function of the shape and the
-  // thread count only, so the bits stay deterministic.
+  // time in two interleaved runs, 1024->1536@10 3.6% and 1.3% (one thread 4%); 728->728@19 and
+  // 728->1024@19 at batch 8 (2888 pixels: 30 x 96 + 8) -1% to +2.3%, within the runs' noise. Still a
+  // function of the shape and the thread count only, so the bits stay deterministic.
   const int64_t merge_tail = pixel_block / 4;
   const int64_t max_block = pixel_block + merge_tail;
   auto block_end = [&](int64_t p0, int64_t last) {
