@@ -26,7 +26,7 @@ from kernels.triton import AUTOTUNE_ENV
 from . import isolated, providers
 from .cli import choices, positive_int, positive_ints
 from .cases import DTYPES, LAYER_MODES, LAYOUTS, MODEL_MODES, SHAPE_SETS, SUITES, build_cases
-from .machine import device_slug, measure_peaks, run_info, set_threads
+from .machine import device_slug, measure_peaks, pinned_configs, run_info, set_threads
 from .results import DEFAULT_DIR, JsonlLog, atomic_write_text, check_targets, render_markdown
 from .runner import RunOptions, RunState, run_cases
 from .timing import TimingPolicy
@@ -209,6 +209,7 @@ def run(args: argparse.Namespace, cases) -> int:
     else:
         info.cuda_graphs = bool(args.cuda_graphs)
         info.triton_autotune = os.environ.get(AUTOTUNE_ENV, "1") != "0"
+        info.triton_configs = pinned_configs()
     console.print(f"[bold]Separable-conv benchmark[/bold] on {info.device_name} ({args.device}), "
                   f"{info.threads} torch threads, torch {info.torch_version}, run {info.run_id}")
     if args.device == "cpu":

@@ -7,7 +7,7 @@
 #      dispatch and launch work is all that is left), and split mode's host path under cProfile;
 #   3. each kernel's device time per call at three layers (benchmarks.kernel_profile), and the tile
 #      configs of split mode's two depthwise kernels at 728->728@19, the transposed one's tile sizes
-#      first (benchmarks.triton_sweep);
+#      first (benchmarks.triton_sweep); the fastest of each is pinned for parts 4-6;
 #   4. every Xception layer in bf16, forward and forward+backward, batch 32, channels_last, in plain
 #      calls: triton (fused), triton-split, auto and the eager nn.Conv2d pair (cuDNN);
 #   5. the same layers replayed from CUDA graphs (the GPU's time without the host's): triton-split
@@ -16,8 +16,10 @@
 #   7. the dispatch table rebuilt from this GPU's recorded results plus this run's (a preview);
 #   8. the rest of the Triton tests, in the time left.
 # The benchmarks run each kernel's first tile config (SEPCONV_TRITON_AUTOTUNE=0, recorded in the
-# rows): autotuning compiles and times every config of every kernel, about 14 s a layer, which
-# took a whole earlier run's time limit. tests/conftest.py runs the Triton tests on CUDA tensors.
+# rows), but split mode's two depthwise kernels run the sweep's fastest (SEPCONV_TRITON_CONFIGS, in the
+# rows' triton_configs): autotuning compiles and times every config of every kernel, about 14 s a
+# layer, which took a whole earlier run's time limit. tests/conftest.py runs the Triton tests on CUDA
+# tensors.
 #
 # Usage: bash benchmarks/gpu_check.sh OUT_DIR [PYTHON]
 # OUT_DIR gets at most seven files, so that a machine that hands back a few files returns them all:
@@ -26,8 +28,11 @@
 # kernel-profile-<slug>.txt and triton_sweep-<slug>.jsonl (likewise appended to the committed ones).
 # To record the run: copy OUT_DIR/results/* into benchmarks/results/, then rebuild the committed table
 # from the committed file: python -m benchmarks.dispatch_table benchmarks/results/cuda-<gpu>.jsonl
-# (add --capability sm_XY while that file holds rows from runs that did not record it); then
-# python -m benchmarks.gpu_model --validate compares each profiled Triton kernel with the static model.
+# (add --capability sm_XY while that file holds rows from runs that did not record it). Where the
+# rows' triton_configs name pinned configs, first put them first in split.GPU_CONFIGS and
+# TRANSPOSED_CONFIGS, and the tile in TRANSPOSED_TILES, so that the table is built from what users
+# run. Then python -m benchmarks.gpu_model --validate compares each profiled Triton kernel with the
+# static model.
 # QUICK_TIMEOUT, HOST_TIMEOUT, PROFILE_TIMEOUT, SWEEP_TIMEOUT, LAYERS_TIMEOUT, GRAPHS_TIMEOUT,
 # MODEL_TIMEOUT and TEST_TIMEOUT bound the parts (seconds; 50 + 30 + 35 + 70 + 90 + 60 + 90 + 20 by
 # default; with the host profile and the table, at most about 8.5 minutes).
@@ -92,13 +97,21 @@ rm -rf "$out/profiled"
 timeout "${PROFILE_TIMEOUT:-35}" "$py" -m benchmarks.kernel_profile --layers "728->728@19,256->728@37,64->128@147" \
     --providers triton-split,triton,eager --modes fwd,full --top 12 --out "$out/results"
 echo "kernel profile: exit status $? after ${SECONDS}s"
-# Half the sweep's time each: the transposed kernel (its tiles first) and the depthwise kernel.
+# Half the sweep's time each: the transposed kernel (its tiles first) and the depthwise kernel. The
+# fastest config of each is pinned (SEPCONV_TRITON_CONFIGS) for the benchmarks below; the pins are in
+# the rows' run metadata (triton_configs), so the file stays out of OUT_DIR.
 limit=$(( ${SWEEP_TIMEOUT:-70} / 2 ))
+pins=$(mktemp -d)/triton-configs.json
 for kernel in transposed depthwise; do
     timeout "$limit" "$py" -m benchmarks.triton_sweep --kernels "$kernel" --shapes "728->728@19" --rep 10 \
-        --dtypes bf16 --budget "$(( limit - 12 ))" --jsonl "$out/results/triton_sweep-$slug.jsonl"
+        --dtypes bf16 --budget "$(( limit - 12 ))" --jsonl "$out/results/triton_sweep-$slug.jsonl" --pins "$pins"
     echo "tile sweep ($kernel): exit status $? after ${SECONDS}s"
 done
+if [ -s "$pins" ]; then
+    export SEPCONV_TRITON_CONFIGS=$pins
+    echo "pinned for the benchmarks below (SEPCONV_TRITON_CONFIGS):"
+    cat "$pins"
+fi
 
 bench "${LAYERS_TIMEOUT:-90}" layers --suite layers --quick --modes fwd,full --min-time 0.1 \
     --providers triton,triton-split,auto,eager

@@ -19,9 +19,11 @@ import sys
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 import torch
+
+from kernels.triton import CONFIGS_ENV
 
 from .cpu_peak import fma_gflops
 from .timing import TimingPolicy, measure
@@ -167,9 +169,23 @@ class RunInfo:
     # (False under SEPCONV_TRITON_AUTOTUNE=0: each kernel's first config).
     cuda_graphs: Optional[bool] = None
     triton_autotune: Optional[bool] = None
+    # CUDA runs: the tile configs pinned from SEPCONV_TRITON_CONFIGS (kernels/triton/pinned.py), one line
+    # each; None without that file.
+    triton_configs: Optional[List[str]] = None
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
+
+
+def pinned_configs() -> Optional[List[str]]:
+    """The Triton tile configs pinned by ``SEPCONV_TRITON_CONFIGS``, one line each, or None where it is unset."""
+    if not os.environ.get(CONFIGS_ENV):
+        return None
+    try:
+        from kernels.triton import pinned
+    except ImportError as error:  # no Triton: nothing is launched that a pin could apply to
+        return [f"not applied: {error}"]
+    return pinned.describe()
 
 
 def run_info(device: str, argv: str = "") -> RunInfo:

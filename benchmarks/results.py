@@ -237,6 +237,9 @@ def _gpu_timing_line(run: Dict) -> str:
               if timed_through_cuda_graphs(run) else "plain calls (the host's launch overhead included)")
     tiles = {True: "autotuned", False: "fixed (SEPCONV_TRITON_AUTOTUNE=0: each kernel's first config)",
              None: "not recorded"}[run.get("triton_autotune")]
+    pins = run.get("triton_configs")
+    if pins:
+        tiles += f", but pinned from SEPCONV_TRITON_CONFIGS: {'; '.join(pins)}"
     return f"- GPU timing: {timing}; Triton tile configs {tiles}"
 
 

@@ -153,14 +153,11 @@ def timer(device: str, repeats: int):
 
 
 def sweep(args) -> int:
-    from kernels.triton import backward, forward, split
+    from kernels.triton import backward, forward, pinned, split
 
     device = "cpu" if args.interpret else "cuda"
     ops = torch.ops.sepconv_triton
-    tables = {"forward": forward.forward_autotuned, "depthwise": split.depthwise_autotuned,
-              "grad_hidden": backward.grad_hidden_autotuned,
-              "grad_input": backward.grad_input_autotuned, "grad_pointwise": backward.grad_pointwise_autotuned,
-              "transposed": split.transposed_autotuned}
+    tables = pinned.kernel_tables()
     current = {"forward": forward.GPU_CONFIGS, "depthwise": split.GPU_CONFIGS, "transposed": split.TRANSPOSED_CONFIGS,
                "grad_hidden": backward.GRAD_HIDDEN_CONFIGS_GPU,
                "grad_input": backward.GRAD_INPUT_CONFIGS_GPU, "grad_pointwise": backward.GRAD_POINTWISE_CONFIGS_GPU}
@@ -230,7 +227,7 @@ def sweep(args) -> int:
                     forward.forced_configs.clear()
                     forward.forced_configs.update(saved)
                 is_current = tile == own_tile and any(describe(config) == describe(c) for c in current[kernel][family])
-                rows.append((ms, describe(config, tile), is_current, error))
+                rows.append((ms, describe(config, tile), is_current, error, config, tile))
                 if out:
                     out.write(json.dumps(dict(shape=shape.name, batch=args.batch, dtype=dtype_name, kernel=kernel,
                                               config=describe(config, tile), current=is_current, ms=ms, error=error,
@@ -239,15 +236,21 @@ def sweep(args) -> int:
                     out.flush()
             ok = sorted((r for r in rows if r[0] is not None), key=lambda r: r[0])
             print(f"  {kernel}: {len(ok)}/{len(rows)} configs ran", flush=True)
-            for ms, name, is_current, _ in ok[:args.top]:
+            for ms, name, is_current, *_ in ok[:args.top]:
                 rate = f"  {flops / ms / 1e9:6.1f} TFLOP/s" if kernel == "forward" else ""
                 print(f"    {ms:8.3f} ms{rate}  {name}{'  (current)' if is_current else ''}", flush=True)
             best_current = [r for r in ok if r[2]]
             if best_current and best_current[0] not in ok[:args.top]:
                 print(f"    {best_current[0][0]:8.3f} ms  {best_current[0][1]}  (best current)", flush=True)
-            for ms, name, _, error in rows:
+            for ms, name, _, error, *_ in rows:
                 if error:
                     print(f"    failed: {name}: {error}", flush=True)
+            if args.pins and ok:
+                ms, _, _, _, config, tile = ok[0]
+                pinned.write(args.pins, [pinned.entry(kernel, family, config, tile, ms=round(ms, 6), shape=shape.name,
+                                                      batch=args.batch, dtype=dtype_name, run_id=run["run_id"])],
+                             device=run["device_name"], written_by="python -m benchmarks.triton_sweep")
+                print(f"  {kernel}: the fastest pinned in {args.pins}", flush=True)
             if stopped:
                 break
         if stopped:
@@ -270,6 +273,9 @@ def main(argv=None) -> int:
     parser.add_argument("--budget", type=float, default=600.0, help="stop after this many seconds")
     parser.add_argument("--jsonl", type=Path, help="append one JSON row per (shape, dtype, kernel, config)")
     parser.add_argument("--interpret", action="store_true", help="tiny CPU run in Triton's interpreter (tests)")
+    parser.add_argument("--pins", type=Path,
+                        help="write the fastest config of each (kernel, dtype) swept into this pinned-configs file "
+                             "(read by SEPCONV_TRITON_CONFIGS; entries for other kernels are kept)")
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     args.dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
@@ -278,6 +284,8 @@ def main(argv=None) -> int:
         bad = [v for v in values if v not in allowed]
         if bad or not values:
             parser.error(f"{name}: {bad or values!r} not in {list(allowed)}")
+    if os.environ.get("SEPCONV_TRITON_CONFIGS"):
+        parser.error("SEPCONV_TRITON_CONFIGS is set: its pins would override the configs the sweep times; unset it")
     if args.interpret:
         if os.environ.get("TRITON_INTERPRET") != "1":
             parser.error("--interpret needs TRITON_INTERPRET=1 in the environment (set before Triton is imported)")

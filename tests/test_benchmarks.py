@@ -428,24 +428,33 @@ def test_rss_script(tmp_path, capsys):
     assert "--size must be >= 71, got 32" in capsys.readouterr().err
 
 
-def test_triton_sweep_interpreted(tmp_path, capsys):
+def test_triton_sweep_interpreted(tmp_path, capsys, monkeypatch):
     """The sweep end to end on a tiny shape in Triton's interpreter: one row per kernel, each timed; the transposed
-    kernel in two tiles (its own, then another), restored afterwards."""
+    kernel in two tiles (its own, then another), restored afterwards; the fastest of each kernel pinned in --pins."""
     require_backend("triton")
     if torch.cuda.is_available():
         pytest.skip("CUDA is available: the sweep runs on the GPU there, not in the interpreter")
-    from kernels.triton import split
+    from kernels.triton import pinned, split
 
+    monkeypatch.delenv(pinned.PINS_ENV, raising=False)
     tiles = dict(split.TRANSPOSED_TILES), split.INTERPRET_TILE
-    out = tmp_path / "sweep.jsonl"
+    out, pins = tmp_path / "sweep.jsonl", tmp_path / "pins.json"
     assert sweep_main(["--interpret", "--dtypes", "fp32", "--kernels", "forward,grad_input,depthwise,transposed",
-                       "--jsonl", str(out)]) == 0
+                       "--jsonl", str(out), "--pins", str(pins)]) == 0
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [row["kernel"] for row in rows] == ["forward", "grad_input", "depthwise", "transposed", "transposed"]
     assert all(row["ms"] > 0 and row["error"] is None for row in rows)
     assert [row["current"] for row in rows] == [True, True, True, True, False]
     own, other = (row["config"] for row in rows[3:])
     assert own.startswith("TILE=3x3,") and other.startswith("TILE=2x2,") and own[9:] == other[9:]
+    fastest = {}
+    for row in rows:
+        if row["kernel"] not in fastest or row["ms"] < fastest[row["kernel"]]["ms"]:
+            fastest[row["kernel"]] = row
+    written = pinned.read(pins)
+    assert sorted(written) == sorted((kernel, "fp32") for kernel in fastest)
+    for (kernel, _), pin in written.items():
+        assert describe(pin.config, pin.tile) == fastest[kernel]["config"], kernel
     assert (dict(split.TRANSPOSED_TILES), split.INTERPRET_TILE) == tiles
     assert "eager pair forward" in capsys.readouterr().out
     # The launcher reads the tile at each call, so the sweep's setting is the one launched.
@@ -455,6 +464,10 @@ def test_triton_sweep_interpreted(tmp_path, capsys):
     with transposed_tile("fp32", (1, 2)):
         assert (launch()[3]["ROWS"], launch()[3]["COLS"]) == (1, 2)
     assert (launch()[3]["ROWS"], launch()[3]["COLS"]) == split.INTERPRET_TILE
+    monkeypatch.setenv(pinned.PINS_ENV, str(pins))
+    with pytest.raises(SystemExit):
+        sweep_main(["--interpret"])
+    assert "SEPCONV_TRITON_CONFIGS is set" in capsys.readouterr().err
 
 
 def test_resolve_shapes_names_the_option():
@@ -717,6 +730,10 @@ def test_markdown_header_states_the_gpu_and_its_tf32_flags():
     assert "GPU timing: plain calls" in text and "Triton tile configs not recorded" in text
     graphs = render_markdown([], {**run, "cuda_graphs": True, "triton_autotune": False}, {}, None)
     assert "GPU timing: CUDA graph replays" in graphs and "Triton tile configs fixed" in graphs
+    pins = ["depthwise 16bit: BLOCK_P=8,BLOCK_C=64,ROWS=2,COLS=4,warps=4,stages=1"]
+    pinned = render_markdown([], {**run, "triton_autotune": False, "triton_configs": pins}, {}, None)
+    assert f"fixed (SEPCONV_TRITON_AUTOTUNE=0: each kernel's first config), but pinned from " \
+           f"SEPCONV_TRITON_CONFIGS: {pins[0]}" in pinned
     assert "GPU timing" not in render_markdown([], {"run_id": "r", "device": "cpu"}, {}, None)
 
 

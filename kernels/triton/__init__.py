@@ -18,6 +18,8 @@ MIN_TRITON = (3, 6)
 MODE_ENV = "SEPCONV_TRITON_MODE"
 # "0": each kernel runs its first tile config (no timing runs, one compile per kernel); "1" (default) autotunes.
 AUTOTUNE_ENV = "SEPCONV_TRITON_AUTOTUNE"
+# A JSON file of tile configs that replace autotuning for the kernels it names (``pinned.py``).
+CONFIGS_ENV = "SEPCONV_TRITON_CONFIGS"
 MODES = ("fused", "split")
 
 

@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from ..ops import empty_output, output_shape
-from . import AUTOTUNE_ENV
+from . import AUTOTUNE_ENV, pinned
 from .common import (INTERPRET, cast, cdiv, conv_tf32, depthwise_tile, mma, next_power_of_2, row_offsets,
                      split_pixels, vector_width, window_tap)
 
@@ -273,10 +273,15 @@ def autotune_enabled() -> bool:
 
 
 def launch_config(autotuned) -> Optional[triton.Config]:
-    """The config a launch of ``autotuned`` runs with, or None to let the autotuner choose."""
+    """The config a launch of ``autotuned`` runs with, or None to let the autotuner choose: a test's
+    ``forced_configs``, else a pin from ``SEPCONV_TRITON_CONFIGS`` (``pinned.py``), else the first config when
+    autotuning is off."""
     forced = forced_configs.get(autotuned.fn)
     if forced is not None:
         return forced
+    pin = pinned.config_for(autotuned)
+    if pin is not None:
+        return pin
     if len(autotuned.configs) == 1 or autotune_enabled():
         return None
     return autotuned.configs[0]

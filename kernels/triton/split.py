@@ -27,13 +27,14 @@ keeps them in fp32 registers.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
 from ..ops import check_output_mask, check_window, empty_output, output_shape
+from . import pinned
 from .backward import empty_backward, launch_grad_input
 from .common import (INTERPRET, accumulator, cast, cdiv, load_channels, matmul_like_conv, next_power_of_2,
                      row_offsets, split_pixels, vector_width, window_tap)
@@ -540,6 +541,15 @@ transposed_autotuned = {
     for name in TRANSPOSED_CONFIGS}
 
 
+def transposed_tile(dtype_family: str) -> Tuple[int, int]:
+    """The transposed kernel's tile of input pixels (rows, columns) for ``dtype_family``: a pinned one
+    (``SEPCONV_TRITON_CONFIGS``), else ``TRANSPOSED_TILES`` (``INTERPRET_TILE`` in the interpreter)."""
+    pin = pinned.transposed_tile(dtype_family)
+    if pin is not None:
+        return pin
+    return INTERPRET_TILE if INTERPRET else TRANSPOSED_TILES[dtype_family]
+
+
 def _bias_tap(kernel_hw, stride, padding, dilation, in_hw, out_hw) -> int:
     """The tap that maps every input pixel to the output pixel at the same place (stride 1, "same"
     padding), so that its g_h reads sum to the bias gradient; -1 when there is none."""
@@ -567,7 +577,7 @@ def transposed_depthwise_launch(grad_hidden: torch.Tensor, input: torch.Tensor, 
     q = batch * height * width
     pixels = batch * out_hw[0] * out_hw[1]
     tiled = tuple(stride) == (1, 1) and tuple(dilation) == (1, 1)
-    rows, cols = (INTERPRET_TILE if INTERPRET else TRANSPOSED_TILES[family(input.dtype)]) if tiled else (1, 1)
+    rows, cols = transposed_tile(family(input.dtype)) if tiled else (1, 1)
     # What programs split: tiles of rows x cols input pixels (tiled), else input pixels.
     units = batch * cdiv(height, rows) * cdiv(width, cols) if tiled else q
     c_blocks = cdiv(c_hid, 64)
