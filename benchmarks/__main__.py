@@ -89,6 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--isa", choices=tuple(ISA_ENVIRONMENTS), default="native",
                         help="CPU: avx2 holds the cpp library, oneDNN and ATen's kernels to AVX2+FMA (what a CPU "
                              "without AVX-512 runs), for a like-for-like comparison; rows go to <machine>-avx2.*")
+    parser.add_argument("--warm-only", action="store_true",
+                        help="time nothing: call each case once in --jobs worker processes, so that the kernels "
+                             "the same command compiles are in Triton's on-disk cache (benchmarks/warm.py)")
+    parser.add_argument("--jobs", type=positive_int, default=1, help="worker processes for --warm-only")
     # Test hooks, hidden from --help.
     parser.add_argument("--interrupt-after", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--tiny-model", action="store_true", help=argparse.SUPPRESS)
@@ -185,6 +189,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                  eager_both_layouts=args.eager_both_layouts)
     except ValueError as error:
         parser.error(str(error))
+    if args.warm_only:
+        from .warm import warm
+
+        model_kwargs = dict(middle_blocks=1, width=0.125) if args.tiny_model else None
+        return warm(cases, args.device, args.jobs, model_kwargs)
     try:
         return run(args, cases)
     except KeyboardInterrupt:  # before the first case: nothing was written

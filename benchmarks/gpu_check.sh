@@ -8,6 +8,8 @@
 #   3. each kernel's device time per call at three layers (benchmarks.kernel_profile), and the tile
 #      configs of split mode's two depthwise kernels at 728->728@19, the transposed one's tile sizes
 #      first (benchmarks.triton_sweep); the fastest of each is pinned for parts 4-6;
+#   3b. the Triton kernels that parts 4-6 launch compiled in parallel worker processes into Triton's
+#      on-disk cache (--warm-only: nothing timed), so that those parts spend their time timing;
 #   4. every Xception layer in bf16, forward and forward+backward, batch 32, channels_last, in plain
 #      calls: triton (fused), triton-split, auto and the eager nn.Conv2d pair (cuDNN);
 #   5. the same layers replayed from CUDA graphs (the GPU's time without the host's): triton-split
@@ -33,8 +35,9 @@
 # TRANSPOSED_CONFIGS, and the tile in TRANSPOSED_TILES, so that the table is built from what users
 # run. Then python -m benchmarks.gpu_model --validate compares each profiled Triton kernel with the
 # static model.
-# QUICK_TIMEOUT, HOST_TIMEOUT, PROFILE_TIMEOUT, SWEEP_TIMEOUT, LAYERS_TIMEOUT, GRAPHS_TIMEOUT,
-# MODEL_TIMEOUT and TEST_TIMEOUT bound the parts (seconds; 50 + 30 + 35 + 70 + 90 + 60 + 90 + 20 by
+# QUICK_TIMEOUT, HOST_TIMEOUT, PROFILE_TIMEOUT, SWEEP_TIMEOUT, WARM_TIMEOUT, LAYERS_TIMEOUT,
+# GRAPHS_TIMEOUT, MODEL_TIMEOUT and TEST_TIMEOUT bound the parts (seconds; 50 + 30 + 35 + 70 + 45 +
+# 75 + 60 + 75 + 20 by
 # default; with the host profile and the table, at most about 8.5 minutes).
 set -uo pipefail
 out=${1:?usage: bash benchmarks/gpu_check.sh OUT_DIR [PYTHON]}
@@ -113,11 +116,17 @@ if [ -s "$pins" ]; then
     cat "$pins"
 fi
 
-bench "${LAYERS_TIMEOUT:-90}" layers --suite layers --quick --modes fwd,full --min-time 0.1 \
+# The cases of parts 4-6 that launch Triton kernels, called once each in parallel (compiles only).
+timeout -s INT "${WARM_TIMEOUT:-45}" "$py" -m benchmarks --device cuda --dtypes bf16 --layout channels_last --batch 32 \
+    --suite layers,model --quick --modes fwd,full --no-peak --warm-only --jobs "$(( $(nproc) > 3 ? $(nproc) - 2 : 1 ))" \
+    --providers triton,triton-split,triton-split-fused,triton-split-unfused | tail -40
+echo "compile warm-up: exit status ${PIPESTATUS[0]} after ${SECONDS}s"
+
+bench "${LAYERS_TIMEOUT:-75}" layers --suite layers --quick --modes fwd,full --min-time 0.1 \
     --providers triton,triton-split,auto,eager
 bench "${GRAPHS_TIMEOUT:-60}" graphs --suite layers --quick --modes fwd,full --min-time 0.1 --cuda-graphs \
     --no-memory --no-peak --providers triton-split,eager
-bench "${MODEL_TIMEOUT:-90}" model --suite model --no-peak \
+bench "${MODEL_TIMEOUT:-75}" model --suite model --no-peak \
     --providers eager,triton-split-fused,triton-split-unfused,auto-fused,auto-unfused
 
 timeout 30 "$py" -m benchmarks.dispatch_table "$out/results/$slug.jsonl" ${capability:+--capability "$capability"} \

@@ -96,6 +96,75 @@ def test_interrupted_run_keeps_finished_rows(tmp_path, capsys):
     assert len(rows) == 4 and len(latest_run(rows)) == 1
 
 
+def test_warm_only_calls_each_case_once_in_workers(tmp_path, capsys):
+    """--warm-only --jobs 2: the cases of the same command line, less the providers that compile nothing,
+    each called once in one of two worker processes (the Triton provider in its interpreter, which the
+    workers inherit); nothing is timed or written."""
+    require_backend("cpp")
+    from kernels import available_backends
+
+    providers_asked = "eager,cpp,cpp-unfused" + (",triton-split" if available_backends()["triton"] is None else "")
+    assert main(["--device", "cpu", "--suite", "layers,model", "--shapes", "tiny", "--batch", "2", "--modes",
+                 "fwd,full", "--tiny-model", "--providers", providers_asked, "--out", str(tmp_path), "--warm-only",
+                 "--jobs", "2"]) == 0
+    out = capsys.readouterr().out
+    lines = [line for line in out.splitlines() if line.startswith("[")]
+    assert out.startswith("warming ") and "in 2 worker processes (nothing is timed)" in out and "warmed in" in out
+    assert lines and all(line.rsplit(": ", 1)[1].startswith("ran (") for line in lines), out
+    labels = [line.split("] ", 1)[1].rsplit(": ", 1)[0] for line in lines]
+    assert len(set(labels)) == len(labels) and not any(label.endswith(" eager") for label in labels)
+    assert {label.split()[0] for label in labels} == {"layers", "model"}
+    if "triton-split" in providers_asked:
+        assert any(label.endswith(" triton-split") for label in labels)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_warm_reports_failures_and_interrupts(monkeypatch):
+    """A case that fails is reported (exit 1) and the others still run; an interrupt stops the pool (exit 130)."""
+    from benchmarks import warm
+    from benchmarks.cases import TINY_LAYERS, Case
+
+    good = Case("layers", TINY_LAYERS[0], 2, "fp32", "channels_last", "fwd", "auto")
+    bad = Case("layers", TINY_LAYERS[0], 2, "fp32", "channels_last", "fwd", "nope")
+    eager = Case("layers", TINY_LAYERS[0], 2, "fp32", "channels_last", "fwd", "eager")
+    model = Case("model", TINY_LAYERS[0], 2, "fp32", "channels_last", "eval", "cpp-unfused")
+    assert warm.warm_cases([good, eager, good, model]) == [model, good]
+    label, _, error = warm.call_once((bad, "cpu", None))
+    assert label == bad.label and error.startswith("ValueError: backend must be one of")
+
+    class Pool:
+        def __init__(self, interrupt):
+            self.interrupt, self.terminated = interrupt, False
+
+        def imap_unordered(self, fn, tasks):
+            for task in tasks:
+                if self.interrupt:
+                    raise KeyboardInterrupt
+                yield fn(task)
+
+        def close(self):
+            pass
+
+        def terminate(self):
+            self.terminated = True
+
+        def join(self):
+            pass
+
+    for interrupt, expected in ((False, 1), (True, 130)):
+        pool = Pool(interrupt)
+        context = types.SimpleNamespace(Pool=lambda processes, initializer: pool)
+        monkeypatch.setattr(warm.multiprocessing, "get_context", lambda method: context)
+        lines = []
+        assert warm.warm([bad, good], "cpu", 2, log=lines.append) == expected
+        assert pool.terminated
+        if interrupt:
+            assert "interrupted after" in lines[-1]
+        else:
+            assert lines[1].startswith("[1/2] ") and "failed: ValueError" in lines[1] and lines[2].endswith(")")
+            assert lines[-1].endswith("1 case(s) failed")
+
+
 def test_isolate_runs_each_model_in_its_own_process(tmp_path, monkeypatch):
     """--isolate: the whole-model cases run in worker processes (this process never builds a model),
     timed in turns; their rows carry the workers' page faults and peak memory, the run says so."""
