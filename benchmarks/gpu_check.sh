@@ -105,9 +105,12 @@ echo "kernel profile: exit status $? after ${SECONDS}s"
 # the rows' run metadata (triton_configs), so the file stays out of OUT_DIR.
 limit=$(( ${SWEEP_TIMEOUT:-70} / 2 ))
 pins=$(mktemp -d)/triton-configs.json
+# Worker processes that compile in parallel (the sweep's candidates, then the benchmarks' kernels).
+jobs=$(( $(nproc) > 3 ? $(nproc) - 2 : 1 ))
 for kernel in transposed depthwise; do
     timeout "$limit" "$py" -m benchmarks.triton_sweep --kernels "$kernel" --shapes "728->728@19" --rep 10 \
-        --dtypes bf16 --budget "$(( limit - 12 ))" --jsonl "$out/results/triton_sweep-$slug.jsonl" --pins "$pins"
+        --dtypes bf16 --budget "$(( limit - 12 ))" --jsonl "$out/results/triton_sweep-$slug.jsonl" --pins "$pins" \
+        --jobs "$jobs"
     echo "tile sweep ($kernel): exit status $? after ${SECONDS}s"
 done
 if [ -s "$pins" ]; then
@@ -118,7 +121,7 @@ fi
 
 # The cases of parts 4-6 that launch Triton kernels, called once each in parallel (compiles only).
 timeout -s INT "${WARM_TIMEOUT:-45}" "$py" -m benchmarks --device cuda --dtypes bf16 --layout channels_last --batch 32 \
-    --suite layers,model --quick --modes fwd,full --no-peak --warm-only --jobs "$(( $(nproc) > 3 ? $(nproc) - 2 : 1 ))" \
+    --suite layers,model --quick --modes fwd,full --no-peak --warm-only --jobs "$jobs" \
     --providers triton,triton-split,triton-split-fused,triton-split-unfused | tail -40
 echo "compile warm-up: exit status ${PIPESTATUS[0]} after ${SECONDS}s"
 

@@ -2,7 +2,7 @@
 
     python -m benchmarks.triton_sweep [--shapes 728->728@19,...] [--dtypes bf16,fp32] [--batch 32]
                                       [--kernels forward,grad_hidden,grad_input,grad_pointwise,depthwise,transposed]
-                                      [--budget SECONDS] [--jsonl PATH]
+                                      [--budget SECONDS] [--jsonl PATH] [--pins PATH] [--jobs N]
 
 For the forward, each candidate runs the whole op (one kernel); ``depthwise`` is split mode's
 depthwise kernel alone (``kernels/triton/split.py``); ``transposed`` is split mode's backward
@@ -23,6 +23,7 @@ import argparse
 import contextlib
 import itertools
 import json
+import multiprocessing
 import os
 import shlex
 import sys
@@ -35,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from .cases import DTYPES, XCEPTION_LAYERS, Shape, resolve_shapes
+from .cli import positive_int
 from .machine import run_info
 
 KERNELS = ("forward", "grad_hidden", "grad_input", "grad_pointwise", "depthwise", "transposed")
@@ -152,15 +154,95 @@ def timer(device: str, repeats: int):
     return cpu
 
 
+def current_configs() -> dict:
+    """Kernel name -> {family: the kernel's own GPU configs}."""
+    from kernels.triton import backward, forward, split
+
+    return {"forward": forward.GPU_CONFIGS, "depthwise": split.GPU_CONFIGS, "transposed": split.TRANSPOSED_CONFIGS,
+            "grad_hidden": backward.GRAD_HIDDEN_CONFIGS_GPU,
+            "grad_input": backward.GRAD_INPUT_CONFIGS_GPU, "grad_pointwise": backward.GRAD_POINTWISE_CONFIGS_GPU}
+
+
+def candidate_call(kernel: str, shape: Shape, inputs: tuple):
+    """The call a row of ``kernel`` times on ``inputs`` (``make_inputs``'s six tensors)."""
+    from kernels.triton import split
+
+    x, dw, pw, dwb, pwb, grad = inputs
+    geometry = ([shape.stride] * 2, [shape.padding] * 4, [1, 1])
+    ops = torch.ops.sepconv_triton
+    if kernel == "forward":
+        return lambda: ops.forward(x, dw, pw, dwb, pwb, *geometry, False)
+    if kernel == "depthwise":
+        return lambda: split.depthwise(x, dw, dwb, shape.out_hw, *geometry, False)
+    if kernel == "transposed":  # with the g_h GEMM and the partial sums (the same in every row)
+        return lambda: split.backward(grad, x, dw, pw, dwb, *geometry, False, [True, True, False, True, False])
+    return lambda: ops.backward(grad, x, dw, pw, dwb, *geometry, False, [True] * 5)
+
+
+@contextlib.contextmanager
+def candidate(kernel: str, family: str, config, tile: Optional[tuple]):
+    """Within: ``kernel`` runs ``config`` (the transposed kernel in ``tile`` too); for a fused-mode backward
+    kernel, the other two backward kernels run their first config, so rows of one kernel differ in its config
+    only."""
+    from kernels.triton import forward, pinned
+
+    tables, current = pinned.kernel_tables(), current_configs()
+    backward_kernels = ("grad_hidden", "grad_input", "grad_pointwise")
+    pins = {}
+    if kernel in backward_kernels:
+        pins = {tables[k][family].fn: current[k][family][0] for k in backward_kernels if k != kernel}
+    saved = dict(forward.forced_configs)
+    forward.forced_configs.update(pins)
+    forward.forced_configs[tables[kernel][family].fn] = config
+    try:
+        with transposed_tile(family, tile):
+            yield
+    finally:
+        forward.forced_configs.clear()
+        forward.forced_configs.update(saved)
+
+
+def _compile_candidate(task: tuple) -> Optional[str]:
+    """In a worker process: one candidate called once (so Triton compiles it into its on-disk cache); the error,
+    or None."""
+    shape, batch, dtype_name, kernel, tile, config, device = task
+    from kernels.triton import forward
+
+    family = forward.family(DTYPES[dtype_name])
+    try:
+        call = candidate_call(kernel, shape, make_inputs(shape, batch, DTYPES[dtype_name], device))
+        with candidate(kernel, family, config, tile):
+            call()
+        if device == "cuda":
+            torch.cuda.synchronize()
+    except Exception as error:  # noqa: BLE001 - reported again (and timed as failed) by the sweep itself
+        return f"{type(error).__name__}: {str(error).splitlines()[0][:100]}"
+    return None
+
+
+def precompile(shape: Shape, batch: int, dtype_name: str, kernel: str, pairs: List[tuple], device: str, jobs: int,
+               seconds: float) -> bool:
+    """Calls each (tile, config) of ``kernel`` in ``pairs`` once in ``jobs`` worker processes, so that their
+    compiles run in parallel into Triton's on-disk cache and the timing loop loads them (a compile takes a
+    second or two, a timed candidate a tenth of that). Stops after ``seconds``; whether every call ended."""
+    from .warm import _worker_init
+
+    pool = multiprocessing.get_context("spawn").Pool(processes=min(jobs, len(pairs)), initializer=_worker_init)
+    try:
+        tasks = [(shape, batch, dtype_name, kernel, tile, config, device) for tile, config in pairs]
+        result = pool.map_async(_compile_candidate, tasks, chunksize=1)
+        result.wait(timeout=max(0.0, seconds))
+        return result.ready()
+    finally:
+        pool.terminate()
+        pool.join()
+
+
 def sweep(args) -> int:
-    from kernels.triton import backward, forward, pinned, split
+    from kernels.triton import forward, pinned, split
 
     device = "cpu" if args.interpret else "cuda"
-    ops = torch.ops.sepconv_triton
-    tables = pinned.kernel_tables()
-    current = {"forward": forward.GPU_CONFIGS, "depthwise": split.GPU_CONFIGS, "transposed": split.TRANSPOSED_CONFIGS,
-               "grad_hidden": backward.GRAD_HIDDEN_CONFIGS_GPU,
-               "grad_input": backward.GRAD_INPUT_CONFIGS_GPU, "grad_pointwise": backward.GRAD_POINTWISE_CONFIGS_GPU}
+    current = current_configs()
     time_ms = timer(device, args.rep)
     run = run_info(device, argv="python -m benchmarks.triton_sweep " + shlex.join(args.argv)).as_dict()
     deadline = time.monotonic() + args.budget
@@ -169,8 +251,8 @@ def sweep(args) -> int:
     for shape, dtype_name in itertools.product(args.shapes, args.dtypes):
         dtype = DTYPES[dtype_name]
         family = forward.family(dtype)
-        x, dw, pw, dwb, pwb, grad = make_inputs(shape, args.batch, dtype, device)
-        geometry = ([shape.stride] * 2, [shape.padding] * 4, [1, 1])
+        inputs = make_inputs(shape, args.batch, dtype, device)
+        x, dw, pw, dwb, pwb, grad = inputs
         flops = 2.0 * args.batch * shape.out_hw[0] * shape.out_hw[1] * shape.cin * (shape.k ** 2 + shape.cout)
 
         def eager():
@@ -187,45 +269,30 @@ def sweep(args) -> int:
         print(f"\n{shape.name} N={args.batch} {dtype_name}: eager pair forward {eager_ms:.3f} ms "
               f"({flops / eager_ms / 1e9:.1f} TFLOP/s), forward+backward {eager_full_ms:.3f} ms", flush=True)
         for kernel in args.kernels:
-            table = tables[kernel]
-            # The other backward kernels run their first config, so rows differ in one kernel only.
-            backward_kernels = ("grad_hidden", "grad_input", "grad_pointwise")
-            pins = {tables[k][family].fn: current[k][family][0] for k in backward_kernels if k != kernel}
-            if kernel in ("forward", "depthwise", "transposed"):
-                pins = {}
-            if kernel == "forward":
-                def call():
-                    return ops.forward(x, dw, pw, dwb, pwb, *geometry, False)
-            elif kernel == "depthwise":
-                def call():
-                    return split.depthwise(x, dw, dwb, shape.out_hw, *geometry, False)
-            elif kernel == "transposed":  # with the g_h GEMM and the partial sums (the same in every row)
-                def call():
-                    return split.backward(grad, x, dw, pw, dwb, *geometry, False, [True, True, False, True, False])
-            else:
-                def call():
-                    return ops.backward(grad, x, dw, pw, dwb, *geometry, False, [True] * 5)
+            call = candidate_call(kernel, shape, inputs)
             rows = []
             pairs = sweep_candidates(kernel, family)
             if args.interpret:  # the kernel's first config (the transposed kernel's in its first two tiles)
                 tiles = list(dict.fromkeys(tile for tile, _ in pairs))[:2]
                 pairs = [(tile, current[kernel][family][0]) for tile in tiles]
+            if args.jobs > 1:
+                # Most of the budget at most: what did not compile in it compiles in the loop below.
+                seconds = 0.6 * (deadline - time.monotonic())
+                began = time.monotonic()
+                done = precompile(shape, args.batch, dtype_name, kernel, pairs, device, args.jobs, seconds)
+                print(f"  {kernel}: {len(pairs)} candidates compiled in {args.jobs} processes in "
+                      f"{time.monotonic() - began:.1f} s" + ("" if done else " (cut short: the rest compile as timed)"),
+                      flush=True)
             own_tile = split.TRANSPOSED_TILES[family] if kernel == "transposed" else None
             for tile, config in pairs:
                 if time.monotonic() > deadline:
                     stopped = True
                     break
-                saved = dict(forward.forced_configs)
-                forward.forced_configs.update(pins)
-                forward.forced_configs[table[family].fn] = config
                 try:
-                    with transposed_tile(family, tile):
+                    with candidate(kernel, family, config, tile):
                         ms, error = time_ms(call), None
                 except Exception as exc:  # a config that does not fit this GPU: report it, go on
                     ms, error = None, f"{type(exc).__name__}: {str(exc).splitlines()[0][:100]}"
-                finally:
-                    forward.forced_configs.clear()
-                    forward.forced_configs.update(saved)
                 is_current = tile == own_tile and any(describe(config) == describe(c) for c in current[kernel][family])
                 rows.append((ms, describe(config, tile), is_current, error, config, tile))
                 if out:
@@ -273,6 +340,8 @@ def main(argv=None) -> int:
     parser.add_argument("--budget", type=float, default=600.0, help="stop after this many seconds")
     parser.add_argument("--jsonl", type=Path, help="append one JSON row per (shape, dtype, kernel, config)")
     parser.add_argument("--interpret", action="store_true", help="tiny CPU run in Triton's interpreter (tests)")
+    parser.add_argument("--jobs", type=positive_int, default=1,
+                        help="compile each kernel's candidates in this many worker processes before timing them")
     parser.add_argument("--pins", type=Path,
                         help="write the fastest config of each (kernel, dtype) swept into this pinned-configs file "
                              "(read by SEPCONV_TRITON_CONFIGS; entries for other kernels are kept)")

@@ -539,6 +539,35 @@ def test_triton_sweep_interpreted(tmp_path, capsys, monkeypatch):
     assert "SEPCONV_TRITON_CONFIGS is set" in capsys.readouterr().err
 
 
+def test_triton_sweep_precompiles_in_workers(tmp_path, capsys, monkeypatch):
+    """--jobs 2: each kernel's candidates are called once in two worker processes before the timing loop (on a
+    GPU their compiles then run in parallel); the rows are timed as without it, and a cut-short precompile
+    says so."""
+    require_backend("triton")
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available: the sweep runs on the GPU there, not in the interpreter")
+    from benchmarks import triton_sweep
+    from kernels.triton import pinned
+
+    monkeypatch.delenv(pinned.PINS_ENV, raising=False)
+    out = tmp_path / "sweep.jsonl"
+    assert sweep_main(["--interpret", "--dtypes", "fp32", "--kernels", "depthwise,transposed", "--jobs", "2",
+                       "--jsonl", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "depthwise: 1 candidates compiled in 2 processes" in text
+    assert "transposed: 2 candidates compiled in 2 processes" in text and "cut short" not in text
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [row["kernel"] for row in rows] == ["depthwise", "transposed", "transposed"]
+    assert all(row["ms"] > 0 and row["error"] is None for row in rows)
+    # A worker's failure is its return value; the sweep times (and reports) the candidate itself.
+    shape = Shape("tiny 8->20@6", 8, 20, 6, 6)
+    config = triton_sweep.current_configs()["depthwise"]["fp32"][0]
+    assert triton_sweep._compile_candidate((shape, 2, "fp32", "depthwise", None, config, "cpu")) is None
+    bad = type(config)({"BLOCK_P": 16}, num_warps=4, num_stages=1)
+    assert triton_sweep._compile_candidate((shape, 2, "fp32", "depthwise", None, bad, "cpu")) is not None
+    assert not triton_sweep.precompile(shape, 2, "fp32", "depthwise", [(None, config)], "cpu", 1, 0.0)
+
+
 def test_resolve_shapes_names_the_option():
     """Shape names resolve by substring; one that matches nothing names the caller's flag."""
     assert [s.name for s in resolve_shapes(["1536->2048", "@19"], XCEPTION_LAYERS)] == [
