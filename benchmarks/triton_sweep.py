@@ -57,7 +57,10 @@ def candidates(kernel: str, family: str) -> List["triton.Config"]:  # noqa: F821
         per_slot = [[triton.Config(dict(BLOCK_P=p, BLOCK_C=c, ROWS=r, COLS=k), num_warps=max(1, p * c // 128),
                                    num_stages=1)
                      for c, p in itertools.product((32, 64), (16, 8, 4))] for r, k in slots]
-        return [config for group in zip(*per_slot) for config in group]
+        # Then 8 channels a thread on the small slots (128-bit accesses, twice the registers for the taps' weights).
+        wide = [[triton.Config(dict(BLOCK_P=p, BLOCK_C=c, ROWS=r, COLS=k), num_warps=p * c // 256, num_stages=1)
+                 for c, p in itertools.product((64, 32), (16, 8))] for r, k in slots[4:]]
+        return [config for groups in (per_slot, wide) for group in zip(*groups) for config in group]
     if kernel == "transposed":  # split mode's transposed depthwise kernel: its tile shapes are fixed per dtype
         return [triton.Config(dict(BLOCK_Q=q, BLOCK_C=c), num_warps=w, num_stages=1)
                 for q, c, w in itertools.product((4, 8, 16, 32), (32, 64, 128), (2, 4, 8))

@@ -436,3 +436,39 @@ def test_aot_compiles_with_the_oldest_supported_triton(tmp_path):
     version = tuple(int(part) for part in found.stdout.strip().split(".")[:2])
     assert version == MIN_TRITON, f"{OLDEST_TRITON_PYTHON} has triton {found.stdout.strip()}, not {MIN_TRITON}"
     _aot_report(OLDEST_TRITON_PYTHON, tmp_path)
+
+
+def test_every_sweep_candidate_of_the_fused_kernels(monkeypatch):
+    """Every tile config the sweep may time (and pin) for the fused kernels (``benchmarks.triton_sweep``):
+    output and every gradient against float64, each kernel seen launching its candidate. 264 output channels
+    take the wide-layer forward kernel (the narrow ones are not swept)."""
+    if require_backend("triton").type != "cpu":
+        pytest.skip("the interpreter checks every sweep config's arithmetic; compiled one by one on a GPU they "
+                    "would take minutes (the sweep itself reports a config that fails there)")
+    from benchmarks.triton_sweep import candidate, sweep_candidates
+    from kernels.triton import pinned
+
+    monkeypatch.setenv("SEPCONV_TRITON_MODE", "fused")
+    launched = []
+    interpreted = type(pinned.kernel_tables()["forward"]["fp32"].fn)
+    real_run = interpreted.run
+
+    def run(self, *args, **kwargs):
+        launched.append(self)
+        return real_run(self, *args, **kwargs)
+
+    monkeypatch.setattr(interpreted, "run", run)
+    case = make_case(1, 12, 5, 6, (3, 3), 2, 264, True, torch.float32, torch.device("cpu"))
+    seen = set()
+    for kernel in ("forward", "grad_hidden", "grad_input", "grad_pointwise"):
+        fn = pinned.kernel_tables()[kernel]["fp32"].fn
+        for _, config in sweep_candidates(kernel, "fp32"):
+            key = (kernel, tuple(sorted(config.kwargs.items())))
+            if key in seen:  # the same arithmetic in another warp or stage count
+                continue
+            seen.add(key)
+            launched.clear()
+            with candidate(kernel, "fp32", config, None):
+                check("triton", *case, 1, 1, 1, relu_input=True, layout="channels_last")
+            assert fn in launched, key
+    assert len(seen) > 30

@@ -319,3 +319,45 @@ def test_split_model_matches_eager_conv2d_model(split, monkeypatch):
     calls = _split_calls(monkeypatch)
     test_model.test_every_backend_matches_eager_conv2d_model("triton")
     assert calls, "split mode did not run"
+
+
+def test_every_sweep_candidate_of_the_depthwise_kernels(split, monkeypatch):
+    """Every tile config and tile the sweep may pin for split mode's two kernels (``benchmarks.triton_sweep``,
+    whose fastest ``benchmarks/gpu_check.sh`` runs the layer benchmarks with): the depthwise result, and the
+    input and depthwise-weight gradients of the transposed kernel, against float64 (the interpreter runs the
+    kernels' logic for each setting; a GPU compiles the same)."""
+    if require_backend("triton").type != "cpu":
+        pytest.skip("the interpreter checks every sweep config's arithmetic; compiled one by one on a GPU they "
+                    "would take minutes (the sweep itself reports a config that fails there)")
+    from benchmarks.triton_sweep import candidate, sweep_candidates
+    from kernels.triton import split as split_module
+
+    # 16 channels, channels_last: 128-bit channel vectors (ALIGN = 8); 7 x 9 pixels leave partial slots.
+    x, dw, pw, dwb, _ = make_case(2, 16, 7, 9, (3, 3), 1, 8, True, torch.float64, torch.device("cpu"))
+    x = x.contiguous(memory_format=torch.channels_last)
+    geometry = ([1, 1], [1, 1, 1, 1], [1, 1])
+    hidden = torch.nn.functional.conv2d(x, dw, dwb, 1, 1, 1, 16)
+    expected = hidden.permute(0, 2, 3, 1).reshape(-1, 16)
+    grad = torch.randn(2, 8, 7, 9, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    leaves = [t.detach().clone().requires_grad_(True) for t in (x, dw)]
+    torch.nn.functional.conv2d(torch.nn.functional.conv2d(leaves[0], leaves[1], dwb, 1, 1, 1, 16), pw).backward(grad)
+    xf = x.float().contiguous(memory_format=torch.channels_last)
+    dwf, pwf, dwbf = dw.float(), pw.float(), dwb.float()
+    gradf = grad.float().contiguous(memory_format=torch.channels_last)
+    seen = set()
+    for kernel in ("depthwise", "transposed"):
+        for tile, config in sweep_candidates(kernel, "fp32"):
+            key = (kernel, tile, tuple(sorted(config.kwargs.items())))
+            if key in seen:  # the same arithmetic in another warp count
+                continue
+            seen.add(key)
+            with candidate(kernel, "fp32", config, tile):
+                if kernel == "depthwise":
+                    result = split_module.depthwise(xf, dwf, dwbf, (7, 9), *geometry, False)
+                    torch.testing.assert_close(result.double(), expected, atol=1e-5, rtol=1e-5, msg=str(key))
+                else:
+                    grads = split_module.backward(gradf, xf, dwf, pwf, dwbf, *geometry, False,
+                                                  [True, True, False, False, False])
+                    torch.testing.assert_close(grads[0].double(), leaves[0].grad, atol=1e-4, rtol=1e-4, msg=str(key))
+                    torch.testing.assert_close(grads[1].double(), leaves[1].grad, atol=1e-4, rtol=1e-4, msg=str(key))
+    assert len(seen) > 40

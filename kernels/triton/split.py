@@ -285,8 +285,9 @@ TRANSPOSED_CONFIGS_INTERPRET = [triton.Config({"BLOCK_Q": 16, "BLOCK_C": 16}, nu
 # Tile shapes per dtype family: the largest that compile without spills for sm_90 at the Xception layers.
 TRANSPOSED_TILES = {"16bit": (4, 3), "fp32": (3, 3)}
 INTERPRET_TILE = (3, 2)
-# Pixels (or tiles) per program are a multiple of every config's BLOCK_Q, and about this many programs
-# share them (times the channel blocks of 64): enough to fill a GPU, few enough partial sums.
+# Pixels (or tiles) per program are a multiple of PIXEL_QUANTUM, which the BLOCK_Q of every config above divides
+# (a larger BLOCK_Q, as the tile sweep tries, masks its last block at the end of the program's range), and about
+# this many programs share them (times the channel blocks of 64): enough to fill a GPU, few enough partial sums.
 PIXEL_QUANTUM = 16
 TARGET_PROGRAMS = 1024
 
@@ -307,7 +308,9 @@ def _transposed_tiles(gh_ptr, x_ptr, gx_ptr, weights, dw_acc, bias_acc, pid_g, j
     col_groups = tl.cdiv(W, COLS)
     for s0 in range(pid_g * Q_PER_PROGRAM, (pid_g + 1) * Q_PER_PROGRAM, BLOCK_Q):
         slots = s0 + tl.arange(0, BLOCK_Q)
-        slot_mask = slots < N * row_groups * col_groups
+        # Within the program's range too: a BLOCK_Q that does not divide Q_PER_PROGRAM would otherwise add the
+        # next program's tiles to this program's weight sums as well.
+        slot_mask = (slots < N * row_groups * col_groups) & (slots < (pid_g + 1) * Q_PER_PROGRAM)
         n, row_group, col_group = split_pixels(slots, row_groups, col_groups)
         ih_top = row_group * ROWS
         iw_left = col_group * COLS
@@ -438,7 +441,7 @@ def transposed_depthwise_kernel(
     else:
         for q0 in range(pid_g * Q_PER_PROGRAM, (pid_g + 1) * Q_PER_PROGRAM, BLOCK_Q):
             offs_q = q0 + tl.arange(0, BLOCK_Q)
-            q_mask = offs_q < Q
+            q_mask = (offs_q < Q) & (offs_q < (pid_g + 1) * Q_PER_PROGRAM)
             n, ih, iw = split_pixels(offs_q, H, W)
             mask = q_mask[:, None] & j_mask[None, :]
             xv = load_channels(x_ptr, row_offsets(n, ih, iw, x_sn_a * ALIGN, x_sh, x_sw), col, q_mask, j_mask, ACC,
@@ -474,7 +477,8 @@ def transposed_depthwise_kernel(
             for p0 in range(pid_g * P_PER_PROGRAM, (pid_g + 1) * P_PER_PROGRAM, BLOCK_Q):
                 offs_p = p0 + tl.arange(0, BLOCK_Q)
                 bias_acc += tl.load(gh_ptr + offs_p.to(tl.int64)[:, None] * C_HID + j[None, :],
-                                    mask=(offs_p < P)[:, None] & j_mask[None, :], other=0.0).to(ACC)
+                                    mask=((offs_p < P) & (offs_p < (pid_g + 1) * P_PER_PROGRAM))[:, None]
+                                    & j_mask[None, :], other=0.0).to(ACC)
         part = part_ptr + pid_g.to(tl.int64) * ((KH * KW + 1) * C_HID)
         for tap in tl.static_range(KH * KW):
             tl.store(part + tap * C_HID + j, tl.sum(dw_acc[tap], axis=0), mask=j_mask)
