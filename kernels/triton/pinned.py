@@ -31,6 +31,7 @@ from typing import Dict, NamedTuple, Optional, Tuple
 import triton
 
 from . import CONFIGS_ENV as PINS_ENV
+
 FORMAT = "sepconv-triton-configs/1"
 FAMILIES = ("16bit", "fp32")
 
