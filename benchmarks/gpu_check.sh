@@ -120,7 +120,7 @@ if [ -s "$pins" ]; then
 fi
 
 # The cases of parts 4-6 that launch Triton kernels, called once each in parallel (compiles only).
-timeout -s INT "${WARM_TIMEOUT:-45}" "$py" -m benchmarks --device cuda --dtypes bf16 --layout channels_last --batch 32 \
+timeout -s INT -k 10 "${WARM_TIMEOUT:-45}" "$py" -m benchmarks --device cuda --dtypes bf16 --layout channels_last --batch 32 \
     --suite layers,model --quick --modes fwd,full --no-peak --warm-only --jobs "$jobs" \
     --providers triton,triton-split,triton-split-fused,triton-split-unfused | tail -40
 echo "compile warm-up: exit status ${PIPESTATUS[0]} after ${SECONDS}s"
