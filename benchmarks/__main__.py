@@ -43,6 +43,8 @@ ISA_ENVIRONMENTS = {
 }
 
 ALL_PROVIDERS = providers.LAYER_PROVIDERS
+# --tiny-model (a test hook): one middle block at an eighth of the width.
+TINY_MODEL_KWARGS = dict(middle_blocks=1, width=0.125)
 MODEL_PROVIDER_NAMES = tuple(providers.model_providers_for(providers.BACKEND_PROVIDERS
                                                            + tuple(providers.MODE_PROVIDERS)))
 
@@ -192,7 +194,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.warm_only:
         from .warm import warm
 
-        model_kwargs = dict(middle_blocks=1, width=0.125) if args.tiny_model else None
+        model_kwargs = TINY_MODEL_KWARGS if args.tiny_model else None
         return warm(cases, args.device, args.jobs, model_kwargs)
     try:
         return run(args, cases)
@@ -231,7 +233,7 @@ def run(args: argparse.Namespace, cases) -> int:
     options = RunOptions(device=args.device, policy=policy, measure_memory=not args.no_memory,
                          cuda_graphs=args.cuda_graphs, interrupt_after=args.interrupt_after, isolate=args.isolate)
     if args.tiny_model:
-        options.model_kwargs = dict(middle_blocks=1, width=0.125)
+        options.model_kwargs = dict(TINY_MODEL_KWARGS)
     if any(case.suite == "model" for case in cases):
         try:
             options.model_flops_per_image = providers.count_model_flops(model_kwargs=options.model_kwargs)

@@ -51,12 +51,10 @@ def header(info, dtype: str, batch: int) -> List[str]:
     machine, versions, commit and run; dtype, batch and the TF32 flag; which tile config each Triton kernel ran."""
     from kernels.triton.forward import autotune_enabled
 
-    from .machine import pinned_configs
+    from .machine import pinned_configs, pinned_note
 
     configs = "autotuned" if autotune_enabled() else "the first of each kernel (autotuning off)"
-    pins = pinned_configs()
-    if pins:
-        configs += f", but pinned from SEPCONV_TRITON_CONFIGS: {'; '.join(pins)}"
+    configs += pinned_note(pinned_configs())
     return [f"# {info.device_name}, torch {info.torch_version}, triton {info.triton_version}, "
             f"commit {info.git_commit}, run {info.run_id} ({info.utc_time})",
             f"# {dtype}, batch {batch}, channels_last; device time per call, us (launches per call); "

@@ -188,6 +188,11 @@ def pinned_configs() -> Optional[List[str]]:
     return pinned.describe()
 
 
+def pinned_note(pins: Optional[List[str]]) -> str:
+    """What a report adds after how the tile configs were chosen: the pinned ones, or nothing."""
+    return f", but pinned from {CONFIGS_ENV}: {'; '.join(pins)}" if pins else ""
+
+
 def run_info(device: str, argv: str = "") -> RunInfo:
     now = datetime.datetime.now(datetime.timezone.utc)
     return RunInfo(

@@ -312,8 +312,14 @@ def prepare_model(case: Case, device: str, model_kwargs: Optional[Dict] = None) 
     return Prepared(train_step, keepalive=[model, x, optimizer])
 
 
+def case_backend(case: Case) -> str:
+    """The backend provider a case runs: a model provider's part before its "-fused"/"-unfused" ("" for the eager
+    model and its compile), a layer case's provider itself."""
+    return case.provider.rpartition("-")[0] if case.suite == "model" else case.provider
+
+
 def prepare(case: Case, device: str, model_kwargs: Optional[Dict] = None) -> Prepared:
-    backend = case.provider.rpartition("-")[0] if case.suite == "model" else case.provider
+    backend = case_backend(case)
     mode = backend_and_mode(backend)[1]
     with triton_mode(mode):
         if case.suite == "model":

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Dict, Iterable, Iterator, List, Optional, Sequence
 
 from .cases import BASELINE_LAYOUT, BASELINE_PROVIDER
+from .machine import pinned_note
 from .memory import COLUMN as MEMORY_COLUMN
 from .memory import COLUMN_DOC as MEMORY_DOC
 
@@ -237,10 +238,7 @@ def _gpu_timing_line(run: Dict) -> str:
               if timed_through_cuda_graphs(run) else "plain calls (the host's launch overhead included)")
     tiles = {True: "autotuned", False: "fixed (SEPCONV_TRITON_AUTOTUNE=0: each kernel's first config)",
              None: "not recorded"}[run.get("triton_autotune")]
-    pins = run.get("triton_configs")
-    if pins:
-        tiles += f", but pinned from SEPCONV_TRITON_CONFIGS: {'; '.join(pins)}"
-    return f"- GPU timing: {timing}; Triton tile configs {tiles}"
+    return f"- GPU timing: {timing}; Triton tile configs {tiles}{pinned_note(run.get('triton_configs'))}"
 
 
 def render_markdown(rows: Sequence[dict], run: Dict, unavailable: Dict[str, str], target_backend: Optional[str],

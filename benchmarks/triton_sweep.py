@@ -23,7 +23,6 @@ import argparse
 import contextlib
 import itertools
 import json
-import multiprocessing
 import os
 import shlex
 import sys
@@ -35,9 +34,12 @@ from unittest import mock
 import torch
 import torch.nn.functional as F
 
+from kernels.triton import CONFIGS_ENV
+
 from .cases import DTYPES, XCEPTION_LAYERS, Shape, resolve_shapes
 from .cli import positive_int
 from .machine import run_info
+from .warm import error_line, worker_pool
 
 KERNELS = ("forward", "grad_hidden", "grad_input", "grad_pointwise", "depthwise", "transposed")
 
@@ -219,7 +221,7 @@ def _compile_candidate(task: tuple) -> Optional[str]:
         if device == "cuda":
             torch.cuda.synchronize()
     except Exception as error:  # noqa: BLE001 - reported again (and timed as failed) by the sweep itself
-        return f"{type(error).__name__}: {str(error).splitlines()[0][:100]}"
+        return error_line(error, 100)
     return None
 
 
@@ -228,9 +230,7 @@ def precompile(shape: Shape, batch: int, dtype_name: str, kernel: str, pairs: Li
     """Calls each (tile, config) of ``kernel`` in ``pairs`` once in ``jobs`` worker processes, so that their
     compiles run in parallel into Triton's on-disk cache and the timing loop loads them (a compile takes a
     second or two, a timed candidate a tenth of that). Stops after ``seconds``; whether every call ended."""
-    from .warm import _worker_init
-
-    pool = multiprocessing.get_context("spawn").Pool(processes=min(jobs, len(pairs)), initializer=_worker_init)
+    pool = worker_pool(min(jobs, len(pairs)))
     try:
         tasks = [(shape, batch, dtype_name, kernel, tile, config, device) for tile, config in pairs]
         result = pool.map_async(_compile_candidate, tasks, chunksize=1)
@@ -295,7 +295,7 @@ def sweep(args) -> int:
                     with candidate(kernel, family, config, tile):
                         ms, error = time_ms(call), None
                 except Exception as exc:  # a config that does not fit this GPU: report it, go on
-                    ms, error = None, f"{type(exc).__name__}: {str(exc).splitlines()[0][:100]}"
+                    ms, error = None, error_line(exc, 100)
                 is_current = tile == own_tile and any(describe(config) == describe(c) for c in current[kernel][family])
                 rows.append((ms, describe(config, tile), is_current, error, config, tile))
                 if out:
@@ -356,8 +356,8 @@ def main(argv=None) -> int:
         bad = [v for v in values if v not in allowed]
         if bad or not values:
             parser.error(f"{name}: {bad or values!r} not in {list(allowed)}")
-    if os.environ.get("SEPCONV_TRITON_CONFIGS"):
-        parser.error("SEPCONV_TRITON_CONFIGS is set: its pins would override the configs the sweep times; unset it")
+    if os.environ.get(CONFIGS_ENV):
+        parser.error(f"{CONFIGS_ENV} is set: its pins would override the configs the sweep times; unset it")
     if args.interpret:
         if os.environ.get("TRITON_INTERPRET") != "1":
             parser.error("--interpret needs TRITON_INTERPRET=1 in the environment (set before Triton is imported)")

@@ -35,6 +35,18 @@ def _worker_init() -> None:
     torch.set_num_threads(1)
 
 
+def worker_pool(processes: int):
+    """A pool of ``processes`` spawned workers (CUDA cannot be used in a forked child) that ignore SIGINT and run
+    one torch thread each; the caller terminates it."""
+    return multiprocessing.get_context("spawn").Pool(processes=processes, initializer=_worker_init)
+
+
+def error_line(error: BaseException, limit: int) -> str:
+    """``error`` in one line: its type and the first ``limit`` characters of its message's first line."""
+    lines = str(error).splitlines()
+    return f"{type(error).__name__}: {lines[0][:limit] if lines else ''}"
+
+
 def call_once(task: Tuple[Case, str, Optional[dict]]) -> Tuple[str, float, Optional[str]]:
     """Prepares ``case`` on ``device`` and calls it once (its compiles happen here): (label, seconds, error)."""
     from . import providers
@@ -47,16 +59,17 @@ def call_once(task: Tuple[Case, str, Optional[dict]]) -> Tuple[str, float, Optio
         if device == "cuda":
             torch.cuda.synchronize()
     except Exception as error:  # noqa: BLE001 - one case's failure is reported; the others still warm
-        return case.label, time.perf_counter() - start, f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
+        return case.label, time.perf_counter() - start, error_line(error, 200)
     return case.label, time.perf_counter() - start, None
 
 
 def warm_cases(cases: Sequence[Case]) -> List[Case]:
     """The cases worth a worker's call: one per (suite, shape, batch, dtype, layout, mode, provider) with a
     provider that may compile a kernel; whole-model cases first (the longest), then the layers."""
+    from .providers import case_backend
+
     chosen = [case for case in dict.fromkeys(cases)
-              if (case.provider.rpartition("-")[0] if case.suite == "model" else case.provider) not in SKIPPED_PROVIDERS
-              and case.provider not in SKIPPED_PROVIDERS]
+              if case.provider not in SKIPPED_PROVIDERS and case_backend(case) not in SKIPPED_PROVIDERS]
     return sorted(chosen, key=lambda case: case.suite != "model")
 
 
@@ -70,8 +83,7 @@ def warm(cases: Sequence[Case], device: str, jobs: int, model_kwargs: Optional[d
         return 0
     failed = 0
     start = time.perf_counter()
-    context = multiprocessing.get_context("spawn")  # CUDA cannot be used in a forked child
-    pool = context.Pool(processes=min(jobs, len(chosen)), initializer=_worker_init)
+    pool = worker_pool(min(jobs, len(chosen)))
     try:
         tasks = [(case, device, model_kwargs) for case in chosen]
         for done, (label, seconds, error) in enumerate(pool.imap_unordered(call_once, tasks), 1):
@@ -79,7 +91,6 @@ def warm(cases: Sequence[Case], device: str, jobs: int, model_kwargs: Optional[d
             log(f"[{done}/{len(chosen)}] {label}: {'failed: ' + error if error else 'ran'} ({seconds:.1f} s)")
         pool.close()
     except KeyboardInterrupt:
-        pool.terminate()
         log(f"interrupted after {time.perf_counter() - start:.0f} s; what the workers compiled is cached")
         return 130
     finally:

@@ -89,8 +89,8 @@ def _parse(entry: object, where: str, tables: Dict[str, dict]) -> Tuple[str, str
     return kernel, family, Pin(triton.Config(dict(kwargs), num_warps=warps, num_stages=stages), tile)
 
 
-def read(path) -> Dict[Tuple[str, str], Pin]:
-    """The pins of the file at ``path``: (kernel, family) -> Pin (a later entry for the same pair wins)."""
+def _load(path) -> Tuple[dict, Dict[Tuple[str, str], Pin]]:
+    """The file at ``path`` as it is, and its pins: (kernel, family) -> Pin (a later entry for the same pair wins)."""
     try:
         document = json.loads(Path(path).read_text())
     except (OSError, ValueError) as error:
@@ -104,7 +104,12 @@ def read(path) -> Dict[Tuple[str, str], Pin]:
     for index, entry in enumerate(document["pins"]):
         kernel, family, pin = _parse(entry, f"{PINS_ENV}={str(path)!r}, pins[{index}]", tables)
         pins[(kernel, family)] = pin
-    return pins
+    return document, pins
+
+
+def read(path) -> Dict[Tuple[str, str], Pin]:
+    """The pins of the file at ``path``: (kernel, family) -> Pin (a later entry for the same pair wins)."""
+    return _load(path)[1]
 
 
 def entry(kernel: str, family: str, config: triton.Config, tile: Optional[Tuple[int, int]] = None,
@@ -123,10 +128,8 @@ def write(path, entries: list, **info) -> None:
     """Writes (atomically) a pins file at ``path`` with ``entries`` added to the ones it holds; an entry replaces
     an older one for the same kernel and family. ``info``: top-level keys (device, run) recorded as they are."""
     path = Path(path)
-    document = {"format": FORMAT, "pins": []}
-    if path.exists():
-        read(path)  # a malformed file is reported, not overwritten
-        document = json.loads(path.read_text())
+    # A malformed file is reported, not overwritten.
+    document = _load(path)[0] if path.exists() else {"format": FORMAT, "pins": []}
     document.update(info)
     replaced = {(e["kernel"], e["family"]) for e in entries}
     document["pins"] = [e for e in document["pins"] if (e["kernel"], e["family"]) not in replaced] + list(entries)
