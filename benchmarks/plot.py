@@ -247,12 +247,15 @@ def build_figure(rows: Sequence[dict], source: Optional[str] = None) -> Figure:
                 axis.set_axis_off()
         for axis in list(axes.flat)[len(panels):]:
             axis.set_axis_off()
-        figure.suptitle(_title(run, source), fontsize=11)
+        # Title, legend and panels at fixed distances from the top in inches, whatever the figure's height
+        # (fractions of a tall figure put the title's second line on the legend).
+        height = figure.get_figheight()
+        figure.suptitle(_title(run, source), fontsize=11, y=1.0 - 0.1 / height, va="top")
         if series:
             handles = _legend_handles(series)
             figure.legend(handles=handles, loc="upper center", ncol=min(len(handles), 6), fontsize=9,
-                          bbox_to_anchor=(0.5, 1.0 - 0.55 / figure.get_figheight()), frameon=False)
-        figure.tight_layout(rect=(0, 0, 1, 1.0 - 0.8 / figure.get_figheight()))
+                          bbox_to_anchor=(0.5, 1.0 - 0.55 / height), frameon=False)
+        figure.tight_layout(rect=(0, 0, 1, 1.0 - 0.85 / height))
     except BaseException:
         plt.close(figure)
         raise

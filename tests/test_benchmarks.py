@@ -768,6 +768,32 @@ def test_plot_panels_ratio_axes_and_one_colour_per_provider():
     assert provider_color("some-new-provider") == provider_color("some-new-provider")
 
 
+@pytest.mark.parametrize("batches", [(8,), (1, 8, 16)])
+def test_plot_title_legend_and_panels_do_not_overlap(batches):
+    """The title's two lines, the legend and the top panels' titles lie one below the other, in a short
+    chart (two layer panels) and a tall one (six layer panels, as a run with more batch sizes draws)."""
+    import matplotlib.pyplot as plt
+
+    from benchmarks.plot import build_figure
+
+    base = _plot_rows()
+    rows = [dict(row, batch=batch) for batch in batches for row in base if row["suite"] == "layers"]
+    rows += [row for row in base if row["suite"] == "model"]
+    figure = build_figure(rows, source="benchmarks/results/cpu-a-long-machine-name-family-26-model-2.jsonl")
+    try:
+        figure.canvas.draw()
+        renderer = figure.canvas.get_renderer()
+        title = figure._suptitle.get_window_extent(renderer)
+        legend = figure.legends[0].get_window_extent(renderer)
+        panel_titles = [axis.title.get_window_extent(renderer) for axis in figure.axes if axis.axison]
+        height = figure.get_size_inches()[1] * figure.dpi
+        assert len(panel_titles) == 2 * len(batches) + 2
+        assert title.y1 <= height and title.y0 > legend.y1, (title, legend)  # display y grows upwards
+        assert all(legend.y0 > box.y1 for box in panel_titles), (legend, panel_titles)
+    finally:
+        plt.close(figure)
+
+
 @pytest.mark.parametrize("name, slug", [
     ("Intel(R) Xeon(R) Processor", "intel-xeon"),
     ("Intel(R) Xeon(R) CPU E5-2680 v4 @ 2.40GHz", "intel-xeon-e5-2680-v4"),
