@@ -21,7 +21,7 @@ def _layout(tensor, layout):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("shape,kernel,stride,padding", [
     ((2, 5, 9, 8), 3, 2, 1), ((1, 40, 19, 19), 3, 2, 1), ((3, 7, 1, 1), 3, 2, 1), ((1, 16, 6, 7), (2, 3), (2, 1), (1, 0)),
-    ((2, 33, 10, 10), 3, 1, 0)])
+    ((2, 33, 10, 10), 3, 1, 0), ((1, 150, 9, 9), 3, 2, 1)])
 def test_equals_max_pool_plus_residual(backend, layout, dtype, shape, kernel, stride, padding):
     """Bitwise the same as F.max_pool2d(...) + residual, NaN and -inf included, output in the input's layout."""
     require_backend(backend, dtype)
@@ -75,6 +75,26 @@ def test_gradients_equal_max_pool_plus_residual(backend, layout, dtype, shape, k
     assert torch.equal(leaves[1].grad, grad)
     assert leaves[0].grad.is_contiguous(memory_format=torch.channels_last) == (layout == "channels_last") \
         or shape[2:] == (1, 1)
+
+
+def test_large_input_gradient_equals_max_pool_plus_residual():
+    """An input gradient over 24 MB leaves through streaming stores (where its rows are 64-byte multiples and
+    it is larger than three quarters of L3): bitwise ATen's still, ties and NaNs included."""
+    require_backend("cpp")
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 64, 224, 224, generator=g)
+    assert x.numel() * 4 > 24 << 20
+    x.view(-1)[::5] = 0.0
+    x.view(-1)[7::4099] = float("nan")
+    x = x.contiguous(memory_format=torch.channels_last)
+    pooled = F.max_pool2d(x, 3, 2, 1)
+    residual, grad = (torch.randn(pooled.shape, generator=g).contiguous(memory_format=torch.channels_last)
+                      for _ in range(2))
+    leaf, expected = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    kernels.max_pool2d_add(leaf, residual, 3, 2, 1, backend="cpp").backward(grad)
+    (F.max_pool2d(expected, 3, 2, 1) + residual).backward(grad)
+    assert torch.equal(leaf.grad, expected.grad)
+    assert leaf.grad.is_contiguous(memory_format=torch.channels_last)
 
 
 def test_graphs_take_the_kernel_in_channels_last_only():

@@ -66,6 +66,16 @@ struct VecF32 {
   static Reg fmadd(Reg a, Reg b, Reg c) { return _mm512_fmadd_ps(a, b, c); }
   static Reg add(Reg a, Reg b) { return _mm512_add_ps(a, b); }
   static Reg max(Reg a, Reg b) { return _mm512_max_ps(a, b); }  // b where either is NaN
+  // Max pooling's step (pool_kernels.h): where v > best or v is NaN, best = v and at = here.
+  static void keep_max(Reg v, Reg here, Reg& best, Reg& at) {
+    const __mmask16 take = _mm512_cmp_ps_mask(v, best, _CMP_GT_OQ) | _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+    best = _mm512_mask_mov_ps(best, take, v);
+    at = _mm512_mask_mov_ps(at, take, here);
+  }
+  // acc + add in the lanes where a == b, acc in the others.
+  static Reg add_where_equal(Reg acc, Reg add, Reg a, Reg b) {
+    return _mm512_mask_add_ps(acc, _mm512_cmp_ps_mask(a, b, _CMP_EQ_OQ), acc, add);
+  }
   // In-register transpose of 16 rows of 16 floats: on return r[c] holds column c. Three rounds of
   // interleaves: 32-bit pairs, 64-bit pairs, then 128-bit lanes across groups of four rows.
   static void transpose(Reg (&r)[kLanes]) {
@@ -115,6 +125,14 @@ struct VecF32 {
   static Reg fmadd(Reg a, Reg b, Reg c) { return _mm256_fmadd_ps(a, b, c); }
   static Reg add(Reg a, Reg b) { return _mm256_add_ps(a, b); }
   static Reg max(Reg a, Reg b) { return _mm256_max_ps(a, b); }  // b where either is NaN
+  static void keep_max(Reg v, Reg here, Reg& best, Reg& at) {
+    const __m256 take = _mm256_or_ps(_mm256_cmp_ps(v, best, _CMP_GT_OQ), _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    best = _mm256_blendv_ps(best, v, take);
+    at = _mm256_blendv_ps(at, here, take);
+  }
+  static Reg add_where_equal(Reg acc, Reg add, Reg a, Reg b) {
+    return _mm256_blendv_ps(acc, _mm256_add_ps(acc, add), _mm256_cmp_ps(a, b, _CMP_EQ_OQ));
+  }
   // In-register transpose of 8 rows of 8 floats (r[c] becomes column c): 32-bit pairs, 64-bit
   // pairs within each 128-bit half, then the halves across rows 0-3 and 4-7.
   static void transpose(Reg (&r)[kLanes]) {
@@ -167,6 +185,14 @@ struct VecF32 {
   static Reg add(Reg a, Reg b) { return vaddq_f32(a, b); }
   // vmaxq gives NaN where either is NaN: max(0, NaN) stays NaN as on x86 (the only use: ReLU).
   static Reg max(Reg a, Reg b) { return vmaxq_f32(a, b); }
+  static void keep_max(Reg v, Reg here, Reg& best, Reg& at) {
+    const uint32x4_t take = vorrq_u32(vcgtq_f32(v, best), vmvnq_u32(vceqq_f32(v, v)));
+    best = vbslq_f32(take, v, best);
+    at = vbslq_f32(take, here, at);
+  }
+  static Reg add_where_equal(Reg acc, Reg add, Reg a, Reg b) {
+    return vbslq_f32(vceqq_f32(a, b), vaddq_f32(acc, add), acc);
+  }
   // In-register transpose of 4 rows of 4 floats (r[c] becomes column c).
   static void transpose(Reg (&r)[kLanes]) {
     const float32x4x2_t rows01 = vtrnq_f32(r[0], r[1]), rows23 = vtrnq_f32(r[2], r[3]);

@@ -176,6 +176,37 @@ void check_vector_layer() {
   V::store(relu_out, V::max(V::zero(), V::load(relu_in)));  // the kernels' ReLU keeps NaN, as F.relu
   expect(std::isnan(relu_out[0]), "relu keeps NaN", 0, 0, 0);
   for (int i = 1; i < L; ++i) expect(relu_out[i] == std::fmax(relu_in[i], 0.0f), "relu", i, 0, 0);
+  // keep_max, lane by lane: a greater value or a NaN (even over a NaN) takes the place; an equal value,
+  // a smaller one and -inf do not.
+  const float inf = INFINITY;
+  const float best_in[6] = {1.0f, 1.0f, 1.0f, nan, nan, -inf}, v_in[6] = {2.0f, 1.0f, 0.5f, 3.0f, nan, -inf};
+  float best[L], v[L], at[L], here[L];
+  for (int i = 0; i < L; ++i) {
+    best[i] = best_in[i % 6];
+    v[i] = v_in[i % 6];
+    at[i] = float(i);
+    here[i] = float(100 + i);
+  }
+  V::Reg best_r = V::load(best), at_r = V::load(at);
+  V::keep_max(V::load(v), V::load(here), best_r, at_r);
+  V::store(best, best_r);
+  V::store(at, at_r);
+  for (int i = 0; i < L; ++i) {
+    const bool take = v_in[i % 6] > best_in[i % 6] || std::isnan(v_in[i % 6]);
+    const float want = take ? v_in[i % 6] : best_in[i % 6];
+    expect(std::isnan(want) ? std::isnan(best[i]) : best[i] == want, "keep_max value", i, 0, 0);
+    expect(at[i] == (take ? float(100 + i) : float(i)), "keep_max index", i, 0, 0);
+  }
+  // add_where_equal: acc + add where a == b (never at a NaN), acc elsewhere.
+  float acc[L], add[L], a[L], b[L], sum[L];
+  for (int i = 0; i < L; ++i) {
+    acc[i] = float(i) * 0.25f;
+    add[i] = 10.0f + float(i);
+    a[i] = i % 3 == 2 ? nan : float(i % 2);
+    b[i] = 1.0f;
+  }
+  V::store(sum, V::add_where_equal(V::load(acc), V::load(add), V::load(a), V::load(b)));
+  for (int i = 0; i < L; ++i) expect(sum[i] == (a[i] == b[i] ? acc[i] + add[i] : acc[i]), "add_where_equal", i, 0, 0);
 }
 #endif
 
