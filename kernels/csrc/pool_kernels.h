@@ -77,22 +77,37 @@ inline int64_t first_window(int64_t at, int64_t kernel, int64_t stride, int64_t 
   return std::max<int64_t>(0, floor + 1);
 }
 
+// The backward's tasks: (image n, band [r0, r1) of kPoolBand input rows), with the output rows [oh0, oh1)
+// whose windows reach the band.
+constexpr int64_t kPoolBand = 8;
+
+struct PoolBand {
+  int64_t n, r0, r1, oh0, oh1;
+
+  PoolBand(const PoolGeometry& g, int64_t task) {
+    const int64_t bands = (g.H + kPoolBand - 1) / kPoolBand;
+    n = task / bands;
+    r0 = task % bands * kPoolBand;
+    r1 = std::min(g.H, r0 + kPoolBand);
+    oh0 = std::min(g.OH, first_window(r0, g.kh, g.sh, g.ph));
+    oh1 = oh0;
+    while (oh1 < g.OH && oh1 * g.sh - g.ph < r1) ++oh1;
+  }
+
+  static int64_t tasks(const PoolGeometry& g) { return g.N * ((g.H + kPoolBand - 1) / kPoolBand); }
+};
+
 // Tasks are (image, band of input rows). A task finds the argmax (a flat input pixel index per
 // output element and channel) of every output row whose windows reach its band, then writes each
 // of its grad_input elements once: the sum, in (oh, ow) order from +0, of the output gradients
 // whose argmax it is: the order and the bits of ATen's zero-fill-then-scatter.
 template <typename T>
 void max_pool_add_backward_generic(const PoolGeometry& g, const T* x, const T* grad_out, T* grad_in) {
-  constexpr int64_t kBand = 8;
-  const int64_t bands = (g.H + kBand - 1) / kBand;
-  at::parallel_for(0, g.N * bands, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, PoolBand::tasks(g), 1, [&](int64_t begin, int64_t end) {
     std::vector<int32_t> arg;
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t n = task / bands, r0 = task % bands * kBand, r1 = std::min(g.H, r0 + kBand);
-      // Output rows whose windows reach input rows [r0, r1).
-      const int64_t oh0 = std::min(g.OH, first_window(r0, g.kh, g.sh, g.ph));
-      int64_t oh1 = oh0;
-      while (oh1 < g.OH && oh1 * g.sh - g.ph < r1) ++oh1;
+      const PoolBand band(g, task);
+      const int64_t n = band.n, r0 = band.r0, r1 = band.r1, oh0 = band.oh0, oh1 = band.oh1;
       const T* xn = x + n * g.H * g.W * g.C;
       const T* gon = grad_out + n * g.OH * g.OW * g.C;
       T* gin = grad_in + n * g.H * g.W * g.C;
@@ -259,18 +274,15 @@ inline void max_pool_add_f32(const PoolGeometry& g, const float* x, const float*
 // windows, then stored once (streamed where it is larger than the cache).
 inline void max_pool_add_backward_f32(const PoolGeometry& g, const float* x, const float* grad_out, float* grad_in) {
   using V = VecF32;
-  constexpr int64_t kBand = 8;
-  const int64_t bands = (g.H + kBand - 1) / kBand, row_bytes = g.C * int64_t(sizeof(float));
+  const int64_t row_bytes = g.C * int64_t(sizeof(float));
   const bool stream = should_stream(grad_in, row_bytes, g.N * g.H * g.W * row_bytes);
-  at::parallel_for(0, g.N * bands, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, PoolBand::tasks(g), 1, [&](int64_t begin, int64_t end) {
     std::vector<float> arg;
     std::vector<int64_t> windows;
     RowWindows row_windows;
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t n = task / bands, r0 = task % bands * kBand, r1 = std::min(g.H, r0 + kBand);
-      const int64_t oh0 = std::min(g.OH, first_window(r0, g.kh, g.sh, g.ph));
-      int64_t oh1 = oh0;
-      while (oh1 < g.OH && oh1 * g.sh - g.ph < r1) ++oh1;
+      const PoolBand band(g, task);
+      const int64_t n = band.n, r0 = band.r0, r1 = band.r1, oh0 = band.oh0, oh1 = band.oh1;
       const float* xn = x + n * g.H * g.W * g.C;
       const float* gon = grad_out + (n * g.OH + oh0) * g.OW * g.C;  // from output row oh0, as arg
       float* gin = grad_in + n * g.H * g.W * g.C;
