@@ -233,9 +233,10 @@ inline void row_maxima(const RowWindows& row, const float* xn, int64_t C, int64_
 
 template <int NV, bool kMasked>
 inline void store_block(float* p, VecF32::Mask m, const VecF32::Reg (&v)[NV], bool stream = false) {
+  static_assert(!kMasked || NV == 1, "for_channel_blocks masks only a single last vector");
   for (int i = 0; i < NV; ++i) {
     if (kMasked) {
-      VecF32::store(p, m, v[i]);  // NV is 1
+      VecF32::store(p, m, v[i]);
     } else if (stream) {
       VecF32::stream(p + i * VecF32::kLanes, v[i]);
     } else {
