@@ -18,6 +18,13 @@ on cpp the conv's forward gathers its output's per-channel mean and M2 as it sto
 (``sepconv_cpp::forward_with_moments``) and the BatchNorm kernel takes them as ``moments``, so it
 does not read the output once more for them.
 
+``run_sequential(modules, input)`` runs modules in turn as ``nn.Sequential`` does, each separable conv and
+the BatchNorm after it as ``separable_conv2d_batch_norm``; where such a BatchNorm's output goes (through
+``nn.Identity`` modules only) into another separable conv, in training on cpp, that conv reads the BatchNorm's
+input and applies the BatchNorm (and its ReLU) as it reads it (``sepconv_cpp::batch_norm_separable``): the
+normalised activation is neither written in the forward nor kept for the backward, which writes it once,
+transiently, for the conv's backward.
+
 ``relu_output=True`` applies a ReLU to the output: in the kernel's pass, and in its backward as
 ReLU's own backward does (the gradient is zero where the output is), so a ``BN -> ReLU`` pair costs
 no pass of its own and no fresh buffer either way; elsewhere ``F.relu`` runs in place after
@@ -26,7 +33,7 @@ no pass of its own and no fresh buffer either way; elsewhere ``F.relu`` runs in 
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Iterable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -81,12 +88,17 @@ def _batch_norm_kernel(input, running_mean, running_var, weight, bias, momentum,
     channel as ``sepconv_cpp::forward_with_moments`` returns them (None: the op takes them itself)."""
     output, mean, _, var = torch.ops.sepconv_cpp.batch_norm.default(input, weight, bias, float(eps), relu_output,
                                                                     moments)
+    _update_running(running_mean, running_var, momentum, mean, var)
+    return output
+
+
+def _update_running(running_mean, running_var, momentum, mean, var) -> None:
+    """``running = (1 - momentum) * running + momentum * batch`` for the statistics kept (None: not kept)."""
     with torch.no_grad():
         if running_mean is not None:
             running_mean.mul_(1.0 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
         if running_var is not None:
             running_var.mul_(1.0 - momentum).add_(var.to(running_var.dtype), alpha=momentum)
-    return output
 
 
 class BatchNorm2d(BackendAttribute, nn.BatchNorm2d):
@@ -111,22 +123,25 @@ class BatchNorm2d(BackendAttribute, nn.BatchNorm2d):
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         return self._forward(input, None)
 
-    def _forward(self, input: torch.Tensor, moments: Optional[torch.Tensor]) -> torch.Tensor:
-        """``forward``; given ``moments`` (input's per-channel mean and M2 from the separable forward that
-        wrote it, ``separable_conv2d_batch_norm``), the training-mode kernel takes them."""
-        self._check_input_dim(input)
-        # The running-average factor, as nn.BatchNorm2d computes it: `momentum`, or with
-        # momentum=None the cumulative average 1 / (batches seen so far).
+    def _running(self):
+        """What a call does with the running statistics, as ``nn.BatchNorm2d``'s forward: counts the batch
+        (in training) and returns the running-average factor (``momentum``, or with momentum=None the cumulative
+        average 1 / batches seen) and the running mean and variance the call uses (None: none kept)."""
         factor = 0.0 if self.momentum is None else self.momentum
         if self.training and self.track_running_stats and self.num_batches_tracked is not None:
             self.num_batches_tracked.add_(1)
             if self.momentum is None:
                 factor = 1.0 / float(self.num_batches_tracked)
+        keep_running = not self.training or self.track_running_stats
+        return factor, self.running_mean if keep_running else None, self.running_var if keep_running else None
+
+    def _forward(self, input: torch.Tensor, moments: Optional[torch.Tensor]) -> torch.Tensor:
+        """``forward``; given ``moments`` (input's per-channel mean and M2 from the separable forward that
+        wrote it, ``separable_conv2d_batch_norm``), the training-mode kernel takes them."""
+        self._check_input_dim(input)
+        factor, running_mean, running_var = self._running()
         # Batch statistics in training, and in evaluation too when there are no running ones.
         batch_stats = self.training or (self.running_mean is None and self.running_var is None)
-        keep_running = not self.training or self.track_running_stats
-        running_mean = self.running_mean if keep_running else None
-        running_var = self.running_var if keep_running else None
         if moments is not None:
             return _batch_norm_kernel(input, running_mean, running_var, self.weight, self.bias, factor, self.eps,
                                       self.relu_output, moments)
@@ -203,16 +218,111 @@ def separable_conv2d_batch_norm(conv: nn.Module, bn: nn.Module, input: torch.Ten
     calls, up to rounding (the sums run in another order). Anywhere else (other modules, evaluation, other
     backends, devices, layouts or dtypes, hooks on either module) it is ``bn(conv(input))``.
     """
-    args = _separable_args(conv, input)
-    if not _moments_apply(conv, bn, input, args):
+    started = _with_moments(conv, bn, input)
+    if started is None:
         return bn(conv(input))
-    (depthwise_weight, depthwise_bias, pointwise_weight, pointwise_bias, stride, padding, dilation,
-     relu_input), _, _ = args
+    return bn._forward(*started)
+
+
+def _geometry(input: torch.Tensor, args):
+    """``normalize``'s geometry of the separable op on ``input`` with ``_separable_args``' arguments, and whether
+    its output has at least two values a channel (what BatchNorm needs)."""
+    depthwise_weight, depthwise_bias, pointwise_weight, pointwise_bias, stride, padding, dilation, _ = args
     geometry = normalize(input, depthwise_weight, pointwise_weight, depthwise_bias, pointwise_bias, stride,
                          padding, dilation)
-    if input.shape[0] * geometry.out_size[0] * geometry.out_size[1] < 2:
-        return bn(conv(input))  # BatchNorm's own error, or ATen's, as the two calls give it
-    output, moments = torch.ops.sepconv_cpp.forward_with_moments.default(
+    return geometry, input.shape[0] * geometry.out_size[0] * geometry.out_size[1] >= 2
+
+
+def _with_moments(conv: nn.Module, bn: nn.Module, input: torch.Tensor):
+    """``conv(input)`` and its per-channel moments for ``bn`` (``forward_with_moments``), where
+    ``separable_conv2d_batch_norm`` takes them; None elsewhere."""
+    args = _separable_args(conv, input)
+    if not _moments_apply(conv, bn, input, args):
+        return None
+    op_args = args[0]
+    geometry, enough = _geometry(input, op_args)
+    if not enough:
+        return None  # BatchNorm's own error, or ATen's, as the two calls give it
+    depthwise_weight, depthwise_bias, pointwise_weight, pointwise_bias, _, _, _, relu_input = op_args
+    return torch.ops.sepconv_cpp.forward_with_moments.default(
         input, depthwise_weight, pointwise_weight, depthwise_bias, pointwise_bias, geometry.stride,
         geometry.padding, geometry.dilation, relu_input)
-    return bn._forward(output, moments)
+
+
+def _is_identity(module: nn.Module) -> bool:
+    return type(module) is nn.Identity and not _has_hooks(module)
+
+
+def _fold(output: torch.Tensor, moments: torch.Tensor, bn: nn.Module, conv: nn.Module, after: Optional[nn.Module]):
+    """``conv(bn(output))`` with ``bn`` applied in ``conv``'s input read (``sepconv_cpp::batch_norm_separable``),
+    where ``bn`` (a BatchNorm2d in training whose statistics came with ``output``: ``_with_moments``) is folded
+    into ``conv``: a ``kernels.SeparableConv2d`` of depth multiplier 1, no hooks, on its cpp kernel for this
+    activation. Returns (conv's output, its moments for ``after`` where ``after`` would take them, else None);
+    None where the fold does not apply."""
+    if not (type(conv).forward is SeparableConv2d.forward and isinstance(conv, SeparableConv2d)):
+        return None
+    if conv.conv1.out_channels != conv.conv1.in_channels or any(_has_hooks(m) for m in (conv, *conv.children())):
+        return None
+    args = _separable_args(conv, output)
+    if args is None or not channels_last_cpp_applies(output, args[0][:4], args[2]):
+        return None
+    if args[2] == "auto" and gpu_dispatch.cpu_tuning_applies(output.device):
+        return None  # with CPU tuning on, `auto` chooses per layer
+    geometry, enough = _geometry(output, args[0])
+    # The output's moments where the module after takes them (it is a BatchNorm that would, given conv's input).
+    with_moments = after is not None and enough and _moments_apply(conv, after, output, args)
+    depthwise_weight, depthwise_bias, pointwise_weight, pointwise_bias, _, _, _, relu_input = args[0]
+    factor, running_mean, running_var = bn._running()
+    out, out_moments, mean, _, var = torch.ops.sepconv_cpp.batch_norm_separable.default(
+        output, moments, bn.weight, bn.bias, float(bn.eps), depthwise_weight, pointwise_weight, depthwise_bias,
+        pointwise_bias, geometry.stride, geometry.padding, geometry.dilation, relu_input or bn.relu_output,
+        with_moments)
+    _update_running(running_mean, running_var, factor, mean, var)
+    return out, out_moments if with_moments else None
+
+
+def run_sequential(modules: Iterable[nn.Module], input: torch.Tensor) -> torch.Tensor:
+    """``modules`` called in turn on ``input`` (what ``nn.Sequential(*modules)(input)`` computes), each separable
+    convolution and the module after it as one ``separable_conv2d_batch_norm`` call.
+
+    In training on cpp, a BatchNorm that takes its statistics from the separable convolution before it, and whose
+    output goes (through hook-free ``nn.Identity`` modules only) into another ``kernels.SeparableConv2d``, is applied
+    by that convolution as it reads its input (with the BatchNorm's ReLU and the convolution's ``relu_input``): the
+    normalised activation is never stored, which takes one activation a folded pair off the memory a training step
+    keeps for its backward. Same outputs, gradients and running statistics as the calls in turn, up to rounding.
+    """
+    modules = list(modules)
+    x = input
+    pending = None  # (output, moments, bn): bn(output), not applied yet
+    index = 0
+    while index < len(modules):
+        module = modules[index]
+        if pending is not None:
+            if _is_identity(module):
+                index += 1
+                continue
+            after = modules[index + 1] if index + 1 < len(modules) else None
+            folded = _fold(*pending, module, after)
+            if folded is not None:
+                out, out_moments = folded
+                pending = (out, out_moments, after) if out_moments is not None else None
+                x = out
+                index += 2 if out_moments is not None else 1
+                continue
+            output, moments, bn = pending
+            x, pending = bn._forward(output, moments), None
+            continue  # the module again, on the BatchNorm's output
+        if index + 1 < len(modules) and isinstance(module, SeparableConv2d):
+            started = _with_moments(module, modules[index + 1], x)
+            if started is not None:
+                pending = (*started, modules[index + 1])
+            else:
+                x = modules[index + 1](module(x))
+            index += 2
+            continue
+        x = module(x)
+        index += 1
+    if pending is not None:
+        output, moments, bn = pending
+        x = bn._forward(output, moments)
+    return x

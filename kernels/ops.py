@@ -92,6 +92,21 @@ BATCH_NORM_SCHEMAS = (
     "batch_norm_backward(Tensor grad_output, Tensor input, Tensor? weight, Tensor mean, Tensor invstd, "
     "bool[3] output_mask, Tensor? relu_output=None) -> (Tensor, Tensor, Tensor)",
 )
+# ... that BatchNorm folded into the separable convolution after it (see kernels.batch_norm.run_separable): the
+# convolution reads relu?(input * alpha + beta) with BatchNorm's batch-statistics alpha and beta, so the
+# normalised activation is never stored; returns the output, its moments (with with_moments, else (0,)), and
+# BatchNorm's mean, invstd and unbiased variance. Its backward writes the normalised input out once, runs the
+# separable backward on it and BatchNorm's backward after, and returns the gradients of input, bn_weight,
+# bn_bias, depthwise_weight, pointwise_weight, depthwise_bias and pointwise_bias ...
+BATCH_NORM_SEPARABLE_SCHEMAS = (
+    "batch_norm_separable(Tensor input, Tensor? moments, Tensor? bn_weight, Tensor? bn_bias, float eps, "
+    "Tensor depthwise_weight, Tensor pointwise_weight, Tensor? depthwise_bias, Tensor? pointwise_bias, int[2] stride, "
+    "int[4] padding, int[2] dilation, bool relu_input, bool with_moments) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+    "batch_norm_separable_backward(Tensor grad_output, Tensor input, Tensor? bn_weight, Tensor? bn_bias, Tensor mean, "
+    "Tensor invstd, Tensor depthwise_weight, Tensor pointwise_weight, Tensor? depthwise_bias, int[2] stride, "
+    "int[4] padding, int[2] dilation, bool relu_input, bool[7] output_mask) "
+    "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+)
 # ... a dense convolution (groups 1; its backward is ATen's, see kernels.conv) ...
 CONV_SCHEMA = (
     "conv2d(Tensor input, Tensor weight, Tensor? bias, int[2] stride, int[2] padding, int[2] dilation) -> Tensor"
@@ -326,6 +341,54 @@ def _batch_norm_backward(ctx, grad_output, *_):
     return tuple(g if w else None for g, w in zip(grads, mask)) + (None, None, None)
 
 
+def _fake_batch_norm_separable(input, moments, bn_weight, bn_bias, eps, depthwise_weight, pointwise_weight,
+                               depthwise_bias, pointwise_bias, stride, padding, dilation, relu_input, with_moments):
+    output = _fake_forward(input, depthwise_weight, pointwise_weight, depthwise_bias, pointwise_bias,
+                           stride, padding, dilation, relu_input)
+    out_moments = input.new_empty((2, output.shape[1]) if with_moments else (0,), dtype=torch.float64)
+    return (output, out_moments, *[input.new_empty(input.shape[1]) for _ in range(3)])
+
+
+def _fake_batch_norm_separable_backward(grad_output, input, bn_weight, bn_bias, mean, invstd, depthwise_weight,
+                                        pointwise_weight, depthwise_bias, stride, padding, dilation, relu_input,
+                                        output_mask):
+    want_input, want_bn_weight, want_bn_bias, *separable_mask = output_mask
+    _, *separable = empty_gradients(grad_output, input, depthwise_weight, pointwise_weight, depthwise_bias,
+                                    [False, *separable_mask])
+    return (empty_output(input, input.shape) if want_input else input.new_empty(0),
+            input.new_empty(input.shape[1] if want_bn_weight else 0),
+            input.new_empty(input.shape[1] if want_bn_bias else 0), *separable)
+
+
+def _setup_batch_norm_separable(ctx, inputs, output) -> None:
+    (input, _, bn_weight, bn_bias, _, depthwise_weight, pointwise_weight, depthwise_bias, pointwise_bias, stride,
+     padding, dilation, relu_input, _) = inputs
+    _, out_moments, mean, invstd, var = output
+    ctx.save_for_backward(input, bn_weight, bn_bias, mean, invstd, depthwise_weight, pointwise_weight, depthwise_bias)
+    ctx.geometry = (list(stride), list(padding), list(dilation), bool(relu_input))
+    ctx.has_biases = (bn_weight is not None, bn_bias is not None, depthwise_bias is not None,
+                      pointwise_bias is not None)
+    ctx.memory_format = memory_format_of(input)
+    ctx.mark_non_differentiable(out_moments, mean, invstd, var)
+
+
+def _batch_norm_separable_backward(ctx, grad_output, *_):
+    input, bn_weight, bn_bias, mean, invstd, depthwise_weight, pointwise_weight, depthwise_bias = ctx.saved_tensors
+    has_bn_weight, has_bn_bias, has_depthwise_bias, has_pointwise_bias = ctx.has_biases
+    needs = ctx.needs_input_grad
+    # needs: input, moments, bn_weight, bn_bias, eps, depthwise_weight, pointwise_weight, depthwise_bias,
+    # pointwise_bias, then the non-tensor arguments.
+    mask = [needs[0], needs[2] and has_bn_weight, needs[3] and has_bn_bias, needs[5], needs[6],
+            needs[7] and has_depthwise_bias, needs[8] and has_pointwise_bias]
+    if not any(mask):
+        return (None,) * 14
+    grads = torch.ops.sepconv_cpp.batch_norm_separable_backward.default(
+        grad_output.contiguous(memory_format=ctx.memory_format), input, bn_weight, bn_bias, mean, invstd,
+        depthwise_weight, pointwise_weight, depthwise_bias, *ctx.geometry, mask)
+    grads = [g if w else None for g, w in zip(grads, mask)]
+    return (grads[0], None, grads[1], grads[2], None, *grads[3:]) + (None,) * 5
+
+
 # --- autograd for the ops themselves (the autograd.Function reuses these two) ---------------
 
 def setup_context(ctx, inputs, output, kept: tuple = ()) -> None:
@@ -387,7 +450,7 @@ def define(backend: str) -> torch.library.Library:
             lib.define(schema)
         torch.library.register_fake(f"{ns}::backward_from_hidden", _fake_backward_from_hidden, lib=lib)
     if backend == "cpp":
-        for schema in POOL_SCHEMAS + BATCH_NORM_SCHEMAS + CACHE_SCHEMAS + (
+        for schema in POOL_SCHEMAS + BATCH_NORM_SCHEMAS + BATCH_NORM_SEPARABLE_SCHEMAS + CACHE_SCHEMAS + (
                 CONV_SCHEMA, FORWARD_WITH_MOMENTS_SCHEMA, FORWARD_PACKED_SCHEMA, PACK_SCHEMA):
             lib.define(schema)
         torch.library.register_fake(f"{ns}::forward_packed", _fake_forward_packed, lib=lib)
@@ -399,6 +462,11 @@ def define(backend: str) -> torch.library.Library:
         torch.library.register_fake(f"{ns}::batch_norm_backward", _fake_batch_norm_backward, lib=lib)
         torch.library.register_autograd(f"{ns}::batch_norm", _batch_norm_backward,
                                         setup_context=_setup_batch_norm, lib=lib)
+        torch.library.register_fake(f"{ns}::batch_norm_separable", _fake_batch_norm_separable, lib=lib)
+        torch.library.register_fake(f"{ns}::batch_norm_separable_backward", _fake_batch_norm_separable_backward,
+                                    lib=lib)
+        torch.library.register_autograd(f"{ns}::batch_norm_separable", _batch_norm_separable_backward,
+                                        setup_context=_setup_batch_norm_separable, lib=lib)
         torch.library.register_fake(f"{ns}::conv2d", _fake_conv2d, lib=lib)
         torch.library.register_autograd(f"{ns}::conv2d", _conv2d_backward, setup_context=_setup_conv2d, lib=lib)
         torch.library.register_fake(f"{ns}::max_pool2d_add", _fake_max_pool2d_add, lib=lib)

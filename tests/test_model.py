@@ -343,9 +343,10 @@ def test_every_backend_matches_eager_conv2d_model(backend):
 
 def test_cpp_training_kernels_match_conv2d_model_channels_last():
     """channels_last training on cpp runs the BatchNorm, max_pool2d_add and shortcut (PointwiseConv2d) kernels
-    too, and every separable conv and shortcut conv as forward_with_moments, whose moments its BatchNorm takes
-    (checked in the profiler trace): logits, every gradient and the running statistics after the step as the
-    nn.Conv2d model's, in float64."""
+    too; every separable conv and shortcut conv as forward_with_moments, whose moments its BatchNorm takes, except
+    the separable convs that a BatchNorm feeds directly (all but the first of each block's, and the exit's second),
+    which take that BatchNorm into their input read (batch_norm_separable; checked in the profiler trace): logits,
+    every gradient and the running statistics after the step as the nn.Conv2d model's, in float64."""
     require_backend("cpp", torch.float64)
     shape = {"middle_blocks": 2}
     reference = tiny(separable="conv2d", **shape).double().to(memory_format=torch.channels_last)
@@ -360,9 +361,12 @@ def test_cpp_training_kernels_match_conv2d_model_channels_last():
     assert {"sepconv_cpp::batch_norm", "sepconv_cpp::batch_norm_backward", "sepconv_cpp::max_pool2d_add",
             "sepconv_cpp::max_pool2d_add_backward"} <= ran
     count = {name: sum(event.name == f"sepconv_cpp::{name}" for event in prof.events())
-             for name in ("forward", "forward_with_moments")}
+             for name in ("forward", "forward_with_moments", "batch_norm_separable")}
     shortcuts = sum(isinstance(module, kernels.PointwiseConv2d) for module in model.modules())
-    assert shortcuts == 4 and count == {"forward": 0, "forward_with_moments": len(model.separable_convs()) + shortcuts}
+    folded = sum(sum(isinstance(m, kernels.SeparableConv2d) for m in getattr(model, name).rep) - 1
+                 for name in model.block_names) + 1
+    assert shortcuts == 4 and count == {"forward": 0, "batch_norm_separable": folded,
+                                        "forward_with_moments": len(model.separable_convs()) - folded + shortcuts}
     tolerance = TRAIN_TOLERANCE[torch.float64]
     assert_close(actual[0], expected[0], torch.float64, "logits", tolerance)
     assert_close(actual[1], expected[1], torch.float64, "input gradient", tolerance)

@@ -112,20 +112,11 @@ def stem_conv(kind: str, in_channels: int, out_channels: int, stride: int, backe
 
 
 def run_layers(layers: Iterable[nn.Module], x: torch.Tensor) -> torch.Tensor:
-    """The modules called in turn, each separable convolution and the module after it as one call of
-    ``kernels.separable_conv2d_batch_norm`` (where that module is a BatchNorm in training on cpp, it takes its
-    statistics from the convolution's forward; otherwise the two are called in turn)."""
-    modules = list(layers)
-    index = 0
-    while index < len(modules):
-        module = modules[index]
-        if index + 1 < len(modules) and isinstance(module, kernels.SeparableConv2d):
-            x = kernels.separable_conv2d_batch_norm(module, modules[index + 1], x)
-            index += 2
-            continue
-        x = module(x)
-        index += 1
-    return x
+    """The modules called in turn, through ``kernels.run_sequential``: each separable convolution and the module
+    after it as one call of ``kernels.separable_conv2d_batch_norm`` (where that module is a BatchNorm in training
+    on cpp, it takes its statistics from the convolution's forward), and such a BatchNorm folded into the input
+    read of the separable convolution it feeds (the normalised activation is then never stored)."""
+    return kernels.run_sequential(layers, x)
 
 
 def is_separable(module: nn.Module) -> bool:

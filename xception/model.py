@@ -217,8 +217,7 @@ class Xception(nn.Module):
         return self.act2(self.bn2(self.conv2(x)))
 
     def _exit(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.act3(kernels.separable_conv2d_batch_norm(self.conv3, self.bn3, x))
-        return self.act4(kernels.separable_conv2d_batch_norm(self.conv4, self.bn4, x))
+        return self.act4(kernels.run_sequential((self.conv3, self.bn3, self.act3, self.conv4, self.bn4), x))
 
     def _check_input(self, x: torch.Tensor) -> None:
         if not isinstance(x, torch.Tensor):

@@ -164,25 +164,61 @@ void column_sum_m2(int64_t M, int64_t C, const T* x, double* sum, double* m2) {
 // and y (ReLU'd with relu). weight / bias may be null (1 and 0). moments: x's per-channel mean and M2
 // (2 x C doubles) where the layer that wrote x gathered them (sepconv_cpp::forward_with_moments),
 // which saves the pass over x that takes them here; null: taken here.
+// The per-channel statistics from x's mean and M2 (2 x C doubles, as moments below): mean, invstd and the
+// unbiased variance (for the running estimate; NaN when M == 1), in T.
+template <typename T>
+void batch_norm_stats(int64_t M, int64_t C, const double* moments, double eps, T* mean_out, T* invstd_out,
+                      T* var_out) {
+  for (int64_t c = 0; c < C; ++c) {
+    const double m2 = moments[C + c];
+    mean_out[c] = static_cast<T>(moments[c]);
+    invstd_out[c] = static_cast<T>(1.0 / std::sqrt(m2 / static_cast<double>(M) + eps));
+    var_out[c] = static_cast<T>(M > 1 ? m2 / static_cast<double>(M - 1) : NAN);
+  }
+}
+
+// y = x * alpha + beta per channel: alpha = invstd * weight, beta = bias - mean * alpha (weight / bias may
+// be null: 1 and 0). The one place these are computed, so that a BatchNorm folded into the next
+// convolution's input read (sepconv_cpp::batch_norm_separable) and its backward, which writes that input
+// out, use the same values.
+template <typename T>
+void batch_norm_affine(int64_t C, const T* weight, const T* bias, const T* mean, const T* invstd, T* alpha, T* beta) {
+  for (int64_t c = 0; c < C; ++c) {
+    alpha[c] = invstd[c] * (weight ? weight[c] : T(1));
+    beta[c] = (bias ? bias[c] : T(0)) - mean[c] * alpha[c];
+  }
+}
+
+// y = x * alpha + beta per channel, each as one fused multiply-add: the values that a BatchNorm folded into
+// the next separable convolution's input read (InputAffine) gives that read, to the bit.
+template <typename T>
+void batch_norm_apply_fused(int64_t M, int64_t C, const T* x, const T* alpha, const T* beta, T* y) {
+  write_rows(M, C, y, [&](int64_t r, T* out) {
+    const T* in = x + r * C;
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) out[c] = std::fma(in[c], alpha[c], beta[c]);
+  });
+}
+
+// x's per-channel mean and M2 (2 x C doubles: the mean in row 0, M2 in row 1), from one pass over x.
+template <typename T>
+void batch_norm_moments(int64_t M, int64_t C, const T* x, double* moments) {
+  column_sum_m2(M, C, x, moments, moments + C);  // the sums, then their means
+  for (int64_t c = 0; c < C; ++c) moments[c] /= static_cast<double>(M);
+}
+
 template <typename T>
 void batch_norm_forward(int64_t M, int64_t C, const T* x, const T* weight, const T* bias, double eps, bool relu,
                         T* y, T* mean_out, T* invstd_out, T* var_out, const double* moments = nullptr) {
-  std::vector<double> mean(static_cast<size_t>(C)), m2(static_cast<size_t>(C));
-  if (moments != nullptr) {
-    std::copy_n(moments, C, mean.data());
-    std::copy_n(moments + C, C, m2.data());
-  } else {
-    column_sum_m2(M, C, x, mean.data(), m2.data());  // the sums, then their means
-    for (int64_t c = 0; c < C; ++c) mean[c] /= static_cast<double>(M);
+  std::vector<double> taken;
+  if (moments == nullptr) {
+    taken.resize(static_cast<size_t>(2 * C));
+    batch_norm_moments(M, C, x, taken.data());
+    moments = taken.data();
   }
+  batch_norm_stats(M, C, moments, eps, mean_out, invstd_out, var_out);
   std::vector<T> alpha(static_cast<size_t>(C)), beta(static_cast<size_t>(C));
-  for (int64_t c = 0; c < C; ++c) {
-    mean_out[c] = static_cast<T>(mean[c]);
-    invstd_out[c] = static_cast<T>(1.0 / std::sqrt(m2[c] / static_cast<double>(M) + eps));
-    var_out[c] = static_cast<T>(M > 1 ? m2[c] / static_cast<double>(M - 1) : NAN);
-    alpha[c] = invstd_out[c] * (weight ? weight[c] : T(1));
-    beta[c] = (bias ? bias[c] : T(0)) - mean_out[c] * alpha[c];
-  }
+  batch_norm_affine(C, weight, bias, mean_out, invstd_out, alpha.data(), beta.data());
   write_rows(M, C, y, [&](int64_t r, T* out) {
     const T* in = x + r * C;
     if (relu) {

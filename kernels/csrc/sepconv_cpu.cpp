@@ -145,7 +145,8 @@ at::Tensor run_forward(const char* op, const at::Tensor& input, const at::Tensor
                        const at::Tensor& pointwise_weight, const std::optional<at::Tensor>& depthwise_bias,
                        const std::optional<at::Tensor>& pointwise_bias, at::IntArrayRef stride, at::IntArrayRef padding,
                        at::IntArrayRef dilation, bool relu_input, at::Tensor* moments,
-                       const at::Tensor* packed = nullptr) {
+                       const at::Tensor* packed = nullptr, const at::Tensor* input_scale = nullptr,
+                       const at::Tensor* input_shift = nullptr) {
   check_args(input, depthwise_weight, pointwise_weight, stride, padding, dilation);
   const Geometry g = geometry(input, depthwise_weight, pointwise_weight, stride, padding, dilation);
   if (packed != nullptr) {
@@ -174,7 +175,10 @@ at::Tensor run_forward(const char* op, const at::Tensor& input, const at::Tensor
       sepconv::forward<scalar_t>(g, x.data_ptr<scalar_t>(), dw_taps.data_ptr<scalar_t>(), pw2d.data_ptr<scalar_t>(),
                                  bias.has_value() ? bias->data_ptr<scalar_t>() : nullptr, relu_input,
                                  result.data_ptr<scalar_t>(), sink ? &*sink : nullptr,
-                                 packed != nullptr ? packed->data_ptr<scalar_t>() : nullptr);
+                                 packed != nullptr ? packed->data_ptr<scalar_t>() : nullptr,
+                                 input_scale != nullptr ? InputAffine<scalar_t>{input_scale->data_ptr<scalar_t>(),
+                                                                                 input_shift->data_ptr<scalar_t>()}
+                                                        : InputAffine<scalar_t>{});
     });
   });
 }
@@ -391,6 +395,14 @@ void check_like_input(const char* op, const char* name, const at::Tensor& t, con
               t.scalar_type(), " ", t.sizes(), " on ", t.device());
 }
 
+// Given moments must be input's per-channel mean and M2 as forward_with_moments returns them.
+void check_moments(const char* op, const std::optional<at::Tensor>& moments, int64_t C) {
+  TORCH_CHECK(!moments.has_value() || (moments->dim() == 2 && moments->size(0) == 2 && moments->size(1) == C &&
+                                       moments->scalar_type() == at::kDouble && moments->device().is_cpu()),
+              op, ": moments must be a (2, ", C, ") float64 CPU tensor (input's per-channel mean and M2), got ",
+              moments->sizes(), " ", moments->scalar_type());  // (only reached with moments given)
+}
+
 template <typename scalar_t>
 const scalar_t* data_or_null(const at::Tensor& t) {
   return t.defined() ? t.data_ptr<scalar_t>() : nullptr;
@@ -407,10 +419,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_op(const a
   check_channel_vector(kOp, "bias", bias, input);
   const int64_t C = input.size(1), M = input.size(0) * input.size(2) * input.size(3);
   TORCH_CHECK(M > 0, kOp, ": needs at least one value per channel, got input ", input.sizes());
-  TORCH_CHECK(!moments.has_value() || (moments->dim() == 2 && moments->size(0) == 2 && moments->size(1) == C &&
-                                       moments->scalar_type() == at::kDouble && moments->device().is_cpu()),
-              kOp, ": moments must be a (2, ", C, ") float64 CPU tensor (input's per-channel mean and M2), got ",
-              moments->sizes(), " ", moments->scalar_type());  // (only reached with moments given)
+  check_moments(kOp, moments, C);
   const at::Tensor given = moments.has_value() ? moments->contiguous() : at::Tensor();
   at::Tensor mean = at::empty({C}, input.options()), invstd = at::empty({C}, input.options()),
              var = at::empty({C}, input.options());
@@ -467,6 +476,111 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_op(
   return {grad_input, grad_weight, grad_bias};
 }
 
+// The checks of both batch_norm_separable ops: what their BatchNorm and separable parts check, and a depth
+// multiplier of 1 (the affine map is per input channel).
+void check_batch_norm_separable(const char* op, const at::Tensor& input, const std::optional<at::Tensor>& bn_weight,
+                                const std::optional<at::Tensor>& bn_bias, const at::Tensor& depthwise_weight,
+                                const at::Tensor& pointwise_weight, at::IntArrayRef stride, at::IntArrayRef padding,
+                                at::IntArrayRef dilation) {
+  check_input(op, input);
+  check_args(input, depthwise_weight, pointwise_weight, stride, padding, dilation);
+  check_channel_vector(op, "bn_weight", bn_weight, input);
+  check_channel_vector(op, "bn_bias", bn_bias, input);
+  TORCH_CHECK(depthwise_weight.size(0) == input.size(1), op, ": needs a depth multiplier of 1 (depthwise_weight of ",
+              input.size(1), " channels), got depthwise_weight ", depthwise_weight.sizes());
+  TORCH_CHECK(input.size(0) * input.size(2) * input.size(3) > 0, op,
+              ": needs at least one value per channel, got input ", input.sizes());
+}
+
+// BatchNorm in training mode (batch statistics, from moments where given) folded into the separable
+// convolution after it: out = forward(relu?(input * alpha + beta)) with BatchNorm's alpha and beta
+// (batch_norm_affine), applied as the depthwise stage reads each input (InputAffine); the normalised
+// input is never written. Returns out, out's moments ((2, Cout) float64, with with_moments; else (0,)),
+// and BatchNorm's mean, invstd and unbiased variance.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_separable_op(
+    const at::Tensor& input, const std::optional<at::Tensor>& moments, const std::optional<at::Tensor>& bn_weight,
+    const std::optional<at::Tensor>& bn_bias, double eps, const at::Tensor& depthwise_weight,
+    const at::Tensor& pointwise_weight, const std::optional<at::Tensor>& depthwise_bias,
+    const std::optional<at::Tensor>& pointwise_bias, at::IntArrayRef stride, at::IntArrayRef padding,
+    at::IntArrayRef dilation, bool relu_input, bool with_moments) {
+  constexpr const char* kOp = "sepconv_cpp::batch_norm_separable";
+  check_batch_norm_separable(kOp, input, bn_weight, bn_bias, depthwise_weight, pointwise_weight, stride, padding,
+                             dilation);
+  const int64_t C = input.size(1), M = input.size(0) * input.size(2) * input.size(3);
+  check_moments(kOp, moments, C);
+  const at::Tensor w = bn_weight.has_value() ? bn_weight->contiguous() : at::Tensor();
+  const at::Tensor b = bn_bias.has_value() ? bn_bias->contiguous() : at::Tensor();
+  at::Tensor mean = at::empty({C}, input.options()), invstd = at::empty({C}, input.options()),
+             var = at::empty({C}, input.options()), alpha = at::empty({C}, input.options()),
+             beta = at::empty({C}, input.options());
+  at::Tensor stats = moments.has_value() ? moments->contiguous() : at::empty({2, C}, input.options().dtype(at::kDouble));
+  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "sepconv_cpp_batch_norm_separable", [&] {
+    if (!moments.has_value()) {
+      const at::Tensor x = to_nhwc(input, 1);
+      batch_norm_moments<scalar_t>(M, C, x.data_ptr<scalar_t>(), stats.data_ptr<double>());
+    }
+    batch_norm_stats<scalar_t>(M, C, stats.data_ptr<double>(), eps, mean.data_ptr<scalar_t>(),
+                               invstd.data_ptr<scalar_t>(), var.data_ptr<scalar_t>());
+    batch_norm_affine<scalar_t>(C, data_or_null<scalar_t>(w), data_or_null<scalar_t>(b), mean.data_ptr<scalar_t>(),
+                                invstd.data_ptr<scalar_t>(), alpha.data_ptr<scalar_t>(), beta.data_ptr<scalar_t>());
+  });
+  at::Tensor out_moments;
+  at::Tensor out = run_forward(kOp, input, depthwise_weight, pointwise_weight, depthwise_bias, pointwise_bias, stride,
+                               padding, dilation, relu_input, with_moments ? &out_moments : nullptr, nullptr, &alpha,
+                               &beta);
+  if (!with_moments) out_moments = at::empty({0}, input.options().dtype(at::kDouble));
+  return {out, out_moments, mean, invstd, var};
+}
+
+// Gradients of batch_norm_separable, in the order input, bn_weight, bn_bias, depthwise_weight,
+// pointwise_weight, depthwise_bias, pointwise_bias ((0,) where output_mask says not asked for). The
+// normalised input, input * alpha + beta (the same values the forward read: the same alpha and beta,
+// one fused multiply-add), is written out once here, for the separable backward, and freed after it;
+// BatchNorm's backward then takes the gradient that reaches it.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+batch_norm_separable_backward_op(const at::Tensor& grad_output, const at::Tensor& input,
+                                 const std::optional<at::Tensor>& bn_weight, const std::optional<at::Tensor>& bn_bias,
+                                 const at::Tensor& mean, const at::Tensor& invstd, const at::Tensor& depthwise_weight,
+                                 const at::Tensor& pointwise_weight, const std::optional<at::Tensor>& depthwise_bias,
+                                 at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                                 bool relu_input, std::array<bool, 7> output_mask) {
+  constexpr const char* kOp = "sepconv_cpp::batch_norm_separable_backward";
+  check_batch_norm_separable(kOp, input, bn_weight, bn_bias, depthwise_weight, pointwise_weight, stride, padding,
+                             dilation);
+  check_channel_vector(kOp, "mean", mean, input);
+  check_channel_vector(kOp, "invstd", invstd, input);
+  const int64_t C = input.size(1);
+  const auto [want_input, want_bn_weight, want_bn_bias, want_dw_weight, want_pointwise, want_dw_bias, want_pw_bias] =
+      output_mask;
+  const bool want_normalized = want_input || want_bn_weight || want_bn_bias;
+  const at::Tensor w = bn_weight.has_value() ? bn_weight->contiguous() : at::Tensor();
+  const at::Tensor b = bn_bias.has_value() ? bn_bias->contiguous() : at::Tensor();
+  const at::Tensor m = mean.contiguous(), s = invstd.contiguous();
+  at::Tensor alpha = at::empty({C}, input.options()), beta = at::empty({C}, input.options());
+  at::Tensor normalized = nhwc_result(input, input.sizes(), [&](at::Tensor& result) {
+    const at::Tensor x = to_nhwc(input, 1);
+    const int64_t M = input.size(0) * input.size(2) * input.size(3);
+    AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "sepconv_cpp_batch_norm_separable_backward", [&] {
+      scalar_t* a = alpha.data_ptr<scalar_t>();
+      scalar_t* bb = beta.data_ptr<scalar_t>();
+      batch_norm_affine<scalar_t>(C, data_or_null<scalar_t>(w), data_or_null<scalar_t>(b), m.data_ptr<scalar_t>(),
+                                  s.data_ptr<scalar_t>(), a, bb);
+      batch_norm_apply_fused<scalar_t>(M, C, x.data_ptr<scalar_t>(), a, bb, result.data_ptr<scalar_t>());
+    });
+  });
+  auto [grad_normalized, grad_dw_weight, grad_pw, grad_dw_bias, grad_pw_bias] =
+      backward_op(grad_output, normalized, depthwise_weight, pointwise_weight, depthwise_bias, stride, padding,
+                  dilation, relu_input, {want_normalized, want_dw_weight, want_pointwise, want_dw_bias, want_pw_bias});
+  normalized = at::Tensor();  // back to the buffer cache before BatchNorm's backward allocates
+  auto none = [&] { return at::empty({0}, input.options()); };
+  at::Tensor grad_input = none(), grad_bn_weight = none(), grad_bn_bias = none();
+  if (want_normalized) {
+    std::tie(grad_input, grad_bn_weight, grad_bn_bias) = batch_norm_backward_op(
+        grad_normalized, input, bn_weight, mean, invstd, {want_input, want_bn_weight, want_bn_bias}, std::nullopt);
+  }
+  return {grad_input, grad_bn_weight, grad_bn_bias, grad_dw_weight, grad_pw, grad_dw_bias, grad_pw_bias};
+}
+
 }  // namespace
 }  // namespace sepconv
 
@@ -481,6 +595,8 @@ TORCH_LIBRARY_IMPL(sepconv_cpp, CPU, m) {
   m.impl("max_pool2d_add_backward", &sepconv::max_pool2d_add_backward_op);
   m.impl("batch_norm", &sepconv::batch_norm_op);
   m.impl("batch_norm_backward", &sepconv::batch_norm_backward_op);
+  m.impl("batch_norm_separable", &sepconv::batch_norm_separable_op);
+  m.impl("batch_norm_separable_backward", &sepconv::batch_norm_separable_backward_op);
 }
 
 // The buffer cache's bookkeeping: no tensor arguments, so these take the CompositeExplicitAutograd

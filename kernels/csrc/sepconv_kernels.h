@@ -23,6 +23,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <memory>
@@ -118,12 +119,24 @@ inline void prefetch_at(const T* p, int64_t offset, bool write = false) {
   }
 }
 
+// A per-channel affine map that the depthwise stage applies to each input it reads (a BatchNorm
+// folded into the read, sepconv_cpp::batch_norm_separable): x * scale[c] + shift[c] in one fused
+// multiply-add, before the ReLU of relu_input. Both null: the input as it is. The pointers address
+// hidden channel 0; only in-bounds taps are read, so the zero padding stays zero.
+template <typename T>
+struct InputAffine {
+  const T* scale = nullptr;
+  const T* shift = nullptr;
+  explicit operator bool() const { return scale != nullptr; }
+};
+
 // One output pixel's depthwise result for kc hidden channels: out[c] = bias[c] +
-// sum over the `valid` in-bounds taps v of relu?(xs[v][c]) * ws[v][c] (bias may be null).
+// sum over the `valid` in-bounds taps v of relu?(affine(xs[v][c])) * ws[v][c] (bias may be null;
+// affine's pointers already at the first of the kc channels).
 // Each 64-channel slice accumulates over the taps in registers and is stored once.
 template <typename T>
 inline void depthwise_pixel(const T* const* xs, const T* const* ws, int64_t valid, const T* bias, bool relu,
-                            int64_t kc, T* out) {
+                            int64_t kc, T* out, InputAffine<T> affine = {}) {
   constexpr int64_t kSlice = 64;
   for (int64_t c0 = 0; c0 < kc; c0 += kSlice) {
     const int64_t width = std::min(kSlice, kc - c0);
@@ -132,7 +145,15 @@ inline void depthwise_pixel(const T* const* xs, const T* const* ws, int64_t vali
     for (int64_t v = 0; v < valid; ++v) {
       const T* xr = xs[v] + c0;
       const T* wr = ws[v] + c0;
-      if (relu) {
+      if (affine) {
+        const T* sc = affine.scale + c0;
+        const T* sh = affine.shift + c0;
+#pragma omp simd
+        for (int64_t c = 0; c < width; ++c) {
+          const T in = std::fma(xr[c], sc[c], sh[c]);
+          acc[c] += (relu ? std::max(in, T(0)) : in) * wr[c];
+        }
+      } else if (relu) {
 #pragma omp simd
         for (int64_t c = 0; c < width; ++c) acc[c] += std::max(xr[c], T(0)) * wr[c];
       } else {
@@ -150,17 +171,19 @@ inline void depthwise_pixel(const T* const* xs, const T* const* ws, int64_t vali
 // The taps' rows mostly come from L2; waiting on them, the depthwise pass took about a fifth of the
 // forward time of a 728-channel layer (perf, one thread, AVX-512), ten times its share of the FLOPs.
 inline void depthwise_pixel_f32(const float* const* xs, const float* const* ws, int64_t valid, const float* bias,
-                                bool relu, int64_t kc, float* out) {
+                                bool relu, int64_t kc, float* out, InputAffine<float> affine = {}) {
   using V = VecF32;
   constexpr int64_t kLanes = V::kLanes, kSlice = 4 * kLanes;
   const V::Reg zero = V::zero();
   for (int64_t c0 = 0; c0 < kc; c0 += kSlice) {
     V::Mask m[4];
-    V::Reg acc[4];
+    V::Reg acc[4], scale[4], shift[4];
 #pragma GCC unroll 4
     for (int q = 0; q < 4; ++q) {
       m[q] = V::mask(kc - c0 - q * kLanes);
       acc[q] = bias ? V::load(m[q], bias + c0 + q * kLanes) : zero;
+      scale[q] = affine ? V::load(m[q], affine.scale + c0 + q * kLanes) : zero;
+      shift[q] = affine ? V::load(m[q], affine.shift + c0 + q * kLanes) : zero;
     }
     for (int64_t v = 0; v < valid; ++v) {
       const float* xr = xs[v] + c0;
@@ -170,6 +193,7 @@ inline void depthwise_pixel_f32(const float* const* xs, const float* const* ws, 
 #pragma GCC unroll 4
       for (int q = 0; q < 4; ++q) {
         in[q] = V::load(m[q], xr + q * kLanes);
+        if (affine) in[q] = V::fmadd(in[q], scale[q], shift[q]);
         if (relu) in[q] = V::max(zero, in[q]);  // max(0, x) keeps a NaN input as NaN, like F.relu
       }
 #pragma GCC unroll 4
@@ -197,23 +221,44 @@ struct Run3x3 {
 };
 
 #if defined(SEPCONV_HAS_VEC)
-// relu?(x[offset, offset + lanes)) under mask m (max(0, x) keeps a NaN input as NaN, like F.relu).
-inline VecF32::Reg load_input(const float* x, int64_t offset, VecF32::Mask m, bool relu) {
-  const VecF32::Reg v = VecF32::load(m, x + offset);
-  return relu ? VecF32::max(VecF32::zero(), v) : v;
-}
+// How the 3x3 row kernels read one vector of channels of an input: relu?(x * scale + shift) where a
+// BatchNorm is folded into the read (affine: scale and shift that vector's channels), relu?(x)
+// otherwise (max(0, x) keeps a NaN input as NaN, like F.relu).
+struct InputLoad {
+  bool relu = false, affine = false;
+  VecF32::Reg scale = VecF32::zero(), shift = VecF32::zero();
+
+  // The vector of channels at c (relative to the affine's pointers) under mask m.
+  static InputLoad at(bool relu, InputAffine<float> affine, int64_t c, VecF32::Mask m) {
+    InputLoad in;
+    in.relu = relu;
+    if (affine) {
+      in.affine = true;
+      in.scale = VecF32::load(m, affine.scale + c);
+      in.shift = VecF32::load(m, affine.shift + c);
+    }
+    return in;
+  }
+
+  // x[offset, offset + lanes) under mask m, mapped.
+  VecF32::Reg operator()(const float* x, int64_t offset, VecF32::Mask m) const {
+    VecF32::Reg v = VecF32::load(m, x + offset);
+    if (affine) v = VecF32::fmadd(v, scale, shift);
+    return relu ? VecF32::max(VecF32::zero(), v) : v;
+  }
+};
 
 // The inputs of a run's windows for one vector of channels, where consecutive pixels are one column
 // step apart: at pixel r, window[i][j] holds kernel row i, column r + j, and each input is loaded
 // once. This sets columns 0 and 1 of the in-bounds kernel rows (zero elsewhere) before pixel 0;
 // at each pixel column 2 comes in (load_window_row), and the columns shift left after it.
 inline void start_window(VecF32::Reg (&window)[3][3], const float* x, const Run3x3& run, int64_t start, VecF32::Mask m,
-                         bool relu) {
+                         const InputLoad& input) {
   for (int i = 0; i < 3; ++i) {
     window[i][0] = window[i][1] = window[i][2] = VecF32::zero();
     if (run.rows[i] && run.count > 0) {
-      window[i][0] = load_input(x, start + i * run.row_step, m, relu);
-      window[i][1] = load_input(x, start + i * run.row_step + run.col_step, m, relu);
+      window[i][0] = input(x, start + i * run.row_step, m);
+      window[i][1] = input(x, start + i * run.row_step + run.col_step, m);
     }
   }
 }
@@ -222,13 +267,13 @@ inline void start_window(VecF32::Reg (&window)[3][3], const float* x, const Run3
 // well unless the window slides (then they are the previous pixel's columns 1 and 2, shifted).
 template <bool kSliding>
 inline void load_window_row(VecF32::Reg (&window)[3][3], int i, const float* x, const Run3x3& run, int64_t at,
-                            VecF32::Mask m, bool relu) {
+                            VecF32::Mask m, const InputLoad& input) {
   const int64_t row = at + i * run.row_step;
   if constexpr (!kSliding) {
-    window[i][0] = load_input(x, row, m, relu);
-    window[i][1] = load_input(x, row + run.col_step, m, relu);
+    window[i][0] = input(x, row, m);
+    window[i][1] = input(x, row + run.col_step, m);
   }
-  window[i][2] = load_input(x, row + 2 * run.col_step, m, relu);
+  window[i][2] = input(x, row + 2 * run.col_step, m);
 }
 
 // Calls walk(std::true_type) where the window slides, walk(std::false_type) elsewhere, so that each
@@ -280,10 +325,11 @@ inline void keep_in_register(VecF32::Reg& v) {
 
 // kPixels consecutive pixels of a sliding run, one vector of channels: pixel p's window starts at
 // x + at + p * col_step; its sum goes to out[p * ld].
-template <bool kRelu, bool kMasked, int kPixels>
+// kAffine: each input as x * scale + shift first (InputLoad).
+template <bool kRelu, bool kAffine, bool kMasked, int kPixels>
 inline void depthwise_pixels3x3_f32(const float* x, int64_t at, int64_t row_step, int64_t col_step,
                                     const VecF32::Reg (&wv)[9], VecF32::Reg b, VecF32::Mask m, float* out,
-                                    int64_t ld) {
+                                    int64_t ld, VecF32::Reg scale, VecF32::Reg shift) {
   using V = VecF32;
   V::Reg acc[kPixels][2];
 #pragma GCC unroll 8
@@ -297,6 +343,7 @@ inline void depthwise_pixels3x3_f32(const float* x, int64_t at, int64_t row_step
     for (int j = 0; j < kPixels + 2; ++j) {
       const float* src = x + at + i * row_step + j * col_step;
       V::Reg v = kMasked ? V::load(m, src) : V::load(src);
+      if constexpr (kAffine) v = V::fmadd(v, scale, shift);
       if constexpr (kRelu) v = V::max(V::zero(), v);  // keeps a NaN input as NaN, like F.relu
       keep_in_register(v);
 #pragma GCC unroll 3
@@ -318,10 +365,12 @@ inline void depthwise_pixels3x3_f32(const float* x, int64_t at, int64_t row_step
   }
 }
 
-// kPixels pixels starting at run pixel r, every channel vector of [0, kc).
-template <bool kRelu, int kPixels>
+// kPixels pixels starting at run pixel r, every channel vector of [0, kc) (affine, with kAffine: already
+// at channel k0).
+template <bool kRelu, bool kAffine, int kPixels>
 inline void depthwise_segment3x3_f32(const float* x, const Run3x3& run, int64_t r, int64_t k0, const float* w,
-                                     int64_t w_stride, const float* bias, int64_t kc, float* out, int64_t ld) {
+                                     int64_t w_stride, const float* bias, int64_t kc, float* out, int64_t ld,
+                                     InputAffine<float> affine) {
   using V = VecF32;
   const int64_t at = run.base + k0 + r * run.pixel_step;
   float* o = out + r * ld;
@@ -332,11 +381,17 @@ inline void depthwise_segment3x3_f32(const float* x, const Run3x3& run, int64_t 
 #pragma GCC unroll 9
     for (int t = 0; t < 9; ++t) wv[t] = kMasked ? V::load(m, w + t * w_stride + c) : V::load(w + t * w_stride + c);
     const V::Reg b = bias ? (kMasked ? V::load(m, bias + c) : V::load(bias + c)) : V::zero();
+    V::Reg scale = V::zero(), shift = V::zero();
+    if constexpr (kAffine) {
+      scale = kMasked ? V::load(m, affine.scale + c) : V::load(affine.scale + c);
+      shift = kMasked ? V::load(m, affine.shift + c) : V::load(affine.shift + c);
+    }
     // The bottom kernel row's input is the one row not read for the previous output row (it comes
     // from L3 or memory): fetch its columns two segments on, this channel vector's line of each.
 #pragma GCC unroll 8
     for (int j = 0; j < kPixels; ++j) prefetch_at(x, at + c + 2 * run.row_step + (2 + 2 * kPixels + j) * run.col_step);
-    depthwise_pixels3x3_f32<kRelu, kMasked, kPixels>(x, at + c, run.row_step, run.col_step, wv, b, m, o + c, ld);
+    depthwise_pixels3x3_f32<kRelu, kAffine, kMasked, kPixels>(x, at + c, run.row_step, run.col_step, wv, b, m, o + c,
+                                                             ld, scale, shift);
   };
   const int64_t full = kc / V::kLanes * V::kLanes;
   for (int64_t c = 0; c < full; c += V::kLanes) vector(c, std::false_type{});
@@ -344,28 +399,31 @@ inline void depthwise_segment3x3_f32(const float* x, const Run3x3& run, int64_t 
 }
 
 // The last `pixels` (1 to kPixels) pixels of a run, fewer than a segment.
-template <bool kRelu, int kPixels>
+template <bool kRelu, bool kAffine, int kPixels>
 inline void depthwise_last_segment3x3_f32(int64_t pixels, const float* x, const Run3x3& run, int64_t r, int64_t k0,
                                           const float* w, int64_t w_stride, const float* bias, int64_t kc, float* out,
-                                          int64_t ld) {
+                                          int64_t ld, InputAffine<float> affine) {
   if constexpr (kPixels > 1) {
     if (pixels < kPixels) {
-      depthwise_last_segment3x3_f32<kRelu, kPixels - 1>(pixels, x, run, r, k0, w, w_stride, bias, kc, out, ld);
+      depthwise_last_segment3x3_f32<kRelu, kAffine, kPixels - 1>(pixels, x, run, r, k0, w, w_stride, bias, kc, out,
+                                                                 ld, affine);
       return;
     }
   }
-  depthwise_segment3x3_f32<kRelu, kPixels>(x, run, r, k0, w, w_stride, bias, kc, out, ld);
+  depthwise_segment3x3_f32<kRelu, kAffine, kPixels>(x, run, r, k0, w, w_stride, bias, kc, out, ld, affine);
 }
 
-template <bool kRelu>
+template <bool kRelu, bool kAffine>
 inline void depthwise_run3x3_sliding_f32(const float* x, const Run3x3& run, int64_t k0, const float* w,
-                                         int64_t w_stride, const float* bias, int64_t kc, float* out, int64_t ld) {
+                                         int64_t w_stride, const float* bias, int64_t kc, float* out, int64_t ld,
+                                         InputAffine<float> affine) {
   int64_t r = 0;
   for (; r + kSegment <= run.count; r += kSegment) {
-    depthwise_segment3x3_f32<kRelu, kSegment>(x, run, r, k0, w, w_stride, bias, kc, out, ld);
+    depthwise_segment3x3_f32<kRelu, kAffine, kSegment>(x, run, r, k0, w, w_stride, bias, kc, out, ld, affine);
   }
   if (r < run.count) {
-    depthwise_last_segment3x3_f32<kRelu, kSegment - 1>(run.count - r, x, run, r, k0, w, w_stride, bias, kc, out, ld);
+    depthwise_last_segment3x3_f32<kRelu, kAffine, kSegment - 1>(run.count - r, x, run, r, k0, w, w_stride, bias, kc,
+                                                                out, ld, affine);
   }
 }
 
@@ -373,17 +431,23 @@ inline void depthwise_run3x3_sliding_f32(const float* x, const Run3x3& run, int6
 // k0), pixel r into out[r * ld]. Each vector of channels keeps its nine weights in registers across
 // the pixels, so a tap costs one load and one FMA (the per-pixel path also reloads the weight and
 // walks a tap list: at 64 hidden channels that made the depthwise a third of the forward time).
+// affine: as depthwise_pixel's (already at channel k0).
 inline void depthwise_row3x3_f32(const float* x, const Run3x3& run, int64_t k0, const float* w, int64_t w_stride,
-                                 const float* bias, bool relu, int64_t kc, float* out, int64_t ld) {
+                                 const float* bias, bool relu, int64_t kc, float* out, int64_t ld,
+                                 InputAffine<float> affine = {}) {
   const VecF32::Reg zero = VecF32::zero();
   const int64_t pixel_step = run.pixel_step;
   const bool* rows = run.rows;
   const bool sliding = pixel_step == run.col_step;
   if (sliding && rows[0] && rows[1] && rows[2]) {
-    if (relu) {
-      depthwise_run3x3_sliding_f32<true>(x, run, k0, w, w_stride, bias, kc, out, ld);
+    auto walk = [&](auto with_relu, auto with_affine) {
+      depthwise_run3x3_sliding_f32<decltype(with_relu)::value, decltype(with_affine)::value>(x, run, k0, w, w_stride,
+                                                                                           bias, kc, out, ld, affine);
+    };
+    if (affine) {
+      relu ? walk(std::true_type{}, std::true_type{}) : walk(std::false_type{}, std::true_type{});
     } else {
-      depthwise_run3x3_sliding_f32<false>(x, run, k0, w, w_stride, bias, kc, out, ld);
+      relu ? walk(std::true_type{}, std::false_type{}) : walk(std::false_type{}, std::false_type{});
     }
     return;
   }
@@ -393,6 +457,7 @@ inline void depthwise_row3x3_f32(const float* x, const Run3x3& run, int64_t k0, 
 #pragma GCC unroll 9
     for (int t = 0; t < 9; ++t) wv[t] = VecF32::load(m, w + t * w_stride + c);
     const VecF32::Reg b = bias ? VecF32::load(m, bias + c) : zero;
+    const InputLoad input = InputLoad::at(relu, affine, c, m);
     const int64_t start = run.base + k0 + c;
     // Where consecutive pixels are one column step apart (stride equal to dilation), each input
     // enters a window that slides along the run once (three loads a pixel, not nine; forward of
@@ -420,7 +485,7 @@ inline void depthwise_row3x3_f32(const float* x, const Run3x3& run, int64_t k0, 
     };
     with_sliding(sliding, [&](auto kind) {
       VecF32::Reg window[3][3];
-      start_window(window, x, run, start, m, relu);
+      start_window(window, x, run, start, m, input);
       int64_t r = 0;
       if constexpr (decltype(kind)::value) {
         // Two pixels at a time where the window slides: their sums are independent chains of
@@ -434,8 +499,8 @@ inline void depthwise_row3x3_f32(const float* x, const Run3x3& run, int64_t k0, 
 #pragma GCC unroll 3
           for (int i = 0; i < 3; ++i) {
             if (!rows[i]) continue;
-            window[i][2] = load_input(x, at + i * run.row_step + 2 * run.col_step, m, relu);
-            fourth[i] = load_input(x, at + i * run.row_step + 3 * run.col_step, m, relu);
+            window[i][2] = input(x, at + i * run.row_step + 2 * run.col_step, m);
+            fourth[i] = input(x, at + i * run.row_step + 3 * run.col_step, m);
           }
           VecF32::store(out + r * ld + c, m, window_sum([&](int i, int j) { return window[i][j]; }));
           VecF32::store(out + (r + 1) * ld + c, m,
@@ -452,7 +517,7 @@ inline void depthwise_row3x3_f32(const float* x, const Run3x3& run, int64_t k0, 
         prefetch_at(x, at + run.ahead);  // from L3 the bottom-right tap stalled the loop
 #pragma GCC unroll 3
         for (int i = 0; i < 3; ++i) {
-          if (rows[i]) load_window_row<decltype(kind)::value>(window, i, x, run, at, m, relu);
+          if (rows[i]) load_window_row<decltype(kind)::value>(window, i, x, run, at, m, input);
         }
         VecF32::store(out + r * ld + c, m, window_sum([&](int i, int j) { return window[i][j]; }));
 #pragma GCC unroll 3
@@ -485,10 +550,11 @@ inline void depthwise_row3x3_backward_f32(const float* x, float* gx, const Run3x
       VecF32::Reg sum[9], bsum = zero;
 #pragma GCC unroll 9
       for (int t = 0; t < 9; ++t) sum[t] = zero;
-      auto input = [&](int64_t offset) { return load_input(x, offset, m, relu); };
+      const InputLoad load{relu};
+      auto input = [&](int64_t offset) { return load(x, offset, m); };
       if (sliding) {
         VecF32::Reg window[3][3];
-        start_window(window, x, run, start, m, relu);
+        start_window(window, x, run, start, m, load);
         for (int64_t r = 0; r < run.count; ++r) {
           const VecF32::Reg grad = VecF32::load(m, gh + r * ldh + c);
           const int64_t at = start + r * pixel_step;
@@ -496,7 +562,7 @@ inline void depthwise_row3x3_backward_f32(const float* x, float* gx, const Run3x
 #pragma GCC unroll 3
           for (int i = 0; i < 3; ++i) {
             if (!run.rows[i]) continue;
-            load_window_row<true>(window, i, x, run, at, m, relu);
+            load_window_row<true>(window, i, x, run, at, m, load);
 #pragma GCC unroll 3
             for (int j = 0; j < 3; ++j) sum[3 * i + j] = VecF32::fmadd(grad, window[i][j], sum[3 * i + j]);
             shift_window_row(window, i);
@@ -634,7 +700,9 @@ inline Run3x3 run_3x3(const Geometry& g, const PixelCursor& at, int64_t limit) {
 // (may be null), into tile (rows x ld). Per pixel, the in-bounds taps are listed once.
 template <typename T>
 void depthwise_tile(const Geometry& g, const T* x, const T* dw_taps, const T* bias, bool relu, int64_t p0,
-                    int64_t rows, int64_t k0, int64_t kc, T* tile, int64_t ld) {
+                    int64_t rows, int64_t k0, int64_t kc, T* tile, int64_t ld, InputAffine<T> affine = {}) {
+  // The affine's channels from k0, as the kernels below address theirs.
+  const InputAffine<T> at_k0 = affine ? InputAffine<T>{affine.scale + k0, affine.shift + k0} : InputAffine<T>{};
   const int64_t taps = g.kh * g.kw;
   std::vector<const T*> xs(taps), ws(taps);
   PixelCursor at(g, p0);
@@ -643,7 +711,8 @@ void depthwise_tile(const Geometry& g, const T* x, const T* dw_taps, const T* bi
     if constexpr (std::is_same_v<T, float>) {  // runs of interior pixels take the row kernel
       const Run3x3 run = run_3x3(g, at, rows - r);
       if (run.count > 0) {
-        depthwise_row3x3_f32(x, run, k0, dw_taps + k0, g.CM, bias ? bias + k0 : nullptr, relu, kc, tile + r * ld, ld);
+        depthwise_row3x3_f32(x, run, k0, dw_taps + k0, g.CM, bias ? bias + k0 : nullptr, relu, kc, tile + r * ld, ld,
+                             at_k0);
         r += run.count - 1;
         at.advance(g, run.count);
         continue;
@@ -659,12 +728,12 @@ void depthwise_tile(const Geometry& g, const T* x, const T* dw_taps, const T* bi
     const T* b = bias ? bias + k0 : nullptr;
 #if defined(SEPCONV_HAS_VEC)
     if constexpr (std::is_same_v<T, float>) {
-      depthwise_pixel_f32(xs.data(), ws.data(), valid, b, relu, kc, t);
+      depthwise_pixel_f32(xs.data(), ws.data(), valid, b, relu, kc, t, at_k0);
     } else {
-      depthwise_pixel<T>(xs.data(), ws.data(), valid, b, relu, kc, t);
+      depthwise_pixel<T>(xs.data(), ws.data(), valid, b, relu, kc, t, at_k0);
     }
 #else
-    depthwise_pixel<T>(xs.data(), ws.data(), valid, b, relu, kc, t);
+    depthwise_pixel<T>(xs.data(), ws.data(), valid, b, relu, kc, t, at_k0);
 #endif
     at.advance(g, 1);
   }
@@ -1109,12 +1178,13 @@ void tiled_forward(const Geometry& g, int64_t K, FillTile fill_tile, const T* pw
 }
 
 // out = pointwise(depthwise(x)) + bias; pw is (Cout, CM); bias (Cout) already includes pw @ dw_bias.
-// With moments, also out's per-channel mean and M2; with packed, pw as pack_pointwise packed it (tiled_forward).
+// With moments, also out's per-channel mean and M2; with packed, pw as pack_pointwise packed it (tiled_forward);
+// with affine, the depthwise stage reads relu?(x * scale + shift) (InputAffine).
 template <typename T>
 void forward(const Geometry& g, const T* x, const T* dw_taps, const T* pw, const T* bias, bool relu, T* out,
-             const OutputMoments* moments = nullptr, const T* packed = nullptr) {
+             const OutputMoments* moments = nullptr, const T* packed = nullptr, InputAffine<T> affine = {}) {
   tiled_forward<T>(g, g.CM, [&](int64_t p0, int64_t rows, T* tile, int64_t ld) {
-    depthwise_tile<T>(g, x, dw_taps, nullptr, relu, p0, rows, 0, g.CM, tile, ld);
+    depthwise_tile<T>(g, x, dw_taps, nullptr, relu, p0, rows, 0, g.CM, tile, ld, affine);
   }, pw, bias, out, moments, nullptr, packed);
 }
 
