@@ -179,25 +179,14 @@ void batch_norm_stats(int64_t M, int64_t C, const double* moments, double eps, T
 
 // y = x * alpha + beta per channel: alpha = invstd * weight, beta = bias - mean * alpha (weight / bias may
 // be null: 1 and 0). The one place these are computed, so that a BatchNorm folded into the next
-// convolution's input read (sepconv_cpp::batch_norm_separable) and its backward, which writes that input
-// out, use the same values.
+// convolution's input read (sepconv_cpp::batch_norm_separable) and that read in its backward use the same
+// values.
 template <typename T>
 void batch_norm_affine(int64_t C, const T* weight, const T* bias, const T* mean, const T* invstd, T* alpha, T* beta) {
   for (int64_t c = 0; c < C; ++c) {
     alpha[c] = invstd[c] * (weight ? weight[c] : T(1));
     beta[c] = (bias ? bias[c] : T(0)) - mean[c] * alpha[c];
   }
-}
-
-// y = x * alpha + beta per channel, each as one fused multiply-add: the values that a BatchNorm folded into
-// the next separable convolution's input read (InputAffine) gives that read, to the bit.
-template <typename T>
-void batch_norm_apply_fused(int64_t M, int64_t C, const T* x, const T* alpha, const T* beta, T* y) {
-  write_rows(M, C, y, [&](int64_t r, T* out) {
-    const T* in = x + r * C;
-#pragma omp simd
-    for (int64_t c = 0; c < C; ++c) out[c] = std::fma(in[c], alpha[c], beta[c]);
-  });
 }
 
 // x's per-channel mean and M2 (2 x C doubles: the mean in row 0, M2 in row 1), from one pass over x.

@@ -253,10 +253,14 @@ at::Tensor conv2d_op(const at::Tensor& input, const at::Tensor& weight, const st
   });
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_op(
+// The backward's work. With input_scale and input_shift (per input channel, depth multiplier 1), the layer's
+// input is relu?(input * scale + shift) as in run_forward's, and the input gradient is the one reaching
+// input * scale + shift.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_backward(
     const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& depthwise_weight,
     const at::Tensor& pointwise_weight, const std::optional<at::Tensor>& depthwise_bias, at::IntArrayRef stride,
-    at::IntArrayRef padding, at::IntArrayRef dilation, bool relu_input, std::array<bool, 5> output_mask) {
+    at::IntArrayRef padding, at::IntArrayRef dilation, bool relu_input, std::array<bool, 5> output_mask,
+    const at::Tensor* input_scale = nullptr, const at::Tensor* input_shift = nullptr) {
   check_args(input, depthwise_weight, pointwise_weight, stride, padding, dilation);
   const Geometry g = geometry(input, depthwise_weight, pointwise_weight, stride, padding, dilation);
   TORCH_CHECK(grad_output.dim() == 4 && grad_output.size(0) == g.N && grad_output.size(1) == g.Cout &&
@@ -294,9 +298,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
   if (want_input || want_depthwise || want_pointwise || want_pw_bias) {
     AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "sepconv_cpp_backward", [&] {
       auto ptr = [](const at::Tensor& t) { return t.defined() ? t.data_ptr<scalar_t>() : nullptr; };
+      const InputAffine<scalar_t> affine = input_scale != nullptr
+                                               ? InputAffine<scalar_t>{ptr(*input_scale), ptr(*input_shift)}
+                                               : InputAffine<scalar_t>{};
       sepconv::backward<scalar_t>(g, ptr(x), ptr(dw_taps), ptr(dw_bias), ptr(pw2d), ptr(go), relu_input,
                                   BackwardOutputs{want_input, want_depthwise, want_pointwise, want_pw_bias}, ptr(grad_x),
-                                  ptr(grad_dw_taps), ptr(grad_dw_bias), ptr(grad_pw), ptr(grad_pw_bias));
+                                  ptr(grad_dw_taps), ptr(grad_dw_bias), ptr(grad_pw), ptr(grad_pw_bias), affine);
     });
   }
 
@@ -318,6 +325,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
       want_dw_bias ? grad_dw_bias : none(),
       want_pw_bias ? grad_pw_bias : none(),
   };
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_op(
+    const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& depthwise_weight,
+    const at::Tensor& pointwise_weight, const std::optional<at::Tensor>& depthwise_bias, at::IntArrayRef stride,
+    at::IntArrayRef padding, at::IntArrayRef dilation, bool relu_input, std::array<bool, 5> output_mask) {
+  return run_backward(grad_output, input, depthwise_weight, pointwise_weight, depthwise_bias, stride, padding,
+                      dilation, relu_input, output_mask);
 }
 
 // The input of the pool and BatchNorm ops.
@@ -534,9 +549,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_nor
 
 // Gradients of batch_norm_separable, in the order input, bn_weight, bn_bias, depthwise_weight,
 // pointwise_weight, depthwise_bias, pointwise_bias ((0,) where output_mask says not asked for). The
-// normalised input, input * alpha + beta (the same values the forward read: the same alpha and beta,
-// one fused multiply-add), is written out once here, for the separable backward, and freed after it;
-// BatchNorm's backward then takes the gradient that reaches it.
+// separable backward reads input as the forward did, through BatchNorm's alpha and beta (the same values: the
+// same function of mean, invstd, bn_weight and bn_bias, one fused multiply-add); BatchNorm's backward then
+// takes the gradient that reaches the normalised input.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 batch_norm_separable_backward_op(const at::Tensor& grad_output, const at::Tensor& input,
                                  const std::optional<at::Tensor>& bn_weight, const std::optional<at::Tensor>& bn_bias,
@@ -557,21 +572,14 @@ batch_norm_separable_backward_op(const at::Tensor& grad_output, const at::Tensor
   const at::Tensor b = bn_bias.has_value() ? bn_bias->contiguous() : at::Tensor();
   const at::Tensor m = mean.contiguous(), s = invstd.contiguous();
   at::Tensor alpha = at::empty({C}, input.options()), beta = at::empty({C}, input.options());
-  at::Tensor normalized = nhwc_result(input, input.sizes(), [&](at::Tensor& result) {
-    const at::Tensor x = to_nhwc(input, 1);
-    const int64_t M = input.size(0) * input.size(2) * input.size(3);
-    AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "sepconv_cpp_batch_norm_separable_backward", [&] {
-      scalar_t* a = alpha.data_ptr<scalar_t>();
-      scalar_t* bb = beta.data_ptr<scalar_t>();
-      batch_norm_affine<scalar_t>(C, data_or_null<scalar_t>(w), data_or_null<scalar_t>(b), m.data_ptr<scalar_t>(),
-                                  s.data_ptr<scalar_t>(), a, bb);
-      batch_norm_apply_fused<scalar_t>(M, C, x.data_ptr<scalar_t>(), a, bb, result.data_ptr<scalar_t>());
-    });
+  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "sepconv_cpp_batch_norm_separable_backward", [&] {
+    batch_norm_affine<scalar_t>(C, data_or_null<scalar_t>(w), data_or_null<scalar_t>(b), m.data_ptr<scalar_t>(),
+                                s.data_ptr<scalar_t>(), alpha.data_ptr<scalar_t>(), beta.data_ptr<scalar_t>());
   });
   auto [grad_normalized, grad_dw_weight, grad_pw, grad_dw_bias, grad_pw_bias] =
-      backward_op(grad_output, normalized, depthwise_weight, pointwise_weight, depthwise_bias, stride, padding,
-                  dilation, relu_input, {want_normalized, want_dw_weight, want_pointwise, want_dw_bias, want_pw_bias});
-  normalized = at::Tensor();  // back to the buffer cache before BatchNorm's backward allocates
+      run_backward(grad_output, input, depthwise_weight, pointwise_weight, depthwise_bias, stride, padding, dilation,
+                   relu_input, {want_normalized, want_dw_weight, want_pointwise, want_dw_bias, want_pw_bias}, &alpha,
+                   &beta);
   auto none = [&] { return at::empty({0}, input.options()); };
   at::Tensor grad_input = none(), grad_bn_weight = none(), grad_bn_bias = none();
   if (want_normalized) {

@@ -128,6 +128,11 @@ struct InputAffine {
   const T* scale = nullptr;
   const T* shift = nullptr;
   explicit operator bool() const { return scale != nullptr; }
+  // relu?(x * scale[c] + shift[c]): one value of channel c as the depthwise stage reads it.
+  T operator()(T x, int64_t c, bool relu) const {
+    const T in = std::fma(x, scale[c], shift[c]);
+    return relu ? std::max(in, T(0)) : in;
+  }
 };
 
 // One output pixel's depthwise result for kc hidden channels: out[c] = bias[c] +
@@ -146,13 +151,8 @@ inline void depthwise_pixel(const T* const* xs, const T* const* ws, int64_t vali
       const T* xr = xs[v] + c0;
       const T* wr = ws[v] + c0;
       if (affine) {
-        const T* sc = affine.scale + c0;
-        const T* sh = affine.shift + c0;
 #pragma omp simd
-        for (int64_t c = 0; c < width; ++c) {
-          const T in = std::fma(xr[c], sc[c], sh[c]);
-          acc[c] += (relu ? std::max(in, T(0)) : in) * wr[c];
-        }
+        for (int64_t c = 0; c < width; ++c) acc[c] += affine(xr[c], c0 + c, relu) * wr[c];
       } else if (relu) {
 #pragma omp simd
         for (int64_t c = 0; c < width; ++c) acc[c] += std::max(xr[c], T(0)) * wr[c];
@@ -228,11 +228,14 @@ struct InputLoad {
   bool relu = false, affine = false;
   VecF32::Reg scale = VecF32::zero(), shift = VecF32::zero();
 
-  // The vector of channels at c (relative to the affine's pointers) under mask m.
+  // The vector of channels at c (relative to the affine's pointers) under mask m. kAffine a template
+  // argument: the kernels are compiled once each way, each with its flag a constant (a flag known only at run
+  // time cost the backward of 728->728@19 at batch 8 4%, without an affine).
+  template <bool kAffine>
   static InputLoad at(bool relu, InputAffine<float> affine, int64_t c, VecF32::Mask m) {
     InputLoad in;
     in.relu = relu;
-    if (affine) {
+    if constexpr (kAffine) {
       in.affine = true;
       in.scale = VecF32::load(m, affine.scale + c);
       in.shift = VecF32::load(m, affine.shift + c);
@@ -431,7 +434,8 @@ inline void depthwise_run3x3_sliding_f32(const float* x, const Run3x3& run, int6
 // k0), pixel r into out[r * ld]. Each vector of channels keeps its nine weights in registers across
 // the pixels, so a tap costs one load and one FMA (the per-pixel path also reloads the weight and
 // walks a tap list: at 64 hidden channels that made the depthwise a third of the forward time).
-// affine: as depthwise_pixel's (already at channel k0).
+// affine: as depthwise_pixel's (already at channel k0), given with kAffine.
+template <bool kAffine = false>
 inline void depthwise_row3x3_f32(const float* x, const Run3x3& run, int64_t k0, const float* w, int64_t w_stride,
                                  const float* bias, bool relu, int64_t kc, float* out, int64_t ld,
                                  InputAffine<float> affine = {}) {
@@ -440,14 +444,10 @@ inline void depthwise_row3x3_f32(const float* x, const Run3x3& run, int64_t k0, 
   const bool* rows = run.rows;
   const bool sliding = pixel_step == run.col_step;
   if (sliding && rows[0] && rows[1] && rows[2]) {
-    auto walk = [&](auto with_relu, auto with_affine) {
-      depthwise_run3x3_sliding_f32<decltype(with_relu)::value, decltype(with_affine)::value>(x, run, k0, w, w_stride,
-                                                                                           bias, kc, out, ld, affine);
-    };
-    if (affine) {
-      relu ? walk(std::true_type{}, std::true_type{}) : walk(std::false_type{}, std::true_type{});
+    if (relu) {
+      depthwise_run3x3_sliding_f32<true, kAffine>(x, run, k0, w, w_stride, bias, kc, out, ld, affine);
     } else {
-      relu ? walk(std::true_type{}, std::false_type{}) : walk(std::false_type{}, std::false_type{});
+      depthwise_run3x3_sliding_f32<false, kAffine>(x, run, k0, w, w_stride, bias, kc, out, ld, affine);
     }
     return;
   }
@@ -457,7 +457,7 @@ inline void depthwise_row3x3_f32(const float* x, const Run3x3& run, int64_t k0, 
 #pragma GCC unroll 9
     for (int t = 0; t < 9; ++t) wv[t] = VecF32::load(m, w + t * w_stride + c);
     const VecF32::Reg b = bias ? VecF32::load(m, bias + c) : zero;
-    const InputLoad input = InputLoad::at(relu, affine, c, m);
+    const InputLoad input = InputLoad::at<kAffine>(relu, affine, c, m);
     const int64_t start = run.base + k0 + c;
     // Where consecutive pixels are one column step apart (stride equal to dilation), each input
     // enters a window that slides along the run once (three loads a pixel, not nine; forward of
@@ -537,9 +537,12 @@ inline void depthwise_row3x3_f32(const float* x, const Run3x3& run, int64_t k0, 
 // run, and the second sums a column's three updates in registers and adds them to grad_x once (3
 // read-modify-writes of grad_x a pixel instead of 9, each of which waited on the store before it).
 // Backward of 128->128@147 at batch 8: 5-9% faster; 728->728: 1-2%.
+// affine: as depthwise_row3x3_f32's, for the inputs of the weight gradients (already at channel k0).
+template <bool kAffine = false>
 inline void depthwise_row3x3_backward_f32(const float* x, float* gx, const Run3x3& run, int64_t k0, const float* w,
                                           int64_t w_stride, const float* gh, int64_t ldh, bool relu, int64_t kc,
-                                          float* dw_acc, int64_t acc_stride, float* db_acc) {
+                                          float* dw_acc, int64_t acc_stride, float* db_acc,
+                                          InputAffine<float> affine = {}) {
   const VecF32::Reg zero = VecF32::zero();
   const int64_t pixel_step = run.pixel_step, col_step = run.col_step, row_step = run.row_step;
   const bool sliding = pixel_step == col_step;
@@ -550,7 +553,7 @@ inline void depthwise_row3x3_backward_f32(const float* x, float* gx, const Run3x
       VecF32::Reg sum[9], bsum = zero;
 #pragma GCC unroll 9
       for (int t = 0; t < 9; ++t) sum[t] = zero;
-      const InputLoad load{relu};
+      const InputLoad load = InputLoad::at<kAffine>(relu, affine, c, m);
       auto input = [&](int64_t offset) { return load(x, offset, m); };
       if (sliding) {
         VecF32::Reg window[3][3];
@@ -711,8 +714,12 @@ void depthwise_tile(const Geometry& g, const T* x, const T* dw_taps, const T* bi
     if constexpr (std::is_same_v<T, float>) {  // runs of interior pixels take the row kernel
       const Run3x3 run = run_3x3(g, at, rows - r);
       if (run.count > 0) {
-        depthwise_row3x3_f32(x, run, k0, dw_taps + k0, g.CM, bias ? bias + k0 : nullptr, relu, kc, tile + r * ld, ld,
-                             at_k0);
+        if (affine) {
+          depthwise_row3x3_f32<true>(x, run, k0, dw_taps + k0, g.CM, bias ? bias + k0 : nullptr, relu, kc,
+                                     tile + r * ld, ld, at_k0);
+        } else {
+          depthwise_row3x3_f32(x, run, k0, dw_taps + k0, g.CM, bias ? bias + k0 : nullptr, relu, kc, tile + r * ld, ld);
+        }
         r += run.count - 1;
         at.advance(g, run.count);
         continue;
@@ -1288,10 +1295,12 @@ struct BackwardOutputs {
 // Gradients, into the buffers that are asked for (any contents: every element is written):
 // grad_x (N, H, W, CM), grad_dw_taps (kh*kw, CM), grad_dw_bias (CM), grad_pw (Cout, CM),
 // grad_pw_bias (Cout).
+// With affine, the layer's input is relu?(x * scale + shift) (as forward's), and grad_x the gradient reaching
+// x * scale + shift (masked by the ReLU as ReLU's backward does, not multiplied by scale).
 template <typename T>
 void backward(const Geometry& g, const T* x, const T* dw_taps, const T* dw_bias, const T* pw, const T* grad_out,
               bool relu, BackwardOutputs want, T* grad_x, T* grad_dw_taps, T* grad_dw_bias, T* grad_pw,
-              T* grad_pw_bias) {
+              T* grad_pw_bias, InputAffine<T> affine = {}) {
   const int64_t npix = g.pixels();
   const int64_t taps = g.kh * g.kw;
   // Pixel block: fixed for the machine (backward_block), so the summation order depends only on how the
@@ -1384,6 +1393,11 @@ void backward(const Geometry& g, const T* x, const T* dw_taps, const T* dw_bias,
     for (int64_t q = from; q < to; ++q) {
       T* gx = grad_x + q * g.CM + k0;
       const T* xr = x + q * g.CM + k0;
+      if (affine) {
+#pragma omp simd
+        for (int64_t c = 0; c < kc; ++c) gx[c] = affine(xr[c], k0 + c, false) > T(0) ? gx[c] : T(0);
+        continue;
+      }
 #pragma omp simd
       for (int64_t c = 0; c < kc; ++c) gx[c] = xr[c] > T(0) ? gx[c] : T(0);
     }
@@ -1532,7 +1546,7 @@ void backward(const Geometry& g, const T* x, const T* dw_taps, const T* dw_bias,
             // (10 layers, batch 1 and 8), 3 interleaved runs: AVX-512 +0.5% to +6.7% (728->728@19 b8
             // 1.06x -> 1.10x), AVX2 +0.7% to +4.7% but one noisy cell (728->1024@19 b8 0.91x -> 0.94x).
             // Same sums in the same order: same bits.
-            depthwise_tile<T>(g, x, dw_taps, dw_bias, relu, p0, nrows, k0, kc, hidden.data(), ldh);
+            depthwise_tile<T>(g, x, dw_taps, dw_bias, relu, p0, nrows, k0, kc, hidden.data(), ldh, affine);
             copy_rows(gob, ldg, grad_out_cols.data(), std::min<int64_t>(kRows, g.Cout), nrows);
             for (int64_t co = 0, group = 0; co < g.Cout; co += kRows, ++group) {
               const int64_t rows = std::min<int64_t>(kRows, g.Cout - co);
@@ -1573,8 +1587,15 @@ void backward(const Geometry& g, const T* x, const T* dw_taps, const T* dw_bias,
             if constexpr (std::is_same_v<T, float>) {  // runs of interior pixels take the row kernel
               const Run3x3 run = run_3x3(g, at, nrows - r);
               if (run.count > 0) {
-                depthwise_row3x3_backward_f32(x, want.input ? grad_x : nullptr, run, k0, dw_taps + k0, g.CM, gh, ldh,
-                                              relu, kc, want.depthwise ? dw_acc.data() : nullptr, chunk, db_acc.data());
+                float* gx = want.input ? grad_x : nullptr;
+                float* dw_sums = want.depthwise ? dw_acc.data() : nullptr;
+                if (affine) {
+                  depthwise_row3x3_backward_f32<true>(x, gx, run, k0, dw_taps + k0, g.CM, gh, ldh, relu, kc, dw_sums,
+                                                      chunk, db_acc.data(), {affine.scale + k0, affine.shift + k0});
+                } else {
+                  depthwise_row3x3_backward_f32(x, gx, run, k0, dw_taps + k0, g.CM, gh, ldh, relu, kc, dw_sums, chunk,
+                                                db_acc.data());
+                }
                 r += run.count - 1;
                 at.advance(g, run.count);
                 continue;
@@ -1602,7 +1623,10 @@ void backward(const Geometry& g, const T* x, const T* dw_taps, const T* dw_bias,
               if (want.depthwise) {
                 const T* xr = x + offset;
                 T* acc = dw_acc.data() + tap * chunk;
-                if (relu) {
+                if (affine) {
+#pragma omp simd
+                  for (int64_t c = 0; c < kc; ++c) acc[c] += gh[c] * affine(xr[c], k0 + c, relu);
+                } else if (relu) {
 #pragma omp simd
                   for (int64_t c = 0; c < kc; ++c) acc[c] += gh[c] * std::max(xr[c], T(0));
                 } else {
