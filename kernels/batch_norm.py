@@ -22,8 +22,8 @@ does not read the output once more for them.
 the BatchNorm after it as ``separable_conv2d_batch_norm``; where such a BatchNorm's output goes (through
 ``nn.Identity`` modules only) into another separable conv, in training on cpp, that conv reads the BatchNorm's
 input and applies the BatchNorm (and its ReLU) as it reads it (``sepconv_cpp::batch_norm_separable``): the
-normalised activation is neither written in the forward nor kept for the backward, which writes it once,
-transiently, for the conv's backward.
+normalised activation is never written: the backward keeps the BatchNorm's input alone and the conv's
+backward reads it the same way.
 
 ``relu_output=True`` applies a ReLU to the output: in the kernel's pass, and in its backward as
 ReLU's own backward does (the gradient is zero where the output is), so a ``BN -> ReLU`` pair costs

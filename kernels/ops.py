@@ -92,12 +92,12 @@ BATCH_NORM_SCHEMAS = (
     "batch_norm_backward(Tensor grad_output, Tensor input, Tensor? weight, Tensor mean, Tensor invstd, "
     "bool[3] output_mask, Tensor? relu_output=None) -> (Tensor, Tensor, Tensor)",
 )
-# ... that BatchNorm folded into the separable convolution after it (see kernels.batch_norm.run_separable): the
+# ... that BatchNorm folded into the separable convolution after it (see kernels.batch_norm.run_sequential): the
 # convolution reads relu?(input * alpha + beta) with BatchNorm's batch-statistics alpha and beta, so the
 # normalised activation is never stored; returns the output, its moments (with with_moments, else (0,)), and
-# BatchNorm's mean, invstd and unbiased variance. Its backward writes the normalised input out once, runs the
-# separable backward on it and BatchNorm's backward after, and returns the gradients of input, bn_weight,
-# bn_bias, depthwise_weight, pointwise_weight, depthwise_bias and pointwise_bias ...
+# BatchNorm's mean, invstd and unbiased variance. Its backward runs the separable backward reading the input the
+# same way, then BatchNorm's backward, and returns the gradients of input, bn_weight, bn_bias, depthwise_weight,
+# pointwise_weight, depthwise_bias and pointwise_bias ...
 BATCH_NORM_SEPARABLE_SCHEMAS = (
     "batch_norm_separable(Tensor input, Tensor? moments, Tensor? bn_weight, Tensor? bn_bias, float eps, "
     "Tensor depthwise_weight, Tensor pointwise_weight, Tensor? depthwise_bias, Tensor? pointwise_bias, int[2] stride, "
