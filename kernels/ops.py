@@ -352,12 +352,9 @@ def _fake_batch_norm_separable(input, moments, bn_weight, bn_bias, eps, depthwis
 def _fake_batch_norm_separable_backward(grad_output, input, bn_weight, bn_bias, mean, invstd, depthwise_weight,
                                         pointwise_weight, depthwise_bias, stride, padding, dilation, relu_input,
                                         output_mask):
-    want_input, want_bn_weight, want_bn_bias, *separable_mask = output_mask
     _, *separable = empty_gradients(grad_output, input, depthwise_weight, pointwise_weight, depthwise_bias,
-                                    [False, *separable_mask])
-    return (empty_output(input, input.shape) if want_input else input.new_empty(0),
-            input.new_empty(input.shape[1] if want_bn_weight else 0),
-            input.new_empty(input.shape[1] if want_bn_bias else 0), *separable)
+                                    [False, *output_mask[3:]])
+    return (*_fake_batch_norm_backward(grad_output, input, bn_weight, mean, invstd, output_mask[:3]), *separable)
 
 
 def _setup_batch_norm_separable(ctx, inputs, output) -> None:

@@ -160,10 +160,6 @@ void column_sum_m2(int64_t M, int64_t C, const T* x, double* sum, double* m2) {
   }
 }
 
-// mean, invstd and the unbiased variance (for the running estimate; NaN when M == 1) per channel,
-// and y (ReLU'd with relu). weight / bias may be null (1 and 0). moments: x's per-channel mean and M2
-// (2 x C doubles) where the layer that wrote x gathered them (sepconv_cpp::forward_with_moments),
-// which saves the pass over x that takes them here; null: taken here.
 // The per-channel statistics from x's mean and M2 (2 x C doubles, as moments below): mean, invstd and the
 // unbiased variance (for the running estimate; NaN when M == 1), in T.
 template <typename T>
@@ -196,6 +192,10 @@ void batch_norm_moments(int64_t M, int64_t C, const T* x, double* moments) {
   for (int64_t c = 0; c < C; ++c) moments[c] /= static_cast<double>(M);
 }
 
+// mean, invstd and the unbiased variance (for the running estimate; NaN when M == 1) per channel,
+// and y (ReLU'd with relu). weight / bias may be null (1 and 0). moments: x's per-channel mean and M2
+// (2 x C doubles) where the layer that wrote x gathered them (sepconv_cpp::forward_with_moments),
+// which saves the pass over x that takes them here; null: taken here.
 template <typename T>
 void batch_norm_forward(int64_t M, int64_t C, const T* x, const T* weight, const T* bias, double eps, bool relu,
                         T* y, T* mean_out, T* invstd_out, T* var_out, const double* moments = nullptr) {
