@@ -12,7 +12,7 @@ import torch
 
 from . import ops  # noqa: F401  (defines the torch.library ops)
 from .autograd import SeparableConv2dFunction
-from .batch_norm import BatchNorm2d, batch_norm, run_sequential, separable_conv2d_batch_norm
+from .batch_norm import BatchNorm2d, batch_norm, batch_norm_folded, run_sequential, separable_conv2d_batch_norm
 from .conv import Conv2d, conv2d
 from .decompositions import decompositions
 from .dispatch import BackendUnavailableError, available_backends, cpp_build_info, resolve as resolve_backend
@@ -32,6 +32,7 @@ __all__ = [
     "SeparableConv2dFunction",
     "available_backends",
     "batch_norm",
+    "batch_norm_folded",
     "conv2d",
     "cpp_build_info",
     "decompositions",

@@ -41,9 +41,13 @@ from torch import nn
 
 from . import gpu_dispatch
 from ._args import normalize
+from .autograd import needs_autograd
+from .conv import Conv2d
+from .conv import _uses_kernel as _conv_uses_kernel
 from .dispatch import BackendAttribute, channels_last_cpp_applies, check_backend_name
+from .functional import separable_conv2d
 from .module import SeparableConv2d
-from .pointwise import PointwiseConv2d, identity_depthwise
+from .pointwise import PointwiseConv2d, identity_depthwise, pointwise_conv2d
 from .pointwise import _uses_kernel as _pointwise_uses_kernel
 
 
@@ -218,10 +222,111 @@ def separable_conv2d_batch_norm(conv: nn.Module, bn: nn.Module, input: torch.Ten
     calls, up to rounding (the sums run in another order). Anywhere else (other modules, evaluation, other
     backends, devices, layouts or dtypes, hooks on either module) it is ``bn(conv(input))``.
     """
+    folded = _with_batch_norm_folded(conv, bn, input)
+    if folded is not None:
+        return folded
     started = _with_moments(conv, bn, input)
     if started is None:
         return bn(conv(input))
     return bn._forward(*started)
+
+
+def batch_norm_folded(weight: torch.Tensor, bias: Optional[torch.Tensor], bn: nn.Module):
+    """The weight and bias of a convolution followed by the evaluation-mode BatchNorm ``bn`` (running statistics),
+    as one convolution: ``conv'(x) = bn(conv(x))``, each output channel's weights scaled by
+    ``bn.weight / sqrt(running_var + eps)`` and the bias ``(bias - running_mean) * scale + bn.bias``.
+
+    The scale and bias are computed in float64; the scale is rounded to ``weight``'s dtype and multiplied into it
+    (one multiplication a weight in that dtype), the bias rounded once. ``bias`` and ``bn``'s affine parameters may
+    be None; the result always has a bias. Differentiable in ``weight``, ``bias`` and ``bn``'s parameters."""
+    scale = torch.rsqrt(bn.running_var.double() + bn.eps)
+    if bn.weight is not None:
+        scale = scale * bn.weight.double()
+    shift = -bn.running_mean.double() * scale
+    if bn.bias is not None:
+        shift = shift + bn.bias.double()
+    if bias is not None:
+        shift = shift + bias.double() * scale
+    folded = weight * scale.to(weight.dtype).view(-1, *([1] * (weight.dim() - 1)))
+    return folded, shift.to(device=weight.device, dtype=weight.dtype)
+
+
+def _normalises_with_running_statistics(bn: nn.Module) -> bool:
+    """Whether ``bn`` is a BatchNorm2d (``nn.BatchNorm2d`` or this library's, forward not overridden, no hooks)
+    whose call normalises with its running statistics: evaluation mode with both statistics kept."""
+    return (isinstance(bn, nn.BatchNorm2d) and type(bn).forward in (nn.BatchNorm2d.forward, BatchNorm2d.forward)
+            and not bn.training and bn.running_mean is not None and bn.running_var is not None
+            and not _has_hooks(bn))
+
+
+def _global_hooks() -> bool:
+    hooks = nn.modules.module
+    return bool(hooks._global_forward_hooks or hooks._global_forward_pre_hooks or hooks._global_backward_hooks
+                or hooks._global_backward_pre_hooks)
+
+
+def _scaled_convolution(conv: nn.Module, input: torch.Tensor):
+    """(the weight an output-channel scale applies to, its bias, a function that runs ``conv`` on ``input`` with a
+    given weight and bias in their place) for a convolution of this library whose output channels are that
+    weight's rows: a ``SeparableConv2d`` (its pointwise weight), a ``PointwiseConv2d`` or a ``Conv2d``, each as
+    this library defines it (no subclass's forward, no hooks on it or its children, zero padding). None otherwise."""
+    if any(_has_hooks(module) for module in (conv, *conv.children())):
+        return None
+    if type(conv).forward is SeparableConv2d.forward and isinstance(conv, SeparableConv2d):
+        depthwise, pointwise = conv.conv1, conv.pointwise
+        if depthwise.padding_mode != "zeros":
+            return None
+        return pointwise.weight, pointwise.bias, lambda weight, bias: separable_conv2d(
+            input, depthwise.weight, weight, depthwise.bias, bias, depthwise.stride, depthwise.padding,
+            depthwise.dilation, backend=conv.backend, relu_input=conv.relu_input)
+    if type(conv).forward is PointwiseConv2d.forward and isinstance(conv, PointwiseConv2d):
+        def pointwise_call(weight, bias):  # as PointwiseConv2d.forward runs it
+            if max(conv.stride) < 2 or not needs_autograd((input, weight, bias)):
+                return conv._conv_forward(input, weight, bias)
+            return pointwise_conv2d(input, weight, bias, conv.stride, backend=conv.backend)
+        return conv.weight, conv.bias, pointwise_call
+    if type(conv).forward is Conv2d.forward and isinstance(conv, Conv2d):
+        if isinstance(conv.padding, str) or conv.padding_mode != "zeros":
+            return None
+
+        def conv_call(weight, bias):  # as Conv2d.forward runs it
+            if not _conv_uses_kernel(input, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups,
+                                     conv.backend):
+                return conv._conv_forward(input, weight, bias)
+            return torch.ops.sepconv_cpp.conv2d.default(input, weight, bias, list(conv.stride), list(conv.padding),
+                                                        list(conv.dilation))
+        return conv.weight, conv.bias, conv_call
+    return None
+
+
+def _with_batch_norm_folded(conv: nn.Module, bn: nn.Module, input: torch.Tensor) -> Optional[torch.Tensor]:
+    """``bn(conv(input))`` as one convolution with ``bn`` folded into its weights (``batch_norm_folded``), where
+    ``bn`` normalises with its running statistics (evaluation mode), ``conv`` is one of this library's convolutions
+    (``_scaled_convolution``), the tensors are float32 or float64 (16-bit weights would be rounded once more),
+    autocast is off, and the batch is large enough that scaling the weights costs less than the BatchNorm's pass over
+    the output (``conv``'s output pixels at least its weights per output channel). Not while ``torch.compile``
+    traces (its compiler fuses the BatchNorm itself) nor under functorch transforms. None elsewhere."""
+    if not (_normalises_with_running_statistics(bn) and isinstance(input, torch.Tensor) and input.dim() == 4):
+        return None
+    if input.dtype not in (torch.float32, torch.float64) or torch.is_autocast_enabled(input.device.type):
+        return None
+    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active() or _global_hooks():
+        return None
+    found = _scaled_convolution(conv, input)
+    if found is None:
+        return None
+    weight, bias, call = found
+    parameters = (weight, bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
+    if any(t is not None and (t.dtype != input.dtype or t.device != input.device) for t in parameters):
+        return None
+    if weight.shape[0] != bn.num_features or getattr(conv, "in_channels", None) != input.shape[1]:
+        return None
+    stride = conv.conv1.stride if isinstance(conv, SeparableConv2d) else conv.stride
+    pixels = input.shape[0] * -(-input.shape[2] // stride[0]) * -(-input.shape[3] // stride[1])
+    if pixels < weight[0].numel():
+        return None
+    output = call(*batch_norm_folded(weight, bias, bn))
+    return F.relu(output, inplace=True) if getattr(bn, "relu_output", False) else output
 
 
 def _geometry(input: torch.Tensor, args):
@@ -312,6 +417,12 @@ def run_sequential(modules: Iterable[nn.Module], input: torch.Tensor) -> torch.T
             output, moments, bn = pending
             x, pending = bn._forward(output, moments), None
             continue  # the module again, on the BatchNorm's output
+        if index + 1 < len(modules) and isinstance(module, (SeparableConv2d, PointwiseConv2d, Conv2d)):
+            folded = _with_batch_norm_folded(module, modules[index + 1], x)
+            if folded is not None:
+                x = folded
+                index += 2
+                continue
         if index + 1 < len(modules) and isinstance(module, SeparableConv2d):
             started = _with_moments(module, modules[index + 1], x)
             if started is not None:

@@ -384,12 +384,12 @@ def test_separable_conv2d_batch_norm_matches_the_two_calls(case, dtype):
 
 
 def test_separable_conv2d_batch_norm_falls_back_to_the_two_calls():
-    """Anywhere the moments path does not apply, exactly bn(conv(x)): the same ops, the same bits."""
+    """Anywhere the moments path does not apply (and BatchNorm is in training: in evaluation it folds into the conv,
+    tests/test_eval_fold.py), exactly bn(conv(x)): the same ops, the same bits."""
     require_backend("cpp")
     conv, bn, ref_conv, ref_bn = _conv_bn(6, 8, torch.float32, padding=1)
     x = _input((2, 6, 9, 9), torch.float32)
     cases = {
-        "eval": lambda: (conv.eval(), bn.eval()),
         "nchw": None,
         "torch backend": lambda: setattr(conv, "backend", "torch"),
         "hook on the conv": lambda: conv.register_forward_hook(lambda *args: None),

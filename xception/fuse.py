@@ -5,13 +5,17 @@ In eval mode a ``BatchNorm2d`` is the per-channel affine map
 convolution, ``y = (W * s) x + ((b - mean) * s + beta)`` with
 ``s = gamma / sqrt(var + eps)``, so the BN disappears into the weights. For a
 separable convolution only the pointwise (last, linear) part is rescaled.
-The fold is computed in float64 and cast back to the weights' dtype.
+The scale and shift are computed in float64 (``kernels.batch_norm_folded``, the same fold that
+``kernels.run_sequential`` applies on the fly in evaluation); the scale is rounded to the weights' dtype
+and multiplied into them.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+import kernels
 
 from .layers import is_separable
 
@@ -31,20 +35,10 @@ def fold_batchnorm(conv: nn.Conv2d, bn: nn.Module) -> None:
     bn = _check_batchnorm(bn)
     if conv.out_channels != bn.num_features:
         raise ValueError(f"conv.out_channels={conv.out_channels} does not match bn.num_features={bn.num_features}")
-    weight = conv.weight
-    mean = bn.running_mean.double()
-    scale = torch.rsqrt(bn.running_var.double() + bn.eps)
-    if bn.weight is not None:
-        scale = scale * bn.weight.double()
-    shift = -mean * scale
-    if bn.bias is not None:
-        shift = shift + bn.bias.double()
-    if conv.bias is not None:
-        shift = shift + conv.bias.double() * scale
-    conv.weight.copy_((weight.double() * scale.view(-1, 1, 1, 1)).to(weight.dtype))
-    bias = shift.to(device=weight.device, dtype=weight.dtype)
+    weight, bias = kernels.batch_norm_folded(conv.weight, conv.bias, bn)
+    conv.weight.copy_(weight)
     if conv.bias is None:
-        conv.bias = nn.Parameter(bias, requires_grad=weight.requires_grad)
+        conv.bias = nn.Parameter(bias, requires_grad=conv.weight.requires_grad)
     else:
         conv.bias.copy_(bias)
 

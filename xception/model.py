@@ -213,8 +213,7 @@ class Xception(nn.Module):
     # --- forward --------------------------------------------------------------------------------
 
     def _stem(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.act1(self.bn1(self.conv1(x)))
-        return self.act2(self.bn2(self.conv2(x)))
+        return kernels.run_sequential((self.conv1, self.bn1, self.act1, self.conv2, self.bn2, self.act2), x)
 
     def _exit(self, x: torch.Tensor) -> torch.Tensor:
         return self.act4(kernels.run_sequential((self.conv3, self.bn3, self.act3, self.conv4, self.bn4), x))
