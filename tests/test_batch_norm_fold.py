@@ -28,6 +28,9 @@ GEOMETRIES = {
     "5x5": (3, 33, 17, 6, 5, 5, 1, 2, 1),
     "1x1": (2, 16, 16, 8, 8, 1, 1, 0, 1),
     "interior-runs": (2, 48, 32, 15, 15, 3, 1, 1, 1),
+    # One image of few channels, tall: the separable backward splits it into row bands, and BatchNorm's backward
+    # takes its sums in a pass of its own (elsewhere the separable backward takes them as it finishes rows).
+    "one-image-bands": (1, 16, 8, 24, 10, 3, 1, 1, 1),
 }
 
 

@@ -220,31 +220,14 @@ void batch_norm_forward(int64_t M, int64_t C, const T* x, const T* weight, const
   });
 }
 
-// grad_input (when non-null), grad_weight and grad_bias (when non-null). relu_output: the forward's
-// ReLU'd output, whose zeros mask dy (null: no ReLU).
+// grad_weight and grad_bias (when non-null), and grad_input (when non-null) from the backward's two sums per
+// channel (2 x C doubles: sum(dy), then sum(dy * (x - mean)), dy masked as below): the pass over dy and x that
+// writes grad_input. grad_input may be dy itself (each row is read before it is written). relu_output: as
+// batch_norm_backward's.
 template <typename T>
-void batch_norm_backward(int64_t M, int64_t C, const T* dy, const T* x, const T* weight, const T* mean,
-                         const T* invstd, const T* relu_output, T* grad_input, T* grad_weight, T* grad_bias) {
-  std::vector<double> sums(static_cast<size_t>(2 * C));
-  column_sums<2, T>(M, C, [&](int64_t r, T* acc) {
-    const T* g = dy + r * C;
-    const T* in = x + r * C;
-    if (relu_output) {
-      const T* y = relu_output + r * C;
-#pragma omp simd
-      for (int64_t c = 0; c < C; ++c) {
-        const T gc = y[c] <= T(0) ? T(0) : g[c];
-        acc[c] += gc;
-        acc[C + c] += gc * (in[c] - mean[c]);
-      }
-      return;
-    }
-#pragma omp simd
-    for (int64_t c = 0; c < C; ++c) {
-      acc[c] += g[c];
-      acc[C + c] += g[c] * (in[c] - mean[c]);
-    }
-  }, sums.data());
+void batch_norm_backward_from_sums(int64_t M, int64_t C, const double* sums, const T* dy, const T* x,
+                                   const T* weight, const T* mean, const T* invstd, const T* relu_output,
+                                   T* grad_input, T* grad_weight, T* grad_bias) {
   for (int64_t c = 0; c < C; ++c) {
     if (grad_weight) grad_weight[c] = static_cast<T>(sums[C + c] * invstd[c]);
     if (grad_bias) grad_bias[c] = static_cast<T>(sums[c]);
@@ -271,6 +254,35 @@ void batch_norm_backward(int64_t M, int64_t C, const T* dy, const T* x, const T*
 #pragma omp simd
     for (int64_t c = 0; c < C; ++c) out[c] = (g[c] - (in[c] - mean[c]) * k[c] - grad_mean[c]) * scale[c];
   });
+}
+
+// grad_input (when non-null), grad_weight and grad_bias (when non-null). relu_output: the forward's
+// ReLU'd output, whose zeros mask dy (null: no ReLU).
+template <typename T>
+void batch_norm_backward(int64_t M, int64_t C, const T* dy, const T* x, const T* weight, const T* mean,
+                         const T* invstd, const T* relu_output, T* grad_input, T* grad_weight, T* grad_bias) {
+  std::vector<double> sums(static_cast<size_t>(2 * C));
+  column_sums<2, T>(M, C, [&](int64_t r, T* acc) {
+    const T* g = dy + r * C;
+    const T* in = x + r * C;
+    if (relu_output) {
+      const T* y = relu_output + r * C;
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) {
+        const T gc = y[c] <= T(0) ? T(0) : g[c];
+        acc[c] += gc;
+        acc[C + c] += gc * (in[c] - mean[c]);
+      }
+      return;
+    }
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) {
+      acc[c] += g[c];
+      acc[C + c] += g[c] * (in[c] - mean[c]);
+    }
+  }, sums.data());
+  batch_norm_backward_from_sums(M, C, sums.data(), dy, x, weight, mean, invstd, relu_output, grad_input,
+                                grad_weight, grad_bias);
 }
 
 }  // namespace sepconv

@@ -260,7 +260,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_backw
     const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& depthwise_weight,
     const at::Tensor& pointwise_weight, const std::optional<at::Tensor>& depthwise_bias, at::IntArrayRef stride,
     at::IntArrayRef padding, at::IntArrayRef dilation, bool relu_input, std::array<bool, 5> output_mask,
-    const at::Tensor* input_scale = nullptr, const at::Tensor* input_shift = nullptr) {
+    const at::Tensor* input_scale = nullptr, const at::Tensor* input_shift = nullptr,
+    const at::Tensor* sums_mean = nullptr, at::Tensor* grad_sums = nullptr) {
   check_args(input, depthwise_weight, pointwise_weight, stride, padding, dilation);
   const Geometry g = geometry(input, depthwise_weight, pointwise_weight, stride, padding, dilation);
   TORCH_CHECK(grad_output.dim() == 4 && grad_output.size(0) == g.N && grad_output.size(1) == g.Cout &&
@@ -301,9 +302,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_backw
       const InputAffine<scalar_t> affine = input_scale != nullptr
                                                ? InputAffine<scalar_t>{ptr(*input_scale), ptr(*input_shift)}
                                                : InputAffine<scalar_t>{};
+      InputGradSums<scalar_t> sums;
+      if (sums_mean != nullptr && multiplier == 1) {
+        *grad_sums = at::empty({2, g.CM}, options.dtype(at::kDouble));
+        sums = {sums_mean->data_ptr<scalar_t>(), grad_sums->data_ptr<double>()};
+      }
       sepconv::backward<scalar_t>(g, ptr(x), ptr(dw_taps), ptr(dw_bias), ptr(pw2d), ptr(go), relu_input,
                                   BackwardOutputs{want_input, want_depthwise, want_pointwise, want_pw_bias}, ptr(grad_x),
-                                  ptr(grad_dw_taps), ptr(grad_dw_bias), ptr(grad_pw), ptr(grad_pw_bias), affine);
+                                  ptr(grad_dw_taps), ptr(grad_dw_bias), ptr(grad_pw), ptr(grad_pw_bias), affine,
+                                  &sums);
+      if (grad_sums != nullptr && !sums.taken) *grad_sums = at::Tensor();
     });
   }
 
@@ -576,15 +584,35 @@ batch_norm_separable_backward_op(const at::Tensor& grad_output, const at::Tensor
     batch_norm_affine<scalar_t>(C, data_or_null<scalar_t>(w), data_or_null<scalar_t>(b), m.data_ptr<scalar_t>(),
                                 s.data_ptr<scalar_t>(), alpha.data_ptr<scalar_t>(), beta.data_ptr<scalar_t>());
   });
+  // BatchNorm's backward sums, taken by the separable backward as it finishes each row of the gradient
+  // reaching the normalised input (InputGradSums; undefined where it could not).
+  at::Tensor sums;
   auto [grad_normalized, grad_dw_weight, grad_pw, grad_dw_bias, grad_pw_bias] =
       run_backward(grad_output, input, depthwise_weight, pointwise_weight, depthwise_bias, stride, padding, dilation,
                    relu_input, {want_normalized, want_dw_weight, want_pointwise, want_dw_bias, want_pw_bias}, &alpha,
-                   &beta);
+                   &beta, want_normalized ? &m : nullptr, &sums);
   auto none = [&] { return at::empty({0}, input.options()); };
   at::Tensor grad_input = none(), grad_bn_weight = none(), grad_bn_bias = none();
-  if (want_normalized) {
+  if (want_normalized && !sums.defined()) {
     std::tie(grad_input, grad_bn_weight, grad_bn_bias) = batch_norm_backward_op(
         grad_normalized, input, bn_weight, mean, invstd, {want_input, want_bn_weight, want_bn_bias}, std::nullopt);
+  } else if (want_normalized) {  // the pass that writes grad_input, over grad_normalized itself
+    const int64_t M = input.size(0) * input.size(2) * input.size(3);
+    if (want_bn_weight) grad_bn_weight = at::empty({C}, input.options());
+    if (want_bn_bias) grad_bn_bias = at::empty({C}, input.options());
+    const at::Tensor x = to_nhwc(input, 1);
+    at::Tensor dy = to_nhwc(grad_normalized, 1);  // a view where grad_normalized is channels_last
+    AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "sepconv_cpp_batch_norm_separable_backward", [&] {
+      batch_norm_backward_from_sums<scalar_t>(
+          M, C, sums.data_ptr<double>(), dy.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), data_or_null<scalar_t>(w),
+          m.data_ptr<scalar_t>(), s.data_ptr<scalar_t>(), nullptr, want_input ? dy.data_ptr<scalar_t>() : nullptr,
+          want_bn_weight ? grad_bn_weight.data_ptr<scalar_t>() : nullptr,
+          want_bn_bias ? grad_bn_bias.data_ptr<scalar_t>() : nullptr);
+    });
+    if (want_input) {
+      if (dy.data_ptr() != grad_normalized.data_ptr()) grad_normalized.copy_(dy.permute({0, 3, 1, 2}));
+      grad_input = grad_normalized;
+    }
   }
   return {grad_input, grad_bn_weight, grad_bn_bias, grad_dw_weight, grad_pw, grad_dw_bias, grad_pw_bias};
 }

@@ -135,6 +135,22 @@ struct InputAffine {
   }
 };
 
+// The sums a BatchNorm folded into this layer's input read (sepconv_cpp::batch_norm_separable) needs for its
+// backward, taken by backward below over the input gradient as each of its rows is finished, while the row is
+// still in cache, instead of in a pass of their own: per hidden channel c, sum(grad_x) and
+// sum(grad_x * (x - mean[c])) (sums: 2 x CM doubles, the first sum in row 0). Rows are summed in the data type
+// in steps of kSumRows, steps into double, in an order fixed by the shape and the thread count. mean null: not
+// wanted. backward sets taken, or leaves it false where its tasks do not finish rows one by one (row bands,
+// a single image): the caller then takes the sums itself.
+template <typename T>
+struct InputGradSums {
+  static constexpr int64_t kSumRows = 64;
+  const T* mean = nullptr;
+  double* sums = nullptr;
+  bool taken = false;
+  explicit operator bool() const { return mean != nullptr; }
+};
+
 // One output pixel's depthwise result for kc hidden channels: out[c] = bias[c] +
 // sum over the `valid` in-bounds taps v of relu?(affine(xs[v][c])) * ws[v][c] (bias may be null;
 // affine's pointers already at the first of the kc channels).
@@ -1296,11 +1312,12 @@ struct BackwardOutputs {
 // grad_x (N, H, W, CM), grad_dw_taps (kh*kw, CM), grad_dw_bias (CM), grad_pw (Cout, CM),
 // grad_pw_bias (Cout).
 // With affine, the layer's input is relu?(x * scale + shift) (as forward's), and grad_x the gradient reaching
-// x * scale + shift (masked by the ReLU as ReLU's backward does, not multiplied by scale).
+// x * scale + shift (masked by the ReLU as ReLU's backward does, not multiplied by scale). With grad_sums (and
+// grad_x asked for), also those sums over grad_x (InputGradSums).
 template <typename T>
 void backward(const Geometry& g, const T* x, const T* dw_taps, const T* dw_bias, const T* pw, const T* grad_out,
               bool relu, BackwardOutputs want, T* grad_x, T* grad_dw_taps, T* grad_dw_bias, T* grad_pw,
-              T* grad_pw_bias, InputAffine<T> affine = {}) {
+              T* grad_pw_bias, InputAffine<T> affine = {}, InputGradSums<T>* grad_sums = nullptr) {
   const int64_t npix = g.pixels();
   const int64_t taps = g.kh * g.kw;
   // Pixel block: fixed for the machine (backward_block), so the summation order depends only on how the
@@ -1402,6 +1419,33 @@ void backward(const Geometry& g, const T* x, const T* dw_taps, const T* dw_bias,
       for (int64_t c = 0; c < kc; ++c) gx[c] = xr[c] > T(0) ? gx[c] : T(0);
     }
   };
+  // The input-gradient sums, each task's rows into its part's row of part_sums (zeroed here: a part without
+  // pixels adds zeros), the parts added in order at the end.
+  const bool want_sums = grad_sums != nullptr && *grad_sums && want.input && !bands;
+  std::vector<double> part_sums(want_sums ? parts * 2 * g.CM : 0, 0.0);
+  // Rows [from, to) of grad_x, channels [k0, k0 + kc), are final: ReLU's mask, then the sums into `sums`
+  // (the part's 2 x CM), in steps of kSumRows rows summed in T (`step`: 2 * kc values).
+  auto finish_rows = [&](int64_t from, int64_t to, int64_t k0, int64_t kc, double* sums, T* step) {
+    if (mask_relu) mask_rows(from, to, k0, kc);
+    if (!want_sums) return;
+    const T* mean = grad_sums->mean + k0;
+    for (int64_t q0 = from; q0 < to; q0 += InputGradSums<T>::kSumRows) {
+      std::fill_n(step, 2 * kc, T(0));
+      for (int64_t q = q0; q < std::min(to, q0 + InputGradSums<T>::kSumRows); ++q) {
+        const T* gx = grad_x + q * g.CM + k0;
+        const T* xr = x + q * g.CM + k0;
+#pragma omp simd
+        for (int64_t c = 0; c < kc; ++c) {
+          step[c] += gx[c];
+          step[kc + c] += gx[c] * (xr[c] - mean[c]);
+        }
+      }
+      for (int64_t c = 0; c < kc; ++c) {
+        sums[k0 + c] += step[c];
+        sums[g.CM + k0 + c] += step[kc + c];
+      }
+    }
+  };
   if (want.input && (npix == 0 || bands)) {
     at::parallel_for(0, g.N * g.H * g.W, 1024, [&](int64_t begin, int64_t end) { zero_rows(begin, end, 0, g.CM); });
   }
@@ -1479,6 +1523,7 @@ void backward(const Geometry& g, const T* x, const T* dw_taps, const T* dw_bias,
       Work<T> own_pw(shared_chunk ? 0 : chunk_panels * g.Cout * kCols), gpw_sum(want.pointwise ? g.Cout * ldh : 0);
       T* pw_panels = shared_chunk ? chunk_pw.data() : own_pw.data();
       std::vector<T> dw_acc(taps * chunk), db_acc(chunk), pb_acc(want.pointwise_bias ? g.Cout : 0);
+      std::vector<T> sum_step(want_sums ? 2 * chunk : 0);
       for (int64_t task = begin; task < end; ++task) {
         const int64_t ci = task / phase_parts, part = std::max<int64_t>(parity, 0) + step * (task % phase_parts);
         const int64_t k0 = chunk_start(ci), kc = chunk_start(ci + 1) - k0;
@@ -1493,7 +1538,8 @@ void backward(const Geometry& g, const T* x, const T* dw_taps, const T* dw_bias,
         if (sum_bias) std::fill(pb_acc.begin(), pb_acc.end(), T(0));
         // This task's input pixels (whole images) not zeroed yet: [zeroed, input_end).
         const int64_t plane = g.OH * g.OW;
-        int64_t zeroed = first / plane * g.H * g.W, masked = zeroed;
+        int64_t zeroed = first / plane * g.H * g.W, masked = zeroed;  // masked: rows finished (finish_rows)
+        double* sums = want_sums ? part_sums.data() + part * 2 * g.CM : nullptr;
         const int64_t input_end = ceil_div(last, plane) * g.H * g.W;
         if (need_hidden_grad && !shared_chunk) {
           for (int64_t j0 = 0; j0 < kc; j0 += kCols) {
@@ -1643,19 +1689,19 @@ void backward(const Geometry& g, const T* x, const T* dw_taps, const T* dw_bias,
             });
             at.advance(g, 1);
           }
-          if (lazy_zero && mask_relu && p0 + nrows < last) {  // rows above the next pixel's taps are final
-            const PixelCursor next(g, p0 + nrows);
+          if (lazy_zero && (mask_relu || want_sums) && p0 + nrows < last) {  // rows above the next pixel's taps
+            const PixelCursor next(g, p0 + nrows);                               // are final
             const int64_t ih = std::clamp<int64_t>(next.oh * g.sh - g.pt, 0, g.H);
             const int64_t final_end = std::min((next.n * g.H + ih) * g.W, zeroed);
             if (final_end > masked) {
-              mask_rows(masked, final_end, k0, kc);
+              finish_rows(masked, final_end, k0, kc, sums, sum_step.data());
               masked = final_end;
             }
           }
         }
         if (lazy_zero) {
           zero_rows(zeroed, input_end, k0, kc);  // rows no tap reached
-          if (mask_relu) mask_rows(masked, input_end, k0, kc);
+          finish_rows(masked, input_end, k0, kc, sums, sum_step.data());
         }
         if (want.pointwise) {
           for (int64_t co = 0; co < g.Cout; ++co) {
@@ -1680,6 +1726,14 @@ void backward(const Geometry& g, const T* x, const T* dw_taps, const T* dw_bias,
   }
   if (mask_relu && bands) {  // row bands share boundary rows: mask once every band is done
     at::parallel_for(0, g.N * g.H * g.W, 1024, [&](int64_t begin, int64_t end) { mask_rows(begin, end, 0, g.CM); });
+  }
+  if (want_sums) {  // the parts' sums in part order
+    std::fill_n(grad_sums->sums, 2 * g.CM, 0.0);
+    for (int64_t part = 0; part < parts; ++part) {
+      const double* src = part_sums.data() + part * 2 * g.CM;
+      for (int64_t i = 0; i < 2 * g.CM; ++i) grad_sums->sums[i] += src[i];
+    }
+    grad_sums->taken = true;
   }
   if (parts > 1) {  // fixed-order sum of the per-part weight gradients
     std::vector<int64_t> filled;  // the parts with pixels, in order
