@@ -137,6 +137,14 @@ at::Tensor nhwc_result(const at::Tensor& like, at::IntArrayRef sizes, Fill fill)
   return out;
 }
 
+// The per-channel map a BatchNorm folded into the input read applies (scale and shift tensors of the input's
+// dtype; null: none).
+template <typename T>
+InputAffine<T> input_affine(const at::Tensor* scale, const at::Tensor* shift) {
+  if (scale == nullptr) return {};
+  return {scale->data_ptr<T>(), shift->data_ptr<T>()};
+}
+
 // The forward's work. With moments, that tensor becomes the output's per-channel moments: (2, Cout)
 // float64, the mean in row 0 and the sum of squared deviations from it (M2) in row 1, for the
 // batch_norm op after the layer (forward_with_moments).
@@ -176,9 +184,7 @@ at::Tensor run_forward(const char* op, const at::Tensor& input, const at::Tensor
                                  bias.has_value() ? bias->data_ptr<scalar_t>() : nullptr, relu_input,
                                  result.data_ptr<scalar_t>(), sink ? &*sink : nullptr,
                                  packed != nullptr ? packed->data_ptr<scalar_t>() : nullptr,
-                                 input_scale != nullptr ? InputAffine<scalar_t>{input_scale->data_ptr<scalar_t>(),
-                                                                                 input_shift->data_ptr<scalar_t>()}
-                                                        : InputAffine<scalar_t>{});
+                                 input_affine<scalar_t>(input_scale, input_shift));
     });
   });
 }
@@ -299,9 +305,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_backw
   if (want_input || want_depthwise || want_pointwise || want_pw_bias) {
     AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "sepconv_cpp_backward", [&] {
       auto ptr = [](const at::Tensor& t) { return t.defined() ? t.data_ptr<scalar_t>() : nullptr; };
-      const InputAffine<scalar_t> affine = input_scale != nullptr
-                                               ? InputAffine<scalar_t>{ptr(*input_scale), ptr(*input_shift)}
-                                               : InputAffine<scalar_t>{};
+      const InputAffine<scalar_t> affine = input_affine<scalar_t>(input_scale, input_shift);
       InputGradSums<scalar_t> sums;
       if (sums_mean != nullptr && multiplier == 1) {
         *grad_sums = at::empty({2, g.CM}, options.dtype(at::kDouble));
@@ -499,6 +503,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_op(
   return {grad_input, grad_weight, grad_bias};
 }
 
+// BatchNorm's alpha and beta (batch_norm_affine) for both batch_norm_separable ops: the forward's and the
+// backward's input reads use the same values to the bit. weight, bias: contiguous or undefined.
+std::pair<at::Tensor, at::Tensor> folded_affine(const at::Tensor& input, const at::Tensor& weight,
+                                                const at::Tensor& bias, const at::Tensor& mean,
+                                                const at::Tensor& invstd) {
+  const int64_t C = input.size(1);
+  at::Tensor alpha = at::empty({C}, input.options()), beta = at::empty({C}, input.options());
+  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "sepconv_cpp_folded_affine", [&] {
+    batch_norm_affine<scalar_t>(C, data_or_null<scalar_t>(weight), data_or_null<scalar_t>(bias),
+                                mean.data_ptr<scalar_t>(), invstd.data_ptr<scalar_t>(), alpha.data_ptr<scalar_t>(),
+                                beta.data_ptr<scalar_t>());
+  });
+  return {alpha, beta};
+}
+
 // The checks of both batch_norm_separable ops: what their BatchNorm and separable parts check, and a depth
 // multiplier of 1 (the affine map is per input channel).
 void check_batch_norm_separable(const char* op, const at::Tensor& input, const std::optional<at::Tensor>& bn_weight,
@@ -534,8 +553,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_nor
   const at::Tensor w = bn_weight.has_value() ? bn_weight->contiguous() : at::Tensor();
   const at::Tensor b = bn_bias.has_value() ? bn_bias->contiguous() : at::Tensor();
   at::Tensor mean = at::empty({C}, input.options()), invstd = at::empty({C}, input.options()),
-             var = at::empty({C}, input.options()), alpha = at::empty({C}, input.options()),
-             beta = at::empty({C}, input.options());
+             var = at::empty({C}, input.options());
   at::Tensor stats = moments.has_value() ? moments->contiguous() : at::empty({2, C}, input.options().dtype(at::kDouble));
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "sepconv_cpp_batch_norm_separable", [&] {
     if (!moments.has_value()) {
@@ -544,9 +562,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_nor
     }
     batch_norm_stats<scalar_t>(M, C, stats.data_ptr<double>(), eps, mean.data_ptr<scalar_t>(),
                                invstd.data_ptr<scalar_t>(), var.data_ptr<scalar_t>());
-    batch_norm_affine<scalar_t>(C, data_or_null<scalar_t>(w), data_or_null<scalar_t>(b), mean.data_ptr<scalar_t>(),
-                                invstd.data_ptr<scalar_t>(), alpha.data_ptr<scalar_t>(), beta.data_ptr<scalar_t>());
   });
+  const auto [alpha, beta] = folded_affine(input, w, b, mean, invstd);
   at::Tensor out_moments;
   at::Tensor out = run_forward(kOp, input, depthwise_weight, pointwise_weight, depthwise_bias, pointwise_bias, stride,
                                padding, dilation, relu_input, with_moments ? &out_moments : nullptr, nullptr, &alpha,
@@ -579,11 +596,7 @@ batch_norm_separable_backward_op(const at::Tensor& grad_output, const at::Tensor
   const at::Tensor w = bn_weight.has_value() ? bn_weight->contiguous() : at::Tensor();
   const at::Tensor b = bn_bias.has_value() ? bn_bias->contiguous() : at::Tensor();
   const at::Tensor m = mean.contiguous(), s = invstd.contiguous();
-  at::Tensor alpha = at::empty({C}, input.options()), beta = at::empty({C}, input.options());
-  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "sepconv_cpp_batch_norm_separable_backward", [&] {
-    batch_norm_affine<scalar_t>(C, data_or_null<scalar_t>(w), data_or_null<scalar_t>(b), m.data_ptr<scalar_t>(),
-                                s.data_ptr<scalar_t>(), alpha.data_ptr<scalar_t>(), beta.data_ptr<scalar_t>());
-  });
+  const auto [alpha, beta] = folded_affine(input, w, b, m, s);
   // BatchNorm's backward sums, taken by the separable backward as it finishes each row of the gradient
   // reaching the normalised input (InputGradSums; undefined where it could not).
   at::Tensor sums;

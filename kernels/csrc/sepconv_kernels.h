@@ -128,6 +128,8 @@ struct InputAffine {
   const T* scale = nullptr;
   const T* shift = nullptr;
   explicit operator bool() const { return scale != nullptr; }
+  // The same map with its pointers at channel k0 (none stays none).
+  InputAffine from(int64_t k0) const { return scale ? InputAffine{scale + k0, shift + k0} : InputAffine{}; }
   // relu?(x * scale[c] + shift[c]): one value of channel c as the depthwise stage reads it.
   T operator()(T x, int64_t c, bool relu) const {
     const T in = std::fma(x, scale[c], shift[c]);
@@ -721,7 +723,7 @@ template <typename T>
 void depthwise_tile(const Geometry& g, const T* x, const T* dw_taps, const T* bias, bool relu, int64_t p0,
                     int64_t rows, int64_t k0, int64_t kc, T* tile, int64_t ld, InputAffine<T> affine = {}) {
   // The affine's channels from k0, as the kernels below address theirs.
-  const InputAffine<T> at_k0 = affine ? InputAffine<T>{affine.scale + k0, affine.shift + k0} : InputAffine<T>{};
+  const InputAffine<T> at_k0 = affine.from(k0);
   const int64_t taps = g.kh * g.kw;
   std::vector<const T*> xs(taps), ws(taps);
   PixelCursor at(g, p0);
@@ -1637,7 +1639,7 @@ void backward(const Geometry& g, const T* x, const T* dw_taps, const T* dw_bias,
                 float* dw_sums = want.depthwise ? dw_acc.data() : nullptr;
                 if (affine) {
                   depthwise_row3x3_backward_f32<true>(x, gx, run, k0, dw_taps + k0, g.CM, gh, ldh, relu, kc, dw_sums,
-                                                      chunk, db_acc.data(), {affine.scale + k0, affine.shift + k0});
+                                                      chunk, db_acc.data(), affine.from(k0));
                 } else {
                   depthwise_row3x3_backward_f32(x, gx, run, k0, dw_taps + k0, g.CM, gh, ldh, relu, kc, dw_sums, chunk,
                                                 db_acc.data());
