@@ -11,7 +11,6 @@ are identical and weights move freely between them.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -111,14 +110,6 @@ def stem_conv(kind: str, in_channels: int, out_channels: int, stride: int, backe
     return nn.Conv2d(in_channels, out_channels, 3, stride, 0, bias=False)
 
 
-def run_layers(layers: Iterable[nn.Module], x: torch.Tensor) -> torch.Tensor:
-    """The modules called in turn, through ``kernels.run_sequential``: each separable convolution and the module
-    after it as one call of ``kernels.separable_conv2d_batch_norm`` (where that module is a BatchNorm in training
-    on cpp, it takes its statistics from the convolution's forward), and such a BatchNorm folded into the input
-    read of the separable convolution it feeds (the normalised activation is then never stored)."""
-    return kernels.run_sequential(layers, x)
-
-
 def is_separable(module: nn.Module) -> bool:
     return isinstance(module, (kernels.SeparableConv2d, Conv2dSeparable))
 
@@ -190,8 +181,10 @@ class Block(nn.Module):
         shortcut = x if self.skip is None else kernels.separable_conv2d_batch_norm(self.skip, self.skipbn, x)
         pool = self.rep[-1]
         if not (self.separable == "fused" and isinstance(pool, nn.MaxPool2d)):
-            # rep's modules in turn (rep itself where it has hooks of its own).
-            out = self.rep(x) if self.rep._forward_hooks or self.rep._forward_pre_hooks else run_layers(self.rep, x)
+            # rep's modules in turn through kernels.run_sequential (each separable conv with its BatchNorm, in
+            # training folded into the next conv's input read); rep itself where it has hooks of its own.
+            hooked = self.rep._forward_hooks or self.rep._forward_pre_hooks
+            out = self.rep(x) if hooked else kernels.run_sequential(self.rep, x)
             if out.dtype != shortcut.dtype or out.shape != shortcut.shape:
                 return out + shortcut
             # The sum in place, into rep's output (as timm's Block does): nothing saves that tensor for
@@ -199,7 +192,7 @@ class Block(nn.Module):
             out += shortcut
             return out
         # The pool and the sum in one pass where the backend has a kernel for it (cpp).
-        x = run_layers(itertools.islice(self.rep, len(self.rep) - 1), x)
+        x = kernels.run_sequential(itertools.islice(self.rep, len(self.rep) - 1), x)
         last_conv = self.rep[-3]  # [..., SepConv, BN (or Identity once fused), MaxPool]
         return kernels.max_pool2d_add(x, shortcut, pool.kernel_size, pool.stride, pool.padding,
                                       backend=last_conv.backend)
