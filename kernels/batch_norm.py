@@ -25,6 +25,10 @@ input and applies the BatchNorm (and its ReLU) as it reads it (``sepconv_cpp::ba
 normalised activation is never written: the backward keeps the BatchNorm's input alone and the conv's
 backward reads it the same way.
 
+In evaluation, ``separable_conv2d_batch_norm`` and ``run_sequential`` fold a BatchNorm that normalises with its
+running statistics into the convolution before it (``batch_norm_folded``: the conv's output channels' weights
+scaled, a bias added), on every call: the BatchNorm's pass over the activation, and the buffer it writes, are gone.
+
 ``relu_output=True`` applies a ReLU to the output: in the kernel's pass, and in its backward as
 ReLU's own backward does (the gradient is zero where the output is), so a ``BN -> ReLU`` pair costs
 no pass of its own and no fresh buffer either way; elsewhere ``F.relu`` runs in place after
@@ -41,13 +45,10 @@ from torch import nn
 
 from . import gpu_dispatch
 from ._args import normalize
-from .autograd import needs_autograd
 from .conv import Conv2d
-from .conv import _uses_kernel as _conv_uses_kernel
 from .dispatch import BackendAttribute, channels_last_cpp_applies, check_backend_name
-from .functional import separable_conv2d
 from .module import SeparableConv2d
-from .pointwise import PointwiseConv2d, identity_depthwise, pointwise_conv2d
+from .pointwise import PointwiseConv2d, identity_depthwise
 from .pointwise import _uses_kernel as _pointwise_uses_kernel
 
 
@@ -162,6 +163,13 @@ def _has_hooks(module: nn.Module) -> bool:
                 or module._backward_pre_hooks)
 
 
+def _global_hooks() -> bool:
+    """Whether any module hook is registered globally (they would see the modules called one by one)."""
+    hooks = nn.modules.module
+    return bool(hooks._global_forward_hooks or hooks._global_forward_pre_hooks or hooks._global_backward_hooks
+                or hooks._global_backward_pre_hooks)
+
+
 def _separable_args(conv: nn.Module, input: torch.Tensor):
     """The separable op's arguments after the input for a module whose forward on ``input`` is that op (the
     separable conv, or a PointwiseConv2d whose call takes the kernel: an identity depthwise stage, as
@@ -197,9 +205,7 @@ def _moments_apply(conv: nn.Module, bn: nn.Module, input: torch.Tensor, args) ->
     (depthwise_weight, depthwise_bias, pointwise_weight, pointwise_bias, *_), modules, backend = args
     if _has_hooks(bn) or any(_has_hooks(module) for module in modules):
         return False
-    module_hooks = nn.modules.module
-    if (module_hooks._global_forward_hooks or module_hooks._global_forward_pre_hooks
-            or module_hooks._global_backward_hooks or module_hooks._global_backward_pre_hooks):
+    if _global_hooks():
         return False
     if torch._C._are_functorch_transforms_active():
         return False
@@ -219,8 +225,17 @@ def separable_conv2d_batch_norm(conv: nn.Module, bn: nn.Module, input: torch.Ten
     gathers its output's per-channel mean and variance as it stores the output
     (``sepconv_cpp::forward_with_moments``) and the BatchNorm kernel takes them instead of reading the output
     once more for them: the same output, gradients, running statistics and ``num_batches_tracked`` as the two
-    calls, up to rounding (the sums run in another order). Anywhere else (other modules, evaluation, other
-    backends, devices, layouts or dtypes, hooks on either module) it is ``bn(conv(input))``.
+    calls, up to rounding (the sums run in another order).
+
+    In evaluation, where ``bn`` normalises with its running statistics (an ``nn.BatchNorm2d`` or
+    ``kernels.BatchNorm2d``) and ``conv`` is a ``kernels.SeparableConv2d``, ``PointwiseConv2d`` or ``Conv2d``, on
+    float32/float64 tensors on any backend and device, ``bn`` is folded into ``conv``'s weights
+    (``batch_norm_folded``) and ``conv`` runs once with them: no BatchNorm pass, the same result up to rounding.
+    Only where ``conv``'s output pixels are at least its weights per output channel (scaling them costs less than
+    the pass), not under autocast, while ``torch.compile`` traces or under functorch transforms.
+
+    Anywhere else (other modules, other backends, devices, layouts or dtypes in training, hooks on either module)
+    it is ``bn(conv(input))``.
     """
     folded = _with_batch_norm_folded(conv, bn, input)
     if folded is not None:
@@ -259,43 +274,18 @@ def _normalises_with_running_statistics(bn: nn.Module) -> bool:
             and not _has_hooks(bn))
 
 
-def _global_hooks() -> bool:
-    hooks = nn.modules.module
-    return bool(hooks._global_forward_hooks or hooks._global_forward_pre_hooks or hooks._global_backward_hooks
-                or hooks._global_backward_pre_hooks)
-
-
-def _scaled_convolution(conv: nn.Module, input: torch.Tensor):
-    """(the weight an output-channel scale applies to, its bias, a function that runs ``conv`` on ``input`` with a
-    given weight and bias in their place) for a convolution of this library whose output channels are that
-    weight's rows: a ``SeparableConv2d`` (its pointwise weight), a ``PointwiseConv2d`` or a ``Conv2d``, each as
-    this library defines it (no subclass's forward, no hooks on it or its children, zero padding). None otherwise."""
+def _scaled_convolution(conv: nn.Module):
+    """(the weight an output-channel scale applies to, its bias) for a convolution of this library whose output
+    channels are that weight's rows and whose call can take another weight and bias (``_forward_with``): a
+    ``SeparableConv2d`` (its pointwise weight), a ``PointwiseConv2d`` or a ``Conv2d``, each as this library defines
+    it (no subclass's forward, no hooks on it or its children). None otherwise."""
     if any(_has_hooks(module) for module in (conv, *conv.children())):
         return None
     if type(conv).forward is SeparableConv2d.forward and isinstance(conv, SeparableConv2d):
-        depthwise, pointwise = conv.conv1, conv.pointwise
-        if depthwise.padding_mode != "zeros":
-            return None
-        return pointwise.weight, pointwise.bias, lambda weight, bias: separable_conv2d(
-            input, depthwise.weight, weight, depthwise.bias, bias, depthwise.stride, depthwise.padding,
-            depthwise.dilation, backend=conv.backend, relu_input=conv.relu_input)
-    if type(conv).forward is PointwiseConv2d.forward and isinstance(conv, PointwiseConv2d):
-        def pointwise_call(weight, bias):  # as PointwiseConv2d.forward runs it
-            if max(conv.stride) < 2 or not needs_autograd((input, weight, bias)):
-                return conv._conv_forward(input, weight, bias)
-            return pointwise_conv2d(input, weight, bias, conv.stride, backend=conv.backend)
-        return conv.weight, conv.bias, pointwise_call
-    if type(conv).forward is Conv2d.forward and isinstance(conv, Conv2d):
-        if isinstance(conv.padding, str) or conv.padding_mode != "zeros":
-            return None
-
-        def conv_call(weight, bias):  # as Conv2d.forward runs it
-            if not _conv_uses_kernel(input, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups,
-                                     conv.backend):
-                return conv._conv_forward(input, weight, bias)
-            return torch.ops.sepconv_cpp.conv2d.default(input, weight, bias, list(conv.stride), list(conv.padding),
-                                                        list(conv.dilation))
-        return conv.weight, conv.bias, conv_call
+        return conv.pointwise.weight, conv.pointwise.bias
+    for kind in (PointwiseConv2d, Conv2d):
+        if type(conv).forward is kind.forward and isinstance(conv, kind):
+            return conv.weight, conv.bias
     return None
 
 
@@ -312,10 +302,10 @@ def _with_batch_norm_folded(conv: nn.Module, bn: nn.Module, input: torch.Tensor)
         return None
     if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active() or _global_hooks():
         return None
-    found = _scaled_convolution(conv, input)
+    found = _scaled_convolution(conv)
     if found is None:
         return None
-    weight, bias, call = found
+    weight, bias = found
     parameters = (weight, bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
     if any(t is not None and (t.dtype != input.dtype or t.device != input.device) for t in parameters):
         return None
@@ -325,7 +315,7 @@ def _with_batch_norm_folded(conv: nn.Module, bn: nn.Module, input: torch.Tensor)
     pixels = input.shape[0] * -(-input.shape[2] // stride[0]) * -(-input.shape[3] // stride[1])
     if pixels < weight[0].numel():
         return None
-    output = call(*batch_norm_folded(weight, bias, bn))
+    output = conv._forward_with(input, *batch_norm_folded(weight, bias, bn))
     return F.relu(output, inplace=True) if getattr(bn, "relu_output", False) else output
 
 

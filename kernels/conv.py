@@ -97,13 +97,18 @@ class Conv2d(BackendAttribute, nn.Conv2d):
         self.backend = backend
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return self._forward_with(input, self.weight, self.bias)
+
+    def _forward_with(self, input: torch.Tensor, weight: torch.Tensor, bias) -> torch.Tensor:
+        """``forward`` with ``weight`` and ``bias`` in place of the module's (a BatchNorm folded into them:
+        ``kernels.separable_conv2d_batch_norm`` in evaluation)."""
         # nn.Conv2d's own forward (and its errors) wherever the kernel does not run, without conv2d's
         # argument checks: its parameters were checked when it was built.
         if (isinstance(self.padding, str) or self.padding_mode != "zeros"
-                or not _uses_kernel(input, self.weight, self.bias, self.stride, self.padding, self.dilation,
+                or not _uses_kernel(input, weight, bias, self.stride, self.padding, self.dilation,
                                     self.groups, self.backend)):
-            return super().forward(input)
-        return torch.ops.sepconv_cpp.conv2d.default(input, self.weight, self.bias, list(self.stride),
+            return self._conv_forward(input, weight, bias)
+        return torch.ops.sepconv_cpp.conv2d.default(input, weight, bias, list(self.stride),
                                                     list(self.padding), list(self.dilation))
 
     def extra_repr(self) -> str:

@@ -119,12 +119,18 @@ class SeparableConv2d(BackendAttribute, nn.Module):
         self.pointwise.reset_parameters()
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return self._forward_with(input, self.pointwise.weight, self.pointwise.bias)
+
+    def _forward_with(self, input: torch.Tensor, pointwise_weight: torch.Tensor, pointwise_bias) -> torch.Tensor:
+        """``forward`` with ``pointwise_weight`` and ``pointwise_bias`` in place of the module's (a BatchNorm folded
+        into them: ``kernels.separable_conv2d_batch_norm`` in evaluation; the packed copy serves the module's own
+        weight only)."""
         conv = self.conv1
         padding = conv.padding
         if conv.padding_mode != "zeros":  # relu(pad(x)) == pad(relu(x)): these modes copy input values
             input, padding = _pad(input, conv), 0
         return separable_conv2d(
-            input, conv.weight, self.pointwise.weight, conv.bias, self.pointwise.bias,
+            input, conv.weight, pointwise_weight, conv.bias, pointwise_bias,
             conv.stride, padding, conv.dilation, backend=self.backend, relu_input=self.relu_input,
             _packed_pointwise=self._packed_pointwise if getattr(self, "_pack", False) else None)
 

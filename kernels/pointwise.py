@@ -96,11 +96,16 @@ class PointwiseConv2d(BackendAttribute, nn.Conv2d):
         self.backend = backend
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return self._forward_with(input, self.weight, self.bias)
+
+    def _forward_with(self, input: torch.Tensor, weight: torch.Tensor, bias) -> torch.Tensor:
+        """``forward`` with ``weight`` and ``bias`` in place of the module's (a BatchNorm folded into them:
+        ``kernels.separable_conv2d_batch_norm`` in evaluation)."""
         # A call that records no graph, or an unstrided one, is nn.Conv2d's whatever the backend:
         # straight there, without pointwise_conv2d's checks (10-15 us a call at batch 1).
-        if max(self.stride) < 2 or not needs_autograd((input, self.weight, self.bias)):
-            return super().forward(input)
-        return pointwise_conv2d(input, self.weight, self.bias, self.stride, backend=self.backend)
+        if max(self.stride) < 2 or not needs_autograd((input, weight, bias)):
+            return self._conv_forward(input, weight, bias)
+        return pointwise_conv2d(input, weight, bias, self.stride, backend=self.backend)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + (f", backend={self.backend!r}" if self.backend != "auto" else "")

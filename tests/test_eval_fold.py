@@ -36,6 +36,9 @@ CONVS = {
     "separable": (lambda backend: kernels.SeparableConv2d(24, 40, 3, 1, 1, backend=backend), (4, 24, 10, 12)),
     "separable-bias-stride-2": (lambda backend: kernels.SeparableConv2d(16, 32, 3, 2, 1, bias=True, backend=backend),
                                 (4, 16, 14, 14)),
+    "separable-reflect-padding": (
+        lambda backend: kernels.SeparableConv2d(8, 24, 3, 1, 1, padding_mode="reflect", backend=backend),
+        (4, 8, 9, 9)),
     "pointwise-stride-2": (lambda backend: kernels.PointwiseConv2d(24, 48, stride=2, bias=False, backend=backend),
                            (4, 24, 12, 12)),
     "conv-3x3-stride-2": (lambda backend: kernels.Conv2d(3, 16, 3, 2, 0, bias=False, backend=backend),
