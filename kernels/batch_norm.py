@@ -25,8 +25,8 @@ input and applies the BatchNorm (and its ReLU) as it reads it (``sepconv_cpp::ba
 normalised activation is never written: the backward keeps the BatchNorm's input alone and the conv's
 backward reads it the same way.
 
-In evaluation, ``separable_conv2d_batch_norm`` and ``run_sequential`` fold a BatchNorm that normalises with its
-running statistics into the convolution before it (``batch_norm_folded``: the conv's output channels' weights
+In evaluation on a CPU, ``separable_conv2d_batch_norm`` and ``run_sequential`` fold a BatchNorm that normalises
+with its running statistics into the convolution before it (``batch_norm_folded``: the conv's output channels' weights
 scaled, a bias added), on every call: the BatchNorm's pass over the activation, and the buffer it writes, are gone.
 
 ``relu_output=True`` applies a ReLU to the output: in the kernel's pass, and in its backward as
@@ -229,7 +229,7 @@ def separable_conv2d_batch_norm(conv: nn.Module, bn: nn.Module, input: torch.Ten
 
     In evaluation, where ``bn`` normalises with its running statistics (an ``nn.BatchNorm2d`` or
     ``kernels.BatchNorm2d``) and ``conv`` is a ``kernels.SeparableConv2d``, ``PointwiseConv2d`` or ``Conv2d``, on
-    float32/float64 tensors on any backend and device, ``bn`` is folded into ``conv``'s weights
+    float32/float64 CPU tensors on any backend, ``bn`` is folded into ``conv``'s weights
     (``batch_norm_folded``) and ``conv`` runs once with them: no BatchNorm pass, the same result up to rounding.
     Only where ``conv``'s output pixels are at least its weights per output channel (scaling them costs less than
     the pass), not under autocast, while ``torch.compile`` traces or under functorch transforms.
@@ -292,13 +292,18 @@ def _scaled_convolution(conv: nn.Module):
 def _with_batch_norm_folded(conv: nn.Module, bn: nn.Module, input: torch.Tensor) -> Optional[torch.Tensor]:
     """``bn(conv(input))`` as one convolution with ``bn`` folded into its weights (``batch_norm_folded``), where
     ``bn`` normalises with its running statistics (evaluation mode), ``conv`` is one of this library's convolutions
-    (``_scaled_convolution``), the tensors are float32 or float64 (16-bit weights would be rounded once more),
+    (``_scaled_convolution``), the tensors are float32 or float64 CPU tensors (16-bit weights would be rounded once
+    more; on a GPU each of the fold's small ops is a kernel launch),
     autocast is off, and the batch is large enough that scaling the weights costs less than the BatchNorm's pass over
     the output (``conv``'s output pixels at least its weights per output channel). Not while ``torch.compile``
     traces (its compiler fuses the BatchNorm itself) nor under functorch transforms. None elsewhere."""
     if not (_normalises_with_running_statistics(bn) and isinstance(input, torch.Tensor) and input.dim() == 4):
         return None
-    if input.dtype not in (torch.float32, torch.float64) or torch.is_autocast_enabled(input.device.type):
+    # On a GPU the fold's few small tensor ops would each be a kernel launch, more host time than the BatchNorm's
+    # one launch saves: CPU only.
+    if input.device.type != "cpu" or input.dtype not in (torch.float32, torch.float64):
+        return None
+    if torch.is_autocast_enabled("cpu"):
         return None
     if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active() or _global_hooks():
         return None
