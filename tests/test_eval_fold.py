@@ -7,6 +7,7 @@ gradients included, and every case where they must call the modules as they are;
 """
 
 import copy
+import sys
 from unittest import mock
 
 import pytest
@@ -17,6 +18,8 @@ from torch import nn
 import kernels
 import xception
 from conftest import require_backend
+
+batch_norm_module = sys.modules["kernels.batch_norm"]  # `kernels.batch_norm` is the function
 
 
 def _batch_norm(channels, dtype=torch.float32, affine=True, relu_output=False, seed=0):
@@ -181,6 +184,16 @@ def test_no_fold_under_autocast():
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16), _counting_batch_norm() as batch_norm:
         kernels.separable_conv2d_batch_norm(conv, bn, x)
     assert batch_norm.call_count == 1
+
+
+def test_no_fold_off_the_cpu():
+    """On a GPU each of the fold's small tensor ops would be a kernel launch of its own: CPU tensors only (a meta
+    tensor stands in for a GPU's here; the same call on CPU folds)."""
+    conv = kernels.SeparableConv2d(24, 40, 3, 1, 1, backend="torch").eval()
+    bn = _batch_norm(40)
+    with torch.no_grad():
+        assert batch_norm_module._with_batch_norm_folded(conv, bn, torch.randn(4, 24, 10, 12)) is not None
+        assert batch_norm_module._with_batch_norm_folded(conv, bn, torch.empty(4, 24, 10, 12, device="meta")) is None
 
 
 @pytest.mark.parametrize("backend", ["cpp", "torch"])
