@@ -464,22 +464,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_op(const a
   return {out, mean, invstd, var};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_op(
+// batch_norm_backward_op's work, after its checks. sums: the backward's two sums per channel (2 x C doubles,
+// batch_norm_backward_from_sums) where the caller already took them, else null (taken here). in_place: grad_input
+// is written over grad_output, a buffer of the caller's laid out as input (each row is read before it is written).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> run_batch_norm_backward(
     const at::Tensor& grad_output, const at::Tensor& input, const std::optional<at::Tensor>& weight,
     const at::Tensor& mean, const at::Tensor& invstd, std::array<bool, 3> output_mask,
-    const std::optional<at::Tensor>& output) {
-  constexpr const char* kOp = "sepconv_cpp::batch_norm_backward";
-  check_input(kOp, input);
-  check_like_input(kOp, "grad_output", grad_output, input);
-  if (output.has_value()) check_like_input(kOp, "output", *output, input);
-  check_channel_vector(kOp, "weight", weight, input);
-  check_channel_vector(kOp, "mean", mean, input);
-  check_channel_vector(kOp, "invstd", invstd, input);
+    const std::optional<at::Tensor>& output, const at::Tensor* sums = nullptr, bool in_place = false) {
   const int64_t C = input.size(1), M = input.size(0) * input.size(2) * input.size(3);
   const auto [want_input, want_weight, want_bias] = output_mask;
   const at::MemoryFormat format = memory_format_of(input);
   auto none = [&] { return at::empty({0}, input.options()); };
-  at::Tensor grad_input = want_input ? empty_buffer(input.sizes(), input.options(), format) : none();
+  at::Tensor grad_input = !want_input ? none()
+                          : in_place  ? grad_output
+                                      : empty_buffer(input.sizes(), input.options(), format);
   at::Tensor grad_weight = want_weight ? at::empty({C}, input.options()) : none();
   at::Tensor grad_bias = want_bias ? at::empty({C}, input.options()) : none();
   if (M == 0 || C == 0) {
@@ -493,14 +491,35 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_op(
   const at::Tensor m = mean.contiguous(), s = invstd.contiguous();
   at::Tensor result = want_input ? nhwc_target(grad_input, format) : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "sepconv_cpp_batch_norm_backward", [&] {
-    batch_norm_backward<scalar_t>(M, C, dy.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), data_or_null<scalar_t>(w),
-                                  m.data_ptr<scalar_t>(), s.data_ptr<scalar_t>(), data_or_null<scalar_t>(y),
-                                  want_input ? result.data_ptr<scalar_t>() : nullptr,
-                                  want_weight ? grad_weight.data_ptr<scalar_t>() : nullptr,
-                                  want_bias ? grad_bias.data_ptr<scalar_t>() : nullptr);
+    scalar_t* gi = want_input ? result.data_ptr<scalar_t>() : nullptr;
+    scalar_t* gw = want_weight ? grad_weight.data_ptr<scalar_t>() : nullptr;
+    scalar_t* gb = want_bias ? grad_bias.data_ptr<scalar_t>() : nullptr;
+    if (sums != nullptr) {
+      batch_norm_backward_from_sums<scalar_t>(M, C, sums->data_ptr<double>(), dy.data_ptr<scalar_t>(),
+                                              x.data_ptr<scalar_t>(), data_or_null<scalar_t>(w), m.data_ptr<scalar_t>(),
+                                              s.data_ptr<scalar_t>(), data_or_null<scalar_t>(y), gi, gw, gb);
+    } else {
+      batch_norm_backward<scalar_t>(M, C, dy.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), data_or_null<scalar_t>(w),
+                                    m.data_ptr<scalar_t>(), s.data_ptr<scalar_t>(), data_or_null<scalar_t>(y), gi, gw,
+                                    gb);
+    }
   });
   if (want_input) copy_into_output(grad_input, result);
   return {grad_input, grad_weight, grad_bias};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_op(
+    const at::Tensor& grad_output, const at::Tensor& input, const std::optional<at::Tensor>& weight,
+    const at::Tensor& mean, const at::Tensor& invstd, std::array<bool, 3> output_mask,
+    const std::optional<at::Tensor>& output) {
+  constexpr const char* kOp = "sepconv_cpp::batch_norm_backward";
+  check_input(kOp, input);
+  check_like_input(kOp, "grad_output", grad_output, input);
+  if (output.has_value()) check_like_input(kOp, "output", *output, input);
+  check_channel_vector(kOp, "weight", weight, input);
+  check_channel_vector(kOp, "mean", mean, input);
+  check_channel_vector(kOp, "invstd", invstd, input);
+  return run_batch_norm_backward(grad_output, input, weight, mean, invstd, output_mask, output);
 }
 
 // BatchNorm's alpha and beta (batch_norm_affine) for both batch_norm_separable ops: the forward's and the
@@ -589,7 +608,6 @@ batch_norm_separable_backward_op(const at::Tensor& grad_output, const at::Tensor
                              dilation);
   check_channel_vector(kOp, "mean", mean, input);
   check_channel_vector(kOp, "invstd", invstd, input);
-  const int64_t C = input.size(1);
   const auto [want_input, want_bn_weight, want_bn_bias, want_dw_weight, want_pointwise, want_dw_bias, want_pw_bias] =
       output_mask;
   const bool want_normalized = want_input || want_bn_weight || want_bn_bias;
@@ -606,26 +624,12 @@ batch_norm_separable_backward_op(const at::Tensor& grad_output, const at::Tensor
                    &beta, want_normalized ? &m : nullptr, &sums);
   auto none = [&] { return at::empty({0}, input.options()); };
   at::Tensor grad_input = none(), grad_bn_weight = none(), grad_bn_bias = none();
-  if (want_normalized && !sums.defined()) {
-    std::tie(grad_input, grad_bn_weight, grad_bn_bias) = batch_norm_backward_op(
-        grad_normalized, input, bn_weight, mean, invstd, {want_input, want_bn_weight, want_bn_bias}, std::nullopt);
-  } else if (want_normalized) {  // the pass that writes grad_input, over grad_normalized itself
-    const int64_t M = input.size(0) * input.size(2) * input.size(3);
-    if (want_bn_weight) grad_bn_weight = at::empty({C}, input.options());
-    if (want_bn_bias) grad_bn_bias = at::empty({C}, input.options());
-    const at::Tensor x = to_nhwc(input, 1);
-    at::Tensor dy = to_nhwc(grad_normalized, 1);  // a view where grad_normalized is channels_last
-    AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "sepconv_cpp_batch_norm_separable_backward", [&] {
-      batch_norm_backward_from_sums<scalar_t>(
-          M, C, sums.data_ptr<double>(), dy.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), data_or_null<scalar_t>(w),
-          m.data_ptr<scalar_t>(), s.data_ptr<scalar_t>(), nullptr, want_input ? dy.data_ptr<scalar_t>() : nullptr,
-          want_bn_weight ? grad_bn_weight.data_ptr<scalar_t>() : nullptr,
-          want_bn_bias ? grad_bn_bias.data_ptr<scalar_t>() : nullptr);
-    });
-    if (want_input) {
-      if (dy.data_ptr() != grad_normalized.data_ptr()) grad_normalized.copy_(dy.permute({0, 3, 1, 2}));
-      grad_input = grad_normalized;
-    }
+  if (want_normalized) {  // BatchNorm's backward, its input gradient written over grad_normalized (run_backward's
+                          // buffer, laid out as input)
+    std::tie(grad_input, grad_bn_weight, grad_bn_bias) =
+        run_batch_norm_backward(grad_normalized, input, bn_weight, mean, invstd,
+                                {want_input, want_bn_weight, want_bn_bias}, std::nullopt,
+                                sums.defined() ? &sums : nullptr, true);
   }
   return {grad_input, grad_bn_weight, grad_bn_bias, grad_dw_weight, grad_pw, grad_dw_bias, grad_pw_bias};
 }
