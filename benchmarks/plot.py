@@ -112,18 +112,27 @@ def _layer_label(row: dict) -> str:
 
 
 def _bars(axis, rows: Sequence[dict], category, annotate: bool = False) -> List[Tuple[str, str]]:
-    """Grouped bars of ``speedup_vs_eager_cl``, one group per category, one bar per series (not the baseline)."""
+    """Grouped bars of ``speedup_vs_eager_cl``, one group per category, one bar per series (not the baseline),
+    with a whisker over the row's 95% interval (``speedup_ci95``) where it has one."""
     categories = list(dict.fromkeys(category(r) for r in rows))
     series = [s for s in dict.fromkeys(_series(r) for r in rows) if not _is_baseline(s)]
     width = 0.8 / max(len(series), 1)
     values = []
     for index, name in enumerate(series):
-        by_category = {category(r): r["speedup_vs_eager_cl"] for r in rows if _series(r) == name}
+        by_category = {category(r): r for r in rows if _series(r) == name}
         xs = [i + (index - (len(series) - 1) / 2) * width for i, c in enumerate(categories) if c in by_category]
-        heights = [by_category[c] for c in categories if c in by_category]
+        shown = [by_category[c] for c in categories if c in by_category]
+        heights = [r["speedup_vs_eager_cl"] for r in shown]
         values += heights
         bars = axis.bar(xs, heights, width, color=provider_color(name[0]), edgecolor="white", linewidth=0.5,
                         hatch=None if name[1] == "channels_last" else NCHW_HATCH)
+        whiskers = [(x, r["speedup_vs_eager_cl"], r["speedup_ci95"])
+                    for x, r in zip(xs, shown) if r.get("speedup_ci95")]
+        if whiskers:
+            axis.errorbar([x for x, _, _ in whiskers], [h for _, h, _ in whiskers],
+                          yerr=[[h - ci[0] for _, h, ci in whiskers], [ci[1] - h for _, h, ci in whiskers]],
+                          fmt="none", ecolor="#333333", elinewidth=0.7, capsize=1.5)
+            values += [ci[1] for _, _, ci in whiskers] + [ci[0] for _, _, ci in whiskers]
         if annotate:
             axis.bar_label(bars, labels=[format_ratio(round(h, 2)) for h in heights], fontsize=8, padding=2)
     axis.set_xticks(range(len(categories)))

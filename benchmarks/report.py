@@ -9,7 +9,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from .memory import COLUMN as MEMORY_COLUMN
-from .results import group_unavailable, is_noisy, throughput_column
+from .results import group_unavailable, interval_text, is_noisy, throughput_column, within_spread
 
 
 def make_progress(console: Console) -> Progress:
@@ -26,11 +26,11 @@ def _spread(row: dict) -> str:
     return f"[yellow]{text} ⚠[/yellow]" if is_noisy(row) else text
 
 
-def _speedup(value: Optional[float]) -> str:
+def _speedup(value: Optional[float], interval=None) -> str:
     if value is None:
         return "–"
     color = "green" if value >= 1.0 else "red"
-    return f"[{color}]{value:.2f}x[/{color}]"
+    return f"[{color}]{value:.2f}x[/{color}]{interval_text(interval)}"
 
 
 def print_tables(console: Console, rows: Sequence[dict], unavailable: Dict[str, str]) -> None:
@@ -59,7 +59,8 @@ def print_tables(console: Console, rows: Sequence[dict], unavailable: Dict[str, 
             table.add_row(r["shape"], str(r["batch"]), r["dtype"], r["mode"], r["provider"],
                           "CL" if r["layout"] == "channels_last" else "NCHW", _num(r["p50_ms"], 3),
                           _spread(r), _num(r["gflop_s"]), _num(r.get(throughput_key)),
-                          _num(r["pct_peak"], 1, "%"), _speedup(r["speedup_vs_eager_cl"]), _num(r[MEMORY_COLUMN]))
+                          _num(r["pct_peak"], 1, "%"), _speedup(r["speedup_vs_eager_cl"], r.get("speedup_ci95")),
+                          _num(r[MEMORY_COLUMN]))
         console.print(table)
     failed: List[dict] = [r for r in rows if r.get("status") == "error"]
     if failed:
@@ -82,6 +83,8 @@ def print_targets(console: Console, checks: Sequence[dict], backend: str) -> Non
     for column in ("target", "case", "measured", "goal", "met"):
         table.add_column(column)
     for c in checks:
-        table.add_row(c["target"], c["case"], f"{c['value']:.2f}{c['unit']}", f"{c['goal']:.2f}{c['unit']}",
-                      "[green]yes[/green]" if c["ok"] else "[red]no[/red]")
+        met = ("[green]yes[/green]" if c["ok"] else "[red]no[/red] (within the run's spread)" if within_spread(c)
+               else "[red]no[/red]")
+        table.add_row(c["target"], c["case"], f"{c['value']:.2f}{c['unit']}{interval_text(c.get('interval'))}",
+                      f"{c['goal']:.2f}{c['unit']}", met)
     console.print(table)

@@ -18,7 +18,7 @@ from .machine import RunInfo
 from .memory import COLUMN as MEMORY_COLUMN
 from .memory import peak_allocated_mb
 from .results import ROW_KEYS, JsonlLog
-from .timing import Timing, TimingPolicy, measure, summarize, time_cpu, time_cpu_interleaved
+from .timing import Timing, TimingPolicy, measure, median_interval, summarize, time_cpu, time_cpu_interleaved
 
 
 @dataclass
@@ -198,7 +198,10 @@ def _measure_group(cases: List[Case], options: RunOptions, run: RunInfo, baselin
             if base_rounds is not None:
                 # Paired: the median over rounds of baseline / case, each pair timed back to back,
                 # so a slow spell that spans a round cancels out of its ratio.
-                row["speedup_vs_eager_cl"] = statistics.median(b / c for b, c in zip(base_rounds, rounds[slot]))
+                ratios = [b / c for b, c in zip(base_rounds, rounds[slot])]
+                row["speedup_vs_eager_cl"] = statistics.median(ratios)
+                interval = median_interval(ratios) if rounds[slot] is not base_rounds else None
+                row["speedup_ci95"] = list(interval) if interval is not None else None
             if rounds and faults[slot]:  # 4 KiB pages faulted in by a timed call, median over the rounds
                 row["minor_faults"] = statistics.median(faults[slot])
         except Exception as error:  # noqa: BLE001

@@ -7,10 +7,11 @@ milliseconds; ``summarize`` turns that into p20/p50/p80.
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -63,6 +64,29 @@ def percentile(values: Sequence[float], q: float) -> float:
 
 def summarize(times_ms: Sequence[float]) -> Timing:
     return Timing(percentile(times_ms, 20), statistics.median(times_ms), percentile(times_ms, 80), len(times_ms))
+
+
+def median_interval(values: Sequence[float], level: float = 0.95) -> Optional[Tuple[float, float]]:
+    """A distribution-free confidence interval for the median of ``values``: the order statistics
+    ``(x_(l), x_(n+1-l))`` with the largest ``l`` whose coverage, ``1 - 2 P(B <= l - 1)`` for B ~
+    Binomial(n, 1/2), is at least ``level``. None where ``values`` are too few for that (n < 6 at 95%).
+
+    It treats the values as independent draws. Paired ratios of consecutive rounds are not quite
+    that (a slow spell can span rounds), so read it as the run's own spread, not as a bound on what
+    another run would measure."""
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"level must lie strictly between 0 and 1, got {level!r}")
+    ordered = sorted(values)
+    n = len(ordered)
+    below, best = 0.0, 0  # P(B <= rank - 1) for the rank under test; the largest rank that keeps the coverage
+    for rank in range(1, n // 2 + 1):
+        below += math.comb(n, rank - 1) / 2.0 ** n
+        if 1.0 - 2.0 * below < level:
+            break
+        best = rank
+    if best == 0:
+        return None
+    return ordered[best - 1], ordered[n - best]
 
 
 def time_cpu(fn: Callable[[], object], policy: TimingPolicy,

@@ -473,6 +473,57 @@ def test_cpu_speedup_is_the_median_of_paired_ratios(monkeypatch):
     assert (rows[0]["minor_faults"], rows[1]["minor_faults"]) == (7, 3)  # medians over the rounds
 
 
+def test_paired_speedup_carries_its_95_percent_interval(monkeypatch):
+    """Twelve rounds: the case's interval is the order statistics (x_(3), x_(10)) of its round ratios, which
+    holds the median; the baseline's own row (ratio 1 by definition) has none."""
+    from benchmarks import runner
+    from benchmarks.machine import run_info
+
+    case_ms = [10.0, 8.0, 12.5, 5.0, 20.0, 10.0, 4.0, 25.0, 9.0, 11.0, 6.25, 40.0]
+    rounds = [[10.0] * len(case_ms), case_ms]
+    monkeypatch.setattr(runner, "time_cpu_interleaved",
+                        lambda fns, policy, faults, on_round=None, fault_counters=None:
+                        faults.extend([[0] * len(case_ms)] * 2) or rounds)
+    monkeypatch.setattr(providers, "prepare", lambda case, device, model_kwargs=None: providers.Prepared(lambda: None))
+    cases = build_cases(["smoke"], ["eager", "cpp"], [], ["fp32"], [1], ["fwd"], ["channels_last"], ["tiny"],
+                        eager_both_layouts=False)[:2]
+    options = runner.RunOptions(device="cpu", policy=timing.TimingPolicy(), measure_memory=False)
+    rows = runner.measure_group(cases, options, run_info("cpu", argv="test"), {})
+    ratios = sorted(10.0 / t for t in case_ms)  # 0.25, 0.4, 0.5, 0.8, 0.91, 1.0, 1.0, 1.11, 1.25, 1.6, 2.0, 2.5
+    assert rows[1]["speedup_ci95"] == [ratios[2], ratios[9]] == [0.5, 1.6]
+    assert rows[1]["speedup_ci95"][0] <= rows[1]["speedup_vs_eager_cl"] <= rows[1]["speedup_ci95"][1]
+    assert rows[0]["speedup_vs_eager_cl"] == 1.0 and rows[0]["speedup_ci95"] is None
+
+
+@pytest.mark.parametrize("n, expected", [(5, None), (6, (1, 6)), (10, (2, 9)), (100, (40, 61))])
+def test_median_interval_matches_the_binomial_tables(n, expected):
+    values = list(range(n, 0, -1))  # order does not matter
+    assert timing.median_interval(values) == expected
+    with pytest.raises(ValueError, match="level must lie strictly between 0 and 1, got 1.5"):
+        timing.median_interval(values, level=1.5)
+
+
+def test_missed_speedup_targets_say_whether_the_interval_reaches_the_goal():
+    """A cell under its goal is missed either way; the report adds "within the run's spread" only where the
+    row's 95% interval reaches the goal, and prints the interval beside the speedup."""
+    from benchmarks.results import check_targets, render_markdown, within_spread
+
+    def row(shape, speedup, interval):
+        return {**{key: None for key in ROW_KEYS}, "suite": "layers", "provider": "cpp", "layout": "channels_last",
+                "shape": shape, "batch": 8, "dtype": "fp32", "mode": "fwd", "h": 19, "status": "ok", "p50_ms": 1.0,
+                "p20_ms": 0.9, "p80_ms": 1.1, "speedup_vs_eager_cl": speedup, "speedup_ci95": interval}
+
+    rows = [row("728->728@19", 0.98, [0.95, 1.01]), row("1024->1536@10", 0.90, [0.86, 0.94]),
+            row("728->1024@19", 1.05, [1.02, 1.08]), row("256->728@37", 0.97, None)]
+    checks = [c for c in check_targets(rows, "cpp") if c["unit"] == "x"]
+    assert [(c["ok"], within_spread(c)) for c in checks] == [(False, True), (False, False), (True, False),
+                                                            (False, False)]
+    text = render_markdown(rows, {"run_id": "r", "device": "cpu"}, {}, "cpp")
+    assert "| 0.98x (0.95–1.01) | 1.00x | ❌ (within the run's spread) |" in text
+    assert "| 0.90x (0.86–0.94) | 1.00x | ❌ |" in text and "| 0.97x | 1.00x | ❌ |" in text
+    assert "1.05x (1.02–1.08) ✅" in text
+
+
 def test_rss_script(tmp_path, capsys):
     """benchmarks.rss: a row per provider from fresh processes, the cache's bytes for cpp (none idle with
     SEPCONV_CACHE_MB=0), the file written; bad arguments rejected by name."""
@@ -766,6 +817,27 @@ def test_plot_panels_ratio_axes_and_one_colour_per_provider():
         plt.close(figure)
     assert [format_ratio(v) for v in (0.5, 1.0, 2.0, 20.0)] == ["0.5x", "1x", "2x", "20x"]
     assert provider_color("some-new-provider") == provider_color("some-new-provider")
+
+
+def test_plot_whiskers_span_the_speedup_intervals():
+    """A bar whose row has a 95% interval gets a whisker from its lower to its upper end; rows without one
+    (the GPU's, older files) get none."""
+    import matplotlib.pyplot as plt
+    from matplotlib.collections import LineCollection
+
+    from benchmarks.plot import build_figure
+
+    rows = [dict(row, speedup_ci95=[2.25, 2.75]) if row["provider"] == "cpp" and row["mode"] == "fwd" else row
+            for row in _plot_rows()]
+    figure = build_figure(rows)
+    try:
+        axes = [axis for axis in figure.axes if axis.axison]
+        spans = [sorted(segment[:, 1]) for collection in axes[0].collections if isinstance(collection, LineCollection)
+                 for segment in collection.get_segments()]
+        assert len(spans) == len(XCEPTION_LAYERS) and all(span == [2.25, 2.75] for span in spans)
+        assert not [c for axis in axes[1:3] for c in axis.collections if isinstance(c, LineCollection)]
+    finally:
+        plt.close(figure)
 
 
 @pytest.mark.parametrize("batches", [(8,), (1, 8, 16)])
