@@ -77,7 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=positive_int, help="torch.set_num_threads (default: torch's choice)")
     parser.add_argument("--out", type=Path, default=DEFAULT_DIR, help=f"results folder (default {DEFAULT_DIR})")
     parser.add_argument("--repeats", type=positive_int,
-                        help="minimum timed repeats per case (default 5; whole-model cases at least 9)")
+                        help="minimum timed repeats per case (default 6, the fewest that give a CPU speedup its 95%% "
+                             "interval; whole-model cases at least 9)")
     parser.add_argument("--min-time", type=float, help="minimum timed seconds per case (default 0.5, quick 0.3)")
     parser.add_argument("--cuda-graphs", action="store_true", help="GPU: time through CUDA graphs")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
@@ -212,7 +213,7 @@ def run(args: argparse.Namespace, cases) -> int:
     if not console.is_terminal:  # piped or logged: do not squeeze the tables into 80 columns
         console = Console(width=max(console.width, 180))
     policy = TimingPolicy(
-        warmup=2, min_repeats=args.repeats or 5,
+        warmup=2, min_repeats=args.repeats or TimingPolicy.min_repeats,
         min_seconds=args.min_time if args.min_time is not None else (0.3 if args.quick else 0.5))
     info = run_info(args.device, argv="python -m benchmarks " + shlex.join(args.argv))
     if args.device == "cpu":

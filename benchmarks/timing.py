@@ -26,13 +26,14 @@ class TimingPolicy:
     """How long to measure one case.
 
     warmup: calls before timing (at least 1: the first call compiles/autotunes).
-    min_repeats: timed calls always made (so p20/p80 mean something even for slow cases).
+    min_repeats: timed calls always made (so p20/p80 mean something even for slow cases; 6 is the fewest
+        rounds whose paired ratios give a speedup its 95% interval, ``median_interval``).
     min_seconds: then keep timing until this much time was spent in timed calls ...
     max_repeats: ... but never more calls than this.
     """
 
     warmup: int = 2
-    min_repeats: int = 5
+    min_repeats: int = 6
     min_seconds: float = 0.5
     max_repeats: int = 200
 
