@@ -133,8 +133,11 @@ def _bars(axis, rows: Sequence[dict], category, annotate: bool = False) -> List[
                           yerr=[[h - ci[0] for _, h, ci in whiskers], [ci[1] - h for _, h, ci in whiskers]],
                           fmt="none", ecolor="#333333", elinewidth=0.7, capsize=1.5)
             values += [ci[1] for _, _, ci in whiskers] + [ci[0] for _, _, ci in whiskers]
-        if annotate:
-            axis.bar_label(bars, labels=[format_ratio(round(h, 2)) for h in heights], fontsize=8, padding=2)
+        if annotate:  # each value above its bar, or above its whisker where it has one
+            for x, r, bar in zip(xs, shown, bars):
+                top = max(r["speedup_vs_eager_cl"], (r.get("speedup_ci95") or [0.0, 0.0])[1])
+                axis.annotate(format_ratio(round(r["speedup_vs_eager_cl"], 2)), (x, top), xytext=(0, 2),
+                              textcoords="offset points", ha="center", va="bottom", fontsize=8)
     axis.set_xticks(range(len(categories)))
     axis.set_xticklabels(categories, fontsize=8)
     axis.set_xlim(-0.6, len(categories) - 0.4)

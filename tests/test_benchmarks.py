@@ -829,13 +829,17 @@ def test_plot_whiskers_span_the_speedup_intervals():
 
     rows = [dict(row, speedup_ci95=[2.25, 2.75]) if row["provider"] == "cpp" and row["mode"] == "fwd" else row
             for row in _plot_rows()]
+    rows = [dict(row, speedup_ci95=[1.3, 1.6]) if row["provider"] == "cpp-fused" else row for row in rows]
     figure = build_figure(rows)
     try:
         axes = [axis for axis in figure.axes if axis.axison]
         spans = [sorted(segment[:, 1]) for collection in axes[0].collections if isinstance(collection, LineCollection)
                  for segment in collection.get_segments()]
         assert len(spans) == len(XCEPTION_LAYERS) and all(span == [2.25, 2.75] for span in spans)
-        assert not [c for axis in axes[1:3] for c in axis.collections if isinstance(c, LineCollection)]
+        assert not [c for c in axes[1].collections if isinstance(c, LineCollection)]
+        # The whole-model panel writes each value above its bar, or above its whisker: 1.4x over the whisker's top.
+        labels = {text.get_text(): text.xy[1] for text in axes[2].texts}
+        assert labels == {"1.4x": 1.6, "1.2x": 1.2}, labels
     finally:
         plt.close(figure)
 
