@@ -124,8 +124,8 @@ def _bars(axis, rows: Sequence[dict], category, annotate: bool = False) -> List[
         shown = [by_category[c] for c in categories if c in by_category]
         heights = [r["speedup_vs_eager_cl"] for r in shown]
         values += heights
-        bars = axis.bar(xs, heights, width, color=provider_color(name[0]), edgecolor="white", linewidth=0.5,
-                        hatch=None if name[1] == "channels_last" else NCHW_HATCH)
+        axis.bar(xs, heights, width, color=provider_color(name[0]), edgecolor="white", linewidth=0.5,
+                 hatch=None if name[1] == "channels_last" else NCHW_HATCH)
         whiskers = [(x, r["speedup_vs_eager_cl"], r["speedup_ci95"])
                     for x, r in zip(xs, shown) if r.get("speedup_ci95")]
         if whiskers:
@@ -134,7 +134,7 @@ def _bars(axis, rows: Sequence[dict], category, annotate: bool = False) -> List[
                           fmt="none", ecolor="#333333", elinewidth=0.7, capsize=1.5)
             values += [ci[1] for _, _, ci in whiskers] + [ci[0] for _, _, ci in whiskers]
         if annotate:  # each value above its bar, or above its whisker where it has one
-            for x, r, bar in zip(xs, shown, bars):
+            for x, r in zip(xs, shown):
                 top = max(r["speedup_vs_eager_cl"], (r.get("speedup_ci95") or [0.0, 0.0])[1])
                 axis.annotate(format_ratio(round(r["speedup_vs_eager_cl"], 2)), (x, top), xytext=(0, 2),
                               textcoords="offset points", ha="center", va="bottom", fontsize=8)
