@@ -44,6 +44,7 @@ LD_FLAGS = ["-fopenmp"]
 
 ISA_ENV = "SEPCONV_CPU_ISA"
 L1D_WAYS_ENV = "SEPCONV_L1D_WAYS"
+INTERLEAVE_BYTES_ENV = "SEPCONV_INTERLEAVE_BYTES"
 # Extra compiler flags of each build variant ("native": the host's best path).
 ISA_VARIANT_FLAGS = {"native": [], "avx2": ["-mno-avx512f"]}
 # The x86 paths in order: a library built for one runs on a CPU that has it or a later one.
@@ -72,6 +73,18 @@ def l1d_ways_override() -> Optional[int]:
         return None
     if not value.isdigit() or int(value) < 1:
         raise ValueError(f"{L1D_WAYS_ENV} must be a whole number >= 1, got {value!r}")
+    return int(value)
+
+
+def interleave_bytes_override() -> Optional[int]:
+    """``SEPCONV_INTERLEAVE_BYTES``: the size of input plus output gradient above which the backward takes each
+    block of pixels through all of a thread's channel chunks in turn, instead of the L3 the library counts on
+    (None when unset); ValueError unless a whole number >= 0."""
+    value = os.environ.get(INTERLEAVE_BYTES_ENV, "")
+    if not value:
+        return None
+    if not value.isdigit():
+        raise ValueError(f"{INTERLEAVE_BYTES_ENV} must be a whole number of bytes >= 0, got {value!r}")
     return int(value)
 
 
@@ -166,6 +179,7 @@ def load() -> None:
         try:
             variant = requested_variant()
             l1d_ways_override()
+            interleave_bytes_override()
         except ValueError as error:
             raise RuntimeError(str(error)) from error
         ops.define("cpp")
@@ -197,9 +211,11 @@ def build_info() -> Optional[Dict[str, Union[str, int, bool]]]:
     (``l1d_bytes``, ``l1d_ways``, ``l2_bytes``, ``l3_bytes``, ``cache_source``: sysfs, sysconf or default;
     ``l1d_ways`` is ``SEPCONV_L1D_WAYS`` where set) and the
     blocking chosen from them (``tile_bytes``, ``stream_bytes``, ``l3_usable_bytes``: the L3 the
-    forward counts on for its weight, at most 16 MB per online CPU, and ``stream_strided_rows``: whether
-    the forward streams outputs whose rows lie a multiple of 4 KB apart: where a micro-kernel call's
-    ``tile_rows`` rows fit the ways of the L1 set they share)."""
+    forward counts on for its weight, at most 16 MB per online CPU, ``interleave_bytes``: the input plus
+    output gradient above which the backward takes each block of pixels through all of a thread's channel
+    chunks in turn, ``l3_usable_bytes`` unless ``SEPCONV_INTERLEAVE_BYTES`` sets it, and
+    ``stream_strided_rows``: whether the forward streams outputs whose rows lie a multiple of 4 KB apart:
+    where a micro-kernel call's ``tile_rows`` rows fit the ways of the L1 set they share)."""
     if _library_file is None:
         return None
     function = ctypes.CDLL(_library_file).sepconv_cpu_build_info

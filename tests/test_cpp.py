@@ -398,6 +398,63 @@ torch.save(torch.autograd.grad(out, leaves, torch.randn(out.shape, generator=g))
         assert torch.equal(padded, in_place)
 
 
+def test_backward_interleaved_over_chunks(tmp_path):
+    """Where the input and grad_out together exceed ``interleave_bytes`` (the usable L3, or
+    SEPCONV_INTERLEAVE_BYTES), a thread with several channel chunks takes each block of pixels through all of
+    them in turn. 768 hidden channels at batch 2 are four chunks (two a thread at two threads, four at one);
+    with the setting 0 every such backward interleaves, with one above the tensors' size none does. Each
+    setting runs in a fresh interpreter; both match float64 and give the same bits (each chunk sums its
+    blocks in the same order either way), with ReLU input and biases, and with a BatchNorm folded into the
+    input read."""
+    require_backend("cpp")
+    for setting in ("0", str(1 << 40)):
+        _run_checks(f"""
+from kernels import cpp_backend
+cpp_backend.load()
+assert cpp_backend.build_info()["interleave_bytes"] == {setting}, cpp_backend.build_info()
+x = torch.randn(2, 768, 9, 11, generator=g).contiguous(memory_format=torch.channels_last)
+dw, pw = torch.randn(768, 1, 3, 3, generator=g), torch.randn(40, 768, 1, 1, generator=g) / 28
+db, pb = torch.randn(768, generator=g), torch.randn(40, generator=g)
+results = []
+for threads in (1, 2):
+    torch.set_num_threads(threads)
+    check(x, dw, pw)
+    leaves = [t.detach().requires_grad_() for t in (x, dw, pw, db, pb)]
+    out = kernels.separable_conv2d(leaves[0], leaves[1], leaves[2], leaves[3], leaves[4], padding=1,
+                                   relu_input=True, backend="cpp")
+    results += [out, *torch.autograd.grad(out, leaves, torch.randn(out.shape, generator=g))]
+    # A BatchNorm folded into the second separable conv's input read (its backward takes the input-gradient sums).
+    torch.manual_seed(3)
+    sequence = torch.nn.Sequential(kernels.SeparableConv2d(64, 768, 3, padding=1, backend="cpp"),
+                                   kernels.BatchNorm2d(768, backend="cpp"),
+                                   kernels.SeparableConv2d(768, 40, 3, padding=1, relu_input=True, backend="cpp"))
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        leaf = x[:, :64].detach().contiguous(memory_format=torch.channels_last).requires_grad_()
+        out = kernels.run_sequential(sequence.train(), leaf)
+        results += [out, *torch.autograd.grad(out, [leaf, *sequence.parameters()], torch.randn(out.shape, generator=g))]
+    assert [event.name for event in prof.events()].count("sepconv_cpp::batch_norm_separable") == 1
+torch.save(results, {str(tmp_path / setting)!r})
+""", SEPCONV_INTERLEAVE_BYTES=setting)
+    interleaved, in_turn = torch.load(tmp_path / "0"), torch.load(tmp_path / str(1 << 40))
+    assert len(interleaved) == len(in_turn) == 2 * (6 + 1 + 7)
+    for a, b in zip(interleaved, in_turn):
+        assert torch.equal(a, b)
+
+
+def test_interleave_setting_is_checked():
+    """A SEPCONV_INTERLEAVE_BYTES that is not a whole number >= 0 keeps the backend from loading, saying why."""
+    require_backend("cpp")
+    _run_checks("""
+from kernels import cpp_backend
+try:
+    cpp_backend.load()
+except RuntimeError as error:
+    assert "SEPCONV_INTERLEAVE_BYTES must be a whole number of bytes >= 0, got '-1'" in str(error), error
+else:
+    raise AssertionError("no error")
+""", SEPCONV_INTERLEAVE_BYTES="-1")
+
+
 def test_l1d_ways_setting_is_checked():
     """A SEPCONV_L1D_WAYS that is not a whole number >= 1 keeps the backend from loading, saying why."""
     require_backend("cpp")

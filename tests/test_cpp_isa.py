@@ -69,6 +69,8 @@ def test_build_info_names_the_vector_path_and_the_blocking():
     assert info["tile_bytes"] == info["l2_bytes"] // 4 * 3 and info["stream_bytes"] == info["l3_bytes"] // 4 * 3
     # A guest can report its host's whole L3 (480 MB on a 2-core Xeon): the weight rule counts on 16 MB a CPU at most.
     assert info["l3_usable_bytes"] == min(info["l3_bytes"], (16 << 20) * os.cpu_count())
+    interleave = os.environ.get("SEPCONV_INTERLEAVE_BYTES")
+    assert info["interleave_bytes"] == (int(interleave) if interleave else info["l3_usable_bytes"])
     assert info["l1d_ways"] >= 1
     # Outputs with 4 KB-strided rows are streamed where a call's rows fit the ways of the L1 set they share
     # (12 rows: Zen 5's and Intel's 12-way L1s, not Zen 4's 8-way one; AVX2's 6 rows: both).

@@ -7,6 +7,9 @@
 //   stream_bytes  outputs above this leave through streaming stores (streaming.h): 3/4 of L3
 //   l3_usable_bytes  the L3 that the forward's blocking counts on for the pointwise weight: the
 //                 reported L3, at most 16 MB per online CPU
+//   interleave_bytes  the backward takes each block of pixels through all of a thread's channel chunks in
+//                 turn when its input and grad_out together exceed this (sepconv_kernels.h, backward):
+//                 l3_usable_bytes; SEPCONV_INTERLEAVE_BYTES sets it (0: always), for tests and tuning
 //
 // The backward's pixel block (sepconv_kernels.h, backward_block) follows l2_bytes too with 6-row tiles.
 //
@@ -40,7 +43,7 @@ struct MachineConfig {
   int64_t l1d_ways = 0;  // L1d associativity (0 until read: then l1d_bytes / 4 KB, as x86 L1s have 64 sets)
   int64_t l1d_sets = 64;  // L1d sets of 64-byte lines, from the size and the associativity read
   std::string cache_source = "default";
-  int64_t tile_bytes = 0, stream_bytes = 0, l3_usable_bytes = 0;
+  int64_t tile_bytes = 0, stream_bytes = 0, l3_usable_bytes = 0, interleave_bytes = 0;
 };
 
 constexpr int64_t kL3PerCpuCap = int64_t(16) << 20;
@@ -125,6 +128,13 @@ inline MachineConfig read_machine_config() {
 #endif
   const long cpus = sysconf(_SC_NPROCESSORS_ONLN);
   config.l3_usable_bytes = std::min(config.l3_bytes, kL3PerCpuCap * std::max<long>(cpus, 1));
+  config.interleave_bytes = config.l3_usable_bytes;
+  // SEPCONV_INTERLEAVE_BYTES: checked by kernels.cpp_backend before the library loads, as SEPCONV_L1D_WAYS.
+  if (const char* bytes = std::getenv("SEPCONV_INTERLEAVE_BYTES"); bytes != nullptr && *bytes != '\0') {
+    char* end = nullptr;
+    const long long value = std::strtoll(bytes, &end, 10);
+    if (end != bytes && *end == '\0' && value >= 0) config.interleave_bytes = value;
+  }
   return config;
 }
 

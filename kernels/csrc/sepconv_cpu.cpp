@@ -678,6 +678,7 @@ extern "C" __attribute__((visibility("default"))) const char* sepconv_cpu_build_
            ";l3_bytes=" + std::to_string(config.l3_bytes) + ";cache_source=" + config.cache_source +
            ";tile_bytes=" + std::to_string(config.tile_bytes) + ";stream_bytes=" + std::to_string(config.stream_bytes) +
            ";l3_usable_bytes=" + std::to_string(config.l3_usable_bytes) +
+           ";interleave_bytes=" + std::to_string(config.interleave_bytes) +
            ";stream_strided_rows=" + std::to_string(int(sepconv::stream_strided_rows()));
   }();
   return info.c_str();
