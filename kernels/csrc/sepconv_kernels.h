@@ -1519,9 +1519,11 @@ void backward(const Geometry& g, const T* x, const T* dw_taps, const T* dw_bias,
   // (interleave), so that the block's rows are read from memory once, not once per chunk; each chunk's sums
   // still run over the blocks in order, so the bits are the same. Zen 5, the quick layer grid run twice
   // (`python -m benchmarks --suite layers`, in one process each, as `make bench` runs it): 728->728@37
-  // forward+backward at batch 8 89.9 -> 77.2 ms with AVX-512 (0.97x -> 1.12x the eager pair) and 160 -> 146 ms
-  // with AVX2. Taking every layer with several chunks a thread through this order made 1024->1536@10 and
-  // 1536->2048@10 at batch 1, whose tensors stay in cache, 8% and 16% slower (forward+backward, the same runs).
+  // forward+backward at batch 8 89.9 -> 77.2 ms with AVX-512 (0.97x -> 1.12x the eager pair); with AVX2 146 ms
+  // against 160 ms, but the run without it was slower on every layer that day, and `make bench` runs before
+  // and after took 148 and 147 ms: no clear change. Taking every layer with several chunks a thread through
+  // this order made 1024->1536@10 and 1536->2048@10 at batch 1, whose tensors stay in cache, 8% and 16% slower
+  // (forward+backward, AVX-512, the same runs).
   const int64_t activation_bytes = (npix * g.Cout + g.N * g.H * g.W * g.CM) * int64_t(sizeof(T));
   const bool interleave = !bands && parts == 1 && nchunks > threads && activation_bytes > machine().interleave_bytes;
   // Runs the (chunk, part) tasks whose part has this parity (-1: every part).
