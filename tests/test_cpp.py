@@ -441,32 +441,23 @@ torch.save(results, {str(tmp_path / setting)!r})
         assert torch.equal(a, b)
 
 
-def test_interleave_setting_is_checked():
-    """A SEPCONV_INTERLEAVE_BYTES that is not a whole number >= 0 keeps the backend from loading, saying why."""
+@pytest.mark.parametrize("variable, value, message", [
+    ("SEPCONV_L1D_WAYS", "0", "SEPCONV_L1D_WAYS must be a whole number >= 1, got '0'"),
+    ("SEPCONV_INTERLEAVE_BYTES", "-1", "SEPCONV_INTERLEAVE_BYTES must be a whole number of bytes >= 0, got '-1'"),
+])
+def test_blocking_setting_is_checked(variable, value, message):
+    """A blocking setting out of its range keeps the backend from loading, with an error naming the variable and
+    the value."""
     require_backend("cpp")
-    _run_checks("""
+    _run_checks(f"""
 from kernels import cpp_backend
 try:
     cpp_backend.load()
 except RuntimeError as error:
-    assert "SEPCONV_INTERLEAVE_BYTES must be a whole number of bytes >= 0, got '-1'" in str(error), error
+    assert {message!r} in str(error), error
 else:
     raise AssertionError("no error")
-""", SEPCONV_INTERLEAVE_BYTES="-1")
-
-
-def test_l1d_ways_setting_is_checked():
-    """A SEPCONV_L1D_WAYS that is not a whole number >= 1 keeps the backend from loading, saying why."""
-    require_backend("cpp")
-    _run_checks("""
-from kernels import cpp_backend
-try:
-    cpp_backend.load()
-except RuntimeError as error:
-    assert "SEPCONV_L1D_WAYS must be a whole number >= 1, got '0'" in str(error), error
-else:
-    raise AssertionError("no error")
-""", SEPCONV_L1D_WAYS="0")
+""", **{variable: value})
 
 
 def test_buffer_cache_in_forked_children():
