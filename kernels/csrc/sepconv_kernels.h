@@ -1518,7 +1518,8 @@ void backward(const Geometry& g, const T* x, const T* dw_taps, const T* dw_bias,
   // batch 8: 64 MB), a thread with several chunks takes each block of pixels through all of them in turn
   // (interleave), so that the block's rows are read from memory once, not once per chunk; each chunk's sums
   // still run over the blocks in order, so the bits are the same. Zen 5, the quick layer grid run twice
-  // (`python -m benchmarks --suite layers`, in one process each, as `make bench` runs it): 728->728@37
+  // (`python -m benchmarks --suite layers`, in one process each, as `make bench` runs it;
+  // benchmarks/results/backward-order/): 728->728@37
   // forward+backward at batch 8 89.9 -> 77.2 ms with AVX-512 (0.97x -> 1.12x the eager pair); with AVX2 146 ms
   // against 160 ms, but the run without it was slower on every layer that day, and `make bench` runs before
   // and after took 148 and 147 ms: no clear change. Taking every layer with several chunks a thread through
