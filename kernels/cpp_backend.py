@@ -65,27 +65,27 @@ def requested_variant() -> str:
     return value
 
 
+def _whole_number_setting(variable: str, minimum: int, noun: str = "a whole number") -> Optional[int]:
+    """The environment variable as a whole number >= minimum (None when unset); ValueError naming it otherwise."""
+    value = os.environ.get(variable, "")
+    if not value:
+        return None
+    if not value.isdigit() or int(value) < minimum:
+        raise ValueError(f"{variable} must be {noun} >= {minimum}, got {value!r}")
+    return int(value)
+
+
 def l1d_ways_override() -> Optional[int]:
     """``SEPCONV_L1D_WAYS``: the L1d associativity the blocking rules take instead of the one the library
     reads from the machine (None when unset); ValueError unless a whole number >= 1."""
-    value = os.environ.get(L1D_WAYS_ENV, "")
-    if not value:
-        return None
-    if not value.isdigit() or int(value) < 1:
-        raise ValueError(f"{L1D_WAYS_ENV} must be a whole number >= 1, got {value!r}")
-    return int(value)
+    return _whole_number_setting(L1D_WAYS_ENV, 1)
 
 
 def interleave_bytes_override() -> Optional[int]:
     """``SEPCONV_INTERLEAVE_BYTES``: the size of input plus output gradient above which the backward takes each
     block of pixels through all of a thread's channel chunks in turn, instead of the L3 the library counts on
     (None when unset); ValueError unless a whole number >= 0."""
-    value = os.environ.get(INTERLEAVE_BYTES_ENV, "")
-    if not value:
-        return None
-    if not value.isdigit():
-        raise ValueError(f"{INTERLEAVE_BYTES_ENV} must be a whole number of bytes >= 0, got {value!r}")
-    return int(value)
+    return _whole_number_setting(INTERLEAVE_BYTES_ENV, 0, "a whole number of bytes")
 
 
 def jit_name(variant: str, base: str = JIT_NAME) -> str:

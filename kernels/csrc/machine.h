@@ -103,19 +103,24 @@ inline bool read_sysconf_caches(MachineConfig& config) {
 #endif
 }
 
+// The environment variable `name` as a whole number >= minimum, else fallback (unset or not such a number:
+// kernels.cpp_backend checks the value before the library loads, so only valid ones get here).
+inline int64_t env_whole_number(const char* name, long long minimum, int64_t fallback) {
+  const char* text = std::getenv(name);
+  if (text == nullptr || *text == '\0') return fallback;
+  char* end = nullptr;
+  const long long value = std::strtoll(text, &end, 10);
+  return end != text && *end == '\0' && value >= minimum ? value : fallback;
+}
+
 inline MachineConfig read_machine_config() {
   MachineConfig config;
   if (!read_sysfs_caches(config)) read_sysconf_caches(config);
   if (config.l1d_ways <= 0) config.l1d_ways = std::max<int64_t>(config.l1d_bytes >> 12, 1);
   config.l1d_sets = std::max<int64_t>(config.l1d_bytes / (64 * config.l1d_ways), 1);
   // SEPCONV_L1D_WAYS overrides the associativity, not the sets (tests take both sides of the rules that use
-  // it with it; kernels.cpp_backend checks the value before the library loads, so only a whole number >= 1
-  // gets here).
-  if (const char* ways = std::getenv("SEPCONV_L1D_WAYS"); ways != nullptr && *ways != '\0') {
-    char* end = nullptr;
-    const long long value = std::strtoll(ways, &end, 10);
-    if (end != ways && *end == '\0' && value >= 1) config.l1d_ways = value;
-  }
+  // it with it).
+  config.l1d_ways = env_whole_number("SEPCONV_L1D_WAYS", 1, config.l1d_ways);
 #if defined(SEPCONV_TILE_BYTES)  // a fixed tile, for tuning runs
   config.tile_bytes = SEPCONV_TILE_BYTES;
 #else
@@ -128,13 +133,7 @@ inline MachineConfig read_machine_config() {
 #endif
   const long cpus = sysconf(_SC_NPROCESSORS_ONLN);
   config.l3_usable_bytes = std::min(config.l3_bytes, kL3PerCpuCap * std::max<long>(cpus, 1));
-  config.interleave_bytes = config.l3_usable_bytes;
-  // SEPCONV_INTERLEAVE_BYTES: checked by kernels.cpp_backend before the library loads, as SEPCONV_L1D_WAYS.
-  if (const char* bytes = std::getenv("SEPCONV_INTERLEAVE_BYTES"); bytes != nullptr && *bytes != '\0') {
-    char* end = nullptr;
-    const long long value = std::strtoll(bytes, &end, 10);
-    if (end != bytes && *end == '\0' && value >= 0) config.interleave_bytes = value;
-  }
+  config.interleave_bytes = env_whole_number("SEPCONV_INTERLEAVE_BYTES", 0, config.l3_usable_bytes);
   return config;
 }
 

@@ -1767,31 +1767,24 @@ void backward(const Geometry& g, const T* x, const T* dw_taps, const T* dw_bias,
           std::memcpy(gdb + k0, db_acc.data(), sizeof(T) * kc);
         }
       };
-      if (interleave && end - begin > 1) {
-        // One part (parts == 1), several chunks: each block of pixels goes through all of this thread's chunks in
-        // turn, while its rows of grad_out and x are still in cache (see interleave).
-        std::vector<std::unique_ptr<Task>> tasks;
-        for (int64_t task = begin; task < end; ++task) {
-          tasks.push_back(new_task());
-          if (!start(*tasks.back(), task)) tasks.pop_back();
+      // The tasks go in groups, each block of pixels through a group's tasks in turn: with interleave all of this
+      // thread's tasks (one part, parts == 1, so they share their pixels; see interleave), otherwise one at a time.
+      const int64_t group = interleave ? end - begin : 1;
+      std::vector<std::unique_ptr<Task>> tasks;
+      for (int64_t i = 0; i < group; ++i) tasks.push_back(new_task());
+      std::vector<Task*> live;  // the group's tasks with pixels
+      for (int64_t from = begin; from < end; from += group) {
+        live.clear();
+        for (int64_t i = 0; i < group && from + i < end; ++i) {
+          if (start(*tasks[i], from + i)) live.push_back(tasks[i].get());
         }
-        if (tasks.empty()) return;
-        const int64_t first = tasks.front()->first, last = tasks.front()->last;
+        if (live.empty()) continue;
+        const int64_t first = live.front()->first, last = live.front()->last;
         for (int64_t p0 = first, p1; p0 < last; p0 = p1) {
           p1 = block_end(p0, last);
-          for (auto& t : tasks) run_block(*t, p0, p1);
+          for (Task* t : live) run_block(*t, p0, p1);
         }
-        for (auto& t : tasks) finish(*t);
-        return;
-      }
-      const auto t = new_task();
-      for (int64_t task = begin; task < end; ++task) {
-        if (!start(*t, task)) continue;
-        for (int64_t p0 = t->first, p1; p0 < t->last; p0 = p1) {
-          p1 = block_end(p0, t->last);
-          run_block(*t, p0, p1);
-        }
-        finish(*t);
+        for (Task* t : live) finish(*t);
       }
     });
   };
