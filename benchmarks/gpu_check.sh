@@ -93,6 +93,10 @@ tests "${QUICK_TIMEOUT:-50}" tests/test_triton.py tests/test_triton_split.py tes
 timeout "${HOST_TIMEOUT:-30}" "$py" -m benchmarks.host_time --device cuda \
     --providers eager,torch,triton-split,triton,auto --out "$out/results"
 echo "host time: exit status $? after ${SECONDS}s"
+# The Triton providers again with every launch through Triton's own path (kernels.triton.fast_launch off).
+SEPCONV_TRITON_FAST_LAUNCH=0 timeout 20 "$py" -m benchmarks.host_time --device cuda \
+    --providers triton-split,triton --out "$out/results"
+echo "host time, fast launch off: exit status $? after ${SECONDS}s"
 # Where split mode's host time goes (printed only: the profiler's cost inflates what it times).
 timeout 20 "$py" -m benchmarks.host_time --device cuda --providers triton-split --calls 100 --profile 30 \
     --out "$out/profiled"

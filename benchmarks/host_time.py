@@ -2,6 +2,7 @@
 
     python -m benchmarks.host_time --device cuda
     python -m benchmarks.host_time --device cpu --stub-triton
+    python -m benchmarks.host_time --device cpu --null-gpu
 
 Each provider runs a tiny layer (batch 1, 16 -> 16 channels, 4x4, 3x3, channels_last), whose kernels
 take a few microseconds, many times in a row, and the device is synchronised once at the end: the time
@@ -13,7 +14,12 @@ mode forward took 0.14 ms in plain calls against 0.055 ms replayed from a graph
 On a CPU the kernels are not negligible for every provider (oneDNN's small convolutions take tens of
 microseconds), and the triton providers run Triton's interpreter; ``--stub-triton`` makes its kernel
 launches do nothing, so the triton rows time the Python path alone (the rows say so: a development
-figure, not a speed).
+figure, not a speed). ``--null-gpu`` (TRITON_INTERPRET unset) goes further: the triton providers run
+their launchers on CPU tensors through Triton's own launch path for an sm_90 GPU, with a stand-in driver
+whose launches do nothing (``benchmarks.null_gpu``), so their rows count Triton's per-launch work too
+(binding, specialization, the autotuner's lookup), all but the CUDA driver's own; other providers run
+the CPU's own paths, their kernels' time included. Each triton row records whether
+``kernels.triton.fast_launch`` was on (``SEPCONV_TRITON_FAST_LAUNCH``).
 
 Rows are appended to ``<out>/host-time-<machine>.jsonl`` with the run's machine, versions and commit.
 ``--profile N`` also prints, per case, the N Python functions with the most own time (cProfile; the
@@ -45,6 +51,8 @@ from .results import DEFAULT_DIR, JsonlLog
 SHAPE = Shape("16->16@4", 16, 16, 4, 4)
 MODES = ("fwd", "full")
 DEFAULT_PROVIDERS = ("eager", "torch", "triton-split", "triton", "auto")
+# On a null GPU only the triton providers stand for a GPU's host path ("eager", "torch" and "auto" run the CPU's).
+NULL_GPU_PROVIDERS = ("triton-split", "triton")
 
 
 def _synchronize(device: str) -> None:
@@ -65,6 +73,12 @@ def host_time_us(fn, device: str, calls: int, rounds: int = 5) -> float:
         _synchronize(device)
         best = min(best, (time.perf_counter() - start) / calls * 1e6)
     return best
+
+
+def _fast_launch() -> Optional[bool]:
+    """Whether the triton backend launches kept kernels directly (None where it is not loaded)."""
+    module = sys.modules.get("kernels.triton.fast_launch")
+    return None if module is None else bool(module.ENABLED)
 
 
 @contextlib.contextmanager
@@ -95,11 +109,11 @@ def print_profile(fn, calls: int, top: int) -> None:
 
 
 def measure(device: str, dtype: str, provider_names: Sequence[str], modes: Sequence[str], calls: int,
-            stubbed: bool, profile: int = 0) -> List[dict]:
+            stubbed: bool, profile: int = 0, null: bool = False) -> List[dict]:
     rows = []
     for provider in provider_names:
         reason = providers.availability("layers", provider, device, dtype)
-        if reason is not None and not (stubbed and provider.startswith("triton") and device == "cpu"):
+        if reason is not None and not ((stubbed or null) and provider.startswith("triton") and device == "cpu"):
             print(f"{provider}: skipped ({reason})")
             continue
         for mode in modes:
@@ -110,10 +124,13 @@ def measure(device: str, dtype: str, provider_names: Sequence[str], modes: Seque
                 if profile:
                     print(f"-- {provider} {mode}: the {profile} functions with the most own time over {calls} calls")
                     print_profile(call, calls, profile)
-            stub = stubbed and provider.startswith("triton")
+            triton = provider.startswith("triton")
+            stub = stubbed and triton
             rows.append(dict(provider=provider, mode=mode, dtype=dtype, shape=SHAPE.name, calls=calls,
-                             host_us=round(microseconds, 2), triton_launches_stubbed=stub))
-            print(f"{provider:14s} {mode:5s} {microseconds:9.1f} us a call" + ("  (kernels stubbed)" if stub else ""))
+                             host_us=round(microseconds, 2), triton_launches_stubbed=stub,
+                             triton_null_gpu=null and triton, triton_fast_launch=_fast_launch() if triton else None))
+            note = "  (kernels stubbed)" if stub else "  (null GPU)" if null and triton else ""
+            print(f"{provider:14s} {mode:5s} {microseconds:9.1f} us a call{note}")
     return rows
 
 
@@ -121,12 +138,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available, else cpu")
     parser.add_argument("--providers", type=choices("provider", providers.LAYER_PROVIDERS),
-                        default=",".join(DEFAULT_PROVIDERS), help="comma-separated layer providers")
+                        help=f"comma-separated layer providers (default {','.join(DEFAULT_PROVIDERS)}; with "
+                             f"--null-gpu {','.join(NULL_GPU_PROVIDERS)})")
     parser.add_argument("--modes", type=choices("mode", MODES), default=",".join(MODES), help="fwd,full")
     parser.add_argument("--dtype", choices=tuple(DTYPES), help="default: bf16 on cuda, fp32 on cpu")
     parser.add_argument("--calls", type=positive_int, default=300, help="calls a timed run (best of 5 runs)")
     parser.add_argument("--stub-triton", action="store_true",
                         help="CPU: the Triton interpreter's launches do nothing (the Python path alone)")
+    parser.add_argument("--null-gpu", action="store_true",
+                        help="CPU: the triton providers through Triton's launch path for sm_90, launching nothing")
     parser.add_argument("--profile", type=int, default=0, metavar="N",
                         help="also print the N Python functions with the most own time (cProfile) per case")
     parser.add_argument("--out", type=Path, default=DEFAULT_DIR, help=f"results folder (default {DEFAULT_DIR})")
@@ -140,12 +160,24 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.error("--stub-triton is for --device cpu (on a GPU the launches are what is timed)")
     if args.stub_triton and os.environ.get("TRITON_INTERPRET") != "1":
         parser.error("--stub-triton needs TRITON_INTERPRET=1 in the environment (it stubs the interpreter's launches)")
-    dtype = args.dtype or ("bf16" if device == "cuda" else "fp32")
+    if args.null_gpu and (device != "cpu" or args.stub_triton):
+        parser.error("--null-gpu is for --device cpu, without --stub-triton")
+    if args.null_gpu and os.environ.get("TRITON_INTERPRET") == "1":
+        parser.error("--null-gpu needs TRITON_INTERPRET unset (the kernels are compiled for a GPU)")
+    dtype = args.dtype or ("bf16" if device == "cuda" or args.null_gpu else "fp32")
     info = run_info(device, argv="python -m benchmarks.host_time " + shlex.join(sys.argv[1:] if argv is None
                                                                                else list(argv)))
     print(f"host time a call on {info.device_name} ({device}), torch {info.torch_version}, run {info.run_id}")
-    with stubbed_triton_launches() if args.stub_triton else contextlib.nullcontext():
-        rows = measure(device, dtype, args.providers, args.modes, args.calls, args.stub_triton, args.profile)
+    if args.null_gpu:
+        from .null_gpu import null_gpu
+
+        context = null_gpu()
+    else:
+        context = stubbed_triton_launches() if args.stub_triton else contextlib.nullcontext()
+    with context:
+        names = args.providers or (NULL_GPU_PROVIDERS if args.null_gpu else DEFAULT_PROVIDERS)
+        rows = measure(device, dtype, names, args.modes, args.calls, args.stub_triton, args.profile,
+                       args.null_gpu)
     path = args.out / f"host-time-{device_slug(device)}.jsonl"
     with JsonlLog(path) as log:
         for row in rows:

@@ -174,9 +174,11 @@ def recording(capability: int = 90) -> Iterator[Recording]:
         return None
 
     # The launchers' device choices for CPU tensors: the persistent grids' SM count, and fp32 products
-    # in TF32 where PyTorch's flag would give them on a GPU (as the recorded GEMMs are priced).
+    # in TF32 where PyTorch's flag would give them on a GPU (as the recorded GEMMs are priced); and every
+    # launch through Triton's path, which the stand-ins below record (no direct relaunch of a kept kernel).
     stand_ins = _set_stand_ins({"kernels.triton.forward": {"STAND_IN_MULTIPROCESSORS": const("sms")},
-                                "kernels.triton.common": {"STAND_IN_CUDA": True}})
+                                "kernels.triton.common": {"STAND_IN_CUDA": True},
+                                "kernels.triton.fast_launch": {"ENABLED": False}})
     previous_driver = driver._active
     driver.set_active(_StandInDriver(capability))
     JITFunction.run, Autotuner.run = run, autotune_run

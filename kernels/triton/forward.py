@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from ..ops import empty_output, output_shape
-from . import AUTOTUNE_ENV, pinned
+from . import AUTOTUNE_ENV, fast_launch, pinned
 from .common import (INTERPRET, cast, cdiv, conv_tf32, depthwise_tile, mma, next_power_of_2, row_offsets,
                      split_pixels, vector_width, window_tap)
 
@@ -288,13 +288,9 @@ def launch_config(autotuned) -> Optional[triton.Config]:
 
 
 def launch(autotuned, grid, *args, **kwargs) -> None:
-    """Launch ``autotuned`` over ``grid`` (a function of the config's meta-parameters)."""
-    config = launch_config(autotuned)
-    if config is None:
-        autotuned[grid](*args, **kwargs)
-        return
-    meta = dict(config.kwargs)
-    autotuned.fn[grid(meta)](*args, **kwargs, **meta, num_warps=config.num_warps, num_stages=config.num_stages)
+    """Launch ``autotuned`` over ``grid`` (a function of the launch's named arguments, the config's
+    meta-parameters among them), directly where the same signature ran before (``fast_launch.py``)."""
+    fast_launch.launch(autotuned, launch_config(autotuned), grid, args, kwargs)
 
 
 def geometry_args(stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int]):

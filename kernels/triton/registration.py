@@ -79,19 +79,26 @@ def _register(implementation: str, launchers, split_mode) -> None:
     _registered.append(lib)
 
 
-def register() -> None:
-    """Register once: CUDA -> launchers, CPU -> launchers under the interpreter."""
-    if _registered:
-        return
-    _register("triton", {
+# Implementation -> op -> launcher (``benchmarks.null_gpu`` registers these for CPU tensors as they are).
+LAUNCHERS = {
+    "triton": {
         "forward": _by_mode(forward.forward, split.forward),
         "backward": _by_mode(backward.backward, split.backward),
         "forward_keeping_hidden": _by_mode(_fused_forward_keeping_hidden, split.forward_keeping_hidden),
         "backward_from_hidden": _by_mode(_fused_backward_from_hidden, _split_backward_from_hidden),
-    }, lambda: mode() == "split")
-    _register("triton_split", {
+    },
+    "triton_split": {
         "forward": split.forward,
         "backward": split.backward,
         "forward_keeping_hidden": split.forward_keeping_hidden,
         "backward_from_hidden": _split_backward_from_hidden,
-    }, lambda: True)
+    },
+}
+
+
+def register() -> None:
+    """Register once: CUDA -> launchers, CPU -> launchers under the interpreter."""
+    if _registered:
+        return
+    _register("triton", LAUNCHERS["triton"], lambda: mode() == "split")
+    _register("triton_split", LAUNCHERS["triton_split"], lambda: True)

@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 
 from ..ops import check_output_mask, check_window, empty_output, output_shape
-from . import pinned
+from . import fast_launch, pinned
 from .backward import empty_backward, launch_grad_input
 from .common import (INTERPRET, accumulator, cast, cdiv, load_channels, matmul_like_conv, next_power_of_2,
                      row_offsets, split_pixels, vector_width, window_tap)
@@ -692,7 +692,7 @@ def backward(grad_output: torch.Tensor, input: torch.Tensor, depthwise_weight: t
                 if want_depthwise:  # fixed-order second stage of the reduction
                     grid, args, constexprs = partial_sums_launch(partials, out[1], out[3], want_dw_weight,
                                                                  want_dw_bias)
-                    partial_sums_kernel[grid](*args, **constexprs, num_stages=1)
+                    fast_launch.launch(partial_sums_kernel, None, grid, args, {**constexprs, "num_stages": 1})
             if want_input and not input_here:
                 launch_grad_input(grad_hidden, kernel_weights, input, out[0], out_hw,
                                   geometry_args(stride, padding, dilation), kh, kw, relu)

@@ -1,0 +1,76 @@
+"""``kernels.triton.fast_launch``: a kernel launched again without Triton's per-call binding must get exactly
+what Triton's own launch path gives it: the same compiled kernel, grid, arguments and launch hooks.
+
+The launches are compiled for sm_90 and recorded, not run (``benchmarks.null_gpu``), in a process of its own
+without Triton's interpreter (``tests/fast_launch_probe.py``), so this runs on any machine with Triton."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import require_backend
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _environment(**settings):
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "SEPCONV_TRITON_FAST_LAUNCH")}
+    env.update(settings)
+    return env
+
+
+@pytest.fixture(scope="module")
+def probes():
+    require_backend("triton")
+    results = {}
+    for mode in ("split", "fused"):
+        done = subprocess.run([sys.executable, str(ROOT / "tests" / "fast_launch_probe.py")], cwd=ROOT,
+                              env=_environment(SEPCONV_TRITON_MODE=mode), capture_output=True, text=True,
+                              timeout=1200)
+        assert done.returncode == 0, done.stderr[-4000:]
+        results[mode] = json.loads(done.stdout.strip().splitlines()[-1])
+    return results
+
+
+@pytest.mark.parametrize("mode", ["split", "fused"])
+def test_a_kept_kernel_is_launched_as_triton_launches_it(probes, mode):
+    cases = probes[mode]
+    assert len(cases) == 5
+    for name, case in cases.items():
+        assert case["triton"], name
+        assert case["fast"] == case["triton"], name
+        assert case["fast_through_triton"] == 0, f"{name}: a repeated call went through Triton's path"
+
+
+@pytest.mark.parametrize("mode", ["split", "fused"])
+def test_each_signature_keeps_its_own_kernel(probes, mode):
+    """Triton compiles the first kernel again for a misaligned input, for a batch of 1 (an integer argument
+    equal to 1 is a constant to it) and for the first config where the autotuner chose another: the fast
+    path, seeing the same calls, keeps them apart (the first test shows it launches the same ones)."""
+    cases = probes[mode]
+    first = {name: case["fast"][0]["kernel"] for name, case in cases.items()}
+    assert first["bf16 16->24 b2 misaligned"] != first["bf16 16->24 b2"]
+    assert first["bf16 16->24 b1"] != first["bf16 16->24 b2"]
+    assert first["bf16 16->24 b2 autotune off"] != first["bf16 16->24 b2"]
+    aligned = [arg for arg in cases["bf16 16->24 b2"]["fast"][0]["args"] if arg[0] == "tensor"]
+    misaligned = [arg for arg in cases["bf16 16->24 b2 misaligned"]["fast"][0]["args"] if arg[0] == "tensor"]
+    assert aligned[0][-1] and not misaligned[0][-1]  # the input's 16-byte alignment
+
+
+def _run(code: str, **settings) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=_environment(**settings),
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_setting_turns_it_off_and_is_checked():
+    require_backend("triton")
+    code = "from kernels.triton import fast_launch; print(fast_launch.ENABLED)"
+    assert _run(code).stdout.split() == ["True"]
+    assert _run(code, SEPCONV_TRITON_FAST_LAUNCH="0").stdout.split() == ["False"]
+    assert _run(code, TRITON_INTERPRET="1").stdout.split() == ["False"]  # the interpreter runs Triton's path
+    code = "import kernels; print(kernels.available_backends()['triton'])"
+    done = _run(code, SEPCONV_TRITON_FAST_LAUNCH="yes", TRITON_INTERPRET="1")
+    assert "SEPCONV_TRITON_FAST_LAUNCH='yes' is not valid" in done.stdout, done.stdout + done.stderr
