@@ -19,7 +19,9 @@ their launchers on CPU tensors through Triton's own launch path for an sm_90 GPU
 whose launches do nothing (``benchmarks.null_gpu``), so their rows count Triton's per-launch work too
 (binding, specialization, the autotuner's lookup), all but the CUDA driver's own; other providers run
 the CPU's own paths, their kernels' time included. Each triton row records whether
-``kernels.triton.fast_launch`` was on (``SEPCONV_TRITON_FAST_LAUNCH``).
+``kernels.triton.fast_launch`` was on (``SEPCONV_TRITON_FAST_LAUNCH``), and whether the ops ran their Python
+implementations directly (``kernels.ops.DIRECT``; ``--dispatcher`` sends every op through PyTorch's
+dispatcher instead, for comparison).
 
 Rows are appended to ``<out>/host-time-<machine>.jsonl`` with the run's machine, versions and commit.
 ``--profile N`` also prints, per case, the N Python functions with the most own time (cProfile; the
@@ -41,6 +43,8 @@ from pathlib import Path
 from typing import List, Optional, Sequence
 
 import torch
+
+from kernels import ops
 
 from . import providers
 from .cases import DTYPES, Case, Shape
@@ -73,6 +77,20 @@ def host_time_us(fn, device: str, calls: int, rounds: int = 5) -> float:
         _synchronize(device)
         best = min(best, (time.perf_counter() - start) / calls * 1e6)
     return best
+
+
+@contextlib.contextmanager
+def dispatcher_only():
+    """Within: every op goes through PyTorch's dispatcher (``kernels.ops.DIRECT`` emptied, then restored)."""
+    import kernels
+
+    kernels.available_backends()  # the backends fill DIRECT as they load: load them first
+    kept = dict(ops.DIRECT)
+    ops.DIRECT.clear()
+    try:
+        yield
+    finally:
+        ops.DIRECT.update(kept)
 
 
 def _fast_launch() -> Optional[bool]:
@@ -128,7 +146,8 @@ def measure(device: str, dtype: str, provider_names: Sequence[str], modes: Seque
             stub = stubbed and triton
             rows.append(dict(provider=provider, mode=mode, dtype=dtype, shape=SHAPE.name, calls=calls,
                              host_us=round(microseconds, 2), triton_launches_stubbed=stub,
-                             triton_null_gpu=null and triton, triton_fast_launch=_fast_launch() if triton else None))
+                             triton_null_gpu=null and triton, triton_fast_launch=_fast_launch() if triton else None,
+                             ops_direct=bool(ops.DIRECT)))
             note = "  (kernels stubbed)" if stub else "  (null GPU)" if null and triton else ""
             print(f"{provider:14s} {mode:5s} {microseconds:9.1f} us a call{note}")
     return rows
@@ -147,6 +166,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help="CPU: the Triton interpreter's launches do nothing (the Python path alone)")
     parser.add_argument("--null-gpu", action="store_true",
                         help="CPU: the triton providers through Triton's launch path for sm_90, launching nothing")
+    parser.add_argument("--dispatcher", action="store_true",
+                        help="every op through PyTorch's dispatcher (no direct calls of Python implementations)")
     parser.add_argument("--profile", type=int, default=0, metavar="N",
                         help="also print the N Python functions with the most own time (cProfile) per case")
     parser.add_argument("--out", type=Path, default=DEFAULT_DIR, help=f"results folder (default {DEFAULT_DIR})")
@@ -174,7 +195,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         context = null_gpu()
     else:
         context = stubbed_triton_launches() if args.stub_triton else contextlib.nullcontext()
-    with context:
+    with context, dispatcher_only() if args.dispatcher else contextlib.nullcontext():
         names = args.providers or (NULL_GPU_PROVIDERS if args.null_gpu else DEFAULT_PROVIDERS)
         rows = measure(device, dtype, names, args.modes, args.calls, args.stub_triton, args.profile,
                        args.null_gpu)

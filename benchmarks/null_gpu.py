@@ -95,7 +95,7 @@ def null_gpu(capability: int = 90, launches: Optional[List[Launch]] = None) -> I
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise RuntimeError("unset TRITON_INTERPRET: null_gpu compiles the kernels for a GPU")
     import kernels
-    from kernels import dispatch
+    from kernels import dispatch, ops
     from kernels.ops import namespace
     from kernels.triton import common, forward, registration
     from triton.runtime.driver import driver
@@ -109,16 +109,22 @@ def null_gpu(capability: int = 90, launches: Optional[List[Launch]] = None) -> I
     dispatch.BACKENDS["triton"].supports = lambda device, dtype: None
     dispatch._resolved.clear()
     libraries = []
+    direct = {}
     try:
         for implementation, launchers in registration.LAUNCHERS.items():
             library = torch.library.Library(namespace(implementation), "IMPL")
             for name, launcher in launchers.items():
                 library.impl(name, launcher, "CPU", allow_override=True)
+                op = getattr(getattr(torch.ops, namespace(implementation)), name).default
+                direct[op] = ops.DIRECT[op]["cpu"]
+                ops.DIRECT[op]["cpu"] = launcher
             libraries.append(library)
         yield null
     finally:
         for library in libraries:
             library._destroy()
+        for op, function in direct.items():
+            ops.DIRECT[op]["cpu"] = function
         common.STAND_IN_CUDA, forward.STAND_IN_MULTIPROCESSORS, dispatch.BACKENDS["triton"].supports = stand_ins
         dispatch._resolved.clear()
         driver._active = previous

@@ -59,15 +59,9 @@ class _PositionalFunction(torch.autograd.Function):
         return super(torch.autograd.Function, cls).apply(*unwrap_dead_wrappers(args))
 
 
-# torch.compiler.is_exporting arrived after torch 2.6; there, export's tracing is seen by its tensors
-# (fake or functional tensors, not plain ones: call_below_autograd checks the first argument).
-_is_exporting = getattr(torch.compiler, "is_exporting", lambda: False)
-
-
-def below_autograd() -> bool:
-    """Whether ``call_below_autograd`` may skip the autograd keys: in plain eager calls (``torch.compile`` and
-    ``torch.export`` trace the op as it is; functorch transforms keep their own autograd levels)."""
-    return not (torch.compiler.is_compiling() or _is_exporting() or torch._C._are_functorch_transforms_active())
+# Where the ops run below the autograd keys, and (kept here for existing callers) how.
+below_autograd = ops.below_autograd
+call_below_autograd = ops.call_below_autograd
 
 
 def plain_eager(input: torch.Tensor) -> bool:
@@ -76,17 +70,6 @@ def plain_eager(input: torch.Tensor) -> bool:
     transform (``below_autograd``), and no dispatch mode, which sees the ``sepconv_torch`` op as
     ``torch.compile``, ``torch.export`` and the benchmarks' census of the ops that ran do."""
     return type(input) is torch.Tensor and below_autograd() and torch._C._len_torch_dispatch_stack() == 0
-
-
-def call_below_autograd(op, args):
-    """``op(*args)`` where no graph is recorded (inside a Function's forward, or a call whose tensors need no
-    gradient). The ops carry an autograd kernel of their own (``torch.library.register_autograd``) for
-    direct callers; there it would only redispatch below autograd, in Python (~25 us). Excluding the
-    autograd keys goes there directly."""
-    if type(args[0]) is torch.Tensor and below_autograd():  # a plain tensor: not traced (fake, functional)
-        with torch._C._AutoDispatchBelowAutograd():
-            return op(*args)
-    return op(*args)
 
 
 class SeparableConv2dFunction(_PositionalFunction):

@@ -32,7 +32,7 @@ default; ``sepconv_triton_split``: split mode always).
 
 from __future__ import annotations
 
-from typing import List, Sequence
+from typing import Callable, Dict, List, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -406,6 +406,46 @@ def setup_context_keeping_hidden(ctx, inputs, output) -> None:
     ctx.mark_non_differentiable(hidden)
 
 
+# torch.compiler.is_exporting arrived after torch 2.6; there, export's tracing is seen by its tensors
+# (fake or functional tensors, not plain ones: call_below_autograd checks the first argument).
+_is_exporting = getattr(torch.compiler, "is_exporting", lambda: False)
+
+
+def below_autograd() -> bool:
+    """Whether ``call_below_autograd`` may skip the autograd keys: in plain eager calls (``torch.compile`` and
+    ``torch.export`` trace the op as it is; functorch transforms keep their own autograd levels)."""
+    return not (torch.compiler.is_compiling() or _is_exporting() or torch._C._are_functorch_transforms_active())
+
+
+# Ops whose implementations are Python functions that a plain eager call may run without the dispatcher:
+# op -> device type -> function (``kernels.triton.registration`` adds the launchers it registers).
+DIRECT: Dict[object, Dict[str, Callable]] = {}
+
+
+def _unobserved() -> bool:
+    """No dispatch or function mode and no profiler: nothing that would see an op by its name (the
+    profiler's op records, ``FakeTensorMode``, the benchmarks' census of the ops that ran)."""
+    return (torch._C._len_torch_dispatch_stack() == 0 and not torch._C._is_torch_function_mode_enabled()
+            and not torch._C._autograd._profiler_enabled())
+
+
+def call_below_autograd(op, args):
+    """``op(*args)`` where no graph is recorded (inside a Function's forward or backward, or a call whose tensors
+    need no gradient). The ops carry an autograd kernel of their own (``torch.library.register_autograd``) for
+    direct callers; there it would only redispatch below autograd, in Python (~25 us). Excluding the
+    autograd keys goes there directly; and where nothing observes the call, an op with a Python implementation
+    for the tensors' device (``DIRECT``) runs it without the dispatcher's boxing and Python trampoline."""
+    if type(args[0]) is torch.Tensor and below_autograd():  # a plain tensor: not traced (fake, functional)
+        with torch._C._AutoDispatchBelowAutograd():
+            direct = DIRECT.get(op)
+            if direct is not None and _unobserved():
+                function = direct.get(args[0].device.type)
+                if function is not None:
+                    return function(*args)
+            return op(*args)
+    return op(*args)
+
+
 def make_backward(backward_op, keeps_hidden: bool = False):
     """The autograd backward for one backend's ops: one call of its backward op (``backward_from_hidden``, given
     the saved depthwise result, under ``keeps_hidden``)."""
@@ -418,9 +458,10 @@ def make_backward(backward_op, keeps_hidden: bool = False):
         mask = [needs[0], needs[1], needs[2], needs[3] and has_depthwise_bias, needs[4] and has_pointwise_bias]
         if not any(mask):
             return (None,) * 9
-        grads = backward_op(grad_output.contiguous(memory_format=ctx.memory_format), input, *hidden,
-                            depthwise_weight, pointwise_weight, depthwise_bias,
-                            stride, padding, dilation, relu_input, mask)
+        args = (grad_output.contiguous(memory_format=ctx.memory_format), input, *hidden, depthwise_weight,
+                pointwise_weight, depthwise_bias, stride, padding, dilation, relu_input, mask)
+        # No graph of the gradients themselves (create_graph): below autograd, as the forward runs.
+        grads = backward_op(*args) if torch.is_grad_enabled() else call_below_autograd(backward_op, args)
         return tuple(g if w else None for g, w in zip(grads, mask)) + (None,) * 4
 
     return backward

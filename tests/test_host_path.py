@@ -8,6 +8,10 @@ the long way round.
 
 import itertools
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,6 +21,8 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from kernels import autograd, ops
 from kernels.functional import separable_conv2d
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
@@ -105,6 +111,56 @@ def test_calls_below_autograd_match_the_op_through_its_autograd_kernel(backend):
     assert below.stride() == direct.stride()
 
 
+@pytest.mark.parametrize("mode", ["fused", "split"])
+def test_triton_ops_run_their_launchers_directly_unless_observed(monkeypatch, mode):
+    """A plain call runs the Triton launcher without the dispatcher (``kernels.ops.DIRECT``), forward and
+    backward, with the outputs and gradients of the dispatcher's path; a dispatch mode or the profiler, which
+    see ops by name, still get every op through the dispatcher."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    device = require_backend("triton")
+    monkeypatch.setenv("SEPCONV_TRITON_MODE", mode)
+    ran = []
+    for op, by_device in list(ops.DIRECT.items()):
+        if op.namespace == "sepconv_triton":
+            function = by_device[device.type]
+            monkeypatch.setitem(by_device, device.type,
+                                lambda *args, _op=op, _f=function: ran.append(str(_op)) or _f(*args))
+
+    def step():
+        x, dw, pw = (t.to(device) for t in _layer(True))
+        out = separable_conv2d(x, dw, pw, padding=1, backend="triton")
+        return (out, *torch.autograd.grad(out.square().sum(), (x, dw, pw)))
+
+    with torch.no_grad():
+        x, dw, pw = (t.to(device) for t in _layer(False))
+        separable_conv2d(x, dw, pw, padding=1, backend="triton")
+    assert ran == ["sepconv_triton.forward.default"]
+    del ran[:]
+    direct = step()
+    # The triton ops keep the depthwise result for the backward where the mode computes one (split).
+    forward, backward = "forward_keeping_hidden", "backward_from_hidden"
+    assert ran == [f"sepconv_triton.{forward}.default", f"sepconv_triton.{backward}.default"]
+
+    class Census(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    del ran[:]
+    seen = []
+    with Census():
+        through_dispatcher = step()
+    assert ran == [] and f"sepconv_triton.{forward}.default" in seen and f"sepconv_triton.{backward}.default" in seen
+    for got, expected in zip(direct, through_dispatcher):
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    with torch.profiler.profile() as profile:
+        step()
+    assert ran == []
+    names = {event.name for event in profile.events()}
+    assert {f"sepconv_triton::{forward}", f"sepconv_triton::{backward}"} <= names
+
+
 @pytest.mark.parametrize("backend", ["torch", "cpp"])
 def test_positional_apply_gives_the_gradients_of_the_long_way(backend):
     """Function.apply's own path (binding the arguments) and the positional one agree, gradients included."""
@@ -165,17 +221,41 @@ def test_host_time_stubs_the_interpreter_only_while_it_runs(tmp_path, monkeypatc
     assert row["provider"] == "triton-split" and row["triton_launches_stubbed"]
 
 
+def test_host_time_on_a_null_gpu(tmp_path):
+    """``--null-gpu`` (its own process: the kernels are compiled for sm_90, outside the interpreter): a row per
+    provider and mode, saying how the Triton launches went; with ``--dispatcher`` no op ran directly."""
+    require_backend("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["SEPCONV_TRITON_AUTOTUNE"] = "0"  # one config a kernel to compile
+    for extra in ([], ["--dispatcher"]):
+        done = subprocess.run([sys.executable, "-m", "benchmarks.host_time", "--device", "cpu", "--null-gpu",
+                               "--calls", "3", "--out", str(tmp_path), *extra], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=900)
+        assert done.returncode == 0, done.stderr[-3000:]
+    rows = [json.loads(line) for line in next(tmp_path.glob("host-time-*.jsonl")).read_text().splitlines()]
+    assert [(r["provider"], r["mode"], r["ops_direct"]) for r in rows] == [
+        (provider, mode, direct) for direct in (True, False) for provider in ("triton-split", "triton")
+        for mode in ("fwd", "full")]
+    assert all(r["triton_null_gpu"] and r["triton_fast_launch"] and not r["triton_launches_stubbed"]
+               and r["dtype"] == "bf16" and r["host_us"] > 0 for r in rows)
+
+
 @pytest.mark.parametrize("argv, named", [
     (["--providers", "eager,tensorrt"], "'tensorrt'"),
     (["--modes", "bwd"], "'bwd'"),
     (["--calls", "0"], "expected a positive integer, got '0'"),
     (["--profile", "-1"], "--profile must be >= 0, got -1"),
     (["--device", "cpu", "--stub-triton"], "TRITON_INTERPRET=1"),
+    (["--device", "cpu", "--null-gpu", "--stub-triton"], "--null-gpu is for --device cpu, without --stub-triton"),
+    (["--device", "cpu", "--null-gpu"], "--null-gpu needs TRITON_INTERPRET unset"),
 ])
 def test_host_time_bad_flags_name_the_value(argv, named, capsys, monkeypatch, tmp_path):
     from benchmarks.host_time import main
 
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    if "--null-gpu" in argv:
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    else:
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(SystemExit) as raised:
         main([*argv, "--out", str(tmp_path)])
     assert raised.value.code == 2

@@ -11,7 +11,7 @@ import os
 
 import torch
 
-from ..ops import define, empty_output, namespace, output_shape
+from ..ops import DIRECT, define, empty_output, namespace, output_shape
 from . import backward, forward, mode, split
 
 _registered = []
@@ -71,9 +71,12 @@ def _register(implementation: str, launchers, split_mode) -> None:
     """``launchers``: op name -> launcher; ``split_mode()``: whether the namespace runs split mode now."""
     define(implementation)
     lib = torch.library.Library(namespace(implementation), "IMPL")
+    ops_namespace = getattr(torch.ops, namespace(implementation))
     for name, launcher in launchers.items():
+        on_cpu = _interpreter_only(launcher)
         lib.impl(name, launcher, "CUDA")
-        lib.impl(name, _interpreter_only(launcher), "CPU")
+        lib.impl(name, on_cpu, "CPU")
+        DIRECT[getattr(ops_namespace, name).default] = {"cuda": launcher, "cpu": on_cpu}
     torch.library.register_fake(f"{namespace(implementation)}::forward_keeping_hidden",
                                 _fake_keeping_hidden(split_mode), lib=lib)
     _registered.append(lib)
