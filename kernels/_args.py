@@ -28,8 +28,11 @@ class Geometry(NamedTuple):
 
 
 def _pair(name: str, value, *, minimum: int) -> List[int]:
-    if type(value) is int and value >= minimum:  # the common case, first (a bool is not an int here)
+    if type(value) is int and value >= minimum:  # the common cases, first (a bool is not an int here)
         return [value, value]
+    if type(value) is tuple and len(value) == 2 and type(value[0]) is int and type(value[1]) is int \
+            and value[0] >= minimum and value[1] >= minimum:  # a module's own pair (nn.Conv2d keeps tuples)
+        return [value[0], value[1]]
     if isinstance(value, bool) or not isinstance(value, (int, tuple, list, torch.Size)):
         raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
     if isinstance(value, int):
