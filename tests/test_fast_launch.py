@@ -22,17 +22,36 @@ def _environment(**settings):
     return env
 
 
-@pytest.fixture(scope="module")
-def probes():
-    require_backend("triton")
+def _probe(python: str) -> dict:
+    """Mode -> case -> the launches made both ways (``tests/fast_launch_probe.py`` run by ``python``)."""
     results = {}
     for mode in ("split", "fused"):
-        done = subprocess.run([sys.executable, str(ROOT / "tests" / "fast_launch_probe.py")], cwd=ROOT,
+        done = subprocess.run([python, str(ROOT / "tests" / "fast_launch_probe.py")], cwd=ROOT,
                               env=_environment(SEPCONV_TRITON_MODE=mode), capture_output=True, text=True,
                               timeout=1200)
         assert done.returncode == 0, done.stderr[-4000:]
         results[mode] = json.loads(done.stdout.strip().splitlines()[-1])
     return results
+
+
+@pytest.fixture(scope="module")
+def probes():
+    require_backend("triton")
+    return _probe(sys.executable)
+
+
+OLDEST_TRITON_PYTHON = os.environ.get("SEPCONV_OLDEST_TRITON_PYTHON")
+
+
+@pytest.mark.skipif(not OLDEST_TRITON_PYTHON,
+                    reason="SEPCONV_OLDEST_TRITON_PYTHON is not set: a Python with torch and the oldest supported "
+                           "triton (3.6, the GPU machine's) to compare the launches with; .ci/run makes one")
+def test_the_same_holds_with_the_oldest_supported_triton():
+    """Triton's launch path differs between versions (3.6 may hand back an asynchronous compile's future)."""
+    for mode, cases in _probe(OLDEST_TRITON_PYTHON).items():
+        for name, case in cases.items():
+            assert case["triton"] and case["fast"] == case["triton"], (mode, name)
+            assert case["fast_through_triton"] == 0, (mode, name)
 
 
 @pytest.mark.parametrize("mode", ["split", "fused"])
