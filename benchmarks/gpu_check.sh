@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# The GPU checks in one short run (about 9 minutes at most), for a time-limited lease on a CUDA
+# The GPU checks in one short run (about 9.5 minutes at most), for a time-limited lease on a CUDA
 # machine, most telling first, each part under its own time limit:
 #   1. correctness of the Triton backend on CUDA tensors, both modes (16-bit accuracy, every GPU
 #      tile config pinned, opcheck, determinism, the whole model);
 #   2. the host time of one call per provider (benchmarks.host_time: a tiny layer, so the Python,
-#      dispatch and launch work is all that is left), the Triton providers again with every launch
+#      dispatch and launch work is all that is left; before it, direct launches and op calls checked against
+#      Triton's own path and the dispatcher), the Triton providers again with every launch
 #      through Triton's own path (SEPCONV_TRITON_FAST_LAUNCH=0), and split mode's host path under cProfile;
 #   3. each kernel's device time per call at three layers (benchmarks.kernel_profile), and the tile
 #      configs of split mode's two depthwise kernels at 728->728@19, the transposed one's tile sizes
@@ -39,7 +40,8 @@
 # QUICK_TIMEOUT, HOST_TIMEOUT, PROFILE_TIMEOUT, SWEEP_TIMEOUT, WARM_TIMEOUT, LAYERS_TIMEOUT,
 # GRAPHS_TIMEOUT, MODEL_TIMEOUT and TEST_TIMEOUT bound the parts (seconds; 50 + 30 + 35 + 70 + 45 +
 # 75 + 60 + 75 + 20 by
-# default; with the host profile, the host time without direct launches and the table, at most about 9 minutes).
+# default; with the host profile, the direct-launch tests, the host time without direct launches and the table,
+# at most about 9.5 minutes).
 set -uo pipefail
 out=${1:?usage: bash benchmarks/gpu_check.sh OUT_DIR [PYTHON]}
 py=${2:-python3}
@@ -90,6 +92,9 @@ done
 
 tests "${QUICK_TIMEOUT:-50}" tests/test_triton.py tests/test_triton_split.py tests/test_separable_conv.py \
     tests/test_model.py -k "triton and not aot and (precision or every or opcheck or deterministic or model or setting)"
+
+# Kernels launched again directly, and ops run without the dispatcher: the same bits as Triton's own path.
+tests 20 tests/test_fast_launch.py tests/test_host_path.py -k "on_a_gpu or directly"
 
 timeout "${HOST_TIMEOUT:-30}" "$py" -m benchmarks.host_time --device cuda \
     --providers eager,torch,triton-split,triton,auto --out "$out/results"

@@ -93,3 +93,32 @@ def test_setting_turns_it_off_and_is_checked():
     code = "import kernels; print(kernels.available_backends()['triton'])"
     done = _run(code, SEPCONV_TRITON_FAST_LAUNCH="yes", TRITON_INTERPRET="1")
     assert "SEPCONV_TRITON_FAST_LAUNCH='yes' is not valid" in done.stdout, done.stdout + done.stderr
+
+
+def test_triton_direct_launches_compute_what_tritons_own_do_on_a_gpu(monkeypatch):
+    """On a GPU: a layer's output and gradients with every launch through Triton's path, then from kept kernels
+    (the second call with fast launch on), bit for bit, in both modes."""
+    import torch
+
+    device = require_backend("triton")
+    if device.type != "cuda":
+        pytest.skip("needs a GPU: on CPU the interpreter runs Triton's own path (the launch arguments are compared "
+                    "above, through a stand-in driver)")
+    from kernels.functional import separable_conv2d
+    from kernels.triton import fast_launch
+
+    generator = torch.Generator().manual_seed(0)
+    x, dw, pw = (torch.randn(shape, generator=generator).to(device, torch.bfloat16)
+                 for shape in ((4, 64, 19, 19), (64, 1, 3, 3), (96, 64, 1, 1)))
+    x = x.contiguous(memory_format=torch.channels_last)
+    for mode in ("split", "fused"):
+        monkeypatch.setenv("SEPCONV_TRITON_MODE", mode)
+        results = []
+        for enabled in (False, True, True):
+            monkeypatch.setattr(fast_launch, "ENABLED", enabled)
+            inputs = [t.detach().requires_grad_() for t in (x, dw, pw)]
+            out = separable_conv2d(inputs[0], inputs[1], inputs[2], padding=1, backend="triton")
+            results.append((out, *torch.autograd.grad(out.float().square().sum(), inputs)))
+        for got in results[1:]:
+            for a, b in zip(got, results[0]):
+                torch.testing.assert_close(a, b, rtol=0, atol=0)
