@@ -1,7 +1,8 @@
 """Run by tests/test_fast_launch.py in a process of its own (TRITON_INTERPRET unset): each case's launches
 through Triton's own path and through ``kernels.triton.fast_launch``, compiled for sm_90 and recorded by
 ``benchmarks.null_gpu`` instead of run. Prints one JSON object: per case, the two launch sequences as
-comparable descriptions, and how many launches of the fast run went through Triton's path."""
+comparable descriptions, and how many launches of the fast run went through Triton's path; and what happened
+to the kept entries when they reached their limit."""
 
 import json
 import os
@@ -94,7 +95,20 @@ def main():
             call()
             result[name] = {"triton": expected, "fast": describe(launches, handles),
                             "fast_through_triton": len(triton_path_calls)}
-    print(json.dumps(result))
+        # Full: the next new signature drops every kept entry first, then keeps its own.
+        fast_launch.MAX_ENTRIES = len(fast_launch._entries)
+        call = layer(3, 16, 24, 6, 1, torch.bfloat16)
+        del triton_path_calls[:]
+        call()
+        first = len(triton_path_calls)
+        kept_after_overflow = len(fast_launch._entries)
+        launches.clear()
+        del triton_path_calls[:]
+        call()
+        entries = {"kept after overflow": kept_after_overflow, "limit": fast_launch.MAX_ENTRIES,
+                             "launches": len(launches), "first call through triton": first,
+                             "second call through triton": len(triton_path_calls)}
+    print(json.dumps({"cases": result, "entries": entries}))
 
 
 if __name__ == "__main__":

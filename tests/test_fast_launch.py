@@ -23,14 +23,15 @@ def _environment(**settings):
 
 
 def _probe(python: str) -> dict:
-    """Mode -> case -> the launches made both ways (``tests/fast_launch_probe.py`` run by ``python``)."""
+    """Mode -> {"cases": case -> the launches made both ways, "entries": the limit's check}
+    (``tests/fast_launch_probe.py`` run by ``python``)."""
     results = {}
     for mode in ("split", "fused"):
         done = subprocess.run([python, str(ROOT / "tests" / "fast_launch_probe.py")], cwd=ROOT,
                               env=_environment(SEPCONV_TRITON_MODE=mode), capture_output=True, text=True,
                               timeout=1200)
         assert done.returncode == 0, done.stderr[-4000:]
-        results[mode] = json.loads(done.stdout.strip().splitlines()[-1])
+        results[mode] = json.loads(done.stdout.strip().splitlines()[-1])  # {"cases": ..., "entries": ...}
     return results
 
 
@@ -48,15 +49,15 @@ OLDEST_TRITON_PYTHON = os.environ.get("SEPCONV_OLDEST_TRITON_PYTHON")
                            "triton (3.6, the GPU machine's) to compare the launches with; .ci/run makes one")
 def test_the_same_holds_with_the_oldest_supported_triton():
     """Triton's launch path differs between versions (3.6 may hand back an asynchronous compile's future)."""
-    for mode, cases in _probe(OLDEST_TRITON_PYTHON).items():
-        for name, case in cases.items():
+    for mode, probe in _probe(OLDEST_TRITON_PYTHON).items():
+        for name, case in probe["cases"].items():
             assert case["triton"] and case["fast"] == case["triton"], (mode, name)
             assert case["fast_through_triton"] == 0, (mode, name)
 
 
 @pytest.mark.parametrize("mode", ["split", "fused"])
 def test_a_kept_kernel_is_launched_as_triton_launches_it(probes, mode):
-    cases = probes[mode]
+    cases = probes[mode]["cases"]
     assert len(cases) == 5
     for name, case in cases.items():
         assert case["triton"], name
@@ -65,11 +66,21 @@ def test_a_kept_kernel_is_launched_as_triton_launches_it(probes, mode):
 
 
 @pytest.mark.parametrize("mode", ["split", "fused"])
+def test_kept_entries_are_bounded(probes, mode):
+    """Past ``MAX_ENTRIES`` the kept entries are dropped, and the calls after keep theirs again."""
+    entries = probes[mode]["entries"]
+    launches = 3 if mode == "split" else 4
+    assert entries["kept after overflow"] == launches < entries["limit"]
+    assert entries["launches"] == launches == entries["first call through triton"]
+    assert entries["second call through triton"] == 0
+
+
+@pytest.mark.parametrize("mode", ["split", "fused"])
 def test_each_signature_keeps_its_own_kernel(probes, mode):
     """Triton compiles the first kernel again for a misaligned input, for a batch of 1 (an integer argument
     equal to 1 is a constant to it) and for the first config where the autotuner chose another: the fast
     path, seeing the same calls, keeps them apart (the first test shows it launches the same ones)."""
-    cases = probes[mode]
+    cases = probes[mode]["cases"]
     first = {name: case["fast"][0]["kernel"] for name, case in cases.items()}
     assert first["bf16 16->24 b2 misaligned"] != first["bf16 16->24 b2"]
     assert first["bf16 16->24 b1"] != first["bf16 16->24 b2"]

@@ -59,6 +59,9 @@ class _Entry(NamedTuple):
 
 
 _entries: Dict[tuple, _Entry] = {}
+# A signature holds the integer arguments' values (sizes among them), so a process that sees ever new shapes would
+# keep ever more entries: past this many, they are dropped and kept again as calls come (Triton's own caches stay).
+MAX_ENTRIES = 4096
 
 
 def clear() -> None:
@@ -107,6 +110,8 @@ def launch(target, config: Optional[triton.Config], grid: Callable[[dict], tuple
     if entry is None:
         kernel, fn, values = _triton_launch(target, config, grid, args, kwargs)
         if kernel is not None:
+            if len(_entries) >= MAX_ENTRIES:
+                _entries.clear()
             _entries[key] = _entry(fn, kernel, args, values, (target, config))
         return
     kernel = entry.kernel
