@@ -108,11 +108,11 @@ def launch(target, config: Optional[triton.Config], grid: Callable[[dict], tuple
     key = (id(target), id(config), device, _signature(args, kwargs))
     entry = _entries.get(key)
     if entry is None:
-        kernel, fn, values = _triton_launch(target, config, grid, args, kwargs)
+        kernel, fn, meta = _triton_launch(target, config, grid, args, kwargs)
         if kernel is not None:
             if len(_entries) >= MAX_ENTRIES:
                 _entries.clear()
-            _entries[key] = _entry(fn, kernel, args, values, (target, config))
+            _entries[key] = _entry(fn, kernel, args, {**kwargs, **meta}, (target, config))
         return
     kernel = entry.kernel
     values = (*args, *entry.tail)
@@ -126,16 +126,14 @@ def launch(target, config: Optional[triton.Config], grid: Callable[[dict], tuple
 
 
 def _triton_launch(target, config, grid, args, kwargs):
-    """The launch through Triton's own path: (compiled kernel or None, its JITFunction, the named values)."""
+    """The launch through Triton's own path: (compiled kernel or None, its JITFunction, the meta-parameters of
+    the config it ran with)."""
     if config is None and not hasattr(target, "configs"):  # a plain JITFunction
-        return target[grid](*args, **kwargs), target, kwargs
+        return target[grid](*args, **kwargs), target, {}
     if config is None:  # the autotuner chooses
         kernel = target[grid](*args, **kwargs)
-        if kernel is None:
-            return None, None, None
-        return kernel, target.fn, {**kwargs, **target.best_config.kwargs}
+        return kernel, target.fn, target.best_config.kwargs if kernel is not None else {}
     fn = target.fn if hasattr(target, "configs") else target
     meta = dict(config.kwargs)
     options = {name: value for name, value in config.all_kwargs().items() if name in _OPTIONS}
-    kernel = fn[grid({**kwargs, **meta})](*args, **kwargs, **meta, **options)
-    return kernel, fn, {**kwargs, **meta}
+    return fn[grid({**kwargs, **meta})](*args, **kwargs, **meta, **options), fn, meta
