@@ -30,6 +30,21 @@ TOLERANCES = {
 }
 
 
+# A Python with torch and the oldest Triton the backend supports (the GPU machine's), where .ci/run made one.
+OLDEST_TRITON_PYTHON = os.environ.get("SEPCONV_OLDEST_TRITON_PYTHON")
+needs_oldest_triton = pytest.mark.skipif(
+    not OLDEST_TRITON_PYTHON,
+    reason="SEPCONV_OLDEST_TRITON_PYTHON is not set: a Python with torch and the oldest supported triton (3.6); "
+           ".ci/run makes one (docs/verification.md)")
+
+
+def compiled_environment(**settings) -> dict:
+    """This process's environment without TRITON_INTERPRET (a child compiles kernels for a GPU), plus ``settings``."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(settings)
+    return env
+
+
 def required_backends():
     value = os.environ.get("SEPCONV_REQUIRE_BACKENDS", "")
     return {name.strip() for name in value.split(",") if name.strip()}

@@ -5,19 +5,19 @@ The launches are compiled for sm_90 and recorded, not run (``benchmarks.null_gpu
 without Triton's interpreter (``tests/fast_launch_probe.py``), so this runs on any machine with Triton."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from conftest import require_backend
+from conftest import OLDEST_TRITON_PYTHON, compiled_environment, needs_oldest_triton, require_backend
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def _environment(**settings):
-    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "SEPCONV_TRITON_FAST_LAUNCH")}
+    env = compiled_environment()
+    env.pop("SEPCONV_TRITON_FAST_LAUNCH", None)
     env.update(settings)
     return env
 
@@ -41,12 +41,7 @@ def probes():
     return _probe(sys.executable)
 
 
-OLDEST_TRITON_PYTHON = os.environ.get("SEPCONV_OLDEST_TRITON_PYTHON")
-
-
-@pytest.mark.skipif(not OLDEST_TRITON_PYTHON,
-                    reason="SEPCONV_OLDEST_TRITON_PYTHON is not set: a Python with torch and the oldest supported "
-                           "triton (3.6, the GPU machine's) to compare the launches with; .ci/run makes one")
+@needs_oldest_triton
 def test_the_same_holds_with_the_oldest_supported_triton():
     """Triton's launch path differs between versions (3.6 may hand back an asynchronous compile's future)."""
     for mode, probe in _probe(OLDEST_TRITON_PYTHON).items():

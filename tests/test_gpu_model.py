@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import compiled_environment
 
 from benchmarks.gpu_model import banks, model, sass, ttir, validate
 import kernels.triton as triton_backend
@@ -210,8 +211,7 @@ def test_kernel_profile_is_read_back_with_its_run_header(monkeypatch):
 def _child(code: str, *args: str, pythonpath: str = str(ROOT), timeout: int = 900, cwd: Path = ROOT) -> str:
     """Runs ``code`` in a Python without the interpreter setting. ``python -c`` puts ``cwd`` first on sys.path,
     ahead of ``pythonpath``: to import another tree's ``kernels``, run it from outside this checkout."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = pythonpath
+    env = compiled_environment(PYTHONPATH=pythonpath)
     done = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env,
                           cwd=cwd, timeout=timeout)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -321,7 +321,7 @@ KNOWN_SCALAR_GATHER_KERNELS = ("forward_kernel", "grad_hidden_kernel", "grad_inp
 
 @pytest.fixture(scope="module")
 def structural_findings():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env = compiled_environment()
     done = subprocess.run([sys.executable, "-m", "benchmarks.gpu_model", "--check", "--layers", "all",
                            "--dtypes", "bf16,fp32", "--modes", "fused,split"],
                           capture_output=True, text=True, env=env, cwd=ROOT, timeout=2400)

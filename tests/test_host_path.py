@@ -8,14 +8,13 @@ the long way round.
 
 import itertools
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import require_backend
+from conftest import compiled_environment, require_backend
 from torch._prims_common import make_channels_last_strides_for, make_contiguous_strides_for
 from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -225,8 +224,7 @@ def test_host_time_on_a_null_gpu(tmp_path):
     """``--null-gpu`` (its own process: the kernels are compiled for sm_90, outside the interpreter): a row per
     provider and mode, saying how the Triton launches went; with ``--dispatcher`` no op ran directly."""
     require_backend("triton")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["SEPCONV_TRITON_AUTOTUNE"] = "0"  # one config a kernel to compile
+    env = compiled_environment(SEPCONV_TRITON_AUTOTUNE="0")  # one config a kernel to compile
     for extra in ([], ["--dispatcher"]):
         done = subprocess.run([sys.executable, "-m", "benchmarks.host_time", "--device", "cpu", "--null-gpu",
                                "--calls", "3", "--out", str(tmp_path), *extra], cwd=ROOT, env=env,

@@ -17,7 +17,7 @@ import torch
 
 import kernels
 import kernels.triton as triton_backend
-from conftest import device_for, require_backend
+from conftest import OLDEST_TRITON_PYTHON, compiled_environment, device_for, needs_oldest_triton, require_backend
 from test_separable_conv import check, make_case, to_layout
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -377,8 +377,7 @@ def _aot_report(python: str, tmp_path: Path):
     """Runs ``python -m kernels.triton.aot_report`` (every kernel x GPU config x {bf16, fp32}, sm_90 and sm_80)
     under ``python`` and checks its rows: all compiled, none spills, and the split path's kernels, compiled as
     launched at Xception layers, load channel vectors (no 16-bit scalars)."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    env = compiled_environment(PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     report = tmp_path / "aot.json"
     result = subprocess.run([python, "-m", "kernels.triton.aot_report", "--json", str(report)],
@@ -419,12 +418,7 @@ def test_aot_compiles_without_spills(tmp_path):
     _aot_report(sys.executable, tmp_path)
 
 
-OLDEST_TRITON_PYTHON = os.environ.get("SEPCONV_OLDEST_TRITON_PYTHON")
-
-
-@pytest.mark.skipif(not OLDEST_TRITON_PYTHON,
-                    reason="SEPCONV_OLDEST_TRITON_PYTHON is not set: a Python with torch and the oldest supported "
-                           "triton (3.6) to compile every kernel with; .ci/run makes one (docs/verification.md)")
+@needs_oldest_triton
 def test_aot_compiles_with_the_oldest_supported_triton(tmp_path):
     """The same compile under the oldest Triton the backend accepts (the GPU machine's version): versions
     differ in what they compile (3.6 refuses a tl.dot with K < 16, which 3.9 accepts for fp32)."""
