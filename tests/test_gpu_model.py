@@ -148,6 +148,46 @@ def test_spearman():
     assert validate.spearman([1, 1, 2], [5, 5, 6]) == pytest.approx(1.0)
 
 
+def _probe_gemm_microseconds() -> dict:
+    """Per split-mode section of the recorded H200 probe: the cuBLAS kernels' (GEMMs and split-K reductions) us."""
+    results = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+    text = (results / "gpu-probe-cuda-nvidia-h200.txt").read_text()
+    sections, current = {}, None
+    for line in text.splitlines():
+        if line.startswith("=== "):
+            mode, layer = line[4:].split()
+            current = sections.setdefault(layer, []) if mode == "split" else None
+        elif current is not None and ("nvjet" in line or "splitKreduce" in line):
+            current.append(float(line.split()[0]))
+    return sections
+
+
+def test_gemms_are_priced_at_the_rates_measured_at_their_shape():
+    sections = _probe_gemm_microseconds()
+    batch = 32
+    assert len(model.GEMM_EFFICIENCY_MEASURED) == len(sections) == 3
+    for layer, times in sections.items():
+        cin, rest = layer.split("->")
+        cout, size = rest.split("@")
+        m, k, n = batch * int(size) ** 2, int(cin), int(cout)
+        efficiency = 3 * 2 * m * n * k / (sum(times) * 1e-6) / model.const("gemm_bf16_flop_per_s")
+        assert model.GEMM_EFFICIENCY_MEASURED[tuple(sorted((m, n, k)))][0] == pytest.approx(efficiency, abs=5e-4)
+        # The forward, the input gradient and the weight gradient: every operand order of the three dimensions.
+        for shapes in ([(m, k), (k, n)], [(m, n), (n, k)], [(n, m), (m, k)]):
+            assert model.gemm_efficiency("bf16", shapes) == pytest.approx(efficiency, abs=5e-4)
+            assert model.gemm_efficiency("fp16", shapes) == pytest.approx(efficiency, abs=5e-4)
+            # fp32 (TF32 or not) was never timed at these shapes: the default fraction.
+            assert model.gemm_efficiency("fp32", shapes) == model.const("gemm_efficiency")
+    # Elsewhere (1024->1536@10, a batched product): the default.
+    assert model.gemm_efficiency("bf16", [(3200, 1024), (1024, 1536)]) == model.const("gemm_efficiency")
+    assert model.gemm_efficiency("bf16", [(2, 3200, 1536), (2, 1536, 2048)]) == model.const("gemm_efficiency")
+    flops, moved = 2.0 * 3200 * 1536 * 2048, 2.0 * (3200 * 1536 + 1536 * 2048 + 3200 * 2048)
+    measured = model.library_seconds("mm", flops, moved, "bf16", False, [(3200, 1536), (1536, 2048)])
+    default = model.library_seconds("mm", flops, moved, "bf16", False)
+    launch = model.const("library_launch_s")
+    assert (default - launch) / (measured - launch) == pytest.approx(1.011 / 0.7, rel=1e-3)
+
+
 # ---- the real kernels, compiled for sm_90 -------------------------------------------------------
 
 def _tools_missing():

@@ -18,9 +18,10 @@ import os
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import List, Optional
+from typing import List
 
 from ..cases import XCEPTION_LAYERS, resolve_shapes, separable_bytes, separable_flops
+from ..machine import git_commit
 from . import layers, model, sass
 
 
@@ -117,9 +118,10 @@ def predicted_rows(args) -> List[dict]:
     run = {"run_id": now.strftime("%Y%m%dT%H%M%SZ") + "-predicted", "utc_time": now.isoformat(timespec="seconds"),
            "device": "cuda", "device_name": "NVIDIA H200 (predicted by benchmarks.gpu_model)", "predicted": True,
            "gpu_model": "NVIDIA H200", "cpu_model": platform.processor() or platform.machine(),
-           "torch_version": torch.__version__, "triton_version": _triton_version(), "git_commit": _commit(),
+           "torch_version": torch.__version__, "triton_version": _triton_version(), "git_commit": git_commit(),
            "python": platform.python_version(), "argv": " ".join(sys.argv), "cudnn_allow_tf32": tf32,
-           "constants": {k: v[0] for k, v in model.CONSTANTS.items()}}
+           "constants": {k: v[0] for k, v in model.CONSTANTS.items()},
+           "gemm_efficiency_measured": {"x".join(map(str, k)): v[0] for k, v in model.GEMM_EFFICIENCY_MEASURED.items()}}
     rows = []
     for shape in args.layers:
         for dtype in args.dtypes:
@@ -157,14 +159,6 @@ def _network_rows(layer_rows: List[dict], run: dict) -> List[dict]:
         if RESULTS.exists() else []
     estimates = whole_model.predict(recorded, layer_rows, whole_model.layer_counts())
     return whole_model.network_rows(estimates, run, MODEL_SHAPE)
-
-
-def _commit() -> Optional[str]:
-    import subprocess
-
-    done = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                          cwd=Path(__file__).resolve().parent)
-    return done.stdout.strip() or None
 
 
 def _triton_version() -> str:

@@ -198,7 +198,7 @@ def op_report(shape: Shape, batch: int, dtype_name: str, mode: str, direction: s
         candidates = (configs or {}).get(launch.name) or launch.configs
         report.kernels.append([analyse(launch, config, capability) for config in candidates])
     report.library = rec.library
-    report.library_seconds = sum(model.library_seconds(call.op, call.flops, call.bytes, dtype_name, tf32)
+    report.library_seconds = sum(model.library_seconds(call.op, call.flops, call.bytes, dtype_name, tf32, call.shapes)
                                  for call in rec.library)
     return report
 

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 from .banks import Conflicts
 from .sass import Instruction, Loop, Sass
@@ -65,8 +65,20 @@ CONSTANTS: Dict[str, tuple] = {
     "gemm_bf16_flop_per_s": (672.9e12, "bf16 matmul measured on the H200 (matmul_bf16_gflops in the results)"),
     "gemm_fp32_flop_per_s": (51.1e12, "fp32 matmul, TF32 off, measured on the H200 (matmul_fp32_gflops)"),
     "gemm_tf32_flop_per_s": (335.7e12, "fp32 1x1 convolution with TF32, measured (conv1x1_fp32_gflops)"),
-    "gemm_efficiency": (0.7, "fraction of the measured GEMM rate the op's GEMMs reach (skinny shapes)"),
+    "gemm_efficiency": (0.7, "fraction of the measured GEMM rate the op's GEMMs reach where no rate was measured "
+                             "at their shape (GEMM_EFFICIENCY_MEASURED)"),
     "library_launch_s": (5e-6, "per library call (cuBLAS or an ATen kernel)"),
+}
+
+# The fraction of gemm_bf16_flop_per_s that cuBLAS's 16-bit GEMMs reached on the H200 at the shapes where they were
+# timed: split mode's training step (forward, input gradient, weight gradient: three GEMMs with the same three
+# dimensions), batch 32, bf16, torch.profiler's device time in benchmarks/results/gpu-probe-cuda-nvidia-h200.txt.
+# Keyed by the GEMM's dimensions (M, N, K) sorted. Like the GEMM rates above these are the library's measured
+# speed, not the project's kernels'; a GEMM at any other shape, or in fp32, gets gemm_efficiency.
+GEMM_EFFICIENCY_MEASURED: Dict[tuple, tuple] = {
+    (728, 728, 11552): (0.657, "728->728@19: 26.8 + 26.2 + 26.0 us and a 4.1 us split-K reduction for 3 x 12.24 GFLOP"),
+    (256, 728, 43808): (0.705, "256->728@37: 36.6 + 34.9 + 31.8 us for 3 x 16.33 GFLOP"),
+    (1536, 2048, 3200): (1.011, "1536->2048@10: 30.7 + 29.6 + 28.5 us for 3 x 20.13 GFLOP"),
 }
 
 
@@ -284,13 +296,29 @@ def predict(sass: Sass, executions: Dict[int, float], registers: int, shared_byt
                       occ.limited_by, bound, registers, spills, shared_bytes, seconds_terms)
 
 
-def library_seconds(op: str, flops: float, moved_bytes: float, dtype_name: str, tf32: bool) -> float:
-    """Predicted time of a library call: GEMMs at a fraction of the measured GEMM rate, others at the copy rate."""
+def measured_gemm(dtype_name: str, shapes: Sequence[tuple]) -> Optional[tuple]:
+    """The GEMM_EFFICIENCY_MEASURED entry of a GEMM of operands ``shapes`` ((M, K), (K, N)), or None."""
+    if dtype_name in ("bf16", "fp16") and len(shapes) == 2 and len(shapes[0]) == 2 and len(shapes[1]) == 2:
+        (m, k), (_, n) = shapes
+        return GEMM_EFFICIENCY_MEASURED.get(tuple(sorted((m, n, k))))
+    return None
+
+
+def gemm_efficiency(dtype_name: str, shapes: Sequence[tuple] = ()) -> float:
+    """The fraction of the measured GEMM rate a GEMM of operands ``shapes`` is priced at."""
+    measured = measured_gemm(dtype_name, shapes)
+    return const("gemm_efficiency") if measured is None else measured[0]
+
+
+def library_seconds(op: str, flops: float, moved_bytes: float, dtype_name: str, tf32: bool,
+                    shapes: Sequence[tuple] = ()) -> float:
+    """Predicted time of a library call: GEMMs (operands ``shapes``) at a fraction of the measured GEMM rate, others
+    at the copy rate."""
     if flops:
         rate = {"bf16": "gemm_bf16_flop_per_s", "fp16": "gemm_bf16_flop_per_s"}.get(dtype_name)
         if rate is None:
             rate = "gemm_tf32_flop_per_s" if tf32 else "gemm_fp32_flop_per_s"
-        compute = flops / (const(rate) * const("gemm_efficiency"))
+        compute = flops / (const(rate) * gemm_efficiency(dtype_name, shapes))
         return max(compute, moved_bytes / const("hbm_bytes_per_s")) + const("library_launch_s")
     return moved_bytes / const("hbm_bytes_per_s") + const("library_launch_s")
 

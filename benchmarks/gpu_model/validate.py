@@ -209,7 +209,7 @@ def _kernel_predictions(rows: List[dict]) -> List[dict]:
                             model_error=f"{row['shape']} is not an Xception layer"))
             continue
         predicted: Dict[str, float] = {}
-        library, errors = 0.0, []
+        library, errors, measured_gemms = 0.0, [], False
         for direction in ("fwd",) if row["mode"] == "fwd" else ("fwd", "bwd"):
             recording = layers.record(shape, row["batch"], row["dtype"], TRITON_PROVIDERS[row["provider"]],
                                       direction)
@@ -221,9 +221,13 @@ def _kernel_predictions(rows: List[dict]) -> List[dict]:
                     errors.append(f"{launch.name}: {reports[0].error[:120]}")
                     continue
                 predicted[launch.name] = predicted.get(launch.name, 0.0) + min(seconds) * 1e6
-            library += sum(model.library_seconds(call.op, call.flops, call.bytes, row["dtype"], row["tf32"])
+            library += sum(model.library_seconds(call.op, call.flops, call.bytes, row["dtype"], row["tf32"],
+                                                 call.shapes)
                            for call in recording.library) * 1e6
-        out.append(dict(row, predicted_us=predicted, predicted_library_us=library, model_error="; ".join(errors)))
+            measured_gemms |= any(call.flops and model.measured_gemm(row["dtype"], call.shapes)
+                                  for call in recording.library)
+        out.append(dict(row, predicted_us=predicted, predicted_library_us=library, model_error="; ".join(errors),
+                        library_gemms_measured=measured_gemms))
     return out
 
 
@@ -326,8 +330,10 @@ def _print_kernels(rows: List[dict]) -> None:
             print(f"{head} predicted but not in the profile: {', '.join(missing)}")
         if row["predicted_library_us"] and others:
             library = row["predicted_library_us"]
+            # Where the model prices the GEMMs at the rates measured in this same profile, the row is no test.
+            note = "  (GEMMs priced at this profile's rates)" if row.get("library_gemms_measured") else ""
             print(f"{head} {'other kernels (cuBLAS, ATen)':<30} {others:>9.1f} {library:>9.1f} "
-                  f"{library / others:>9.2f}")
+                  f"{library / others:>9.2f}{note}")
     if ratios:
         ratios.sort()
         print(f"Triton kernels: {len(ratios)}, predicted/measured {ratios[0]:.2f}-{ratios[-1]:.2f} "
