@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 from conftest import compiled_environment
 
+from benchmarks.cases import XCEPTION_LAYERS
 from benchmarks.gpu_model import banks, model, sass, ttir, validate
 import kernels.triton as triton_backend
 
@@ -164,12 +165,12 @@ def _probe_gemm_microseconds() -> dict:
 
 def test_gemms_are_priced_at_the_rates_measured_at_their_shape():
     sections = _probe_gemm_microseconds()
+    shapes_by_name = {s.name: s for s in XCEPTION_LAYERS}
     batch = 32
     assert len(model.GEMM_EFFICIENCY_MEASURED) == len(sections) == 3
     for layer, times in sections.items():
-        cin, rest = layer.split("->")
-        cout, size = rest.split("@")
-        m, k, n = batch * int(size) ** 2, int(cin), int(cout)
+        shape = shapes_by_name[layer]
+        m, k, n = batch * shape.h * shape.w, shape.cin, shape.cout
         efficiency = 3 * 2 * m * n * k / (sum(times) * 1e-6) / model.const("gemm_bf16_flop_per_s")
         assert model.GEMM_EFFICIENCY_MEASURED[tuple(sorted((m, n, k)))][0] == pytest.approx(efficiency, abs=5e-4)
         # The forward, the input gradient and the weight gradient: every operand order of the three dimensions.
