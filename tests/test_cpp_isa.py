@@ -190,8 +190,9 @@ VEC_CHECK_BUILDS = {
 @pytest.mark.parametrize("path", list(VEC_CHECK_BUILDS))
 def test_vector_layer_and_micro_kernel(path, tmp_path):
     """Each path's micro-kernel (every row count, partial panels, both A layouts, init, accumulate) against
-    a float64 sum, nothing written outside its tile; micro_copying bitwise equal to it, with its side copy
-    in place and nothing written past the copy's buffer; the transpose, masked loads/stores and ReLU's NaN."""
+    a float64 sum, nothing written outside its tile; micro_copying bitwise equal to micro on the same A stored
+    row-major, with its side copy in place and nothing written past the copy's buffer; strides the float32
+    kernels take as constants refused when they differ; the transpose, masked loads/stores and ReLU's NaN."""
     compiler, flags, runner, expected, unavailable = VEC_CHECK_BUILDS[path]
     if unavailable:
         pytest.skip(unavailable)

@@ -5,7 +5,9 @@
 // A is addressed through two strides (A(r, k) = a[r * a_rs + k * a_ks]) so the same kernel
 // multiplies a row-major tile (a_ks = 1) or a transposed one (a_rs = 1); or, for a convolution read in
 // place, K is taps of tap_k columns each at an offset of its own (MicroArgs::tap_offsets). B rows are read as
-// vectors (masked at the right edge); each A element is broadcast. The float32 kernel keeps a
+// vectors (masked at the right edge); each A element is broadcast. The float32 kernels fix some strides
+// (micro_pass): micro_copying's A is k-major (a_rs 1, a_ks kRows), every other call's A row-major (a_ks 1)
+// and its B a packed panel (ldb = panel_pass_cols). The float32 kernel keeps a
 // register tile of kRows x kTileVectors accumulators (vec.h): kTileVectors vectors of columns per
 // pass over k, as many passes as the kCols = 32 columns of a panel need. The tile is sized from the
 // ISA's register count: accumulators + the B vectors + one broadcast fill it.
@@ -23,6 +25,8 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <stdexcept>
+#include <string>
 #include <type_traits>
 
 #include "vec.h"
@@ -161,7 +165,13 @@ inline void micro_pass(const float* a, const float* b, float* c, const float* in
 #pragma GCC unroll 4
     for (int v = 0; v < NV; ++v) acc[r][v] = V::zero();
   }
-  const int64_t a_rs = p.a_rs, a_ks = p.a_ks, ldb = p.ldb;
+  // The strides the callers fix (micro_f32 checks them) are constants here: a k-major A under kCopy (a_ks
+  // kRows), else a row-major A (a_ks 1) and a packed B (ldb kPassCols). Read from MicroArgs, they and the
+  // twelve rows' offsets took more general registers than x86-64 has, and GCC moved some in and out of
+  // vector registers and the stack on every step of k (see also micro_f32_plain).
+  const int64_t a_rs = p.a_rs;
+  constexpr int64_t a_ks = kCopy ? kRows : 1;
+  const int64_t ldb = kCopy ? p.ldb : kPassCols;
   // Two steps of k per loop trip (the sums still run k = 0, 1, 2, ... in order: same bits). With
   // AVX-512 on an Intel Xeon (AMX, 2 MB L2 a core) the loop of one step ran at ~72% of the FMA
   // rate (a 192 x 728 tile times 23 panels, one thread: 163-169 GFLOP/s), two steps 173-189; the
@@ -263,8 +273,21 @@ inline void micro_pass(const float* a, const float* b, float* c, const float* in
   }
 }
 
+// The strides the float32 kernels take as constants (micro_pass): an error in this library where they differ.
+template <bool kCopy>
+inline void check_f32_strides(const MicroArgs& p) {
+  const bool fixed = kCopy ? p.a_rs == 1 && p.a_ks == kRows : p.a_ks == 1 && p.ldb == kPassCols;
+  if (!fixed) {
+    throw std::logic_error("sepconv micro-kernel: float32 strides a_rs=" + std::to_string(p.a_rs) + " a_ks=" +
+                           std::to_string(p.a_ks) + " ldb=" + std::to_string(p.ldb) +
+                           (kCopy ? " (a k-major A needs a_rs 1, a_ks kRows)"
+                                  : " (a row-major A needs a_ks 1, a packed B ldb kPassCols)"));
+  }
+}
+
 template <int MR, bool kCopy, bool kTaps>
 inline void micro_f32(const float* a, const float* b, float* c, const float* init, const MicroArgs& p) {
+  check_f32_strides<kCopy>(p);
   constexpr int kHalf = kTileVectors / 2 * VecF32::kLanes;
   MicroArgs later = p;  // the passes after the first fetch and copy nothing
   later.next = nullptr;
@@ -293,6 +316,21 @@ template <int MR>
                                       const MicroArgs& p) {
   micro_f32<MR, false, true>(a, b, c, init, p);
 }
+
+// micro's other float32 kernels, out of line too: inlined into tiled_forward, GCC allocated their registers
+// together with the caller's loops and kept some of the twelve rows' addresses (AVX-512) on the stack or in
+// vector registers, moved to a general register on every step of k. Zen 4, AVX-512, a 12 x 32 tile by a
+// 728-row panel, one thread: 107-109 GFLOP/s (93% of the FMA rate), 111-112 with the strides as constants
+// (micro_pass) and these kernels out of line; AVX2's 6 x 16 tile, 113-116 either way (the micro-kernel alone,
+// alternated builds). Whole layers, one thread, the fastest of 30 calls in three alternated runs: with
+// AVX-512 64->128@147 (batch 1) 8% less time forward and 4% forward+backward, 728->728@19 and
+// 1024->1536@10 (batch 4) within 1%, 128->128@147 within 3% either way; with AVX2 1024->1536@10 forward 3%
+// and 128->128@147 3-6% less, the others within 1%. The same instructions compute the sums: same bits.
+template <int MR>
+[[gnu::noinline]] void micro_f32_plain(const float* a, const float* b, float* c, const float* init,
+                                       const MicroArgs& p) {
+  micro_f32<MR, false, false>(a, b, c, init, p);
+}
 #endif
 
 template <typename T, int MR, bool kCopy, bool kTaps>
@@ -300,6 +338,9 @@ inline void micro_fixed(const T* a, const T* b, T* c, const T* init, const Micro
 #if defined(SEPCONV_HAS_VEC)
   if constexpr (std::is_same_v<T, float> && kTaps) {
     micro_f32_taps<MR>(a, b, c, init, p);
+    return;
+  } else if constexpr (std::is_same_v<T, float> && !kCopy) {
+    micro_f32_plain<MR>(a, b, c, init, p);
     return;
   } else if constexpr (std::is_same_v<T, float>) {
     micro_f32<MR, kCopy, kTaps>(a, b, c, init, p);

@@ -4,6 +4,7 @@
 // mismatch, and exits non-zero on any.
 #include <cmath>
 #include <cstdio>
+#include <stdexcept>
 #include <vector>
 
 #include "microkernel.h"
@@ -22,7 +23,24 @@ float value(int i) { return float((i * 37 % 101) - 50) / 16.0f; }
 // products are multiples of 1/256 and sum exactly in any order), so bit-for-bit checks see the order.
 float full_mantissa(int i) { return std::sin(0.7f * float(i) + 0.3f); }
 
-// Every row count, column count of a panel, both A layouts, with and without init and accumulate.
+// B (K rows of kCols, row-major, ldb apart) as the packed panel the kernels read for a row-major A
+// (panel_offset), and the strides that say so.
+std::vector<float> packed_panel(const std::vector<float>& b, int K, int64_t ldb) {
+  using namespace sepconv;
+  std::vector<float> panel(size_t(K * kCols));
+  for (int k = 0; k < K; ++k) {
+    for (int j = 0; j < kCols; ++j) panel[size_t(panel_offset<float>(K, k, j))] = b[size_t(k * ldb + j)];
+  }
+  return panel;
+}
+
+void set_packed(sepconv::MicroArgs& args) {
+  args.ldb = sepconv::panel_pass_cols<float>();
+  args.b_pass = args.K * args.ldb;
+}
+
+// Every row count, column count of a panel, both A layouts (a row-major A by a packed panel through micro,
+// a k-major A by a row-major B through micro_copying), with and without init and accumulate.
 void check_micro() {
   using namespace sepconv;
   const int K = 37;
@@ -30,16 +48,21 @@ void check_micro() {
     for (int nr : {1, 3, 4, 7, 8, 9, 15, 16, 17, 24, 31, 32}) {
       for (int variant = 0; variant < 8; ++variant) {
         const bool transposed = variant & 1, accumulate = variant & 2, with_init = variant & 4;
-        const int64_t lda = transposed ? kRows + 3 : K + 5, ldb = kCols + 8, ldc = kCols + 4;
+        const int64_t lda = transposed ? kRows : K + 5, ldb = kCols + 8, ldc = kCols + 4;
         std::vector<float> a(size_t(lda * (transposed ? K : kRows))), b(size_t(K * ldb)), c(size_t(kRows * ldc));
         std::vector<float> init(kCols);
         for (size_t i = 0; i < a.size(); ++i) a[i] = value(int(i));
         for (size_t i = 0; i < b.size(); ++i) b[i] = value(int(i) + 11);
         for (size_t i = 0; i < c.size(); ++i) c[i] = value(int(i) + 23);
         for (int j = 0; j < kCols; ++j) init[j] = value(j + 5);
-        const std::vector<float> before = c;
+        const std::vector<float> before = c, panel = packed_panel(b, K, ldb);
         MicroArgs args{K, transposed ? 1 : lda, transposed ? lda : 1, ldb, ldc, nr, accumulate};
-        micro<float>(mr, a.data(), b.data(), c.data(), with_init ? init.data() : nullptr, args);
+        if (transposed) {
+          micro_copying<float>(mr, a.data(), b.data(), c.data(), with_init ? init.data() : nullptr, args);
+        } else {
+          set_packed(args);
+          micro<float>(mr, a.data(), panel.data(), c.data(), with_init ? init.data() : nullptr, args);
+        }
         for (int r = 0; r < kRows; ++r) {
           for (int j = 0; j < ldc; ++j) {
             const float got = c[size_t(r * ldc + j)], old = before[size_t(r * ldc + j)];
@@ -59,9 +82,10 @@ void check_micro() {
   }
 }
 
-// micro_copying: the same bits as micro for a k-major A (the same sums in the same order), and the copy it
-// makes on the side (every row of copy_cols elements in place, nothing past the buffer's K * kRows +
-// kCopyPad elements), for every row count, full and partial panels, and each copy width.
+// micro_copying: the same bits as micro on the same A stored row-major, by the same B packed (the same sums
+// in the same order), and the copy it makes on the side (every row of copy_cols elements in place, nothing
+// past the buffer's K * kRows + kCopyPad elements), for every row count, full and partial panels, and each
+// copy width.
 void check_micro_copying() {
   using namespace sepconv;
   const int K = 29;
@@ -69,15 +93,21 @@ void check_micro_copying() {
   for (int mr = 1; mr <= kRows; ++mr) {
     for (int nr : {5, 16, 32}) {
       for (int copy_cols = 0; copy_cols <= kRows; ++copy_cols) {
-        std::vector<float> a(size_t(K * kRows)), b(size_t(K * ldb)), src(size_t(K * copy_ld));
+        std::vector<float> a(size_t(K * kRows)), rows(size_t(kRows * K)), b(size_t(K * ldb)), src(size_t(K * copy_ld));
         for (size_t i = 0; i < a.size(); ++i) a[i] = full_mantissa(int(i));
+        for (int k = 0; k < K; ++k) {
+          for (int r = 0; r < kRows; ++r) rows[size_t(r * K + k)] = a[size_t(k * kRows + r)];
+        }
         for (size_t i = 0; i < b.size(); ++i) b[i] = full_mantissa(int(i) + 11);
         for (size_t i = 0; i < src.size(); ++i) src[i] = value(int(i) + 41);
         std::vector<float> c(size_t(kRows * ldc), 0.0f), want(c);
         const size_t used = size_t(K * kRows + kCopyPad);
         std::vector<float> dst(used + 8, -7.0f);
+        const std::vector<float> panel = packed_panel(b, K, ldb);
+        MicroArgs row_major{K, K, 1, ldb, ldc, nr, false};
+        set_packed(row_major);
+        micro<float>(mr, rows.data(), panel.data(), want.data(), nullptr, row_major);
         MicroArgs args{K, 1, kRows, ldb, ldc, nr, false};
-        micro<float>(mr, a.data(), b.data(), want.data(), nullptr, args);
         if (copy_cols > 0) {
           args.copy_src = src.data();
           args.copy_ld = copy_ld;
@@ -113,6 +143,7 @@ void check_micro_taps() {
   for (int r = 0; r < kRows; ++r) {
     for (int k = 0; k < K; ++k) tile[size_t(r * lda + k)] = x[size_t(r * a_rs + tap_offsets[k / tap_k] + k % tap_k)];
   }
+  const std::vector<float> panel = packed_panel(b, K, ldb);
   std::vector<float> init(kCols);
   for (int j = 0; j < kCols; ++j) init[j] = value(j + 5);
   for (int mr = 1; mr <= kRows; ++mr) {
@@ -124,7 +155,8 @@ void check_micro_taps() {
         const std::vector<float> before = c;
         want = c;
         MicroArgs args{K, lda, 1, ldb, ldc, nr, accumulate};
-        micro<float>(mr, tile.data(), b.data(), want.data(), with_init ? init.data() : nullptr, args);
+        set_packed(args);
+        micro<float>(mr, tile.data(), panel.data(), want.data(), with_init ? init.data() : nullptr, args);
         args.a_rs = a_rs;
         args.tap_offsets = tap_offsets;
         args.tap_k = tap_k;
@@ -134,7 +166,7 @@ void check_micro_taps() {
           args.next_rows = mr;
           args.next_bytes = nr * int(sizeof(float));
         }
-        micro_taps<float>(mr, x.data(), b.data(), c.data(), with_init ? init.data() : nullptr, args);
+        micro_taps<float>(mr, x.data(), panel.data(), c.data(), with_init ? init.data() : nullptr, args);
         for (size_t i = 0; i < c.size(); ++i) {
           const bool inside = int(i / ldc) < mr && int(i % ldc) < nr;
           expect(c[i] == (inside ? want[i] : before[i]), inside ? "micro_taps value" : "micro_taps wrote outside",
@@ -143,6 +175,27 @@ void check_micro_taps() {
       }
     }
   }
+}
+
+// The float32 kernels refuse strides they do not take (micro_pass fixes them): a row-major B through micro, a
+// k-major A with another row stride through micro_copying.
+void check_fixed_strides() {
+#if defined(SEPCONV_HAS_VEC)
+  using namespace sepconv;
+  const int K = 4;
+  std::vector<float> a(size_t(K * (kRows + 3))), b(size_t(K * (kCols + 8))), c(size_t(kRows * kCols));
+  const MicroArgs cases[2] = {{K, K, 1, kCols + 8, kCols, kCols, false}, {K, 1, kRows + 3, kCols + 8, kCols, kCols, false}};
+  for (int i = 0; i < 2; ++i) {
+    bool refused = false;
+    try {
+      if (i == 0) micro<float>(kRows, a.data(), b.data(), c.data(), nullptr, cases[i]);
+      else micro_copying<float>(kRows, a.data(), b.data(), c.data(), nullptr, cases[i]);
+    } catch (const std::logic_error&) {
+      refused = true;
+    }
+    expect(refused, "strides the kernel does not take are refused", i, 0, 0);
+  }
+#endif
 }
 
 #if defined(SEPCONV_HAS_VEC)
@@ -216,6 +269,7 @@ int main() {
   check_micro();
   check_micro_copying();
   check_micro_taps();
+  check_fixed_strides();
 #if defined(SEPCONV_HAS_VEC)
   check_vector_layer();
 #endif
